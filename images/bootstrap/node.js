@@ -1,0 +1,188 @@
+// cloudfunc Node.js bootstrap: runs as the sandbox's init process.
+//
+// Node cannot dup2, so the image starts it through `sh -c 'exec node ... 3<&0 4>&1 </dev/null >&2'`:
+// fd 3 carries framed requests, fd 4 framed replies, and fds 1 and 2 both reach the log pipe, so
+// nothing the function prints (or a child process it starts) can reach the reply channel.
+//
+// Frames are a 4-byte big-endian length followed by that many bytes of UTF-8 JSON. The first
+// request is `init` (which handler to load); every later one is an event.
+'use strict';
+const fs = require('fs');
+const path = require('path');
+
+const REQ = 3;
+const RES = 4;
+const MODULE_CANDIDATES = ['index', 'handler', 'function', 'main'];
+const FUNCTION_CANDIDATES = ['handler', 'handle', 'main'];
+
+function readExact(n) {
+  const buf = Buffer.allocUnsafe(n);
+  let off = 0;
+  while (off < n) {
+    let got;
+    try {
+      got = fs.readSync(REQ, buf, off, n - off, null);
+    } catch (err) {
+      if (err.code === 'EAGAIN') continue;
+      if (err.code === 'EOF') return null;
+      throw err;
+    }
+    if (got === 0) return null;
+    off += got;
+  }
+  return buf;
+}
+
+function readFrame() {
+  const head = readExact(4);
+  if (head === null) return null;
+  const body = readExact(head.readUInt32BE(0));
+  if (body === null) return null;
+  return JSON.parse(body.toString('utf8'));
+}
+
+function writeRaw(json) {
+  const body = Buffer.from(json, 'utf8');
+  const frame = Buffer.allocUnsafe(4 + body.length);
+  frame.writeUInt32BE(body.length, 0);
+  body.copy(frame, 4);
+  let off = 0;
+  while (off < frame.length) {
+    try {
+      off += fs.writeSync(RES, frame, off, frame.length - off);
+    } catch (err) {
+      if (err.code !== 'EAGAIN') throw err;
+    }
+  }
+}
+
+function describe(err, kind) {
+  const isError = err instanceof Error;
+  return {
+    ok: false,
+    kind: kind || 'raised',
+    error: {
+      type: isError ? err.name : typeof err,
+      message: isError ? err.message : String(err),
+      traceback: isError && err.stack ? String(err.stack) : '',
+    },
+  };
+}
+
+async function loadHandler(spec) {
+  let moduleName = '';
+  let funcName = '';
+  if (spec) {
+    const dot = spec.lastIndexOf('.');
+    if (dot >= 0) {
+      moduleName = spec.slice(0, dot);
+      funcName = spec.slice(dot + 1);
+    } else {
+      funcName = spec;
+    }
+  }
+  let file = null;
+  const names = moduleName ? [moduleName] : MODULE_CANDIDATES;
+  for (const name of names) {
+    for (const ext of ['.js', '.cjs', '.mjs']) {
+      const candidate = path.join('/code', name + ext);
+      if (fs.existsSync(candidate)) {
+        file = candidate;
+        break;
+      }
+    }
+    if (file) break;
+  }
+  if (!file) {
+    throw new Error(
+      'no handler module found: add index.js, handler.js, function.js or main.js, ' +
+        'or name the module in the manifest',
+    );
+  }
+  const mod = file.endsWith('.mjs') ? await import(file) : require(file);
+  const funcs = funcName ? [funcName] : FUNCTION_CANDIDATES;
+  for (const name of funcs) {
+    if (mod && typeof mod[name] === 'function') {
+      return [mod[name], `${path.basename(file).replace(/\.[cm]?js$/, '')}.${name}`];
+    }
+  }
+  if (!funcName && typeof mod === 'function') {
+    return [mod, path.basename(file).replace(/\.[cm]?js$/, '')];
+  }
+  throw new Error(`module ${path.basename(file)} exports no function ${funcs.join(' or ')}`);
+}
+
+function makeContext(meta) {
+  const deadline = meta.deadline_ms || 0;
+  return {
+    requestId: meta.request_id || '',
+    functionName: meta.function_name || '',
+    functionVersion: meta.function_version || '',
+    memoryLimitInMB: meta.memory_limit_mb || 0,
+    getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
+  };
+}
+
+async function invoke(func, request, maxOutput) {
+  let result;
+  try {
+    result = await func(request.event, makeContext(request.context || {}));
+  } catch (err) {
+    return describe(err);
+  }
+  let encoded;
+  try {
+    encoded = JSON.stringify(result === undefined ? null : result);
+  } catch (err) {
+    return describe(err, 'output_not_serializable');
+  }
+  if (encoded === undefined) {
+    return describe(new TypeError(`a ${typeof result} is not JSON-serialisable`), 'output_not_serializable');
+  }
+  const size = Buffer.byteLength(encoded, 'utf8');
+  if (size > maxOutput) {
+    return {
+      ok: false,
+      kind: 'output_too_large',
+      error: {
+        type: 'OutputTooLarge',
+        message: `result is ${size} bytes; the limit is ${maxOutput}`,
+        traceback: '',
+      },
+    };
+  }
+  return { ok: true, resultJson: encoded };
+}
+
+async function main() {
+  const init = readFrame();
+  if (init === null) return;
+  const maxOutput = Number(init.max_output_bytes || 6 * 1024 * 1024);
+  let func;
+  let resolved;
+  try {
+    [func, resolved] = await loadHandler(init.handler);
+  } catch (err) {
+    writeRaw(JSON.stringify(describe(err, 'init_failed')));
+    return;
+  }
+  writeRaw(JSON.stringify({ ok: true, ready: true, handler: resolved, runtime: process.version }));
+  for (;;) {
+    const request = readFrame();
+    if (request === null) return;
+    const reply = await invoke(func, request, maxOutput);
+    if (reply.ok) {
+      writeRaw(`{"ok":true,"result":${reply.resultJson}}`);
+    } else {
+      writeRaw(JSON.stringify(reply));
+    }
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err) => {
+    process.stderr.write(`cloudfunc bootstrap failed: ${err && err.stack ? err.stack : err}\n`);
+    process.exit(70);
+  },
+);

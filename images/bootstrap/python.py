@@ -1,0 +1,192 @@
+# cloudfunc Python bootstrap: runs as the sandbox's init process.
+#
+# The host hands us three pipes: fd 0 carries framed requests, fd 1 carries framed
+# replies, fd 2 collects logs. Before any user code runs, the two channels move to
+# private descriptors and fd 1 is pointed at the log pipe, so nothing the function
+# prints (or any child process it starts) can reach the reply channel.
+#
+# Frames are a 4-byte big-endian length followed by that many bytes of UTF-8 JSON.
+# The first request is `init` (which handler to load); every later one is an event.
+import os
+import sys
+
+_REQ = os.dup(0)
+_RES = os.dup(1)
+_null = os.open("/dev/null", os.O_RDONLY)
+os.dup2(_null, 0)
+os.close(_null)
+os.dup2(2, 1)
+
+import json  # noqa: E402  (after the descriptor shuffle on purpose)
+import traceback  # noqa: E402
+
+MODULE_CANDIDATES = ("function", "handler", "main")
+FUNCTION_CANDIDATES = ("handler", "handle", "main")
+
+
+def read_exact(n):
+    chunks = []
+    while n:
+        chunk = os.read(_REQ, n)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame():
+    head = read_exact(4)
+    if head is None:
+        return None
+    body = read_exact(int.from_bytes(head, "big"))
+    if body is None:
+        return None
+    return json.loads(body)
+
+
+def write_bytes(data):
+    view = memoryview(len(data).to_bytes(4, "big") + data)
+    while view:
+        view = view[os.write(_RES, view):]
+
+
+def write_frame(obj):
+    write_bytes(json.dumps(obj, separators=(",", ":")).encode())
+
+
+def describe(exc, kind="raised"):
+    return {
+        "ok": False,
+        "kind": kind,
+        "error": {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc)),
+        },
+    }
+
+
+class Context:
+    """What a handler may learn about its invocation (Lambda-like names)."""
+
+    def __init__(self, meta):
+        self.request_id = meta.get("request_id", "")
+        self.function_name = meta.get("function_name", "")
+        self.function_version = meta.get("function_version", "")
+        self.memory_limit_in_mb = meta.get("memory_limit_mb", 0)
+        self._deadline_ms = meta.get("deadline_ms", 0)
+
+    def get_remaining_time_in_millis(self):
+        import time
+
+        return max(0, int(self._deadline_ms - time.time() * 1000))
+
+    def get(self, key, default=None):
+        return getattr(self, key, default)
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+def load_handler(spec):
+    """Resolves `module.function` (either part optional) inside /code."""
+    module_name, _, func_name = (spec or "").rpartition(".")
+    if not spec:
+        module_name, func_name = "", ""
+    elif "." not in spec:
+        module_name, func_name = "", spec
+    sys.path.insert(0, "/code")
+    import importlib
+
+    modules = [module_name] if module_name else [
+        m for m in MODULE_CANDIDATES if os.path.exists(f"/code/{m}.py")
+    ]
+    if not modules:
+        raise LookupError(
+            "no handler module found: add function.py, handler.py or main.py, "
+            "or name the module in the manifest"
+        )
+    module = importlib.import_module(modules[0])
+    names = [func_name] if func_name else FUNCTION_CANDIDATES
+    for name in names:
+        func = getattr(module, name, None)
+        if callable(func):
+            return func, f"{modules[0]}.{name}"
+    raise LookupError(
+        f"module {modules[0]!r} defines no callable {' or '.join(names)}"
+    )
+
+
+def arity(func):
+    import inspect
+
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def invoke(func, nargs, request, max_output):
+    args = (request.get("event"), Context(request.get("context") or {}))[: max(nargs, 1)]
+    try:
+        result = func(*args)
+        if hasattr(result, "__await__"):
+            import asyncio
+
+            result = asyncio.run(_await(result))
+    except BaseException as exc:  # the function's failure is data, not ours
+        if isinstance(exc, (KeyboardInterrupt,)):
+            raise
+        return describe(exc)
+    try:
+        encoded = json.dumps(result, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        return describe(exc, "output_not_serializable")
+    if len(encoded) > max_output:
+        return {
+            "ok": False,
+            "kind": "output_too_large",
+            "error": {
+                "type": "OutputTooLarge",
+                "message": f"result is {len(encoded)} bytes; the limit is {max_output}",
+                "traceback": "",
+            },
+        }
+    return {"ok": True, "result_json": encoded}
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def main():
+    init = read_frame()
+    if init is None:
+        return
+    max_output = int(init.get("max_output_bytes", 6 * 1024 * 1024))
+    try:
+        func, resolved = load_handler(init.get("handler"))
+        nargs = arity(func)
+    except BaseException as exc:
+        write_frame(describe(exc, "init_failed"))
+        return
+    write_frame({"ok": True, "ready": True, "handler": resolved, "runtime": sys.version.split()[0]})
+    while True:
+        request = read_frame()
+        if request is None:
+            return
+        reply = invoke(func, nargs, request, max_output)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if reply.get("ok"):
+            # The result is already JSON: splice it in rather than encode it twice.
+            write_bytes(('{"ok":true,"result":' + reply["result_json"] + "}").encode())
+        else:
+            write_frame(reply)
+
+
+main()
