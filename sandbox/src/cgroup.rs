@@ -1,0 +1,337 @@
+//! Reading what a sandbox's cgroup says it used, on cgroup v1 and v2.
+//!
+//! libcontainer creates and removes the cgroups; this module only finds them (from a root
+//! passed in, `/sys/fs/cgroup` by default), reads CPU time, peak memory and OOM kills, and
+//! removes what a crash left under our own parent. The parsers are pure functions over the
+//! files' text so that they are tested without a kernel.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Where cgroup hierarchies are mounted on a normal host.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The cgroup version of the hierarchy that holds the memory controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// Separate hierarchies per controller (also "hybrid" hosts).
+    V1,
+    /// The unified hierarchy.
+    V2,
+}
+
+/// The controllers' locations on this host.
+#[derive(Debug, Clone)]
+pub struct CgroupFs {
+    version: CgroupVersion,
+    /// v2: the unified root. v1: the memory, cpuacct and pids hierarchies.
+    memory: PathBuf,
+    cpu: PathBuf,
+    pids: PathBuf,
+}
+
+/// One moment of a cgroup's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupSnapshot {
+    /// User CPU time, nanoseconds.
+    pub cpu_user_ns: u64,
+    /// System CPU time, nanoseconds.
+    pub cpu_system_ns: u64,
+    /// Highest memory use the kernel has recorded (since the last reset on v1).
+    pub memory_peak_bytes: u64,
+    /// Processes the OOM killer has killed in the cgroup.
+    pub oom_kills: u64,
+}
+
+/// Reads a sandbox's counters. A trait so that the sandbox logic can be tested with a fake.
+pub trait UsageReader: Send + Sync + std::fmt::Debug {
+    /// Current counters.
+    fn snapshot(&self) -> io::Result<CgroupSnapshot>;
+    /// Starts a new peak-memory measurement, where the kernel allows it (v1).
+    fn reset_peak(&self);
+}
+
+impl CgroupFs {
+    /// Finds the hierarchies under `root`.
+    pub fn detect(root: &Path) -> io::Result<CgroupFs> {
+        if root.join("cgroup.controllers").is_file() {
+            return Ok(CgroupFs {
+                version: CgroupVersion::V2,
+                memory: root.to_path_buf(),
+                cpu: root.to_path_buf(),
+                pids: root.to_path_buf(),
+            });
+        }
+        let find = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| root.join(n))
+                .find(|p| p.is_dir())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("no {} cgroup hierarchy under {}", names[0], root.display()),
+                    )
+                })
+        };
+        Ok(CgroupFs {
+            version: CgroupVersion::V1,
+            memory: find(&["memory"])?,
+            cpu: find(&["cpuacct", "cpu,cpuacct", "cpuacct,cpu"])?,
+            pids: find(&["pids"])?,
+        })
+    }
+
+    /// The version in use.
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    /// Whether swap can be limited here (else a bundle must not ask for it).
+    pub fn swap_limit_supported(&self) -> bool {
+        match self.version {
+            CgroupVersion::V1 => self.memory.join("memory.memsw.limit_in_bytes").exists(),
+            // The root has no memory.swap.max; any child that has the memory controller does.
+            CgroupVersion::V2 => fs::read_dir(&self.memory)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .any(|e| e.path().join("memory.swap.max").exists())
+                })
+                .unwrap_or(false),
+        }
+    }
+
+    /// The reader for the cgroup at absolute `path` (as in the bundle's `cgroupsPath`).
+    pub fn sandbox(&self, path: &str) -> SandboxCgroup {
+        let rel = path.trim_start_matches('/');
+        SandboxCgroup {
+            version: self.version,
+            memory: self.memory.join(rel),
+            cpu: self.cpu.join(rel),
+        }
+    }
+
+    /// Every hierarchy directory of the cgroup at absolute `path`.
+    pub fn dirs(&self, path: &str) -> Vec<PathBuf> {
+        let rel = path.trim_start_matches('/');
+        let mut dirs = vec![self.memory.join(rel)];
+        for dir in [self.cpu.join(rel), self.pids.join(rel)] {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        if self.version == CgroupVersion::V1 {
+            // libcontainer also creates the sandbox's cgroup in these hierarchies.
+            let root = self.memory.parent().unwrap_or(Path::new("/"));
+            for name in [
+                "cpu",
+                "cpuset",
+                "devices",
+                "freezer",
+                "blkio",
+                "net_cls",
+                "perf_event",
+                "hugetlb",
+            ] {
+                let dir = root.join(name).join(rel);
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+        dirs
+    }
+
+    /// Kills every process under the cgroup at absolute `path` and removes it with all its
+    /// children. Only for our own parent: the caller passes `/<parent>/<id>` paths.
+    pub fn remove_tree(&self, path: &str) -> io::Result<()> {
+        for dir in self.dirs(path) {
+            if dir.is_dir() {
+                remove_dir_tree(&dir)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn remove_dir_tree(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_dir_tree(&entry.path())?;
+        }
+    }
+    for _ in 0..50 {
+        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    fs::remove_dir(dir)
+}
+
+/// One sandbox's cgroup.
+#[derive(Debug, Clone)]
+pub struct SandboxCgroup {
+    version: CgroupVersion,
+    memory: PathBuf,
+    cpu: PathBuf,
+}
+
+impl SandboxCgroup {
+    /// Whether the cgroup exists (it is gone once its sandbox is deleted).
+    pub fn exists(&self) -> bool {
+        self.memory.is_dir()
+    }
+}
+
+fn read(dir: &Path, file: &str) -> io::Result<String> {
+    let path = dir.join(file);
+    fs::read_to_string(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+impl UsageReader for SandboxCgroup {
+    fn snapshot(&self) -> io::Result<CgroupSnapshot> {
+        match self.version {
+            CgroupVersion::V1 => Ok(CgroupSnapshot {
+                cpu_user_ns: parse_u64(&read(&self.cpu, "cpuacct.usage_user")?),
+                cpu_system_ns: parse_u64(&read(&self.cpu, "cpuacct.usage_sys")?),
+                memory_peak_bytes: parse_u64(&read(&self.memory, "memory.max_usage_in_bytes")?),
+                oom_kills: keyed(&read(&self.memory, "memory.oom_control")?, "oom_kill"),
+            }),
+            CgroupVersion::V2 => {
+                let cpu = read(&self.cpu, "cpu.stat")?;
+                let peak = read(&self.memory, "memory.peak")
+                    .or_else(|_| read(&self.memory, "memory.current"))?;
+                Ok(CgroupSnapshot {
+                    cpu_user_ns: keyed(&cpu, "user_usec") * 1000,
+                    cpu_system_ns: keyed(&cpu, "system_usec") * 1000,
+                    memory_peak_bytes: parse_u64(&peak),
+                    oom_kills: keyed(&read(&self.memory, "memory.events")?, "oom_kill"),
+                })
+            }
+        }
+    }
+
+    fn reset_peak(&self) {
+        if self.version == CgroupVersion::V1 {
+            // Writing 0 restarts the high-water mark; v2's memory.peak can only be reset per
+            // open file on recent kernels, so there the peak covers the sandbox's life.
+            let _ = fs::write(self.memory.join("memory.max_usage_in_bytes"), "0");
+        }
+    }
+}
+
+/// Parses a single-number cgroup file.
+pub fn parse_u64(text: &str) -> u64 {
+    text.trim().parse().unwrap_or(0)
+}
+
+/// Reads `key value` from a flat-keyed cgroup file (`cpu.stat`, `memory.events`,
+/// `memory.oom_control`); a missing key reads as 0.
+pub fn keyed(text: &str, key: &str) -> u64 {
+    text.lines()
+        .filter_map(|line| line.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| parse_u64(v))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyed_files_parse() {
+        let stat = "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\n";
+        assert_eq!(keyed(stat, "user_usec"), 1000);
+        assert_eq!(keyed(stat, "system_usec"), 500);
+        assert_eq!(keyed(stat, "missing"), 0);
+        let oom = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(keyed(oom, "oom_kill"), 3);
+        assert_eq!(parse_u64("12345\n"), 12345);
+    }
+
+    fn write(dir: &Path, file: &str, text: &str) {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join(file), text).unwrap();
+    }
+
+    #[test]
+    fn v2_layout_reads_unified_files() {
+        let root = tempfile::tempdir().unwrap();
+        write(root.path(), "cgroup.controllers", "cpu memory pids\n");
+        let dir = root.path().join("cloudfunc/sb1");
+        write(
+            &dir,
+            "cpu.stat",
+            "usage_usec 30\nuser_usec 20\nsystem_usec 10\n",
+        );
+        write(&dir, "memory.peak", "4096\n");
+        write(
+            &dir,
+            "memory.events",
+            "low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n",
+        );
+        write(&dir, "memory.swap.max", "0\n");
+        let fs_ = CgroupFs::detect(root.path()).unwrap();
+        assert_eq!(fs_.version(), CgroupVersion::V2);
+        assert!(fs_.swap_limit_supported());
+        let snap = fs_.sandbox("/cloudfunc/sb1").snapshot().unwrap();
+        assert_eq!(
+            snap,
+            CgroupSnapshot {
+                cpu_user_ns: 20_000,
+                cpu_system_ns: 10_000,
+                memory_peak_bytes: 4096,
+                oom_kills: 1
+            }
+        );
+    }
+
+    #[test]
+    fn v1_layout_reads_per_controller_files() {
+        let root = tempfile::tempdir().unwrap();
+        let mem = root.path().join("memory/cloudfunc/sb1");
+        let cpu = root.path().join("cpuacct/cloudfunc/sb1");
+        fs::create_dir_all(root.path().join("pids")).unwrap();
+        write(&mem, "memory.max_usage_in_bytes", "8192\n");
+        write(
+            &mem,
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+        );
+        write(&cpu, "cpuacct.usage_user", "700\n");
+        write(&cpu, "cpuacct.usage_sys", "300\n");
+        let fs_ = CgroupFs::detect(root.path()).unwrap();
+        assert_eq!(fs_.version(), CgroupVersion::V1);
+        assert!(!fs_.swap_limit_supported());
+        let cg = fs_.sandbox("/cloudfunc/sb1");
+        assert!(cg.exists());
+        let snap = cg.snapshot().unwrap();
+        assert_eq!(snap.cpu_user_ns, 700);
+        assert_eq!(snap.memory_peak_bytes, 8192);
+        cg.reset_peak();
+        assert_eq!(
+            fs::read_to_string(mem.join("memory.max_usage_in_bytes")).unwrap(),
+            "0"
+        );
+    }
+
+    #[test]
+    fn missing_hierarchy_is_an_error() {
+        let root = tempfile::tempdir().unwrap();
+        assert!(CgroupFs::detect(root.path()).is_err());
+    }
+}

@@ -1,0 +1,390 @@
+//! The engine: one per host process, owning a state root, a cgroup parent and a backend.
+//!
+//! Creating an engine takes an exclusive lock on its state root, so two engines never share
+//! one, and then sweeps what a crash left behind there: containers, bundle directories and
+//! cgroups under its own parent, and nothing else.
+
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudfunc_bundles::{build_spec, write_bundle, BundleConfig, HostFeatures, Limits, Process};
+use cloudfunc_images::{HostImage, PreparedImage, Runtime};
+use cloudfunc_seccomp::Profile;
+use oci_spec::runtime::LinuxSeccomp;
+
+use crate::backend::{Backend, Container, Launch};
+use crate::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
+use crate::error::{Error, Result};
+use crate::libcontainer::LibcontainerBackend;
+
+/// Which seccomp filter sandboxes get.
+#[derive(Debug, Clone, Default)]
+pub enum SeccompPolicy {
+    /// The embedded default profile.
+    #[default]
+    Default,
+    /// A validated custom profile.
+    Custom(Profile),
+    /// No filter at all. Only for diagnosis: the engine prints a warning for every sandbox.
+    DisabledUnsafe,
+}
+
+/// Where an engine keeps its state and how it limits sandboxes.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Bundles, container state and the lock (`/run/cloudfunc` by default).
+    pub state_dir: PathBuf,
+    /// Image skeletons (`/var/lib/cloudfunc/images` by default).
+    pub images_dir: PathBuf,
+    /// The cgroup parent: sandboxes live at `/<parent>/<id>` in every hierarchy.
+    pub cgroup_parent: String,
+    /// Where cgroup hierarchies are mounted.
+    pub cgroup_root: PathBuf,
+    /// The shim binary; found next to the current executable when `None`.
+    pub shim_binary: Option<PathBuf>,
+    /// The seccomp filter.
+    pub seccomp: SeccompPolicy,
+    /// Log bytes kept per invocation; the rest is counted and dropped.
+    pub max_log_bytes: usize,
+    /// Largest result a function may return.
+    pub max_output_bytes: usize,
+    /// How long a sandbox may take to start and load its handler.
+    pub start_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            state_dir: "/run/cloudfunc".into(),
+            images_dir: "/var/lib/cloudfunc/images".into(),
+            cgroup_parent: "cloudfunc".into(),
+            cgroup_root: DEFAULT_CGROUP_ROOT.into(),
+            shim_binary: None,
+            seccomp: SeccompPolicy::Default,
+            max_log_bytes: 64 * 1024,
+            max_output_bytes: 6 * 1024 * 1024,
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// A configuration whose state and images live under `dir` and whose cgroup parent is
+    /// `parent` (tests and benchmarks use one each, so they never sweep each other).
+    pub fn under(dir: &Path, parent: &str) -> Self {
+        EngineConfig {
+            state_dir: dir.join("state"),
+            images_dir: dir.join("images"),
+            cgroup_parent: parent.into(),
+            ..EngineConfig::default()
+        }
+    }
+}
+
+/// What the start-up sweep removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Container ids whose state was deleted.
+    pub containers: Vec<String>,
+    /// Bundle directories removed.
+    pub bundles: Vec<String>,
+    /// Cgroups removed (their processes killed first).
+    pub cgroups: Vec<String>,
+}
+
+impl SweepReport {
+    /// Whether nothing was found.
+    pub fn is_empty(&self) -> bool {
+        self.containers.is_empty() && self.bundles.is_empty() && self.cgroups.is_empty()
+    }
+}
+
+/// Runs sandboxes. Cheap to clone; every clone shares one state root.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: EngineConfig,
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) cgroups: CgroupFs,
+    pub(crate) image: PreparedImage,
+    pub(crate) host: HostFeatures,
+    pub(crate) seccomp: Option<LinuxSeccomp>,
+    counter: AtomicU64,
+    sweep: SweepReport,
+    _lock: File,
+}
+
+impl Engine {
+    /// An engine with the libcontainer backend.
+    pub fn new(config: EngineConfig) -> Result<Engine> {
+        let shim = match &config.shim_binary {
+            Some(path) => path.clone(),
+            None => locate_shim().ok_or(Error::ShimNotFound)?,
+        };
+        let state_root = config.state_dir.join("containers");
+        let backend = LibcontainerBackend::new(&shim, &state_root)?;
+        Engine::with_backend(config, Box::new(backend))
+    }
+
+    /// An engine with any backend.
+    pub fn with_backend(config: EngineConfig, backend: Box<dyn Backend>) -> Result<Engine> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(Error::NotRoot);
+        }
+        if config.cgroup_parent.is_empty()
+            || !config
+                .cgroup_parent
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Error::InvalidConfig(format!(
+                "cgroup parent {:?} must be letters, digits, '-' or '_'",
+                config.cgroup_parent
+            )));
+        }
+        for dir in [
+            config.state_dir.join("containers"),
+            config.state_dir.join("bundles"),
+        ] {
+            fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+        }
+        let lock = lock_state(&config.state_dir)?;
+        let cgroups = CgroupFs::detect(&config.cgroup_root).map_err(Error::Cgroup)?;
+        let host = HostFeatures {
+            cgroup_namespace: Path::new("/proc/self/ns/cgroup").exists(),
+            swap_limit: cgroups.swap_limit_supported(),
+        };
+        let image = HostImage::new(&config.images_dir).prepare()?;
+        let seccomp = match &config.seccomp {
+            SeccompPolicy::Default => {
+                Some(Profile::default_profile().to_oci(backend.seccomp_dialect()))
+            }
+            SeccompPolicy::Custom(p) => {
+                p.validate()?;
+                Some(p.to_oci(backend.seccomp_dialect()))
+            }
+            SeccompPolicy::DisabledUnsafe => None,
+        };
+        let sweep = sweep(&config, backend.as_ref(), &cgroups);
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                config,
+                backend,
+                cgroups,
+                image,
+                host,
+                seccomp,
+                counter: AtomicU64::new(0),
+                sweep,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// The cgroup version sandboxes are limited with.
+    pub fn cgroup_version(&self) -> crate::cgroup::CgroupVersion {
+        self.inner.cgroups.version()
+    }
+
+    /// What the start-up sweep removed.
+    pub fn sweep_report(&self) -> &SweepReport {
+        &self.inner.sweep
+    }
+
+    /// The cgroup directories of a sandbox id (for tests and diagnostics).
+    pub fn cgroup_dirs(&self, id: &str) -> Vec<PathBuf> {
+        self.inner.cgroups.dirs(&self.cgroup_path(id))
+    }
+
+    /// The bundle directory of a sandbox id.
+    pub fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.inner.config.state_dir.join("bundles").join(id)
+    }
+
+    /// libcontainer's state directory of a sandbox id.
+    pub fn container_state_dir(&self, id: &str) -> PathBuf {
+        self.inner.config.state_dir.join("containers").join(id)
+    }
+
+    pub(crate) fn cgroup_path(&self, id: &str) -> String {
+        format!("/{}/{}", self.inner.config.cgroup_parent, id)
+    }
+
+    pub(crate) fn next_id(&self) -> String {
+        let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
+        format!("sb-{}-{n}", std::process::id())
+    }
+
+    /// Writes the bundle for `process` and launches it with the three pipe ends given.
+    pub(crate) fn launch(
+        &self,
+        id: &str,
+        process: Process,
+        code_dir: Option<&Path>,
+        limits: Limits,
+        env: Vec<String>,
+        stdio: [std::os::fd::OwnedFd; 3],
+    ) -> Result<Box<dyn Container>> {
+        let inner = &self.inner;
+        let config = BundleConfig {
+            id,
+            image: &inner.image,
+            process,
+            code_dir,
+            limits,
+            cgroup_path: self.cgroup_path(id),
+            seccomp: inner.seccomp.clone(),
+            env,
+            host: inner.host,
+        };
+        if inner.seccomp.is_none() {
+            eprintln!("cloudfunc: WARNING: sandbox {id} runs WITHOUT a seccomp filter (seccomp disabled by configuration)");
+        }
+        let spec = build_spec(&config)?;
+        let bundle = self.bundle_dir(id);
+        write_bundle(&bundle, &spec)?;
+        let [stdin, stdout, stderr] = stdio;
+        let launched = inner.backend.launch(Launch {
+            id: id.to_string(),
+            bundle: bundle.clone(),
+            stdin,
+            stdout,
+            stderr,
+        });
+        launched.map_err(|e| {
+            let _ = fs::remove_dir_all(&bundle);
+            let _ = inner.cgroups.remove_tree(&self.cgroup_path(id));
+            Error::Backend(e)
+        })
+    }
+
+    /// Removes a sandbox's bundle and, if the backend left it, its cgroup.
+    pub(crate) fn cleanup(&self, id: &str) -> Result<()> {
+        let bundle = self.bundle_dir(id);
+        match fs::remove_dir_all(&bundle) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&bundle)(e)),
+        }
+        self.inner
+            .cgroups
+            .remove_tree(&self.cgroup_path(id))
+            .map_err(Error::Cgroup)
+    }
+
+    /// Whether a runtime can be used on this host.
+    pub fn runtime_available(&self, runtime: Runtime) -> bool {
+        runtime.available()
+    }
+}
+
+impl Engine {
+    /// Removes the engine's parent cgroups if no sandbox is left in them. Called when the last
+    /// clone of the engine is dropped; an engine in a `static` calls it itself before exit.
+    pub fn release_cgroup_parent(&self) {
+        self.inner.release_cgroup_parent();
+    }
+}
+
+impl Inner {
+    fn release_cgroup_parent(&self) {
+        for dir in self
+            .cgroups
+            .dirs(&format!("/{}", self.config.cgroup_parent))
+        {
+            // rmdir fails while a child cgroup exists, which is what we want.
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.release_cgroup_parent();
+    }
+}
+
+fn lock_state(state_dir: &Path) -> Result<File> {
+    let path = state_dir.join("engine.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(Error::io(&path))?;
+    // SAFETY: flock on a descriptor we own; it only takes an advisory lock.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        return Err(Error::Busy(state_dir.to_path_buf()));
+    }
+    Ok(file)
+}
+
+fn sweep(config: &EngineConfig, backend: &dyn Backend, cgroups: &CgroupFs) -> SweepReport {
+    let mut report = SweepReport {
+        containers: backend.sweep(&config.state_dir.join("containers")),
+        ..SweepReport::default()
+    };
+    let bundles = config.state_dir.join("bundles");
+    if let Ok(entries) = fs::read_dir(&bundles) {
+        for entry in entries.flatten() {
+            if fs::remove_dir_all(entry.path()).is_ok() {
+                report
+                    .bundles
+                    .push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let parent = format!("/{}", config.cgroup_parent);
+    let mut seen = std::collections::BTreeSet::new();
+    for dir in cgroups.dirs(&parent) {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                seen.insert(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    for name in seen {
+        if cgroups.remove_tree(&format!("{parent}/{name}")).is_ok() {
+            report.cgroups.push(name);
+        }
+    }
+    report
+}
+
+/// Finds `cloudfunc-shim`: `$CLOUDFUNC_SHIM`, next to the current executable, or one level up
+/// (where cargo puts binaries relative to tests and benches).
+pub fn locate_shim() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("CLOUDFUNC_SHIM") {
+        return Some(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [
+        dir.join("cloudfunc-shim"),
+        dir.parent()?.join("cloudfunc-shim"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+}

@@ -1,0 +1,219 @@
+//! The libcontainer backend: youki's library, driven from one [`crate::shim`] per container.
+//!
+//! The host starts each shim from a sealed copy of its binary ([`crate::seal`]), hands it the
+//! container's three pipes over the control channel, and keeps the channel for the sandbox's
+//! life. If the host dies, the channel closes and the shim destroys its container.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cloudfunc_seccomp::Dialect;
+
+use crate::backend::{Backend, BackendError, Container, ExitKind, Launch};
+use crate::control::{Channel, Message};
+use crate::seal::SealedBinary;
+use crate::shim::ShimArgs;
+
+/// How long a shim may take to create and start a container.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a shim may take to tear one down.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Launches containers in-process through youki's libcontainer (one shim each).
+#[derive(Debug)]
+pub struct LibcontainerBackend {
+    shim: SealedBinary,
+    state_root: PathBuf,
+}
+
+impl LibcontainerBackend {
+    /// A backend that starts `shim_binary` (sealed once, here) with containers' state under
+    /// `state_root`.
+    pub fn new(shim_binary: &Path, state_root: impl Into<PathBuf>) -> Result<Self, BackendError> {
+        let shim = SealedBinary::new(shim_binary).map_err(|source| BackendError::Spawn {
+            what: format!("the shim {}", shim_binary.display()),
+            source,
+        })?;
+        Ok(Self {
+            shim,
+            state_root: state_root.into(),
+        })
+    }
+}
+
+impl Backend for LibcontainerBackend {
+    fn name(&self) -> &'static str {
+        "libcontainer"
+    }
+
+    fn seccomp_dialect(&self) -> Dialect {
+        Dialect::ValueIsDatum
+    }
+
+    fn launch(&self, launch: Launch) -> Result<Box<dyn Container>, BackendError> {
+        let (control, shim_end) = Channel::pair().map_err(BackendError::Io)?;
+        let args = ShimArgs {
+            id: launch.id.clone(),
+            bundle: launch.bundle.clone(),
+            state_root: self.state_root.clone(),
+        };
+        let mut child = Command::new(self.shim.exec_path())
+            .args(args.to_args())
+            .env_clear()
+            .stdin(Stdio::from(shim_end))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|source| BackendError::Spawn {
+                what: "the shim".into(),
+                source,
+            })?;
+        let fds = [
+            launch.stdin.as_raw_fd(),
+            launch.stdout.as_raw_fd(),
+            launch.stderr.as_raw_fd(),
+        ];
+        if let Err(e) = control.send_with_fds(&Message::Launch, &fds) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(BackendError::Io(e));
+        }
+        // Our copies must go, or the pipes would never report end-of-file.
+        drop(launch);
+        match control.recv(Some(START_TIMEOUT)) {
+            Ok(Some((Message::Started(pid), _))) => Ok(Box::new(ShimContainer {
+                child,
+                control,
+                pid,
+                exit: None,
+                destroyed: false,
+            })),
+            Ok(Some((Message::Failed(why), _))) => {
+                let _ = child.wait();
+                Err(BackendError::Runtime(why))
+            }
+            other => {
+                let _ = child.kill();
+                let status = child.wait();
+                Err(match other {
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        BackendError::Unresponsive(START_TIMEOUT)
+                    }
+                    _ => BackendError::Runtime(format!(
+                        "the shim ended without starting the container ({status:?})"
+                    )),
+                })
+            }
+        }
+    }
+
+    fn sweep(&self, state_root: &Path) -> Vec<String> {
+        let mut removed = Vec::new();
+        let Ok(entries) = std::fs::read_dir(state_root) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if let Ok(mut container) = libcontainer::container::Container::load(path.clone()) {
+                let _ = container.delete(true);
+            }
+            let _ = std::fs::remove_dir_all(&path);
+            removed.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        removed
+    }
+}
+
+/// A container owned by a shim process.
+#[derive(Debug)]
+struct ShimContainer {
+    child: Child,
+    control: Channel,
+    pid: i32,
+    exit: Option<ExitKind>,
+    destroyed: bool,
+}
+
+impl ShimContainer {
+    /// Reads control messages until `until` accepts one or the deadline passes.
+    fn recv_until(
+        &mut self,
+        deadline: Instant,
+        until: impl Fn(&Message) -> bool,
+    ) -> Result<bool, BackendError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.control.recv(Some(left)) {
+                Ok(Some((message, _))) => {
+                    if let Message::Exited(kind) = message {
+                        self.exit = Some(kind);
+                    }
+                    if until(&message) {
+                        return Ok(true);
+                    }
+                }
+                Ok(None) => {
+                    return Err(BackendError::Runtime("the shim exited unexpectedly".into()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(false),
+                Err(e) => return Err(BackendError::Io(e)),
+            }
+        }
+    }
+}
+
+impl Container for ShimContainer {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn kill(&mut self) -> Result<(), BackendError> {
+        if self.exit.is_some() {
+            return Ok(());
+        }
+        self.control.send(&Message::Kill).map_err(BackendError::Io)
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitKind>, BackendError> {
+        if self.exit.is_none() {
+            self.recv_until(Instant::now() + timeout, |m| {
+                matches!(m, Message::Exited(_))
+            })?;
+        }
+        Ok(self.exit)
+    }
+
+    fn destroy(&mut self) -> Result<(), BackendError> {
+        if self.destroyed {
+            return Ok(());
+        }
+        self.destroyed = true;
+        let sent = self.control.send(&Message::Destroy);
+        let result = match sent {
+            Ok(()) => match self.recv_until(Instant::now() + DESTROY_TIMEOUT, |m| {
+                *m == Message::Destroyed
+            }) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(BackendError::Unresponsive(DESTROY_TIMEOUT)),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(BackendError::Io(e)),
+        };
+        if result.is_err() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        result
+    }
+}
+
+impl Drop for ShimContainer {
+    fn drop(&mut self) {
+        let _ = self.destroy();
+    }
+}

@@ -1,0 +1,401 @@
+//! One sandbox: a started container whose bootstrap has loaded a function and serves it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cloudfunc_bundles::{Limits, Process};
+use cloudfunc_images::Runtime;
+use serde_json::{json, Value};
+
+use crate::backend::Container;
+use crate::cgroup::{CgroupSnapshot, SandboxCgroup, UsageReader};
+use crate::channel::{pipe, Exchange, Pipes};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::outcome::{Invocation, Outcome, Usage};
+use crate::protocol::{encode, parse_reply, Reply, ReplyFailure};
+
+/// A function to run: its code, runtime and limits.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// The language runtime.
+    pub runtime: Runtime,
+    /// The directory holding the function's code (mounted read-only at `/code`).
+    pub code_dir: PathBuf,
+    /// `module.function`, `function`, or `None` to find it by convention.
+    pub handler: Option<String>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Environment variables the function sees.
+    pub env: BTreeMap<String, String>,
+    /// The function's name, as handlers see it in their context.
+    pub function_name: String,
+    /// The function's version, likewise.
+    pub function_version: String,
+}
+
+impl SandboxSpec {
+    /// A spec with default limits and no environment.
+    pub fn new(runtime: Runtime, code_dir: impl Into<PathBuf>) -> Self {
+        SandboxSpec {
+            runtime,
+            code_dir: code_dir.into(),
+            handler: None,
+            limits: Limits::default(),
+            env: BTreeMap::new(),
+            function_name: String::new(),
+            function_version: String::new(),
+        }
+    }
+}
+
+/// Per-call settings.
+#[derive(Debug, Clone)]
+pub struct InvokeOptions {
+    /// Wall-clock limit; past it every process of the sandbox is killed.
+    pub timeout: Duration,
+    /// An id the function sees as `context.request_id`.
+    pub request_id: String,
+}
+
+impl Default for InvokeOptions {
+    fn default() -> Self {
+        InvokeOptions {
+            timeout: Duration::from_secs(30),
+            request_id: String::new(),
+        }
+    }
+}
+
+/// A running sandbox with a function loaded. Dropping it tears it down (use
+/// [`Sandbox::shutdown`] to see teardown errors).
+#[derive(Debug)]
+pub struct Sandbox {
+    id: String,
+    engine: Engine,
+    container: Option<Box<dyn Container>>,
+    pipes: Pipes,
+    cgroup: Box<dyn UsageReader>,
+    spec: SandboxSpec,
+    handler: String,
+    runtime_version: String,
+    init_duration: Duration,
+    calls: u64,
+    alive: bool,
+}
+
+fn validate(spec: &SandboxSpec) -> Result<()> {
+    spec.limits.validate().map_err(Error::InvalidSpec)?;
+    if !spec.code_dir.is_absolute() || !spec.code_dir.is_dir() {
+        return Err(Error::InvalidSpec(format!(
+            "the code directory {} must be an existing absolute path",
+            spec.code_dir.display()
+        )));
+    }
+    for key in spec.env.keys() {
+        let valid = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(Error::InvalidSpec(format!(
+                "environment variable name {key:?} is not [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Sandbox {
+    /// Starts a sandbox for `spec` and waits until its handler is loaded.
+    pub fn create(engine: &Engine, spec: SandboxSpec) -> Result<Sandbox> {
+        validate(&spec)?;
+        let started = Instant::now();
+        let id = engine.next_id();
+        let (req_r, req_w) = pipe().map_err(Error::Pipe)?;
+        let (res_r, res_w) = pipe().map_err(Error::Pipe)?;
+        let (log_r, log_w) = pipe().map_err(Error::Pipe)?;
+        let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let container = engine.launch(
+            &id,
+            Process::Bootstrap(spec.runtime),
+            Some(&spec.code_dir),
+            spec.limits,
+            env,
+            [req_r, res_w, log_w],
+        )?;
+        let config = engine.config();
+        let pipes = Pipes::new(
+            req_w,
+            res_r,
+            log_r,
+            config.max_log_bytes,
+            config.max_output_bytes + 4096,
+        )
+        .map_err(Error::Pipe)?;
+        let cgroup: SandboxCgroup = engine.inner.cgroups.sandbox(&engine.cgroup_path(&id));
+        let mut sandbox = Sandbox {
+            id,
+            engine: engine.clone(),
+            container: Some(container),
+            pipes,
+            cgroup: Box::new(cgroup),
+            spec,
+            handler: String::new(),
+            runtime_version: String::new(),
+            init_duration: Duration::ZERO,
+            calls: 0,
+            alive: true,
+        };
+        let init = encode(&json!({
+            "handler": sandbox.spec.handler,
+            "max_output_bytes": config.max_output_bytes,
+        }));
+        let deadline = started + config.start_timeout;
+        let exchanged = sandbox
+            .pipes
+            .exchange(&init, deadline)
+            .map_err(Error::Pipe)?;
+        let failure = match exchanged {
+            Exchange::Reply(body) => match parse_reply(&body) {
+                Ok(Reply::Ready { handler, runtime }) => {
+                    sandbox.handler = handler;
+                    sandbox.runtime_version = runtime;
+                    sandbox.init_duration = started.elapsed();
+                    // Whatever loading the module printed belongs to the first call's logs.
+                    return Ok(sandbox);
+                }
+                Ok(Reply::Failed {
+                    kind: ReplyFailure::InitFailed,
+                    error,
+                }) => {
+                    sandbox.pipes.drain_logs(Duration::from_millis(100));
+                    Error::FunctionInit {
+                        error,
+                        logs: sandbox.pipes.capture.take(),
+                    }
+                }
+                Ok(other) => Error::InitCrashed {
+                    exit: format!("unexpected reply while loading: {other:?}"),
+                    logs: sandbox.pipes.capture.take(),
+                },
+                Err(e) => Error::InitCrashed {
+                    exit: e.to_string(),
+                    logs: sandbox.pipes.capture.take(),
+                },
+            },
+            Exchange::Closed => {
+                let exit = sandbox.exit_status();
+                Error::InitCrashed {
+                    exit,
+                    logs: sandbox.pipes.capture.take(),
+                }
+            }
+            Exchange::TimedOut => Error::StartTimeout(config.start_timeout),
+            Exchange::TooLarge(e) => Error::InitCrashed {
+                exit: e.to_string(),
+                logs: sandbox.pipes.capture.take(),
+            },
+        };
+        let _ = sandbox.teardown();
+        Err(failure)
+    }
+
+    /// The sandbox's id (also its container id and cgroup name).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The handler the bootstrap resolved (`function.handler`, `index.handler`, ...).
+    pub fn handler(&self) -> &str {
+        &self.handler
+    }
+
+    /// The runtime's version inside the sandbox.
+    pub fn runtime_version(&self) -> &str {
+        &self.runtime_version
+    }
+
+    /// How long the sandbox took to start and load its handler.
+    pub fn init_duration(&self) -> Duration {
+        self.init_duration
+    }
+
+    /// Whether the sandbox can serve another call.
+    pub fn is_alive(&self) -> bool {
+        self.alive
+    }
+
+    /// The pid of the sandbox's init on the host.
+    pub fn pid(&self) -> Option<i32> {
+        self.container.as_ref().map(|c| c.pid())
+    }
+
+    /// Runs the function once with `event`.
+    pub fn invoke(&mut self, event: &Value, options: &InvokeOptions) -> Result<Invocation> {
+        if !self.alive {
+            return Err(Error::SandboxGone);
+        }
+        let before = self.cgroup.snapshot().unwrap_or_default();
+        self.cgroup.reset_peak();
+        let deadline_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_add(options.timeout)
+            .as_millis();
+        let frame = encode(&json!({
+            "event": event,
+            "context": {
+                "request_id": options.request_id,
+                "function_name": self.spec.function_name,
+                "function_version": self.spec.function_version,
+                "memory_limit_mb": self.spec.limits.memory_mib(),
+                "deadline_ms": u64::try_from(deadline_ms).unwrap_or(u64::MAX),
+            },
+        }));
+        let start = Instant::now();
+        let exchanged = self.pipes.exchange(&frame, start + options.timeout);
+        let duration = start.elapsed();
+        let outcome = match exchanged {
+            Err(e) => {
+                self.alive = false;
+                Outcome::SandboxFailure {
+                    message: format!("sandbox I/O failed: {e}"),
+                }
+            }
+            Ok(Exchange::Reply(body)) => match parse_reply(&body) {
+                Ok(Reply::Result(result)) => Outcome::Succeeded { result },
+                Ok(Reply::Failed { kind, error }) => match kind {
+                    ReplyFailure::Raised => Outcome::Raised { error },
+                    ReplyFailure::NotSerializable => Outcome::OutputNotSerializable { error },
+                    ReplyFailure::TooLarge => Outcome::OutputTooLarge {
+                        limit_bytes: self.engine.config().max_output_bytes,
+                        message: error.message,
+                    },
+                    ReplyFailure::InitFailed => {
+                        self.fail("the runtime reported a load failure mid-call")
+                    }
+                },
+                Ok(Reply::Ready { .. }) => {
+                    self.fail("the runtime answered a call with a ready message")
+                }
+                Err(e) => self.fail(&e.to_string()),
+            },
+            Ok(Exchange::TooLarge(e)) => {
+                // The stream is out of step now; the sandbox cannot be trusted with another call.
+                self.kill();
+                Outcome::OutputTooLarge {
+                    limit_bytes: self.engine.config().max_output_bytes,
+                    message: e.to_string(),
+                }
+            }
+            Ok(Exchange::TimedOut) => {
+                self.kill();
+                self.pipes.drain_logs(Duration::from_millis(100));
+                Outcome::Timeout {
+                    timeout_ms: u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX),
+                }
+            }
+            Ok(Exchange::Closed) => {
+                let exit = self.exit_status();
+                self.alive = false;
+                let after = self.cgroup.snapshot().unwrap_or_default();
+                if after.oom_kills > before.oom_kills {
+                    Outcome::OutOfMemory {
+                        limit_bytes: self.spec.limits.memory_bytes,
+                    }
+                } else {
+                    Outcome::Crashed { exit }
+                }
+            }
+        };
+        let after = self.cgroup.snapshot().unwrap_or(before);
+        let usage = usage(
+            &before,
+            &after,
+            duration,
+            self.calls == 0,
+            self.init_duration,
+        );
+        self.calls += 1;
+        Ok(Invocation {
+            outcome,
+            logs: self.pipes.capture.take(),
+            usage,
+        })
+    }
+
+    fn fail(&mut self, message: &str) -> Outcome {
+        self.kill();
+        Outcome::SandboxFailure {
+            message: message.to_string(),
+        }
+    }
+
+    /// Kills every process in the sandbox and waits for init to exit.
+    fn kill(&mut self) {
+        self.alive = false;
+        if let Some(container) = self.container.as_mut() {
+            let _ = container.kill();
+            let _ = container.wait_exit(Duration::from_secs(5));
+        }
+    }
+
+    fn exit_status(&mut self) -> String {
+        match self
+            .container
+            .as_mut()
+            .map(|c| c.wait_exit(Duration::from_secs(5)))
+        {
+            Some(Ok(Some(kind))) => kind.to_string(),
+            Some(Ok(None)) => {
+                // The reply channel closed but init lives on: make sure nothing does.
+                self.kill();
+                "the runtime closed its reply channel".into()
+            }
+            Some(Err(e)) => format!("unknown ({e})"),
+            None => "unknown".into(),
+        }
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        self.alive = false;
+        self.pipes.close_requests();
+        let destroyed = match self.container.take() {
+            Some(mut container) => container.destroy().map_err(Error::Backend),
+            None => Ok(()),
+        };
+        let cleaned = self.engine.cleanup(&self.id);
+        destroyed.and(cleaned)
+    }
+
+    /// Stops the sandbox and removes everything it had: processes, cgroup, state, bundle.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.teardown()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.container.is_some() {
+            let _ = self.teardown();
+        }
+    }
+}
+
+fn usage(
+    before: &CgroupSnapshot,
+    after: &CgroupSnapshot,
+    duration: Duration,
+    cold: bool,
+    init: Duration,
+) -> Usage {
+    Usage {
+        duration,
+        init_duration: if cold { init } else { Duration::ZERO },
+        cpu_user: Duration::from_nanos(after.cpu_user_ns.saturating_sub(before.cpu_user_ns)),
+        cpu_system: Duration::from_nanos(after.cpu_system_ns.saturating_sub(before.cpu_system_ns)),
+        peak_memory_bytes: after.memory_peak_bytes,
+        cold,
+    }
+}

@@ -1,0 +1,143 @@
+//! Shared helpers for the real-container tests: requirements, engines and function code.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use cloudfunc_sandbox::{
+    Engine, EngineConfig, Invocation, InvokeOptions, Limits, Runtime, Sandbox, SandboxSpec,
+};
+use serde_json::Value;
+
+/// What a test needs from the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Root and usable cgroups (every container test).
+    Containers,
+    /// The runtime's interpreter on the host.
+    Runtime(Runtime),
+}
+
+/// Why a requirement is missing, or `None` when it is met.
+pub fn missing(need: Need) -> Option<String> {
+    static CONTAINERS: OnceLock<Option<String>> = OnceLock::new();
+    match need {
+        Need::Containers => CONTAINERS
+            .get_or_init(|| {
+                if !nix::unistd::geteuid().is_root() {
+                    return Some("not running as root".into());
+                }
+                if let Err(e) =
+                    cloudfunc_sandbox::cgroup::CgroupFs::detect(Path::new("/sys/fs/cgroup"))
+                {
+                    return Some(format!("no usable cgroup hierarchy ({e})"));
+                }
+                None
+            })
+            .clone(),
+        Need::Runtime(r) if !r.available() => Some(format!("{} is not installed", r.interpreter())),
+        Need::Runtime(_) => None,
+    }
+}
+
+static ENGINE: OnceLock<(tempfile::TempDir, Engine)> = OnceLock::new();
+
+/// Releases the shared engine's cgroup parent once every test is done.
+pub fn release() {
+    if let Some((_, engine)) = ENGINE.get() {
+        engine.release_cgroup_parent();
+    }
+}
+
+/// The engine shared by the tests of this process, with its own state and cgroup parent.
+pub fn engine() -> &'static Engine {
+    &ENGINE
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("cloudfunc-test-")
+                .tempdir()
+                .unwrap();
+            let mut config = EngineConfig::under(
+                dir.path(),
+                &format!("cloudfunc-test-{}", std::process::id()),
+            );
+            config.shim_binary = Some(env!("CARGO_BIN_EXE_cloudfunc-shim").into());
+            config.max_output_bytes = 1024 * 1024;
+            config.max_log_bytes = 16 * 1024;
+            let engine = Engine::new(config).expect("engine starts");
+            (dir, engine)
+        })
+        .1
+}
+
+/// A directory with one code file, readable by the sandbox user.
+pub fn code(file: &str, source: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-code-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join(file);
+    fs::write(&path, source).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    dir
+}
+
+/// The conventional file name of a runtime's handler module.
+pub fn module_file(runtime: Runtime) -> &'static str {
+    match runtime {
+        Runtime::Python => "function.py",
+        Runtime::Node => "index.js",
+    }
+}
+
+/// A started sandbox plus the directory its code lives in.
+pub struct Fixture {
+    pub sandbox: Sandbox,
+    _code: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn call(&mut self, event: Value) -> Invocation {
+        self.call_with(event, Duration::from_secs(20))
+    }
+
+    pub fn call_with(&mut self, event: Value, timeout: Duration) -> Invocation {
+        let options = InvokeOptions {
+            timeout,
+            request_id: "req-1".into(),
+        };
+        self.sandbox.invoke(&event, &options).expect("invoke")
+    }
+}
+
+/// Starts a sandbox for `source` in the runtime's conventional module.
+pub fn start(runtime: Runtime, source: &str) -> Fixture {
+    start_with(runtime, module_file(runtime), source, Limits::default())
+}
+
+/// As [`start`], with a file name and limits.
+pub fn start_with(runtime: Runtime, file: &str, source: &str, limits: Limits) -> Fixture {
+    let dir = code(file, source);
+    let mut spec = SandboxSpec::new(runtime, dir.path());
+    spec.limits = limits;
+    spec.function_name = "test-fn".into();
+    spec.function_version = "1".into();
+    let sandbox = Sandbox::create(engine(), spec).expect("sandbox starts");
+    Fixture {
+        sandbox,
+        _code: dir,
+    }
+}
+
+/// Whether a pid exists on the host.
+pub fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}

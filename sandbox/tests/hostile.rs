@@ -1,0 +1,485 @@
+//! Hostile functions: each test asks the kernel, from inside the sandbox or from the host,
+//! whether a limit or an isolation really held.
+
+use std::time::Duration;
+
+use cloudfunc_sandbox::{Limits, Outcome, Runtime};
+use serde_json::{json, Value};
+
+use crate::common::{engine, pid_alive, start, start_with, Need};
+use crate::Case;
+
+const MIB: u64 = 1024 * 1024;
+
+fn needs(runtime: Runtime) -> Vec<Need> {
+    vec![Need::Containers, Need::Runtime(runtime)]
+}
+
+pub fn cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for runtime in Runtime::ALL {
+        let n = runtime.name();
+        cases.push(Case::new(
+            format!("{n}::timeout_kills_every_process"),
+            needs(runtime),
+            move || timeout(runtime),
+        ));
+        cases.push(Case::new(
+            format!("{n}::memory_bomb_is_oom"),
+            needs(runtime),
+            move || memory_bomb(runtime),
+        ));
+        cases.push(Case::new(
+            format!("{n}::fork_bomb_is_contained"),
+            needs(runtime),
+            move || fork_bomb(runtime),
+        ));
+        cases.push(Case::new(
+            format!("{n}::no_network"),
+            needs(runtime),
+            move || no_network(runtime),
+        ));
+        cases.push(Case::new(
+            format!("{n}::host_files_invisible"),
+            needs(runtime),
+            move || host_files(runtime),
+        ));
+        cases.push(Case::new(
+            format!("{n}::writes_outside_tmp_fail"),
+            needs(runtime),
+            move || writes(runtime),
+        ));
+        cases.push(Case::new(
+            format!("{n}::status_shows_no_privileges"),
+            needs(runtime),
+            move || status(runtime),
+        ));
+    }
+    cases.push(Case::new(
+        "python::dangerous_syscalls_get_eperm",
+        needs(Runtime::Python),
+        syscalls,
+    ));
+    cases.push(Case::new(
+        "python::cpu_quota_holds",
+        needs(Runtime::Python),
+        cpu_quota,
+    ));
+    cases.push(Case::new(
+        "python::tmp_is_capped",
+        needs(Runtime::Python),
+        tmp_cap,
+    ));
+    cases.push(Case::new(
+        "python::fds_of_the_function_are_its_own",
+        needs(Runtime::Python),
+        function_fds,
+    ));
+    cases.push(Case::new(
+        "command::only_stdio_fds_and_no_host_env",
+        needs(Runtime::Python),
+        command_fds_and_env,
+    ));
+    cases.push(Case::new(
+        "command::shim_runs_from_sealed_memfd",
+        needs(Runtime::Python),
+        sealed_shim,
+    ));
+    cases
+}
+
+fn src(runtime: Runtime, py: &str, js: &str) -> String {
+    match runtime {
+        Runtime::Python => py.into(),
+        Runtime::Node => js.into(),
+    }
+}
+
+fn result(outcome: &Outcome) -> Value {
+    match outcome {
+        Outcome::Succeeded { result } => result.clone(),
+        other => panic!("expected success, got {other:?}"),
+    }
+}
+
+fn timeout(runtime: Runtime) {
+    // The function starts a background child, reports its pid, then spins forever.
+    let code = src(
+        runtime,
+        "import subprocess, sys\nchild = None\ndef handler(event):\n    global child\n    if event.get('spawn'):\n        child = subprocess.Popen(['/bin/sleep', '1000'])\n        return child.pid\n    while True:\n        pass\n",
+        "const cp = require('child_process');\nexports.handler = (event) => { if (event.spawn) { return cp.spawn('/bin/sleep', ['1000']).pid; } for (;;) {} };\n",
+    );
+    let mut f = start(runtime, &code);
+    let init = f.sandbox.pid().unwrap();
+    assert!(matches!(
+        f.call(json!({"spawn": true})).outcome,
+        Outcome::Succeeded { .. }
+    ));
+    let cgroup_procs = engine().cgroup_dirs(f.sandbox.id())[0].join("cgroup.procs");
+    let procs_before = std::fs::read_to_string(&cgroup_procs).unwrap();
+    assert!(
+        procs_before.lines().count() >= 2,
+        "init and the sleeping child: {procs_before:?}"
+    );
+
+    let call = f.call_with(json!({}), Duration::from_millis(1500));
+    assert_eq!(call.outcome, Outcome::Timeout { timeout_ms: 1500 });
+    assert!(call.usage.duration >= Duration::from_millis(1500));
+    assert!(
+        call.usage.duration < Duration::from_secs(8),
+        "killed promptly: {:?}",
+        call.usage.duration
+    );
+    assert!(
+        call.usage.cpu_user > Duration::from_millis(500),
+        "it really spun: {:?}",
+        call.usage
+    );
+    assert!(!f.sandbox.is_alive());
+    assert!(!pid_alive(init), "init {init} must be dead");
+    let procs_after = std::fs::read_to_string(&cgroup_procs).unwrap_or_default();
+    assert!(
+        procs_after.trim().is_empty(),
+        "every process gone, left: {procs_after:?}"
+    );
+    let id = f.sandbox.id().to_string();
+    drop(f);
+    for dir in engine().cgroup_dirs(&id) {
+        assert!(!dir.exists(), "{} must be removed", dir.display());
+    }
+}
+
+fn memory_bomb(runtime: Runtime) {
+    let code = src(
+        runtime,
+        "def handler(event):\n    hog = []\n    while True:\n        hog.append(bytearray(b'x' * (1 << 20)))\n",
+        "exports.handler = () => { const hog = []; for (;;) { hog.push(Buffer.alloc(1 << 20, 1)); } };\n",
+    );
+    let limits = Limits {
+        memory_bytes: 96 * MIB,
+        ..Limits::default()
+    };
+    let mut f = start_with(runtime, crate::common::module_file(runtime), &code, limits);
+    let call = f.call(json!({}));
+    assert_eq!(
+        call.outcome,
+        Outcome::OutOfMemory {
+            limit_bytes: 96 * MIB
+        }
+    );
+    assert!(
+        call.usage.peak_memory_bytes >= 80 * MIB,
+        "peak {}",
+        call.usage.peak_memory_bytes
+    );
+    assert!(
+        call.usage.peak_memory_bytes <= 96 * MIB,
+        "peak {}",
+        call.usage.peak_memory_bytes
+    );
+}
+
+fn fork_bomb(runtime: Runtime) {
+    let code = src(
+        runtime,
+        "import os, time\ndef handler(event):\n    made = 0\n    try:\n        for _ in range(10000):\n            if os.fork() == 0:\n                time.sleep(60)\n                os._exit(0)\n            made += 1\n    except OSError as e:\n        return {'made': made, 'errno': e.errno}\n    return {'made': made, 'errno': 0}\n",
+        "const cp = require('child_process');\nexports.handler = async () => { let made = 0, failed = 0; for (let i = 0; i < 500 && failed === 0; i++) { await new Promise((r) => { const p = cp.spawn('/bin/sleep', ['60']); p.on('spawn', () => { made++; r(); }); p.on('error', () => { failed++; r(); }); }); } return {made, failed}; };\n",
+    );
+    let limits = Limits {
+        pids: 48,
+        ..Limits::default()
+    };
+    let mut f = start_with(runtime, crate::common::module_file(runtime), &code, limits);
+    let call = f.call(json!({}));
+    let r = result(&call.outcome);
+    let made = r["made"].as_u64().unwrap();
+    assert!(
+        made > 0 && made < 48,
+        "forks must stop below the pids limit: {r}"
+    );
+    match runtime {
+        Runtime::Python => assert_eq!(r["errno"], json!(libc::EAGAIN)),
+        Runtime::Node => assert_eq!(r["failed"], json!(1)),
+    }
+    // The host is unaffected: it can still start processes.
+    assert!(std::process::Command::new("/bin/true")
+        .status()
+        .unwrap()
+        .success());
+    let id = f.sandbox.id().to_string();
+    f.sandbox.shutdown().unwrap();
+    assert!(!engine().cgroup_dirs(&id)[0].exists());
+}
+
+fn no_network(runtime: Runtime) {
+    let code = src(
+        runtime,
+        "import os, socket\ndef handler(event):\n    out = {'ifaces': sorted(os.listdir('/sys/class/net'))}\n    for host, port in (('127.0.0.1', 80), ('192.0.2.1', 53)):\n        s = socket.socket()\n        s.settimeout(2)\n        try:\n            s.connect((host, port))\n            out[host] = 'connected'\n        except OSError as e:\n            out[host] = e.errno\n    return out\n",
+        "const net = require('net'); const fs = require('fs');\nconst tryConnect = (host, port) => new Promise((r) => { const s = net.connect({host, port, timeout: 2000}); s.on('connect', () => r('connected')); s.on('error', (e) => r(e.code)); s.on('timeout', () => r('timeout')); });\nexports.handler = async () => ({ifaces: fs.readdirSync('/sys/class/net').sort(), '127.0.0.1': await tryConnect('127.0.0.1', 80), '192.0.2.1': await tryConnect('192.0.2.1', 53)});\n",
+    );
+    let mut f = start(runtime, &code);
+    let r = result(&f.call(json!({})).outcome);
+    assert_eq!(r["ifaces"], json!(["lo"]));
+    for host in ["127.0.0.1", "192.0.2.1"] {
+        assert_ne!(
+            r[host],
+            json!("connected"),
+            "{host} must be unreachable: {r}"
+        );
+        match runtime {
+            Runtime::Python => assert_eq!(r[host], json!(libc::ENETUNREACH), "{r}"),
+            Runtime::Node => assert_eq!(r[host], json!("ENETUNREACH"), "{r}"),
+        }
+    }
+}
+
+fn host_files(runtime: Runtime) {
+    let code = src(
+        runtime,
+        "import os, socket\ndef handler(event):\n    return {p: os.path.exists(p) for p in ['/root', '/home', '/etc/shadow', '/var', '/run', '/proc/1/root/etc/shadow']} | {'hostname': socket.gethostname(), 'pid': os.getpid(), 'uid': os.getuid(), 'cwd': os.getcwd(), 'etc': sorted(os.listdir('/etc'))}\n",
+        "const fs = require('fs'); const os = require('os');\nexports.handler = () => { const r = {}; for (const p of ['/root', '/home', '/etc/shadow', '/var', '/run', '/proc/1/root/etc/shadow']) r[p] = fs.existsSync(p); return {...r, hostname: os.hostname(), pid: process.pid, uid: process.getuid(), cwd: process.cwd(), etc: fs.readdirSync('/etc').sort()}; };\n",
+    );
+    let mut f = start(runtime, &code);
+    let r = result(&f.call(json!({})).outcome);
+    for p in [
+        "/root",
+        "/home",
+        "/etc/shadow",
+        "/var",
+        "/run",
+        "/proc/1/root/etc/shadow",
+    ] {
+        assert_eq!(r[p], json!(false), "{p} must not be visible: {r}");
+    }
+    assert_eq!(r["hostname"], json!("cloudfunc"));
+    assert_eq!(r["uid"], json!(65534));
+    assert_eq!(r["cwd"], json!("/code"));
+    let etc: Vec<&str> = r["etc"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let allowed = [
+        "group",
+        "hosts",
+        "ld.so.cache",
+        "localtime",
+        "nsswitch.conf",
+        "passwd",
+    ];
+    assert!(
+        etc.iter().all(|e| allowed.contains(e)),
+        "only the image's own /etc: {etc:?}"
+    );
+    assert!(etc.contains(&"passwd") && etc.contains(&"group"));
+    // Python's pid is 1; node runs under `sh -c exec`, which also leaves it pid 1.
+    assert_eq!(r["pid"], json!(1));
+}
+
+fn writes(runtime: Runtime) {
+    let code = src(
+        runtime,
+        "import errno\ndef handler(event):\n    out = {}\n    for p in ['/code/x', '/usr/x', '/etc/passwd', '/proc/sys/kernel/hostname', '/x', '/tmp/ok']:\n        try:\n            with open(p, 'w') as f:\n                f.write('x')\n            out[p] = 'written'\n        except OSError as e:\n            out[p] = errno.errorcode[e.errno]\n    return out\n",
+        "const fs = require('fs');\nexports.handler = () => { const out = {}; for (const p of ['/code/x', '/usr/x', '/etc/passwd', '/proc/sys/kernel/hostname', '/x', '/tmp/ok']) { try { fs.writeFileSync(p, 'x'); out[p] = 'written'; } catch (e) { out[p] = e.code; } } return out; };\n",
+    );
+    let mut f = start(runtime, &code);
+    let r = result(&f.call(json!({})).outcome);
+    for p in [
+        "/code/x",
+        "/usr/x",
+        "/etc/passwd",
+        "/proc/sys/kernel/hostname",
+        "/x",
+    ] {
+        let code = r[p].as_str().unwrap();
+        assert!(
+            ["EROFS", "EACCES", "EPERM"].contains(&code),
+            "{p} must not be writable: {r}"
+        );
+    }
+    assert_eq!(r["/tmp/ok"], json!("written"));
+}
+
+fn status(runtime: Runtime) {
+    let code = src(
+        runtime,
+        "def handler(event):\n    return open('/proc/self/status').read()\n",
+        "exports.handler = () => require('fs').readFileSync('/proc/self/status', 'utf8');\n",
+    );
+    let mut f = start(runtime, &code);
+    let text = result(&f.call(json!({})).outcome);
+    let text = text.as_str().unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("{name} missing from {text}"))
+    };
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2");
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(cap), "0000000000000000", "{cap}");
+    }
+    assert!(field("Uid").starts_with("65534"));
+}
+
+fn syscalls() {
+    let code = r#"
+import ctypes, ctypes.util, os
+libc = ctypes.CDLL(None, use_errno=True)
+def attempt(fn, *args):
+    ctypes.set_errno(0)
+    rc = fn(*args)
+    return 0 if rc != -1 else ctypes.get_errno()
+def handler(event):
+    SYS = {'keyctl': 250, 'bpf': 321, 'ptrace': 101, 'clone': 56, 'unshare': 272, 'setns': 308, 'io_uring_setup': 425}
+    out = {
+        'mount': attempt(libc.mount, b'none', b'/tmp', b'tmpfs', 0, None),
+        'unshare': attempt(libc.syscall, SYS['unshare'], 0x10000000),
+        'unshare_net': attempt(libc.syscall, SYS['unshare'], 0x40000000),
+        'keyctl': attempt(libc.syscall, SYS['keyctl'], 0, 0, 0, 0, 0),
+        'bpf': attempt(libc.syscall, SYS['bpf'], 0, 0, 0),
+        'ptrace': attempt(libc.syscall, SYS['ptrace'], 16, 1, 0, 0),
+        'io_uring_setup': attempt(libc.syscall, SYS['io_uring_setup'], 1, None),
+        # clone with CLONE_NEWUSER must be denied while plain fork and threads work.
+        'clone_newuser': attempt(libc.syscall, SYS['clone'], 0x10000000 | 17, 0, 0, 0, 0),
+    }
+    import threading
+    t = threading.Thread(target=lambda: None); t.start(); t.join()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    out['fork_child_exit'] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return out
+"#;
+    let mut f = start(Runtime::Python, code);
+    let r = result(&f.call(json!({})).outcome);
+    for name in [
+        "mount",
+        "unshare",
+        "unshare_net",
+        "keyctl",
+        "bpf",
+        "ptrace",
+        "io_uring_setup",
+        "clone_newuser",
+    ] {
+        assert_eq!(
+            r[name],
+            json!(libc::EPERM),
+            "{name} must fail with EPERM: {r}"
+        );
+    }
+    assert_eq!(r["fork_child_exit"], json!(7));
+}
+
+fn cpu_quota() {
+    // A quarter of a core for a function that spins for one second of wall time.
+    let code = "import time\ndef handler(event):\n    end = time.monotonic() + 1.0\n    n = 0\n    while time.monotonic() < end:\n        n += 1\n    return n\n";
+    let limits = Limits {
+        cpu_millicores: 250,
+        ..Limits::default()
+    };
+    let mut f = start_with(Runtime::Python, "function.py", code, limits);
+    let call = f.call(json!({}));
+    assert!(call.outcome.is_success());
+    let cpu = call.usage.cpu_user + call.usage.cpu_system;
+    assert!(
+        cpu >= Duration::from_millis(150),
+        "it must have run: {cpu:?}"
+    );
+    assert!(
+        cpu <= Duration::from_millis(450),
+        "a quarter core for ~1 s is ~250 ms of CPU, got {cpu:?}"
+    );
+}
+
+fn tmp_cap() {
+    let code = "import errno\ndef handler(event):\n    written = 0\n    try:\n        with open('/tmp/fill', 'wb') as f:\n            for _ in range(64):\n                f.write(b'x' * (1 << 20))\n                f.flush()\n                written += 1\n    except OSError as e:\n        return {'written_mib': written, 'error': errno.errorcode[e.errno]}\n    return {'written_mib': written, 'error': None}\n";
+    let limits = Limits {
+        tmp_bytes: 8 * MIB,
+        ..Limits::default()
+    };
+    let mut f = start_with(Runtime::Python, "function.py", code, limits);
+    let r = result(&f.call(json!({})).outcome);
+    assert_eq!(r["error"], json!("ENOSPC"), "{r}");
+    assert!(r["written_mib"].as_u64().unwrap() <= 8, "{r}");
+}
+
+fn function_fds() {
+    // Inside a bootstrap, the function sees stdio plus the bootstrap's two private channel
+    // ends: all pipes, none a host file.
+    let code = "import os\ndef handler(event):\n    out = {}\n    for fd in os.listdir('/proc/self/fd'):\n        try:\n            out[fd] = os.readlink(f'/proc/self/fd/{fd}')\n        except OSError:\n            pass\n    return out\n";
+    let mut f = start(Runtime::Python, code);
+    let r = result(&f.call(json!({})).outcome);
+    for (fd, target) in r.as_object().unwrap() {
+        let target = target.as_str().unwrap();
+        let ok =
+            target.starts_with("pipe:") || target == "/dev/null" || target.starts_with("/proc/");
+        assert!(ok, "fd {fd} points at {target}: {r}");
+    }
+}
+
+fn command_fds_and_env() {
+    let python = Runtime::Python.interpreter();
+    let script = "import os, json; print(json.dumps({'fds': sorted(int(f) for f in os.listdir('/proc/self/fd') if os.path.exists('/proc/self/fd/' + f)), 'env': sorted(os.environ)}))";
+    let out = engine()
+        .run_command(
+            &[python, "-c", script],
+            Limits::default(),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    assert_eq!(
+        out.exit,
+        Some(cloudfunc_sandbox::ExitKind::Code(0)),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        r["fds"],
+        json!([0, 1, 2]),
+        "only stdio may be open in a fresh sandbox"
+    );
+    // Python adds LC_CTYPE itself when it coerces the C locale; nothing else may appear.
+    let env: Vec<&str> = r["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let allowed = ["HOME", "LANG", "LC_CTYPE", "PATH", "TMPDIR"];
+    assert!(
+        env.iter().all(|k| allowed.contains(k)),
+        "host environment leaked: {env:?}"
+    );
+    assert!(env.contains(&"PATH") && env.contains(&"HOME"));
+}
+
+fn sealed_shim() {
+    let mut f = start(Runtime::Python, "def handler(event):\n    return 1\n");
+    let init = f.sandbox.pid().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{init}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let shim: i32 = after_comm.split(' ').nth(1).unwrap().parse().unwrap();
+    let exe = std::fs::read_link(format!("/proc/{shim}/exe")).unwrap();
+    assert!(
+        exe.to_string_lossy().starts_with("/memfd:cloudfunc-shim"),
+        "the shim must run from a sealed memfd, runs from {}",
+        exe.display()
+    );
+    // Writing to it through /proc fails.
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{shim}/exe"));
+    if let Ok(mut file) = w {
+        use std::io::Write;
+        assert!(
+            file.write_all(b"overwrite").is_err(),
+            "the shim binary must not be writable"
+        );
+    }
+    assert!(f.call(json!({})).outcome.is_success());
+}

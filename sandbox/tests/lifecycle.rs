@@ -1,0 +1,350 @@
+//! Lifetimes: nothing is left behind after many runs, launches from a multi-threaded
+//! process never hang, one engine per state root, and a crash is swept up at the next start.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cloudfunc_sandbox::{
+    Engine, EngineConfig, Error, InvokeOptions, Outcome, Runtime, Sandbox, SandboxSpec,
+};
+use serde_json::json;
+
+use crate::common::{code, engine, pid_alive, Need};
+use crate::Case;
+
+const HELPER_ENV: &str = "CLOUDFUNC_TEST_CRASH_HELPER";
+
+pub fn cases() -> Vec<Case> {
+    let py = vec![Need::Containers, Need::Runtime(Runtime::Python)];
+    vec![
+        Case::new(
+            "lifecycle::sequential_runs_leave_nothing",
+            py.clone(),
+            sequential_runs_leave_nothing,
+        ),
+        Case::new(
+            "lifecycle::concurrent_launches_from_tokio",
+            py.clone(),
+            concurrent_launches,
+        ),
+        Case::new(
+            "lifecycle::one_engine_per_state_root",
+            vec![Need::Containers],
+            one_engine_per_root,
+        ),
+        Case::new(
+            "lifecycle::crash_is_swept_at_next_start",
+            py,
+            crash_is_swept,
+        ),
+    ]
+}
+
+fn private_engine(tag: &str) -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-life-")
+        .tempdir()
+        .unwrap();
+    let mut config = EngineConfig::under(
+        dir.path(),
+        &format!("cloudfunc-{tag}-{}", std::process::id()),
+    );
+    config.shim_binary = Some(env!("CARGO_BIN_EXE_cloudfunc-shim").into());
+    let engine = Engine::new(config).unwrap();
+    (dir, engine)
+}
+
+fn mount_count() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+fn dir_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Processes on the host whose command line mentions `needle` (shims carry their state root).
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) && pid_alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn assert_nothing_left(engine: &Engine, ids: &[String]) {
+    let state = &engine.config().state_dir;
+    assert_eq!(
+        dir_entries(&state.join("containers")),
+        Vec::<String>::new(),
+        "container state left"
+    );
+    assert_eq!(
+        dir_entries(&state.join("bundles")),
+        Vec::<String>::new(),
+        "bundles left"
+    );
+    for id in ids {
+        for dir in engine.cgroup_dirs(id) {
+            assert!(!dir.exists(), "cgroup {} left", dir.display());
+        }
+    }
+    let marker = state.join("containers").to_string_lossy().into_owned();
+    assert_eq!(
+        processes_mentioning(&marker),
+        Vec::<i32>::new(),
+        "shims left running"
+    );
+}
+
+fn sequential_runs_leave_nothing() {
+    let (_dir, engine) = private_engine("seq");
+    let code = code(
+        "function.py",
+        "def handler(event):\n    return event['i'] * 2\n",
+    );
+    let mounts = mount_count();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let mut sandbox =
+            Sandbox::create(&engine, SandboxSpec::new(Runtime::Python, code.path())).unwrap();
+        ids.push(sandbox.id().to_string());
+        let call = sandbox
+            .invoke(&json!({"i": i}), &InvokeOptions::default())
+            .unwrap();
+        assert_eq!(
+            call.outcome,
+            Outcome::Succeeded {
+                result: json!(i * 2)
+            }
+        );
+        // Every tenth sandbox ends in a timeout, so the kill path is counted too.
+        if i % 10 == 9 {
+            let mut spinner = Sandbox::create(
+                &engine,
+                SandboxSpec::new(
+                    Runtime::Python,
+                    crate::common::code("function.py", "def handler(e):\n    while True: pass\n")
+                        .path(),
+                ),
+            );
+            if let Ok(s) = spinner.as_mut() {
+                ids.push(s.id().to_string());
+                let t = s
+                    .invoke(
+                        &json!({}),
+                        &InvokeOptions {
+                            timeout: Duration::from_millis(100),
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap();
+                assert!(matches!(t.outcome, Outcome::Timeout { .. }));
+            }
+            drop(spinner);
+        }
+        sandbox.shutdown().unwrap();
+    }
+    assert_eq!(mount_count(), mounts, "host mounts changed");
+    assert_nothing_left(&engine, &ids);
+}
+
+fn concurrent_launches() {
+    const N: usize = 200;
+    let (_dir, engine) = private_engine("conc");
+    let code = code(
+        "function.py",
+        "def handler(event):\n    return event['i']\n",
+    );
+    let path: PathBuf = code.path().to_path_buf();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .max_blocking_threads(N)
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..N {
+            let engine = engine.clone();
+            let path = path.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let mut sandbox =
+                    Sandbox::create(&engine, SandboxSpec::new(Runtime::Python, path))?;
+                let id = sandbox.id().to_string();
+                let call = sandbox.invoke(&json!({"i": i}), &InvokeOptions::default())?;
+                sandbox.shutdown()?;
+                Ok::<_, Error>((id, call.outcome, i))
+            }));
+        }
+        tokio::time::timeout(Duration::from_secs(600), futures_join(tasks)).await
+    });
+    let results = results.expect("hundreds of concurrent launches must not hang");
+    let mut ids = Vec::new();
+    for r in results {
+        let (id, outcome, i) = r.expect("task").expect("sandbox");
+        assert_eq!(outcome, Outcome::Succeeded { result: json!(i) });
+        ids.push(id);
+    }
+    assert_eq!(ids.len(), N);
+    assert_nothing_left(&engine, &ids);
+}
+
+async fn futures_join<T>(
+    tasks: Vec<tokio::task::JoinHandle<T>>,
+) -> Vec<Result<T, tokio::task::JoinError>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await);
+    }
+    out
+}
+
+fn one_engine_per_root() {
+    let mut config = engine().config().clone();
+    config.images_dir = engine().config().images_dir.clone();
+    let err = Engine::new(config).unwrap_err();
+    assert!(matches!(err, Error::Busy(_)), "{err:?}");
+}
+
+/// In the helper process: start a sandbox, say so, and wait to be killed.
+pub fn run_helper_if_asked() -> bool {
+    let Ok(dir) = std::env::var(HELPER_ENV) else {
+        return false;
+    };
+    let dir = PathBuf::from(dir);
+    let mut config = EngineConfig::under(&dir, "cloudfunc-crash");
+    config.shim_binary = Some(env!("CARGO_BIN_EXE_cloudfunc-shim").into());
+    let engine = Engine::new(config).unwrap();
+    let code = dir.join("code");
+    std::fs::create_dir_all(&code).unwrap();
+    std::fs::write(
+        code.join("function.py"),
+        "def handler(e):\n    while True:\n        pass\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&code, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        code.join("function.py"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let mut sandbox = Sandbox::create(&engine, SandboxSpec::new(Runtime::Python, &code)).unwrap();
+    println!("ready {} {}", sandbox.pid().unwrap(), sandbox.id());
+    // Crash in the middle of a call that never ends: the container's init is busy and will
+    // not notice its host has gone.
+    let _ = sandbox.invoke(
+        &json!({}),
+        &InvokeOptions {
+            timeout: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    unreachable!("the test kills this process first")
+}
+
+fn crash_is_swept() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-crash-")
+        .tempdir()
+        .unwrap();
+    let mut helper = Command::new(std::env::current_exe().unwrap())
+        .env(HELPER_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(helper.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(words.first(), Some(&"ready"), "helper said {line:?}");
+    let init: i32 = words[1].parse().unwrap();
+    let id = words[2].to_string();
+
+    // A power-cut-like crash: the host process and its shim die together, so nobody is left
+    // to tear the container down. Its init keeps running in its own session.
+    let pgid = nix::unistd::Pid::from_raw(i32::try_from(helper.id()).unwrap());
+    nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    helper.wait().unwrap();
+    assert!(
+        pid_alive(init),
+        "the orphaned container must still run before the sweep"
+    );
+
+    // Things that are not ours must survive the sweep.
+    let cgroups = cloudfunc_sandbox::cgroup::CgroupFs::detect(Path::new("/sys/fs/cgroup")).unwrap();
+    let foreign =
+        cgroups.dirs(&format!("/cloudfunc-foreign-{}/keep", std::process::id()))[0].clone();
+    std::fs::create_dir_all(&foreign).unwrap();
+    let state = dir.path().join("state");
+    std::fs::write(state.join("keep.txt"), "mine").unwrap();
+    // A cgroup of ours that no container state knows about, with a process still in it.
+    let mut stray = Command::new("/bin/sleep").arg("600").spawn().unwrap();
+    let stray_pid = i32::try_from(stray.id()).unwrap();
+    for dir in cgroups.dirs("/cloudfunc-crash/stray") {
+        // Only hierarchies that exist here; cpuset refuses tasks until configured, which is fine.
+        if dir
+            .parent()
+            .and_then(Path::parent)
+            .is_some_and(Path::is_dir)
+        {
+            std::fs::create_dir_all(&dir).unwrap();
+            let _ = std::fs::write(dir.join("cgroup.procs"), stray_pid.to_string());
+        }
+    }
+
+    let mut config = EngineConfig::under(dir.path(), "cloudfunc-crash");
+    config.shim_binary = Some(env!("CARGO_BIN_EXE_cloudfunc-shim").into());
+    let engine = Engine::new(config).unwrap();
+    let report = engine.sweep_report().clone();
+    assert_eq!(report.containers, vec![id.clone()]);
+    assert_eq!(report.bundles, vec![id.clone()]);
+    // libcontainer's delete removes the container's own cgroup; the engine's sweep removes
+    // the stray one it knew nothing about, killing its process first.
+    assert_eq!(report.cgroups, vec!["stray".to_string()], "{report:?}");
+    let status = stray.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "stray process killed"
+    );
+    for _ in 0..100 {
+        if !pid_alive(init) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !pid_alive(init),
+        "the orphaned init must be killed by the sweep"
+    );
+    assert_nothing_left(&engine, &[id]);
+    assert!(foreign.exists(), "a cgroup outside our parent must survive");
+    assert_eq!(
+        std::fs::read_to_string(state.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    std::fs::remove_dir(&foreign).unwrap();
+    std::fs::remove_dir(foreign.parent().unwrap()).unwrap();
+}
