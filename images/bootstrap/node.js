@@ -12,6 +12,8 @@ const path = require('path');
 
 const REQ = 3;
 const RES = 4;
+// The code's directory: /code in a sandbox; benchmarks of the bare host point it elsewhere.
+const CODE = process.env.CLOUDFUNC_CODE_DIR || '/code';
 const MODULE_CANDIDATES = ['index', 'handler', 'function', 'main'];
 const FUNCTION_CANDIDATES = ['handler', 'handle', 'main'];
 
@@ -85,7 +87,7 @@ async function loadHandler(spec) {
   const names = moduleName ? [moduleName] : MODULE_CANDIDATES;
   for (const name of names) {
     for (const ext of ['.js', '.cjs', '.mjs']) {
-      const candidate = path.join('/code', name + ext);
+      const candidate = path.join(CODE, name + ext);
       if (fs.existsSync(candidate)) {
         file = candidate;
         break;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use cloudfunc_bundles::{build_spec, write_bundle, BundleConfig, HostFeatures, Limits, Process};
 use cloudfunc_images::{HostImage, PreparedImage, Runtime};
-use cloudfunc_seccomp::Profile;
+use cloudfunc_seccomp::{Dialect, Profile};
 use oci_spec::runtime::LinuxSeccomp;
 
 use crate::backend::{Backend, Container, Launch};
@@ -233,6 +233,51 @@ impl Engine {
         format!("sb-{}-{n}", std::process::id())
     }
 
+    fn bundle_config<'a>(
+        &'a self,
+        id: &'a str,
+        process: Process,
+        code_dir: Option<&'a Path>,
+        limits: Limits,
+        env: Vec<String>,
+        seccomp: Option<LinuxSeccomp>,
+    ) -> BundleConfig<'a> {
+        BundleConfig {
+            id,
+            image: &self.inner.image,
+            process,
+            code_dir,
+            limits,
+            cgroup_path: self.cgroup_path(id),
+            seccomp,
+            env,
+            host: self.inner.host,
+        }
+    }
+
+    /// Writes the bundle `id` would run with into `dir`, with seccomp written for `dialect`,
+    /// so that another OCI runtime (runc, crun, runsc) can run exactly the same sandbox. The
+    /// caller owns and removes `dir`; the cgroup path is the engine's, so one id runs at a time.
+    pub fn export_bundle(
+        &self,
+        id: &str,
+        process: Process,
+        code_dir: Option<&Path>,
+        limits: Limits,
+        dialect: Dialect,
+        dir: &Path,
+    ) -> Result<PathBuf> {
+        let seccomp = match &self.inner.config.seccomp {
+            SeccompPolicy::Default => Some(Profile::default_profile().to_oci(dialect)),
+            SeccompPolicy::Custom(p) => Some(p.to_oci(dialect)),
+            SeccompPolicy::DisabledUnsafe => None,
+        };
+        let spec =
+            build_spec(&self.bundle_config(id, process, code_dir, limits, Vec::new(), seccomp))?;
+        write_bundle(dir, &spec)?;
+        Ok(dir.to_path_buf())
+    }
+
     /// Writes the bundle for `process` and launches it with the three pipe ends given.
     pub(crate) fn launch(
         &self,
@@ -244,21 +289,17 @@ impl Engine {
         stdio: [std::os::fd::OwnedFd; 3],
     ) -> Result<Box<dyn Container>> {
         let inner = &self.inner;
-        let config = BundleConfig {
-            id,
-            image: &inner.image,
-            process,
-            code_dir,
-            limits,
-            cgroup_path: self.cgroup_path(id),
-            seccomp: inner.seccomp.clone(),
-            env,
-            host: inner.host,
-        };
         if inner.seccomp.is_none() {
             eprintln!("cloudfunc: WARNING: sandbox {id} runs WITHOUT a seccomp filter (seccomp disabled by configuration)");
         }
-        let spec = build_spec(&config)?;
+        let spec = build_spec(&self.bundle_config(
+            id,
+            process,
+            code_dir,
+            limits,
+            env,
+            inner.seccomp.clone(),
+        ))?;
         let bundle = self.bundle_dir(id);
         write_bundle(&bundle, &spec)?;
         let [stdin, stdout, stderr] = stdio;

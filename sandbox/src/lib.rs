@@ -41,9 +41,9 @@ mod sandbox;
 pub mod seal;
 pub mod shim;
 
-pub use cloudfunc_bundles::Limits;
+pub use cloudfunc_bundles::{Limits, Process};
 pub use cloudfunc_images::Runtime;
-pub use cloudfunc_seccomp::Profile as SeccompProfile;
+pub use cloudfunc_seccomp::{Dialect as SeccompDialect, Profile as SeccompProfile};
 pub use command::CommandOutput;
 pub use engine::{locate_shim, Engine, EngineConfig, SeccompPolicy, SweepReport};
 pub use error::{Error, Result};

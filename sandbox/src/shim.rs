@@ -189,7 +189,7 @@ fn serve(control: &Channel, container: &mut Container, pid: Pid) -> i32 {
         if control_ready {
             match control.recv(None) {
                 Ok(Some((Message::Kill, _))) => {
-                    let _ = container.kill(Signal::SIGKILL, true);
+                    let _ = container.kill(Signal::SIGKILL, false);
                 }
                 Ok(Some((Message::Destroy, _))) => {
                     teardown(container, pid, alive);
@@ -208,7 +208,7 @@ fn serve(control: &Channel, container: &mut Container, pid: Pid) -> i32 {
 
 fn teardown(container: &mut Container, pid: Pid, alive: bool) {
     if alive {
-        let _ = container.kill(Signal::SIGKILL, true);
+        let _ = container.kill(Signal::SIGKILL, false);
         let _ = waitpid(pid, None);
     }
     let _ = container.delete(true);

@@ -1,0 +1,145 @@
+//! `cloudfunc-bench`: cold starts side by side, in one run, on the same bundles.
+//!
+//! For each workload it runs, interleaved so that drift hits every runner alike: the bare
+//! host command, cloudfunc's engine (libcontainer through the shim), `runc run` and `crun run`
+//! of the very bundle cloudfunc would use. It prints a Markdown table of medians and ratios.
+//!
+//! Usage: `cloudfunc-bench [--runs N]` (as root).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cloudfunc_benches::{bench_engine, median, run_cloudfunc, run_host, Code, OciCli, Workload};
+
+/// crun 1.8 refuses hybrid hosts because the cgroup2 mount lists a controller. In a private
+/// mount namespace of this process only, a tmpfs over that mount makes the host look like
+/// plain cgroup v1 to every runtime alike; the host's own mounts are untouched.
+fn hide_hybrid_cgroup2() -> Result<bool> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    let hybrid = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == "/sys/fs/cgroup/unified" && f[2] == "cgroup2"
+    });
+    if !hybrid {
+        return Ok(false);
+    }
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    mount(
+        Some("tmpfs"),
+        "/sys/fs/cgroup/unified",
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=755"),
+    )?;
+    Ok(true)
+}
+
+fn main() -> Result<()> {
+    let mut runs = 20usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--runs" => runs = args.next().context("--runs needs a number")?.parse()?,
+            other => anyhow::bail!("unknown argument {other}; usage: cloudfunc-bench [--runs N]"),
+        }
+    }
+    // Before any thread exists: unshare needs a single-threaded process.
+    let hidden = hide_hybrid_cgroup2()?;
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-bench-")
+        .tempdir()?;
+    let engine = bench_engine(dir.path())?;
+    let code = Code::new()?;
+    let clis: Vec<OciCli> = [("runc", "/usr/sbin/runc"), ("crun", "/usr/bin/crun")]
+        .into_iter()
+        .filter_map(|(name, bin)| OciCli::find(name, bin))
+        .collect();
+    let workloads: Vec<Workload> = Workload::ALL
+        .into_iter()
+        .filter(|w| w.available())
+        .collect();
+
+    let mut samples: BTreeMap<(usize, &'static str), Vec<Duration>> = BTreeMap::new();
+    let mut failures: BTreeMap<(usize, &'static str), String> = BTreeMap::new();
+    for i in 0..runs {
+        for (w, workload) in workloads.iter().enumerate() {
+            let mut record = |runner: &'static str, result: Result<Duration>| match result {
+                Ok(d) => samples.entry((w, runner)).or_default().push(d),
+                Err(e) => {
+                    failures
+                        .entry((w, runner))
+                        .or_insert_with(|| format!("{e:#}"));
+                }
+            };
+            // Rotate who goes first: on cgroup v1 the first cgroup migration after a quiet
+            // spell waits for an RCU grace period, so a fixed order would favour whoever
+            // follows another runtime's teardown.
+            let runners = 2 + clis.len();
+            for k in 0..runners {
+                match (i + k) % runners {
+                    0 => record("host", run_host(*workload, &code)),
+                    1 => record("cloudfunc", run_cloudfunc(&engine, *workload, &code)),
+                    n => {
+                        let cli = &clis[n - 2];
+                        let id = format!("bench-{}-{i}", cli.name);
+                        record(cli.name, cli.run(&engine, *workload, &code, &id));
+                    }
+                }
+            }
+        }
+    }
+
+    println!("Cold start, create -> first result -> teardown; median of {runs} runs, milliseconds, runners in rotating order.");
+    if hidden {
+        println!("(hybrid cgroup host: cgroup2 hidden in this process's mount namespace for every runtime alike)");
+    }
+    let mut header = vec!["workload", "bare host", "cloudfunc"];
+    header.extend(clis.iter().map(|c| c.name));
+    let ratios: Vec<String> = clis
+        .iter()
+        .map(|c| format!("cloudfunc / {}", c.name))
+        .collect();
+    header.extend(ratios.iter().map(String::as_str));
+    println!("| {} |", header.join(" | "));
+    println!(
+        "|{}|",
+        header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
+    for (w, workload) in workloads.iter().enumerate() {
+        let mut med = |runner: &'static str| {
+            samples
+                .get_mut(&(w, runner))
+                .filter(|s| !s.is_empty())
+                .map(|s| median(s))
+        };
+        let ours = med("cloudfunc");
+        let mut row = vec![workload.name().to_string(), fmt(med("host")), fmt(ours)];
+        let theirs: Vec<Option<Duration>> = clis.iter().map(|c| med(c.name)).collect();
+        row.extend(theirs.iter().map(|d| fmt(*d)));
+        for t in &theirs {
+            row.push(match (ours, t) {
+                (Some(o), Some(t)) => format!("{:.2}x", o.as_secs_f64() / t.as_secs_f64()),
+                _ => "n/a".into(),
+            });
+        }
+        println!("| {} |", row.join(" | "));
+    }
+    for ((w, runner), why) in &failures {
+        println!("note: {runner} failed on {}: {why}", workloads[*w].name());
+    }
+    Ok(())
+}
+
+fn fmt(d: Option<Duration>) -> String {
+    d.map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
+        .unwrap_or_else(|| "failed".into())
+}

@@ -1,0 +1,295 @@
+//! Shared pieces of cloudfunc's benchmarks: the workloads, and one runner per way of starting
+//! them (the bare host, cloudfunc's own engine, and OCI runtime CLIs on the same bundle).
+//!
+//! Every runner does the same whole cold start: create, send the init and one event, read the
+//! reply, tear down. Nothing is reused between runs.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cloudfunc_sandbox::protocol::{encode, parse_reply, FrameReader, Reply};
+use cloudfunc_sandbox::{
+    Engine, EngineConfig, InvokeOptions, Limits, Process, Runtime, Sandbox, SandboxSpec,
+    SeccompDialect,
+};
+use serde_json::{json, Value};
+
+/// What runs in the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// `/bin/true`: the cost of the container alone.
+    True,
+    /// A hello function in a language runtime.
+    Hello(Runtime),
+}
+
+impl Workload {
+    /// Every workload, cheapest first.
+    pub const ALL: [Workload; 3] = [
+        Workload::True,
+        Workload::Hello(Runtime::Python),
+        Workload::Hello(Runtime::Node),
+    ];
+
+    /// A short name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::True => "/bin/true",
+            Workload::Hello(Runtime::Python) => "python hello",
+            Workload::Hello(Runtime::Node) => "node hello",
+        }
+    }
+
+    /// The bundle's process.
+    pub fn process(self) -> Process {
+        match self {
+            Workload::True => Process::Command(vec!["/bin/true".into()]),
+            Workload::Hello(runtime) => Process::Bootstrap(runtime),
+        }
+    }
+
+    /// Whether the host can run it.
+    pub fn available(self) -> bool {
+        match self {
+            Workload::True => Path::new("/bin/true").exists(),
+            Workload::Hello(r) => r.available(),
+        }
+    }
+}
+
+/// The hello functions' code, written once per benchmark run.
+#[derive(Debug)]
+pub struct Code {
+    dir: tempfile::TempDir,
+}
+
+impl Code {
+    /// Writes `function.py` and `index.js` into a fresh directory readable by the sandbox user.
+    pub fn new() -> Result<Code> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("cloudfunc-bench-code-")
+            .tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        for (file, source) in [
+            (
+                "function.py",
+                "def handler(event):\n    return f\"Hello {event.get('name', 'World')}!\"\n",
+            ),
+            (
+                "index.js",
+                "exports.handler = async (event) => `Hello ${event.name || 'World'}!`;\n",
+            ),
+        ] {
+            std::fs::write(dir.path().join(file), source)?;
+            std::fs::set_permissions(
+                dir.path().join(file),
+                std::fs::Permissions::from_mode(0o644),
+            )?;
+        }
+        Ok(Code { dir })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The event every hello call gets, and what it must answer.
+pub fn event() -> (Value, Value) {
+    (json!({"name": "Bench"}), json!("Hello Bench!"))
+}
+
+/// An engine for benchmarks, with its own state and cgroup parent.
+pub fn bench_engine(dir: &Path) -> Result<Engine> {
+    let mut config = EngineConfig::under(dir, &format!("cloudfunc-bench-{}", std::process::id()));
+    config.shim_binary = cloudfunc_sandbox::locate_shim();
+    Engine::new(config).context("starting the engine (benchmarks need root)")
+}
+
+/// One cold start through cloudfunc's engine.
+pub fn run_cloudfunc(engine: &Engine, workload: Workload, code: &Code) -> Result<Duration> {
+    let start = Instant::now();
+    match workload {
+        Workload::True => {
+            let out =
+                engine.run_command(&["/bin/true"], Limits::default(), Duration::from_secs(30))?;
+            if out.exit != Some(cloudfunc_sandbox::ExitKind::Code(0)) {
+                bail!("/bin/true ended with {:?}", out.exit);
+            }
+        }
+        Workload::Hello(runtime) => {
+            let mut sandbox = Sandbox::create(engine, SandboxSpec::new(runtime, code.path()))?;
+            let (event, expected) = event();
+            let call = sandbox.invoke(&event, &InvokeOptions::default())?;
+            if call.outcome != (cloudfunc_sandbox::Outcome::Succeeded { result: expected }) {
+                bail!("unexpected outcome {:?}", call.outcome);
+            }
+            sandbox.shutdown()?;
+        }
+    }
+    Ok(start.elapsed())
+}
+
+/// One cold start of the same program on the bare host, without any isolation.
+pub fn run_host(workload: Workload, code: &Code) -> Result<Duration> {
+    let start = Instant::now();
+    match workload {
+        Workload::True => {
+            let status = Command::new("/bin/true").status()?;
+            if !status.success() {
+                bail!("/bin/true failed");
+            }
+        }
+        Workload::Hello(runtime) => {
+            let image = std::env::temp_dir().join("cloudfunc-bench-bootstrap");
+            std::fs::create_dir_all(&image)?;
+            let (name, source) = runtime.bootstrap();
+            let path = image.join(name);
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(source) {
+                std::fs::write(&path, source)?;
+            }
+            let mut args = runtime.process_args();
+            for arg in &mut args {
+                *arg = arg.replace(&format!("/cloudfunc/{name}"), &path.to_string_lossy());
+            }
+            let child = Command::new(&args[0])
+                .args(&args[1..])
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .env("CLOUDFUNC_CODE_DIR", code.path())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            converse(child)?;
+        }
+    }
+    Ok(start.elapsed())
+}
+
+/// An OCI runtime CLI (runc, crun) running the same bundle as cloudfunc.
+#[derive(Debug)]
+pub struct OciCli {
+    /// The runtime's name in tables.
+    pub name: &'static str,
+    binary: PathBuf,
+    root: tempfile::TempDir,
+}
+
+impl OciCli {
+    /// A runtime found at `binary`, if it is installed.
+    pub fn find(name: &'static str, binary: &str) -> Option<OciCli> {
+        let binary = PathBuf::from(binary);
+        if !binary.exists() {
+            return None;
+        }
+        let root = tempfile::Builder::new()
+            .prefix(&format!("cloudfunc-bench-{name}-"))
+            .tempdir()
+            .ok()?;
+        Some(OciCli { name, binary, root })
+    }
+
+    /// One cold start: `<runtime> run` of a freshly written bundle, then its removal.
+    pub fn run(
+        &self,
+        engine: &Engine,
+        workload: Workload,
+        code: &Code,
+        id: &str,
+    ) -> Result<Duration> {
+        let bundle = tempfile::Builder::new()
+            .prefix("cloudfunc-bench-bundle-")
+            .tempdir()?;
+        let code_dir = matches!(workload, Workload::Hello(_)).then(|| code.path());
+        engine.export_bundle(
+            id,
+            workload.process(),
+            code_dir,
+            Limits::default(),
+            SeccompDialect::ValueIsMask,
+            bundle.path(),
+        )?;
+        let start = Instant::now();
+        let child = Command::new(&self.binary)
+            .arg("--root")
+            .arg(self.root.path())
+            .args(["run", "--bundle"])
+            .arg(bundle.path())
+            .arg(id)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        match workload {
+            Workload::True => {
+                let out = child.wait_with_output()?;
+                if !out.status.success() {
+                    bail!(
+                        "{} run failed: {}",
+                        self.name,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+            Workload::Hello(_) => converse(child).with_context(|| format!("{} run", self.name))?,
+        }
+        Ok(start.elapsed())
+    }
+}
+
+/// Speaks the bootstrap protocol over a child's stdio: init, one event, end of input.
+fn converse(mut child: Child) -> Result<()> {
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let mut stdout = child.stdout.take().context("no stdout")?;
+    let (event, expected) = event();
+    stdin.write_all(&encode(&json!({"handler": null})))?;
+    stdin.write_all(&encode(&json!({"event": event, "context": {}})))?;
+    match read_reply(&mut stdout)? {
+        Reply::Ready { .. } => {}
+        other => bail!("expected ready, got {other:?}"),
+    }
+    match read_reply(&mut stdout)? {
+        Reply::Result(v) if v == expected => {}
+        other => {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!("expected {expected}, got {other:?} {err}")
+        }
+    }
+    drop(stdin);
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("the runtime exited with {status}");
+    }
+    Ok(())
+}
+
+fn read_reply(from: &mut impl Read) -> Result<Reply> {
+    let mut reader = FrameReader::new(1 << 20);
+    let mut byte = vec![0u8; 1 << 16];
+    loop {
+        let want = reader.wanted().min(byte.len());
+        let n = from.read(&mut byte[..want])?;
+        if n == 0 {
+            bail!("the sandbox closed its output");
+        }
+        if let Some(body) = reader.feed(&byte[..n])? {
+            return Ok(parse_reply(&body)?);
+        }
+    }
+}
+
+/// The median of some durations.
+pub fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
