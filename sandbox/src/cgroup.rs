@@ -34,6 +34,8 @@ pub struct CgroupFs {
 /// One moment of a cgroup's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CgroupSnapshot {
+    /// All CPU time, nanoseconds (exact; the user/system split is tick-sampled on v1).
+    pub cpu_total_ns: u64,
     /// User CPU time, nanoseconds.
     pub cpu_user_ns: u64,
     /// System CPU time, nanoseconds.
@@ -92,14 +94,10 @@ impl CgroupFs {
     pub fn swap_limit_supported(&self) -> bool {
         match self.version {
             CgroupVersion::V1 => self.memory.join("memory.memsw.limit_in_bytes").exists(),
-            // The root has no memory.swap.max; any child that has the memory controller does.
-            CgroupVersion::V2 => fs::read_dir(&self.memory)
-                .map(|entries| {
-                    entries
-                        .flatten()
-                        .any(|e| e.path().join("memory.swap.max").exists())
-                })
-                .unwrap_or(false),
+            // The root has no memory.swap.max; a cgroup below it with the memory controller
+            // has one when the kernel accounts swap. Look two levels down (init.scope,
+            // system.slice/*, or our own parent).
+            CgroupVersion::V2 => has_file_below(&self.memory, "memory.swap.max", 2),
         }
     }
 
@@ -156,6 +154,19 @@ impl CgroupFs {
     }
 }
 
+fn has_file_below(dir: &Path, name: &str, depth: u32) -> bool {
+    if depth == 0 {
+        return false;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .any(|e| e.path().join(name).exists() || has_file_below(&e.path(), name, depth - 1))
+}
+
 fn remove_dir_tree(dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(dir)?.flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -205,6 +216,7 @@ impl UsageReader for SandboxCgroup {
     fn snapshot(&self) -> io::Result<CgroupSnapshot> {
         match self.version {
             CgroupVersion::V1 => Ok(CgroupSnapshot {
+                cpu_total_ns: parse_u64(&read(&self.cpu, "cpuacct.usage")?),
                 cpu_user_ns: parse_u64(&read(&self.cpu, "cpuacct.usage_user")?),
                 cpu_system_ns: parse_u64(&read(&self.cpu, "cpuacct.usage_sys")?),
                 memory_peak_bytes: parse_u64(&read(&self.memory, "memory.max_usage_in_bytes")?),
@@ -215,6 +227,7 @@ impl UsageReader for SandboxCgroup {
                 let peak = read(&self.memory, "memory.peak")
                     .or_else(|_| read(&self.memory, "memory.current"))?;
                 Ok(CgroupSnapshot {
+                    cpu_total_ns: keyed(&cpu, "usage_usec") * 1000,
                     cpu_user_ns: keyed(&cpu, "user_usec") * 1000,
                     cpu_system_ns: keyed(&cpu, "system_usec") * 1000,
                     memory_peak_bytes: parse_u64(&peak),
@@ -292,6 +305,7 @@ mod tests {
         assert_eq!(
             snap,
             CgroupSnapshot {
+                cpu_total_ns: 30_000,
                 cpu_user_ns: 20_000,
                 cpu_system_ns: 10_000,
                 memory_peak_bytes: 4096,
@@ -312,6 +326,7 @@ mod tests {
             "memory.oom_control",
             "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
         );
+        write(&cpu, "cpuacct.usage", "1000\n");
         write(&cpu, "cpuacct.usage_user", "700\n");
         write(&cpu, "cpuacct.usage_sys", "300\n");
         let fs_ = CgroupFs::detect(root.path()).unwrap();
@@ -320,6 +335,7 @@ mod tests {
         let cg = fs_.sandbox("/cloudfunc/sb1");
         assert!(cg.exists());
         let snap = cg.snapshot().unwrap();
+        assert_eq!(snap.cpu_total_ns, 1000);
         assert_eq!(snap.cpu_user_ns, 700);
         assert_eq!(snap.memory_peak_bytes, 8192);
         cg.reset_peak();

@@ -81,6 +81,7 @@ impl Engine {
             usage: Usage {
                 duration: started.elapsed(),
                 init_duration: Duration::ZERO,
+                cpu_time: Duration::from_nanos(snap.cpu_total_ns),
                 cpu_user: Duration::from_nanos(snap.cpu_user_ns),
                 cpu_system: Duration::from_nanos(snap.cpu_system_ns),
                 peak_memory_bytes: snap.memory_peak_bytes,

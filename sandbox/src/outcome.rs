@@ -71,10 +71,13 @@ pub struct Usage {
     /// Time the sandbox took to start, for the call that started it (zero when warm).
     #[serde(with = "millis")]
     pub init_duration: Duration,
-    /// User CPU time of every process in the sandbox during the call.
+    /// CPU time of every process in the sandbox during the call (exact).
+    #[serde(with = "millis")]
+    pub cpu_time: Duration,
+    /// The user part of it (tick-sampled by the kernel on cgroup v1).
     #[serde(with = "millis")]
     pub cpu_user: Duration,
-    /// System CPU time of every process in the sandbox during the call.
+    /// The system part of it (tick-sampled by the kernel on cgroup v1).
     #[serde(with = "millis")]
     pub cpu_system: Duration,
     /// Peak memory of the sandbox (v1: during the call; v2: over the sandbox's life).

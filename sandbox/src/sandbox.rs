@@ -393,6 +393,7 @@ fn usage(
     Usage {
         duration,
         init_duration: if cold { init } else { Duration::ZERO },
+        cpu_time: Duration::from_nanos(after.cpu_total_ns.saturating_sub(before.cpu_total_ns)),
         cpu_user: Duration::from_nanos(after.cpu_user_ns.saturating_sub(before.cpu_user_ns)),
         cpu_system: Duration::from_nanos(after.cpu_system_ns.saturating_sub(before.cpu_system_ns)),
         peak_memory_bytes: after.memory_peak_bytes,

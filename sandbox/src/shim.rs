@@ -108,7 +108,7 @@ pub fn run(args: ShimArgs) -> i32 {
     serve(&control, &mut container, pid)
 }
 
-type CreateError = (String, Option<Container>);
+type CreateError = (String, Option<Box<Container>>);
 
 fn create_and_start(
     args: &ShimArgs,
@@ -134,7 +134,7 @@ fn create_and_start(
     if let Err(e) = container.start() {
         return Err((
             describe("starting the container", &error_chain(&e)),
-            Some(container),
+            Some(Box::new(container)),
         ));
     }
     Ok(container)

@@ -382,7 +382,6 @@ mod tests {
                 .find(|s| s.names().iter().any(|n| n == name))
                 .and_then(|s| s.args().clone())
                 .unwrap()[0]
-                .clone()
         };
         let runc = profile.to_oci(Dialect::ValueIsMask);
         let youki = profile.to_oci(Dialect::ValueIsDatum);

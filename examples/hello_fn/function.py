@@ -1,0 +1,2 @@
+def handler(event):
+    return f"Hello {event.get('name', 'World')}!"

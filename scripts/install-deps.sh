@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what cloudfunc needs on a Debian host (as root): the runtimes functions run in,
+# libseccomp for the sandbox library, and the OCI runtimes the benchmarks compare against.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+packages=(libseccomp-dev pkg-config python3 nodejs runc crun runsc ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cloudfunc needs a Rust toolchain (cargo) of 1.85 or newer on PATH" >&2
+  exit 1
+fi
