@@ -35,7 +35,11 @@ fn config<'a>(image: &'a PreparedImage, process: Process, host: HostFeatures) ->
         code_dir: Some(Path::new("/var/lib/cloudfunc/code/hello/1")),
         limits: Limits::default(),
         cgroup_path: "/cloudfunc/cf-golden".into(),
-        seccomp: Some(Profile::default_profile().to_oci(Dialect::ValueIsMask)),
+        seccomp: Some(
+            Profile::default_profile()
+                .to_oci(Dialect::ValueIsMask)
+                .unwrap(),
+        ),
         env: vec!["GREETING=hi".into()],
         host,
     }

@@ -165,11 +165,11 @@ impl Engine {
         let image = HostImage::new(&config.images_dir).prepare()?;
         let seccomp = match &config.seccomp {
             SeccompPolicy::Default => {
-                Some(Profile::default_profile().to_oci(backend.seccomp_dialect()))
+                Some(Profile::default_profile().to_oci(backend.seccomp_dialect())?)
             }
             SeccompPolicy::Custom(p) => {
                 p.validate()?;
-                Some(p.to_oci(backend.seccomp_dialect()))
+                Some(p.to_oci(backend.seccomp_dialect())?)
             }
             SeccompPolicy::DisabledUnsafe => None,
         };
@@ -268,8 +268,8 @@ impl Engine {
         dir: &Path,
     ) -> Result<PathBuf> {
         let seccomp = match &self.inner.config.seccomp {
-            SeccompPolicy::Default => Some(Profile::default_profile().to_oci(dialect)),
-            SeccompPolicy::Custom(p) => Some(p.to_oci(dialect)),
+            SeccompPolicy::Default => Some(Profile::default_profile().to_oci(dialect)?),
+            SeccompPolicy::Custom(p) => Some(p.to_oci(dialect)?),
             SeccompPolicy::DisabledUnsafe => None,
         };
         let spec =

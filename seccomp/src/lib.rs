@@ -109,6 +109,9 @@ pub enum Error {
     /// A call appears in two unconditional rules.
     #[error("{0} appears in more than one unconditional rule")]
     Duplicate(String),
+    /// An action, architecture or operator name is not one OCI knows.
+    #[error("the profile is not a valid OCI seccomp section")]
+    NotOci(#[source] serde_json::Error),
     /// The profile lists no architecture this build runs on.
     #[error("the profile lists no architecture for this machine ({0})")]
     NoNativeArch(&'static str),
@@ -237,7 +240,7 @@ impl Profile {
                 }
             }
         }
-        Ok(())
+        self.to_oci(Dialect::ValueIsMask).map(|_| ())
     }
 
     /// Every call some rule allows, with or without conditions.
@@ -250,8 +253,9 @@ impl Profile {
     }
 
     /// The profile as an OCI `linux.seccomp` section for this machine's architecture, with
-    /// masked comparisons written the way `dialect` reads them.
-    pub fn to_oci(&self, dialect: Dialect) -> LinuxSeccomp {
+    /// masked comparisons written the way `dialect` reads them. Fails only for a profile that
+    /// [`Profile::validate`] would refuse.
+    pub fn to_oci(&self, dialect: Dialect) -> Result<LinuxSeccomp> {
         let mut profile = self.clone();
         profile.architectures.retain(|a| a == native_arch());
         for rule in &mut profile.syscalls {
@@ -263,8 +267,8 @@ impl Profile {
             }
         }
         profile.comment.clear();
-        let value = serde_json::to_value(&profile).expect("a profile serialises");
-        serde_json::from_value(value).expect("a validated profile is a valid OCI seccomp section")
+        let value = serde_json::to_value(&profile).map_err(Error::NotOci)?;
+        serde_json::from_value(value).map_err(Error::NotOci)
     }
 }
 
@@ -281,7 +285,7 @@ mod tests {
     #[test]
     fn default_profile_is_valid_and_converts() {
         let profile = Profile::default_profile();
-        let oci = profile.to_oci(Dialect::ValueIsMask);
+        let oci = profile.to_oci(Dialect::ValueIsMask).unwrap();
         assert_eq!(oci.architectures().as_ref().map(Vec::len), Some(1));
         assert!(oci
             .syscalls()
@@ -368,6 +372,10 @@ mod tests {
         p.architectures = vec!["SCMP_ARCH_S390X".into()];
         assert!(matches!(p.validate(), Err(Error::NoNativeArch(_))));
 
+        let mut p = base.clone();
+        p.syscalls[0].action = "SCMP_ACT_MAYBE".into();
+        assert!(matches!(p.validate(), Err(Error::NotOci(_))));
+
         assert!(matches!(Profile::from_json("{"), Err(Error::Parse(_))));
     }
 
@@ -383,8 +391,8 @@ mod tests {
                 .and_then(|s| s.args().clone())
                 .unwrap()[0]
         };
-        let runc = profile.to_oci(Dialect::ValueIsMask);
-        let youki = profile.to_oci(Dialect::ValueIsDatum);
+        let runc = profile.to_oci(Dialect::ValueIsMask).unwrap();
+        let youki = profile.to_oci(Dialect::ValueIsDatum).unwrap();
         assert_eq!(find(&runc, "clone").value(), 0x7E02_0000);
         assert_eq!(find(&runc, "clone").value_two(), Some(0));
         assert_eq!(find(&youki, "clone").value(), 0);
