@@ -61,6 +61,11 @@ pub fn cases() -> Vec<Case> {
         syscalls,
     ));
     cases.push(Case::new(
+        "python::only_standard_devices_and_rlimits",
+        needs(Runtime::Python),
+        devices_and_rlimits,
+    ));
+    cases.push(Case::new(
         "python::cpu_quota_holds",
         needs(Runtime::Python),
         cpu_quota,
@@ -372,6 +377,35 @@ def handler(event):
         );
     }
     assert_eq!(r["fork_child_exit"], json!(7));
+}
+
+fn devices_and_rlimits() {
+    let code = "import os, resource\ndef handler(event):\n    out = {'dev': sorted(os.listdir('/dev'))}\n    out['nofile'] = resource.getrlimit(resource.RLIMIT_NOFILE)\n    out['core'] = resource.getrlimit(resource.RLIMIT_CORE)\n    try:\n        os.mknod('/tmp/sda', 0o600 | 0o60000, os.makedev(8, 0))\n        out['mknod'] = 'made'\n    except OSError as e:\n        out['mknod'] = e.errno\n    return out\n";
+    let mut f = start(Runtime::Python, code);
+    let r = result(&f.call(json!({})).outcome);
+    let allowed = [
+        "console", "core", "fd", "full", "mqueue", "null", "ptmx", "pts", "random", "shm",
+        "stderr", "stdin", "stdout", "tty", "urandom", "zero",
+    ];
+    for dev in r["dev"].as_array().unwrap() {
+        assert!(
+            allowed.contains(&dev.as_str().unwrap()),
+            "unexpected device {dev}: {r}"
+        );
+    }
+    for dev in ["null", "zero", "full", "random", "urandom", "tty"] {
+        assert!(
+            r["dev"].as_array().unwrap().contains(&json!(dev)),
+            "{dev} missing: {r}"
+        );
+    }
+    assert_eq!(r["nofile"], json!([1024, 1024]));
+    assert_eq!(r["core"], json!([0, 0]));
+    assert_eq!(
+        r["mknod"],
+        json!(libc::EPERM),
+        "making a block device must fail: {r}"
+    );
 }
 
 fn cpu_quota() {

@@ -31,6 +31,11 @@ pub fn cases() -> Vec<Case> {
             concurrent_launches,
         ),
         Case::new(
+            "lifecycle::panic_while_holding_a_sandbox_leaves_nothing",
+            py.clone(),
+            panic_leaves_nothing,
+        ),
+        Case::new(
             "lifecycle::one_engine_per_state_root",
             vec![Need::Containers],
             one_engine_per_root,
@@ -215,6 +220,25 @@ async fn futures_join<T>(
         out.push(t.await);
     }
     out
+}
+
+fn panic_leaves_nothing() {
+    let (_dir, engine) = private_engine("panic");
+    let code = code("function.py", "def handler(event):\n    return 1\n");
+    let id = std::sync::Mutex::new(String::new());
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut sandbox =
+            Sandbox::create(&engine, SandboxSpec::new(Runtime::Python, code.path())).unwrap();
+        *id.lock().unwrap() = sandbox.id().to_string();
+        sandbox
+            .invoke(&json!({}), &InvokeOptions::default())
+            .unwrap();
+        panic!("the host panics with a live sandbox");
+    }));
+    assert!(caught.is_err());
+    let id = id.into_inner().unwrap();
+    assert!(!id.is_empty());
+    assert_nothing_left(&engine, &[id]);
 }
 
 fn one_engine_per_root() {
