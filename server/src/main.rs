@@ -1,11 +1,10 @@
-//! `cloudfunc`: the platform's binary. For now it runs one function in a sandbox from a
-//! directory of code and prints the invocation record; the REST server, storage and queue
-//! are built on the same engine.
+//! `cloudfunc`: the server (`serve`), its command-line client (`deploy`, `invoke`, `list`,
+//! ...), a token minter (`token`) and a local runner (`run`) that needs no server.
 
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,69 +13,484 @@ use clap::{Parser, Subcommand};
 use cloudfunc_sandbox::{
     Engine, EngineConfig, InvokeOptions, Limits, Runtime, Sandbox, SandboxSpec,
 };
+use cloudfunc_server::client::{encode, Client};
+use cloudfunc_server::serve::{load_keys, serve, ServeConfig};
 use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "cloudfunc",
     version,
-    about = "Run Python and JavaScript functions in isolated, limited sandboxes"
+    about = "Deploy and run Python and JavaScript functions in isolated, limited sandboxes"
 )]
 struct Cli {
-    /// Where the engine keeps bundles, container state and its lock.
+    /// The server's data directory (database, code, JWT secret).
     #[arg(
         long,
-        env = "CLOUDFUNC_STATE_DIR",
-        default_value = "/run/cloudfunc",
+        env = "CLOUDFUNC_DATA_DIR",
+        default_value = "/var/lib/cloudfunc",
         global = true
     )]
-    state_dir: PathBuf,
-    /// Where runtime images are prepared.
+    data_dir: PathBuf,
+    /// The server, for client commands.
     #[arg(
         long,
-        env = "CLOUDFUNC_IMAGES_DIR",
-        default_value = "/var/lib/cloudfunc/images",
+        env = "CLOUDFUNC_URL",
+        default_value = "http://127.0.0.1:8080",
         global = true
     )]
-    images_dir: PathBuf,
+    url: String,
+    /// A bearer token; by default one is minted from the local server's secret.
+    #[arg(long, env = "CLOUDFUNC_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// The tenant a minted token is for.
+    #[arg(
+        long,
+        env = "CLOUDFUNC_TENANT",
+        default_value = "default",
+        global = true
+    )]
+    tenant: String,
+    /// Print the server's JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the function in DIR once (or several times in one warm sandbox) and print each record.
-    Run {
-        /// Directory with the function's code (function.py, handler.py, main.py, index.js, ...).
-        dir: PathBuf,
-        /// The JSON event.
-        #[arg(long, default_value = "{}")]
-        data: String,
-        /// python or node; guessed from the files when omitted.
+    /// Run the server with its embedded defaults (SQLite in the data directory, port 8080).
+    Serve {
+        #[arg(long, env = "CLOUDFUNC_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = "/run/cloudfunc")]
+        state_dir: PathBuf,
+        #[arg(
+            long,
+            env = "CLOUDFUNC_IMAGES_DIR",
+            default_value = "/var/lib/cloudfunc/images"
+        )]
+        images_dir: PathBuf,
+        #[arg(long, env = "CLOUDFUNC_CGROUP_PARENT", default_value = "cloudfunc")]
+        cgroup_parent: String,
+        /// HS256 secret; refused if weak. Default: generated into the data directory.
+        #[arg(long, env = "CLOUDFUNC_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        /// Queue workers.
+        #[arg(long, env = "CLOUDFUNC_WORKERS", default_value_t = 4)]
+        workers: usize,
+        /// Sandboxes running at once.
+        #[arg(long, env = "CLOUDFUNC_CONCURRENCY", default_value_t = 8)]
+        concurrency: usize,
+        /// Largest request body, MiB.
+        #[arg(long, default_value_t = 32)]
+        max_body_mb: u64,
+    },
+    /// Print a bearer token for a tenant, signed with the local server's secret.
+    Token {
+        /// Valid for this many seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: i64,
+        /// An admin token sees every tenant.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Deploy a directory, a ZIP or a single file (a new function or its next version).
+    Deploy {
+        path: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
         #[arg(long)]
         runtime: Option<String>,
-        /// `module.function` when the conventions do not find it.
         #[arg(long)]
         handler: Option<String>,
-        /// Seconds before every process of the sandbox is killed.
+        /// Seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+    },
+    /// Run a function (NAME or NAME@VERSION) and print its result.
+    Invoke {
+        name: String,
+        #[arg(long, default_value = "{}")]
+        data: String,
+        /// Queue it and print the task id instead of waiting.
+        #[arg(long)]
+        r#async: bool,
+    },
+    /// List functions.
+    List,
+    /// A task's status and result.
+    Status { task: String },
+    /// Logs of a task, or of a function's recent tasks.
+    Logs { target: String },
+    /// Metrics of a function over a range (15m, 1h, 7d).
+    Metrics {
+        name: String,
+        #[arg(long, default_value = "24h")]
+        range: String,
+    },
+    /// Versions of a function.
+    Versions { name: String },
+    /// Allow a function to run.
+    Activate { name: String },
+    /// Stop a function from running.
+    Deactivate { name: String },
+    /// Delete a function.
+    Delete { name: String },
+    /// Run the function in DIR locally, without a server, and print each record.
+    Run {
+        dir: PathBuf,
+        #[arg(long, default_value = "{}")]
+        data: String,
+        #[arg(long)]
+        runtime: Option<String>,
+        #[arg(long)]
+        handler: Option<String>,
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
-        /// Memory limit in MiB (swap is capped to the same).
         #[arg(long, default_value_t = 256)]
         memory: u64,
-        /// CPU limit in thousandths of a core.
         #[arg(long, default_value_t = 1000)]
         cpu: u32,
-        /// Environment variables for the function, KEY=VALUE.
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
         /// Invoke this many times in the same sandbox (the first is cold, the rest warm).
         #[arg(long, default_value_t = 1)]
         times: u32,
+        #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = "/run/cloudfunc")]
+        state_dir: PathBuf,
+        #[arg(
+            long,
+            env = "CLOUDFUNC_IMAGES_DIR",
+            default_value = "/var/lib/cloudfunc/images"
+        )]
+        images_dir: PathBuf,
     },
 }
 
-fn guess_runtime(dir: &std::path::Path) -> Result<Runtime> {
+fn client(cli: &Cli) -> Result<Client> {
+    Client::new(&cli.url, cli.token.clone(), &cli.data_dir, &cli.tenant)
+}
+
+fn print(cli: &Cli, value: &Value, text: impl FnOnce(&Value) -> String) {
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        println!("{}", text(value));
+    }
+}
+
+fn task_text(t: &Value) -> String {
+    let mut out = format!(
+        "task {}  {}@{}  {}",
+        t["task_id"].as_str().unwrap_or("?"),
+        t["function"].as_str().unwrap_or("?"),
+        t["version"],
+        t["status"].as_str().unwrap_or("?")
+    );
+    if let Some(u) = t.get("usage").filter(|u| u.is_object()) {
+        out += &format!(
+            "  {:.1} ms{}  cpu {:.1} ms  mem {:.1} MiB",
+            u["duration_ms"].as_f64().unwrap_or(0.0),
+            if u["cold"].as_bool() == Some(true) {
+                format!(
+                    " (cold, init {:.1} ms)",
+                    u["init_duration_ms"].as_f64().unwrap_or(0.0)
+                )
+            } else {
+                " (warm)".into()
+            },
+            u["cpu_ms"].as_f64().unwrap_or(0.0),
+            u["peak_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+        );
+    }
+    if let Some(r) = t.get("result") {
+        out += &format!(
+            "\nresult: {}",
+            if let Some(s) = r.as_str() {
+                s.to_string()
+            } else {
+                r.to_string()
+            }
+        );
+    }
+    if let Some(e) = t.get("error").filter(|e| e.is_object()) {
+        out += &format!(
+            "\nerror: {} {}: {}",
+            e["kind"].as_str().unwrap_or(""),
+            e["type"].as_str().unwrap_or(""),
+            e["message"].as_str().unwrap_or("")
+        );
+        if let Some(tb) = e["traceback"].as_str().filter(|s| !s.is_empty()) {
+            out += &format!("\n{tb}");
+        }
+    }
+    if let Some(logs) = t["logs"].as_str().filter(|s| !s.is_empty()) {
+        out += &format!("\nlogs:\n{}", logs.trim_end());
+    }
+    out
+}
+
+fn deploy_archive(path: &Path) -> Result<Vec<u8>> {
+    if path.is_dir() {
+        return cloudfunc_server::archive::zip_dir(path)
+            .with_context(|| format!("zipping {}", path.display()));
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.starts_with(b"PK\x03\x04") {
+        return Ok(bytes);
+    }
+    // A single code file: zip it alone.
+    let dir = tempfile_dir()?;
+    let name = path.file_name().context("the file has no name")?;
+    std::fs::write(dir.join(name), &bytes)?;
+    let zip = cloudfunc_server::archive::zip_dir(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(zip?)
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "cloudfunc-deploy-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+async fn run(cli: Cli) -> Result<bool> {
+    match &cli.command {
+        Command::Serve {
+            listen,
+            state_dir,
+            images_dir,
+            cgroup_parent,
+            jwt_secret,
+            workers,
+            concurrency,
+            max_body_mb,
+        } => {
+            serve(ServeConfig {
+                listen: *listen,
+                data_dir: cli.data_dir.clone(),
+                state_dir: state_dir.clone(),
+                images_dir: images_dir.clone(),
+                cgroup_parent: cgroup_parent.clone(),
+                jwt_secret: jwt_secret.clone(),
+                workers: *workers,
+                concurrency: *concurrency,
+                max_body_bytes: max_body_mb * 1024 * 1024,
+            })
+            .await?;
+            Ok(true)
+        }
+        Command::Token { ttl, admin } => {
+            let keys = load_keys(
+                &cli.data_dir,
+                std::env::var("CLOUDFUNC_JWT_SECRET").ok().as_deref(),
+            )?;
+            println!("{}", keys.mint(&cli.tenant, *admin, *ttl));
+            Ok(true)
+        }
+        Command::Run { .. } => tokio::task::spawn_blocking(move || run_local(&cli)).await?,
+        _ => tokio::task::spawn_blocking(move || client_command(&cli)).await?,
+    }
+}
+
+fn client_command(cli: &Cli) -> Result<bool> {
+    let c = client(cli)?;
+    match &cli.command {
+        Command::Deploy {
+            path,
+            name,
+            runtime,
+            handler,
+            timeout,
+            memory,
+        } => {
+            let zip = deploy_archive(path)?;
+            let mut query = Vec::new();
+            let default_name = if path.is_dir() || path.extension().is_some_and(|e| e == "zip") {
+                path.canonicalize()
+                    .ok()
+                    .and_then(|p| p.file_stem().map(|n| n.to_string_lossy().into_owned()))
+            } else {
+                None
+            };
+            if let Some(n) = name.clone().or(default_name) {
+                query.push(format!("name={}", encode(&n)));
+            }
+            for (k, v) in [
+                ("runtime", runtime.clone()),
+                ("handler", handler.clone()),
+                ("timeout", timeout.map(|t| t.to_string())),
+                ("memory", memory.map(|m| m.to_string())),
+            ] {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", encode(&v)));
+                }
+            }
+            let body = c
+                .post_zip(&format!("/api/functions/deploy?{}", query.join("&")), &zip)?
+                .ok()?;
+            print(cli, &body, |b| {
+                format!(
+                    "deployed {} version {} ({})",
+                    b["name"].as_str().unwrap_or("?"),
+                    b["version"],
+                    b["id"].as_str().unwrap_or("?")
+                )
+            });
+        }
+        Command::Invoke {
+            name,
+            data,
+            r#async,
+        } => {
+            let payload: Value = serde_json::from_str(data).context("--data must be JSON")?;
+            if *r#async {
+                let body = c
+                    .post_json(&format!("/api/functions/{}/run", encode(name)), &payload)?
+                    .ok()?;
+                print(cli, &body, |b| {
+                    format!("queued task {}", b["task_id"].as_str().unwrap_or("?"))
+                });
+            } else {
+                let body = c
+                    .post_json(&format!("/api/functions/{}/invoke", encode(name)), &payload)?
+                    .ok()?;
+                let ok = body["status"] == "succeeded";
+                print(cli, &body, task_text);
+                return Ok(ok);
+            }
+        }
+        Command::List => {
+            let body = c.get("/api/functions/")?.ok()?;
+            print(cli, &body, |b| {
+                let mut out = format!("{:<24} {:<8} {:<9} {}", "NAME", "VERSION", "STATUS", "ID");
+                for f in b["functions"].as_array().into_iter().flatten() {
+                    out += &format!(
+                        "\n{:<24} {:<8} {:<9} {}",
+                        f["name"].as_str().unwrap_or(""),
+                        f["version"].to_string(),
+                        f["status"].as_str().unwrap_or(""),
+                        f["id"].as_str().unwrap_or("")
+                    );
+                }
+                out
+            });
+        }
+        Command::Status { task } => {
+            let body = c.get(&format!("/api/tasks/{}", encode(task)))?.ok()?;
+            print(cli, &body, task_text);
+        }
+        Command::Logs { target } => {
+            if target.starts_with("task_") {
+                let body = c.get(&format!("/api/tasks/{}", encode(target)))?.ok()?;
+                print(cli, &body, |t| {
+                    t["logs"].as_str().unwrap_or("").trim_end().to_string()
+                });
+            } else {
+                let body = c
+                    .get(&format!("/api/functions/{}/tasks?limit=20", encode(target)))?
+                    .ok()?;
+                print(cli, &body, |b| {
+                    let mut out = String::new();
+                    for t in b["tasks"].as_array().into_iter().flatten().rev() {
+                        out += &format!(
+                            "--- {} {} {}\n{}\n",
+                            t["task_id"].as_str().unwrap_or(""),
+                            t["status"].as_str().unwrap_or(""),
+                            t["created_at"],
+                            t["logs"].as_str().unwrap_or("").trim_end()
+                        );
+                    }
+                    out.trim_end().to_string()
+                });
+            }
+        }
+        Command::Metrics { name, range } => {
+            let body = c
+                .get(&format!(
+                    "/api/functions/{}/metrics?range={}",
+                    encode(name),
+                    encode(range)
+                ))?
+                .ok()?;
+            print(cli, &body, |m| {
+                format!(
+                    "invocations {}  errors {} ({:.1}%)  cold starts {}\nduration ms  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}\ncpu ms avg {:.2}  peak memory max {:.1} MiB",
+                    m["invocations"], m["errors"], m["error_rate"].as_f64().unwrap_or(0.0) * 100.0, m["cold_starts"],
+                    m["duration_ms"]["p50"].as_f64().unwrap_or(0.0), m["duration_ms"]["p95"].as_f64().unwrap_or(0.0),
+                    m["duration_ms"]["p99"].as_f64().unwrap_or(0.0), m["duration_ms"]["max"].as_f64().unwrap_or(0.0),
+                    m["cpu_ms"]["avg"].as_f64().unwrap_or(0.0), m["peak_memory_bytes"]["max"].as_f64().unwrap_or(0.0) / 1048576.0
+                )
+            });
+        }
+        Command::Versions { name } => {
+            let body = c
+                .get(&format!("/api/functions/{}/versions", encode(name)))?
+                .ok()?;
+            print(cli, &body, |b| {
+                b["versions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| {
+                        format!(
+                            "v{}  {}  handler {}  timeout {} ms  memory {} MiB",
+                            v["version"],
+                            v["runtime"].as_str().unwrap_or(""),
+                            v["handler"].as_str().unwrap_or("(convention)"),
+                            v["timeout_ms"],
+                            v["memory_mb"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Activate { name } | Command::Deactivate { name } => {
+            let verb = if matches!(cli.command, Command::Activate { .. }) {
+                "activate"
+            } else {
+                "deactivate"
+            };
+            let body = c
+                .put(&format!("/api/functions/{}/{verb}", encode(name)))?
+                .ok()?;
+            print(cli, &body, |b| {
+                format!(
+                    "{} is {}",
+                    b["name"].as_str().unwrap_or("?"),
+                    b["status"].as_str().unwrap_or("?")
+                )
+            });
+        }
+        Command::Delete { name } => {
+            let body = c
+                .delete(&format!("/api/functions/{}", encode(name)))?
+                .ok()?;
+            print(cli, &body, |b| {
+                format!("deleted {}", b["name"].as_str().unwrap_or("?"))
+            });
+        }
+        Command::Serve { .. } | Command::Token { .. } | Command::Run { .. } => {
+            bail!("not a client command")
+        }
+    }
+    Ok(true)
+}
+
+fn guess_runtime(dir: &Path) -> Result<Runtime> {
     let has = |names: &[&str]| names.iter().any(|n| dir.join(n).exists());
     if has(&["function.py", "handler.py", "main.py"]) {
         Ok(Runtime::Python)
@@ -96,7 +510,7 @@ fn guess_runtime(dir: &std::path::Path) -> Result<Runtime> {
     }
 }
 
-fn run(cli: &Cli) -> Result<bool> {
+fn run_local(cli: &Cli) -> Result<bool> {
     let Command::Run {
         dir,
         data,
@@ -107,7 +521,12 @@ fn run(cli: &Cli) -> Result<bool> {
         cpu,
         env,
         times,
-    } = &cli.command;
+        state_dir,
+        images_dir,
+    } = &cli.command
+    else {
+        bail!("not run");
+    };
     let dir = std::fs::canonicalize(dir)
         .with_context(|| format!("no function directory {}", dir.display()))?;
     let event: Value = serde_json::from_str(data).context("--data must be JSON")?;
@@ -126,8 +545,9 @@ fn run(cli: &Cli) -> Result<bool> {
         vars.insert(k.to_string(), v.to_string());
     }
     let config = EngineConfig {
-        state_dir: cli.state_dir.clone(),
-        images_dir: cli.images_dir.clone(),
+        state_dir: state_dir.clone(),
+        images_dir: images_dir.clone(),
+        cgroup_parent: "cloudfunc-run".into(),
         ..EngineConfig::default()
     };
     let engine = Engine::new(config).context("starting the sandbox engine")?;
@@ -166,7 +586,17 @@ fn run(cli: &Cli) -> Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cloudfunc: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {

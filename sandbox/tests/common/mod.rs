@@ -48,8 +48,10 @@ static ENGINE: OnceLock<(tempfile::TempDir, Engine)> = OnceLock::new();
 
 /// Releases the shared engine's cgroup parent once every test is done.
 pub fn release() {
-    if let Some((_, engine)) = ENGINE.get() {
+    if let Some((dir, engine)) = ENGINE.get() {
         engine.release_cgroup_parent();
+        // A static is never dropped, so its temporary directory is removed here.
+        let _ = std::fs::remove_dir_all(dir.path());
     }
 }
 

@@ -1,0 +1,15 @@
+//! cloudfunc's server: a warp REST API over a SQLite store and a durable queue, running
+//! functions in sandboxes through `cloudfunc-sandbox`. The `cloudfunc` binary serves it and
+//! is also its command-line client.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod archive;
+pub mod auth;
+pub mod client;
+pub mod metrics;
+pub mod model;
+pub mod platform;
+pub mod serve;
+pub mod store;

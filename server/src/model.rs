@@ -1,0 +1,225 @@
+//! The platform's records: functions, their versions, and tasks (one per invocation).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A function: a name owned by a tenant, with numbered versions.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Function {
+    /// `fn_` and 16 hex digits.
+    pub id: String,
+    /// The owner (the token's subject).
+    pub tenant: String,
+    /// `^[a-z0-9_-]{1,64}$`, unique per tenant.
+    pub name: String,
+    /// The newest version; new runs use it unless a version is named.
+    pub version: u32,
+    /// Whether it may be run.
+    pub active: bool,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// One deployed version: its code and settings. Immutable once written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Version {
+    /// The version number, from 1.
+    pub version: u32,
+    /// `python` or `node`.
+    pub runtime: String,
+    /// `module.function`, or `None` for the conventions.
+    pub handler: Option<String>,
+    /// Wall-clock limit per call.
+    pub timeout_ms: u64,
+    /// Memory limit.
+    pub memory_mb: u64,
+    /// CPU limit in thousandths of a core.
+    pub cpu_millicores: u32,
+    /// Environment variables the function sees.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Retries of an async task interrupted by a crash (0: at most once).
+    pub max_retries: u32,
+    /// Where the code lives on disk (not shown to clients).
+    #[serde(skip)]
+    pub code_dir: String,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// Where a task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Accepted and stored, not started.
+    Queued,
+    /// In a sandbox now.
+    Running,
+    /// The function returned.
+    Succeeded,
+    /// It raised, its result was unusable, it could not load, or it was interrupted.
+    Failed,
+    /// It ran past its timeout.
+    Timeout,
+    /// The cgroup's OOM killer ended it.
+    OutOfMemory,
+    /// The runtime died.
+    Crashed,
+}
+
+impl TaskStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Timeout => "timeout",
+            TaskStatus::OutOfMemory => "out_of_memory",
+            TaskStatus::Crashed => "crashed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        Some(match s {
+            "queued" => TaskStatus::Queued,
+            "running" => TaskStatus::Running,
+            "succeeded" => TaskStatus::Succeeded,
+            "failed" => TaskStatus::Failed,
+            "timeout" => TaskStatus::Timeout,
+            "out_of_memory" => TaskStatus::OutOfMemory,
+            "crashed" => TaskStatus::Crashed,
+            _ => return None,
+        })
+    }
+
+    /// Whether the task is over.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, TaskStatus::Queued | TaskStatus::Running)
+    }
+}
+
+/// What went wrong, for a task that did not succeed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskError {
+    /// `raised`, `init_failed`, `output_not_serializable`, `output_too_large`, `timeout`,
+    /// `out_of_memory`, `crashed`, `sandbox_failure`, `interrupted`, `function_unavailable`.
+    pub kind: String,
+    /// The exception's type, where there is one.
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
+    pub error_type: String,
+    /// What happened.
+    pub message: String,
+    /// The traceback, where there is one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceback: String,
+}
+
+/// What a call cost.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskUsage {
+    pub duration_ms: f64,
+    pub init_duration_ms: f64,
+    pub cpu_ms: f64,
+    pub peak_memory_bytes: u64,
+    pub cold: bool,
+    pub backend: String,
+}
+
+/// One invocation, sync or async.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Task {
+    /// `task_` and 16 hex digits.
+    pub task_id: String,
+    /// The tenant that submitted it.
+    #[serde(skip)]
+    pub tenant: String,
+    pub function_id: String,
+    pub function: String,
+    pub version: u32,
+    /// `sync` or `async`.
+    pub mode: String,
+    pub status: TaskStatus,
+    pub payload: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+    pub logs: String,
+    pub logs_truncated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TaskUsage>,
+    pub attempts: u32,
+    pub created_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+}
+
+/// How a task ended, to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub status: TaskStatus,
+    pub result: Option<Value>,
+    pub error: Option<TaskError>,
+    pub logs: String,
+    pub logs_truncated: bool,
+    pub usage: Option<TaskUsage>,
+}
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A new id: `prefix_` and 16 random hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// Whether a function name is valid.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("hello_fn"));
+        assert!(valid_name("a-1"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("Hello"));
+        assert!(!valid_name("../x"));
+        assert!(!valid_name(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in [
+            "queued",
+            "running",
+            "succeeded",
+            "failed",
+            "timeout",
+            "out_of_memory",
+            "crashed",
+        ] {
+            assert_eq!(TaskStatus::parse(s).unwrap().as_str(), s);
+        }
+        assert!(TaskStatus::Failed.is_terminal());
+        assert!(!TaskStatus::Queued.is_terminal());
+    }
+}

@@ -1,0 +1,989 @@
+//! The platform: what every route, the CLI and the queue call. It validates, stores, and runs
+//! functions in sandboxes; it knows nothing about HTTP.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cloudfunc_sandbox::{
+    Engine, Error as SandboxError, InvokeOptions, Limits, Outcome, Runtime, Sandbox, SandboxSpec,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::archive::{self, ArchiveError, ArchiveLimits};
+use crate::auth::Caller;
+use crate::model::{
+    new_id, now_ms, valid_name, Completion, Function, Task, TaskError, TaskStatus, TaskUsage,
+    Version,
+};
+use crate::store::{Store, StoreError};
+
+/// Errors the platform reports; the HTTP layer maps each to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    /// The client sent something unusable; the message says what to fix.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The code was stored but does not load (syntax error, missing handler).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// No such function, version or task for this caller.
+    #[error("{0}")]
+    NotFound(String),
+    /// The function exists but is deactivated.
+    #[error("function {0} is deactivated: activate it first")]
+    Inactive(String),
+    /// A concurrent change won.
+    #[error("{0}")]
+    Conflict(String),
+    /// Our fault; logged with its cause, shown without it.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl From<StoreError> for PlatformError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => PlatformError::Conflict(e.to_string()),
+            e => PlatformError::Internal(e.into()),
+        }
+    }
+}
+
+impl From<ArchiveError> for PlatformError {
+    fn from(e: ArchiveError) -> Self {
+        match e {
+            ArchiveError::Io(io) => PlatformError::Internal(io.into()),
+            e => PlatformError::BadRequest(e.to_string()),
+        }
+    }
+}
+
+/// A `Result` with [`PlatformError`].
+pub type Result<T> = std::result::Result<T, PlatformError>;
+
+/// Settings a deploy may give, from a manifest, form fields or JSON. Every field is optional;
+/// what is missing comes from the previous version or the defaults.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub name: Option<String>,
+    #[serde(alias = "language")]
+    pub runtime: Option<String>,
+    #[serde(alias = "function_name")]
+    pub handler: Option<String>,
+    /// Seconds.
+    pub timeout: Option<f64>,
+    pub timeout_ms: Option<u64>,
+    /// MiB.
+    #[serde(alias = "memory_mb", alias = "memory_limit_mb")]
+    pub memory: Option<u64>,
+    /// Thousandths of a core.
+    #[serde(alias = "cpu_millicores")]
+    pub cpu: Option<u32>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub max_retries: Option<u32>,
+}
+
+impl Settings {
+    /// Fields of `other` win over ours.
+    pub fn overlay(mut self, other: Settings) -> Settings {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(
+            name,
+            runtime,
+            handler,
+            timeout,
+            timeout_ms,
+            memory,
+            cpu,
+            env,
+            max_retries
+        );
+        self
+    }
+
+    /// Reads `cloudfunc.toml` or `manifest.json` from a code directory, if there is one.
+    pub fn from_code_dir(dir: &Path) -> Result<Settings> {
+        let toml_path = dir.join("cloudfunc.toml");
+        if toml_path.is_file() {
+            let text = std::fs::read_to_string(&toml_path)
+                .map_err(|e| PlatformError::BadRequest(format!("cloudfunc.toml: {e}")))?;
+            return toml::from_str(&text).map_err(|e| {
+                PlatformError::BadRequest(format!("cloudfunc.toml is invalid: {}", e.message()))
+            });
+        }
+        let json_path = dir.join("manifest.json");
+        if json_path.is_file() {
+            let text = std::fs::read(&json_path)
+                .map_err(|e| PlatformError::BadRequest(format!("manifest.json: {e}")))?;
+            return serde_json::from_slice(&text)
+                .map_err(|e| PlatformError::BadRequest(format!("manifest.json is invalid: {e}")));
+        }
+        Ok(Settings::default())
+    }
+}
+
+/// The code of a deploy.
+#[derive(Debug, Clone)]
+pub enum Code {
+    /// A ZIP archive.
+    Zip(bytes::Bytes),
+    /// Single files (name, content): seed 002's inline code, seed 004's `python_file`.
+    Files(Vec<(String, Vec<u8>)>),
+    /// Keep the previous version's code (a settings-only update).
+    Unchanged,
+}
+
+/// Server-wide settings of the platform.
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// Where code versions are stored.
+    pub code_dir: PathBuf,
+    /// Default per-call timeout.
+    pub default_timeout_ms: u64,
+    /// Default memory limit.
+    pub default_memory_mb: u64,
+    /// Sandboxes running at once (sync and async together).
+    pub max_concurrency: usize,
+    /// Caps on uploaded archives.
+    pub archive: ArchiveLimits,
+    /// Longest timeout a function may ask for.
+    pub max_timeout_ms: u64,
+    /// Largest memory a function may ask for.
+    pub max_memory_mb: u64,
+}
+
+impl PlatformConfig {
+    /// Defaults with code under `data_dir/code`.
+    pub fn new(data_dir: &Path) -> Self {
+        PlatformConfig {
+            code_dir: data_dir.join("code"),
+            default_timeout_ms: 30_000,
+            default_memory_mb: 256,
+            max_concurrency: 8,
+            archive: ArchiveLimits::default(),
+            max_timeout_ms: 15 * 60 * 1000,
+            max_memory_mb: 4096,
+        }
+    }
+}
+
+/// The platform. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Platform {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    engine: Engine,
+    config: PlatformConfig,
+    slots: tokio::sync::Semaphore,
+    wake: tokio::sync::Notify,
+    started: Instant,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))
+}
+
+impl Platform {
+    /// A platform over `store` and `engine`.
+    pub fn new(store: Arc<dyn Store>, engine: Engine, config: PlatformConfig) -> Platform {
+        let slots = tokio::sync::Semaphore::new(config.max_concurrency.max(1));
+        Platform {
+            inner: Arc::new(Inner {
+                store,
+                engine,
+                config,
+                slots,
+                wake: tokio::sync::Notify::new(),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.inner.store.clone()
+    }
+
+    /// The sandbox engine.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// Deploys `code` as `name` (a new function, or its next version).
+    pub async fn deploy(
+        &self,
+        caller: &Caller,
+        settings: Settings,
+        code: Code,
+    ) -> Result<(Function, Version)> {
+        let store = self.inner.store.clone();
+        let name = settings.name.clone().ok_or_else(|| {
+            PlatformError::BadRequest(
+                "a name is required (form field, JSON field or manifest)".into(),
+            )
+        })?;
+        if !valid_name(&name) {
+            return Err(PlatformError::BadRequest(format!(
+                "invalid function name {name:?}: use 1-64 of a-z, 0-9, '_' and '-'"
+            )));
+        }
+        let tenant = caller.tenant.clone();
+        let previous = {
+            let (store, tenant, name) = (store.clone(), tenant.clone(), name.clone());
+            blocking(move || -> Result<Option<Version>> {
+                let Some(f) = store.function(Some(&tenant), &name)? else {
+                    return Ok(None);
+                };
+                Ok(store.version(&f.id, f.version)?)
+            })
+            .await??
+        };
+        let (function_id, number) = {
+            let (store, tenant, name) = (store.clone(), tenant.clone(), name.clone());
+            blocking(move || store.next_version(&tenant, &name)).await??
+        };
+        let this = self.clone();
+        let tenant2 = tenant.clone();
+        let name2 = name.clone();
+        blocking(move || {
+            this.write_version(
+                &tenant2,
+                &function_id,
+                &name2,
+                number,
+                settings,
+                code,
+                previous,
+            )
+        })
+        .await?
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_version(
+        &self,
+        tenant: &str,
+        function_id: &str,
+        name: &str,
+        number: u32,
+        settings: Settings,
+        code: Code,
+        previous: Option<Version>,
+    ) -> Result<(Function, Version)> {
+        let config = &self.inner.config;
+        let code_dir = config.code_dir.join(function_id).join(number.to_string());
+        let mut fresh_code = true;
+        match code {
+            Code::Zip(bytes) => {
+                archive::extract(&bytes, &code_dir, config.archive)?;
+            }
+            Code::Files(files) => write_files(&code_dir, &files)?,
+            Code::Unchanged => fresh_code = false,
+        }
+        let cleanup = |e: PlatformError| {
+            if fresh_code {
+                let _ = std::fs::remove_dir_all(&code_dir);
+            }
+            e
+        };
+        let code_path = if fresh_code {
+            code_dir.clone()
+        } else {
+            PathBuf::from(
+                &previous
+                    .as_ref()
+                    .ok_or_else(|| {
+                        PlatformError::BadRequest(
+                            "no code given and no earlier version to keep".into(),
+                        )
+                    })?
+                    .code_dir,
+            )
+        };
+        let manifest = Settings::from_code_dir(&code_path).map_err(cleanup)?;
+        let from_previous = previous.as_ref().map(settings_of).unwrap_or_default();
+        let merged = from_previous.overlay(manifest).overlay(settings);
+        let version = self
+            .version_from(number, merged, &code_path)
+            .map_err(cleanup)?;
+        self.check_loads(name, &version).map_err(cleanup)?;
+        let function = self
+            .inner
+            .store
+            .add_version(tenant, function_id, name, &version)
+            .map_err(|e| cleanup(e.into()))?;
+        Ok((function, version))
+    }
+
+    fn version_from(&self, number: u32, s: Settings, code_dir: &Path) -> Result<Version> {
+        let config = &self.inner.config;
+        let runtime = match &s.runtime {
+            Some(r) => r
+                .parse::<Runtime>()
+                .map_err(|e| PlatformError::BadRequest(e.to_string()))?,
+            None => guess_runtime(code_dir).ok_or_else(|| {
+                PlatformError::BadRequest(
+                    "cannot tell the runtime: set runtime to \"python\" or \"node\"".into(),
+                )
+            })?,
+        };
+        if !runtime.available() {
+            return Err(PlatformError::BadRequest(format!(
+                "the {runtime} runtime is not installed on this server"
+            )));
+        }
+        let timeout_ms = match (s.timeout_ms, s.timeout) {
+            (Some(ms), _) => ms,
+            // Finite and positive, and capped below: the cast cannot wrap.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            (None, Some(secs)) if secs.is_finite() && secs > 0.0 => {
+                (secs * 1000.0).round().min(u64::MAX as f64) as u64
+            }
+            (None, Some(_)) => {
+                return Err(PlatformError::BadRequest(
+                    "timeout must be a positive number of seconds".into(),
+                ))
+            }
+            (None, None) => config.default_timeout_ms,
+        };
+        if timeout_ms == 0 || timeout_ms > config.max_timeout_ms {
+            return Err(PlatformError::BadRequest(format!(
+                "timeout must be between 1 ms and {} ms",
+                config.max_timeout_ms
+            )));
+        }
+        let memory_mb = s.memory.unwrap_or(config.default_memory_mb);
+        if !(16..=config.max_memory_mb).contains(&memory_mb) {
+            return Err(PlatformError::BadRequest(format!(
+                "memory must be between 16 and {} MiB",
+                config.max_memory_mb
+            )));
+        }
+        let cpu = s.cpu.unwrap_or(1000);
+        if !(10..=64_000).contains(&cpu) {
+            return Err(PlatformError::BadRequest(
+                "cpu must be between 10 and 64000 millicores".into(),
+            ));
+        }
+        let env = s.env.unwrap_or_default();
+        for key in env.keys() {
+            let ok = !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(PlatformError::BadRequest(format!(
+                    "environment variable name {key:?} is not [A-Za-z_][A-Za-z0-9_]*"
+                )));
+            }
+        }
+        if let Some(h) = &s.handler {
+            let ok = !h.is_empty()
+                && h.len() <= 128
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+            if !ok {
+                return Err(PlatformError::BadRequest(format!(
+                    "handler {h:?} must look like module.function"
+                )));
+            }
+        }
+        Ok(Version {
+            version: number,
+            runtime: runtime.name().to_string(),
+            handler: s.handler,
+            timeout_ms,
+            memory_mb,
+            cpu_millicores: cpu,
+            env,
+            max_retries: s.max_retries.unwrap_or(0).min(10),
+            code_dir: code_dir.to_string_lossy().into_owned(),
+            created_at: now_ms(),
+        })
+    }
+
+    /// Starts the function once, so a missing handler or a syntax error is reported at deploy.
+    fn check_loads(&self, name: &str, version: &Version) -> Result<()> {
+        match Sandbox::create(&self.inner.engine, spec_for(name, version)) {
+            Ok(sandbox) => sandbox
+                .shutdown()
+                .map_err(|e| PlatformError::Internal(e.into())),
+            Err(SandboxError::FunctionInit { error, logs }) => {
+                Err(PlatformError::Unprocessable(format!(
+                    "the function does not load: {}: {}{}",
+                    error.kind,
+                    error.message,
+                    if logs.text.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (output: {})", logs.text.trim())
+                    }
+                )))
+            }
+            Err(SandboxError::InitCrashed { exit, .. }) => Err(PlatformError::Unprocessable(
+                format!("the runtime died while loading the function ({exit})"),
+            )),
+            Err(SandboxError::StartTimeout(t)) => Err(PlatformError::Unprocessable(format!(
+                "the function did not load within {t:?}"
+            ))),
+            Err(e) => Err(PlatformError::Internal(e.into())),
+        }
+    }
+
+    /// Functions the caller sees.
+    pub async fn list(&self, caller: &Caller) -> Result<Vec<Function>> {
+        let (store, scope) = (self.inner.store.clone(), caller.scope().map(String::from));
+        Ok(blocking(move || store.functions(scope.as_deref())).await??)
+    }
+
+    /// One function (by id or name) with its versions.
+    pub async fn get(&self, caller: &Caller, key: &str) -> Result<(Function, Vec<Version>)> {
+        let function = self.find(caller, key).await?;
+        let (store, id) = (self.inner.store.clone(), function.id.clone());
+        let versions = blocking(move || store.versions(&id)).await??;
+        Ok((function, versions))
+    }
+
+    async fn find(&self, caller: &Caller, key: &str) -> Result<Function> {
+        let (store, scope, k) = (
+            self.inner.store.clone(),
+            caller.scope().map(String::from),
+            key.to_string(),
+        );
+        blocking(move || store.function(scope.as_deref(), &k))
+            .await??
+            .ok_or_else(|| PlatformError::NotFound(format!("no function {key:?}")))
+    }
+
+    /// Activates or deactivates a function.
+    pub async fn set_active(&self, caller: &Caller, key: &str, active: bool) -> Result<Function> {
+        let function = self.find(caller, key).await?;
+        let (store, id) = (self.inner.store.clone(), function.id.clone());
+        blocking(move || store.set_active(&id, active)).await??;
+        Ok(Function { active, ..function })
+    }
+
+    /// Deletes a function, its versions and their code. Its finished tasks stay readable.
+    pub async fn delete(&self, caller: &Caller, key: &str) -> Result<Function> {
+        let function = self.find(caller, key).await?;
+        let (store, id) = (self.inner.store.clone(), function.id.clone());
+        let code_root = self.inner.config.code_dir.join(&function.id);
+        blocking(move || -> Result<()> {
+            store.delete_function(&id)?;
+            let _ = std::fs::remove_dir_all(&code_root);
+            Ok(())
+        })
+        .await??;
+        Ok(function)
+    }
+
+    /// Resolves `key` (optionally `name@version`) to a runnable function version.
+    async fn runnable(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+    ) -> Result<(Function, Version)> {
+        let (key, version) = match key.rsplit_once('@') {
+            Some((name, v)) => (
+                name,
+                Some(v.parse::<u32>().map_err(|_| {
+                    PlatformError::BadRequest(format!("bad version {v:?} in {key:?}"))
+                })?),
+            ),
+            None => (key, version),
+        };
+        let function = self.find(caller, key).await?;
+        if !function.active {
+            return Err(PlatformError::Inactive(function.name.clone()));
+        }
+        let number = version.unwrap_or(function.version);
+        let (store, id) = (self.inner.store.clone(), function.id.clone());
+        let version = blocking(move || store.version(&id, number))
+            .await??
+            .ok_or_else(|| {
+                PlatformError::NotFound(format!("function {key:?} has no version {number}"))
+            })?;
+        Ok((function, version))
+    }
+
+    /// A queued task; it belongs to the function's tenant, also when an admin submits it.
+    fn new_task(function: &Function, version: &Version, mode: &str, payload: Value) -> Task {
+        Task {
+            task_id: new_id("task"),
+            tenant: function.tenant.clone(),
+            function_id: function.id.clone(),
+            function: function.name.clone(),
+            version: version.version,
+            mode: mode.into(),
+            status: TaskStatus::Queued,
+            payload,
+            result: None,
+            error: None,
+            logs: String::new(),
+            logs_truncated: false,
+            usage: None,
+            attempts: 0,
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    /// Runs a function now and returns its finished task.
+    pub async fn invoke(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+        payload: Value,
+    ) -> Result<Task> {
+        let (function, version) = self.runnable(caller, key, version).await?;
+        let task = Self::new_task(&function, &version, "sync", payload);
+        let store = self.inner.store.clone();
+        let (t, id) = (task.clone(), task.task_id.clone());
+        blocking(move || -> Result<()> {
+            store.insert_task(&t)?;
+            Ok(store.start_task(&t.task_id)?)
+        })
+        .await??;
+        self.run_task(&function.name, &version, &task).await?;
+        self.task(
+            &Caller {
+                tenant: function.tenant.clone(),
+                admin: true,
+            },
+            &id,
+        )
+        .await
+    }
+
+    /// Queues a function run; the task is on disk when this returns.
+    pub async fn submit(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+        payload: Value,
+    ) -> Result<Task> {
+        let (function, version) = self.runnable(caller, key, version).await?;
+        let task = Self::new_task(&function, &version, "async", payload);
+        let (store, t) = (self.inner.store.clone(), task.clone());
+        blocking(move || store.insert_task(&t)).await??;
+        self.inner.wake.notify_one();
+        Ok(task)
+    }
+
+    /// A task as the caller sees it.
+    pub async fn task(&self, caller: &Caller, task_id: &str) -> Result<Task> {
+        let (store, scope, id) = (
+            self.inner.store.clone(),
+            caller.scope().map(String::from),
+            task_id.to_string(),
+        );
+        blocking(move || store.task(scope.as_deref(), &id))
+            .await??
+            .ok_or_else(|| PlatformError::NotFound(format!("no task {task_id:?}")))
+    }
+
+    /// Recent tasks of a function.
+    pub async fn recent(&self, caller: &Caller, key: &str, limit: u32) -> Result<Vec<Task>> {
+        let function = self.find(caller, key).await?;
+        let store = self.inner.store.clone();
+        Ok(blocking(move || store.recent_tasks(&function.id, limit)).await??)
+    }
+
+    /// Runs `task` in a fresh sandbox (holding a concurrency slot) and stores how it ended.
+    async fn run_task(&self, name: &str, version: &Version, task: &Task) -> Result<()> {
+        let _slot = self
+            .inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|e| PlatformError::Internal(e.into()))?;
+        let (engine, store) = (self.inner.engine.clone(), self.inner.store.clone());
+        let (name, version, task) = (name.to_string(), version.clone(), task.clone());
+        blocking(move || -> Result<()> {
+            let completion = execute(&engine, &name, &version, &task);
+            log_invocation(&task, &version, &completion);
+            Ok(store.complete_task(&task.task_id, &completion)?)
+        })
+        .await?
+    }
+
+    /// Crash recovery, then `workers` queue workers until the process ends.
+    pub async fn start_queue(&self, workers: usize) -> Result<crate::store::Recovery> {
+        let store = self.inner.store.clone();
+        let report = blocking(move || {
+            let versions = store.clone();
+            store.recover(
+                &|task: &Task| {
+                    versions
+                        .version(&task.function_id, task.version)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|v| task.attempts <= v.max_retries)
+                },
+                &|attempts| 500 * (1i64 << attempts.min(8)),
+            )
+        })
+        .await??;
+        for _ in 0..workers.max(1) {
+            let platform = self.clone();
+            tokio::spawn(async move { platform.worker().await });
+        }
+        Ok(report)
+    }
+
+    async fn worker(self) {
+        loop {
+            let store = self.inner.store.clone();
+            let claimed = blocking(move || store.claim_next()).await;
+            let task = match claimed {
+                Ok(Ok(Some(task))) => task,
+                Ok(Ok(None)) => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(250),
+                        self.inner.wake.notified(),
+                    )
+                    .await;
+                    continue;
+                }
+                other => {
+                    eprintln!("cloudfunc: queue worker could not claim a task: {other:?}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = self.run_claimed(&task).await {
+                eprintln!("cloudfunc: task {} failed to run: {e:?}", task.task_id);
+                let store = self.inner.store.clone();
+                let completion = failed("sandbox_failure", "the platform could not run this task");
+                let id = task.task_id.clone();
+                let _ = blocking(move || store.complete_task(&id, &completion)).await;
+            }
+        }
+    }
+
+    async fn run_claimed(&self, task: &Task) -> Result<()> {
+        let store = self.inner.store.clone();
+        let (fid, number) = (task.function_id.clone(), task.version);
+        let found = blocking(move || -> Result<Option<(Function, Version)>> {
+            let Some(f) = store.function(None, &fid)? else {
+                return Ok(None);
+            };
+            Ok(store.version(&fid, number)?.map(|v| (f, v)))
+        })
+        .await??;
+        match found {
+            Some((function, version)) if function.active => {
+                self.run_task(&function.name, &version, task).await
+            }
+            other => {
+                let why = if other.is_some() {
+                    "the function was deactivated before this task ran"
+                } else {
+                    "the function was deleted before this task ran"
+                };
+                let (store, id, completion) = (
+                    self.inner.store.clone(),
+                    task.task_id.clone(),
+                    failed("function_unavailable", why),
+                );
+                Ok(blocking(move || store.complete_task(&id, &completion)).await??)
+            }
+        }
+    }
+
+    /// Invocation counts, error rate, duration percentiles, CPU and memory over a range.
+    pub async fn metrics(
+        &self,
+        caller: &Caller,
+        key: Option<&str>,
+        since: i64,
+        until: i64,
+    ) -> Result<Value> {
+        let function = match key {
+            Some(k) => Some(self.find(caller, k).await?),
+            None => None,
+        };
+        let (store, scope, fid) = (
+            self.inner.store.clone(),
+            caller.scope().map(String::from),
+            function.as_ref().map(|f| f.id.clone()),
+        );
+        let calls =
+            blocking(move || store.calls(scope.as_deref(), fid.as_deref(), since, until)).await??;
+        Ok(crate::metrics::summarise(
+            function.as_ref(),
+            &calls,
+            since,
+            until,
+        ))
+    }
+
+    /// Status, uptime, queue depth, sandboxes running, host load and memory.
+    pub async fn health(&self) -> Result<Value> {
+        let store = self.inner.store.clone();
+        let (queued, running) = blocking(move || -> Result<(u64, u64)> {
+            Ok((store.queue_depth()?, store.running()?))
+        })
+        .await??;
+        let slots = self.inner.config.max_concurrency;
+        Ok(json!({
+            "status": "ok",
+            "uptime_s": self.inner.started.elapsed().as_secs_f64(),
+            "queue_depth": queued,
+            "tasks_running": running,
+            "sandboxes_running": slots - self.inner.slots.available_permits(),
+            "max_concurrency": slots,
+            "backend": self.inner.engine.backend_name(),
+            "cgroup": format!("{:?}", self.inner.engine.cgroup_version()).to_lowercase(),
+            "host": crate::metrics::host(),
+        }))
+    }
+}
+
+fn settings_of(v: &Version) -> Settings {
+    Settings {
+        name: None,
+        runtime: Some(v.runtime.clone()),
+        handler: v.handler.clone(),
+        timeout: None,
+        timeout_ms: Some(v.timeout_ms),
+        memory: Some(v.memory_mb),
+        cpu: Some(v.cpu_millicores),
+        env: Some(v.env.clone()),
+        max_retries: Some(v.max_retries),
+    }
+}
+
+fn guess_runtime(dir: &Path) -> Option<Runtime> {
+    let has = |names: &[&str]| names.iter().any(|n| dir.join(n).is_file());
+    if has(&["function.py", "handler.py", "main.py"]) {
+        Some(Runtime::Python)
+    } else if has(&[
+        "index.js",
+        "handler.js",
+        "function.js",
+        "main.js",
+        "index.mjs",
+        "index.cjs",
+    ]) {
+        Some(Runtime::Node)
+    } else {
+        None
+    }
+}
+
+fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| PlatformError::Internal(e.into()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| PlatformError::Internal(e.into()))?;
+    for (name, content) in files {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !ok {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(PlatformError::BadRequest(format!(
+                "file name {name:?} must be a plain name like handler.py"
+            )));
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, content).map_err(|e| PlatformError::Internal(e.into()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| PlatformError::Internal(e.into()))?;
+    }
+    Ok(())
+}
+
+fn spec_for(name: &str, version: &Version) -> SandboxSpec {
+    let runtime = version.runtime.parse().unwrap_or(Runtime::Python);
+    let mut spec = SandboxSpec::new(runtime, &version.code_dir);
+    spec.handler = version.handler.clone();
+    spec.env = version.env.clone();
+    spec.function_name = name.to_string();
+    spec.function_version = version.version.to_string();
+    spec.limits = Limits {
+        memory_bytes: version.memory_mb * 1024 * 1024,
+        cpu_millicores: version.cpu_millicores,
+        ..Limits::default()
+    };
+    spec
+}
+
+fn failed(kind: &str, message: &str) -> Completion {
+    Completion {
+        status: TaskStatus::Failed,
+        result: None,
+        error: Some(TaskError {
+            kind: kind.into(),
+            error_type: String::new(),
+            message: message.into(),
+            traceback: String::new(),
+        }),
+        logs: String::new(),
+        logs_truncated: false,
+        usage: None,
+    }
+}
+
+/// Runs one task in a fresh sandbox (blocking) and says how it ended.
+pub fn execute(engine: &Engine, name: &str, version: &Version, task: &Task) -> Completion {
+    let mut sandbox = match Sandbox::create(engine, spec_for(name, version)) {
+        Ok(s) => s,
+        Err(SandboxError::FunctionInit { error, logs }) => {
+            return Completion {
+                status: TaskStatus::Failed,
+                result: None,
+                error: Some(TaskError {
+                    kind: "init_failed".into(),
+                    error_type: error.kind,
+                    message: error.message,
+                    traceback: error.traceback,
+                }),
+                logs: logs.text,
+                logs_truncated: logs.truncated,
+                usage: None,
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "cloudfunc: task {}: the sandbox could not start: {e:?}",
+                task.task_id
+            );
+            return failed("sandbox_failure", "the sandbox could not be started");
+        }
+    };
+    let options = InvokeOptions {
+        timeout: Duration::from_millis(version.timeout_ms),
+        request_id: task.task_id.clone(),
+    };
+    let result = sandbox.invoke(&task.payload, &options);
+    let _ = sandbox.shutdown();
+    let call = match result {
+        Ok(call) => call,
+        Err(e) => {
+            eprintln!("cloudfunc: task {}: invoke failed: {e:?}", task.task_id);
+            return failed("sandbox_failure", "the sandbox failed during the call");
+        }
+    };
+    let usage = TaskUsage {
+        duration_ms: call.usage.duration.as_secs_f64() * 1000.0,
+        init_duration_ms: call.usage.init_duration.as_secs_f64() * 1000.0,
+        cpu_ms: call.usage.cpu_time.as_secs_f64() * 1000.0,
+        peak_memory_bytes: call.usage.peak_memory_bytes,
+        cold: call.usage.cold,
+        backend: engine.backend_name().to_string(),
+    };
+    let error = |kind: &str, error_type: String, message: String, traceback: String| {
+        Some(TaskError {
+            kind: kind.into(),
+            error_type,
+            message,
+            traceback,
+        })
+    };
+    let (status, result, error) = match call.outcome {
+        Outcome::Succeeded { result } => (TaskStatus::Succeeded, Some(result), None),
+        Outcome::Raised { error: e } => (
+            TaskStatus::Failed,
+            None,
+            error("raised", e.kind, e.message, e.traceback),
+        ),
+        Outcome::OutputNotSerializable { error: e } => (
+            TaskStatus::Failed,
+            None,
+            error("output_not_serializable", e.kind, e.message, e.traceback),
+        ),
+        Outcome::OutputTooLarge { message, .. } => (
+            TaskStatus::Failed,
+            None,
+            error("output_too_large", String::new(), message, String::new()),
+        ),
+        Outcome::Timeout { timeout_ms } => (
+            TaskStatus::Timeout,
+            None,
+            error(
+                "timeout",
+                String::new(),
+                format!("the function ran past its {timeout_ms} ms timeout and was killed"),
+                String::new(),
+            ),
+        ),
+        Outcome::OutOfMemory { limit_bytes } => (
+            TaskStatus::OutOfMemory,
+            None,
+            error(
+                "out_of_memory",
+                String::new(),
+                format!(
+                    "the function used more than its {} MiB of memory and was killed",
+                    limit_bytes >> 20
+                ),
+                String::new(),
+            ),
+        ),
+        Outcome::Crashed { exit } => (
+            TaskStatus::Crashed,
+            None,
+            error(
+                "crashed",
+                String::new(),
+                format!("the runtime died ({exit})"),
+                String::new(),
+            ),
+        ),
+        Outcome::SandboxFailure { message } => (
+            TaskStatus::Failed,
+            None,
+            error("sandbox_failure", String::new(), message, String::new()),
+        ),
+    };
+    Completion {
+        status,
+        result,
+        error,
+        logs: call.logs.text,
+        logs_truncated: call.logs.truncated,
+        usage: Some(usage),
+    }
+}
+
+/// One line per invocation in the server's log, Lambda's REPORT line in spirit.
+fn log_invocation(task: &Task, version: &Version, c: &Completion) {
+    let usage = c.usage.clone().unwrap_or_default();
+    let billed = (usage.duration_ms / 1.0).ceil();
+    eprintln!(
+        "{}",
+        json!({
+            "event": "invocation",
+            "task_id": task.task_id,
+            "function": task.function,
+            "version": version.version,
+            "status": c.status.as_str(),
+            "duration_ms": usage.duration_ms,
+            "billed_duration_ms": billed,
+            "memory_size_mb": version.memory_mb,
+            "max_memory_used_mb": usage.peak_memory_bytes as f64 / 1048576.0,
+            "init_duration_ms": usage.init_duration_ms,
+            "cold": usage.cold,
+        })
+    );
+}

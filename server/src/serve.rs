@@ -1,0 +1,139 @@
+//! `cloudfunc serve`: opens the store, starts the engine and the queue, and serves the API.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cloudfunc_sandbox::{Engine, EngineConfig};
+
+use crate::api::{routes, AppState};
+use crate::auth::Keys;
+use crate::platform::{Platform, PlatformConfig};
+use crate::store::SqliteStore;
+
+/// Everything `serve` can be told; each has an embedded default.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub images_dir: PathBuf,
+    pub cgroup_parent: String,
+    pub jwt_secret: Option<String>,
+    pub workers: usize,
+    pub concurrency: usize,
+    pub max_body_bytes: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: "127.0.0.1:8080".parse().expect("a valid address"),
+            data_dir: "/var/lib/cloudfunc".into(),
+            state_dir: "/run/cloudfunc".into(),
+            images_dir: "/var/lib/cloudfunc/images".into(),
+            cgroup_parent: "cloudfunc".into(),
+            jwt_secret: None,
+            workers: 4,
+            concurrency: 8,
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// The secret file in a data directory.
+pub fn secret_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("jwt.secret")
+}
+
+/// The signing keys: the configured secret (refused if weak), else the data directory's,
+/// generated on first start with mode 0600.
+pub fn load_keys(data_dir: &Path, configured: Option<&str>) -> Result<Keys> {
+    if let Some(secret) = configured {
+        return Keys::new(secret.as_bytes())
+            .context("refusing to start with the configured JWT secret");
+    }
+    let path = secret_path(data_dir);
+    if !path.exists() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(Keys::generate_secret().as_bytes())?;
+    }
+    let secret = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    Keys::new(&secret).with_context(|| format!("the secret in {} is too weak", path.display()))
+}
+
+/// Starts everything and serves until the process is stopped.
+pub async fn serve(config: ServeConfig) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let keys = load_keys(&config.data_dir, config.jwt_secret.as_deref())?;
+    let store = Arc::new(
+        SqliteStore::open(&config.data_dir.join("cloudfunc.db")).context("opening the database")?,
+    );
+    let engine_config = EngineConfig {
+        state_dir: config.state_dir.clone(),
+        images_dir: config.images_dir.clone(),
+        cgroup_parent: config.cgroup_parent.clone(),
+        ..EngineConfig::default()
+    };
+    let engine = tokio::task::spawn_blocking(move || Engine::new(engine_config))
+        .await?
+        .context("starting the sandbox engine")?;
+    let mut platform_config = PlatformConfig::new(&config.data_dir);
+    platform_config.max_concurrency = config.concurrency;
+    if config.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let platform = Platform::new(store, engine, platform_config);
+    let recovery = platform
+        .start_queue(config.workers)
+        .await
+        .context("recovering the queue")?;
+    if !recovery.interrupted.is_empty() || !recovery.requeued.is_empty() {
+        eprintln!(
+            "cloudfunc: after a restart: {} interrupted task(s) failed, {} requeued",
+            recovery.interrupted.len(),
+            recovery.requeued.len()
+        );
+    }
+    let state = AppState {
+        platform,
+        keys,
+        max_body_bytes: config.max_body_bytes,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    println!("cloudfunc listening on http://{addr}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    warp::serve(routes(state))
+        .incoming(listener)
+        .graceful(async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        })
+        .run()
+        .await;
+    Ok(())
+}

@@ -1,0 +1,649 @@
+//! Storage of functions, versions and tasks.
+//!
+//! [`Store`] is the seam where another database (PostgreSQL, for several nodes) plugs in;
+//! [`SqliteStore`] is the embedded one: one file, WAL, every write in a transaction, so a
+//! task is on disk before its 202 is sent and survives `kill -9`.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde_json::Value;
+
+use crate::model::{now_ms, Completion, Function, Task, TaskError, TaskStatus, TaskUsage, Version};
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("the database failed")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored JSON column is unreadable.
+    #[error("a stored record is corrupt")]
+    Corrupt(#[from] serde_json::Error),
+    /// Two deploys raced for the same version.
+    #[error("another deploy of this function finished first; retry")]
+    Conflict,
+}
+
+/// A `Result` with [`StoreError`].
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// What the crash recovery did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Tasks that were running and are now failed with reason `interrupted`.
+    pub interrupted: Vec<String>,
+    /// Tasks that were running and were put back in the queue (their function allows retries).
+    pub requeued: Vec<String>,
+}
+
+/// One finished call, for metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRow {
+    pub status: TaskStatus,
+    pub error_kind: Option<String>,
+    pub finished_at: i64,
+    pub duration_ms: f64,
+    pub cpu_ms: f64,
+    pub peak_memory_bytes: u64,
+    pub cold: bool,
+}
+
+/// Where functions, versions and tasks are kept. `tenant: None` means an admin, who sees all.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// The function `key` (an id or a name) as `tenant` sees it.
+    fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>>;
+    /// Every function `tenant` sees, by name.
+    fn functions(&self, tenant: Option<&str>) -> Result<Vec<Function>>;
+    /// The id and next version number for `name` (a new id when the name is new).
+    fn next_version(&self, tenant: &str, name: &str) -> Result<(String, u32)>;
+    /// Stores a version (and the function, when new) and makes it the newest.
+    fn add_version(
+        &self,
+        tenant: &str,
+        function_id: &str,
+        name: &str,
+        version: &Version,
+    ) -> Result<Function>;
+    /// One version of a function.
+    fn version(&self, function_id: &str, version: u32) -> Result<Option<Version>>;
+    /// Every version of a function, oldest first.
+    fn versions(&self, function_id: &str) -> Result<Vec<Version>>;
+    /// Activates or deactivates.
+    fn set_active(&self, function_id: &str, active: bool) -> Result<()>;
+    /// Deletes a function and its versions; returns the versions (their code is the caller's).
+    fn delete_function(&self, function_id: &str) -> Result<Vec<Version>>;
+    /// Stores a new task.
+    fn insert_task(&self, task: &Task) -> Result<()>;
+    /// Takes the oldest runnable queued task and marks it running.
+    fn claim_next(&self) -> Result<Option<Task>>;
+    /// Marks a queued task running (sync calls).
+    fn start_task(&self, task_id: &str) -> Result<()>;
+    /// Stores how a task ended.
+    fn complete_task(&self, task_id: &str, completion: &Completion) -> Result<()>;
+    /// A task as `tenant` sees it.
+    fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>>;
+    /// Recent tasks of a function, newest first.
+    fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>>;
+    /// Tasks waiting in the queue.
+    fn queue_depth(&self) -> Result<u64>;
+    /// Tasks running now.
+    fn running(&self) -> Result<u64>;
+    /// After a crash: running tasks are requeued where `retries_left` says so, else failed.
+    fn recover(
+        &self,
+        retries_left: &dyn Fn(&Task) -> bool,
+        backoff_ms: &dyn Fn(u32) -> i64,
+    ) -> Result<Recovery>;
+    /// Finished calls of a function (or all of `tenant`'s) in `[since, until)`.
+    fn calls(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<CallRow>>;
+    /// Removes finished tasks older than `before`; returns how many.
+    fn prune(&self, before: i64) -> Result<u64>;
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS functions (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    UNIQUE (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    function_id TEXT NOT NULL REFERENCES functions(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    settings TEXT NOT NULL,
+    code_dir TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (function_id, version)
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    function_id TEXT NOT NULL,
+    function TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    mode TEXT NOT NULL,
+    status TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    error_kind TEXT,
+    logs TEXT NOT NULL DEFAULT '',
+    logs_truncated INTEGER NOT NULL DEFAULT 0,
+    usage TEXT,
+    duration_ms REAL,
+    cpu_ms REAL,
+    peak_memory_bytes INTEGER,
+    cold INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (status, not_before, created_at);
+CREATE INDEX IF NOT EXISTS tasks_function ON tasks (function_id, finished_at);
+"#;
+
+/// The embedded SQLite store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+const FUNCTION_COLS: &str = "id, tenant, name, version, active, created_at, updated_at";
+
+fn function_row(row: &Row<'_>) -> rusqlite::Result<Function> {
+    Ok(Function {
+        id: row.get(0)?,
+        tenant: row.get(1)?,
+        name: row.get(2)?,
+        version: row.get(3)?,
+        active: row.get(4)?,
+        created_at: row.get(5)?,
+        updated_at: row.get(6)?,
+    })
+}
+
+const TASK_COLS: &str = "id, tenant, function_id, function, version, mode, status, payload, result, error, logs, logs_truncated, usage, attempts, created_at, started_at, finished_at";
+
+fn task_row(row: &Row<'_>) -> rusqlite::Result<Task> {
+    let json = |i: usize| -> rusqlite::Result<Option<String>> { row.get(i) };
+    let parse = |text: Option<String>| text.and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    let status: String = row.get(6)?;
+    Ok(Task {
+        task_id: row.get(0)?,
+        tenant: row.get(1)?,
+        function_id: row.get(2)?,
+        function: row.get(3)?,
+        version: row.get(4)?,
+        mode: row.get(5)?,
+        status: TaskStatus::parse(&status).unwrap_or(TaskStatus::Failed),
+        payload: parse(json(7)?).unwrap_or(Value::Null),
+        result: parse(json(8)?),
+        error: json(9)?.and_then(|t| serde_json::from_str::<TaskError>(&t).ok()),
+        logs: row.get(10)?,
+        logs_truncated: row.get(11)?,
+        usage: json(12)?.and_then(|t| serde_json::from_str::<TaskUsage>(&t).ok()),
+        attempts: row.get(13)?,
+        created_at: row.get(14)?,
+        started_at: row.get(15)?,
+        finished_at: row.get(16)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>> {
+        // An id wins over a name, should one tenant's name equal another function's id.
+        let sql = format!(
+            "SELECT {FUNCTION_COLS} FROM functions WHERE (?1 IS NULL OR tenant = ?1) AND (id = ?2 OR name = ?2)
+             ORDER BY id = ?2 DESC LIMIT 1"
+        );
+        Ok(self
+            .conn()
+            .query_row(&sql, params![tenant, key], function_row)
+            .optional()?)
+    }
+
+    fn functions(&self, tenant: Option<&str>) -> Result<Vec<Function>> {
+        let sql = format!("SELECT {FUNCTION_COLS} FROM functions WHERE (?1 IS NULL OR tenant = ?1) ORDER BY name, tenant");
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![tenant], function_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn next_version(&self, tenant: &str, name: &str) -> Result<(String, u32)> {
+        let conn = self.conn();
+        let found: Option<(String, u32)> = conn
+            .query_row(
+                "SELECT f.id, COALESCE((SELECT MAX(version) FROM versions WHERE function_id = f.id), 0) FROM functions f WHERE tenant = ?1 AND name = ?2",
+                params![tenant, name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match found {
+            Some((id, v)) => (id, v + 1),
+            None => (crate::model::new_id("fn"), 1),
+        })
+    }
+
+    fn add_version(
+        &self,
+        tenant: &str,
+        function_id: &str,
+        name: &str,
+        version: &Version,
+    ) -> Result<Function> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO functions (id, tenant, name, version, active, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)
+             ON CONFLICT (id) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            params![function_id, tenant, name, version.version, now],
+        )
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => StoreError::Conflict,
+            e => e.into(),
+        })?;
+        let settings = serde_json::to_string(version)?;
+        tx.execute(
+            "INSERT INTO versions (function_id, version, settings, code_dir, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![function_id, version.version, settings, version.code_dir, version.created_at],
+        )
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => StoreError::Conflict,
+            e => e.into(),
+        })?;
+        let function = tx.query_row(
+            &format!("SELECT {FUNCTION_COLS} FROM functions WHERE id = ?1"),
+            params![function_id],
+            function_row,
+        )?;
+        tx.commit()?;
+        Ok(function)
+    }
+
+    fn version(&self, function_id: &str, version: u32) -> Result<Option<Version>> {
+        let row: Option<(String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT settings, code_dir FROM versions WHERE function_id = ?1 AND version = ?2",
+                params![function_id, version],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        row.map(|(settings, code_dir)| {
+            let mut v: Version = serde_json::from_str(&settings)?;
+            v.code_dir = code_dir;
+            Ok(v)
+        })
+        .transpose()
+    }
+
+    fn versions(&self, function_id: &str) -> Result<Vec<Version>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT settings, code_dir FROM versions WHERE function_id = ?1 ORDER BY version",
+        )?;
+        let rows: Vec<(String, String)> = stmt
+            .query_map(params![function_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.into_iter()
+            .map(|(settings, code_dir)| {
+                let mut v: Version = serde_json::from_str(&settings)?;
+                v.code_dir = code_dir;
+                Ok(v)
+            })
+            .collect()
+    }
+
+    fn set_active(&self, function_id: &str, active: bool) -> Result<()> {
+        self.conn().execute(
+            "UPDATE functions SET active = ?2, updated_at = ?3 WHERE id = ?1",
+            params![function_id, active, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn delete_function(&self, function_id: &str) -> Result<Vec<Version>> {
+        let versions = self.versions(function_id)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM versions WHERE function_id = ?1",
+            params![function_id],
+        )?;
+        tx.execute("DELETE FROM functions WHERE id = ?1", params![function_id])?;
+        tx.commit()?;
+        Ok(versions)
+    }
+
+    fn insert_task(&self, task: &Task) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO tasks (id, tenant, function_id, function, version, mode, status, payload, attempts, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9)",
+            params![
+                task.task_id,
+                task.tenant,
+                task.function_id,
+                task.function,
+                task.version,
+                task.mode,
+                task.status.as_str(),
+                serde_json::to_string(&task.payload)?,
+                task.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn claim_next(&self) -> Result<Option<Task>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        let id: Option<String> = tx
+            .query_row(
+                "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id LIMIT 1",
+                params![now],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else { return Ok(None) };
+        tx.execute(
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
+            params![id, now],
+        )?;
+        let task = tx.query_row(
+            &format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"),
+            params![id],
+            task_row,
+        )?;
+        tx.commit()?;
+        Ok(Some(task))
+    }
+
+    fn start_task(&self, task_id: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
+            params![task_id, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn complete_task(&self, task_id: &str, c: &Completion) -> Result<()> {
+        let usage = c.usage.as_ref();
+        self.conn().execute(
+            "UPDATE tasks SET status = ?2, result = ?3, error = ?4, error_kind = ?5, logs = ?6, logs_truncated = ?7, usage = ?8,
+                 duration_ms = ?9, cpu_ms = ?10, peak_memory_bytes = ?11, cold = ?12, finished_at = ?13
+             WHERE id = ?1",
+            params![
+                task_id,
+                c.status.as_str(),
+                c.result.as_ref().map(serde_json::to_string).transpose()?,
+                c.error.as_ref().map(serde_json::to_string).transpose()?,
+                c.error.as_ref().map(|e| e.kind.clone()),
+                c.logs,
+                c.logs_truncated,
+                usage.map(serde_json::to_string).transpose()?,
+                usage.map(|u| u.duration_ms),
+                usage.map(|u| u.cpu_ms),
+                usage.map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
+                usage.map(|u| u.cold),
+                now_ms()
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {
+        let sql =
+            format!("SELECT {TASK_COLS} FROM tasks WHERE (?1 IS NULL OR tenant = ?1) AND id = ?2");
+        Ok(self
+            .conn()
+            .query_row(&sql, params![tenant, task_id], task_row)
+            .optional()?)
+    }
+
+    fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![function_id, limit], task_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn queue_depth(&self) -> Result<u64> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM tasks WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn running(&self) -> Result<u64> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*) FROM tasks WHERE status = 'running'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn recover(
+        &self,
+        retries_left: &dyn Fn(&Task) -> bool,
+        backoff_ms: &dyn Fn(u32) -> i64,
+    ) -> Result<Recovery> {
+        let running: Vec<Task> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE status = 'running'"
+            ))?;
+            let rows = stmt.query_map([], task_row)?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut report = Recovery::default();
+        for task in running {
+            if task.mode == "async" && retries_left(&task) {
+                self.conn().execute(
+                    "UPDATE tasks SET status = 'queued', not_before = ?2 WHERE id = ?1",
+                    params![task.task_id, now_ms() + backoff_ms(task.attempts)],
+                )?;
+                report.requeued.push(task.task_id);
+            } else {
+                let completion = Completion {
+                    status: TaskStatus::Failed,
+                    result: None,
+                    error: Some(TaskError {
+                        kind: "interrupted".into(),
+                        error_type: String::new(),
+                        message: "the server stopped while this task was running; it was not retried (at most once)".into(),
+                        traceback: String::new(),
+                    }),
+                    logs: String::new(),
+                    logs_truncated: false,
+                    usage: None,
+                };
+                self.complete_task(&task.task_id, &completion)?;
+                report.interrupted.push(task.task_id);
+            }
+        }
+        Ok(report)
+    }
+
+    fn calls(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<CallRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT status, error_kind, finished_at, COALESCE(duration_ms, 0), COALESCE(cpu_ms, 0), COALESCE(peak_memory_bytes, 0), COALESCE(cold, 0)
+             FROM tasks
+             WHERE finished_at >= ?1 AND finished_at < ?2 AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR function_id = ?4)
+             ORDER BY finished_at",
+        )?;
+        let rows = stmt.query_map(params![since, until, tenant, function_id], |r| {
+            let status: String = r.get(0)?;
+            let peak: i64 = r.get(5)?;
+            Ok(CallRow {
+                status: TaskStatus::parse(&status).unwrap_or(TaskStatus::Failed),
+                error_kind: r.get(1)?,
+                finished_at: r.get(2)?,
+                duration_ms: r.get(3)?,
+                cpu_ms: r.get(4)?,
+                peak_memory_bytes: u64::try_from(peak).unwrap_or(0),
+                cold: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn prune(&self, before: i64) -> Result<u64> {
+        let n = self.conn().execute(
+            "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1",
+            params![before],
+        )?;
+        Ok(n as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::new_id;
+
+    fn version(n: u32) -> Version {
+        Version {
+            version: n,
+            runtime: "python".into(),
+            handler: None,
+            timeout_ms: 1000,
+            memory_mb: 128,
+            cpu_millicores: 1000,
+            env: Default::default(),
+            max_retries: 0,
+            code_dir: format!("/code/{n}"),
+            created_at: now_ms(),
+        }
+    }
+
+    fn task(tenant: &str, f: &Function, mode: &str) -> Task {
+        Task {
+            task_id: new_id("task"),
+            tenant: tenant.into(),
+            function_id: f.id.clone(),
+            function: f.name.clone(),
+            version: f.version,
+            mode: mode.into(),
+            status: TaskStatus::Queued,
+            payload: serde_json::json!({"x": 1}),
+            result: None,
+            error: None,
+            logs: String::new(),
+            logs_truncated: false,
+            usage: None,
+            attempts: 0,
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn versions_tenants_and_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let (id, v) = store.next_version("alice", "hello").unwrap();
+        assert_eq!(v, 1);
+        store
+            .add_version("alice", &id, "hello", &version(1))
+            .unwrap();
+        let (id2, v2) = store.next_version("alice", "hello").unwrap();
+        assert_eq!((id2.as_str(), v2), (id.as_str(), 2));
+        let f = store
+            .add_version("alice", &id, "hello", &version(2))
+            .unwrap();
+        assert_eq!(f.version, 2);
+        assert!(matches!(
+            store.add_version("alice", &id, "hello", &version(2)),
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(store.versions(&id).unwrap().len(), 2);
+        assert_eq!(store.version(&id, 1).unwrap().unwrap().code_dir, "/code/1");
+
+        // Tenants see only their own; an admin sees all.
+        assert!(store.function(Some("alice"), "hello").unwrap().is_some());
+        assert!(store.function(Some("alice"), &id).unwrap().is_some());
+        assert!(store.function(Some("bob"), "hello").unwrap().is_none());
+        assert!(store.function(Some("bob"), &id).unwrap().is_none());
+        assert!(store.function(None, &id).unwrap().is_some());
+        assert_eq!(store.functions(Some("bob")).unwrap().len(), 0);
+
+        let a = task("alice", &f, "async");
+        let b = task("alice", &f, "async");
+        store.insert_task(&a).unwrap();
+        store.insert_task(&b).unwrap();
+        assert_eq!(store.queue_depth().unwrap(), 2);
+        let claimed = store.claim_next().unwrap().unwrap();
+        assert_eq!(claimed.status, TaskStatus::Running);
+        assert_eq!(claimed.attempts, 1);
+        assert!(store.task(Some("bob"), &claimed.task_id).unwrap().is_none());
+
+        // A crash now: the running one is interrupted, the queued one stays queued.
+        let report = store.recover(&|_| false, &|_| 0).unwrap();
+        assert_eq!(report.interrupted, vec![claimed.task_id.clone()]);
+        let t = store
+            .task(Some("alice"), &claimed.task_id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert_eq!(t.error.unwrap().kind, "interrupted");
+        assert_eq!(store.queue_depth().unwrap(), 1);
+
+        let other = store.claim_next().unwrap().unwrap();
+        assert_ne!(other.task_id, claimed.task_id);
+        let report = store.recover(&|_| true, &|_| 60_000).unwrap();
+        assert_eq!(report.requeued, vec![other.task_id.clone()]);
+        assert!(
+            store.claim_next().unwrap().is_none(),
+            "backoff holds it back"
+        );
+    }
+}

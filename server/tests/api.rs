@@ -1,0 +1,962 @@
+//! The REST API and the CLI against a real server process: loopback port, SQLite file, real
+//! sandboxes. Needs root and python3; without them every test is reported as ignored with one
+//! line saying why.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::json;
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+
+fn shared() -> &'static Server {
+    SERVER.get_or_init(|| Server::start("shared"))
+}
+
+fn missing() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("not running as root".into());
+    }
+    if !std::path::Path::new("/usr/bin/python3").exists() {
+        return Some("/usr/bin/python3 is not installed".into());
+    }
+    None
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: Vec<(&str, fn())> = vec![
+        ("seed003_quick_start_with_the_cli", seed003_quick_start),
+        ("canonical_lifecycle", canonical_lifecycle),
+        ("async_run_and_status_routes", async_run),
+        ("versions_and_updates", versions),
+        ("seed002_routes", seed002),
+        ("seed004_routes", seed004),
+        ("bad_input_is_refused_and_damages_nothing", bad_input),
+        ("tenant_matrix_on_every_route", tenant_matrix),
+        ("outcomes_are_recorded", outcomes),
+        ("kill_9_loses_no_task", kill9),
+        ("openapi_lists_every_route", openapi),
+        ("weak_secret_refuses_to_start", weak_secret),
+    ];
+    let why = missing();
+    if let Some(why) = &why {
+        println!("SKIPPED {} api tests: {why}", tests.len());
+    }
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            Trial::test(name, move || {
+                std::panic::catch_unwind(f).map_err(|e| {
+                    Failed::from(
+                        e.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default(),
+                    )
+                })
+            })
+            .with_ignored_flag(why.is_some())
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Some(server) = SERVER.get() {
+        server.stop();
+        server.remove_files();
+    }
+    conclusion.exit();
+}
+
+fn seed003_quick_start() {
+    let s = shared();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello_fn");
+    let out = s
+        .cli("seed003")
+        .arg("deploy")
+        .arg(&examples)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deployed hello_fn version 1"));
+    let out = s
+        .cli("seed003")
+        .args(["invoke", "hello_fn", "--data", r#"{"name":"Alice"}"#])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("result: Hello Alice!"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = s
+        .cli("seed003")
+        .args(["invoke", "hello_fn", "--data", "{}"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("result: Hello World!"));
+    for name in ["Bob", "Charlie", "Diana"] {
+        let out = s
+            .cli("seed003")
+            .args([
+                "--json",
+                "invoke",
+                "hello_fn",
+                "--data",
+                &format!(r#"{{"name":"{name}"}}"#),
+            ])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["result"], json!(format!("Hello {name}!")));
+    }
+    let out = s
+        .cli("seed003")
+        .args(["--json", "invoke", "hello_fn", "--async"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let task = v["task_id"].as_str().unwrap();
+    let token = s.token("seed003", false);
+    assert_eq!(
+        wait_task(s, &token, task, Duration::from_secs(30))["result"],
+        json!("Hello World!")
+    );
+    let out = s.cli("seed003").args(["status", task]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("succeeded"));
+    let out = s.cli("seed003").arg("list").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello_fn"));
+    let out = s
+        .cli("seed003")
+        .args(["metrics", "hello_fn"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("invocations 6"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = s
+        .cli("seed003")
+        .args(["deactivate", "hello_fn"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("inactive"));
+    let out = s
+        .cli("seed003")
+        .args(["invoke", "hello_fn"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deactivated"));
+    assert!(s
+        .cli("seed003")
+        .args(["activate", "hello_fn"])
+        .status()
+        .unwrap()
+        .success());
+    assert!(s
+        .cli("seed003")
+        .args(["delete", "hello_fn"])
+        .status()
+        .unwrap()
+        .success());
+    let out = s
+        .cli("seed003")
+        .args(["invoke", "hello_fn"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no function"));
+}
+
+fn canonical_lifecycle() {
+    let s = shared();
+    let t = s.token("canon", false);
+    // Multipart deploy with settings as form fields and the zip as a file.
+    let (ct, body) = multipart(
+        &[
+            ("name", "greeter"),
+            ("runtime", "python"),
+            ("timeout", "5"),
+            ("memory", "128"),
+        ],
+        &[("file", "code.zip", &zip(&[("function.py", HELLO_PY)]))],
+    );
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy", s.url),
+        Some(&t),
+        Some((&ct, body)),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(
+        (r.body["name"].as_str(), r.body["version"].as_u64()),
+        (Some("greeter"), Some(1))
+    );
+    let id = r.body["id"].as_str().unwrap().to_string();
+    for path in ["/api/functions/", "/api/functions"] {
+        let r = get(s, path, &t);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["functions"][0]["name"], "greeter");
+        assert_eq!(r.body["functions"][0]["status"], "active");
+    }
+    let r = get(s, &format!("/api/functions/{id}"), &t);
+    assert_eq!(r.body["settings"]["timeout_ms"], 5000);
+    assert_eq!(r.body["settings"]["memory_mb"], 128);
+    let r = post_json(
+        s,
+        "/api/functions/greeter/invoke",
+        &t,
+        &json!({"name": "Ann"}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["result"], "Hello Ann!");
+    assert_eq!(r.body["status"], "succeeded");
+    assert!(r.body["usage"]["cold"].as_bool().unwrap());
+    assert!(r.body["usage"]["peak_memory_bytes"].as_u64().unwrap() > 0);
+    // Deactivate: runs are refused up front, not accepted and lost.
+    assert_eq!(
+        request(
+            "PUT",
+            &format!("{}/api/functions/{id}/deactivate", s.url),
+            Some(&t),
+            None
+        )
+        .status,
+        200
+    );
+    let r = post_json(s, "/api/functions/greeter/run", &t, &json!({}));
+    assert_eq!(r.status, 409);
+    assert_eq!(r.body["error"]["code"], "function_inactive");
+    assert_eq!(
+        request(
+            "PUT",
+            &format!("{}/api/functions/{id}/activate", s.url),
+            Some(&t),
+            None
+        )
+        .status,
+        200
+    );
+    let r = get(s, "/api/functions/greeter/metrics?range=1h", &t);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["invocations"], 1);
+    assert_eq!(
+        get(s, "/api/functions/greeter/metrics?range=banana", &t).status,
+        400
+    );
+    let r = get(s, "/api/system/metrics", &t);
+    assert!(r.body["invocations"].as_u64().unwrap() >= 1);
+    let r = request("GET", &format!("{}/api/system/health", s.url), None, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["status"], "ok");
+    assert!(r.body["host"]["memory_total_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(
+        request(
+            "DELETE",
+            &format!("{}/api/functions/greeter", s.url),
+            Some(&t),
+            None
+        )
+        .status,
+        200
+    );
+    assert_eq!(get(s, &format!("/api/functions/{id}"), &t).status, 404);
+    assert!(
+        !s.dir.join("data/code").join(&id).exists(),
+        "code removed with the function"
+    );
+}
+
+fn async_run() {
+    let s = shared();
+    let t = s.token("asyncer", false);
+    assert_eq!(
+        deploy(
+            s,
+            &t,
+            "adder",
+            &[(
+                "function.py",
+                "def handler(e):\n    return e['a'] + e['b']\n"
+            )]
+        )
+        .status,
+        201
+    );
+    let r = post_json(s, "/api/functions/adder/run", &t, &json!({"a": 2, "b": 3}));
+    assert_eq!(r.status, 202, "{r:?}");
+    let task = r.body["task_id"].as_str().unwrap().to_string();
+    assert!(r
+        .headers
+        .iter()
+        .any(|(k, v)| k == "location" && v.ends_with(&task)));
+    let done = wait_task(s, &t, &task, Duration::from_secs(30));
+    assert_eq!(done["result"], 5);
+    assert_eq!(done["mode"], "async");
+    // Seed 000's own status path gives the same record.
+    let r = get(s, &format!("/api/functions/{task}/status"), &t);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["result"], 5);
+    // No body is an empty payload; a non-JSON body is refused.
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/adder/run", s.url),
+        Some(&t),
+        Some(("application/json", b"{not json".to_vec())),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("JSON"));
+    let r = post_json(s, "/api/functions/missing/run", &t, &json!({}));
+    assert_eq!(r.status, 404);
+}
+
+fn versions() {
+    let s = shared();
+    let t = s.token("versioner", false);
+    assert_eq!(
+        deploy(
+            s,
+            &t,
+            "ver",
+            &[("function.py", "def handler(e):\n    return 'one'\n")]
+        )
+        .body["version"],
+        1
+    );
+    assert_eq!(
+        deploy(
+            s,
+            &t,
+            "ver",
+            &[("function.py", "def handler(e):\n    return 'two'\n")]
+        )
+        .body["version"],
+        2
+    );
+    assert_eq!(
+        post_json(s, "/api/functions/ver/invoke", &t, &json!({})).body["result"],
+        "two"
+    );
+    assert_eq!(
+        post_json(s, "/api/functions/ver@1/invoke", &t, &json!({})).body["result"],
+        "one"
+    );
+    assert_eq!(
+        post_json(s, "/api/functions/ver/invoke?version=1", &t, &json!({})).body["result"],
+        "one"
+    );
+    assert_eq!(
+        post_json(s, "/api/functions/ver@9/invoke", &t, &json!({})).status,
+        404
+    );
+    // Settings only: a new version with the same code.
+    let r = request(
+        "PUT",
+        &format!("{}/api/functions/ver", s.url),
+        Some(&t),
+        Some((
+            "application/json",
+            br#"{"memory": 64, "env": {"A": "b"}}"#.to_vec(),
+        )),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["version"], 3);
+    let r = get(s, "/api/functions/ver/versions", &t);
+    let versions = r.body["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 3);
+    assert_eq!(versions[2]["memory_mb"], 64);
+    assert_eq!(
+        post_json(s, "/api/functions/ver/invoke", &t, &json!({})).body["result"],
+        "two"
+    );
+    // New code through PUT as a ZIP.
+    let r = request(
+        "PUT",
+        &format!("{}/api/functions/ver", s.url),
+        Some(&t),
+        Some((
+            "application/zip",
+            zip(&[("function.py", "def handler(e):\n    return 'four'\n")]),
+        )),
+    );
+    assert_eq!(r.body["version"], 4, "{r:?}");
+    assert_eq!(
+        post_json(s, "/api/functions/ver/invoke", &t, &json!({})).body["result"],
+        "four"
+    );
+}
+
+fn seed002() {
+    let s = shared();
+    let t = s.token("seed002", false);
+    let r = post_json(
+        s,
+        "/functions",
+        &t,
+        &json!({"name": "square", "language": "python", "timeout": 5, "code": "def handler(event):\n    return event['x'] ** 2\n"}),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (r.body["version"].as_u64(), r.body["status"].as_str()),
+        (Some(1), Some("deployed"))
+    );
+    let r = get(s, &format!("/functions/{id}"), &t);
+    assert_eq!(r.body["name"], "square");
+    let r = post_json(
+        s,
+        &format!("/execute/{id}"),
+        &t,
+        &json!({"input": {"x": 7}, "parameters": {}}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["output"], 49);
+    let r = post_json(
+        s,
+        &format!("/execute/{id}"),
+        &t,
+        &json!({"input": {}, "parameters": {}}),
+    );
+    assert_eq!(r.body["error"]["kind"], "raised");
+    assert_eq!(r.body["error"]["type"], "KeyError");
+    let r = request(
+        "PUT",
+        &format!("{}/functions/{id}", s.url),
+        Some(&t),
+        Some((
+            "application/json",
+            serde_json::to_vec(
+                &json!({"code": "def handler(event):\n    return event['x'] * 3\n"}),
+            )
+            .unwrap(),
+        )),
+    );
+    assert_eq!(r.body["version"], 2);
+    assert_eq!(
+        post_json(
+            s,
+            &format!("/execute/{id}"),
+            &t,
+            &json!({"input": {"x": 7}})
+        )
+        .body["output"],
+        21
+    );
+    assert_eq!(
+        post_json(
+            s,
+            &format!("/execute/{id}"),
+            &t,
+            &json!({"input": {"x": 7}, "parameters": {"version": 1}})
+        )
+        .body["output"],
+        49
+    );
+    let js = post_json(
+        s,
+        "/functions",
+        &t,
+        &json!({"name": "jsq", "language": "javascript", "timeout": 5, "code": "exports.handler = (e) => e.x * e.x;\n"}),
+    );
+    if std::path::Path::new("/usr/bin/node").exists() {
+        assert_eq!(js.status, 201, "{js:?}");
+        assert_eq!(
+            post_json(s, "/execute/jsq", &t, &json!({"input": {"x": 5}})).body["output"],
+            25
+        );
+    }
+    let r = get(s, &format!("/metrics/functions/{id}"), &t);
+    assert_eq!(r.status, 200);
+    assert!(r.body["invocations"].as_u64().unwrap() >= 4);
+    assert_eq!(r.body["errors"], 1);
+    assert_eq!(get(s, "/metrics/system", &t).status, 200);
+    assert_eq!(
+        request(
+            "DELETE",
+            &format!("{}/functions/{id}", s.url),
+            Some(&t),
+            None
+        )
+        .status,
+        200
+    );
+    assert_eq!(get(s, &format!("/functions/{id}"), &t).status, 404);
+}
+
+const SEED004_HANDLER: &str = r#"from typing import Any
+import json
+
+
+def handle(payload: str) -> Any:
+    print(f"Default handler received: '{payload}'")
+    try:
+        data = json.loads(payload)
+        return {"handler": "default", "processed_data": data, "status": "processed_as_json"}
+    except json.JSONDecodeError:
+        return {"handler": "default", "original_data": payload, "status": "processed_as_string"}
+"#;
+
+fn seed004() {
+    let s = shared();
+    let t = s.token("seed004", false);
+    let (ct, body) = multipart(
+        &[("function_name", "handle")],
+        &[("python_file", "handler.py", SEED004_HANDLER.as_bytes())],
+    );
+    let r = request(
+        "POST",
+        &format!("{}/functions", s.url),
+        Some(&t),
+        Some((&ct, body)),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let r = post_json(
+        s,
+        &format!("/functions/{id}/execute"),
+        &t,
+        &json!({"payload": "{\"key\": \"some value\"}"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.body["result"],
+        json!({"handler": "default", "processed_data": {"key": "some value"}, "status": "processed_as_json"})
+    );
+    assert!(r.body["logs"]
+        .as_str()
+        .unwrap()
+        .contains("Default handler received"));
+    let r = post_json(
+        s,
+        &format!("/functions/{id}/execute"),
+        &t,
+        &json!({"payload": "plain text"}),
+    );
+    assert_eq!(r.body["result"]["status"], "processed_as_string");
+    let r = post_json(
+        s,
+        &format!("/functions/{id}/execute"),
+        &t,
+        &json!({"payload": 42}),
+    );
+    assert_eq!(r.status, 400, "the payload must be a string");
+    let r = get(s, "/functions", &t);
+    assert!(r.body["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["id"] == id.as_str()));
+    assert_eq!(
+        request(
+            "DELETE",
+            &format!("{}/functions/{id}", s.url),
+            Some(&t),
+            None
+        )
+        .status,
+        200
+    );
+}
+
+fn bad_input() {
+    let s = shared();
+    let t = s.token("badinput", false);
+    assert_eq!(
+        deploy(
+            s,
+            &t,
+            "keeper",
+            &[("function.py", "def handler(e):\n    return 'kept'\n")]
+        )
+        .status,
+        201
+    );
+    let raw = |name: &str, bytes: Vec<u8>| {
+        request(
+            "POST",
+            &format!("{}/api/functions/deploy?name={name}", s.url),
+            Some(&t),
+            Some(("application/zip", bytes)),
+        )
+    };
+    // Traversal, absolute, symlink, corrupt, bomb.
+    let traversal = raw("keeper", zip(&[("../../evil.py", "x")]));
+    assert_eq!(traversal.status, 400, "{traversal:?}");
+    assert!(traversal.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unsafe path"));
+    assert_eq!(raw("keeper", zip(&[("/etc/evil.py", "x")])).status, 400);
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    w.add_symlink(
+        "function.py",
+        "/etc/shadow",
+        zip::write::SimpleFileOptions::default(),
+    )
+    .unwrap();
+    let r = raw("keeper", w.finish().unwrap().into_inner());
+    assert_eq!(r.status, 400);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("symlink"));
+    assert_eq!(
+        raw("keeper", b"PK\x03\x04 this is not a zip".to_vec()).status,
+        400
+    );
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    w.start_file(
+        "function.py",
+        zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated),
+    )
+    .unwrap();
+    let zeros = vec![b' '; 1 << 20];
+    for _ in 0..80 {
+        std::io::Write::write_all(&mut w, &zeros).unwrap();
+    }
+    let bomb = w.finish().unwrap().into_inner();
+    assert!(bomb.len() < 1 << 20);
+    let r = raw("keeper", bomb);
+    assert_eq!(r.status, 400, "{r:?}");
+    // Over the body limit: refused from the headers alone, before any of the body is sent.
+    {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        write!(tcp, "POST /api/functions/deploy?name=keeper HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {t}\r\nContent-Type: application/zip\r\nContent-Length: {}\r\n\r\n", 33u64 << 20).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = [0u8; 64];
+        let n = tcp.read(&mut head).unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    }
+    // Invalid name, unknown runtime, missing handler, syntax error.
+    assert_eq!(
+        raw("Bad..Name", zip(&[("function.py", HELLO_PY)])).status,
+        400
+    );
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy?name=x&runtime=cobol", s.url),
+        Some(&t),
+        Some(("application/zip", zip(&[("function.py", HELLO_PY)]))),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown runtime"));
+    let r = raw(
+        "keeper",
+        zip(&[("function.py", "def something_else(e):\n    return 1\n")]),
+    );
+    assert_eq!(r.status, 422, "{r:?}");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("handler"));
+    assert_eq!(
+        raw(
+            "keeper",
+            zip(&[("function.py", "def handler(e)\n  return 1\n")])
+        )
+        .status,
+        422
+    );
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy", s.url),
+        Some(&t),
+        Some(("text/plain", b"hello".to_vec())),
+    );
+    assert_eq!(r.status, 415);
+    // Nothing stored was damaged: still version 1, still answering.
+    let r = get(s, "/api/functions/keeper", &t);
+    assert_eq!(r.body["version"], 1);
+    assert_eq!(r.body["versions"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        post_json(s, "/api/functions/keeper/invoke", &t, &json!({})).body["result"],
+        "kept"
+    );
+    assert!(!s.dir.join("evil.py").exists() && !std::path::Path::new("/etc/evil.py").exists());
+    // Unknown routes and methods answer in the same JSON shape.
+    let r = get(s, "/api/nope", &t);
+    assert_eq!(r.status, 404);
+    assert!(r.body["error"]["code"].is_string());
+}
+
+fn tenant_matrix() {
+    let s = shared();
+    let owner = s.token("owner", false);
+    let other = s.token("intruder", false);
+    let admin = s.token("root", true);
+    let r = deploy(s, &owner, "private", &[("function.py", HELLO_PY)]);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let task = post_json(s, "/api/functions/private/invoke", &owner, &json!({})).body["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let expired = {
+        let out = std::process::Command::new(BIN)
+            .arg("--data-dir")
+            .arg(s.dir.join("data"))
+            .args(["--tenant", "owner", "token", "--ttl", "-10"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let none_alg = {
+        use base64::Engine as _;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.",
+            e.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            e.encode(br#"{"sub":"owner","exp":9999999999}"#)
+        )
+    };
+    let forged = {
+        let mut t = owner.clone();
+        t.pop();
+        t.push(if owner.ends_with('A') { 'B' } else { 'A' });
+        t
+    };
+    let routes: Vec<(&str, String)> = vec![
+        ("GET", format!("/api/functions/{id}")),
+        ("GET", "/api/functions/private".into()),
+        ("GET", format!("/api/functions/{id}/versions")),
+        ("GET", format!("/api/functions/{id}/metrics")),
+        ("GET", format!("/api/functions/{id}/tasks")),
+        ("POST", format!("/api/functions/{id}/invoke")),
+        ("POST", format!("/api/functions/{id}/run")),
+        ("GET", format!("/api/tasks/{task}")),
+        ("GET", format!("/api/functions/{task}/status")),
+        ("GET", format!("/functions/{id}")),
+        ("POST", format!("/execute/{id}")),
+        ("GET", format!("/metrics/functions/{id}")),
+        ("PUT", format!("/api/functions/{id}/deactivate")),
+        ("PUT", format!("/api/functions/{id}/activate")),
+    ];
+    for (method, path) in &routes {
+        let url = format!("{}{path}", s.url);
+        let body = (method == &"POST").then(|| ("application/json", b"{}".to_vec()));
+        assert_eq!(
+            request(method, &url, Some(&other), body.clone()).status,
+            404,
+            "other tenant: {method} {path}"
+        );
+        for (what, token) in [
+            ("no token", None),
+            ("expired", Some(expired.as_str())),
+            ("alg none", Some(none_alg.as_str())),
+            ("forged", Some(forged.as_str())),
+            ("garbage", Some("abc")),
+        ] {
+            let r = request(method, &url, token, body.clone());
+            assert_eq!(r.status, 401, "{what}: {method} {path}: {r:?}");
+            assert_eq!(r.body["error"]["code"], "unauthorized");
+        }
+        let r = request(method, &url, Some(&owner), body.clone());
+        assert!(r.status < 300, "owner: {method} {path}: {r:?}");
+        let r = request(method, &url, Some(&admin), body);
+        assert!(r.status < 300, "admin: {method} {path}: {r:?}");
+    }
+    // Lists: each tenant sees only its own; the admin sees all.
+    assert!(!get(s, "/api/functions/", &other).body["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["id"] == id.as_str()));
+    assert!(get(s, "/api/functions/", &admin).body["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["id"] == id.as_str()));
+    assert_eq!(
+        request(
+            "DELETE",
+            &format!("{}/api/functions/{id}", s.url),
+            Some(&other),
+            None
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        request(
+            "DELETE",
+            &format!("{}/api/functions/{id}", s.url),
+            None,
+            None
+        )
+        .status,
+        401
+    );
+    assert_eq!(
+        request(
+            "DELETE",
+            &format!("{}/api/functions/{id}", s.url),
+            Some(&owner),
+            None
+        )
+        .status,
+        200
+    );
+    // The other tenant can use the same name independently.
+    assert_eq!(
+        deploy(s, &other, "private", &[("function.py", HELLO_PY)]).status,
+        201
+    );
+}
+
+fn outcomes() {
+    let s = shared();
+    let t = s.token("outcomes", false);
+    let cases = [
+        ("boom", "def handler(e):\n    raise RuntimeError('kaput')\n", "failed", Some("raised")),
+        ("spin", "def handler(e):\n    while True:\n        pass\n", "timeout", Some("timeout")),
+        ("hog", "def handler(e):\n    a = []\n    while True:\n        a.append(bytearray(b'x' * (1 << 20)))\n", "out_of_memory", Some("out_of_memory")),
+        ("die", "import os\ndef handler(e):\n    os._exit(9)\n", "crashed", Some("crashed")),
+    ];
+    for (name, code, status, kind) in cases {
+        let r = request(
+            "POST",
+            &format!(
+                "{}/api/functions/deploy?name={name}&timeout=1&memory=64",
+                s.url
+            ),
+            Some(&t),
+            Some(("application/zip", zip(&[("function.py", code)]))),
+        );
+        assert_eq!(r.status, 201, "{name}: {r:?}");
+        let r = post_json(s, &format!("/api/functions/{name}/invoke"), &t, &json!({}));
+        assert_eq!(r.body["status"], status, "{name}: {r:?}");
+        assert_eq!(r.body["error"]["kind"].as_str(), kind, "{name}");
+    }
+    let r = post_json(s, "/api/functions/boom/invoke", &t, &json!({}));
+    assert!(r.body["error"]["traceback"]
+        .as_str()
+        .unwrap()
+        .contains("kaput"));
+    let m = get(s, "/api/functions/spin/metrics", &t).body;
+    assert_eq!(m["errors_by_kind"]["timeout"], 1);
+}
+
+fn kill9() {
+    let dir = std::env::temp_dir().join(format!("cloudfunc-api-kill9-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut s = Server::start_in(&dir, "kill9", 0, &["--workers", "1", "--concurrency", "1"]);
+    let t = s.token("crashy", false);
+    let slow = "import time\ndef handler(e):\n    time.sleep(1.5)\n    return e['n']\n";
+    assert_eq!(deploy(&s, &t, "slow", &[("function.py", slow)]).status, 201);
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy?name=retry&max_retries=2", s.url),
+        Some(&t),
+        Some(("application/zip", zip(&[("function.py", slow)]))),
+    );
+    assert_eq!(r.status, 201);
+    let mut tasks = Vec::new();
+    let first = post_json(&s, "/api/functions/slow/run", &t, &json!({"n": 0})).body["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Wait until the first one runs, then queue more behind it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get(&s, &format!("/api/tasks/{first}"), &t).body["status"] != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first task never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for n in 1..4 {
+        tasks.push(
+            post_json(&s, "/api/functions/slow/run", &t, &json!({"n": n})).body["task_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    s.kill9();
+    let s = Server::start_in(&dir, "kill9", 0, &["--workers", "2"]);
+    let t = s.token("crashy", false);
+    let interrupted = wait_task(&s, &t, &first, Duration::from_secs(5));
+    assert_eq!(interrupted["status"], "failed");
+    assert_eq!(interrupted["error"]["kind"], "interrupted");
+    for (i, task) in tasks.iter().enumerate() {
+        let done = wait_task(&s, &t, task, Duration::from_secs(60));
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["result"], i + 1);
+        assert_eq!(done["attempts"], 1, "exactly once");
+    }
+    // A function that opts into retries is run again after a crash.
+    let mut s = s;
+    let retried = post_json(&s, "/api/functions/retry/run", &t, &json!({"n": 42})).body["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get(&s, &format!("/api/tasks/{retried}"), &t).body["status"] != "running" {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.kill9();
+    let s = Server::start_in(&dir, "kill9", 0, &[]);
+    let t = s.token("crashy", false);
+    let done = wait_task(&s, &t, &retried, Duration::from_secs(60));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn openapi() {
+    let s = shared();
+    let r = request("GET", &format!("{}/api/openapi.json", s.url), None, None);
+    assert_eq!(r.status, 200);
+    let paths = r.body["paths"].as_object().unwrap();
+    for p in [
+        "/api/functions/deploy",
+        "/api/functions/{id}/run",
+        "/api/tasks/{task_id}",
+        "/functions/{id}/execute",
+        "/execute/{id}",
+        "/metrics/system",
+    ] {
+        assert!(paths.contains_key(p), "{p} missing");
+    }
+}
+
+fn weak_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            "password",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("secret"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
