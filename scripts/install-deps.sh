@@ -4,7 +4,7 @@
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
-packages=(libseccomp-dev pkg-config python3 nodejs runc crun runsc ca-certificates)
+packages=(libseccomp-dev pkg-config python3 python3-venv nodejs runc crun runsc ca-certificates curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quick start: installs everything, builds cloudfunc, installs it into /usr/local/bin and runs
-# the seed's hello_fn in a sandbox with the platform's embedded defaults.
+# Quick start: installs what cloudfunc needs, builds it, installs `cloudfunc` and
+# `cloudfunc-shim` into /usr/local/bin, and runs the platform with its embedded defaults:
+# SQLite and code under /var/lib/cloudfunc, the API on http://127.0.0.1:8080.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,7 +9,10 @@ bash scripts/install-deps.sh
 cargo build --release --locked -p cloudfunc-server -p cloudfunc-sandbox --bins
 install -m 0755 target/release/cloudfunc target/release/cloudfunc-shim /usr/local/bin/
 
-echo "== cloudfunc run examples/hello_fn (cold, then warm in the same sandbox)"
-cloudfunc run examples/hello_fn --data '{"name":"Alice"}' --times 2
-echo "== the same without a name"
-cloudfunc run examples/hello_fn --data '{}'
+cat <<'MSG'
+cloudfunc is starting (Ctrl-C stops it). In another shell:
+  cloudfunc deploy examples/hello_fn
+  cloudfunc invoke hello_fn --data '{"name":"Alice"}'
+  curl -H "Authorization: Bearer $(cloudfunc token)" http://127.0.0.1:8080/api/functions/
+MSG
+exec cloudfunc serve "$@"

@@ -308,13 +308,16 @@ mod tests {
             extract(&bytes, &dir.path().join("d"), ArchiveLimits::default()),
             Err(ArchiveError::NotAFile(_))
         ));
-        let bytes = archive(|w| {
-            w.start_file(
-                "fifo",
-                SimpleFileOptions::default().unix_permissions(0o010_644),
-            )
+        // The zip crate writes only permission bits, so set a FIFO's mode in the central
+        // directory's external attributes by hand, as a hostile archive would.
+        let mut bytes = archive(|w| file(w, "fifo", b""));
+        let central = bytes
+            .windows(4)
+            .position(|w| w == [0x50, 0x4b, 0x01, 0x02])
             .unwrap();
-        });
+        let attrs = (0o010_644u32 << 16).to_le_bytes();
+        bytes[central + 38..central + 42].copy_from_slice(&attrs);
+        bytes[central + 5] = 3; // "version made by": Unix, so the mode is read
         assert!(matches!(
             extract(&bytes, &dir.path().join("d"), ArchiveLimits::default()),
             Err(ArchiveError::NotAFile(_))

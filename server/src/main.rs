@@ -86,6 +86,9 @@ enum Command {
         /// Largest request body, MiB.
         #[arg(long, default_value_t = 32)]
         max_body_mb: u64,
+        /// Days finished tasks (results, logs, usage) are kept.
+        #[arg(long, env = "CLOUDFUNC_RETENTION_DAYS", default_value_t = 7.0)]
+        retention_days: f64,
     },
     /// Print a bearer token for a tenant, signed with the local server's secret.
     Token {
@@ -277,7 +280,11 @@ async fn run(cli: Cli) -> Result<bool> {
             workers,
             concurrency,
             max_body_mb,
+            retention_days,
         } => {
+            if !retention_days.is_finite() || *retention_days <= 0.0 {
+                bail!("--retention-days must be a positive number");
+            }
             serve(ServeConfig {
                 listen: *listen,
                 data_dir: cli.data_dir.clone(),
@@ -288,6 +295,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 workers: *workers,
                 concurrency: *concurrency,
                 max_body_bytes: max_body_mb * 1024 * 1024,
+                retention: Duration::from_secs_f64(retention_days * 86_400.0),
             })
             .await?;
             Ok(true)

@@ -5,7 +5,8 @@ use serde_json::{json, Value};
 use crate::model::{Function, TaskStatus};
 use crate::store::CallRow;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p`th percentile (nearest rank) of sorted values; 0 for none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

@@ -622,6 +622,24 @@ impl Platform {
         .await?
     }
 
+    /// Deletes finished tasks older than `retention`, now and then every hour.
+    pub fn start_retention(&self, retention: Duration) {
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                let store = store.clone();
+                let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+                match blocking(move || store.prune(cutoff)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => eprintln!("cloudfunc: retention removed {n} finished task(s)"),
+                    other => eprintln!("cloudfunc: retention failed: {other:?}"),
+                }
+            }
+        });
+    }
+
     /// Crash recovery, then `workers` queue workers until the process ends.
     pub async fn start_queue(&self, workers: usize) -> Result<crate::store::Recovery> {
         let store = self.inner.store.clone();

@@ -24,6 +24,8 @@ pub struct ServeConfig {
     pub workers: usize,
     pub concurrency: usize,
     pub max_body_bytes: u64,
+    /// How long finished tasks (results, logs, usage) are kept.
+    pub retention: std::time::Duration,
 }
 
 impl Default for ServeConfig {
@@ -38,6 +40,7 @@ impl Default for ServeConfig {
             workers: 4,
             concurrency: 8,
             max_body_bytes: 32 * 1024 * 1024,
+            retention: std::time::Duration::from_secs(7 * 86_400),
         }
     }
 }

@@ -468,7 +468,15 @@ pub struct RangeQuery {
 
 impl RangeQuery {
     pub fn resolve(&self) -> Result<(i64, i64), ApiError> {
+        let out_of_range = || {
+            ApiError::bad_request("since and until are Unix milliseconds between 0 and year 9999")
+        };
+        const MAX_MS: i64 = 253_402_300_799_999;
+        let valid = |ms: i64| (0..=MAX_MS).contains(&ms);
         let until = self.until.unwrap_or_else(|| crate::model::now_ms() + 1);
+        if !valid(until) {
+            return Err(out_of_range());
+        }
         let since = match (&self.since, &self.range) {
             (Some(s), _) => *s,
             (None, Some(r)) => {
@@ -487,10 +495,13 @@ impl RangeQuery {
                         )))
                     }
                 };
-                until - n.saturating_mul(ms)
+                until.saturating_sub(n.saturating_mul(ms)).max(0)
             }
-            (None, None) => until - 86_400_000,
+            (None, None) => until.saturating_sub(86_400_000).max(0),
         };
+        if !valid(since) {
+            return Err(out_of_range());
+        }
         if since >= until {
             return Err(ApiError::bad_request("since must be before until"));
         }

@@ -26,7 +26,7 @@ fn op(summary: &str, ok: (&str, Value), errors: &[&str], extra: Value) -> Value 
 }
 
 fn id_param() -> Value {
-    json!({"name": "id", "in": "path", "required": true, "description": "function id or name (name@version where a version may be named)", "schema": {"type": "string", "minLength": 1, "maxLength": 80}})
+    json!({"name": "id", "in": "path", "required": true, "description": "function id or name (name@version where a version may be named)", "example": "hello_fn", "schema": {"type": "string", "minLength": 1, "maxLength": 80}})
 }
 
 fn task_param(name: &str) -> Value {
@@ -35,8 +35,8 @@ fn task_param(name: &str) -> Value {
 
 fn range_params() -> Value {
     json!([
-        {"name": "since", "in": "query", "schema": {"type": "integer", "format": "int64"}, "description": "Unix milliseconds"},
-        {"name": "until", "in": "query", "schema": {"type": "integer", "format": "int64"}, "description": "Unix milliseconds"},
+        {"name": "since", "in": "query", "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": 253402300799999i64}, "description": "Unix milliseconds"},
+        {"name": "until", "in": "query", "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": 253402300799999i64}, "description": "Unix milliseconds"},
         {"name": "range", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,6}[smhd]$"}, "description": "15m, 1h, 7d"}
     ])
 }
@@ -74,7 +74,7 @@ fn deploy_body() -> Value {
 
 /// The document.
 pub fn document() -> Value {
-    let four = ["400", "401", "404", "409", "413", "422"];
+    let four = ["400", "401", "404", "409", "413", "415", "422"];
     let any = json!({});
     json!({
         "openapi": "3.0.3",
@@ -90,6 +90,7 @@ pub fn document() -> Value {
                     "settings": {"type": "object"}, "versions": {"type": "array", "items": {"type": "object"}}
                 }},
                 "FunctionList": {"type": "object", "required": ["functions"], "properties": {"functions": {"type": "array", "items": {"$ref": "#/components/schemas/Function"}}, "count": {"type": "integer"}}},
+                "Changed": {"type": "object", "required": ["id", "name", "status"], "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "status": {"type": "string"}}},
                 "Deployed": {"type": "object", "required": ["id", "name", "version", "status"], "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "version": {"type": "integer"}, "status": {"type": "string"}}},
                 "Queued": {"type": "object", "required": ["task_id", "status"], "properties": {"task_id": {"type": "string"}, "status": {"type": "string"}, "function": {"type": "string"}, "version": {"type": "integer"}}},
                 "Task": {"type": "object", "required": ["task_id", "status", "function", "version"], "properties": {
@@ -116,11 +117,11 @@ pub fn document() -> Value {
             "/api/functions/{id}": {
                 "get": op("A function with its versions", ("200", schema("Function")), &["401", "404"], json!({"parameters": [id_param()]})),
                 "put": op("New code (application/zip) or settings (JSON) as the next version", ("200", schema("Deployed")), &four, json!({"parameters": [id_param()], "requestBody": json_body(json!({"type": "object"}))})),
-                "delete": op("Delete a function", ("200", schema("Deployed")), &["401", "404"], json!({"parameters": [id_param()]}))
+                "delete": op("Delete a function", ("200", schema("Changed")), &["401", "404"], json!({"parameters": [id_param()]}))
             },
             "/api/functions/{id}/versions": {"get": op("Versions", ("200", json!({"type": "object"})), &["401", "404"], json!({"parameters": [id_param()]}))},
-            "/api/functions/{id}/activate": {"put": op("Activate", ("200", json!({"type": "object"})), &["401", "404"], json!({"parameters": [id_param()]}))},
-            "/api/functions/{id}/deactivate": {"put": op("Deactivate", ("200", json!({"type": "object"})), &["401", "404"], json!({"parameters": [id_param()]}))},
+            "/api/functions/{id}/activate": {"put": op("Activate", ("200", schema("Changed")), &["401", "404"], json!({"parameters": [id_param()]}))},
+            "/api/functions/{id}/deactivate": {"put": op("Deactivate", ("200", schema("Changed")), &["401", "404"], json!({"parameters": [id_param()]}))},
             "/api/functions/{id}/run": {"post": op("Queue an asynchronous run", ("202", schema("Queued")), &four, json!({"parameters": [id_param(), {"name": "version", "in": "query", "schema": {"type": "integer", "minimum": 1}}], "requestBody": json_body(json!({}))}))},
             "/api/functions/{id}/invoke": {"post": op("Run now and wait", ("200", schema("Task")), &four, json!({"parameters": [id_param(), {"name": "version", "in": "query", "schema": {"type": "integer", "minimum": 1}}], "requestBody": json_body(json!({}))}))},
             "/api/functions/{task_id}/status": {"get": op("A task's status and result (seed 000's path)", ("200", schema("Task")), &["401", "404"], json!({"parameters": [task_param("task_id")]}))},
@@ -138,7 +139,7 @@ pub fn document() -> Value {
             "/functions/{id}": {
                 "get": op("A function (seed 002)", ("200", schema("Function")), &["401", "404"], json!({"parameters": [id_param()]})),
                 "put": op("Update code or settings (seed 002)", ("200", schema("Deployed")), &four, json!({"parameters": [id_param()], "requestBody": json_body(json!({"type": "object"}))})),
-                "delete": op("Delete (seeds 002, 004)", ("200", schema("Deployed")), &["401", "404"], json!({"parameters": [id_param()]}))
+                "delete": op("Delete (seeds 002, 004)", ("200", schema("Changed")), &["401", "404"], json!({"parameters": [id_param()]}))
             },
             "/functions/{id}/execute": {"post": op("Run with a string payload (seed 004)", ("200", schema("Outcome")), &four, json!({"parameters": [id_param()], "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["payload"], "properties": {"payload": {"type": "string"}}}}}}}))},
             "/execute/{id}": {"post": op("Run with {input, parameters} (seed 002)", ("200", schema("Outcome")), &four, json!({"parameters": [id_param()], "requestBody": json_body(json!({"type": "object", "properties": {"input": {}, "parameters": {"type": "object"}}}))}))},

@@ -1,0 +1,231 @@
+//! `cloudfunc-load`: HTTP load on a real server: synchronous invokes of a Python hello and
+//! asynchronous submissions, from many client threads, bounded in time and count. Prints
+//! requests per second and latency percentiles.
+//!
+//! Usage (as root): `cloudfunc-load [--clients N] [--seconds S] [--url URL --token T]`.
+//! Without `--url` it starts `cloudfunc serve` from next to itself on a free loopback port, in
+//! a temporary directory, and stops it afterwards.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cloudfunc_server::metrics::percentile;
+
+struct Spawned {
+    child: Child,
+    /// Removed when dropped, after the server is gone.
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The shims tear their containers down when the server goes; the parent cgroups stay.
+        std::thread::sleep(Duration::from_millis(500));
+        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(
+                hierarchy
+                    .path()
+                    .join(format!("cloudfunc-load-{}", std::process::id())),
+            );
+        }
+    }
+}
+
+fn spawn_server() -> Result<(Spawned, String, String)> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("no directory")?.join("cloudfunc");
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-load-")
+        .tempdir()?;
+    let mut child = Command::new(&bin)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--concurrency",
+            "4",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--images-dir")
+        .arg(dir.path().join("images"))
+        .args([
+            "--cgroup-parent",
+            &format!("cloudfunc-load-{}", std::process::id()),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
+    let url = line
+        .trim()
+        .strip_prefix("cloudfunc listening on ")
+        .context("the server did not start")?
+        .to_string();
+    let out = Command::new(&bin)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--tenant", "load", "token"])
+        .output()?;
+    let token = String::from_utf8(out.stdout)?.trim().to_string();
+    Ok((Spawned { child, _dir: dir }, url, token))
+}
+
+struct Outcome {
+    ok: u64,
+    errors: u64,
+    /// Milliseconds, sorted.
+    latencies: Vec<f64>,
+    elapsed: Duration,
+}
+
+fn run(url: &str, token: &str, clients: usize, seconds: u64, max_requests: u64) -> Outcome {
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let counts = Arc::new(Mutex::new((0u64, 0u64)));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let per_client = max_requests / clients as u64 + 1;
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (url, token, latencies, counts) = (
+                url.to_string(),
+                token.to_string(),
+                latencies.clone(),
+                counts.clone(),
+            );
+            std::thread::spawn(move || {
+                let agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(60)))
+                    .build()
+                    .new_agent();
+                let mut mine = Vec::new();
+                let (mut ok, mut err) = (0, 0);
+                for _ in 0..per_client {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    let t = Instant::now();
+                    let r = agent
+                        .post(&url)
+                        .header("authorization", &format!("Bearer {token}"))
+                        .header("content-type", "application/json")
+                        .send(r#"{"name":"Load"}"#.as_bytes());
+                    let good = matches!(&r, Ok(resp) if resp.status().is_success());
+                    if let Ok(mut resp) = r {
+                        let _ = resp.body_mut().read_to_string();
+                    }
+                    mine.push(t.elapsed());
+                    if good {
+                        ok += 1;
+                    } else {
+                        err += 1;
+                    }
+                }
+                latencies.lock().unwrap().extend(mine);
+                let mut c = counts.lock().unwrap();
+                c.0 += ok;
+                c.1 += err;
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    let elapsed = start.elapsed();
+    let latencies = Arc::try_unwrap(latencies)
+        .map(|m| m.into_inner().unwrap())
+        .unwrap_or_default();
+    let mut latencies: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    latencies.sort_by(f64::total_cmp);
+    let (ok, errors) = *counts.lock().unwrap();
+    Outcome {
+        ok,
+        errors,
+        latencies,
+        elapsed,
+    }
+}
+
+fn main() -> Result<()> {
+    let (mut clients, mut seconds, mut url, mut token) = (8usize, 10u64, None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--clients" => clients = args.next().context("--clients N")?.parse()?,
+            "--seconds" => seconds = args.next().context("--seconds S")?.parse()?,
+            "--url" => url = args.next(),
+            "--token" => token = args.next(),
+            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--url URL --token T]"),
+        }
+    }
+    let mut spawned = None;
+    let (url, token) = match (url, token) {
+        (Some(u), Some(t)) => (u, t),
+        (None, None) => {
+            let (s, u, t) = spawn_server()?;
+            spawned = Some(s);
+            (u, t)
+        }
+        _ => bail!("--url and --token go together"),
+    };
+    let zip = cloudfunc_server::archive::zip_dir(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/hello_fn")
+            .as_path(),
+    )?;
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut r = agent
+        .post(&format!("{url}/api/functions/deploy?name=hello_load"))
+        .header("authorization", &format!("Bearer {token}"))
+        .header("content-type", "application/zip")
+        .send(&zip[..])?;
+    if !r.status().is_success() {
+        bail!(
+            "deploy failed: {}",
+            r.body_mut().read_to_string().unwrap_or_default()
+        );
+    }
+    println!("Load on {url}: {clients} clients, {seconds} s per scenario (each bounded to 200000 requests).");
+    println!("| scenario | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, path) in [
+        (
+            "sync invoke, python hello",
+            "/api/functions/hello_load/invoke",
+        ),
+        ("async submit (202)", "/api/functions/hello_load/run"),
+    ] {
+        let r = run(&format!("{url}{path}"), &token, clients, seconds, 200_000);
+        println!(
+            "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.ok + r.errors,
+            r.errors,
+            r.ok as f64 / r.elapsed.as_secs_f64(),
+            percentile(&r.latencies, 50.0),
+            percentile(&r.latencies, 90.0),
+            percentile(&r.latencies, 99.0),
+            r.latencies.last().copied().unwrap_or(0.0)
+        );
+    }
+    drop(spawned);
+    Ok(())
+}
