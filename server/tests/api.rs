@@ -747,10 +747,13 @@ fn tenant_matrix() {
         ("GET", format!("/metrics/functions/{id}")),
         ("PUT", format!("/api/functions/{id}/deactivate")),
         ("PUT", format!("/api/functions/{id}/activate")),
+        ("PUT", format!("/api/functions/{id}")),
+        ("PUT", format!("/functions/{id}")),
     ];
     for (method, path) in &routes {
         let url = format!("{}{path}", s.url);
-        let body = (method == &"POST").then(|| ("application/json", b"{}".to_vec()));
+        let sends_json = method == &"POST" || (method == &"PUT" && !path.ends_with("activate"));
+        let body = sends_json.then(|| ("application/json", b"{}".to_vec()));
         assert_eq!(
             request(method, &url, Some(&other), body.clone()).status,
             404,

@@ -35,6 +35,12 @@ impl Server {
     /// Starts (or restarts) a server on `dir`; port 0 picks a free one.
     pub fn start_in(dir: &Path, tag: &str, port: u16, extra: &[&str]) -> Server {
         let parent = format!("cf-api-{tag}-{}", std::process::id());
+        // The server's own log (one JSON line per invocation) goes beside its data.
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .unwrap();
         let mut child = Command::new(BIN)
             .arg("--data-dir")
             .arg(dir.join("data"))
@@ -49,7 +55,7 @@ impl Server {
             .arg(&parent)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log)
             .spawn()
             .unwrap();
         let mut line = String::new();
