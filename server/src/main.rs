@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use cloudfunc_sandbox::{
-    Engine, EngineConfig, InvokeOptions, Limits, Runtime, Sandbox, SandboxSpec,
-};
+use cloudfunc_sandbox::{Engine, EngineConfig, InvokeOptions, Limits, Sandbox, SandboxSpec};
 use cloudfunc_server::client::{encode, Client};
+use cloudfunc_server::platform::guess_runtime;
 use cloudfunc_server::serve::{load_keys, serve, ServeConfig};
 use serde_json::{json, Value};
 
@@ -498,26 +497,6 @@ fn client_command(cli: &Cli) -> Result<bool> {
     Ok(true)
 }
 
-fn guess_runtime(dir: &Path) -> Result<Runtime> {
-    let has = |names: &[&str]| names.iter().any(|n| dir.join(n).exists());
-    if has(&["function.py", "handler.py", "main.py"]) {
-        Ok(Runtime::Python)
-    } else if has(&[
-        "index.js",
-        "handler.js",
-        "function.js",
-        "main.js",
-        "index.mjs",
-    ]) {
-        Ok(Runtime::Node)
-    } else {
-        bail!(
-            "cannot tell the runtime of {}: pass --runtime python|node",
-            dir.display()
-        )
-    }
-}
-
 fn run_local(cli: &Cli) -> Result<bool> {
     let Command::Run {
         dir,
@@ -540,7 +519,12 @@ fn run_local(cli: &Cli) -> Result<bool> {
     let event: Value = serde_json::from_str(data).context("--data must be JSON")?;
     let runtime = match runtime {
         Some(name) => name.parse()?,
-        None => guess_runtime(&dir)?,
+        None => guess_runtime(&dir).with_context(|| {
+            format!(
+                "cannot tell the runtime of {}: pass --runtime python|node",
+                dir.display()
+            )
+        })?,
     };
     if !timeout.is_finite() || *timeout <= 0.0 {
         bail!("--timeout must be a positive number of seconds");

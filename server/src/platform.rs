@@ -787,7 +787,8 @@ fn settings_of(v: &Version) -> Settings {
     }
 }
 
-fn guess_runtime(dir: &Path) -> Option<Runtime> {
+/// The runtime a code directory is written for, by its conventional module names.
+pub fn guess_runtime(dir: &Path) -> Option<Runtime> {
     let has = |names: &[&str]| names.iter().any(|n| dir.join(n).is_file());
     if has(&["function.py", "handler.py", "main.py"]) {
         Some(Runtime::Python)

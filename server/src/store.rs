@@ -183,6 +183,18 @@ impl SqliteStore {
     }
 }
 
+/// A uniqueness violation means a concurrent deploy took the same name or version.
+fn conflict(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Conflict
+        }
+        e => e.into(),
+    }
+}
+
 const FUNCTION_COLS: &str = "id, tenant, name, version, active, created_at, updated_at";
 
 fn function_row(row: &Row<'_>) -> rusqlite::Result<Function> {
@@ -275,19 +287,13 @@ impl Store for SqliteStore {
              ON CONFLICT (id) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
             params![function_id, tenant, name, version.version, now],
         )
-        .map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => StoreError::Conflict,
-            e => e.into(),
-        })?;
+        .map_err(conflict)?;
         let settings = serde_json::to_string(version)?;
         tx.execute(
             "INSERT INTO versions (function_id, version, settings, code_dir, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![function_id, version.version, settings, version.code_dir, version.created_at],
         )
-        .map_err(|e| match e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => StoreError::Conflict,
-            e => e.into(),
-        })?;
+        .map_err(conflict)?;
         let function = tx.query_row(
             &format!("SELECT {FUNCTION_COLS} FROM functions WHERE id = ?1"),
             params![function_id],

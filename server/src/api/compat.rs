@@ -17,7 +17,7 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use super::error::{reject, ApiError};
-use super::functions::{function_json, metrics, read_form, RangeQuery};
+use super::functions::{delete, get, list, metrics, read_form, RangeQuery};
 use super::{caller, with_state, AppState};
 use crate::auth::Caller;
 use crate::model::{Task, TaskStatus};
@@ -142,23 +142,6 @@ async fn seed004_form(ct: &str, body: Bytes, limit: u64) -> Result<(Settings, Co
     Ok((settings, Code::Files(vec![(base, data.to_vec())])))
 }
 
-async fn list(caller: Caller, state: AppState) -> Result<Response, Rejection> {
-    let functions = state.platform.list(&caller).await.map_err(reject)?;
-    let list: Vec<Value> = functions.iter().map(|f| function_json(f, None)).collect();
-    Ok(reply(
-        StatusCode::OK,
-        json!({"functions": list, "count": list.len()}),
-    ))
-}
-
-async fn get(key: String, caller: Caller, state: AppState) -> Result<Response, Rejection> {
-    let (function, versions) = state.platform.get(&caller, &key).await.map_err(reject)?;
-    Ok(reply(
-        StatusCode::OK,
-        function_json(&function, Some(&versions)),
-    ))
-}
-
 async fn update(
     key: String,
     caller: Caller,
@@ -190,14 +173,6 @@ async fn update(
     Ok(reply(
         StatusCode::OK,
         json!({"id": function.id, "name": function.name, "version": version.version, "status": "updated"}),
-    ))
-}
-
-async fn delete(key: String, caller: Caller, state: AppState) -> Result<Response, Rejection> {
-    let f = state.platform.delete(&caller, &key).await.map_err(reject)?;
-    Ok(reply(
-        StatusCode::OK,
-        json!({"id": f.id, "name": f.name, "status": "deleted"}),
     ))
 }
 

@@ -275,7 +275,7 @@ async fn deploy(
     ))
 }
 
-async fn list(caller: Caller, state: AppState) -> Result<Response, Rejection> {
+pub(super) async fn list(caller: Caller, state: AppState) -> Result<Response, Rejection> {
     let functions = state.platform.list(&caller).await.map_err(reject)?;
     let list: Vec<Value> = functions.iter().map(|f| function_json(f, None)).collect();
     Ok(reply(
@@ -284,7 +284,11 @@ async fn list(caller: Caller, state: AppState) -> Result<Response, Rejection> {
     ))
 }
 
-async fn get(key: String, caller: Caller, state: AppState) -> Result<Response, Rejection> {
+pub(super) async fn get(
+    key: String,
+    caller: Caller,
+    state: AppState,
+) -> Result<Response, Rejection> {
     let (function, versions) = state.platform.get(&caller, &key).await.map_err(reject)?;
     Ok(reply(
         StatusCode::OK,
@@ -367,7 +371,11 @@ async fn set_active(
     ))
 }
 
-async fn delete(key: String, caller: Caller, state: AppState) -> Result<Response, Rejection> {
+pub(super) async fn delete(
+    key: String,
+    caller: Caller,
+    state: AppState,
+) -> Result<Response, Rejection> {
     let f = state.platform.delete(&caller, &key).await.map_err(reject)?;
     Ok(reply(
         StatusCode::OK,
