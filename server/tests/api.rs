@@ -31,6 +31,7 @@ fn main() {
     let args = Arguments::from_args();
     let tests: Vec<(&str, fn())> = vec![
         ("seed003_quick_start_with_the_cli", seed003_quick_start),
+        ("cli_deploys_a_file_and_a_zip", cli_files_and_zips),
         ("canonical_lifecycle", canonical_lifecycle),
         ("async_run_and_status_routes", async_run),
         ("versions_and_updates", versions),
@@ -175,6 +176,79 @@ fn seed003_quick_start() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("no function"));
+}
+
+fn cli_files_and_zips() {
+    let s = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("handler.py");
+    std::fs::write(&file, SEED004_HANDLER).unwrap();
+    let out = s
+        .cli("clifiles")
+        .arg("deploy")
+        .arg(&file)
+        .args(["--name", "payload", "--handler", "handler.handle"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s
+        .cli("clifiles")
+        .args(["--json", "invoke", "payload", "--data", r#""{\"a\": 1}""#])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["result"]["status"], "processed_as_json", "{v}");
+    let out = s
+        .cli("clifiles")
+        .args(["logs", "payload"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Default handler received"));
+    let task = v["task_id"].as_str().unwrap();
+    let out = s.cli("clifiles").args(["logs", task]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Default handler received"));
+    let archive = dir.path().join("adder.zip");
+    std::fs::write(
+        &archive,
+        zip(&[("function.py", "def handler(e):\n    return e['a'] + 1\n")]),
+    )
+    .unwrap();
+    let out = s
+        .cli("clifiles")
+        .arg("deploy")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("deployed adder version 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s
+        .cli("clifiles")
+        .args(["--json", "invoke", "adder", "--data", r#"{"a": 41}"#])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["result"], 42);
+    let out = s
+        .cli("clifiles")
+        .args(["versions", "payload"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("v1  python  handler handler.handle"));
+    // A client mistake is reported, not a crash.
+    let out = s
+        .cli("clifiles")
+        .args(["invoke", "payload", "--data", "{not json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data must be JSON"));
 }
 
 fn canonical_lifecycle() {
