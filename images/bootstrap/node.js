@@ -156,6 +156,13 @@ async function invoke(func, request, maxOutput) {
   return { ok: true, resultJson: encoded };
 }
 
+// Node writes to a full pipe by queueing the rest in memory: wait until what the function
+// printed has really left, so its logs are complete and belong to this call.
+function drained(stream) {
+  if (!stream.writableLength) return Promise.resolve();
+  return new Promise((resolve) => stream.once('drain', resolve));
+}
+
 async function main() {
   const init = readFrame();
   if (init === null) return;
@@ -173,6 +180,7 @@ async function main() {
     const request = readFrame();
     if (request === null) return;
     const reply = await invoke(func, request, maxOutput);
+    await Promise.all([drained(process.stdout), drained(process.stderr)]);
     if (reply.ok) {
       writeRaw(`{"ok":true,"result":${reply.resultJson}}`);
     } else {

@@ -26,6 +26,9 @@ const MOUNT_POINTS: &[&str] = &[
     "cloudfunc",
 ];
 
+/// Bumped when the skeleton's shape changes without its listed contents changing (modes).
+const SKELETON_VERSION: u32 = 2;
+
 /// Top-level directories that a merged-`/usr` host links into `/usr`; on a host where one is
 /// a real directory it is bind-mounted instead.
 const USR_ALIASES: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
@@ -127,7 +130,15 @@ impl Layout {
     fn digest(&self) -> u64 {
         let mut hasher = DefaultHasher::new();
         self.hash(&mut hasher);
-        (MOUNT_POINTS, PASSWD, GROUP, HOSTS, NSSWITCH).hash(&mut hasher);
+        (
+            SKELETON_VERSION,
+            MOUNT_POINTS,
+            PASSWD,
+            GROUP,
+            HOSTS,
+            NSSWITCH,
+        )
+            .hash(&mut hasher);
         for runtime in Runtime::ALL {
             runtime.bootstrap().hash(&mut hasher);
         }
@@ -155,6 +166,9 @@ fn write_atomically(images_dir: &Path, dir: &Path, layout: &Layout) -> Result<()
         fs::create_dir_all(&path).map_err(io_err(&path))?;
         dir_mode(&path)?;
     }
+    // Like any root filesystem's: runc keeps a tmpfs mountpoint's own mode over `mode=`.
+    let tmp = rootfs.join("tmp");
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(io_err(&tmp))?;
     for (name, target) in &layout.links {
         let path = rootfs.join(name);
         symlink(target, &path).map_err(io_err(&path))?;
@@ -232,6 +246,12 @@ mod tests {
         for point in MOUNT_POINTS {
             assert!(image.rootfs.join(point).is_dir(), "{point} missing");
         }
+        let tmp_mode = fs::metadata(image.rootfs.join("tmp"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(tmp_mode, 0o1777);
         let dests: Vec<_> = image.mounts.iter().map(|m| m.destination.clone()).collect();
         assert_eq!(
             dests,

@@ -2,9 +2,9 @@
 //!
 //! The sandbox logic (framing, timeouts, usage, outcomes) is the same whatever runs the
 //! container; a [`Backend`] only launches a bundle with three pipes as its stdio and hands back
-//! a [`Container`] that can be killed, waited for and destroyed. This backend is
-//! [`crate::libcontainer::LibcontainerBackend`]; OCI runtime CLIs (runsc, runc, crun) plug in
-//! behind the same trait.
+//! a [`Container`] that can be killed, waited for and destroyed.
+//! [`crate::shim_backend::ShimBackend`] implements it for libcontainer and for OCI runtime
+//! command lines (runc, crun); others (a VM, a remote node) plug in behind the same trait.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;

@@ -19,7 +19,8 @@ use oci_spec::runtime::LinuxSeccomp;
 use crate::backend::{Backend, Container, Launch};
 use crate::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
 use crate::error::{Error, Result};
-use crate::libcontainer::LibcontainerBackend;
+use crate::shim::CliRuntime;
+use crate::shim_backend::ShimBackend;
 
 /// Which seccomp filter sandboxes get.
 #[derive(Debug, Clone, Default)]
@@ -31,6 +32,69 @@ pub enum SeccompPolicy {
     Custom(Profile),
     /// No filter at all. Only for diagnosis: the engine prints a warning for every sandbox.
     DisabledUnsafe,
+}
+
+/// Which runtime starts the containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// youki's libcontainer, in the shim (the default: the fastest start).
+    #[default]
+    Libcontainer,
+    /// `runc` (Debian's `/usr/sbin/runc`).
+    Runc,
+    /// `crun` (Debian's `/usr/bin/crun`), hybrid cgroup hosts handled.
+    Crun,
+}
+
+impl BackendKind {
+    /// Every kind.
+    pub const ALL: [BackendKind; 3] = [
+        BackendKind::Libcontainer,
+        BackendKind::Runc,
+        BackendKind::Crun,
+    ];
+
+    /// Its name in records.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Libcontainer => "libcontainer",
+            BackendKind::Runc => "runc",
+            BackendKind::Crun => "crun",
+        }
+    }
+
+    /// The runtime binary, for the CLI kinds.
+    pub fn binary(self) -> Option<&'static str> {
+        match self {
+            BackendKind::Libcontainer => None,
+            BackendKind::Runc => Some("/usr/sbin/runc"),
+            BackendKind::Crun => Some("/usr/bin/crun"),
+        }
+    }
+
+    /// Whether this host can use it.
+    pub fn available(self) -> bool {
+        self.binary().is_none_or(|b| Path::new(b).is_file())
+    }
+
+    fn cli_runtime(self) -> CliRuntime {
+        CliRuntime {
+            binary: self.binary().unwrap_or_default().into(),
+            global_args: Vec::new(),
+            // crun 1.8 refuses hybrid hosts because the cgroup2 mount lists a controller.
+            hide_cgroup2: self == BackendKind::Crun && hybrid_cgroup2(),
+        }
+    }
+}
+
+/// Whether cgroup2 is mounted beside v1 hierarchies (a "hybrid" host).
+fn hybrid_cgroup2() -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && f[1] == "/sys/fs/cgroup/unified" && f[2] == "cgroup2"
+        })
+    })
 }
 
 /// Where an engine keeps its state and how it limits sandboxes.
@@ -54,6 +118,8 @@ pub struct EngineConfig {
     pub max_output_bytes: usize,
     /// How long a sandbox may take to start and load its handler.
     pub start_timeout: Duration,
+    /// Which runtime starts the containers.
+    pub backend: BackendKind,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +134,7 @@ impl Default for EngineConfig {
             max_log_bytes: 64 * 1024,
             max_output_bytes: 6 * 1024 * 1024,
             start_timeout: Duration::from_secs(30),
+            backend: BackendKind::Libcontainer,
         }
     }
 }
@@ -130,7 +197,10 @@ impl Engine {
             None => locate_shim().ok_or(Error::ShimNotFound)?,
         };
         let state_root = config.state_dir.join("containers");
-        let backend = LibcontainerBackend::new(&shim, &state_root)?;
+        let backend = match config.backend {
+            BackendKind::Libcontainer => ShimBackend::libcontainer(&shim, &state_root)?,
+            kind => ShimBackend::oci_cli(kind.name(), &shim, &state_root, kind.cli_runtime())?,
+        };
         Engine::with_backend(config, Box::new(backend))
     }
 

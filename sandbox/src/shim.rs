@@ -4,21 +4,39 @@
 //! in a multi-threaded caller (a lock held by another thread at clone time is never
 //! released). So the host never calls libcontainer itself: it starts one shim per sandbox,
 //! and the shim creates the container, starts it, reaps its init, and deletes it when told to
-//! or when the host goes away (its control channel closes). The container's init is the
-//! shim's direct child.
+//! or when the host goes away (its control channel closes).
+//!
+//! The shim drives the container through a [`Driver`]: youki's libcontainer in-process, or an
+//! OCI runtime's command line (`runc`, `crun`, `runsc`) with `create` then `start`. Either way
+//! the container's init ends up as the shim's child (a direct clone, or reparented to the shim
+//! as a child subreaper), so the shim reaps it with its exit status, and the cgroup stays until
+//! `delete`, after the host has read its OOM counter.
 
+use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::control::{Channel, ExitKind, Message};
+
+/// An OCI runtime driven through its command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliRuntime {
+    /// The runtime binary.
+    pub binary: PathBuf,
+    /// Global flags before the subcommand (e.g. runsc's `--network=none`).
+    pub global_args: Vec<String>,
+    /// Hide the host's cgroup2 mount (hybrid hosts) in a private mount namespace, for crun.
+    pub hide_cgroup2: bool,
+}
 
 /// The shim's arguments.
 #[derive(Debug, Clone)]
@@ -27,26 +45,43 @@ pub struct ShimArgs {
     pub id: String,
     /// Bundle directory.
     pub bundle: PathBuf,
-    /// libcontainer's state root.
+    /// The runtime's state root.
     pub state_root: PathBuf,
+    /// `None`: libcontainer in-process.
+    pub runtime: Option<CliRuntime>,
 }
 
 impl ShimArgs {
     /// The command line for these arguments.
-    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
-        vec![
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
             "--id".into(),
             self.id.clone().into(),
             "--bundle".into(),
             self.bundle.clone().into(),
             "--root".into(),
             self.state_root.clone().into(),
-        ]
+        ];
+        if let Some(rt) = &self.runtime {
+            args.push("--runtime".into());
+            args.push(rt.binary.clone().into());
+            for a in &rt.global_args {
+                args.push("--runtime-arg".into());
+                args.push(a.into());
+            }
+            if rt.hide_cgroup2 {
+                args.push("--hide-cgroup2".into());
+                args.push("yes".into());
+            }
+        }
+        args
     }
 
     /// Parses the command line (without the program name).
-    pub fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<ShimArgs, String> {
-        let (mut id, mut bundle, mut root) = (None, None, None);
+    pub fn parse(mut args: impl Iterator<Item = OsString>) -> Result<ShimArgs, String> {
+        let (mut id, mut bundle, mut root, mut runtime) = (None, None, None, None::<CliRuntime>);
+        let mut global_args = Vec::new();
+        let mut hide = false;
         while let Some(flag) = args.next() {
             let value = args
                 .next()
@@ -55,15 +90,46 @@ impl ShimArgs {
                 Some("--id") => id = value.into_string().ok(),
                 Some("--bundle") => bundle = Some(PathBuf::from(value)),
                 Some("--root") => root = Some(PathBuf::from(value)),
+                Some("--runtime") => {
+                    runtime = Some(CliRuntime {
+                        binary: value.into(),
+                        global_args: Vec::new(),
+                        hide_cgroup2: false,
+                    })
+                }
+                Some("--runtime-arg") => global_args.push(
+                    value
+                        .into_string()
+                        .map_err(|_| "a runtime argument is not UTF-8")?,
+                ),
+                Some("--hide-cgroup2") => hide = value == "yes",
                 _ => return Err(format!("unknown argument {flag:?}")),
             }
+        }
+        if let Some(rt) = runtime.as_mut() {
+            rt.global_args = global_args;
+            rt.hide_cgroup2 = hide;
         }
         Ok(ShimArgs {
             id: id.ok_or("--id is required")?,
             bundle: bundle.ok_or("--bundle is required")?,
             state_root: root.ok_or("--root is required")?,
+            runtime,
         })
     }
+}
+
+/// What actually creates, kills and deletes the container.
+trait Driver {
+    /// Creates and starts the container with these stdio descriptors; returns init's pid,
+    /// which must be a child of this process.
+    fn start(&mut self, stdio: [OwnedFd; 3]) -> Result<Pid, String>;
+    /// Kills the container (init, and with it its pid namespace).
+    fn kill(&mut self, pid: Pid) {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    /// Deletes the container's state and cgroup.
+    fn delete(&mut self);
 }
 
 /// Runs the shim with its control channel on stdin. Returns the process exit code.
@@ -80,64 +146,198 @@ pub fn run(args: ShimArgs) -> i32 {
         }
     };
     let mut fds = fds.into_iter();
-    let (stdin, stdout, stderr) = (
+    let stdio = [
         fds.next().unwrap(),
         fds.next().unwrap(),
         fds.next().unwrap(),
-    );
-
-    let mut container = match create_and_start(&args, stdin, stdout, stderr) {
-        Ok(c) => c,
-        Err((why, container)) => {
-            if let Some(mut c) = container {
-                let _ = c.delete(true);
-            }
+    ];
+    let mut driver: Box<dyn Driver> = match &args.runtime {
+        None => Box::new(Libcontainer {
+            args: args.clone(),
+            container: None,
+        }),
+        Some(rt) => Box::new(Cli {
+            args: args.clone(),
+            runtime: rt.clone(),
+        }),
+    };
+    let pid = match driver.start(stdio) {
+        Ok(pid) => pid,
+        Err(why) => {
+            driver.delete();
             let _ = control.send(&Message::Failed(why));
             return 1;
         }
     };
-    let Some(pid) = container.pid() else {
-        let _ = container.delete(true);
-        let _ = control.send(&Message::Failed("the container has no init pid".into()));
-        return 1;
-    };
     if control.send(&Message::Started(pid.as_raw())).is_err() {
-        teardown(&mut container, pid, true);
+        teardown(driver.as_mut(), pid, true);
         return 1;
     }
-    serve(&control, &mut container, pid)
+    serve(&control, driver.as_mut(), pid)
 }
 
-type CreateError = (String, Option<Box<Container>>);
+/// youki's libcontainer, in this process.
+struct Libcontainer {
+    args: ShimArgs,
+    container: Option<Container>,
+}
 
-fn create_and_start(
-    args: &ShimArgs,
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-) -> Result<Container, CreateError> {
-    let describe = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
-    let builder = ContainerBuilder::new(args.id.clone(), SyscallType::default())
-        .with_root_path(&args.state_root)
-        .map_err(|e| (describe("state root", &e), None))?
-        .with_stdin(stdin)
-        .with_stdout(stdout)
-        .with_stderr(stderr)
-        .validate_id()
-        .map_err(|e| (describe("container id", &e), None))?;
-    let mut container = builder
-        .as_init(&args.bundle)
-        .with_systemd(false)
-        .with_detach(true)
-        .build()
-        .map_err(|e| (describe("creating the container", &error_chain(&e)), None))?;
-    if let Err(e) = container.start() {
-        return Err((
-            describe("starting the container", &error_chain(&e)),
-            Some(Box::new(container)),
-        ));
+impl Driver for Libcontainer {
+    fn start(&mut self, [stdin, stdout, stderr]: [OwnedFd; 3]) -> Result<Pid, String> {
+        let args = &self.args;
+        let builder = ContainerBuilder::new(args.id.clone(), SyscallType::default())
+            .with_root_path(&args.state_root)
+            .map_err(|e| format!("state root: {e}"))?
+            .with_stdin(stdin)
+            .with_stdout(stdout)
+            .with_stderr(stderr)
+            .validate_id()
+            .map_err(|e| format!("container id: {e}"))?;
+        let container = builder
+            .as_init(&args.bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| format!("creating the container: {}", error_chain(&e)))?;
+        let container = self.container.insert(container);
+        container
+            .start()
+            .map_err(|e| format!("starting the container: {}", error_chain(&e)))?;
+        container
+            .pid()
+            .ok_or_else(|| "the container has no init pid".to_string())
     }
-    Ok(container)
+
+    fn delete(&mut self) {
+        if let Some(container) = self.container.as_mut() {
+            let _ = container.delete(true);
+        }
+    }
+}
+
+/// An OCI runtime's command line: `create`, then `start`, then `delete -f`.
+struct Cli {
+    args: ShimArgs,
+    runtime: CliRuntime,
+}
+
+impl Cli {
+    fn command(&self) -> Command {
+        // `--flag=value`: the one form that runc, crun and runsc all parse.
+        let mut cmd = Command::new(&self.runtime.binary);
+        cmd.args(&self.runtime.global_args);
+        cmd.arg(format!("--root={}", self.args.state_root.display()));
+        cmd.arg(format!("--log={}", self.log_path().display()));
+        cmd
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.args.state_root.join(format!("{}.log", self.args.id))
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    fn hide_cgroup2() -> Result<(), String> {
+        use nix::mount::{mount, MsFlags};
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+            .map_err(|e| format!("unshare: {e}"))?;
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("making / private: {e}"))?;
+        mount(
+            Some("tmpfs"),
+            "/sys/fs/cgroup/unified",
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("mode=755"),
+        )
+        .map_err(|e| format!("hiding the cgroup2 mount: {e}"))
+    }
+}
+
+impl Driver for Cli {
+    fn start(&mut self, [stdin, stdout, stderr]: [OwnedFd; 3]) -> Result<Pid, String> {
+        std::fs::create_dir_all(&self.args.state_root).map_err(|e| format!("state root: {e}"))?;
+        if self.runtime.hide_cgroup2 {
+            Self::hide_cgroup2()?;
+        }
+        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes who adopts our orphans.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+            return Err(format!(
+                "PR_SET_CHILD_SUBREAPER: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let name = self.runtime.binary.display().to_string();
+        let pid_file = self.args.state_root.join(format!("{}.pid", self.args.id));
+        let status = self
+            .command()
+            .args(["create", "--bundle"])
+            .arg(&self.args.bundle)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg(&self.args.id)
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .status()
+            .map_err(|e| format!("running {name}: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "{name} create failed ({status}): {}",
+                self.log_tail()
+            ));
+        }
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .map_err(|e| format!("{name} wrote no pid file: {e}"))?
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name} wrote a bad pid file"))?;
+        let status = self
+            .command()
+            .arg("start")
+            .arg(&self.args.id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("running {name}: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "{name} start failed ({status}): {}",
+                self.log_tail()
+            ));
+        }
+        Ok(Pid::from_raw(pid))
+    }
+
+    fn delete(&mut self) {
+        let _ = self
+            .command()
+            .args(["delete", "--force"])
+            .arg(&self.args.id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_file(self.log_path());
+        let _ = std::fs::remove_file(self.args.state_root.join(format!("{}.pid", self.args.id)));
+        // Helpers the runtime left to us as subreaper (runsc's gofer, say).
+        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -151,12 +351,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn serve(control: &Channel, container: &mut Container, pid: Pid) -> i32 {
+fn serve(control: &Channel, driver: &mut dyn Driver, pid: Pid) -> i32 {
     let pidfd = match pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
             let _ = control.send(&Message::Failed(format!("pidfd_open: {e}")));
-            teardown(container, pid, true);
+            teardown(driver, pid, true);
             return 1;
         }
     };
@@ -189,10 +389,12 @@ fn serve(control: &Channel, container: &mut Container, pid: Pid) -> i32 {
         if control_ready {
             match control.recv(None) {
                 Ok(Some((Message::Kill, _))) => {
-                    let _ = container.kill(Signal::SIGKILL, false);
+                    if alive {
+                        driver.kill(pid);
+                    }
                 }
                 Ok(Some((Message::Destroy, _))) => {
-                    teardown(container, pid, alive);
+                    teardown(driver, pid, alive);
                     let _ = control.send(&Message::Destroyed);
                     return 0;
                 }
@@ -202,16 +404,16 @@ fn serve(control: &Channel, container: &mut Container, pid: Pid) -> i32 {
             }
         }
     }
-    teardown(container, pid, alive);
+    teardown(driver, pid, alive);
     0
 }
 
-fn teardown(container: &mut Container, pid: Pid, alive: bool) {
+fn teardown(driver: &mut dyn Driver, pid: Pid, alive: bool) {
     if alive {
-        let _ = container.kill(Signal::SIGKILL, false);
+        driver.kill(pid);
         let _ = waitpid(pid, None);
     }
-    let _ = container.delete(true);
+    driver.delete();
 }
 
 fn reap(pid: Pid) -> Option<ExitKind> {

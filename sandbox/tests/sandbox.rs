@@ -16,6 +16,7 @@ pub struct Case {
     pub name: String,
     pub needs: Vec<Need>,
     pub run: Box<dyn FnOnce() + Send + std::panic::UnwindSafe>,
+    pub backend: cloudfunc_sandbox::BackendKind,
 }
 
 impl Case {
@@ -28,6 +29,7 @@ impl Case {
             name: name.into(),
             needs,
             run: Box::new(run),
+            backend: cloudfunc_sandbox::BackendKind::Libcontainer,
         }
     }
 }
@@ -37,9 +39,17 @@ fn main() {
         return;
     }
     let args = Arguments::from_args();
+    // The runtime and hostile-function tests run against every backend; the lifecycle tests
+    // exercise the shim and engine machinery, which is the same for all, on libcontainer.
     let mut cases = Vec::new();
-    cases.extend(runtimes::cases());
-    cases.extend(hostile::cases());
+    for backend in cloudfunc_sandbox::BackendKind::ALL {
+        for mut case in runtimes::cases().into_iter().chain(hostile::cases()) {
+            case.name = format!("{}::{}", backend.name(), case.name);
+            case.needs.push(Need::Backend(backend));
+            case.backend = backend;
+            cases.push(case);
+        }
+    }
     cases.extend(lifecycle::cases());
 
     let mut reasons = std::collections::BTreeMap::<String, usize>::new();
@@ -51,8 +61,9 @@ fn main() {
             if skip {
                 *reasons.entry(why.join("; ")).or_default() += 1;
             }
-            let run = case.run;
+            let (run, backend) = (case.run, case.backend);
             Trial::test(case.name, move || {
+                common::set_backend(backend);
                 std::panic::catch_unwind(run).map_err(|e| {
                     let msg = e
                         .downcast_ref::<String>()

@@ -9,7 +9,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use cloudfunc_sandbox::{
-    Engine, EngineConfig, Invocation, InvokeOptions, Limits, Runtime, Sandbox, SandboxSpec,
+    BackendKind, Engine, EngineConfig, Invocation, InvokeOptions, Limits, Runtime, Sandbox,
+    SandboxSpec,
 };
 use serde_json::Value;
 
@@ -20,6 +21,8 @@ pub enum Need {
     Containers,
     /// The runtime's interpreter on the host.
     Runtime(Runtime),
+    /// The backend's runtime binary.
+    Backend(BackendKind),
 }
 
 /// Why a requirement is missing, or `None` when it is met.
@@ -41,23 +44,52 @@ pub fn missing(need: Need) -> Option<String> {
             .clone(),
         Need::Runtime(r) if !r.available() => Some(format!("{} is not installed", r.interpreter())),
         Need::Runtime(_) => None,
+        Need::Backend(b) if !b.available() => Some(format!(
+            "{} is not installed",
+            b.binary().unwrap_or_default()
+        )),
+        Need::Backend(_) => None,
     }
 }
 
-static ENGINE: OnceLock<(tempfile::TempDir, Engine)> = OnceLock::new();
+type Shared = OnceLock<(tempfile::TempDir, Engine)>;
+static ENGINES: [Shared; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
 
-/// Releases the shared engine's cgroup parent once every test is done.
+thread_local! {
+    /// The backend the current trial runs on: the harness sets it before each trial (every
+    /// trial runs on one thread), so one test body serves every backend.
+    static BACKEND: std::cell::Cell<BackendKind> = const { std::cell::Cell::new(BackendKind::Libcontainer) };
+}
+
+/// Makes the current thread's tests use `kind`.
+pub fn set_backend(kind: BackendKind) {
+    BACKEND.with(|b| b.set(kind));
+}
+
+/// The backend of the current trial.
+pub fn backend() -> BackendKind {
+    BACKEND.with(|b| b.get())
+}
+
+fn slot(kind: BackendKind) -> &'static Shared {
+    &ENGINES[BackendKind::ALL.iter().position(|k| *k == kind).unwrap()]
+}
+
+/// Releases every engine's cgroup parent and temporary directory once all tests are done.
 pub fn release() {
-    if let Some((dir, engine)) = ENGINE.get() {
-        engine.release_cgroup_parent();
-        // A static is never dropped, so its temporary directory is removed here.
-        let _ = std::fs::remove_dir_all(dir.path());
+    for kind in BackendKind::ALL {
+        if let Some((dir, engine)) = slot(kind).get() {
+            engine.release_cgroup_parent();
+            // A static is never dropped, so its temporary directory is removed here.
+            let _ = std::fs::remove_dir_all(dir.path());
+        }
     }
 }
 
-/// The engine shared by the tests of this process, with its own state and cgroup parent.
+/// The engine of the current trial's backend, with its own state and cgroup parent.
 pub fn engine() -> &'static Engine {
-    &ENGINE
+    let kind = backend();
+    &slot(kind)
         .get_or_init(|| {
             let dir = tempfile::Builder::new()
                 .prefix("cloudfunc-test-")
@@ -65,11 +97,12 @@ pub fn engine() -> &'static Engine {
                 .unwrap();
             let mut config = EngineConfig::under(
                 dir.path(),
-                &format!("cloudfunc-test-{}", std::process::id()),
+                &format!("cloudfunc-test-{}-{}", kind.name(), std::process::id()),
             );
             config.shim_binary = Some(env!("CARGO_BIN_EXE_cloudfunc-shim").into());
             config.max_output_bytes = 1024 * 1024;
             config.max_log_bytes = 16 * 1024;
+            config.backend = kind;
             let engine = Engine::new(config).expect("engine starts");
             (dir, engine)
         })

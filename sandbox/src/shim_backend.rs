@@ -1,4 +1,5 @@
-//! The libcontainer backend: youki's library, driven from one [`crate::shim`] per container.
+//! Backends that run each container from its own [`crate::shim`]: youki's libcontainer
+//! in-process in the shim, or an OCI runtime's command line (runc, crun, runsc) driven by it.
 //!
 //! The host starts each shim from a sealed copy of its binary ([`crate::seal`]), hands it the
 //! container's three pipes over the control channel, and keeps the channel for the sandbox's
@@ -14,42 +15,78 @@ use cloudfunc_seccomp::Dialect;
 use crate::backend::{Backend, BackendError, Container, ExitKind, Launch};
 use crate::control::{Channel, Message};
 use crate::seal::SealedBinary;
-use crate::shim::ShimArgs;
+use crate::shim::{CliRuntime, ShimArgs};
 
 /// How long a shim may take to create and start a container.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a shim may take to tear one down.
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Launches containers in-process through youki's libcontainer (one shim each).
+/// Launches each container from its own shim.
 #[derive(Debug)]
-pub struct LibcontainerBackend {
+pub struct ShimBackend {
+    name: &'static str,
     shim: SealedBinary,
     state_root: PathBuf,
+    runtime: Option<CliRuntime>,
 }
 
-impl LibcontainerBackend {
-    /// A backend that starts `shim_binary` (sealed once, here) with containers' state under
-    /// `state_root`.
-    pub fn new(shim_binary: &Path, state_root: impl Into<PathBuf>) -> Result<Self, BackendError> {
+impl ShimBackend {
+    /// youki's libcontainer in the shim: containers' state under `state_root`.
+    pub fn libcontainer(
+        shim_binary: &Path,
+        state_root: impl Into<PathBuf>,
+    ) -> Result<Self, BackendError> {
+        Self::with_runtime("libcontainer", shim_binary, state_root, None)
+    }
+
+    /// An OCI runtime's command line, driven by the shim (`create`, `start`, `delete`).
+    pub fn oci_cli(
+        name: &'static str,
+        shim_binary: &Path,
+        state_root: impl Into<PathBuf>,
+        runtime: CliRuntime,
+    ) -> Result<Self, BackendError> {
+        if !runtime.binary.is_file() {
+            return Err(BackendError::Runtime(format!(
+                "{name} is not installed at {}",
+                runtime.binary.display()
+            )));
+        }
+        Self::with_runtime(name, shim_binary, state_root, Some(runtime))
+    }
+
+    fn with_runtime(
+        name: &'static str,
+        shim_binary: &Path,
+        state_root: impl Into<PathBuf>,
+        runtime: Option<CliRuntime>,
+    ) -> Result<Self, BackendError> {
         let shim = SealedBinary::new(shim_binary).map_err(|source| BackendError::Spawn {
             what: format!("the shim {}", shim_binary.display()),
             source,
         })?;
         Ok(Self {
+            name,
             shim,
             state_root: state_root.into(),
+            runtime,
         })
     }
 }
 
-impl Backend for LibcontainerBackend {
+impl Backend for ShimBackend {
     fn name(&self) -> &'static str {
-        "libcontainer"
+        self.name
     }
 
     fn seccomp_dialect(&self) -> Dialect {
-        Dialect::ValueIsDatum
+        // See cloudfunc_seccomp::Dialect: only youki reads masked comparisons the other way.
+        if self.runtime.is_none() {
+            Dialect::ValueIsDatum
+        } else {
+            Dialect::ValueIsMask
+        }
     }
 
     fn launch(&self, launch: Launch) -> Result<Box<dyn Container>, BackendError> {
@@ -58,6 +95,7 @@ impl Backend for LibcontainerBackend {
             id: launch.id.clone(),
             bundle: launch.bundle.clone(),
             state_root: self.state_root.clone(),
+            runtime: self.runtime.clone(),
         };
         let mut child = Command::new(self.shim.exec_path())
             .args(args.to_args())
@@ -117,13 +155,32 @@ impl Backend for LibcontainerBackend {
         for entry in entries.flatten() {
             let path = entry.path();
             if !path.is_dir() {
+                // A CLI runtime's leftover log or pid file.
+                let _ = std::fs::remove_file(&path);
                 continue;
             }
-            if let Ok(mut container) = libcontainer::container::Container::load(path.clone()) {
-                let _ = container.delete(true);
+            let id = entry.file_name().to_string_lossy().into_owned();
+            match &self.runtime {
+                None => {
+                    if let Ok(mut container) =
+                        libcontainer::container::Container::load(path.clone())
+                    {
+                        let _ = container.delete(true);
+                    }
+                }
+                Some(rt) => {
+                    let _ = Command::new(&rt.binary)
+                        .args(&rt.global_args)
+                        .arg(format!("--root={}", state_root.display()))
+                        .args(["delete", "--force", &id])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
             }
             let _ = std::fs::remove_dir_all(&path);
-            removed.push(entry.file_name().to_string_lossy().into_owned());
+            removed.push(id);
         }
         removed
     }
