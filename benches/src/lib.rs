@@ -106,9 +106,88 @@ pub fn event() -> (Value, Value) {
 
 /// An engine for benchmarks, with its own state and cgroup parent.
 pub fn bench_engine(dir: &Path) -> Result<Engine> {
-    let mut config = EngineConfig::under(dir, &format!("cloudfunc-bench-{}", std::process::id()));
+    bench_engine_with(dir, cloudfunc_sandbox::BackendKind::Libcontainer)
+}
+
+/// As [`bench_engine`], on a given backend.
+pub fn bench_engine_with(dir: &Path, backend: cloudfunc_sandbox::BackendKind) -> Result<Engine> {
+    let mut config = EngineConfig::under(
+        dir,
+        &format!("cloudfunc-bench-{}-{}", backend.name(), std::process::id()),
+    );
     config.shim_binary = cloudfunc_sandbox::locate_shim();
-    Engine::new(config).context("starting the engine (benchmarks need root)")
+    config.backend = backend;
+    Engine::new(config).with_context(|| {
+        format!(
+            "starting the {} engine (benchmarks need root)",
+            backend.name()
+        )
+    })
+}
+
+/// Warm-call latencies (sorted) of `calls` invokes in one Python hello sandbox.
+pub fn warm_calls(engine: &Engine, code: &Code, calls: usize) -> Result<Vec<Duration>> {
+    let mut sandbox = Sandbox::create(engine, SandboxSpec::new(Runtime::Python, code.path()))?;
+    let (event, _) = event();
+    sandbox.invoke(&event, &InvokeOptions::default())?;
+    let mut out = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let t = Instant::now();
+        let call = sandbox.invoke(&event, &InvokeOptions::default())?;
+        out.push(t.elapsed());
+        if !call.outcome.is_success() {
+            bail!("warm call failed: {:?}", call.outcome);
+        }
+    }
+    sandbox.shutdown()?;
+    out.sort();
+    Ok(out)
+}
+
+/// Host memory per idle Python hello sandbox, in bytes: what its cgroup is charged, plus the
+/// resident memory of the shim that owns it, averaged over `n` sandboxes up at once.
+pub fn idle_memory(engine: &Engine, code: &Code, n: usize) -> Result<u64> {
+    let mut sandboxes = Vec::new();
+    let (event, _) = event();
+    for _ in 0..n {
+        let mut s = Sandbox::create(engine, SandboxSpec::new(Runtime::Python, code.path()))?;
+        s.invoke(&event, &InvokeOptions::default())?;
+        sandboxes.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut total = 0u64;
+    for s in &sandboxes {
+        let dir = &engine.cgroup_dirs(s.id())[0];
+        let charged = ["memory.usage_in_bytes", "memory.current"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let shim = s.pid().and_then(parent_pid).map(rss_bytes).unwrap_or(0);
+        total += charged + shim;
+    }
+    for s in sandboxes {
+        s.shutdown()?;
+    }
+    Ok(total / n.max(1) as u64)
+}
+
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
+}
+
+fn rss_bytes(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:")
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0)
+        * 1024
 }
 
 /// One cold start through cloudfunc's engine.

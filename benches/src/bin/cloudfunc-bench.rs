@@ -4,13 +4,20 @@
 //! host command, cloudfunc's engine (libcontainer through the shim), `runc run` and `crun run`
 //! of the very bundle cloudfunc would use. It prints a Markdown table of medians and ratios.
 //!
-//! Usage: `cloudfunc-bench [--runs N]` (as root).
+//! With `--backends` it instead compares cloudfunc's own backends (libcontainer, runc, crun,
+//! each driven by the shim): cold starts, warm-call latency and memory per idle sandbox.
+//!
+//! Usage: `cloudfunc-bench [--runs N] [--backends]` (as root).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cloudfunc_benches::{bench_engine, median, run_cloudfunc, run_host, Code, OciCli, Workload};
+use cloudfunc_benches::{
+    bench_engine, bench_engine_with, idle_memory, median, run_cloudfunc, run_host, warm_calls,
+    Code, OciCli, Workload,
+};
+use cloudfunc_sandbox::BackendKind;
 
 /// crun 1.8 refuses hybrid hosts because the cgroup2 mount lists a controller. In a private
 /// mount namespace of this process only, a tmpfs over that mount makes the host look like
@@ -45,12 +52,19 @@ fn hide_hybrid_cgroup2() -> Result<bool> {
 
 fn main() -> Result<()> {
     let mut runs = 20usize;
+    let mut backends = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs needs a number")?.parse()?,
-            other => anyhow::bail!("unknown argument {other}; usage: cloudfunc-bench [--runs N]"),
+            "--backends" => backends = true,
+            other => anyhow::bail!(
+                "unknown argument {other}; usage: cloudfunc-bench [--runs N] [--backends]"
+            ),
         }
+    }
+    if backends {
+        return compare_backends(runs);
     }
     // Before any thread exists: unshare needs a single-threaded process.
     let hidden = hide_hybrid_cgroup2()?;
@@ -135,6 +149,67 @@ fn main() -> Result<()> {
     }
     for ((w, runner), why) in &failures {
         println!("note: {runner} failed on {}: {why}", workloads[*w].name());
+    }
+    Ok(())
+}
+
+/// cloudfunc's backends side by side, each through the same engine and shim.
+fn compare_backends(runs: usize) -> Result<()> {
+    let code = Code::new()?;
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-bench-")
+        .tempdir()?;
+    let kinds: Vec<BackendKind> = BackendKind::ALL
+        .into_iter()
+        .filter(|k| k.available())
+        .collect();
+    let engines = kinds
+        .iter()
+        .map(|k| bench_engine_with(&dir.path().join(k.name()), *k))
+        .collect::<Result<Vec<_>>>()?;
+    let workloads: Vec<Workload> = Workload::ALL
+        .into_iter()
+        .filter(|w| w.available())
+        .collect();
+    let mut cold: BTreeMap<(usize, usize), Vec<Duration>> = BTreeMap::new();
+    for i in 0..runs {
+        for (w, workload) in workloads.iter().enumerate() {
+            for k in 0..engines.len() {
+                let k = (i + k) % engines.len();
+                let d = run_cloudfunc(&engines[k], *workload, &code)
+                    .with_context(|| format!("{} {}", kinds[k].name(), workload.name()))?;
+                cold.entry((w, k)).or_default().push(d);
+            }
+        }
+    }
+    println!("cloudfunc's backends, each through the shim; cold start = create -> first result -> teardown, median of {runs}; warm = median and p99 of 200 calls in one Python sandbox; idle memory = cgroup charge + shim RSS per idle Python sandbox (10 up at once).");
+    let mut header = vec!["backend".to_string()];
+    header.extend(workloads.iter().map(|w| format!("cold {} ms", w.name())));
+    header.extend(["warm p50 ms", "warm p99 ms", "idle MiB"].map(String::from));
+    println!("| {} |", header.join(" | "));
+    println!(
+        "|{}|",
+        header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
+    for (k, kind) in kinds.iter().enumerate() {
+        let mut row = vec![kind.name().to_string()];
+        for w in 0..workloads.len() {
+            row.push(fmt(cold.get_mut(&(w, k)).map(|s| median(s))));
+        }
+        let warm = warm_calls(&engines[k], &code, 200)?;
+        row.push(format!(
+            "{:.3}",
+            warm[warm.len() / 2].as_secs_f64() * 1000.0
+        ));
+        row.push(format!(
+            "{:.3}",
+            warm[warm.len() * 99 / 100].as_secs_f64() * 1000.0
+        ));
+        row.push(format!(
+            "{:.1}",
+            idle_memory(&engines[k], &code, 10)? as f64 / 1048576.0
+        ));
+        println!("| {} |", row.join(" | "));
     }
     Ok(())
 }
