@@ -17,7 +17,7 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use super::error::{reject, ApiError};
-use super::functions::{delete, get, list, metrics, read_form, RangeQuery};
+use super::functions::{delete, get, list, metrics, read_form, redeploy, RangeQuery};
 use super::{caller, with_state, AppState};
 use crate::auth::Caller;
 use crate::model::{Task, TaskStatus};
@@ -154,26 +154,8 @@ async fn update(
             "send JSON with the fields to change: {e}"
         )))
     })?;
-    if f.name.as_ref().is_some_and(|n| n != &function.name) {
-        return Err(warp::reject::custom(ApiError::bad_request(
-            "a function cannot be renamed",
-        )));
-    }
-    let (mut settings, code) = f.into_deploy().map_err(warp::reject::custom)?;
-    settings.name = Some(function.name.clone());
-    let owner = Caller {
-        tenant: function.tenant.clone(),
-        admin: false,
-    };
-    let (function, version) = state
-        .platform
-        .deploy(&owner, settings, code)
-        .await
-        .map_err(reject)?;
-    Ok(reply(
-        StatusCode::OK,
-        json!({"id": function.id, "name": function.name, "version": version.version, "status": "updated"}),
-    ))
+    let (settings, code) = f.into_deploy().map_err(warp::reject::custom)?;
+    redeploy(&state, &function, settings, code).await
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -315,7 +315,7 @@ async fn update(
 ) -> Result<Response, Rejection> {
     let (function, _) = state.platform.get(&caller, &key).await.map_err(reject)?;
     let ct = content_type.clone().unwrap_or_default();
-    let (mut settings, code) =
+    let (settings, code) =
         if ct.starts_with("application/json") || (ct.is_empty() && !looks_like_zip(&body)) {
             let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
                 b"{}"
@@ -333,6 +333,17 @@ async fn update(
                     .map_err(warp::reject::custom)?;
             (settings, code)
         };
+    redeploy(&state, &function, settings, code).await
+}
+
+/// Stores `settings` and `code` as the next version of `function`, in its owner's name (an
+/// admin may update another tenant's function), refusing a rename.
+pub(super) async fn redeploy(
+    state: &AppState,
+    function: &Function,
+    mut settings: Settings,
+    code: Code,
+) -> Result<Response, Rejection> {
     if settings.name.as_ref().is_some_and(|n| n != &function.name) {
         return Err(warp::reject::custom(ApiError::bad_request(
             "a function cannot be renamed; deploy under the new name instead",
