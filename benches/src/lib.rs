@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use cloudfunc_sandbox::protocol::{encode, parse_reply, FrameReader, Reply};
 use cloudfunc_sandbox::{
-    Engine, EngineConfig, InvokeOptions, Limits, Process, Runtime, Sandbox, SandboxSpec,
-    SeccompDialect,
+    BackendKind, Engine, EngineConfig, InvokeOptions, Limits, Process, Runtime, Sandbox,
+    SandboxSpec,
 };
 use serde_json::{json, Value};
 
@@ -251,27 +251,34 @@ pub fn run_host(workload: Workload, code: &Code) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// An OCI runtime CLI (runc, crun) running the same bundle as cloudfunc.
+/// An OCI runtime CLI (runc, crun, runsc) running the same bundle as cloudfunc.
 #[derive(Debug)]
 pub struct OciCli {
     /// The runtime's name in tables.
     pub name: &'static str,
+    kind: BackendKind,
     binary: PathBuf,
     root: tempfile::TempDir,
 }
 
 impl OciCli {
-    /// A runtime found at `binary`, if it is installed.
-    pub fn find(name: &'static str, binary: &str) -> Option<OciCli> {
-        let binary = PathBuf::from(binary);
+    /// The command line of `kind`'s runtime, if it is installed.
+    pub fn find(kind: BackendKind) -> Option<OciCli> {
+        let binary = PathBuf::from(kind.binary()?);
         if !binary.exists() {
             return None;
         }
+        let name = kind.name();
         let root = tempfile::Builder::new()
             .prefix(&format!("cloudfunc-bench-{name}-"))
             .tempdir()
             .ok()?;
-        Some(OciCli { name, binary, root })
+        Some(OciCli {
+            name,
+            kind,
+            binary,
+            root,
+        })
     }
 
     /// One cold start: `<runtime> run` of a freshly written bundle, then its removal.
@@ -291,11 +298,12 @@ impl OciCli {
             workload.process(),
             code_dir,
             Limits::default(),
-            SeccompDialect::ValueIsMask,
+            self.kind,
             bundle.path(),
         )?;
         let start = Instant::now();
         let child = Command::new(&self.binary)
+            .args(self.kind.global_flags())
             .arg("--root")
             .arg(self.root.path())
             .args(["run", "--bundle"])

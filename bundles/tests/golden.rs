@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use cloudfunc_bundles::{
-    build_spec, to_json, write_bundle, BundleConfig, Error, HostFeatures, Limits, Process,
+    build_spec, to_json, write_bundle, BundleConfig, Error, GuestKernel, HostFeatures, Limits,
+    Process,
 };
 use cloudfunc_images::{BindMount, PreparedImage, Runtime};
 use cloudfunc_seccomp::{Dialect, Profile};
@@ -42,6 +43,7 @@ fn config<'a>(image: &'a PreparedImage, process: Process, host: HostFeatures) ->
         ),
         env: vec!["GREETING=hi".into()],
         host,
+        kernel: GuestKernel::Host,
     }
 }
 
@@ -183,6 +185,45 @@ fn host_without_swap_accounting_or_cgroupns() {
         .iter()
         .any(|n| n["type"] == "cgroup"));
     assert_eq!(v["process"]["args"], serde_json::json!(["/bin/true"]));
+}
+
+#[test]
+fn gvisor_limits_pids_inside_and_keeps_a_host_backstop() {
+    let image = image();
+    let mut cfg = config(&image, Process::Bootstrap(Runtime::Python), FULL_HOST);
+    let host = to_json(&build_spec(&cfg).unwrap());
+    cfg.kernel = GuestKernel::Gvisor;
+    let gvisor = to_json(&build_spec(&cfg).unwrap());
+    let pids = u64::from(Limits::default().pids);
+    assert_eq!(host["linux"]["resources"]["pids"]["limit"], pids);
+    assert_eq!(
+        gvisor["linux"]["resources"]["pids"]["limit"],
+        pids * 16 + 256
+    );
+    let nproc = |v: &Value| {
+        v["process"]["rlimits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["type"] == "RLIMIT_NPROC")
+            .cloned()
+    };
+    assert_eq!(
+        nproc(&host),
+        None,
+        "the host counts NPROC per user: never set"
+    );
+    assert_eq!(
+        nproc(&gvisor).unwrap(),
+        serde_json::json!({"type": "RLIMIT_NPROC", "soft": pids, "hard": pids})
+    );
+    // Nothing else differs.
+    let (mut a, mut b) = (host.clone(), gvisor.clone());
+    for v in [&mut a, &mut b] {
+        v["linux"]["resources"]["pids"] = Value::Null;
+        v["process"]["rlimits"] = Value::Null;
+    }
+    assert_eq!(a, b);
 }
 
 #[test]

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudfunc_bundles::{build_spec, write_bundle, BundleConfig, HostFeatures, Limits, Process};
+use cloudfunc_bundles::{
+    build_spec, write_bundle, BundleConfig, GuestKernel, HostFeatures, Limits, Process,
+};
 use cloudfunc_images::{HostImage, PreparedImage, Runtime};
 use cloudfunc_seccomp::{Dialect, Profile};
 use oci_spec::runtime::LinuxSeccomp;
@@ -44,14 +46,18 @@ pub enum BackendKind {
     Runc,
     /// `crun` (Debian's `/usr/bin/crun`), hybrid cgroup hosts handled.
     Crun,
+    /// gVisor's `runsc` (Debian's `/usr/bin/runsc`): a user-space kernel between the function
+    /// and the host's.
+    Runsc,
 }
 
 impl BackendKind {
     /// Every kind.
-    pub const ALL: [BackendKind; 3] = [
+    pub const ALL: [BackendKind; 4] = [
         BackendKind::Libcontainer,
         BackendKind::Runc,
         BackendKind::Crun,
+        BackendKind::Runsc,
     ];
 
     /// Its name in records.
@@ -60,6 +66,7 @@ impl BackendKind {
             BackendKind::Libcontainer => "libcontainer",
             BackendKind::Runc => "runc",
             BackendKind::Crun => "crun",
+            BackendKind::Runsc => "runsc",
         }
     }
 
@@ -69,6 +76,7 @@ impl BackendKind {
             BackendKind::Libcontainer => None,
             BackendKind::Runc => Some("/usr/sbin/runc"),
             BackendKind::Crun => Some("/usr/bin/crun"),
+            BackendKind::Runsc => Some("/usr/bin/runsc"),
         }
     }
 
@@ -77,15 +85,45 @@ impl BackendKind {
         self.binary().is_none_or(|b| Path::new(b).is_file())
     }
 
+    /// The kernel its functions' calls reach.
+    pub fn guest_kernel(self) -> GuestKernel {
+        match self {
+            BackendKind::Runsc => GuestKernel::Gvisor,
+            _ => GuestKernel::Host,
+        }
+    }
+
+    /// Flags its runtime needs before any subcommand.
+    pub fn global_flags(self) -> &'static [&'static str] {
+        match self {
+            BackendKind::Runsc => &RUNSC_FLAGS,
+            _ => &[],
+        }
+    }
+
+    /// How its runtime reads a seccomp section.
+    pub fn seccomp_dialect(self) -> Dialect {
+        match self {
+            BackendKind::Libcontainer => Dialect::ValueIsDatum,
+            BackendKind::Runc | BackendKind::Crun => Dialect::ValueIsMask,
+            BackendKind::Runsc => Dialect::Gvisor,
+        }
+    }
+
     fn cli_runtime(self) -> CliRuntime {
         CliRuntime {
             binary: self.binary().unwrap_or_default().into(),
-            global_args: Vec::new(),
+            global_args: self.global_flags().iter().map(|f| f.to_string()).collect(),
             // crun 1.8 refuses hybrid hosts because the cgroup2 mount lists a controller.
             hide_cgroup2: self == BackendKind::Crun && hybrid_cgroup2(),
         }
     }
 }
+
+/// runsc's flags: no network stack at all (the host's root namespace has none to give here
+/// anyway), the ptrace platform (KVM hangs on these machines), and the bundle's seccomp filter
+/// installed inside the sandbox too.
+const RUNSC_FLAGS: [&str; 3] = ["--network=none", "--platform=ptrace", "--oci-seccomp"];
 
 /// Whether cgroup2 is mounted beside v1 hierarchies (a "hybrid" host).
 fn hybrid_cgroup2() -> bool {
@@ -199,7 +237,13 @@ impl Engine {
         let state_root = config.state_dir.join("containers");
         let backend = match config.backend {
             BackendKind::Libcontainer => ShimBackend::libcontainer(&shim, &state_root)?,
-            kind => ShimBackend::oci_cli(kind.name(), &shim, &state_root, kind.cli_runtime())?,
+            kind => ShimBackend::oci_cli(
+                kind.name(),
+                &shim,
+                &state_root,
+                kind.cli_runtime(),
+                kind.seccomp_dialect(),
+            )?,
         };
         Engine::with_backend(config, Box::new(backend))
     }
@@ -322,28 +366,32 @@ impl Engine {
             seccomp,
             env,
             host: self.inner.host,
+            kernel: self.inner.config.backend.guest_kernel(),
         }
     }
 
-    /// Writes the bundle `id` would run with into `dir`, with seccomp written for `dialect`,
-    /// so that another OCI runtime (runc, crun, runsc) can run exactly the same sandbox. The
-    /// caller owns and removes `dir`; the cgroup path is the engine's, so one id runs at a time.
+    /// Writes the bundle `id` would run with into `dir`, written for the runtime of `target`
+    /// (its seccomp dialect and kernel), so that another OCI runtime (runc, crun, runsc) can
+    /// run exactly the same sandbox. The caller owns and removes `dir`; the cgroup path is the
+    /// engine's, so one id runs at a time.
     pub fn export_bundle(
         &self,
         id: &str,
         process: Process,
         code_dir: Option<&Path>,
         limits: Limits,
-        dialect: Dialect,
+        target: BackendKind,
         dir: &Path,
     ) -> Result<PathBuf> {
+        let dialect = target.seccomp_dialect();
         let seccomp = match &self.inner.config.seccomp {
             SeccompPolicy::Default => Some(Profile::default_profile().to_oci(dialect)?),
             SeccompPolicy::Custom(p) => Some(p.to_oci(dialect)?),
             SeccompPolicy::DisabledUnsafe => None,
         };
-        let spec =
-            build_spec(&self.bundle_config(id, process, code_dir, limits, Vec::new(), seccomp))?;
+        let mut config = self.bundle_config(id, process, code_dir, limits, Vec::new(), seccomp);
+        config.kernel = target.guest_kernel();
+        let spec = build_spec(&config)?;
         write_bundle(dir, &spec)?;
         Ok(dir.to_path_buf())
     }

@@ -331,12 +331,6 @@ impl Driver for Cli {
             .status();
         let _ = std::fs::remove_file(self.log_path());
         let _ = std::fs::remove_file(self.args.state_root.join(format!("{}.pid", self.args.id)));
-        // Helpers the runtime left to us as subreaper (runsc's gofer, say).
-        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            if status == WaitStatus::StillAlive {
-                break;
-            }
-        }
     }
 }
 
@@ -382,7 +376,11 @@ fn serve(control: &Channel, driver: &mut dyn Driver, pid: Pid) -> i32 {
         };
         if init_ready {
             alive = false;
-            if let Some(status) = reap(pid) {
+            let status = reap(pid);
+            // With init gone the sandbox is over; its helpers (runsc's gofer) go too, before
+            // the host hears of the exit, so nothing of the sandbox outlives that message.
+            kill_children();
+            if let Some(status) = status {
                 let _ = control.send(&Message::Exited(status));
             }
         }
@@ -413,7 +411,53 @@ fn teardown(driver: &mut dyn Driver, pid: Pid, alive: bool) {
         driver.kill(pid);
         let _ = waitpid(pid, None);
     }
+    kill_children();
     driver.delete();
+}
+
+/// Kills and reaps every remaining child of the shim: after the container's init, only
+/// helpers a runtime left to us as subreaper can be there.
+fn kill_children() {
+    for child in children() {
+        let _ = kill(child, Signal::SIGKILL);
+    }
+    while let Ok(status) = waitpid(None, None) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+/// The shim's children (it is single-threaded, so its one task's `children` list is all).
+fn children() -> Vec<Pid> {
+    let path = format!("/proc/self/task/{}/children", std::process::id());
+    if let Ok(text) = std::fs::read_to_string(path) {
+        return text
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .map(Pid::from_raw)
+            .collect();
+    }
+    // Kernels without CONFIG_PROC_CHILDREN: look for our pid as a parent.
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // The parent is the second field after the command, which ends at the last ')'.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if parent == Some(me.as_str()) {
+            found.push(Pid::from_raw(pid));
+        }
+    }
+    found
 }
 
 fn reap(pid: Pid) -> Option<ExitKind> {

@@ -29,6 +29,7 @@ pub struct ShimBackend {
     shim: SealedBinary,
     state_root: PathBuf,
     runtime: Option<CliRuntime>,
+    dialect: Dialect,
 }
 
 impl ShimBackend {
@@ -37,15 +38,24 @@ impl ShimBackend {
         shim_binary: &Path,
         state_root: impl Into<PathBuf>,
     ) -> Result<Self, BackendError> {
-        Self::with_runtime("libcontainer", shim_binary, state_root, None)
+        // See cloudfunc_seccomp::Dialect: youki reads masked comparisons the other way round.
+        Self::with_runtime(
+            "libcontainer",
+            shim_binary,
+            state_root,
+            None,
+            Dialect::ValueIsDatum,
+        )
     }
 
-    /// An OCI runtime's command line, driven by the shim (`create`, `start`, `delete`).
+    /// An OCI runtime's command line, driven by the shim (`create`, `start`, `delete`),
+    /// reading seccomp sections in `dialect`.
     pub fn oci_cli(
         name: &'static str,
         shim_binary: &Path,
         state_root: impl Into<PathBuf>,
         runtime: CliRuntime,
+        dialect: Dialect,
     ) -> Result<Self, BackendError> {
         if !runtime.binary.is_file() {
             return Err(BackendError::Runtime(format!(
@@ -53,7 +63,7 @@ impl ShimBackend {
                 runtime.binary.display()
             )));
         }
-        Self::with_runtime(name, shim_binary, state_root, Some(runtime))
+        Self::with_runtime(name, shim_binary, state_root, Some(runtime), dialect)
     }
 
     fn with_runtime(
@@ -61,6 +71,7 @@ impl ShimBackend {
         shim_binary: &Path,
         state_root: impl Into<PathBuf>,
         runtime: Option<CliRuntime>,
+        dialect: Dialect,
     ) -> Result<Self, BackendError> {
         let shim = SealedBinary::new(shim_binary).map_err(|source| BackendError::Spawn {
             what: format!("the shim {}", shim_binary.display()),
@@ -71,6 +82,7 @@ impl ShimBackend {
             shim,
             state_root: state_root.into(),
             runtime,
+            dialect,
         })
     }
 }
@@ -81,12 +93,7 @@ impl Backend for ShimBackend {
     }
 
     fn seccomp_dialect(&self) -> Dialect {
-        // See cloudfunc_seccomp::Dialect: only youki reads masked comparisons the other way.
-        if self.runtime.is_none() {
-            Dialect::ValueIsDatum
-        } else {
-            Dialect::ValueIsMask
-        }
+        self.dialect
     }
 
     fn launch(&self, launch: Launch) -> Result<Box<dyn Container>, BackendError> {

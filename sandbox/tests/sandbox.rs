@@ -3,6 +3,7 @@
 //! (root, cgroups, an interpreter) are reported as ignored, with one line saying why.
 
 mod common;
+mod gvisor;
 mod hostile;
 mod lifecycle;
 mod runtimes;
@@ -50,6 +51,7 @@ fn main() {
             cases.push(case);
         }
     }
+    cases.extend(gvisor::cases());
     cases.extend(lifecycle::cases());
 
     let mut reasons = std::collections::BTreeMap::<String, usize>::new();

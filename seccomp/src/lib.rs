@@ -112,6 +112,13 @@ pub enum Error {
     /// An action, architecture or operator name is not one OCI knows.
     #[error("the profile is not a valid OCI seccomp section")]
     NotOci(#[source] serde_json::Error),
+    /// A rule needs an errno the runtime's filter cannot return.
+    #[error("rule {index} ({names}) answers errno {errno}, but this runtime answers every filtered call with EPERM")]
+    ErrnoUnsupported {
+        index: usize,
+        names: String,
+        errno: u32,
+    },
     /// The profile lists no architecture this build runs on.
     #[error("the profile lists no architecture for this machine ({0})")]
     NoNativeArch(&'static str),
@@ -131,7 +138,17 @@ pub enum Dialect {
     ValueIsMask,
     /// `value` is the datum and `valueTwo` the mask (libcontainer 0.7).
     ValueIsDatum,
+    /// gVisor's `runsc --oci-seccomp` (2022-12): `value` is the mask, and every
+    /// `SCMP_ACT_ERRNO` answers EPERM whatever `errnoRet` says. A rule that answers ENOSYS for a
+    /// call gVisor does not implement ([`GVISOR_UNIMPLEMENTED`]) becomes an allow, so the call
+    /// reaches gVisor's kernel, which answers ENOSYS itself (so glibc still falls back from
+    /// `clone3` to the filtered `clone`). Any other errno but EPERM cannot be expressed.
+    Gvisor,
 }
+
+/// Calls gVisor's kernel (the Debian 2022-12 build) answers with ENOSYS, so a rule that gives
+/// them ENOSYS means the same with or without the filter. The gVisor tests pin this.
+pub const GVISOR_UNIMPLEMENTED: &[&str] = &["clone3"];
 
 /// A seccomp profile with a reason on every rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +275,9 @@ impl Profile {
     pub fn to_oci(&self, dialect: Dialect) -> Result<LinuxSeccomp> {
         let mut profile = self.clone();
         profile.architectures.retain(|a| a == native_arch());
+        if dialect == Dialect::Gvisor {
+            profile.errno_for_gvisor()?;
+        }
         for rule in &mut profile.syscalls {
             rule.comment.clear();
             for arg in &mut rule.args {
@@ -269,6 +289,40 @@ impl Profile {
         profile.comment.clear();
         let value = serde_json::to_value(&profile).map_err(Error::NotOci)?;
         serde_json::from_value(value).map_err(Error::NotOci)
+    }
+}
+
+impl Profile {
+    /// Rewrites the rules whose errno runsc would not honour (see [`Dialect::Gvisor`]).
+    fn errno_for_gvisor(&mut self) -> Result<()> {
+        // Linux's numbers (the same on every architecture this crate knows).
+        const EPERM: u32 = 1;
+        const ENOSYS: u32 = 38;
+        for (index, rule) in self.syscalls.iter_mut().enumerate() {
+            if rule.action != "SCMP_ACT_ERRNO" {
+                continue;
+            }
+            match rule.errno_ret {
+                None | Some(EPERM) => {}
+                Some(ENOSYS)
+                    if rule
+                        .names
+                        .iter()
+                        .all(|n| GVISOR_UNIMPLEMENTED.contains(&n.as_str())) =>
+                {
+                    rule.action = "SCMP_ACT_ALLOW".into();
+                    rule.errno_ret = None;
+                }
+                Some(errno) => {
+                    return Err(Error::ErrnoUnsupported {
+                        index,
+                        names: rule.names.join(","),
+                        errno,
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -401,5 +455,52 @@ mod tests {
             find(&youki, "socket").value(),
             find(&runc, "socket").value()
         );
+    }
+
+    #[test]
+    fn gvisor_dialect_lets_unimplemented_calls_reach_the_sentry() {
+        let profile = Profile::default_profile();
+        let gvisor = profile.to_oci(Dialect::Gvisor).unwrap();
+        let clone3 = gvisor
+            .syscalls()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|r| r.names().iter().any(|n| n == "clone3"))
+            .unwrap();
+        assert_eq!(format!("{:?}", clone3.action()), "ScmpActAllow");
+        assert_eq!(clone3.errno_ret(), None);
+        // Masked comparisons are read as runc reads them.
+        let runc = profile.to_oci(Dialect::ValueIsMask).unwrap();
+        let clone_of = |s: &LinuxSeccomp| {
+            s.syscalls()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|r| r.names() == &["clone".to_string()])
+                .cloned()
+        };
+        assert_eq!(clone_of(&gvisor), clone_of(&runc));
+    }
+
+    #[test]
+    fn gvisor_dialect_refuses_errnos_it_cannot_return() {
+        let mut profile = Profile::default_profile();
+        profile.syscalls.push(Rule {
+            comment: "answer EACCES".into(),
+            names: vec!["ptrace".into()],
+            action: "SCMP_ACT_ERRNO".into(),
+            errno_ret: Some(13),
+            args: Vec::new(),
+        });
+        let err = profile.to_oci(Dialect::Gvisor).unwrap_err();
+        assert!(
+            matches!(err, Error::ErrnoUnsupported { errno: 13, .. }),
+            "{err}"
+        );
+        assert!(profile.to_oci(Dialect::ValueIsMask).is_ok());
+        // ENOSYS for a call gVisor does implement would silently become EPERM: refused too.
+        profile.syscalls.last_mut().unwrap().errno_ret = Some(38);
+        assert!(profile.to_oci(Dialect::Gvisor).is_err());
     }
 }

@@ -73,9 +73,9 @@ fn main() -> Result<()> {
         .tempdir()?;
     let engine = bench_engine(dir.path())?;
     let code = Code::new()?;
-    let clis: Vec<OciCli> = [("runc", "/usr/sbin/runc"), ("crun", "/usr/bin/crun")]
+    let clis: Vec<OciCli> = [BackendKind::Runc, BackendKind::Crun]
         .into_iter()
-        .filter_map(|(name, bin)| OciCli::find(name, bin))
+        .filter_map(OciCli::find)
         .collect();
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()

@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use cloudfunc_sandbox::{
-    BackendKind, Engine, EngineConfig, Invocation, InvokeOptions, Limits, Runtime, Sandbox,
-    SandboxSpec,
+    BackendKind, Engine, EngineConfig, Invocation, InvokeOptions, Limits, Outcome, Runtime,
+    Sandbox, SandboxSpec,
 };
 use serde_json::Value;
 
@@ -53,12 +53,18 @@ pub fn missing(need: Need) -> Option<String> {
 }
 
 type Shared = OnceLock<(tempfile::TempDir, Engine)>;
-static ENGINES: [Shared; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+static ENGINES: [Shared; BackendKind::ALL.len()] =
+    [const { OnceLock::new() }; BackendKind::ALL.len()];
 
 thread_local! {
     /// The backend the current trial runs on: the harness sets it before each trial (every
     /// trial runs on one thread), so one test body serves every backend.
     static BACKEND: std::cell::Cell<BackendKind> = const { std::cell::Cell::new(BackendKind::Libcontainer) };
+}
+
+/// Whether the current trial's functions run on gVisor's kernel rather than the host's.
+pub fn on_gvisor() -> bool {
+    backend() == BackendKind::Runsc
 }
 
 /// Makes the current thread's tests use `kind`.
@@ -166,6 +172,14 @@ pub fn start_with(runtime: Runtime, file: &str, source: &str, limits: Limits) ->
     Fixture {
         sandbox,
         _code: dir,
+    }
+}
+
+/// The result of a call that must have succeeded.
+pub fn result(outcome: &Outcome) -> Value {
+    match outcome {
+        Outcome::Succeeded { result } => result.clone(),
+        other => panic!("expected success, got {other:?}"),
     }
 }
 
