@@ -9,6 +9,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(profile) = Profile::from_json(text) {
             let _ = profile.to_oci(Dialect::ValueIsMask);
+            let _ = profile.to_oci(Dialect::Gvisor);
         }
     }
 });

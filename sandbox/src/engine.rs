@@ -110,13 +110,32 @@ impl BackendKind {
         }
     }
 
-    fn cli_runtime(self) -> CliRuntime {
+    fn cli_runtime(self, binary: Option<&Path>) -> CliRuntime {
         CliRuntime {
-            binary: self.binary().unwrap_or_default().into(),
+            binary: binary
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| self.binary().unwrap_or_default().into()),
             global_args: self.global_flags().iter().map(|f| f.to_string()).collect(),
             // crun 1.8 refuses hybrid hosts because the cgroup2 mount lists a controller.
             hide_cgroup2: self == BackendKind::Crun && hybrid_cgroup2(),
         }
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        BackendKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown backend {s:?}: use libcontainer, runc, crun or runsc"))
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -158,6 +177,8 @@ pub struct EngineConfig {
     pub start_timeout: Duration,
     /// Which runtime starts the containers.
     pub backend: BackendKind,
+    /// The runtime's binary, for the command-line backends, when not Debian's.
+    pub runtime_binary: Option<PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -173,6 +194,7 @@ impl Default for EngineConfig {
             max_output_bytes: 6 * 1024 * 1024,
             start_timeout: Duration::from_secs(30),
             backend: BackendKind::Libcontainer,
+            runtime_binary: None,
         }
     }
 }
@@ -241,7 +263,7 @@ impl Engine {
                 kind.name(),
                 &shim,
                 &state_root,
-                kind.cli_runtime(),
+                kind.cli_runtime(config.runtime_binary.as_deref()),
                 kind.seccomp_dialect(),
             )?,
         };

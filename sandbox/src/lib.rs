@@ -46,6 +46,6 @@ pub use cloudfunc_images::Runtime;
 pub use cloudfunc_seccomp::{Dialect as SeccompDialect, Profile as SeccompProfile};
 pub use command::CommandOutput;
 pub use engine::{locate_shim, BackendKind, Engine, EngineConfig, SeccompPolicy, SweepReport};
-pub use error::{Error, Result};
+pub use error::{error_chain, Error, Result};
 pub use outcome::{ExitKind, FunctionError, Invocation, Logs, Outcome, Usage};
 pub use sandbox::{InvokeOptions, Sandbox, SandboxSpec};

@@ -26,6 +26,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::control::{Channel, ExitKind, Message};
+use crate::error::error_chain;
 
 /// An OCI runtime driven through its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,17 +333,6 @@ impl Driver for Cli {
         let _ = std::fs::remove_file(self.log_path());
         let _ = std::fs::remove_file(self.args.state_root.join(format!("{}.pid", self.args.id)));
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn serve(control: &Channel, driver: &mut dyn Driver, pid: Pid) -> i32 {

@@ -10,8 +10,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use cloudfunc_sandbox::{Engine, EngineConfig, InvokeOptions, Limits, Sandbox, SandboxSpec};
+use cloudfunc_sandbox::{
+    BackendKind, Engine, EngineConfig, InvokeOptions, Limits, Sandbox, SandboxSpec,
+};
 use cloudfunc_server::client::{encode, Client};
+use cloudfunc_server::isolation::Isolation;
 use cloudfunc_server::platform::guess_runtime;
 use cloudfunc_server::serve::{load_keys, serve, ServeConfig};
 use serde_json::{json, Value};
@@ -88,6 +91,19 @@ enum Command {
         /// Days finished tasks (results, logs, usage) are kept.
         #[arg(long, env = "CLOUDFUNC_RETENTION_DAYS", default_value_t = 7.0)]
         retention_days: f64,
+        /// The runtime behind `container` isolation: libcontainer, runc or crun.
+        #[arg(
+            long,
+            env = "CLOUDFUNC_CONTAINER_RUNTIME",
+            default_value = "libcontainer"
+        )]
+        container_runtime: BackendKind,
+        /// Isolation of functions that do not choose: container or gvisor.
+        #[arg(long, env = "CLOUDFUNC_ISOLATION", default_value = "container")]
+        isolation: Isolation,
+        /// gVisor's runsc, for gvisor isolation.
+        #[arg(long, env = "CLOUDFUNC_RUNSC", default_value = "/usr/bin/runsc")]
+        runsc: PathBuf,
     },
     /// Print a bearer token for a tenant, signed with the local server's secret.
     Token {
@@ -113,6 +129,9 @@ enum Command {
         /// MiB.
         #[arg(long)]
         memory: Option<u64>,
+        /// container or gvisor (default: the server's).
+        #[arg(long)]
+        isolation: Option<Isolation>,
     },
     /// Run a function (NAME or NAME@VERSION) and print its result.
     Invoke {
@@ -163,6 +182,9 @@ enum Command {
         /// Invoke this many times in the same sandbox (the first is cold, the rest warm).
         #[arg(long, default_value_t = 1)]
         times: u32,
+        /// The runtime: libcontainer, runc, crun, or runsc (gVisor).
+        #[arg(long, default_value = "libcontainer")]
+        backend: BackendKind,
         #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = "/run/cloudfunc")]
         state_dir: PathBuf,
         #[arg(
@@ -280,6 +302,9 @@ async fn run(cli: Cli) -> Result<bool> {
             concurrency,
             max_body_mb,
             retention_days,
+            container_runtime,
+            isolation,
+            runsc,
         } => {
             if !retention_days.is_finite() || *retention_days <= 0.0 {
                 bail!("--retention-days must be a positive number");
@@ -295,6 +320,9 @@ async fn run(cli: Cli) -> Result<bool> {
                 concurrency: *concurrency,
                 max_body_bytes: max_body_mb * 1024 * 1024,
                 retention: Duration::from_secs_f64(retention_days * 86_400.0),
+                container_backend: *container_runtime,
+                default_isolation: *isolation,
+                runsc: runsc.clone(),
             })
             .await?;
             Ok(true)
@@ -322,6 +350,7 @@ fn client_command(cli: &Cli) -> Result<bool> {
             handler,
             timeout,
             memory,
+            isolation,
         } => {
             let zip = deploy_archive(path)?;
             let mut query = Vec::new();
@@ -340,6 +369,7 @@ fn client_command(cli: &Cli) -> Result<bool> {
                 ("handler", handler.clone()),
                 ("timeout", timeout.map(|t| t.to_string())),
                 ("memory", memory.map(|m| m.to_string())),
+                ("isolation", isolation.map(|i| i.to_string())),
             ] {
                 if let Some(v) = v {
                     query.push(format!("{k}={}", encode(&v)));
@@ -350,10 +380,11 @@ fn client_command(cli: &Cli) -> Result<bool> {
                 .ok()?;
             print(cli, &body, |b| {
                 format!(
-                    "deployed {} version {} ({})",
+                    "deployed {} version {} ({}, {} isolation)",
                     b["name"].as_str().unwrap_or("?"),
                     b["version"],
-                    b["id"].as_str().unwrap_or("?")
+                    b["id"].as_str().unwrap_or("?"),
+                    b["isolation"].as_str().unwrap_or("?")
                 )
             });
         }
@@ -453,9 +484,10 @@ fn client_command(cli: &Cli) -> Result<bool> {
                     .flatten()
                     .map(|v| {
                         format!(
-                            "v{}  {}  handler {}  timeout {} ms  memory {} MiB",
+                            "v{}  {}  {}  handler {}  timeout {} ms  memory {} MiB",
                             v["version"],
                             v["runtime"].as_str().unwrap_or(""),
+                            v["isolation"].as_str().unwrap_or(""),
                             v["handler"].as_str().unwrap_or("(convention)"),
                             v["timeout_ms"],
                             v["memory_mb"]
@@ -508,6 +540,7 @@ fn run_local(cli: &Cli) -> Result<bool> {
         cpu,
         env,
         times,
+        backend,
         state_dir,
         images_dir,
     } = &cli.command
@@ -540,6 +573,7 @@ fn run_local(cli: &Cli) -> Result<bool> {
         state_dir: state_dir.clone(),
         images_dir: images_dir.clone(),
         cgroup_parent: "cloudfunc-run".into(),
+        backend: *backend,
         ..EngineConfig::default()
     };
     let engine = Engine::new(config).context("starting the sandbox engine")?;

@@ -1,6 +1,8 @@
 //! The platform's records: functions, their versions, and tasks (one per invocation).
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::isolation::Isolation;
 use serde_json::Value;
 
 /// A function: a name owned by a tenant, with numbered versions.
@@ -41,6 +43,9 @@ pub struct Version {
     pub env: std::collections::BTreeMap<String, String>,
     /// Retries of an async task interrupted by a crash (0: at most once).
     pub max_retries: u32,
+    /// `container` or `gvisor` (versions stored before the setting existed ran in containers).
+    #[serde(default)]
+    pub isolation: Isolation,
     /// Where the code lives on disk (not shown to clients).
     #[serde(skip)]
     pub code_dir: String,
@@ -126,7 +131,11 @@ pub struct TaskUsage {
     pub cpu_ms: f64,
     pub peak_memory_bytes: u64,
     pub cold: bool,
+    /// The runtime that ran it: `libcontainer`, `runc`, `crun` or `runsc`.
     pub backend: String,
+    /// The isolation level it ran under.
+    #[serde(default)]
+    pub isolation: Isolation,
 }
 
 /// One invocation, sync or async.

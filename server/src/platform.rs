@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::archive::{self, ArchiveError, ArchiveLimits};
 use crate::auth::Caller;
+use crate::isolation::{Engines, Isolation};
 use crate::model::{
     new_id, now_ms, valid_name, Completion, Function, Task, TaskError, TaskStatus, TaskUsage,
     Version,
@@ -85,6 +86,8 @@ pub struct Settings {
     pub cpu: Option<u32>,
     pub env: Option<BTreeMap<String, String>>,
     pub max_retries: Option<u32>,
+    /// `container` or `gvisor`.
+    pub isolation: Option<String>,
 }
 
 impl Settings {
@@ -102,7 +105,8 @@ impl Settings {
             memory,
             cpu,
             env,
-            max_retries
+            max_retries,
+            isolation
         );
         self
     }
@@ -182,7 +186,7 @@ pub struct Platform {
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn Store>,
-    engine: Engine,
+    engines: Engines,
     config: PlatformConfig,
     slots: tokio::sync::Semaphore,
     wake: tokio::sync::Notify,
@@ -196,13 +200,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Platform {
-    /// A platform over `store` and `engine`.
-    pub fn new(store: Arc<dyn Store>, engine: Engine, config: PlatformConfig) -> Platform {
+    /// A platform over `store`, running sandboxes on `engines`.
+    pub fn new(store: Arc<dyn Store>, engines: Engines, config: PlatformConfig) -> Platform {
         let slots = tokio::sync::Semaphore::new(config.max_concurrency.max(1));
         Platform {
             inner: Arc::new(Inner {
                 store,
-                engine,
+                engines,
                 config,
                 slots,
                 wake: tokio::sync::Notify::new(),
@@ -216,9 +220,17 @@ impl Platform {
         self.inner.store.clone()
     }
 
-    /// The sandbox engine.
-    pub fn engine(&self) -> &Engine {
-        &self.inner.engine
+    /// The sandbox engines.
+    pub fn engines(&self) -> &Engines {
+        &self.inner.engines
+    }
+
+    /// The engine of `level`, or a clear error if this server cannot provide it.
+    fn engine(&self, level: Isolation) -> Result<&Engine> {
+        self.inner
+            .engines
+            .get(level)
+            .map_err(PlatformError::BadRequest)
     }
 
     /// Deploys `code` as `name` (a new function, or its next version).
@@ -399,6 +411,14 @@ impl Platform {
                 )));
             }
         }
+        let isolation = match &s.isolation {
+            Some(name) => name
+                .parse::<Isolation>()
+                .map_err(PlatformError::BadRequest)?,
+            None => self.inner.engines.default_isolation(),
+        };
+        // Refused now, not when it first runs.
+        self.engine(isolation)?;
         Ok(Version {
             version: number,
             runtime: runtime.name().to_string(),
@@ -408,6 +428,7 @@ impl Platform {
             cpu_millicores: cpu,
             env,
             max_retries: s.max_retries.unwrap_or(0).min(10),
+            isolation,
             code_dir: code_dir.to_string_lossy().into_owned(),
             created_at: now_ms(),
         })
@@ -415,7 +436,7 @@ impl Platform {
 
     /// Starts the function once, so a missing handler or a syntax error is reported at deploy.
     fn check_loads(&self, name: &str, version: &Version) -> Result<()> {
-        match Sandbox::create(&self.inner.engine, spec_for(name, version)) {
+        match Sandbox::create(self.engine(version.isolation)?, spec_for(name, version)) {
             Ok(sandbox) => sandbox
                 .shutdown()
                 .map_err(|e| PlatformError::Internal(e.into())),
@@ -612,10 +633,15 @@ impl Platform {
             .acquire()
             .await
             .map_err(|e| PlatformError::Internal(e.into()))?;
-        let (engine, store) = (self.inner.engine.clone(), self.inner.store.clone());
+        let engine = self.inner.engines.get(version.isolation).cloned();
+        let store = self.inner.store.clone();
         let (name, version, task) = (name.to_string(), version.clone(), task.clone());
         blocking(move || -> Result<()> {
-            let completion = execute(&engine, &name, &version, &task);
+            let completion = match engine {
+                Ok(engine) => execute(&engine, &name, &version, &task),
+                // The server was restarted without what this version was deployed for.
+                Err(why) => failed("sandbox_failure", &why),
+            };
             log_invocation(&task, &version, &completion);
             Ok(store.complete_task(&task.task_id, &completion)?)
         })
@@ -766,8 +792,14 @@ impl Platform {
             "tasks_running": running,
             "sandboxes_running": slots - self.inner.slots.available_permits(),
             "max_concurrency": slots,
-            "backend": self.inner.engine.backend_name(),
-            "cgroup": format!("{:?}", self.inner.engine.cgroup_version()).to_lowercase(),
+            "backend": self.inner.engines.get(Isolation::Container).map(|e| e.backend_name()).ok(),
+            "isolation": self.inner.engines.describe(),
+            "cgroup": self
+                .inner
+                .engines
+                .get(Isolation::Container)
+                .map(|e| format!("{:?}", e.cgroup_version()).to_lowercase())
+                .ok(),
             "host": crate::metrics::host(),
         }))
     }
@@ -784,6 +816,7 @@ fn settings_of(v: &Version) -> Settings {
         cpu: Some(v.cpu_millicores),
         env: Some(v.env.clone()),
         max_retries: Some(v.max_retries),
+        isolation: Some(v.isolation.name().into()),
     }
 }
 
@@ -910,6 +943,7 @@ pub fn execute(engine: &Engine, name: &str, version: &Version, task: &Task) -> C
         peak_memory_bytes: call.usage.peak_memory_bytes,
         cold: call.usage.cold,
         backend: engine.backend_name().to_string(),
+        isolation: version.isolation,
     };
     let error = |kind: &str, error_type: String, message: String, traceback: String| {
         Some(TaskError {

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use cloudfunc_sandbox::{Engine, EngineConfig};
+use cloudfunc_sandbox::{BackendKind, EngineConfig};
 
 use crate::api::{routes, AppState};
 use crate::auth::Keys;
+use crate::isolation::{Engines, Isolation};
 use crate::platform::{Platform, PlatformConfig};
 use crate::store::SqliteStore;
 
@@ -26,6 +27,12 @@ pub struct ServeConfig {
     pub max_body_bytes: u64,
     /// How long finished tasks (results, logs, usage) are kept.
     pub retention: std::time::Duration,
+    /// The runtime of the `container` isolation level.
+    pub container_backend: BackendKind,
+    /// The isolation level of functions that do not choose one.
+    pub default_isolation: Isolation,
+    /// gVisor's `runsc`.
+    pub runsc: PathBuf,
 }
 
 impl Default for ServeConfig {
@@ -41,6 +48,9 @@ impl Default for ServeConfig {
             concurrency: 8,
             max_body_bytes: 32 * 1024 * 1024,
             retention: std::time::Duration::from_secs(7 * 86_400),
+            container_backend: BackendKind::Libcontainer,
+            default_isolation: Isolation::Container,
+            runsc: "/usr/bin/runsc".into(),
         }
     }
 }
@@ -89,15 +99,21 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         cgroup_parent: config.cgroup_parent.clone(),
         ..EngineConfig::default()
     };
-    let engine = tokio::task::spawn_blocking(move || Engine::new(engine_config))
-        .await?
-        .context("starting the sandbox engine")?;
+    let (backend, default) = (config.container_backend, config.default_isolation);
+    let runsc = config.runsc.clone();
+    let engines = tokio::task::spawn_blocking(move || {
+        Engines::start(&engine_config, backend, &runsc, default)
+    })
+    .await??;
+    if let Err(why) = engines.get(Isolation::Gvisor) {
+        eprintln!("cloudfunc: {why}");
+    }
     let mut platform_config = PlatformConfig::new(&config.data_dir);
     platform_config.max_concurrency = config.concurrency;
     if config.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let platform = Platform::new(store, engine, platform_config);
+    let platform = Platform::new(store, engines, platform_config);
     let recovery = platform
         .start_queue(config.workers)
         .await

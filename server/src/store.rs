@@ -553,7 +553,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::new_id;
+    use crate::model::{new_id, Isolation};
 
     fn version(n: u32) -> Version {
         Version {
@@ -565,6 +565,7 @@ mod tests {
             cpu_millicores: 1000,
             env: Default::default(),
             max_retries: 0,
+            isolation: Isolation::Container,
             code_dir: format!("/code/{n}"),
             created_at: now_ms(),
         }

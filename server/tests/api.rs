@@ -13,6 +13,8 @@ use serde_json::json;
 
 static SERVER: OnceLock<Server> = OnceLock::new();
 
+const RUNSC: &str = "/usr/bin/runsc";
+
 fn shared() -> &'static Server {
     SERVER.get_or_init(|| Server::start("shared"))
 }
@@ -43,14 +45,22 @@ fn main() {
         ("kill_9_loses_no_task", kill9),
         ("openapi_lists_every_route", openapi),
         ("weak_secret_refuses_to_start", weak_secret),
+        ("isolation_is_per_function", isolation),
+        ("missing_gvisor_is_refused_at_deploy", missing_gvisor),
     ];
     let why = missing();
     if let Some(why) = &why {
         println!("SKIPPED {} api tests: {why}", tests.len());
     }
+    let no_runsc = (why.is_none() && !std::path::Path::new(RUNSC).is_file())
+        .then(|| format!("{RUNSC} is not installed"));
+    if let Some(no_runsc) = &no_runsc {
+        println!("SKIPPED 1 api test (isolation_is_per_function): {no_runsc}");
+    }
     let trials = tests
         .into_iter()
         .map(|(name, f)| {
+            let skip = why.is_some() || (name == "isolation_is_per_function" && no_runsc.is_some());
             Trial::test(name, move || {
                 std::panic::catch_unwind(f).map_err(|e| {
                     Failed::from(
@@ -61,7 +71,7 @@ fn main() {
                     )
                 })
             })
-            .with_ignored_flag(why.is_some())
+            .with_ignored_flag(skip)
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
@@ -1036,4 +1046,223 @@ fn weak_secret() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A function that reports which kernel it sees.
+const KERNEL_PY: &str = "def handler(event):\n    return open('/proc/version').read()\n";
+
+fn isolation() {
+    let s = shared();
+    let t = s.token("iso", false);
+    let health = request("GET", &format!("{}/api/system/health", s.url), None, None);
+    assert_eq!(
+        health.body["isolation"]["default"], "container",
+        "{health:?}"
+    );
+    assert_eq!(
+        health.body["isolation"]["container"]["backend"],
+        "libcontainer"
+    );
+    assert_eq!(health.body["isolation"]["gvisor"]["available"], true);
+    assert_eq!(health.body["isolation"]["gvisor"]["backend"], "runsc");
+
+    // One function per level, the gVisor one chosen by a multipart field.
+    let (ct, body) = multipart(
+        &[("name", "kernel-gvisor"), ("isolation", "gvisor")],
+        &[("file", "code.zip", &zip(&[("function.py", KERNEL_PY)]))],
+    );
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy", s.url),
+        Some(&t),
+        Some((&ct, body)),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["isolation"], "gvisor");
+    let r = deploy(s, &t, "kernel-container", &[("function.py", KERNEL_PY)]);
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["isolation"], "container", "the server's default");
+
+    let host_version = std::fs::read_to_string("/proc/version").unwrap();
+    let g = post_json(s, "/api/functions/kernel-gvisor/invoke", &t, &json!({}));
+    assert_eq!(g.status, 200, "{g:?}");
+    assert_eq!(g.body["usage"]["isolation"], "gvisor");
+    assert_eq!(g.body["usage"]["backend"], "runsc");
+    let inside = g.body["result"].as_str().unwrap();
+    assert!(
+        inside.starts_with("Linux version 4.4.0 #1 SMP Sun Jan 10"),
+        "gVisor's kernel: {inside}"
+    );
+    let c = post_json(s, "/api/functions/kernel-container/invoke", &t, &json!({}));
+    assert_eq!(c.body["usage"]["isolation"], "container");
+    assert_eq!(c.body["usage"]["backend"], "libcontainer");
+    assert_eq!(c.body["result"].as_str().unwrap(), host_version);
+
+    // The setting shows on the function, carries over to the next version, and an async run
+    // records it too.
+    let f = get(s, "/api/functions/kernel-gvisor", &t);
+    assert_eq!(f.body["settings"]["isolation"], "gvisor");
+    let r = request(
+        "PUT",
+        &format!("{}/functions/kernel-gvisor", s.url),
+        Some(&t),
+        Some(("application/json", br#"{"timeout": 20}"#.to_vec())),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.body["isolation"], "gvisor",
+        "kept from the previous version"
+    );
+    let q = post_json(s, "/api/functions/kernel-gvisor/run", &t, &json!({}));
+    assert_eq!(q.status, 202);
+    let done = wait_task(
+        s,
+        &t,
+        q.body["task_id"].as_str().unwrap(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["usage"]["isolation"], "gvisor");
+    assert_eq!(done["version"], 2);
+
+    // Seed 002's JSON body, and a redeploy that switches level.
+    let r = post_json(
+        s,
+        "/functions",
+        &t,
+        &json!({"name": "kernel-002", "language": "python", "code": KERNEL_PY, "isolation": "gvisor"}),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["isolation"], "gvisor");
+    let r = request(
+        "PUT",
+        &format!("{}/functions/kernel-002", s.url),
+        Some(&t),
+        Some((
+            "application/json",
+            br#"{"isolation": "container"}"#.to_vec(),
+        )),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let c = post_json(s, "/api/functions/kernel-002/invoke", &t, &json!({}));
+    assert_eq!(c.body["usage"]["isolation"], "container");
+
+    // A level that does not exist: refused, nothing stored.
+    let before = get(s, "/api/functions/", &t).body["count"].clone();
+    let (ct, body) = multipart(
+        &[("name", "kernel-vm"), ("isolation", "vm")],
+        &[("file", "code.zip", &zip(&[("function.py", KERNEL_PY)]))],
+    );
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy", s.url),
+        Some(&t),
+        Some((&ct, body)),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("\"container\"") && msg.contains("\"gvisor\""),
+        "{msg}"
+    );
+    assert_eq!(get(s, "/api/functions/", &t).body["count"], before);
+
+    // The CLI sets and shows it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("function.py"), KERNEL_PY).unwrap();
+    let out = s
+        .cli("iso")
+        .args(["deploy", "--name", "kernel-cli", "--isolation", "gvisor"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("gvisor isolation"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = s
+        .cli("iso")
+        .args(["versions", "kernel-cli"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gvisor"));
+    let out = s
+        .cli("iso")
+        .args(["invoke", "kernel-cli"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4.4.0"));
+}
+
+fn missing_gvisor() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-api-nogv-")
+        .tempdir()
+        .unwrap();
+    // gVisor as the default, without runsc: the server refuses to start, and says why.
+    let out = std::process::Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--isolation",
+            "gvisor",
+            "--runsc",
+            "/nonexistent/runsc",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--images-dir")
+        .arg(dir.path().join("images"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("default isolation is gvisor") && err.contains("/nonexistent/runsc"),
+        "{err}"
+    );
+
+    // Container by default: it starts, and a gVisor deploy is refused at once.
+    let s = Server::start_in(dir.path(), "nogv", 0, &["--runsc", "/nonexistent/runsc"]);
+    let t = s.token("nogv", false);
+    let health = request("GET", &format!("{}/api/system/health", s.url), None, None);
+    assert_eq!(health.body["isolation"]["gvisor"]["available"], false);
+    assert!(health.body["isolation"]["gvisor"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/runsc"));
+    let (ct, body) = multipart(
+        &[("name", "wants-gvisor"), ("isolation", "gvisor")],
+        &[("file", "code.zip", &zip(&[("function.py", KERNEL_PY)]))],
+    );
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy", s.url),
+        Some(&t),
+        Some((&ct, body)),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("gVisor isolation is not available on this server")
+            && msg.contains("/nonexistent/runsc"),
+        "{msg}"
+    );
+    assert_eq!(
+        get(&s, "/api/functions/", &t).body["count"],
+        0,
+        "nothing stored"
+    );
+    let r = deploy(&s, &t, "container-ok", &[("function.py", KERNEL_PY)]);
+    assert_eq!(r.status, 201, "{r:?}");
+    let c = post_json(&s, "/api/functions/container-ok/invoke", &t, &json!({}));
+    assert_eq!(c.body["status"], "succeeded", "{c:?}");
+    s.stop();
+    s.remove_files();
 }

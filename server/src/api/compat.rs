@@ -17,7 +17,9 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use super::error::{reject, ApiError};
-use super::functions::{delete, get, list, metrics, read_form, redeploy, RangeQuery};
+use super::functions::{
+    delete, deployed_json, get, list, metrics, read_form, redeploy, RangeQuery,
+};
 use super::{caller, with_state, AppState};
 use crate::auth::Caller;
 use crate::model::{Task, TaskStatus};
@@ -44,6 +46,8 @@ struct Seed002Function {
     cpu: Option<u32>,
     handler: Option<String>,
     env: Option<BTreeMap<String, String>>,
+    /// `container` or `gvisor`.
+    isolation: Option<String>,
     /// The source of the function's module.
     code: Option<String>,
 }
@@ -74,6 +78,7 @@ impl Seed002Function {
             cpu: self.cpu,
             env: self.env,
             max_retries: None,
+            isolation: self.isolation,
         };
         Ok((settings, code))
     }
@@ -107,7 +112,7 @@ async fn create(
         .map_err(reject)?;
     Ok(reply(
         StatusCode::CREATED,
-        json!({"id": function.id, "name": function.name, "version": version.version, "status": "deployed"}),
+        deployed_json("deployed", &function, &version),
     ))
 }
 

@@ -37,6 +37,19 @@ pub fn function_json(f: &Function, versions: Option<&[Version]>) -> Value {
     v
 }
 
+/// What a deploy or an update answers.
+pub fn deployed_json(status: &str, f: &Function, v: &Version) -> Value {
+    json!({
+        "status": status,
+        "id": f.id,
+        "function_id": f.id,
+        "name": f.name,
+        "version": v.version,
+        "runtime": v.runtime,
+        "isolation": v.isolation,
+    })
+}
+
 fn reply(status: StatusCode, body: Value) -> Response {
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }
@@ -88,6 +101,7 @@ pub fn settings_from_fields(fields: &HashMap<String, String>) -> Result<Settings
         "cpu",
         "env",
         "max_retries",
+        "isolation",
     ];
     if let Some(unknown) = fields.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(ApiError::bad_request(format!(
@@ -108,6 +122,7 @@ pub fn settings_from_fields(fields: &HashMap<String, String>) -> Result<Settings
         cpu: int("cpu")?.map(|c| u32::try_from(c).unwrap_or(u32::MAX)),
         env: fields.get("env").map(|e| parse_env(e)).transpose()?,
         max_retries: int("max_retries")?.map(|r| u32::try_from(r).unwrap_or(u32::MAX)),
+        isolation: fields.get("isolation").cloned(),
     })
 }
 
@@ -264,14 +279,7 @@ async fn deploy(
         .map_err(reject)?;
     Ok(reply(
         StatusCode::CREATED,
-        json!({
-            "status": "deployed",
-            "id": function.id,
-            "function_id": function.id,
-            "name": function.name,
-            "version": version.version,
-            "runtime": version.runtime,
-        }),
+        deployed_json("deployed", &function, &version),
     ))
 }
 
@@ -361,7 +369,7 @@ pub(super) async fn redeploy(
         .map_err(reject)?;
     Ok(reply(
         StatusCode::OK,
-        json!({"status": "updated", "id": function.id, "name": function.name, "version": version.version}),
+        deployed_json("updated", &function, &version),
     ))
 }
 

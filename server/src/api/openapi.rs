@@ -66,9 +66,17 @@ fn deploy_body() -> Value {
             "memory": {"type": "integer"},
             "cpu": {"type": "integer"},
             "env": {"type": "string", "description": "JSON object of strings"},
-            "max_retries": {"type": "integer"}
+            "max_retries": {"type": "integer"},
+            "isolation": {"type": "string", "enum": ["container", "gvisor"]}
         }}},
         "application/zip": {"schema": {"type": "string", "format": "binary"}}
+    }})
+}
+
+fn seed002_body() -> Value {
+    json!({"type": "object", "required": ["name", "code"], "properties": {
+        "name": {"type": "string"}, "language": {"type": "string"}, "timeout": {"type": "number"},
+        "code": {"type": "string"}, "isolation": {"type": "string", "enum": ["container", "gvisor"]}
     }})
 }
 
@@ -91,7 +99,7 @@ pub fn document() -> Value {
                 }},
                 "FunctionList": {"type": "object", "required": ["functions"], "properties": {"functions": {"type": "array", "items": {"$ref": "#/components/schemas/Function"}}, "count": {"type": "integer"}}},
                 "Changed": {"type": "object", "required": ["id", "name", "status"], "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "status": {"type": "string"}}},
-                "Deployed": {"type": "object", "required": ["id", "name", "version", "status"], "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "version": {"type": "integer"}, "status": {"type": "string"}}},
+                "Deployed": {"type": "object", "required": ["id", "name", "version", "status"], "properties": {"id": {"type": "string"}, "name": {"type": "string"}, "version": {"type": "integer"}, "status": {"type": "string"}, "runtime": {"type": "string"}, "isolation": {"type": "string", "enum": ["container", "gvisor"]}}},
                 "Queued": {"type": "object", "required": ["task_id", "status"], "properties": {"task_id": {"type": "string"}, "status": {"type": "string"}, "function": {"type": "string"}, "version": {"type": "integer"}}},
                 "Task": {"type": "object", "required": ["task_id", "status", "function", "version"], "properties": {
                     "task_id": {"type": "string"}, "function_id": {"type": "string"}, "function": {"type": "string"}, "version": {"type": "integer"},
@@ -104,7 +112,7 @@ pub fn document() -> Value {
                 "Metrics": {"type": "object", "required": ["invocations", "errors", "error_rate", "duration_ms"], "properties": {
                     "invocations": {"type": "integer"}, "errors": {"type": "integer"}, "error_rate": {"type": "number"}, "duration_ms": {"type": "object"}
                 }},
-                "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "queue_depth": {"type": "integer"}, "uptime_s": {"type": "number"}}},
+                "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "queue_depth": {"type": "integer"}, "uptime_s": {"type": "number"}, "isolation": {"type": "object", "description": "The default isolation level, and per level whether it is available and on which runtime"}}},
                 "Outcome": {"type": "object", "required": ["task_id", "status"], "properties": {"output": {}, "error": {}, "task_id": {"type": "string"}, "status": {"type": "string"}}}
             }
         },
@@ -132,7 +140,7 @@ pub fn document() -> Value {
             "/functions": {
                 "get": op("List functions (seed 004)", ("200", schema("FunctionList")), &["401"], any.clone()),
                 "post": op("Create (seed 002 JSON, or seed 004 multipart python_file + function_name)", ("201", schema("Deployed")), &four, json!({"requestBody": {"required": true, "content": {
-                    "application/json": {"schema": {"type": "object", "required": ["name", "code"], "properties": {"name": {"type": "string"}, "language": {"type": "string"}, "timeout": {"type": "number"}, "code": {"type": "string"}}}},
+                    "application/json": {"schema": seed002_body()},
                     "multipart/form-data": {"schema": {"type": "object", "required": ["python_file"], "properties": {"python_file": {"type": "string", "format": "binary"}, "function_name": {"type": "string"}}}}
                 }}}))
             },

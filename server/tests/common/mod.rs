@@ -132,12 +132,19 @@ impl Server {
     /// Removes the server's directory and cgroup parents (after `stop`).
     pub fn remove_files(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        self.remove_cgroup_parents();
+    }
+
+    /// Removes the cgroup parents of both isolation levels, where they are empty.
+    fn remove_cgroup_parents(&self) {
         for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
             .into_iter()
             .flatten()
             .flatten()
         {
-            let _ = std::fs::remove_dir(hierarchy.path().join(&self.parent));
+            for parent in [self.parent.clone(), format!("{}-gvisor", self.parent)] {
+                let _ = std::fs::remove_dir(hierarchy.path().join(parent));
+            }
         }
     }
 }
@@ -146,13 +153,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
         // The engine sweeps at start; a fresh one on the same state cleans what a kill left.
-        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let _ = std::fs::remove_dir(hierarchy.path().join(&self.parent));
-        }
+        self.remove_cgroup_parents();
     }
 }
 
