@@ -144,6 +144,49 @@ pub fn warm_calls(engine: &Engine, code: &Code, calls: usize) -> Result<Vec<Dura
     Ok(out)
 }
 
+/// Warm calls per second with `sandboxes` Python hello sandboxes, each called in a loop by
+/// its own thread for `period`.
+pub fn warm_throughput(
+    engine: &Engine,
+    code: &Code,
+    sandboxes: usize,
+    period: Duration,
+) -> Result<f64> {
+    let (event, _) = event();
+    let mut started = Vec::new();
+    for _ in 0..sandboxes.max(1) {
+        let mut s = Sandbox::create(engine, SandboxSpec::new(Runtime::Python, code.path()))?;
+        s.invoke(&event, &InvokeOptions::default())?;
+        started.push(s);
+    }
+    let begin = Instant::now();
+    let workers: Vec<_> = started
+        .into_iter()
+        .map(|mut s| {
+            let event = event.clone();
+            std::thread::spawn(move || -> Result<u64> {
+                let mut n = 0u64;
+                while begin.elapsed() < period {
+                    let call = s.invoke(&event, &InvokeOptions::default())?;
+                    if !call.outcome.is_success() {
+                        bail!("warm call failed: {:?}", call.outcome);
+                    }
+                    n += 1;
+                }
+                s.shutdown()?;
+                Ok(n)
+            })
+        })
+        .collect();
+    let mut calls = 0;
+    for w in workers {
+        calls += w
+            .join()
+            .map_err(|_| anyhow::anyhow!("a worker panicked"))??;
+    }
+    Ok(calls as f64 / begin.elapsed().as_secs_f64())
+}
+
 /// Host memory per idle Python hello sandbox, in bytes: what its cgroup is charged, plus the
 /// resident memory of the shim that owns it, averaged over `n` sandboxes up at once.
 pub fn idle_memory(engine: &Engine, code: &Code, n: usize) -> Result<u64> {

@@ -221,7 +221,7 @@ fn task_text(t: &Value) -> String {
     );
     if let Some(u) = t.get("usage").filter(|u| u.is_object()) {
         out += &format!(
-            "  {:.1} ms{}  cpu {:.1} ms  mem {:.1} MiB",
+            "  {:.1} ms{}  cpu {:.1} ms  mem {:.1} MiB  {} ({})",
             u["duration_ms"].as_f64().unwrap_or(0.0),
             if u["cold"].as_bool() == Some(true) {
                 format!(
@@ -232,7 +232,9 @@ fn task_text(t: &Value) -> String {
                 " (warm)".into()
             },
             u["cpu_ms"].as_f64().unwrap_or(0.0),
-            u["peak_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+            u["peak_memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            u["isolation"].as_str().unwrap_or("?"),
+            u["backend"].as_str().unwrap_or("?")
         );
     }
     if let Some(r) = t.get("result") {

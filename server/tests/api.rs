@@ -250,7 +250,8 @@ fn cli_files_and_zips() {
         .args(["versions", "payload"])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("v1  python  handler handler.handle"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("v1  python  container  handler handler.handle"));
     // A client mistake is reported, not a crash.
     let out = s
         .cli("clifiles")

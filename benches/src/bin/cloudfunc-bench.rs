@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cloudfunc_benches::{
     bench_engine, bench_engine_with, idle_memory, median, run_cloudfunc, run_host, warm_calls,
-    Code, OciCli, Workload,
+    warm_throughput, Code, OciCli, Workload,
 };
 use cloudfunc_sandbox::BackendKind;
 
@@ -182,36 +182,71 @@ fn compare_backends(runs: usize) -> Result<()> {
             }
         }
     }
-    println!("cloudfunc's backends, each through the shim; cold start = create -> first result -> teardown, median of {runs}; warm = median and p99 of 200 calls in one Python sandbox; idle memory = cgroup charge + shim RSS per idle Python sandbox (10 up at once).");
+    println!("cloudfunc's backends, each through the shim; cold start = create -> first result -> teardown, median of {runs}; warm = median and p99 of 200 calls in one Python sandbox; throughput = warm calls/s, one thread per sandbox, {THROUGHPUT_SANDBOXES} sandboxes for {THROUGHPUT_SECS} s; idle memory = cgroup charge + shim RSS per idle Python sandbox (10 up at once).");
     let mut header = vec!["backend".to_string()];
     header.extend(workloads.iter().map(|w| format!("cold {} ms", w.name())));
-    header.extend(["warm p50 ms", "warm p99 ms", "idle MiB"].map(String::from));
+    header.extend(
+        [
+            "warm p50 ms",
+            "warm p99 ms",
+            "warm vs libcontainer",
+            "calls/s",
+            "idle MiB",
+            "isolation",
+        ]
+        .map(String::from),
+    );
     println!("| {} |", header.join(" | "));
     println!(
         "|{}|",
         header.iter().map(|_| "---").collect::<Vec<_>>().join("|")
     );
+    // Ratios are against the first row, libcontainer.
+    let mut baseline = None;
     for (k, kind) in kinds.iter().enumerate() {
         let mut row = vec![kind.name().to_string()];
         for w in 0..workloads.len() {
             row.push(fmt(cold.get_mut(&(w, k)).map(|s| median(s))));
         }
         let warm = warm_calls(&engines[k], &code, 200)?;
-        row.push(format!(
-            "{:.3}",
-            warm[warm.len() / 2].as_secs_f64() * 1000.0
-        ));
+        let p50 = warm[warm.len() / 2].as_secs_f64() * 1000.0;
+        let base = *baseline.get_or_insert(p50);
+        row.push(format!("{p50:.3}"));
         row.push(format!(
             "{:.3}",
             warm[warm.len() * 99 / 100].as_secs_f64() * 1000.0
         ));
+        row.push(format!("{:.2}x", p50 / base));
+        let rate = warm_throughput(
+            &engines[k],
+            &code,
+            THROUGHPUT_SANDBOXES,
+            Duration::from_secs(THROUGHPUT_SECS),
+        )?;
+        row.push(format!("{rate:.0}"));
         row.push(format!(
             "{:.1}",
             idle_memory(&engines[k], &code, 10)? as f64 / 1048576.0
         ));
+        row.push(isolation_of(*kind).into());
         println!("| {} |", row.join(" | "));
     }
     Ok(())
+}
+
+/// Sandboxes (one calling thread each) in the throughput column: one per core here.
+const THROUGHPUT_SANDBOXES: usize = 2;
+/// How long the throughput column runs, per backend.
+const THROUGHPUT_SECS: u64 = 3;
+
+/// What stands between a function and the host, per backend.
+fn isolation_of(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Runsc => {
+            "gVisor: its own kernel (Sentry) in user space; the host sees only the Sentry's filtered calls"
+        }
+        _ => "namespaces, cgroups, seccomp, no capabilities; the host's kernel",
+    }
 }
 
 fn fmt(d: Option<Duration>) -> String {
