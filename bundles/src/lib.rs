@@ -79,6 +79,18 @@ pub enum GuestKernel {
     Gvisor,
 }
 
+impl GuestKernel {
+    /// The host cgroup's pids limit for a function allowed `pids` processes and threads.
+    pub fn host_pids(self, pids: u32) -> u32 {
+        match self {
+            GuestKernel::Host => pids,
+            GuestKernel::Gvisor => pids
+                .saturating_mul(GVISOR_HOST_TASKS_PER_TASK)
+                .saturating_add(GVISOR_SENTRY_TASKS),
+        }
+    }
+}
+
 /// Host tasks a gVisor sandbox may use per task of the function. Under the ptrace platform the
 /// Sentry runs each guest address space in a stub process and traces it from its own threads:
 /// a fork bomb stopped at 47 guest processes held 288 host tasks (Python) and 442 (Node).
@@ -225,16 +237,10 @@ pub fn build_spec(config: &BundleConfig<'_>) -> Result<Spec> {
         json!({"type": "RLIMIT_NOFILE", "soft": limits.nofile, "hard": limits.nofile}),
         json!({"type": "RLIMIT_CORE", "soft": 0, "hard": 0}),
     ];
-    let host_pids = match config.kernel {
-        GuestKernel::Host => limits.pids,
-        GuestKernel::Gvisor => {
-            rlimits.push(json!({"type": "RLIMIT_NPROC", "soft": limits.pids, "hard": limits.pids}));
-            limits
-                .pids
-                .saturating_mul(GVISOR_HOST_TASKS_PER_TASK)
-                .saturating_add(GVISOR_SENTRY_TASKS)
-        }
-    };
+    if config.kernel == GuestKernel::Gvisor {
+        rlimits.push(json!({"type": "RLIMIT_NPROC", "soft": limits.pids, "hard": limits.pids}));
+    }
+    let host_pids = config.kernel.host_pids(limits.pids);
     let mut linux = json!({
         "namespaces": namespaces,
         "cgroupsPath": config.cgroup_path,

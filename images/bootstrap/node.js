@@ -163,10 +163,29 @@ function drained(stream) {
   return new Promise((resolve) => stream.once('drain', resolve));
 }
 
+// Whether the call left processes behind. If it did, they are killed, and the sandbox asks to
+// be retired: Node cannot reap orphans it adopted as init, so it would fill up with zombies.
+function settle() {
+  if (process.pid !== 1) return true; // not a sandbox's init: never signal anyone
+  const me = String(process.pid);
+  const strays = fs.readdirSync('/proc').filter((p) => /^[0-9]+$/.test(p) && p !== me);
+  if (strays.length === 0) return true;
+  try {
+    process.kill(-1, 'SIGKILL'); // from init: every process of the namespace but init itself
+  } catch (err) {
+    // Nothing left to signal.
+  }
+  return false;
+}
+
 async function main() {
   const init = readFrame();
   if (init === null) return;
   const maxOutput = Number(init.max_output_bytes || 6 * 1024 * 1024);
+  // A pre-started sandbox learns its function's environment only now.
+  for (const [key, value] of Object.entries(init.env || {})) {
+    process.env[key] = String(value);
+  }
   let func;
   let resolved;
   try {
@@ -181,9 +200,11 @@ async function main() {
     if (request === null) return;
     const reply = await invoke(func, request, maxOutput);
     await Promise.all([drained(process.stdout), drained(process.stderr)]);
+    const recycle = settle() ? '' : ',"recycle":true';
     if (reply.ok) {
-      writeRaw(`{"ok":true,"result":${reply.resultJson}}`);
+      writeRaw(`{"ok":true,"result":${reply.resultJson}${recycle}}`);
     } else {
+      if (recycle) reply.recycle = true;
       writeRaw(JSON.stringify(reply));
     }
   }

@@ -25,10 +25,11 @@ pub enum CgroupVersion {
 #[derive(Debug, Clone)]
 pub struct CgroupFs {
     version: CgroupVersion,
-    /// v2: the unified root. v1: the memory, cpuacct and pids hierarchies.
+    /// v2: the unified root. v1: the memory, cpuacct, pids and cpu (quota) hierarchies.
     memory: PathBuf,
     cpu: PathBuf,
     pids: PathBuf,
+    quota: PathBuf,
 }
 
 /// One moment of a cgroup's counters.
@@ -63,6 +64,7 @@ impl CgroupFs {
                 memory: root.to_path_buf(),
                 cpu: root.to_path_buf(),
                 pids: root.to_path_buf(),
+                quota: root.to_path_buf(),
             });
         }
         let find = |names: &[&str]| {
@@ -82,6 +84,7 @@ impl CgroupFs {
             memory: find(&["memory"])?,
             cpu: find(&["cpuacct", "cpu,cpuacct", "cpuacct,cpu"])?,
             pids: find(&["pids"])?,
+            quota: find(&["cpu", "cpu,cpuacct", "cpuacct,cpu"])?,
         })
     }
 
@@ -108,6 +111,8 @@ impl CgroupFs {
             version: self.version,
             memory: self.memory.join(rel),
             cpu: self.cpu.join(rel),
+            pids: self.pids.join(rel),
+            quota: self.quota.join(rel),
         }
     }
 
@@ -197,12 +202,68 @@ pub struct SandboxCgroup {
     version: CgroupVersion,
     memory: PathBuf,
     cpu: PathBuf,
+    pids: PathBuf,
+    quota: PathBuf,
 }
 
 impl SandboxCgroup {
     /// Whether the cgroup exists (it is gone once its sandbox is deleted).
     pub fn exists(&self) -> bool {
         self.memory.is_dir()
+    }
+
+    /// Changes the memory limit (swap capped to the same figure where the bundle capped it),
+    /// the CPU quota and the pids limit of a running sandbox.
+    pub fn set_limits(
+        &self,
+        memory_bytes: u64,
+        cpu_quota_us: i64,
+        cpu_period_us: u64,
+        pids: u32,
+    ) -> io::Result<()> {
+        let write = |dir: &Path, file: &str, value: String| {
+            let path = dir.join(file);
+            fs::write(&path, value)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        };
+        match self.version {
+            CgroupVersion::V1 => {
+                // memory + swap may never be below memory: raise it first, or lower it last.
+                let memsw = self.memory.join("memory.memsw.limit_in_bytes");
+                let current = parse_u64(&read(&self.memory, "memory.limit_in_bytes")?);
+                let swap = memsw.exists();
+                if swap && memory_bytes > current {
+                    write(
+                        &self.memory,
+                        "memory.memsw.limit_in_bytes",
+                        memory_bytes.to_string(),
+                    )?;
+                }
+                write(
+                    &self.memory,
+                    "memory.limit_in_bytes",
+                    memory_bytes.to_string(),
+                )?;
+                if swap && memory_bytes <= current {
+                    write(
+                        &self.memory,
+                        "memory.memsw.limit_in_bytes",
+                        memory_bytes.to_string(),
+                    )?;
+                }
+                write(&self.quota, "cpu.cfs_period_us", cpu_period_us.to_string())?;
+                write(&self.quota, "cpu.cfs_quota_us", cpu_quota_us.to_string())?;
+            }
+            CgroupVersion::V2 => {
+                write(&self.memory, "memory.max", memory_bytes.to_string())?;
+                write(
+                    &self.cpu,
+                    "cpu.max",
+                    format!("{cpu_quota_us} {cpu_period_us}"),
+                )?;
+            }
+        }
+        write(&self.pids, "pids.max", pids.to_string())
     }
 }
 

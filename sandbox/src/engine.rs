@@ -355,6 +355,21 @@ impl Engine {
         self.inner.config.state_dir.join("bundles").join(id)
     }
 
+    /// A pre-started sandbox's own code directory (inside its bundle, so it goes with it):
+    /// created empty, mounted read-only at `/code`, filled when the sandbox gets a function.
+    pub(crate) fn cell_code_dir(&self, id: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.bundle_dir(id).join("code");
+        fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(Error::io(&dir))?;
+        Ok(dir)
+    }
+
+    /// The kernel this engine's functions run on.
+    pub fn guest_kernel(&self) -> GuestKernel {
+        self.inner.config.backend.guest_kernel()
+    }
+
     /// libcontainer's state directory of a sandbox id.
     pub fn container_state_dir(&self, id: &str) -> PathBuf {
         self.inner.config.state_dir.join("containers").join(id)

@@ -48,4 +48,4 @@ pub use command::CommandOutput;
 pub use engine::{locate_shim, BackendKind, Engine, EngineConfig, SeccompPolicy, SweepReport};
 pub use error::{error_chain, Error, Result};
 pub use outcome::{ExitKind, FunctionError, Invocation, Logs, Outcome, Usage};
-pub use sandbox::{InvokeOptions, Sandbox, SandboxSpec};
+pub use sandbox::{InvokeOptions, Sandbox, SandboxSpec, StemCell};

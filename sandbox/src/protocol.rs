@@ -141,11 +141,24 @@ struct RawReply {
     kind: Option<String>,
     #[serde(default)]
     error: Option<FunctionError>,
+    #[serde(default)]
+    recycle: bool,
 }
 
 /// Parses one reply body.
 pub fn parse_reply(body: &[u8]) -> Result<Reply, ProtocolError> {
+    parse_reply_flagged(body).map(|(reply, _)| reply)
+}
+
+/// Parses one reply body, and says whether the bootstrap asked to be retired: the call left
+/// something running that it could not end (a thread, an unreapable process).
+pub fn parse_reply_flagged(body: &[u8]) -> Result<(Reply, bool), ProtocolError> {
     let raw: RawReply = serde_json::from_slice(body).map_err(|e| ProtocolError(e.to_string()))?;
+    let recycle = raw.recycle;
+    reply_of(raw).map(|reply| (reply, recycle))
+}
+
+fn reply_of(raw: RawReply) -> Result<Reply, ProtocolError> {
     if raw.ok && raw.ready {
         return Ok(Reply::Ready {
             handler: raw.handler.unwrap_or_default(),

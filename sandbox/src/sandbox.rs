@@ -1,7 +1,7 @@
 //! One sandbox: a started container whose bootstrap has loaded a function and serves it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cloudfunc_bundles::{Limits, Process};
@@ -14,7 +14,7 @@ use crate::channel::{pipe, Exchange, Pipes};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::outcome::{Invocation, Outcome, Usage};
-use crate::protocol::{encode, parse_reply, Reply, ReplyFailure};
+use crate::protocol::{encode, parse_reply, parse_reply_flagged, Reply, ReplyFailure};
 
 /// A function to run: its code, runtime and limits.
 #[derive(Debug, Clone)]
@@ -112,14 +112,29 @@ impl Sandbox {
         validate(&spec)?;
         let started = Instant::now();
         let id = engine.next_id();
+        let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let code_dir = spec.code_dir.clone();
+        let mut sandbox = Sandbox::launch(engine, id, &code_dir, env, spec)?;
+        sandbox.initialise(started, None)?;
+        Ok(sandbox)
+    }
+
+    /// Starts the container with the bootstrap of `spec.runtime` and `code_dir` at `/code`;
+    /// the bootstrap then waits for its init.
+    fn launch(
+        engine: &Engine,
+        id: String,
+        code_dir: &Path,
+        env: Vec<String>,
+        spec: SandboxSpec,
+    ) -> Result<Sandbox> {
         let (req_r, req_w) = pipe().map_err(Error::Pipe)?;
         let (res_r, res_w) = pipe().map_err(Error::Pipe)?;
         let (log_r, log_w) = pipe().map_err(Error::Pipe)?;
-        let env = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let container = engine.launch(
             &id,
             Process::Bootstrap(spec.runtime),
-            Some(&spec.code_dir),
+            Some(code_dir),
             spec.limits,
             env,
             [req_r, res_w, log_w],
@@ -134,7 +149,7 @@ impl Sandbox {
         )
         .map_err(Error::Pipe)?;
         let cgroup: SandboxCgroup = engine.inner.cgroups.sandbox(&engine.cgroup_path(&id));
-        let mut sandbox = Sandbox {
+        Ok(Sandbox {
             id,
             engine: engine.clone(),
             container: Some(container),
@@ -146,58 +161,71 @@ impl Sandbox {
             init_duration: Duration::ZERO,
             calls: 0,
             alive: true,
-        };
-        let init = encode(&json!({
-            "handler": sandbox.spec.handler,
+        })
+    }
+
+    /// Sends the init (with the function's environment, for a sandbox started before it knew
+    /// its function) and waits for the handler to load. On failure the sandbox is torn down.
+    fn initialise(
+        &mut self,
+        started: Instant,
+        env: Option<&BTreeMap<String, String>>,
+    ) -> Result<()> {
+        let config = self.engine.config().clone();
+        let mut init = json!({
+            "handler": self.spec.handler,
             "max_output_bytes": config.max_output_bytes,
-        }));
+        });
+        if let Some(env) = env {
+            init["env"] = json!(env);
+        }
         let deadline = started + config.start_timeout;
-        let exchanged = sandbox
+        let exchanged = self
             .pipes
-            .exchange(&init, deadline)
+            .exchange(&encode(&init), deadline)
             .map_err(Error::Pipe)?;
         let failure = match exchanged {
             Exchange::Reply(body) => match parse_reply(&body) {
                 Ok(Reply::Ready { handler, runtime }) => {
-                    sandbox.handler = handler;
-                    sandbox.runtime_version = runtime;
-                    sandbox.init_duration = started.elapsed();
+                    self.handler = handler;
+                    self.runtime_version = runtime;
+                    self.init_duration = started.elapsed();
                     // Whatever loading the module printed belongs to the first call's logs.
-                    return Ok(sandbox);
+                    return Ok(());
                 }
                 Ok(Reply::Failed {
                     kind: ReplyFailure::InitFailed,
                     error,
                 }) => {
-                    sandbox.pipes.drain_logs(Duration::from_millis(100));
+                    self.pipes.drain_logs(Duration::from_millis(100));
                     Error::FunctionInit {
                         error,
-                        logs: sandbox.pipes.capture.take(),
+                        logs: self.pipes.capture.take(),
                     }
                 }
                 Ok(other) => Error::InitCrashed {
                     exit: format!("unexpected reply while loading: {other:?}"),
-                    logs: sandbox.pipes.capture.take(),
+                    logs: self.pipes.capture.take(),
                 },
                 Err(e) => Error::InitCrashed {
                     exit: e.to_string(),
-                    logs: sandbox.pipes.capture.take(),
+                    logs: self.pipes.capture.take(),
                 },
             },
             Exchange::Closed => {
-                let exit = sandbox.exit_status();
+                let exit = self.exit_status();
                 Error::InitCrashed {
                     exit,
-                    logs: sandbox.pipes.capture.take(),
+                    logs: self.pipes.capture.take(),
                 }
             }
             Exchange::TimedOut => Error::StartTimeout(config.start_timeout),
             Exchange::TooLarge(e) => Error::InitCrashed {
                 exit: e.to_string(),
-                logs: sandbox.pipes.capture.take(),
+                logs: self.pipes.capture.take(),
             },
         };
-        let _ = sandbox.teardown();
+        let _ = self.teardown();
         Err(failure)
     }
 
@@ -263,22 +291,13 @@ impl Sandbox {
                     message: format!("sandbox I/O failed: {e}"),
                 }
             }
-            Ok(Exchange::Reply(body)) => match parse_reply(&body) {
-                Ok(Reply::Result(result)) => Outcome::Succeeded { result },
-                Ok(Reply::Failed { kind, error }) => match kind {
-                    ReplyFailure::Raised => Outcome::Raised { error },
-                    ReplyFailure::NotSerializable => Outcome::OutputNotSerializable { error },
-                    ReplyFailure::TooLarge => Outcome::OutputTooLarge {
-                        limit_bytes: self.engine.config().max_output_bytes,
-                        message: error.message,
-                    },
-                    ReplyFailure::InitFailed => {
-                        self.fail("the runtime reported a load failure mid-call")
-                    }
-                },
-                Ok(Reply::Ready { .. }) => {
-                    self.fail("the runtime answered a call with a ready message")
+            Ok(Exchange::Reply(body)) => match parse_reply_flagged(&body) {
+                Ok((reply, true)) => {
+                    // The call left work the bootstrap could not end: no more calls here.
+                    self.alive = false;
+                    self.outcome_of(reply)
                 }
+                Ok((reply, false)) => self.outcome_of(reply),
                 Err(e) => self.fail(&e.to_string()),
             },
             Ok(Exchange::TooLarge(e)) => {
@@ -323,6 +342,24 @@ impl Sandbox {
             logs: self.pipes.capture.take(),
             usage,
         })
+    }
+
+    fn outcome_of(&mut self, reply: Reply) -> Outcome {
+        match reply {
+            Reply::Result(result) => Outcome::Succeeded { result },
+            Reply::Failed { kind, error } => match kind {
+                ReplyFailure::Raised => Outcome::Raised { error },
+                ReplyFailure::NotSerializable => Outcome::OutputNotSerializable { error },
+                ReplyFailure::TooLarge => Outcome::OutputTooLarge {
+                    limit_bytes: self.engine.config().max_output_bytes,
+                    message: error.message,
+                },
+                ReplyFailure::InitFailed => {
+                    self.fail("the runtime reported a load failure mid-call")
+                }
+            },
+            Reply::Ready { .. } => self.fail("the runtime answered a call with a ready message"),
+        }
     }
 
     fn fail(&mut self, message: &str) -> Outcome {
@@ -399,4 +436,131 @@ fn usage(
         peak_memory_bytes: after.memory_peak_bytes,
         cold,
     }
+}
+
+/// A sandbox started ahead of need for a runtime, not yet given a function ("stem cell"): the
+/// container is up and the language runtime loaded, waiting for its init. Its `/code` is its
+/// own empty directory, mounted read-only. [`StemCell::bind`] copies a function's code there,
+/// sets its limits and loads it; from then on the sandbox serves that function only.
+#[derive(Debug)]
+pub struct StemCell {
+    sandbox: Sandbox,
+    code_dir: PathBuf,
+    limits: cloudfunc_bundles::Limits,
+}
+
+impl StemCell {
+    /// Starts a stem cell for `runtime` with `limits` (those a function cannot change later on
+    /// this engine's kernel: its tmpfs size, its open files, and under gVisor its pids).
+    pub fn start(
+        engine: &Engine,
+        runtime: Runtime,
+        limits: cloudfunc_bundles::Limits,
+    ) -> Result<StemCell> {
+        limits.validate().map_err(Error::InvalidSpec)?;
+        let id = engine.next_id();
+        let code_dir = engine.cell_code_dir(&id)?;
+        let mut spec = SandboxSpec::new(runtime, &code_dir);
+        spec.limits = limits;
+        let sandbox = match Sandbox::launch(engine, id.clone(), &code_dir, Vec::new(), spec) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = engine.cleanup(&id);
+                return Err(e);
+            }
+        };
+        Ok(StemCell {
+            sandbox,
+            code_dir,
+            limits,
+        })
+    }
+
+    /// The runtime it was started with.
+    pub fn runtime(&self) -> Runtime {
+        self.sandbox.spec.runtime
+    }
+
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.sandbox.id
+    }
+
+    /// Whether `spec` can be served by this cell: same runtime, and the limits fixed at start
+    /// are the same.
+    pub fn fits(&self, spec: &SandboxSpec) -> bool {
+        let (a, b) = (&self.limits, &spec.limits);
+        let pids_fixed =
+            self.sandbox.engine.guest_kernel() == cloudfunc_bundles::GuestKernel::Gvisor;
+        spec.runtime == self.runtime()
+            && a.tmp_bytes == b.tmp_bytes
+            && a.nofile == b.nofile
+            && (!pids_fixed || a.pids == b.pids)
+    }
+
+    /// Gives the cell its function: copies the code, applies the limits, sends the init with
+    /// the environment, and waits for the handler to load. The sandbox's init duration is this
+    /// bind's.
+    pub fn bind(self, spec: SandboxSpec) -> Result<Sandbox> {
+        let started = Instant::now();
+        validate(&spec)?;
+        if !self.fits(&spec) {
+            return Err(Error::InvalidSpec(format!(
+                "a pre-started {} sandbox cannot take this function (runtime or fixed limits differ)",
+                self.runtime()
+            )));
+        }
+        let StemCell {
+            mut sandbox,
+            code_dir,
+            limits,
+        } = self;
+        copy_code(&spec.code_dir, &code_dir).map_err(Error::io(&spec.code_dir))?;
+        if spec.limits != limits {
+            let l = &spec.limits;
+            let engine = &sandbox.engine;
+            engine
+                .inner
+                .cgroups
+                .sandbox(&engine.cgroup_path(&sandbox.id))
+                .set_limits(
+                    l.memory_bytes,
+                    l.cpu_quota_us(),
+                    cloudfunc_bundles::Limits::CPU_PERIOD_US,
+                    engine.guest_kernel().host_pids(l.pids),
+                )
+                .map_err(Error::Cgroup)?;
+        }
+        let env = spec.env.clone();
+        sandbox.spec = spec;
+        sandbox.initialise(started, Some(&env))?;
+        Ok(sandbox)
+    }
+
+    /// Stops the cell and removes everything it had.
+    pub fn shutdown(self) -> Result<()> {
+        self.sandbox.shutdown()
+    }
+}
+
+/// Copies a code tree: directories 0755, files 0644 (0755 if executable), owned by us, so the
+/// function can read but never change them. Symbolic links are not followed or copied.
+fn copy_code(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
+            copy_code(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            let mode = entry.metadata()?.permissions().mode();
+            std::fs::copy(entry.path(), &target)?;
+            let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@ mod gvisor;
 mod hostile;
 mod lifecycle;
 mod runtimes;
+mod warm;
 
 use common::{missing, Need};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -44,7 +45,11 @@ fn main() {
     // exercise the shim and engine machinery, which is the same for all, on libcontainer.
     let mut cases = Vec::new();
     for backend in cloudfunc_sandbox::BackendKind::ALL {
-        for mut case in runtimes::cases().into_iter().chain(hostile::cases()) {
+        for mut case in runtimes::cases()
+            .into_iter()
+            .chain(hostile::cases())
+            .chain(warm::cases())
+        {
             case.name = format!("{}::{}", backend.name(), case.name);
             case.needs.push(Need::Backend(backend));
             case.backend = backend;

@@ -1,0 +1,126 @@
+//! Reuse: what one call leaves behind is gone before the next, and pre-started sandboxes
+//! ("stem cells") take a function's code, environment and limits when they are bound.
+
+use std::collections::BTreeMap;
+
+use cloudfunc_sandbox::{Limits, Runtime, SandboxSpec, StemCell};
+use serde_json::json;
+
+use crate::common::{code, engine, module_file, on_gvisor, result, start, Need};
+use crate::Case;
+
+const MIB: u64 = 1024 * 1024;
+
+fn needs(runtime: Runtime) -> Vec<Need> {
+    vec![Need::Containers, Need::Runtime(runtime)]
+}
+
+pub fn cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for runtime in Runtime::ALL {
+        let n = runtime.name();
+        cases.push(Case::new(
+            format!("{n}::stem_cell_takes_code_env_and_limits"),
+            needs(runtime),
+            move || stem_cell(runtime),
+        ));
+        cases.push(Case::new(
+            format!("{n}::background_process_is_gone_before_the_next_call"),
+            needs(runtime),
+            move || background(runtime),
+        ));
+    }
+    cases.push(Case::new(
+        "python::lingering_thread_retires_the_sandbox",
+        needs(Runtime::Python),
+        lingering_thread,
+    ));
+    cases
+}
+
+fn stem_cell(runtime: Runtime) {
+    let cell = StemCell::start(engine(), runtime, Limits::default()).expect("stem cell starts");
+    let source = match runtime {
+        Runtime::Python => "import os\ndef handler(event):\n    try:\n        open('/code/new', 'w')\n        wrote = True\n    except OSError:\n        wrote = False\n    return {'greeting': os.environ.get('GREETING'), 'files': sorted(os.listdir('/code')), 'wrote': wrote}\n",
+        Runtime::Node => "const fs = require('fs');\nexports.handler = () => { let wrote = true; try { fs.writeFileSync('/code/new', 'x'); } catch (e) { wrote = false; } return {greeting: process.env.GREETING || null, files: fs.readdirSync('/code').sort(), wrote}; };\n",
+    };
+    let dir = code(module_file(runtime), source);
+    let mut spec = SandboxSpec::new(runtime, dir.path());
+    spec.env = BTreeMap::from([("GREETING".to_string(), "hi".to_string())]);
+    spec.limits = Limits {
+        memory_bytes: 96 * MIB,
+        cpu_millicores: 500,
+        ..Limits::default()
+    };
+    let id = cell.id().to_string();
+    let mut sandbox = cell.bind(spec).expect("binds");
+    assert_eq!(sandbox.id(), id);
+    let call = sandbox
+        .invoke(&json!({}), &Default::default())
+        .expect("invoke");
+    assert!(
+        call.usage.cold,
+        "the first call in a sandbox is its cold one"
+    );
+    let r = result(&call.outcome);
+    assert_eq!(r["greeting"], "hi", "{r}");
+    assert_eq!(r["files"], json!([module_file(runtime)]), "{r}");
+    assert_eq!(r["wrote"], false, "/code is read-only: {r}");
+    // The limits are the function's now, in the cgroup the kernel enforces.
+    let dirs = engine().cgroup_dirs(&id);
+    let read = |file: &str| {
+        dirs.iter()
+            .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+            .map(|t| t.trim().to_string())
+    };
+    let memory = read("memory.limit_in_bytes").or_else(|| read("memory.max"));
+    assert_eq!(memory, Some((96 * MIB).to_string()));
+    let quota = read("cpu.cfs_quota_us")
+        .or_else(|| read("cpu.max").map(|m| m.split(' ').next().unwrap().to_string()));
+    assert_eq!(quota, Some("50000".to_string()));
+    let again = sandbox.invoke(&json!({}), &Default::default()).unwrap();
+    assert!(!again.usage.cold);
+    sandbox.shutdown().unwrap();
+    assert!(
+        !engine().bundle_dir(&id).exists(),
+        "the cell's code goes with it"
+    );
+}
+
+fn background(runtime: Runtime) {
+    let source = match runtime {
+        Runtime::Python => "import os, subprocess\ndef handler(event):\n    if event.get('spawn'):\n        return subprocess.Popen(['/bin/sleep', '1000'], start_new_session=True).pid\n    try:\n        os.kill(event['pid'], 0)\n        return 'alive'\n    except ProcessLookupError:\n        return 'gone'\n",
+        Runtime::Node => "const cp = require('child_process');\nexports.handler = (event) => { const c = cp.spawn('/bin/sleep', ['1000'], {detached: true, stdio: 'ignore'}); c.unref(); return c.pid; };\n",
+    };
+    let mut f = start(runtime, source);
+    let first = f.call(json!({"spawn": true}));
+    let pid = result(&first.outcome);
+    assert!(pid.as_u64().is_some(), "{pid}");
+    match runtime {
+        Runtime::Python => {
+            // The bootstrap killed and reaped it; the sandbox stays usable.
+            assert!(f.sandbox.is_alive());
+            let second = f.call(json!({"pid": pid}));
+            assert_eq!(result(&second.outcome), "gone");
+        }
+        Runtime::Node => {
+            // Node cannot reap what it adopts: it kills the child and retires the sandbox.
+            assert!(
+                !f.sandbox.is_alive(),
+                "a sandbox that left a process must retire"
+            );
+        }
+    }
+    if !on_gvisor() {
+        let procs = engine().cgroup_dirs(f.sandbox.id())[0].join("cgroup.procs");
+        let left = std::fs::read_to_string(procs).unwrap_or_default();
+        assert!(left.lines().count() <= 1, "only init may remain: {left:?}");
+    }
+}
+
+fn lingering_thread() {
+    let source = "import threading, time\ndef handler(event):\n    threading.Thread(target=lambda: time.sleep(1000), daemon=True).start()\n    return 'started'\n";
+    let mut f = start(Runtime::Python, source);
+    assert_eq!(result(&f.call(json!({})).outcome), "started");
+    assert!(!f.sandbox.is_alive(), "a thread outlived the call: retire");
+}
