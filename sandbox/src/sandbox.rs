@@ -229,6 +229,11 @@ impl Sandbox {
         Err(failure)
     }
 
+    /// The runtime that runs it (`libcontainer`, `runc`, `crun`, `runsc`).
+    pub fn backend_name(&self) -> &'static str {
+        self.engine.backend_name()
+    }
+
     /// The sandbox's id (also its container id and cgroup name).
     pub fn id(&self) -> &str {
         &self.id

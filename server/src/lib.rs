@@ -12,5 +12,6 @@ pub mod isolation;
 pub mod metrics;
 pub mod model;
 pub mod platform;
+pub mod pool;
 pub mod serve;
 pub mod store;

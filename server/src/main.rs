@@ -82,7 +82,7 @@ enum Command {
         /// Queue workers.
         #[arg(long, env = "CLOUDFUNC_WORKERS", default_value_t = 4)]
         workers: usize,
-        /// Sandboxes running at once.
+        /// A function's calls at once (its max_instances) when it sets none.
         #[arg(long, env = "CLOUDFUNC_CONCURRENCY", default_value_t = 8)]
         concurrency: usize,
         /// Largest request body, MiB.
@@ -104,6 +104,9 @@ enum Command {
         /// gVisor's runsc, for gvisor isolation.
         #[arg(long, env = "CLOUDFUNC_RUNSC", default_value = "/usr/bin/runsc")]
         runsc: PathBuf,
+        /// Sandboxes started ahead of need, per runtime and isolation level (0: none).
+        #[arg(long, env = "CLOUDFUNC_STEM_CELLS", default_value_t = 1)]
+        stem_cells: usize,
     },
     /// Print a bearer token for a tenant, signed with the local server's secret.
     Token {
@@ -307,6 +310,7 @@ async fn run(cli: Cli) -> Result<bool> {
             container_runtime,
             isolation,
             runsc,
+            stem_cells,
         } => {
             if !retention_days.is_finite() || *retention_days <= 0.0 {
                 bail!("--retention-days must be a positive number");
@@ -325,6 +329,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 container_backend: *container_runtime,
                 default_isolation: *isolation,
                 runsc: runsc.clone(),
+                stem_cells: *stem_cells,
             })
             .await?;
             Ok(true)

@@ -73,22 +73,25 @@ pub fn host() -> Value {
         .take(3)
         .filter_map(|v| v.parse().ok())
         .collect();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kb = |key: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(key)
-                    .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .unwrap_or(0)
-    };
     json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "load": load,
-        "memory_total_bytes": kb("MemTotal:") * 1024,
-        "memory_available_bytes": kb("MemAvailable:") * 1024,
+        "memory_total_bytes": meminfo_bytes("MemTotal:"),
+        "memory_available_bytes": meminfo_bytes("MemAvailable:"),
     })
+}
+
+/// One `/proc/meminfo` figure in bytes (0 if it cannot be read).
+pub fn meminfo_bytes(key: &str) -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
 }
 
 #[cfg(test)]

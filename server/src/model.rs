@@ -46,6 +46,15 @@ pub struct Version {
     /// `container` or `gvisor` (versions stored before the setting existed ran in containers).
     #[serde(default)]
     pub isolation: Isolation,
+    /// Seconds an idle sandbox stays warm after its last call (0: never kept).
+    #[serde(default = "default_keep_warm_s")]
+    pub keep_warm_s: u64,
+    /// Sandboxes kept warm even when idle.
+    #[serde(default)]
+    pub min_instances: u32,
+    /// Calls at once; past it sync calls queue briefly, then get 429.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
     /// Where the code lives on disk (not shown to clients).
     #[serde(skip)]
     pub code_dir: String,
@@ -131,6 +140,10 @@ pub struct TaskUsage {
     pub cpu_ms: f64,
     pub peak_memory_bytes: u64,
     pub cold: bool,
+    /// How its sandbox came to be: `cold` (started for it), `prewarmed` (a pre-started
+    /// sandbox bound to it) or `warm` (kept from an earlier call).
+    #[serde(default)]
+    pub start: String,
     /// The runtime that ran it: `libcontainer`, `runc`, `crun` or `runsc`.
     pub backend: String,
     /// The isolation level it ran under.
@@ -178,6 +191,20 @@ pub struct Completion {
     pub logs: String,
     pub logs_truncated: bool,
     pub usage: Option<TaskUsage>,
+}
+
+/// Seconds a sandbox stays warm by default (seed 003's 60 s).
+pub const DEFAULT_KEEP_WARM_S: u64 = 60;
+
+fn default_keep_warm_s() -> u64 {
+    DEFAULT_KEEP_WARM_S
+}
+
+/// Calls of one function at once by default.
+pub const DEFAULT_MAX_INSTANCES: u32 = 8;
+
+fn default_max_instances() -> u32 {
+    DEFAULT_MAX_INSTANCES
 }
 
 /// The current time in Unix milliseconds.

@@ -19,6 +19,8 @@ use crate::model::{
     new_id, now_ms, valid_name, Completion, Function, Task, TaskError, TaskStatus, TaskUsage,
     Version,
 };
+use crate::model::{DEFAULT_KEEP_WARM_S, DEFAULT_MAX_INSTANCES};
+use crate::pool::{Key, Pool, PoolError, Request, Start};
 use crate::store::{Store, StoreError};
 
 /// Errors the platform reports; the HTTP layer maps each to a status.
@@ -39,6 +41,12 @@ pub enum PlatformError {
     /// A concurrent change won.
     #[error("{0}")]
     Conflict(String),
+    /// At a concurrency or capacity limit: try again after the delay.
+    #[error("{message}")]
+    TooBusy {
+        message: String,
+        retry_after: Duration,
+    },
     /// Our fault; logged with its cause, shown without it.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -88,6 +96,10 @@ pub struct Settings {
     pub max_retries: Option<u32>,
     /// `container` or `gvisor`.
     pub isolation: Option<String>,
+    /// Seconds a sandbox stays warm after a call.
+    pub keep_warm: Option<u64>,
+    pub min_instances: Option<u32>,
+    pub max_instances: Option<u32>,
 }
 
 impl Settings {
@@ -106,7 +118,10 @@ impl Settings {
             cpu,
             env,
             max_retries,
-            isolation
+            isolation,
+            keep_warm,
+            min_instances,
+            max_instances
         );
         self
     }
@@ -152,7 +167,7 @@ pub struct PlatformConfig {
     pub default_timeout_ms: u64,
     /// Default memory limit.
     pub default_memory_mb: u64,
-    /// Sandboxes running at once (sync and async together).
+    /// A function's `max_instances` when it sets none.
     pub max_concurrency: usize,
     /// Caps on uploaded archives.
     pub archive: ArchiveLimits,
@@ -186,9 +201,8 @@ pub struct Platform {
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn Store>,
-    engines: Engines,
+    pool: Arc<Pool>,
     config: PlatformConfig,
-    slots: tokio::sync::Semaphore,
     wake: tokio::sync::Notify,
     started: Instant,
 }
@@ -200,15 +214,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl Platform {
-    /// A platform over `store`, running sandboxes on `engines`.
-    pub fn new(store: Arc<dyn Store>, engines: Engines, config: PlatformConfig) -> Platform {
-        let slots = tokio::sync::Semaphore::new(config.max_concurrency.max(1));
+    /// A platform over `store`, running sandboxes from `pool`.
+    pub fn new(store: Arc<dyn Store>, pool: Arc<Pool>, config: PlatformConfig) -> Platform {
         Platform {
             inner: Arc::new(Inner {
                 store,
-                engines,
+                pool,
                 config,
-                slots,
                 wake: tokio::sync::Notify::new(),
                 started: Instant::now(),
             }),
@@ -222,15 +234,28 @@ impl Platform {
 
     /// The sandbox engines.
     pub fn engines(&self) -> &Engines {
-        &self.inner.engines
+        self.inner.pool.engines()
+    }
+
+    /// The warm pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.inner.pool
     }
 
     /// The engine of `level`, or a clear error if this server cannot provide it.
     fn engine(&self, level: Isolation) -> Result<&Engine> {
-        self.inner
-            .engines
-            .get(level)
-            .map_err(PlatformError::BadRequest)
+        self.engines().get(level).map_err(PlatformError::BadRequest)
+    }
+
+    /// Stops every kept sandbox (at shutdown).
+    pub async fn shutdown(&self) {
+        let pool = self.inner.pool.clone();
+        let _ = blocking(move || pool.shutdown()).await;
+    }
+
+    async fn drain(&self, function_id: &str) {
+        let (pool, id) = (self.inner.pool.clone(), function_id.to_string());
+        let _ = blocking(move || pool.drain(&id)).await;
     }
 
     /// Deploys `code` as `name` (a new function, or its next version).
@@ -336,6 +361,8 @@ impl Platform {
             .store
             .add_version(tenant, function_id, name, &version)
             .map_err(|e| cleanup(e.into()))?;
+        // Sandboxes of earlier versions are not kept for the calls to come.
+        self.inner.pool.drain(function_id);
         Ok((function, version))
     }
 
@@ -415,8 +442,26 @@ impl Platform {
             Some(name) => name
                 .parse::<Isolation>()
                 .map_err(PlatformError::BadRequest)?,
-            None => self.inner.engines.default_isolation(),
+            None => self.engines().default_isolation(),
         };
+        let keep_warm_s = s.keep_warm.unwrap_or(DEFAULT_KEEP_WARM_S);
+        if keep_warm_s > 3600 {
+            return Err(PlatformError::BadRequest(
+                "keep_warm must be between 0 and 3600 seconds".into(),
+            ));
+        }
+        let max_instances = s.max_instances.unwrap_or_else(|| {
+            u32::try_from(config.max_concurrency).unwrap_or(DEFAULT_MAX_INSTANCES)
+        });
+        let min_instances = s.min_instances.unwrap_or(0);
+        if !(1..=1000).contains(&max_instances)
+            || min_instances > 100
+            || min_instances > max_instances
+        {
+            return Err(PlatformError::BadRequest(
+                "instances: max_instances must be 1 to 1000, min_instances 0 to 100 and at most max_instances".into(),
+            ));
+        }
         // Refused now, not when it first runs.
         self.engine(isolation)?;
         Ok(Version {
@@ -429,6 +474,9 @@ impl Platform {
             env,
             max_retries: s.max_retries.unwrap_or(0).min(10),
             isolation,
+            keep_warm_s,
+            min_instances,
+            max_instances,
             code_dir: code_dir.to_string_lossy().into_owned(),
             created_at: now_ms(),
         })
@@ -492,6 +540,7 @@ impl Platform {
         let function = self.find(caller, key).await?;
         let (store, id) = (self.inner.store.clone(), function.id.clone());
         blocking(move || store.set_active(&id, active)).await??;
+        self.drain(&function.id).await;
         Ok(Function { active, ..function })
     }
 
@@ -500,12 +549,14 @@ impl Platform {
         let function = self.find(caller, key).await?;
         let (store, id) = (self.inner.store.clone(), function.id.clone());
         let code_root = self.inner.config.code_dir.join(&function.id);
+        self.drain(&function.id).await;
         blocking(move || -> Result<()> {
             store.delete_function(&id)?;
             let _ = std::fs::remove_dir_all(&code_root);
             Ok(())
         })
         .await??;
+        self.drain(&function.id).await;
         Ok(function)
     }
 
@@ -579,7 +630,7 @@ impl Platform {
             Ok(store.start_task(&t.task_id)?)
         })
         .await??;
-        self.run_task(&function.name, &version, &task).await?;
+        self.run_task(&function, &version, &task, true).await?;
         self.task(
             &Caller {
                 tenant: function.tenant.clone(),
@@ -625,25 +676,38 @@ impl Platform {
         Ok(blocking(move || store.recent_tasks(&function.id, limit)).await??)
     }
 
-    /// Runs `task` in a fresh sandbox (holding a concurrency slot) and stores how it ended.
-    async fn run_task(&self, name: &str, version: &Version, task: &Task) -> Result<()> {
-        let _slot = self
-            .inner
-            .slots
-            .acquire()
-            .await
-            .map_err(|e| PlatformError::Internal(e.into()))?;
-        let engine = self.inner.engines.get(version.isolation).cloned();
-        let store = self.inner.store.clone();
-        let (name, version, task) = (name.to_string(), version.clone(), task.clone());
+    /// Runs `task` in a sandbox from the pool and stores how it ended. A sync call that finds
+    /// the function at its concurrency limit is recorded as throttled and refused.
+    async fn run_task(
+        &self,
+        function: &Function,
+        version: &Version,
+        task: &Task,
+        sync: bool,
+    ) -> Result<()> {
+        let (pool, store) = (self.inner.pool.clone(), self.inner.store.clone());
+        let (function, version, task) = (function.clone(), version.clone(), task.clone());
         blocking(move || -> Result<()> {
-            let completion = match engine {
-                Ok(engine) => execute(&engine, &name, &version, &task),
-                // The server was restarted without what this version was deployed for.
-                Err(why) => failed("sandbox_failure", &why),
+            let (completion, refused) = match execute(&pool, &function, &version, &task, sync) {
+                Ok(completion) => (completion, None),
+                Err(
+                    e @ (PoolError::Busy { retry_after, .. } | PoolError::Full { retry_after }),
+                ) => (
+                    failed("throttled", &e.to_string()),
+                    Some(PlatformError::TooBusy {
+                        message: e.to_string(),
+                        retry_after,
+                    }),
+                ),
+                Err(PoolError::Unavailable(why)) => (failed("sandbox_failure", &why), None),
+                Err(PoolError::Sandbox(e)) => (start_failure(&task, e), None),
             };
             log_invocation(&task, &version, &completion);
-            Ok(store.complete_task(&task.task_id, &completion)?)
+            store.complete_task(&task.task_id, &completion)?;
+            match refused {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
         })
         .await?
     }
@@ -732,7 +796,7 @@ impl Platform {
         .await??;
         match found {
             Some((function, version)) if function.active => {
-                self.run_task(&function.name, &version, task).await
+                self.run_task(&function, &version, task, false).await
             }
             other => {
                 let why = if other.is_some() {
@@ -784,19 +848,20 @@ impl Platform {
             Ok((store.queue_depth()?, store.running()?))
         })
         .await??;
-        let slots = self.inner.config.max_concurrency;
+        let pool = self.inner.pool.stats();
+        let calls = pool.calls_cold + pool.calls_prewarmed + pool.calls_warm;
         Ok(json!({
             "status": "ok",
             "uptime_s": self.inner.started.elapsed().as_secs_f64(),
             "queue_depth": queued,
             "tasks_running": running,
-            "sandboxes_running": slots - self.inner.slots.available_permits(),
-            "max_concurrency": slots,
-            "backend": self.inner.engines.get(Isolation::Container).map(|e| e.backend_name()).ok(),
-            "isolation": self.inner.engines.describe(),
+            "sandboxes_running": pool.busy,
+            "pool": pool,
+            "warm_ratio": if calls == 0 { 0.0 } else { pool.calls_warm as f64 / calls as f64 },
+            "backend": self.engines().get(Isolation::Container).map(|e| e.backend_name()).ok(),
+            "isolation": self.engines().describe(),
             "cgroup": self
-                .inner
-                .engines
+                .engines()
                 .get(Isolation::Container)
                 .map(|e| format!("{:?}", e.cgroup_version()).to_lowercase())
                 .ok(),
@@ -817,6 +882,9 @@ fn settings_of(v: &Version) -> Settings {
         env: Some(v.env.clone()),
         max_retries: Some(v.max_retries),
         isolation: Some(v.isolation.name().into()),
+        keep_warm: Some(v.keep_warm_s),
+        min_instances: Some(v.min_instances),
+        max_instances: Some(v.max_instances),
     }
 }
 
@@ -896,44 +964,75 @@ fn failed(kind: &str, message: &str) -> Completion {
     }
 }
 
-/// Runs one task in a fresh sandbox (blocking) and says how it ended.
-pub fn execute(engine: &Engine, name: &str, version: &Version, task: &Task) -> Completion {
-    let mut sandbox = match Sandbox::create(engine, spec_for(name, version)) {
-        Ok(s) => s,
-        Err(SandboxError::FunctionInit { error, logs }) => {
-            return Completion {
-                status: TaskStatus::Failed,
-                result: None,
-                error: Some(TaskError {
-                    kind: "init_failed".into(),
-                    error_type: error.kind,
-                    message: error.message,
-                    traceback: error.traceback,
-                }),
-                logs: logs.text,
-                logs_truncated: logs.truncated,
-                usage: None,
-            }
-        }
-        Err(e) => {
+/// How a task ends when its sandbox does not start.
+fn start_failure(task: &Task, e: SandboxError) -> Completion {
+    match e {
+        SandboxError::FunctionInit { error, logs } => Completion {
+            status: TaskStatus::Failed,
+            result: None,
+            error: Some(TaskError {
+                kind: "init_failed".into(),
+                error_type: error.kind,
+                message: error.message,
+                traceback: error.traceback,
+            }),
+            logs: logs.text,
+            logs_truncated: logs.truncated,
+            usage: None,
+        },
+        e => {
             eprintln!(
                 "cloudfunc: task {}: the sandbox could not start: {e:?}",
                 task.task_id
             );
-            return failed("sandbox_failure", "the sandbox could not be started");
+            failed("sandbox_failure", "the sandbox could not be started")
         }
-    };
+    }
+}
+
+/// What the pool needs to know of a version.
+fn request_for(function: &Function, version: &Version) -> (Key, Request) {
+    (
+        Key {
+            function_id: function.id.clone(),
+            version: version.version,
+        },
+        Request {
+            isolation: version.isolation,
+            spec: spec_for(&function.name, version),
+            keep_warm: Duration::from_secs(version.keep_warm_s),
+            min_instances: version.min_instances as usize,
+            max_instances: version.max_instances as usize,
+        },
+    )
+}
+
+/// Runs one task in a sandbox from the pool (blocking) and says how it ended.
+pub fn execute(
+    pool: &Pool,
+    function: &Function,
+    version: &Version,
+    task: &Task,
+    sync: bool,
+) -> std::result::Result<Completion, PoolError> {
+    let (key, request) = request_for(function, version);
+    let mut lease = pool.acquire(&key, &request, sync)?;
+    let engine_name = lease.sandbox.backend_name();
+    let start = lease.start;
     let options = InvokeOptions {
         timeout: Duration::from_millis(version.timeout_ms),
         request_id: task.task_id.clone(),
     };
-    let result = sandbox.invoke(&task.payload, &options);
-    let _ = sandbox.shutdown();
+    let result = lease.sandbox.invoke(&task.payload, &options);
+    pool.release(lease);
     let call = match result {
         Ok(call) => call,
         Err(e) => {
             eprintln!("cloudfunc: task {}: invoke failed: {e:?}", task.task_id);
-            return failed("sandbox_failure", "the sandbox failed during the call");
+            return Ok(failed(
+                "sandbox_failure",
+                "the sandbox failed during the call",
+            ));
         }
     };
     let usage = TaskUsage {
@@ -941,8 +1040,9 @@ pub fn execute(engine: &Engine, name: &str, version: &Version, task: &Task) -> C
         init_duration_ms: call.usage.init_duration.as_secs_f64() * 1000.0,
         cpu_ms: call.usage.cpu_time.as_secs_f64() * 1000.0,
         peak_memory_bytes: call.usage.peak_memory_bytes,
-        cold: call.usage.cold,
-        backend: engine.backend_name().to_string(),
+        cold: start != Start::Warm,
+        start: start.name().into(),
+        backend: engine_name.to_string(),
         isolation: version.isolation,
     };
     let error = |kind: &str, error_type: String, message: String, traceback: String| {
@@ -1009,14 +1109,14 @@ pub fn execute(engine: &Engine, name: &str, version: &Version, task: &Task) -> C
             error("sandbox_failure", String::new(), message, String::new()),
         ),
     };
-    Completion {
+    Ok(Completion {
         status,
         result,
         error,
         logs: call.logs.text,
         logs_truncated: call.logs.truncated,
         usage: Some(usage),
-    }
+    })
 }
 
 /// One line per invocation in the server's log, Lambda's REPORT line in spirit.

@@ -11,6 +11,7 @@ use crate::api::{routes, AppState};
 use crate::auth::Keys;
 use crate::isolation::{Engines, Isolation};
 use crate::platform::{Platform, PlatformConfig};
+use crate::pool::{Pool, PoolConfig, SystemClock};
 use crate::store::SqliteStore;
 
 /// Everything `serve` can be told; each has an embedded default.
@@ -33,6 +34,8 @@ pub struct ServeConfig {
     pub default_isolation: Isolation,
     /// gVisor's `runsc`.
     pub runsc: PathBuf,
+    /// Pre-started sandboxes per runtime and isolation level.
+    pub stem_cells: usize,
 }
 
 impl Default for ServeConfig {
@@ -51,6 +54,7 @@ impl Default for ServeConfig {
             container_backend: BackendKind::Libcontainer,
             default_isolation: Isolation::Container,
             runsc: "/usr/bin/runsc".into(),
+            stem_cells: 1,
         }
     }
 }
@@ -113,7 +117,13 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     if config.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let platform = Platform::new(store, engines, platform_config);
+    let pool_config = PoolConfig {
+        stem_cells: config.stem_cells,
+        ..PoolConfig::default()
+    };
+    let pool = Arc::new(Pool::new(engines, pool_config, Arc::new(SystemClock)));
+    pool.start_housekeeping(std::time::Duration::from_millis(500));
+    let platform = Platform::new(store, pool, platform_config);
     let recovery = platform
         .start_queue(config.workers)
         .await
@@ -126,7 +136,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         );
     }
     let state = AppState {
-        platform,
+        platform: platform.clone(),
         keys,
         max_body_bytes: config.max_body_bytes,
     };
@@ -154,5 +164,6 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         })
         .run()
         .await;
+    platform.shutdown().await;
     Ok(())
 }

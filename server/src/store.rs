@@ -566,6 +566,9 @@ mod tests {
             env: Default::default(),
             max_retries: 0,
             isolation: Isolation::Container,
+            keep_warm_s: 60,
+            min_instances: 0,
+            max_instances: 8,
             code_dir: format!("/code/{n}"),
             created_at: now_ms(),
         }

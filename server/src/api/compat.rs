@@ -48,6 +48,9 @@ struct Seed002Function {
     env: Option<BTreeMap<String, String>>,
     /// `container` or `gvisor`.
     isolation: Option<String>,
+    keep_warm: Option<u64>,
+    min_instances: Option<u32>,
+    max_instances: Option<u32>,
     /// The source of the function's module.
     code: Option<String>,
 }
@@ -79,6 +82,9 @@ impl Seed002Function {
             env: self.env,
             max_retries: None,
             isolation: self.isolation,
+            keep_warm: self.keep_warm,
+            min_instances: self.min_instances,
+            max_instances: self.max_instances,
         };
         Ok((settings, code))
     }

@@ -77,6 +77,13 @@ impl From<PlatformError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "function_inactive", e.to_string())
             }
             PlatformError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            PlatformError::TooBusy {
+                message,
+                retry_after,
+            } => ApiError {
+                retry_after: Some(retry_after.as_secs().max(1)),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_busy", message)
+            },
             PlatformError::Internal(cause) => {
                 eprintln!("cloudfunc: internal error: {cause:#}");
                 ApiError::new(

@@ -102,6 +102,9 @@ pub fn settings_from_fields(fields: &HashMap<String, String>) -> Result<Settings
         "env",
         "max_retries",
         "isolation",
+        "keep_warm",
+        "min_instances",
+        "max_instances",
     ];
     if let Some(unknown) = fields.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(ApiError::bad_request(format!(
@@ -123,6 +126,9 @@ pub fn settings_from_fields(fields: &HashMap<String, String>) -> Result<Settings
         env: fields.get("env").map(|e| parse_env(e)).transpose()?,
         max_retries: int("max_retries")?.map(|r| u32::try_from(r).unwrap_or(u32::MAX)),
         isolation: fields.get("isolation").cloned(),
+        keep_warm: int("keep_warm")?,
+        min_instances: int("min_instances")?.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        max_instances: int("max_instances")?.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
     })
 }
 
