@@ -107,6 +107,9 @@ enum Command {
         /// Sandboxes started ahead of need, per runtime and isolation level (0: none).
         #[arg(long, env = "CLOUDFUNC_STEM_CELLS", default_value_t = 1)]
         stem_cells: usize,
+        /// Sync calls that may wait for a function at its max_instances before getting 429.
+        #[arg(long, env = "CLOUDFUNC_MAX_WAITING", default_value_t = 64)]
+        max_waiting: usize,
     },
     /// Print a bearer token for a tenant, signed with the local server's secret.
     Token {
@@ -311,6 +314,7 @@ async fn run(cli: Cli) -> Result<bool> {
             isolation,
             runsc,
             stem_cells,
+            max_waiting,
         } => {
             if !retention_days.is_finite() || *retention_days <= 0.0 {
                 bail!("--retention-days must be a positive number");
@@ -330,6 +334,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 default_isolation: *isolation,
                 runsc: runsc.clone(),
                 stem_cells: *stem_cells,
+                max_waiting: *max_waiting,
             })
             .await?;
             Ok(true)

@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub runsc: PathBuf,
     /// Pre-started sandboxes per runtime and isolation level.
     pub stem_cells: usize,
+    /// Sync callers that may wait for a busy function before getting 429.
+    pub max_waiting: usize,
 }
 
 impl Default for ServeConfig {
@@ -55,6 +57,7 @@ impl Default for ServeConfig {
             default_isolation: Isolation::Container,
             runsc: "/usr/bin/runsc".into(),
             stem_cells: 1,
+            max_waiting: 64,
         }
     }
 }
@@ -119,6 +122,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     }
     let pool_config = PoolConfig {
         stem_cells: config.stem_cells,
+        max_waiting: config.max_waiting,
         ..PoolConfig::default()
     };
     let pool = Arc::new(Pool::new(engines, pool_config, Arc::new(SystemClock)));

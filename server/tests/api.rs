@@ -47,6 +47,7 @@ fn main() {
         ("weak_secret_refuses_to_start", weak_secret),
         ("isolation_is_per_function", isolation),
         ("missing_gvisor_is_refused_at_deploy", missing_gvisor),
+        ("warm_pool_over_http", warm_pool),
     ];
     let why = missing();
     if let Some(why) = &why {
@@ -1265,5 +1266,102 @@ fn missing_gvisor() {
     let c = post_json(&s, "/api/functions/container-ok/invoke", &t, &json!({}));
     assert_eq!(c.body["status"], "succeeded", "{c:?}");
     s.stop();
+    s.remove_files();
+}
+
+fn warm_pool() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-api-pool-")
+        .tempdir()
+        .unwrap();
+    let s = Server::start_in(dir.path(), "pool", 0, &["--max-waiting", "0"]);
+    let t = s.token("pool", false);
+    let slow =
+        "import time\ndef handler(event):\n    time.sleep(event.get('s', 0))\n    return 'done'\n";
+    let (ct, body) = multipart(
+        &[
+            ("name", "slow"),
+            ("max_instances", "1"),
+            ("keep_warm", "60"),
+        ],
+        &[("file", "code.zip", &zip(&[("function.py", slow)]))],
+    );
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy", s.url),
+        Some(&t),
+        Some((&ct, body)),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let first = post_json(&s, "/api/functions/slow/invoke", &t, &json!({}));
+    assert_eq!(first.status, 200, "{first:?}");
+    let start = first.body["usage"]["start"].as_str().unwrap().to_string();
+    assert!(start == "prewarmed" || start == "cold", "{first:?}");
+    assert_eq!(first.body["usage"]["cold"], true);
+    let second = post_json(&s, "/api/functions/slow/invoke", &t, &json!({}));
+    assert_eq!(second.body["usage"]["start"], "warm", "{second:?}");
+    assert_eq!(second.body["usage"]["cold"], false);
+    assert_eq!(second.body["usage"]["init_duration_ms"], 0.0);
+
+    // One call at a time: a second sync call while one runs gets 429 and Retry-After.
+    let url = s.url.clone();
+    let t2 = t.clone();
+    let running = std::thread::spawn(move || {
+        request(
+            "POST",
+            &format!("{url}/api/functions/slow/invoke"),
+            Some(&t2),
+            Some(("application/json", br#"{"s": 2}"#.to_vec())),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let refused = post_json(&s, "/api/functions/slow/invoke", &t, &json!({}));
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.body["error"]["code"], "too_busy");
+    let retry = refused
+        .headers
+        .iter()
+        .find(|(k, _)| k == "retry-after")
+        .map(|(_, v)| v.clone());
+    assert_eq!(retry.as_deref(), Some("1"), "{refused:?}");
+    assert_eq!(running.join().unwrap().status, 200);
+    // An async run waits its turn instead.
+    let q = post_json(&s, "/api/functions/slow/run", &t, &json!({}));
+    assert_eq!(
+        wait_task(
+            &s,
+            &t,
+            q.body["task_id"].as_str().unwrap(),
+            Duration::from_secs(30)
+        )["status"],
+        "succeeded"
+    );
+
+    let health = request("GET", &format!("{}/api/system/health", s.url), None, None);
+    let pool = &health.body["pool"];
+    assert_eq!(pool["warm"], 1, "{health:?}");
+    assert!(pool["calls_warm"].as_u64().unwrap() >= 2, "{health:?}");
+    assert!(health.body["warm_ratio"].as_f64().unwrap() > 0.0);
+
+    // Deleting the function drains its warm sandbox.
+    let r = request(
+        "DELETE",
+        &format!("{}/api/functions/slow", s.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let health = request("GET", &format!("{}/api/system/health", s.url), None, None);
+    assert_eq!(health.body["pool"]["warm"], 0, "{health:?}");
+    assert!(
+        health.body["pool"]["drained"].as_u64().unwrap() >= 1,
+        "{health:?}"
+    );
+    s.stop();
+    // Nothing of the server's sandboxes is left: no bundle, no container state.
+    let bundles = std::fs::read_dir(dir.path().join("state/bundles"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(bundles, 0, "every sandbox was stopped at shutdown");
     s.remove_files();
 }

@@ -1,0 +1,338 @@
+//! The warm pool against real sandboxes, with time under the test's control.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudfunc_sandbox::{Engine, EngineConfig, InvokeOptions, Limits, Runtime, SandboxSpec};
+use cloudfunc_server::isolation::{Engines, Isolation};
+use cloudfunc_server::pool::{Key, ManualClock, Pool, PoolConfig, PoolError, Request, Start};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::{json, Value};
+
+struct Fixture {
+    pool: Arc<Pool>,
+    clock: Arc<ManualClock>,
+    dir: tempfile::TempDir,
+}
+
+fn fixture(tag: &str, config: PoolConfig) -> Fixture {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-pool-")
+        .tempdir()
+        .unwrap();
+    let mut engine =
+        EngineConfig::under(dir.path(), &format!("cf-pool-{tag}-{}", std::process::id()));
+    engine.shim_binary = Some(shim());
+    let container = Engine::new(engine).expect("engine starts");
+    let engines = Engines::from_parts(
+        container,
+        Err("not in this test".into()),
+        Isolation::Container,
+    );
+    let clock = Arc::new(ManualClock::default());
+    let pool = Arc::new(Pool::new(engines, config, clock.clone()));
+    Fixture { pool, clock, dir }
+}
+
+fn shim() -> std::path::PathBuf {
+    // The server's tests are built beside the sandbox crate's shim.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("cloudfunc-shim")
+}
+
+/// A function that writes a marker into /tmp and reports what markers it sees there.
+const MARKER_PY: &str = "import os\ndef handler(event):\n    seen = sorted(f for f in os.listdir('/tmp') if f.startswith('marker-'))\n    open('/tmp/marker-' + event['me'], 'w').close()\n    return seen\n";
+
+fn function(f: &Fixture, name: &str, version: u32, source: &str) -> (Key, Request) {
+    let code = f.dir.path().join(format!("code-{name}-{version}"));
+    std::fs::create_dir_all(&code).unwrap();
+    std::fs::write(code.join("function.py"), source).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&code, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut spec = SandboxSpec::new(Runtime::Python, &code);
+    spec.limits = Limits {
+        memory_bytes: 64 << 20,
+        ..Limits::default()
+    };
+    (
+        Key {
+            function_id: name.into(),
+            version,
+        },
+        Request {
+            isolation: Isolation::Container,
+            spec,
+            keep_warm: Duration::from_secs(60),
+            min_instances: 0,
+            max_instances: 2,
+        },
+    )
+}
+
+fn call(pool: &Pool, key: &Key, request: &Request, event: Value) -> (Value, Start) {
+    let mut lease = pool.acquire(key, request, true).expect("a sandbox");
+    let start = lease.start;
+    let call = lease
+        .sandbox
+        .invoke(&event, &InvokeOptions::default())
+        .unwrap();
+    pool.release(lease);
+    match call.outcome {
+        cloudfunc_sandbox::Outcome::Succeeded { result } => (result, start),
+        other => panic!("call failed: {other:?}"),
+    }
+}
+
+fn keep_warm_expiry_and_reset() {
+    let f = fixture(
+        "expiry",
+        PoolConfig {
+            stem_cells: 0,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, req) = function(&f, "fa", 1, MARKER_PY);
+    assert_eq!(call(&f.pool, &key, &req, json!({"me": "1"})).1, Start::Cold);
+    f.clock.advance(Duration::from_secs(50));
+    f.pool.tick();
+    // Within 60 s: still there, and this call resets the timer.
+    assert_eq!(call(&f.pool, &key, &req, json!({"me": "2"})).1, Start::Warm);
+    f.clock.advance(Duration::from_secs(50));
+    f.pool.tick();
+    assert_eq!(
+        f.pool.idle_count(&key),
+        1,
+        "100 s after the first call, 50 after the last"
+    );
+    f.clock.advance(Duration::from_secs(11));
+    f.pool.tick();
+    assert_eq!(f.pool.idle_count(&key), 0, "61 s idle: torn down");
+    let stats = f.pool.stats();
+    assert_eq!((stats.sandboxes, stats.expired), (0, 1), "{stats:?}");
+    assert_eq!(call(&f.pool, &key, &req, json!({"me": "3"})).1, Start::Cold);
+    f.pool.shutdown();
+}
+
+fn stem_cells_refill_and_bind() {
+    let f = fixture(
+        "stem",
+        PoolConfig {
+            stem_cells: 1,
+            ..PoolConfig::default()
+        },
+    );
+    f.pool.tick();
+    assert_eq!(
+        f.pool.stats().prewarmed,
+        1 + usize::from(Runtime::Node.available())
+    );
+    let (key, req) = function(&f, "fb", 1, MARKER_PY);
+    let (seen, start) = call(&f.pool, &key, &req, json!({"me": "b"}));
+    assert_eq!(start, Start::Prewarmed);
+    assert_eq!(seen, json!([]));
+    assert_eq!(
+        f.pool.stats().prewarmed,
+        usize::from(Runtime::Node.available()),
+        "one taken"
+    );
+    f.pool.tick();
+    assert_eq!(
+        f.pool.stats().prewarmed,
+        1 + usize::from(Runtime::Node.available()),
+        "refilled"
+    );
+    assert_eq!(
+        call(&f.pool, &key, &req, json!({"me": "b2"})).1,
+        Start::Warm
+    );
+    f.pool.shutdown();
+    assert_eq!(f.pool.stats().sandboxes, 0);
+}
+
+fn never_shared_across_functions_or_versions() {
+    let f = fixture(
+        "share",
+        PoolConfig {
+            stem_cells: 1,
+            ..PoolConfig::default()
+        },
+    );
+    f.pool.tick();
+    let (a1, ra1) = function(&f, "fa", 1, MARKER_PY);
+    let (a2, ra2) = function(&f, "fa", 2, MARKER_PY);
+    let (b1, rb1) = function(&f, "fb", 1, MARKER_PY);
+    assert_eq!(call(&f.pool, &a1, &ra1, json!({"me": "a1"})).0, json!([]));
+    // The same version sees its own marker: it is the same warm sandbox.
+    assert_eq!(
+        call(&f.pool, &a1, &ra1, json!({"me": "a1b"})).0,
+        json!(["marker-a1"])
+    );
+    // Another version and another function never do.
+    assert_eq!(call(&f.pool, &a2, &ra2, json!({"me": "a2"})).0, json!([]));
+    assert_eq!(call(&f.pool, &b1, &rb1, json!({"me": "b1"})).0, json!([]));
+    f.pool.shutdown();
+}
+
+fn concurrency_cap_refuses_sync_calls() {
+    let f = fixture(
+        "cap",
+        PoolConfig {
+            stem_cells: 0,
+            max_waiting: 0,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, mut req) = function(&f, "fc", 1, MARKER_PY);
+    req.max_instances = 1;
+    let held = f.pool.acquire(&key, &req, true).unwrap();
+    match f.pool.acquire(&key, &req, true) {
+        Err(PoolError::Busy {
+            max_instances: 1,
+            retry_after,
+        }) => assert!(retry_after >= Duration::from_secs(1)),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    // An async caller waits instead, and gets the sandbox once it is given back.
+    let pool = f.pool.clone();
+    let (k2, r2) = (key.clone(), req.clone());
+    let waiter = std::thread::spawn(move || {
+        pool.acquire(&k2, &r2, false).map(|l| {
+            let s = l.start;
+            pool.release(l);
+            s
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "an async caller waits");
+    f.pool.release(held);
+    assert_eq!(waiter.join().unwrap().unwrap(), Start::Warm);
+    f.pool.shutdown();
+}
+
+fn lru_eviction_under_the_cap() {
+    let f = fixture(
+        "lru",
+        PoolConfig {
+            stem_cells: 0,
+            max_sandboxes: 2,
+            ..PoolConfig::default()
+        },
+    );
+    let (a, ra) = function(&f, "fa", 1, MARKER_PY);
+    let (b, rb) = function(&f, "fb", 1, MARKER_PY);
+    let (c, rc) = function(&f, "fc", 1, MARKER_PY);
+    call(&f.pool, &a, &ra, json!({"me": "a"}));
+    f.clock.advance(Duration::from_secs(1));
+    call(&f.pool, &b, &rb, json!({"me": "b"}));
+    f.clock.advance(Duration::from_secs(1));
+    // A third function at the cap of two: the least recently used (a) goes.
+    call(&f.pool, &c, &rc, json!({"me": "c"}));
+    f.pool.bury_now();
+    assert_eq!(f.pool.idle_count(&a), 0);
+    assert_eq!(f.pool.idle_count(&b), 1);
+    assert_eq!(f.pool.idle_count(&c), 1);
+    let stats = f.pool.stats();
+    assert_eq!((stats.sandboxes, stats.evicted), (2, 1), "{stats:?}");
+    f.pool.shutdown();
+}
+
+fn drain_removes_warm_sandboxes() {
+    let f = fixture(
+        "drain",
+        PoolConfig {
+            stem_cells: 0,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, req) = function(&f, "fd", 1, MARKER_PY);
+    call(&f.pool, &key, &req, json!({"me": "1"}));
+    let busy = f.pool.acquire(&key, &req, true).unwrap();
+    let busy_id = busy.sandbox.id().to_string();
+    call(&f.pool, &key, &req, json!({"me": "2"}));
+    f.pool.drain("fd");
+    assert_eq!(f.pool.idle_count(&key), 0);
+    // The one busy during the drain is not kept when its call ends.
+    f.pool.release(busy);
+    assert_eq!(f.pool.idle_count(&key), 0);
+    f.pool.bury_now();
+    assert_eq!(f.pool.stats().sandboxes, 0);
+    let engine_dir = f.dir.path().join("state/bundles").join(&busy_id);
+    assert!(!engine_dir.exists(), "stopped, bundle removed");
+}
+
+fn min_instances_are_kept() {
+    let f = fixture(
+        "min",
+        PoolConfig {
+            stem_cells: 0,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, mut req) = function(&f, "fm", 1, MARKER_PY);
+    req.min_instances = 2;
+    call(&f.pool, &key, &req, json!({"me": "1"}));
+    f.pool.tick();
+    assert_eq!(f.pool.idle_count(&key), 2, "started up to min_instances");
+    f.clock.advance(Duration::from_secs(3600));
+    f.pool.tick();
+    assert_eq!(
+        f.pool.idle_count(&key),
+        2,
+        "never expired below min_instances"
+    );
+    f.pool.shutdown();
+    assert_eq!(f.pool.stats().sandboxes, 0);
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: Vec<(&str, fn())> = vec![
+        (
+            "keep_warm_expiry_and_timer_reset",
+            keep_warm_expiry_and_reset,
+        ),
+        ("stem_cells_refill_and_bind", stem_cells_refill_and_bind),
+        (
+            "never_shared_across_functions_or_versions",
+            never_shared_across_functions_or_versions,
+        ),
+        (
+            "concurrency_cap_refuses_sync_calls",
+            concurrency_cap_refuses_sync_calls,
+        ),
+        ("lru_eviction_under_the_cap", lru_eviction_under_the_cap),
+        ("drain_removes_warm_sandboxes", drain_removes_warm_sandboxes),
+        ("min_instances_are_kept", min_instances_are_kept),
+    ];
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root".to_string())
+    } else if !Runtime::Python.available() {
+        Some("/usr/bin/python3 is not installed".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = &why {
+        println!("SKIPPED {} pool tests: {why}", tests.len());
+    }
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            Trial::test(name, move || {
+                std::panic::catch_unwind(f).map_err(|e| {
+                    Failed::from(
+                        e.downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default(),
+                    )
+                })
+            })
+            .with_ignored_flag(why.is_some())
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
