@@ -84,7 +84,8 @@ impl CgroupFs {
             memory: find(&["memory"])?,
             cpu: find(&["cpuacct", "cpu,cpuacct", "cpuacct,cpu"])?,
             pids: find(&["pids"])?,
-            quota: find(&["cpu", "cpu,cpuacct", "cpuacct,cpu"])?,
+            // Where the quota files live: the cpu hierarchy, which is usually cpuacct's too.
+            quota: find(&["cpu", "cpu,cpuacct", "cpuacct,cpu", "cpuacct"])?,
         })
     }
 
