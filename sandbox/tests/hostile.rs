@@ -6,14 +6,10 @@ use std::time::Duration;
 use cloudfunc_sandbox::{Limits, Outcome, Runtime};
 use serde_json::{json, Value};
 
-use crate::common::{engine, on_gvisor, pid_alive, result, start, start_with, Need};
+use crate::common::{engine, needs, on_gvisor, pid_alive, result, start, start_with};
 use crate::Case;
 
 const MIB: u64 = 1024 * 1024;
-
-fn needs(runtime: Runtime) -> Vec<Need> {
-    vec![Need::Containers, Need::Runtime(runtime)]
-}
 
 pub fn cases() -> Vec<Case> {
     let mut cases = Vec::new();

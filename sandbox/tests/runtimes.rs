@@ -3,7 +3,7 @@
 use cloudfunc_sandbox::{Error, Limits, Outcome, Runtime, Sandbox, SandboxSpec};
 use serde_json::json;
 
-use crate::common::{code, engine, start, start_with, Need};
+use crate::common::{code, engine, needs, start, start_with};
 use crate::Case;
 
 const PY_HELLO: &str = r#"
@@ -20,10 +20,6 @@ exports.handler = async (event) => {
   return `Hello ${event.name || 'World'}!`;
 };
 "#;
-
-fn needs(runtime: Runtime) -> Vec<Need> {
-    vec![Need::Containers, Need::Runtime(runtime)]
-}
 
 pub fn cases() -> Vec<Case> {
     let mut cases = Vec::new();

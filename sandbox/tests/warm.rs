@@ -6,14 +6,10 @@ use std::collections::BTreeMap;
 use cloudfunc_sandbox::{Limits, Runtime, SandboxSpec, StemCell};
 use serde_json::json;
 
-use crate::common::{code, engine, module_file, on_gvisor, result, start, Need};
+use crate::common::{code, engine, module_file, needs, on_gvisor, result, start};
 use crate::Case;
 
 const MIB: u64 = 1024 * 1024;
-
-fn needs(runtime: Runtime) -> Vec<Need> {
-    vec![Need::Containers, Need::Runtime(runtime)]
-}
 
 pub fn cases() -> Vec<Case> {
     let mut cases = Vec::new();

@@ -549,13 +549,13 @@ impl Platform {
         let function = self.find(caller, key).await?;
         let (store, id) = (self.inner.store.clone(), function.id.clone());
         let code_root = self.inner.config.code_dir.join(&function.id);
-        self.drain(&function.id).await;
         blocking(move || -> Result<()> {
             store.delete_function(&id)?;
             let _ = std::fs::remove_dir_all(&code_root);
             Ok(())
         })
         .await??;
+        // After the deletion, so that no call can take a new sandbox for it meanwhile.
         self.drain(&function.id).await;
         Ok(function)
     }

@@ -358,14 +358,12 @@ impl Pool {
             }
             // Wait for a sandbox of this function (or room) to be given back.
             state.functions.entry(key.clone()).or_default().waiting += 1;
-            state.stats.waiting += 1;
             let (s, _) = self
                 .freed
                 .wait_timeout(state, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner());
             state = s;
             state.functions.entry(key.clone()).or_default().waiting -= 1;
-            state.stats.waiting -= 1;
         }
     }
 
@@ -666,6 +664,7 @@ impl Pool {
         stats.sandboxes = state.total;
         stats.idle = state.functions.values().map(|f| f.idle.len()).sum();
         stats.busy = state.functions.values().map(|f| f.busy).sum();
+        stats.waiting = state.functions.values().map(|f| f.waiting).sum();
         stats.warm = stats.idle + stats.busy;
         stats.prewarmed = state.stems.values().map(Vec::len).sum();
         stats.memory_committed_bytes = state.memory;

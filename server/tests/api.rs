@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
 use serde_json::json;
 
 static SERVER: OnceLock<Server> = OnceLock::new();
@@ -62,17 +62,7 @@ fn main() {
         .into_iter()
         .map(|(name, f)| {
             let skip = why.is_some() || (name == "isolation_is_per_function" && no_runsc.is_some());
-            Trial::test(name, move || {
-                std::panic::catch_unwind(f).map_err(|e| {
-                    Failed::from(
-                        e.downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default(),
-                    )
-                })
-            })
-            .with_ignored_flag(skip)
+            trial(name, f, skip)
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);

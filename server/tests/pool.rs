@@ -1,12 +1,14 @@
 //! The warm pool against real sandboxes, with time under the test's control.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use cloudfunc_sandbox::{Engine, EngineConfig, InvokeOptions, Limits, Runtime, SandboxSpec};
 use cloudfunc_server::isolation::{Engines, Isolation};
 use cloudfunc_server::pool::{Key, ManualClock, Pool, PoolConfig, PoolError, Request, Start};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
 struct Fixture {
@@ -320,19 +322,7 @@ fn main() {
     }
     let trials = tests
         .into_iter()
-        .map(|(name, f)| {
-            Trial::test(name, move || {
-                std::panic::catch_unwind(f).map_err(|e| {
-                    Failed::from(
-                        e.downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_default(),
-                    )
-                })
-            })
-            .with_ignored_flag(why.is_some())
-        })
+        .map(|(name, f)| common::trial(name, f, why.is_some()))
         .collect();
     libtest_mimic::run(&args, trials).exit();
 }

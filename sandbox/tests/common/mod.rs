@@ -52,6 +52,11 @@ pub fn missing(need: Need) -> Option<String> {
     }
 }
 
+/// What a test of `runtime`'s functions needs.
+pub fn needs(runtime: Runtime) -> Vec<Need> {
+    vec![Need::Containers, Need::Runtime(runtime)]
+}
+
 type Shared = OnceLock<(tempfile::TempDir, Engine)>;
 static ENGINES: [Shared; BackendKind::ALL.len()] =
     [const { OnceLock::new() }; BackendKind::ALL.len()];

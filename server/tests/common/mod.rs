@@ -281,3 +281,18 @@ pub fn wait_task(s: &Server, token: &str, task: &str, within: Duration) -> Value
 
 pub const HELLO_PY: &str =
     "def handler(event):\n    return f\"Hello {event.get('name', 'World')}!\"\n";
+
+/// A trial running `test`, a panic being its failure; ignored (reported as skipped) if `skip`.
+pub fn trial(name: &str, test: fn(), skip: bool) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::test(name, move || {
+        std::panic::catch_unwind(test).map_err(|e| {
+            libtest_mimic::Failed::from(
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default(),
+            )
+        })
+    })
+    .with_ignored_flag(skip)
+}
