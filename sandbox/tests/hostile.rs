@@ -160,8 +160,10 @@ fn memory_bomb(runtime: Runtime) {
         "peak {}",
         call.usage.peak_memory_bytes
     );
+    // The kernel may charge a page or two past the limit before it reclaims or kills, and
+    // the high-water mark keeps that (seen once: 96 MiB + 4 KiB under runsc with Node).
     assert!(
-        call.usage.peak_memory_bytes <= 96 * MIB,
+        call.usage.peak_memory_bytes <= 96 * MIB + 64 * 1024,
         "peak {}",
         call.usage.peak_memory_bytes
     );
