@@ -187,32 +187,95 @@ pub fn warm_throughput(
     Ok(calls as f64 / begin.elapsed().as_secs_f64())
 }
 
-/// Host memory per idle Python hello sandbox, in bytes: what its cgroup is charged, plus the
-/// resident memory of the shim that owns it, averaged over `n` sandboxes up at once.
-pub fn idle_memory(engine: &Engine, code: &Code, n: usize) -> Result<u64> {
-    let mut sandboxes = Vec::new();
+/// What holding many idle warm sandboxes costs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Density {
+    /// Sandboxes asked for and started (each served one call).
+    pub wanted: usize,
+    pub started: usize,
+    /// Of those, how many answered a second call after all were up.
+    pub answered: usize,
+    /// Wall time to start them all, one after another.
+    pub start_all: Duration,
+    /// Charged to each sandbox's cgroup plus its shim's resident memory, on average.
+    pub charged_per_sandbox: u64,
+    /// The fall in the host's MemAvailable while they were up, per sandbox.
+    pub host_per_sandbox: u64,
+    /// Why starting stopped early, if it did.
+    pub stopped_by: Option<String>,
+}
+
+/// Starts `n` Python hello sandboxes, each serving one call, keeps them all up and idle,
+/// measures what they cost, checks that each still answers, then stops them.
+pub fn density(engine: &Engine, code: &Code, n: usize) -> Result<Density> {
     let (event, _) = event();
+    let available = || {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines().find_map(|l| {
+                    l.strip_prefix("MemAvailable:")
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+            })
+            .unwrap_or(0)
+            * 1024
+    };
+    let before = available();
+    let mut sandboxes = Vec::new();
+    let mut stopped_by = None;
+    let begin = Instant::now();
     for _ in 0..n {
-        let mut s = Sandbox::create(engine, SandboxSpec::new(Runtime::Python, code.path()))?;
-        s.invoke(&event, &InvokeOptions::default())?;
-        sandboxes.push(s);
+        let started = Sandbox::create(engine, SandboxSpec::new(Runtime::Python, code.path()))
+            .and_then(|mut s| s.invoke(&event, &InvokeOptions::default()).map(|_| s));
+        match started {
+            Ok(s) => sandboxes.push(s),
+            Err(e) => {
+                stopped_by = Some(format!("{e:#}"));
+                break;
+            }
+        }
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let mut total = 0u64;
+    let start_all = begin.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = available();
+    let mut charged = 0u64;
     for s in &sandboxes {
         let dir = &engine.cgroup_dirs(s.id())[0];
-        let charged = ["memory.usage_in_bytes", "memory.current"]
+        let cgroup = ["memory.usage_in_bytes", "memory.current"]
             .iter()
             .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
             .and_then(|t| t.trim().parse::<u64>().ok())
             .unwrap_or(0);
         let shim = s.pid().and_then(parent_pid).map(rss_bytes).unwrap_or(0);
-        total += charged + shim;
+        charged += cgroup + shim;
     }
+    let mut answered = 0;
+    for s in &mut sandboxes {
+        if s.invoke(&event, &InvokeOptions::default()).is_ok() {
+            answered += 1;
+        }
+    }
+    let started = sandboxes.len();
     for s in sandboxes {
         s.shutdown()?;
     }
-    Ok(total / n.max(1) as u64)
+    let per = |total: u64| total / started.max(1) as u64;
+    Ok(Density {
+        wanted: n,
+        started,
+        answered,
+        start_all,
+        charged_per_sandbox: per(charged),
+        host_per_sandbox: per(before.saturating_sub(after)),
+        stopped_by,
+    })
+}
+
+/// Host memory per idle Python hello sandbox, in bytes: what its cgroup is charged, plus the
+/// resident memory of the shim that owns it, averaged over `n` sandboxes up at once.
+pub fn idle_memory(engine: &Engine, code: &Code, n: usize) -> Result<u64> {
+    Ok(density(engine, code, n)?.charged_per_sandbox)
 }
 
 fn parent_pid(pid: i32) -> Option<i32> {

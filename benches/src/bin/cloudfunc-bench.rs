@@ -53,15 +53,22 @@ fn hide_hybrid_cgroup2() -> Result<bool> {
 fn main() -> Result<()> {
     let mut runs = 20usize;
     let mut backends = false;
+    let mut density_of = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs needs a number")?.parse()?,
             "--backends" => backends = true,
+            "--density" => {
+                density_of = Some(args.next().context("--density needs a number")?.parse()?)
+            }
             other => anyhow::bail!(
-                "unknown argument {other}; usage: cloudfunc-bench [--runs N] [--backends]"
+                "unknown argument {other}; usage: cloudfunc-bench [--runs N] [--backends | --density N]"
             ),
         }
+    }
+    if let Some(n) = density_of {
+        return report_density(n);
     }
     if backends {
         return compare_backends(runs);
@@ -149,6 +156,36 @@ fn main() -> Result<()> {
     }
     for ((w, runner), why) in &failures {
         println!("note: {runner} failed on {}: {why}", workloads[*w].name());
+    }
+    Ok(())
+}
+
+/// Many idle warm Python sandboxes at once, and what each costs the host.
+fn report_density(n: usize) -> Result<()> {
+    // Each sandbox holds a few descriptors in this process (its control socket and pipes).
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-bench-")
+        .tempdir()?;
+    let engine = bench_engine(dir.path())?;
+    let code = Code::new()?;
+    let d = cloudfunc_benches::density(&engine, &code, n)?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!("Density: Python hello sandboxes started one after another, each served a call, then all held idle at once.");
+    println!("| wanted | started | answered a 2nd call | start all (s) | per sandbox: cgroup + shim MiB | per sandbox: host MemAvailable MiB |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+        d.wanted,
+        d.started,
+        d.answered,
+        d.start_all.as_secs_f64(),
+        mib(d.charged_per_sandbox),
+        mib(d.host_per_sandbox)
+    );
+    if let Some(why) = d.stopped_by {
+        println!("note: starting stopped early: {why}");
     }
     Ok(())
 }
