@@ -13,5 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod platform;
 pub mod pool;
+pub mod prometheus;
+pub mod rollup;
 pub mod serve;
 pub mod store;

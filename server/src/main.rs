@@ -15,7 +15,7 @@ use cloudfunc_sandbox::{
 };
 use cloudfunc_server::client::{encode, Client};
 use cloudfunc_server::isolation::Isolation;
-use cloudfunc_server::platform::guess_runtime;
+use cloudfunc_server::platform::{guess_runtime, Retention};
 use cloudfunc_server::serve::{load_keys, serve, ServeConfig};
 use serde_json::{json, Value};
 
@@ -91,6 +91,16 @@ enum Command {
         /// Days finished tasks (results, logs, usage) are kept.
         #[arg(long, env = "CLOUDFUNC_RETENTION_DAYS", default_value_t = 7.0)]
         retention_days: f64,
+        /// Days per-minute metrics rollups are kept (0: forever).
+        #[arg(long, default_value_t = 30.0)]
+        minute_rollups_days: f64,
+        /// Days per-hour metrics rollups are kept (0: forever).
+        #[arg(long, default_value_t = 365.0)]
+        hour_rollups_days: f64,
+        /// Days per-day metrics rollups are kept (0: forever). Prometheus counters are read
+        /// from these, so pruning them makes counters drop.
+        #[arg(long, default_value_t = 0.0)]
+        day_rollups_days: f64,
         /// The runtime behind `container` isolation: libcontainer, runc or crun.
         #[arg(
             long,
@@ -110,6 +120,9 @@ enum Command {
         /// Sync calls that may wait for a function at its max_instances before getting 429.
         #[arg(long, env = "CLOUDFUNC_MAX_WAITING", default_value_t = 64)]
         max_waiting: usize,
+        /// Chart.js for the dashboard (Debian's libjs-chart.js puts it here).
+        #[arg(long, env = "CLOUDFUNC_CHART_JS", default_value = cloudfunc_server::api::dashboard::DEFAULT_CHART_JS)]
+        chart_js: PathBuf,
     },
     /// Print a bearer token for a tenant, signed with the local server's secret.
     Token {
@@ -310,15 +323,31 @@ async fn run(cli: Cli) -> Result<bool> {
             concurrency,
             max_body_mb,
             retention_days,
+            minute_rollups_days,
+            hour_rollups_days,
+            day_rollups_days,
             container_runtime,
             isolation,
             runsc,
             stem_cells,
             max_waiting,
+            chart_js,
         } => {
             if !retention_days.is_finite() || *retention_days <= 0.0 {
                 bail!("--retention-days must be a positive number");
             }
+            let keep = |flag: &str, days: f64| -> Result<Option<Duration>> {
+                if !days.is_finite() || days < 0.0 {
+                    bail!("--{flag} must be 0 (forever) or a positive number of days");
+                }
+                Ok((days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0)))
+            };
+            let retention = Retention {
+                tasks: Duration::from_secs_f64(retention_days * 86_400.0),
+                minute_rollups: keep("minute-rollups-days", *minute_rollups_days)?,
+                hour_rollups: keep("hour-rollups-days", *hour_rollups_days)?,
+                day_rollups: keep("day-rollups-days", *day_rollups_days)?,
+            };
             serve(ServeConfig {
                 listen: *listen,
                 data_dir: cli.data_dir.clone(),
@@ -329,12 +358,13 @@ async fn run(cli: Cli) -> Result<bool> {
                 workers: *workers,
                 concurrency: *concurrency,
                 max_body_bytes: max_body_mb * 1024 * 1024,
-                retention: Duration::from_secs_f64(retention_days * 86_400.0),
+                retention,
                 container_backend: *container_runtime,
                 default_isolation: *isolation,
                 runsc: runsc.clone(),
                 stem_cells: *stem_cells,
                 max_waiting: *max_waiting,
+                chart_js: chart_js.clone(),
             })
             .await?;
             Ok(true)

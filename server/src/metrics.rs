@@ -2,8 +2,9 @@
 
 use serde_json::{json, Value};
 
-use crate::model::{Function, TaskStatus};
-use crate::store::CallRow;
+use crate::model::Function;
+use crate::rollup::{self, Stats};
+use crate::store::Rollup;
 
 /// The `p`th percentile (nearest rank) of sorted values; 0 for none.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -16,53 +17,55 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// Counts, error rate, duration percentiles, CPU and memory of `calls`.
-pub fn summarise(function: Option<&Function>, calls: &[CallRow], since: i64, until: i64) -> Value {
-    let n = calls.len();
-    let errors = calls
+/// Steps offered when a request names none: the first that gives at most 360 points wins.
+const DEFAULT_STEPS: [i64; 7] = [
+    60_000,
+    300_000,
+    900_000,
+    3_600_000,
+    21_600_000,
+    86_400_000,
+    604_800_000,
+];
+
+/// Most points one series may have.
+pub const MAX_POINTS: i64 = 5_000;
+
+/// The step for a range when none is asked for.
+pub fn default_step(since: i64, until: i64) -> i64 {
+    let span = until - since;
+    DEFAULT_STEPS
         .iter()
-        .filter(|c| c.status != TaskStatus::Succeeded)
-        .count();
-    let mut by_kind = std::collections::BTreeMap::<String, u64>::new();
-    for c in calls.iter().filter(|c| c.status != TaskStatus::Succeeded) {
-        *by_kind
-            .entry(
-                c.error_kind
-                    .clone()
-                    .unwrap_or_else(|| c.status.as_str().to_string()),
-            )
-            .or_default() += 1;
+        .copied()
+        .find(|s| span / s <= 360)
+        .unwrap_or(DEFAULT_STEPS[DEFAULT_STEPS.len() - 1])
+}
+
+/// The summary of a range and its series per step, from rollup rows of a resolution that
+/// divides `step`.
+pub fn report(
+    function: Option<&Function>,
+    rows: &[Rollup],
+    since: i64,
+    until: i64,
+    step: i64,
+    resolution: i64,
+) -> Value {
+    let rows: Vec<(i64, Stats)> = rows.iter().map(|r| (r.start, r.stats.clone())).collect();
+    let series = rollup::series(&rows, since, until, step);
+    let mut total = Stats::default();
+    for (_, s) in &series {
+        total.merge(s);
     }
-    let mut durations: Vec<f64> = calls.iter().map(|c| c.duration_ms).collect();
-    durations.sort_by(f64::total_cmp);
-    let avg = |f: &dyn Fn(&CallRow) -> f64| {
-        if n == 0 {
-            0.0
-        } else {
-            calls.iter().map(f).sum::<f64>() / n as f64
-        }
-    };
-    let max = |f: &dyn Fn(&CallRow) -> f64| calls.iter().map(f).fold(0.0, f64::max);
-    json!({
-        "function": function.map(|f| json!({"id": f.id, "name": f.name, "version": f.version})),
-        "since": since,
-        "until": until,
-        "invocations": n,
-        "succeeded": n - errors,
-        "errors": errors,
-        "error_rate": if n == 0 { 0.0 } else { errors as f64 / n as f64 },
-        "errors_by_kind": by_kind,
-        "cold_starts": calls.iter().filter(|c| c.cold).count(),
-        "duration_ms": {
-            "avg": avg(&|c| c.duration_ms),
-            "p50": percentile(&durations, 50.0),
-            "p95": percentile(&durations, 95.0),
-            "p99": percentile(&durations, 99.0),
-            "max": durations.last().copied().unwrap_or(0.0),
-        },
-        "cpu_ms": {"avg": avg(&|c| c.cpu_ms), "max": max(&|c| c.cpu_ms)},
-        "peak_memory_bytes": {"avg": avg(&|c| c.peak_memory_bytes as f64), "max": max(&|c| c.peak_memory_bytes as f64)},
-    })
+    let mut body = total.summary();
+    body["function"] =
+        json!(function.map(|f| json!({"id": f.id, "name": f.name, "version": f.version})));
+    body["since"] = json!(series.first().map_or(since, |(t, _)| *t));
+    body["until"] = json!(until);
+    body["step_ms"] = json!(step);
+    body["resolution_ms"] = json!(resolution);
+    body["series"] = rollup::columns(&series);
+    body
 }
 
 /// The host's load averages, memory and CPU count, from /proc.
@@ -94,36 +97,68 @@ pub fn meminfo_bytes(key: &str) -> u64 {
         * 1024
 }
 
+/// Busy and total jiffies of all CPUs, from `/proc/stat`'s first line.
+pub fn cpu_jiffies(stat: &str) -> Option<(u64, u64)> {
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait are not busy.
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Percent of CPU time busy between two `/proc/stat` samples.
+pub fn cpu_busy_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let busy = after.0.saturating_sub(before.0) as f64;
+    let total = after.1.saturating_sub(before.1) as f64;
+    if total == 0.0 {
+        0.0
+    } else {
+        100.0 * busy / total
+    }
+}
+
+/// The server process's own memory and threads, from `/proc/self/status`.
+pub fn process() -> Value {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    json!({
+        "pid": std::process::id(),
+        "resident_memory_bytes": field("VmRSS:").unwrap_or(0) * 1024,
+        "peak_resident_memory_bytes": field("VmHWM:").unwrap_or(0) * 1024,
+        "threads": field("Threads:").unwrap_or(0),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn row(status: TaskStatus, ms: f64) -> CallRow {
-        CallRow {
-            status,
-            error_kind: None,
-            finished_at: 0,
-            duration_ms: ms,
-            cpu_ms: ms / 2.0,
-            peak_memory_bytes: 100,
-            cold: false,
-        }
+    #[test]
+    fn cpu_busy_from_proc_stat() {
+        let a = cpu_jiffies("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!(a, (200, 1000));
+        let b = cpu_jiffies("cpu  150 0 150 800 100 0 0 0 0 0\n").unwrap();
+        assert_eq!(cpu_busy_percent(a, b), 50.0);
+        assert_eq!(cpu_busy_percent(a, a), 0.0);
+        assert!(cpu_jiffies("intr 1 2").is_none());
     }
 
     #[test]
-    fn percentiles_and_error_rate() {
-        let mut calls: Vec<CallRow> = (1..=100)
-            .map(|i| row(TaskStatus::Succeeded, i as f64))
-            .collect();
-        calls[0].status = TaskStatus::Timeout;
-        let s = summarise(None, &calls, 0, 1);
-        assert_eq!(s["invocations"], 100);
-        assert_eq!(s["errors"], 1);
-        assert_eq!(s["errors_by_kind"]["timeout"], 1);
-        assert_eq!(s["duration_ms"]["p50"], 51.0);
-        assert_eq!(s["duration_ms"]["p99"], 99.0);
-        assert_eq!(s["duration_ms"]["max"], 100.0);
-        let empty = summarise(None, &[], 0, 1);
-        assert_eq!(empty["error_rate"], 0.0);
+    fn default_steps_keep_series_short() {
+        assert_eq!(default_step(0, 3_600_000), 60_000);
+        assert_eq!(default_step(0, 86_400_000), 300_000);
+        assert_eq!(default_step(0, 7 * 86_400_000), 3_600_000);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0], 50.0), 2.0);
     }
 }

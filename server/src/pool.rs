@@ -197,6 +197,8 @@ pub struct PoolStats {
     pub expired: u64,
     pub evicted: u64,
     pub drained: u64,
+    /// Sandboxes started (for a call or as stem cells), by backend.
+    pub sandbox_starts: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -324,7 +326,14 @@ impl Pool {
                     return match started {
                         Ok((sandbox, start)) => {
                             match start {
-                                Start::Cold => state.stats.calls_cold += 1,
+                                Start::Cold => {
+                                    state.stats.calls_cold += 1;
+                                    *state
+                                        .stats
+                                        .sandbox_starts
+                                        .entry(engine.backend_name().to_string())
+                                        .or_default() += 1;
+                                }
                                 _ => state.stats.calls_prewarmed += 1,
                             }
                             Ok(Lease {
@@ -544,6 +553,11 @@ impl Pool {
                     match StemCell::start(engine, runtime, Limits::default()) {
                         Ok(cell) => {
                             let mut state = self.lock();
+                            *state
+                                .stats
+                                .sandbox_starts
+                                .entry(engine.backend_name().to_string())
+                                .or_default() += 1;
                             state
                                 .stems
                                 .entry((runtime, isolation))

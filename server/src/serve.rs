@@ -10,7 +10,7 @@ use cloudfunc_sandbox::{BackendKind, EngineConfig};
 use crate::api::{routes, AppState};
 use crate::auth::Keys;
 use crate::isolation::{Engines, Isolation};
-use crate::platform::{Platform, PlatformConfig};
+use crate::platform::{Platform, PlatformConfig, Retention};
 use crate::pool::{Pool, PoolConfig, SystemClock};
 use crate::store::SqliteStore;
 
@@ -26,8 +26,8 @@ pub struct ServeConfig {
     pub workers: usize,
     pub concurrency: usize,
     pub max_body_bytes: u64,
-    /// How long finished tasks (results, logs, usage) are kept.
-    pub retention: std::time::Duration,
+    /// How long finished tasks (results, logs, usage) and metrics rollups are kept.
+    pub retention: Retention,
     /// The runtime of the `container` isolation level.
     pub container_backend: BackendKind,
     /// The isolation level of functions that do not choose one.
@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub stem_cells: usize,
     /// Sync callers that may wait for a busy function before getting 429.
     pub max_waiting: usize,
+    /// Chart.js for the dashboard.
+    pub chart_js: PathBuf,
 }
 
 impl Default for ServeConfig {
@@ -52,12 +54,13 @@ impl Default for ServeConfig {
             workers: 4,
             concurrency: 8,
             max_body_bytes: 32 * 1024 * 1024,
-            retention: std::time::Duration::from_secs(7 * 86_400),
+            retention: Retention::default(),
             container_backend: BackendKind::Libcontainer,
             default_isolation: Isolation::Container,
             runsc: "/usr/bin/runsc".into(),
             stem_cells: 1,
             max_waiting: 64,
+            chart_js: crate::api::dashboard::DEFAULT_CHART_JS.into(),
         }
     }
 }
@@ -128,6 +131,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let pool = Arc::new(Pool::new(engines, pool_config, Arc::new(SystemClock)));
     pool.start_housekeeping(std::time::Duration::from_millis(500));
     let platform = Platform::new(store, pool, platform_config);
+    platform.start_retention(config.retention.clone());
     let recovery = platform
         .start_queue(config.workers)
         .await
@@ -143,7 +147,14 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         platform: platform.clone(),
         keys,
         max_body_bytes: config.max_body_bytes,
+        chart_js: config.chart_js.clone(),
     };
+    if !config.chart_js.is_file() {
+        eprintln!(
+            "cloudfunc: Chart.js is not at {}: the dashboard will show no charts (install libjs-chart.js or pass --chart-js)",
+            config.chart_js.display()
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

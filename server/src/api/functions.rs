@@ -491,15 +491,44 @@ async fn recent(
     Ok(reply(StatusCode::OK, json!({"tasks": tasks})))
 }
 
-/// A time range: `since`/`until` in Unix milliseconds, or `range` like `15m`, `1h`, `7d`.
+/// A time range: `since`/`until` in Unix milliseconds, or `range` like `15m`, `1h`, `7d`;
+/// and a `step` for series, like `1m`, `1h`, `1d`.
 #[derive(Debug, Deserialize, Default)]
 pub struct RangeQuery {
     pub since: Option<i64>,
     pub until: Option<i64>,
     pub range: Option<String>,
+    pub step: Option<String>,
+}
+
+/// A span like `15m`, `1h` or `7d` in milliseconds.
+fn span_ms(what: &str, text: &str) -> Result<i64, ApiError> {
+    // Split off the last character, not the last byte: the text may be any UTF-8.
+    let cut = text.char_indices().last().map_or(0, |(i, _)| i);
+    let (n, unit) = text.split_at(cut);
+    let n: i64 = n.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::bad_request(format!("{what} {text:?} must look like 15m, 1h or 7d"))
+    })?;
+    let ms = match unit {
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "{what} {text:?} must end in s, m, h or d"
+            )))
+        }
+    };
+    Ok(n.saturating_mul(ms))
 }
 
 impl RangeQuery {
+    /// The step in milliseconds, when one is asked for.
+    pub fn step(&self) -> Result<Option<i64>, ApiError> {
+        self.step.as_deref().map(|s| span_ms("step", s)).transpose()
+    }
+
     pub fn resolve(&self) -> Result<(i64, i64), ApiError> {
         let out_of_range = || {
             ApiError::bad_request("since and until are Unix milliseconds between 0 and year 9999")
@@ -512,24 +541,7 @@ impl RangeQuery {
         }
         let since = match (&self.since, &self.range) {
             (Some(s), _) => *s,
-            (None, Some(r)) => {
-                let (n, unit) = r.split_at(r.len().saturating_sub(1));
-                let n: i64 = n.parse().map_err(|_| {
-                    ApiError::bad_request(format!("range {r:?} must look like 15m, 1h or 7d"))
-                })?;
-                let ms = match unit {
-                    "s" => 1000,
-                    "m" => 60_000,
-                    "h" => 3_600_000,
-                    "d" => 86_400_000,
-                    _ => {
-                        return Err(ApiError::bad_request(format!(
-                            "range {r:?} must end in s, m, h or d"
-                        )))
-                    }
-                };
-                until.saturating_sub(n.saturating_mul(ms)).max(0)
-            }
+            (None, Some(r)) => until.saturating_sub(span_ms("range", r)?).max(0),
             (None, None) => until.saturating_sub(86_400_000).max(0),
         };
         if !valid(since) {
@@ -549,9 +561,10 @@ pub async fn metrics(
     state: AppState,
 ) -> Result<Response, Rejection> {
     let (since, until) = query.resolve().map_err(warp::reject::custom)?;
+    let step = query.step().map_err(warp::reject::custom)?;
     let body = state
         .platform
-        .metrics(&caller, key.as_deref(), since, until)
+        .metrics(&caller, key.as_deref(), since, until, step)
         .await
         .map_err(reject)?;
     Ok(reply(StatusCode::OK, body))
@@ -724,4 +737,25 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .or(sys_metrics)
         .unify()
         .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_parse_and_odd_text_is_refused_not_panicked_on() {
+        assert_eq!(span_ms("step", "5m").unwrap(), 300_000);
+        assert_eq!(span_ms("range", "7d").unwrap(), 7 * 86_400_000);
+        for bad in [
+            "", "m", "0m", "-1h", "5", "5x", "\u{80}", "1\u{80}", "5€", "€m",
+        ] {
+            assert!(span_ms("step", bad).is_err(), "{bad:?}");
+        }
+        let q = RangeQuery {
+            range: Some("\u{80}".into()),
+            ..RangeQuery::default()
+        };
+        assert!(q.resolve().is_err());
+    }
 }

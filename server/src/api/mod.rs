@@ -5,8 +5,10 @@
 //! adapters over the same platform calls ([`compat`]).
 
 mod compat;
+pub mod dashboard;
 mod error;
 mod functions;
+mod monitor;
 pub mod openapi;
 
 use std::convert::Infallible;
@@ -26,6 +28,8 @@ pub struct AppState {
     pub keys: Keys,
     /// Largest request body (archives included).
     pub max_body_bytes: u64,
+    /// Chart.js, served to the dashboard.
+    pub chart_js: std::path::PathBuf,
 }
 
 fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Infallible> + Clone {
@@ -62,11 +66,15 @@ pub fn routes(state: AppState) -> BoxedFilter<(warp::reply::Response,)> {
         .and(warp::get())
         .map(|| warp::reply::json(&openapi::document()));
     let authed = functions::routes(state.clone())
+        .or(monitor::routes(state.clone()))
+        .unify()
         .or(compat::routes(state.clone()))
         .unify();
     health
         .map(Reply::into_response)
         .or(openapi.map(Reply::into_response))
+        .unify()
+        .or(dashboard::routes(state.clone()))
         .unify()
         .or(authed)
         .unify()

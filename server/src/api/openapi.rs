@@ -37,7 +37,8 @@ fn range_params() -> Value {
     json!([
         {"name": "since", "in": "query", "schema": {"type": "integer", "format": "int64", "minimum": 0, "maximum": 253402300799999i64}, "description": "Unix milliseconds"},
         {"name": "until", "in": "query", "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": 253402300799999i64}, "description": "Unix milliseconds"},
-        {"name": "range", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,6}[smhd]$"}, "description": "15m, 1h, 7d"}
+        {"name": "range", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,6}[smhd]$"}, "description": "15m, 1h, 7d"},
+        {"name": "step", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]{1,6}[smhd]$"}, "description": "width of each point of the series: a whole number of minutes (1m, 5m, 1h, 1d); by default one giving at most 360 points"}
     ])
 }
 
@@ -109,10 +110,18 @@ pub fn document() -> Value {
                     "usage": {"type": "object"}, "attempts": {"type": "integer"},
                     "created_at": {"type": "integer"}, "started_at": {"type": "integer"}, "finished_at": {"type": "integer"}
                 }},
-                "Metrics": {"type": "object", "required": ["invocations", "errors", "error_rate", "duration_ms"], "properties": {
-                    "invocations": {"type": "integer"}, "errors": {"type": "integer"}, "error_rate": {"type": "number"}, "duration_ms": {"type": "object"}
+                "Metrics": {"type": "object", "required": ["invocations", "errors", "error_rate", "duration_ms", "since", "until", "step_ms", "series"], "properties": {
+                    "invocations": {"type": "integer"}, "errors": {"type": "integer"}, "error_rate": {"type": "number"},
+                    "errors_by_kind": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "cold_starts": {"type": "integer"}, "warm_starts": {"type": "integer"},
+                    "duration_ms": {"type": "object", "description": "avg, p50, p95, p99 (from a histogram, within 20 %) and max"},
+                    "since": {"type": "integer", "description": "start of the first step"}, "until": {"type": "integer"},
+                    "step_ms": {"type": "integer"}, "resolution_ms": {"type": "integer", "description": "the rollup read: minute, hour or day"},
+                    "series": {"type": "object", "required": ["t", "invocations", "errors"], "description": "one array per figure, aligned with t (each step's start, Unix ms)", "additionalProperties": {"type": "array", "items": {"type": "number"}}}
                 }},
-                "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "queue_depth": {"type": "integer"}, "uptime_s": {"type": "number"}, "isolation": {"type": "object", "description": "The default isolation level, and per level whether it is available and on which runtime"}}},
+                "TaskLogs": {"type": "object", "required": ["task_id", "status", "logs", "logs_truncated"], "properties": {"task_id": {"type": "string"}, "function": {"type": "string"}, "version": {"type": "integer"}, "status": {"type": "string"}, "logs": {"type": "string"}, "logs_truncated": {"type": "boolean"}}},
+                "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "queue_depth": {"type": "integer"}, "uptime_s": {"type": "number"},
+                    "pool": {"type": "object"}, "host": {"type": "object", "description": "CPU count, load, CPU busy % since the last health read, memory"}, "process": {"type": "object", "description": "the server's own resident memory and threads"}, "isolation": {"type": "object", "description": "The default isolation level, and per level whether it is available and on which runtime"}}},
                 "Outcome": {"type": "object", "required": ["task_id", "status"], "properties": {"output": {}, "error": {}, "task_id": {"type": "string"}, "status": {"type": "string"}}}
             }
         },
@@ -136,6 +145,14 @@ pub fn document() -> Value {
             "/api/functions/{id}/tasks": {"get": op("Recent tasks of a function", ("200", json!({"type": "object"})), &["400", "401", "404"], json!({"parameters": [id_param(), {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 500}}]}))},
             "/api/functions/{id}/metrics": {"get": op("Metrics over a range", ("200", schema("Metrics")), &["400", "401", "404"], json!({"parameters": id_and_range()}))},
             "/api/tasks/{task_id}": {"get": op("A task", ("200", schema("Task")), &["401", "404"], json!({"parameters": [task_param("task_id")]}))},
+            "/api/tasks/{task_id}/logs": {"get": op("What a task printed", ("200", schema("TaskLogs")), &["401", "404"], json!({"parameters": [task_param("task_id")]}))},
+            "/metrics": {"get": {"summary": "Prometheus text exposition: the caller's functions, and the whole system for an admin", "responses": {
+                "200": {"description": "success", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "401": {"description": "error", "content": {"application/json": {"schema": schema("Error")}}}
+            }}},
+            "/": {"get": {"summary": "The dashboard (it asks for a token)", "security": [], "responses": {
+                "200": {"description": "success", "content": {"text/html": {"schema": {"type": "string"}}}}
+            }}},
             "/api/system/metrics": {"get": op("System metrics over a range", ("200", schema("Metrics")), &["400", "401"], json!({"parameters": range_params()}))},
             "/functions": {
                 "get": op("List functions (seed 004)", ("200", schema("FunctionList")), &["401"], any.clone()),

@@ -1,6 +1,8 @@
 //! The platform: what every route, the CLI and the queue call. It validates, stores, and runs
 //! functions in sandboxes; it knows nothing about HTTP.
 
+mod monitor;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -205,6 +207,8 @@ struct Inner {
     config: PlatformConfig,
     wake: tokio::sync::Notify,
     started: Instant,
+    /// The host's CPU jiffies (busy, total) when health was last read.
+    cpu_sample: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -223,6 +227,7 @@ impl Platform {
                 config,
                 wake: tokio::sync::Notify::new(),
                 started: Instant::now(),
+                cpu_sample: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -712,18 +717,21 @@ impl Platform {
         .await?
     }
 
-    /// Deletes finished tasks older than `retention`, now and then every hour.
-    pub fn start_retention(&self, retention: Duration) {
+    /// Deletes finished tasks and rollups past their retention, now and then every hour.
+    pub fn start_retention(&self, retention: Retention) {
         let store = self.inner.store.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(3600));
             loop {
                 tick.tick().await;
                 let store = store.clone();
-                let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-                match blocking(move || store.prune(cutoff)).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(n)) => eprintln!("cloudfunc: retention removed {n} finished task(s)"),
+                let retention = retention.clone();
+                let pruned = blocking(move || retention.apply(store.as_ref(), now_ms())).await;
+                match pruned {
+                    Ok(Ok((0, 0))) => {}
+                    Ok(Ok((tasks, rollups))) => eprintln!(
+                        "cloudfunc: retention removed {tasks} finished task(s) and {rollups} rollup row(s)"
+                    ),
                     other => eprintln!("cloudfunc: retention failed: {other:?}"),
                 }
             }
@@ -812,61 +820,6 @@ impl Platform {
                 Ok(blocking(move || store.complete_task(&id, &completion)).await??)
             }
         }
-    }
-
-    /// Invocation counts, error rate, duration percentiles, CPU and memory over a range.
-    pub async fn metrics(
-        &self,
-        caller: &Caller,
-        key: Option<&str>,
-        since: i64,
-        until: i64,
-    ) -> Result<Value> {
-        let function = match key {
-            Some(k) => Some(self.find(caller, k).await?),
-            None => None,
-        };
-        let (store, scope, fid) = (
-            self.inner.store.clone(),
-            caller.scope().map(String::from),
-            function.as_ref().map(|f| f.id.clone()),
-        );
-        let calls =
-            blocking(move || store.calls(scope.as_deref(), fid.as_deref(), since, until)).await??;
-        Ok(crate::metrics::summarise(
-            function.as_ref(),
-            &calls,
-            since,
-            until,
-        ))
-    }
-
-    /// Status, uptime, queue depth, sandboxes running, host load and memory.
-    pub async fn health(&self) -> Result<Value> {
-        let store = self.inner.store.clone();
-        let (queued, running) = blocking(move || -> Result<(u64, u64)> {
-            Ok((store.queue_depth()?, store.running()?))
-        })
-        .await??;
-        let pool = self.inner.pool.stats();
-        let calls = pool.calls_cold + pool.calls_prewarmed + pool.calls_warm;
-        Ok(json!({
-            "status": "ok",
-            "uptime_s": self.inner.started.elapsed().as_secs_f64(),
-            "queue_depth": queued,
-            "tasks_running": running,
-            "sandboxes_running": pool.busy,
-            "pool": pool,
-            "warm_ratio": if calls == 0 { 0.0 } else { pool.calls_warm as f64 / calls as f64 },
-            "backend": self.engines().get(Isolation::Container).map(|e| e.backend_name()).ok(),
-            "isolation": self.engines().describe(),
-            "cgroup": self
-                .engines()
-                .get(Isolation::Container)
-                .map(|e| format!("{:?}", e.cgroup_version()).to_lowercase())
-                .ok(),
-            "host": crate::metrics::host(),
-        }))
     }
 }
 
@@ -1005,6 +958,48 @@ fn request_for(function: &Function, version: &Version) -> (Key, Request) {
             max_instances: version.max_instances as usize,
         },
     )
+}
+
+/// How long finished tasks and each resolution of rollups are kept. A rollup's calls stay
+/// counted after their raw records are gone; `None` keeps forever.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    pub tasks: Duration,
+    pub minute_rollups: Option<Duration>,
+    pub hour_rollups: Option<Duration>,
+    pub day_rollups: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        let days = |d: u64| Duration::from_secs(d * 86_400);
+        Retention {
+            tasks: days(7),
+            minute_rollups: Some(days(30)),
+            hour_rollups: Some(days(365)),
+            day_rollups: None,
+        }
+    }
+}
+
+impl Retention {
+    /// Prunes what is past its time as of `now`; returns (tasks, rollup rows) removed.
+    pub fn apply(&self, store: &dyn Store, now: i64) -> Result<(u64, u64)> {
+        let cutoff =
+            |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let tasks = store.prune(cutoff(self.tasks))?;
+        let mut rollups = 0;
+        for (resolution, keep) in crate::rollup::RESOLUTIONS.into_iter().zip([
+            self.minute_rollups,
+            self.hour_rollups,
+            self.day_rollups,
+        ]) {
+            if let Some(keep) = keep {
+                rollups += store.prune_rollups(resolution, cutoff(keep))?;
+            }
+        }
+        Ok((tasks, rollups))
+    }
 }
 
 /// Runs one task in a sandbox from the pool (blocking) and says how it ended.

@@ -10,6 +10,12 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde_json::Value;
 
+use crate::rollup::Call;
+
+mod rollups;
+
+pub use rollups::Rollup;
+
 use crate::model::{now_ms, Completion, Function, Task, TaskError, TaskStatus, TaskUsage, Version};
 
 /// Storage errors.
@@ -36,18 +42,6 @@ pub struct Recovery {
     pub interrupted: Vec<String>,
     /// Tasks that were running and were put back in the queue (their function allows retries).
     pub requeued: Vec<String>,
-}
-
-/// One finished call, for metrics.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CallRow {
-    pub status: TaskStatus,
-    pub error_kind: Option<String>,
-    pub finished_at: i64,
-    pub duration_ms: f64,
-    pub cpu_ms: f64,
-    pub peak_memory_bytes: u64,
-    pub cold: bool,
 }
 
 /// Where functions, versions and tasks are kept. `tenant: None` means an admin, who sees all.
@@ -96,16 +90,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         retries_left: &dyn Fn(&Task) -> bool,
         backoff_ms: &dyn Fn(u32) -> i64,
     ) -> Result<Recovery>;
-    /// Finished calls of a function (or all of `tenant`'s) in `[since, until)`.
+    /// Finished calls of a function (or all of `tenant`'s) in `[since, until)`, oldest first.
     fn calls(
         &self,
         tenant: Option<&str>,
         function_id: Option<&str>,
         since: i64,
         until: i64,
-    ) -> Result<Vec<CallRow>>;
-    /// Removes finished tasks older than `before`; returns how many.
+    ) -> Result<Vec<Call>>;
+    /// Removes finished tasks older than `before` (their rollups stay); returns how many.
     fn prune(&self, before: i64) -> Result<u64>;
+    /// Rollups of `resolution` (see [`crate::rollup::RESOLUTIONS`]) whose bucket starts in
+    /// `[since, until)`, of a function (or all of `tenant`'s), ordered by start.
+    fn rollups(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        resolution: i64,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<Rollup>>;
+    /// Removes rollups of `resolution` older than `before`; returns how many rows.
+    fn prune_rollups(&self, resolution: i64, before: i64) -> Result<u64>;
 }
 
 const SCHEMA: &str = r#"
@@ -171,9 +177,57 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(rollups::SCHEMA)?;
+        let tx = conn.unchecked_transaction()?;
+        rollups::backfill(&tx)?;
+        tx.commit()?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
         })
+    }
+
+    /// Stores how a task ended, as of `at` (Unix ms), and adds it to its rollups, once.
+    pub fn complete_task_at(&self, task_id: &str, c: &Completion, at: i64) -> Result<()> {
+        let usage = c.usage.as_ref();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let open: Option<(String, String, String)> = tx
+            .query_row(
+                "SELECT tenant, function_id, function FROM tasks WHERE id = ?1 AND finished_at IS NULL",
+                params![task_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        tx.execute(
+            "UPDATE tasks SET status = ?2, result = ?3, error = ?4, error_kind = ?5, logs = ?6, logs_truncated = ?7, usage = ?8,
+                 duration_ms = ?9, cpu_ms = ?10, peak_memory_bytes = ?11, cold = ?12, finished_at = ?13
+             WHERE id = ?1",
+            params![
+                task_id,
+                c.status.as_str(),
+                c.result.as_ref().map(serde_json::to_string).transpose()?,
+                c.error.as_ref().map(serde_json::to_string).transpose()?,
+                c.error.as_ref().map(|e| e.kind.clone()),
+                c.logs,
+                c.logs_truncated,
+                usage.map(serde_json::to_string).transpose()?,
+                usage.map(|u| u.duration_ms),
+                usage.map(|u| u.cpu_ms),
+                usage.map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
+                usage.map(|u| u.cold),
+                at
+            ],
+        )?;
+        if let Some((tenant, function_id, function)) = open {
+            let call = tx.query_row(
+                &format!("SELECT {CALL_COLS} FROM tasks WHERE id = ?1"),
+                params![task_id],
+                |r| call_row(r, 0),
+            )?;
+            rollups::record(&tx, &tenant, &function_id, &function, &call)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -206,6 +260,25 @@ fn function_row(row: &Row<'_>) -> rusqlite::Result<Function> {
         active: row.get(4)?,
         created_at: row.get(5)?,
         updated_at: row.get(6)?,
+    })
+}
+
+/// A finished task as a rollup call; read by [`call_row`].
+const CALL_COLS: &str = "CASE WHEN status = 'succeeded' THEN 'succeeded' ELSE COALESCE(error_kind, status) END,
+    finished_at, usage IS NOT NULL, COALESCE(cold, 0), COALESCE(duration_ms, 0),
+    COALESCE(json_extract(usage, '$.init_duration_ms'), 0), COALESCE(cpu_ms, 0), COALESCE(peak_memory_bytes, 0)";
+
+fn call_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Call> {
+    let peak: i64 = row.get(first + 7)?;
+    Ok(Call {
+        outcome: row.get(first)?,
+        at: row.get(first + 1)?,
+        timed: row.get(first + 2)?,
+        cold: row.get(first + 3)?,
+        duration_ms: row.get(first + 4)?,
+        init_ms: row.get(first + 5)?,
+        cpu_ms: row.get(first + 6)?,
+        peak_memory_bytes: u64::try_from(peak).unwrap_or(0),
     })
 }
 
@@ -411,28 +484,7 @@ impl Store for SqliteStore {
     }
 
     fn complete_task(&self, task_id: &str, c: &Completion) -> Result<()> {
-        let usage = c.usage.as_ref();
-        self.conn().execute(
-            "UPDATE tasks SET status = ?2, result = ?3, error = ?4, error_kind = ?5, logs = ?6, logs_truncated = ?7, usage = ?8,
-                 duration_ms = ?9, cpu_ms = ?10, peak_memory_bytes = ?11, cold = ?12, finished_at = ?13
-             WHERE id = ?1",
-            params![
-                task_id,
-                c.status.as_str(),
-                c.result.as_ref().map(serde_json::to_string).transpose()?,
-                c.error.as_ref().map(serde_json::to_string).transpose()?,
-                c.error.as_ref().map(|e| e.kind.clone()),
-                c.logs,
-                c.logs_truncated,
-                usage.map(serde_json::to_string).transpose()?,
-                usage.map(|u| u.duration_ms),
-                usage.map(|u| u.cpu_ms),
-                usage.map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
-                usage.map(|u| u.cold),
-                now_ms()
-            ],
-        )?;
-        Ok(())
+        self.complete_task_at(task_id, c, now_ms())
     }
 
     fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {
@@ -517,26 +569,15 @@ impl Store for SqliteStore {
         function_id: Option<&str>,
         since: i64,
         until: i64,
-    ) -> Result<Vec<CallRow>> {
+    ) -> Result<Vec<Call>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT status, error_kind, finished_at, COALESCE(duration_ms, 0), COALESCE(cpu_ms, 0), COALESCE(peak_memory_bytes, 0), COALESCE(cold, 0)
-             FROM tasks
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CALL_COLS} FROM tasks
              WHERE finished_at >= ?1 AND finished_at < ?2 AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR function_id = ?4)
-             ORDER BY finished_at",
-        )?;
+             ORDER BY finished_at"
+        ))?;
         let rows = stmt.query_map(params![since, until, tenant, function_id], |r| {
-            let status: String = r.get(0)?;
-            let peak: i64 = r.get(5)?;
-            Ok(CallRow {
-                status: TaskStatus::parse(&status).unwrap_or(TaskStatus::Failed),
-                error_kind: r.get(1)?,
-                finished_at: r.get(2)?,
-                duration_ms: r.get(3)?,
-                cpu_ms: r.get(4)?,
-                peak_memory_bytes: u64::try_from(peak).unwrap_or(0),
-                cold: r.get(6)?,
-            })
+            call_row(r, 0)
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -548,14 +589,36 @@ impl Store for SqliteStore {
         )?;
         Ok(n as u64)
     }
+
+    fn rollups(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        resolution: i64,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<Rollup>> {
+        Ok(rollups::read(
+            &self.conn(),
+            tenant,
+            function_id,
+            resolution,
+            since,
+            until,
+        )?)
+    }
+
+    fn prune_rollups(&self, resolution: i64, before: i64) -> Result<u64> {
+        Ok(rollups::prune(&self.conn(), resolution, before)?)
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::model::{new_id, Isolation};
 
-    fn version(n: u32) -> Version {
+    pub(super) fn version(n: u32) -> Version {
         Version {
             version: n,
             runtime: "python".into(),
@@ -574,7 +637,7 @@ mod tests {
         }
     }
 
-    fn task(tenant: &str, f: &Function, mode: &str) -> Task {
+    pub(super) fn task(tenant: &str, f: &Function, mode: &str) -> Task {
         Task {
             task_id: new_id("task"),
             tenant: tenant.into(),

@@ -1,0 +1,132 @@
+//! What the platform reports about itself: metrics over ranges, health, and the Prometheus
+//! exposition.
+
+use serde_json::{json, Value};
+
+use super::{blocking, Platform, PlatformError, Result};
+use crate::auth::Caller;
+use crate::isolation::Isolation;
+use crate::model::now_ms;
+
+impl Platform {
+    /// Invocation counts, error rate, duration percentiles, CPU and memory over a range, and
+    /// the same per `step` (default: one that gives at most 360 points), from the rollups.
+    pub async fn metrics(
+        &self,
+        caller: &Caller,
+        key: Option<&str>,
+        since: i64,
+        until: i64,
+        step: Option<i64>,
+    ) -> Result<Value> {
+        let step = step.unwrap_or_else(|| crate::metrics::default_step(since, until));
+        let resolution = crate::rollup::resolution_for(step).ok_or_else(|| {
+            PlatformError::BadRequest(format!(
+                "step {step} ms must be a whole number of minutes (1m, 5m, 1h, 1d)"
+            ))
+        })?;
+        let first = crate::rollup::bucket_start(since, step);
+        if (until - first) / step > crate::metrics::MAX_POINTS {
+            return Err(PlatformError::BadRequest(format!(
+                "that range at that step is more than {} points; ask for a longer step",
+                crate::metrics::MAX_POINTS
+            )));
+        }
+        let function = match key {
+            Some(k) => Some(self.find(caller, k).await?),
+            None => None,
+        };
+        let (store, scope, fid) = (
+            self.inner.store.clone(),
+            caller.scope().map(String::from),
+            function.as_ref().map(|f| f.id.clone()),
+        );
+        let rows = blocking(move || {
+            store.rollups(scope.as_deref(), fid.as_deref(), resolution, first, until)
+        })
+        .await??;
+        Ok(crate::metrics::report(
+            function.as_ref(),
+            &rows,
+            since,
+            until,
+            step,
+            resolution,
+        ))
+    }
+
+    /// The host's CPU busy share since the previous call (or since the server started).
+    fn host_cpu_percent(&self) -> Option<f64> {
+        let now = crate::metrics::cpu_jiffies(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        let mut last = self
+            .inner
+            .cpu_sample
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let before = last.replace(now)?;
+        Some(crate::metrics::cpu_busy_percent(before, now))
+    }
+
+    /// Status, uptime, queue depth, the pool, host load, CPU and memory, and the server's own
+    /// memory.
+    pub async fn health(&self) -> Result<Value> {
+        let store = self.inner.store.clone();
+        let (queued, running) = blocking(move || -> Result<(u64, u64)> {
+            Ok((store.queue_depth()?, store.running()?))
+        })
+        .await??;
+        let pool = self.inner.pool.stats();
+        let calls = pool.calls_cold + pool.calls_prewarmed + pool.calls_warm;
+        let mut host = crate::metrics::host();
+        host["cpu_busy_percent"] = json!(self.host_cpu_percent());
+        Ok(json!({
+            "status": "ok",
+            "time": now_ms(),
+            "uptime_s": self.inner.started.elapsed().as_secs_f64(),
+            "queue_depth": queued,
+            "tasks_running": running,
+            "sandboxes_running": pool.busy,
+            "pool": pool,
+            "warm_ratio": if calls == 0 { 0.0 } else { pool.calls_warm as f64 / calls as f64 },
+            "backend": self.engines().get(Isolation::Container).map(|e| e.backend_name()).ok(),
+            "isolation": self.engines().describe(),
+            "cgroup": self
+                .engines()
+                .get(Isolation::Container)
+                .map(|e| format!("{:?}", e.cgroup_version()).to_lowercase())
+                .ok(),
+            "host": host,
+            "process": crate::metrics::process(),
+        }))
+    }
+
+    /// The Prometheus exposition: the caller's functions, and the whole system for an admin.
+    pub async fn prometheus(&self, caller: &Caller) -> Result<String> {
+        let (store, scope) = (self.inner.store.clone(), caller.scope().map(String::from));
+        let day = crate::rollup::RESOLUTIONS[2];
+        let admin = caller.admin;
+        let (rows, counts) = blocking(move || -> Result<_> {
+            let rows = store.rollups(scope.as_deref(), None, day, i64::MIN, i64::MAX)?;
+            let counts = if admin {
+                Some((store.queue_depth()?, store.running()?))
+            } else {
+                None
+            };
+            Ok((rows, counts))
+        })
+        .await??;
+        let system = counts.map(|(queue_depth, tasks_running)| {
+            let process = crate::metrics::process();
+            crate::prometheus::System {
+                pool: self.inner.pool.stats(),
+                queue_depth,
+                tasks_running,
+                uptime_s: self.inner.started.elapsed().as_secs_f64(),
+                resident_memory_bytes: process["resident_memory_bytes"].as_u64().unwrap_or(0),
+                host_memory_total_bytes: crate::metrics::meminfo_bytes("MemTotal:"),
+                host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
+            }
+        });
+        Ok(crate::prometheus::render(&rows, system.as_ref()))
+    }
+}

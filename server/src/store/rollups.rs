@@ -1,0 +1,490 @@
+//! SQLite tables of the rollups ([`crate::rollup`]): one row per resolution, function,
+//! outcome and bucket, with its duration histogram in a side table. A finished call is added
+//! in the transaction that stores it, so the rollups never miss or double-count one.
+
+use rusqlite::{params, Connection};
+
+use crate::rollup::{bucket_start, Call, Stats, RESOLUTIONS};
+
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS rollups (
+    resolution INTEGER NOT NULL,
+    function_id TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    function TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    timed INTEGER NOT NULL,
+    cold INTEGER NOT NULL,
+    duration_sum REAL NOT NULL,
+    duration_max REAL NOT NULL,
+    init_sum REAL NOT NULL,
+    cpu_sum REAL NOT NULL,
+    cpu_max REAL NOT NULL,
+    memory_sum REAL NOT NULL,
+    memory_max INTEGER NOT NULL,
+    PRIMARY KEY (resolution, function_id, outcome, start)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollups_time ON rollups (resolution, start);
+CREATE TABLE IF NOT EXISTS rollup_bins (
+    resolution INTEGER NOT NULL,
+    function_id TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    bin INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (resolution, function_id, outcome, start, bin)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollup_bins_time ON rollup_bins (resolution, start);
+"#;
+
+/// One rollup row: the calls of one function with one outcome in one bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollup {
+    pub start: i64,
+    pub tenant: String,
+    pub function_id: String,
+    pub function: String,
+    pub outcome: String,
+    pub stats: Stats,
+}
+
+fn i64_of(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn u64_of(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Adds `call` of a function to its minute, hour and day rollups.
+pub(super) fn record(
+    conn: &Connection,
+    tenant: &str,
+    function_id: &str,
+    function: &str,
+    call: &Call,
+) -> rusqlite::Result<()> {
+    let mut row = conn.prepare_cached(
+        "INSERT INTO rollups (resolution, function_id, outcome, start, tenant, function, count, timed, cold,
+             duration_sum, duration_max, init_sum, cpu_sum, cpu_max, memory_sum, memory_max)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, ?9, ?10, ?11, ?11, ?12, ?13)
+         ON CONFLICT (resolution, function_id, outcome, start) DO UPDATE SET
+             count = count + 1, timed = timed + excluded.timed, cold = cold + excluded.cold,
+             duration_sum = duration_sum + excluded.duration_sum,
+             duration_max = MAX(duration_max, excluded.duration_max),
+             init_sum = init_sum + excluded.init_sum,
+             cpu_sum = cpu_sum + excluded.cpu_sum, cpu_max = MAX(cpu_max, excluded.cpu_max),
+             memory_sum = memory_sum + excluded.memory_sum,
+             memory_max = MAX(memory_max, excluded.memory_max), function = excluded.function",
+    )?;
+    let mut bin = conn.prepare_cached(
+        "INSERT INTO rollup_bins (resolution, function_id, outcome, start, bin, tenant, count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)
+         ON CONFLICT (resolution, function_id, outcome, start, bin) DO UPDATE SET count = count + 1",
+    )?;
+    // An untimed call (refused, or failed before a sandbox) adds to the count only.
+    let t = |x: f64| if call.timed { x } else { 0.0 };
+    for resolution in RESOLUTIONS {
+        let start = bucket_start(call.at, resolution);
+        row.execute(params![
+            resolution,
+            function_id,
+            call.outcome,
+            start,
+            tenant,
+            function,
+            call.timed,
+            call.timed && call.cold,
+            t(call.duration_ms),
+            t(call.init_ms),
+            t(call.cpu_ms),
+            t(call.peak_memory_bytes as f64),
+            if call.timed {
+                i64_of(call.peak_memory_bytes)
+            } else {
+                0
+            },
+        ])?;
+        if call.timed {
+            let b = i64::try_from(crate::rollup::bin(call.duration_ms)).unwrap_or(i64::MAX);
+            bin.execute(params![
+                resolution,
+                function_id,
+                call.outcome,
+                start,
+                b,
+                tenant
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// Rollup rows of one resolution in `[since, until)`, for a tenant (or all) and a function
+/// (or all), with their histograms.
+pub(super) fn read(
+    conn: &Connection,
+    tenant: Option<&str>,
+    function_id: Option<&str>,
+    resolution: i64,
+    since: i64,
+    until: i64,
+) -> rusqlite::Result<Vec<Rollup>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT start, tenant, function_id, function, outcome, count, timed, cold, duration_sum, duration_max,
+                init_sum, cpu_sum, cpu_max, memory_sum, memory_max
+         FROM rollups
+         WHERE resolution = ?1 AND start >= ?2 AND start < ?3 AND (?4 IS NULL OR tenant = ?4) AND (?5 IS NULL OR function_id = ?5)
+         ORDER BY start, function_id, outcome",
+    )?;
+    let mut rows: Vec<Rollup> = stmt
+        .query_map(
+            params![resolution, since, until, tenant, function_id],
+            |r| {
+                let outcome: String = r.get(4)?;
+                let count = u64_of(r.get(5)?);
+                let mut stats = Stats {
+                    count,
+                    timed: u64_of(r.get(6)?),
+                    cold: u64_of(r.get(7)?),
+                    duration_sum: r.get(8)?,
+                    duration_max: r.get(9)?,
+                    init_sum: r.get(10)?,
+                    cpu_sum: r.get(11)?,
+                    cpu_max: r.get(12)?,
+                    memory_sum: r.get(13)?,
+                    memory_max: u64_of(r.get(14)?),
+                    ..Stats::default()
+                };
+                if outcome != "succeeded" {
+                    stats.errors_by_kind.insert(outcome.clone(), count);
+                }
+                Ok(Rollup {
+                    start: r.get(0)?,
+                    tenant: r.get(1)?,
+                    function_id: r.get(2)?,
+                    function: r.get(3)?,
+                    outcome,
+                    stats,
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut bins = conn.prepare_cached(
+        "SELECT start, function_id, outcome, bin, count FROM rollup_bins
+         WHERE resolution = ?1 AND start >= ?2 AND start < ?3 AND (?4 IS NULL OR tenant = ?4) AND (?5 IS NULL OR function_id = ?5)",
+    )?;
+    let found = bins.query_map(
+        params![resolution, since, until, tenant, function_id],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        },
+    )?;
+    for bin in found {
+        let (start, fid, outcome, b, n) = bin?;
+        let at = rows.binary_search_by(|row| {
+            (row.start, row.function_id.as_str(), row.outcome.as_str()).cmp(&(
+                start,
+                fid.as_str(),
+                outcome.as_str(),
+            ))
+        });
+        if let (Ok(i), Ok(b)) = (at, usize::try_from(b)) {
+            rows[i].stats.bins.insert(b, u64_of(n));
+        }
+    }
+    Ok(rows)
+}
+
+/// Removes rollups of `resolution` that start before `before`; returns how many rows.
+pub(super) fn prune(conn: &Connection, resolution: i64, before: i64) -> rusqlite::Result<u64> {
+    let n = conn.execute(
+        "DELETE FROM rollups WHERE resolution = ?1 AND start < ?2",
+        params![resolution, before],
+    )?;
+    conn.execute(
+        "DELETE FROM rollup_bins WHERE resolution = ?1 AND start < ?2",
+        params![resolution, before],
+    )?;
+    Ok(n as u64)
+}
+
+/// A database from before rollups: adds every finished task once, when the table is new.
+pub(super) fn backfill(conn: &Connection) -> rusqlite::Result<u64> {
+    let empty: bool = conn.query_row("SELECT NOT EXISTS (SELECT 1 FROM rollups)", [], |r| {
+        r.get(0)
+    })?;
+    if !empty {
+        return Ok(0);
+    }
+    let mut stmt = conn.prepare(&format!(
+        "SELECT tenant, function_id, function, {} FROM tasks WHERE finished_at IS NOT NULL",
+        super::CALL_COLS
+    ))?;
+    let calls: Vec<(String, String, String, Call)> = stmt
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, super::call_row(r, 3)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (tenant, fid, name, call) in &calls {
+        record(conn, tenant, fid, name, call)?;
+    }
+    Ok(calls.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use crate::model::{now_ms, Completion, Function, TaskError, TaskStatus, TaskUsage};
+    use crate::rollup::{bin, bucket_start, resolution_for, series, Call, Stats};
+    use crate::store::{SqliteStore, Store};
+
+    const OUTCOMES: [&str; 4] = ["succeeded", "raised", "timeout", "throttled"];
+    const STEPS: [i64; 5] = [60_000, 300_000, 3_600_000, 7_200_000, 86_400_000];
+    const T0: i64 = 1_700_000_000_000;
+
+    /// One generated call: function, outcome, offset from T0, cold, duration, cpu, memory.
+    type Gen = (usize, usize, i64, bool, f64, f64, u64);
+
+    fn completion(outcome: &str, cold: bool, ms: f64, cpu: f64, mem: u64) -> Completion {
+        let status = match outcome {
+            "succeeded" => TaskStatus::Succeeded,
+            "timeout" => TaskStatus::Timeout,
+            _ => TaskStatus::Failed,
+        };
+        let error = (outcome != "succeeded").then(|| TaskError {
+            kind: outcome.into(),
+            error_type: String::new(),
+            message: String::new(),
+            traceback: String::new(),
+        });
+        let usage = (outcome != "throttled").then(|| TaskUsage {
+            duration_ms: ms,
+            init_duration_ms: if cold { ms / 3.0 } else { 0.0 },
+            cpu_ms: cpu,
+            peak_memory_bytes: mem,
+            cold,
+            ..TaskUsage::default()
+        });
+        Completion {
+            status,
+            result: None,
+            error,
+            logs: String::new(),
+            logs_truncated: false,
+            usage,
+        }
+    }
+
+    fn store_with(calls: &[Gen]) -> (tempfile::TempDir, SqliteStore, Vec<Function>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let functions: Vec<Function> = [("a", "one"), ("a", "two"), ("b", "one")]
+            .iter()
+            .map(|(tenant, name)| {
+                let (id, n) = store.next_version(tenant, name).unwrap();
+                let v = crate::store::tests::version(n);
+                store.add_version(tenant, &id, name, &v).unwrap()
+            })
+            .collect();
+        for (f, outcome, offset, cold, ms, cpu, mem) in calls {
+            let function = &functions[*f];
+            let task = crate::store::tests::task(&function.tenant, function, "sync");
+            store.insert_task(&task).unwrap();
+            let c = completion(OUTCOMES[*outcome], *cold, *ms, *cpu, *mem);
+            store
+                .complete_task_at(&task.task_id, &c, T0 + offset)
+                .unwrap();
+        }
+        (dir, store, functions)
+    }
+
+    /// Raw calls grouped per step, as the rollups should have them.
+    fn expected(raw: &[Call], first: i64, until: i64, step: i64) -> Vec<(i64, Stats)> {
+        let rows: Vec<(i64, Stats)> = raw
+            .iter()
+            .map(|c| {
+                let mut s = Stats::default();
+                s.add(c);
+                (c.at, s)
+            })
+            .collect();
+        series(&rows, first, until, step)
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+    }
+
+    fn check(
+        store: &SqliteStore,
+        tenant: Option<&str>,
+        fid: Option<&str>,
+        since: i64,
+        until: i64,
+        step: i64,
+    ) {
+        let resolution = resolution_for(step).unwrap();
+        let first = bucket_start(since, step);
+        let rows: Vec<(i64, Stats)> = store
+            .rollups(tenant, fid, resolution, first, until)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.start, r.stats))
+            .collect();
+        let got = series(&rows, since, until, step);
+        // Rollup rows that start before `until` hold calls up to the end of their bucket.
+        let raw_end = bucket_start(until - 1, resolution) + resolution;
+        let raw = store.calls(tenant, fid, first, raw_end).unwrap();
+        let want = expected(&raw, since, until, step);
+        assert_eq!(got.len(), want.len());
+        for ((t, g), (_, w)) in got.iter().zip(&want) {
+            let at = format!("step at {t} ({tenant:?} {fid:?} step {step})");
+            assert_eq!(
+                (g.count, g.timed, g.cold, &g.errors_by_kind, &g.bins),
+                (w.count, w.timed, w.cold, &w.errors_by_kind, &w.bins),
+                "{at}"
+            );
+            assert_eq!(
+                (g.duration_max, g.cpu_max, g.memory_max),
+                (w.duration_max, w.cpu_max, w.memory_max),
+                "{at}"
+            );
+            for (a, b) in [
+                (g.duration_sum, w.duration_sum),
+                (g.init_sum, w.init_sum),
+                (g.cpu_sum, w.cpu_sum),
+                (g.memory_sum, w.memory_sum),
+            ] {
+                assert!(close(a, b), "{at}: {a} vs {b}");
+            }
+            // Percentiles from the histogram land in the bin of the exact nearest-rank value.
+            let mut durations: Vec<f64> = raw
+                .iter()
+                .filter(|c| c.timed && bucket_start(c.at, step) == *t && c.at < raw_end)
+                .map(|c| c.duration_ms)
+                .collect();
+            durations.sort_by(f64::total_cmp);
+            for p in [50.0, 95.0, 99.0] {
+                let exact = crate::metrics::percentile(&durations, p);
+                if !durations.is_empty() {
+                    assert_eq!(
+                        bin(g.percentile(p)),
+                        bin(exact),
+                        "{at}: p{p} {} vs {exact}",
+                        g.percentile(p)
+                    );
+                }
+            }
+        }
+    }
+
+    fn call() -> impl Strategy<Value = Gen> {
+        (
+            0..3usize,
+            0..OUTCOMES.len(),
+            0..3 * 86_400_000i64,
+            any::<bool>(),
+            -3.0..6.5f64,
+            0.0..1000.0f64,
+            0..1u64 << 32,
+        )
+            .prop_map(|(f, o, at, cold, exp, cpu, mem)| (f, o, at, cold, 10f64.powf(exp), cpu, mem))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn rollups_match_raw_records(
+            calls in prop::collection::vec(call(), 0..120),
+            from in 0..3 * 86_400_000i64,
+            span in 1..2 * 86_400_000i64,
+            step in 0..STEPS.len(),
+        ) {
+            let (_dir, store, functions) = store_with(&calls);
+            let step = STEPS[step];
+            let (since, until) = (T0 + from, T0 + from + span);
+            if (until - bucket_start(since, step)) / step > 3_000 {
+                return Ok(());
+            }
+            check(&store, None, None, since, until, step);
+            check(&store, Some("a"), None, since, until, step);
+            check(&store, Some("b"), None, since, until, step);
+            check(&store, None, Some(&functions[1].id), since, until, step);
+            check(&store, Some("b"), Some(&functions[1].id), since, until, step);
+        }
+    }
+
+    #[test]
+    fn a_task_counts_once_and_survives_the_pruning_of_raw_records() {
+        let (_dir, store, functions) = store_with(&[(0, 0, 0, true, 12.0, 3.0, 1 << 20)]);
+        let f = &functions[0];
+        let task = crate::store::tests::task(&f.tenant, f, "sync");
+        store.insert_task(&task).unwrap();
+        let c = completion("raised", false, 2.0, 1.0, 10);
+        store.complete_task_at(&task.task_id, &c, T0 + 10).unwrap();
+        // Storing the same ending again (a retried write) adds nothing.
+        store.complete_task_at(&task.task_id, &c, T0 + 10).unwrap();
+        assert_eq!(store.prune(now_ms() + 1).unwrap(), 2);
+        assert!(store.calls(None, None, 0, i64::MAX).unwrap().is_empty());
+        for resolution in crate::rollup::RESOLUTIONS {
+            let rows = store
+                .rollups(Some("a"), None, resolution, 0, i64::MAX)
+                .unwrap();
+            let mut total = Stats::default();
+            rows.iter().for_each(|r| total.merge(&r.stats));
+            assert_eq!(
+                (total.count, total.cold, total.errors()),
+                (2, 1, 1),
+                "{resolution}"
+            );
+            assert_eq!(total.duration_max, 12.0);
+            assert_eq!(rows[0].function, "one");
+        }
+        assert_eq!(store.prune_rollups(60_000, T0 + 3_600_000).unwrap(), 2);
+        assert!(store
+            .rollups(None, None, 60_000, 0, i64::MAX)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store
+                .rollups(None, None, 3_600_000, 0, i64::MAX)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn an_old_database_is_backfilled_once() {
+        let (dir, store, _) =
+            store_with(&[(0, 0, 5, false, 1.0, 1.0, 1), (2, 2, 7, false, 2.0, 1.0, 1)]);
+        drop(store);
+        let conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
+        conn.execute_batch("DELETE FROM rollups; DELETE FROM rollup_bins;")
+            .unwrap();
+        drop(conn);
+        for _ in 0..2 {
+            let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+            let rows = store.rollups(None, None, 86_400_000, 0, i64::MAX).unwrap();
+            assert_eq!(rows.iter().map(|r| r.stats.count).sum::<u64>(), 2);
+            assert_eq!(
+                rows.iter()
+                    .map(|r| r.stats.bins.values().sum::<u64>())
+                    .sum::<u64>(),
+                2
+            );
+        }
+    }
+}
