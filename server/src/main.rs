@@ -123,6 +123,12 @@ enum Command {
         /// Chart.js for the dashboard (Debian's libjs-chart.js puts it here).
         #[arg(long, env = "CLOUDFUNC_CHART_JS", default_value = cloudfunc_server::api::dashboard::DEFAULT_CHART_JS)]
         chart_js: PathBuf,
+        /// Sandboxes the warm pool holds at once (idle, busy, starting and stem cells).
+        #[arg(long, env = "CLOUDFUNC_MAX_SANDBOXES", default_value_t = 1024)]
+        max_sandboxes: usize,
+        /// MiB the pool's sandboxes' memory limits may commit together (0: 4x the host's memory).
+        #[arg(long, env = "CLOUDFUNC_POOL_MEMORY_MB", default_value_t = 0)]
+        pool_memory_mb: u64,
     },
     /// Print a bearer token for a tenant, signed with the local server's secret.
     Token {
@@ -332,6 +338,8 @@ async fn run(cli: Cli) -> Result<bool> {
             stem_cells,
             max_waiting,
             chart_js,
+            max_sandboxes,
+            pool_memory_mb,
         } => {
             if !retention_days.is_finite() || *retention_days <= 0.0 {
                 bail!("--retention-days must be a positive number");
@@ -365,6 +373,9 @@ async fn run(cli: Cli) -> Result<bool> {
                 stem_cells: *stem_cells,
                 max_waiting: *max_waiting,
                 chart_js: chart_js.clone(),
+                max_sandboxes: *max_sandboxes,
+                pool_memory_bytes: (*pool_memory_mb > 0)
+                    .then(|| pool_memory_mb.saturating_mul(1024 * 1024)),
             })
             .await?;
             Ok(true)

@@ -40,6 +40,10 @@ pub struct ServeConfig {
     pub max_waiting: usize,
     /// Chart.js for the dashboard.
     pub chart_js: PathBuf,
+    /// Sandboxes the pool holds at once.
+    pub max_sandboxes: usize,
+    /// Memory the pool's sandboxes' limits may commit together; `None`: 4× the host's.
+    pub pool_memory_bytes: Option<u64>,
 }
 
 impl Default for ServeConfig {
@@ -61,6 +65,8 @@ impl Default for ServeConfig {
             stem_cells: 1,
             max_waiting: 64,
             chart_js: crate::api::dashboard::DEFAULT_CHART_JS.into(),
+            max_sandboxes: PoolConfig::default().max_sandboxes,
+            pool_memory_bytes: None,
         }
     }
 }
@@ -123,10 +129,15 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     if config.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    let defaults = PoolConfig::default();
     let pool_config = PoolConfig {
         stem_cells: config.stem_cells,
         max_waiting: config.max_waiting,
-        ..PoolConfig::default()
+        max_sandboxes: config.max_sandboxes,
+        max_memory_bytes: config
+            .pool_memory_bytes
+            .unwrap_or(defaults.max_memory_bytes),
+        ..defaults
     };
     let pool = Arc::new(Pool::new(engines, pool_config, Arc::new(SystemClock)));
     pool.start_housekeeping(std::time::Duration::from_millis(500));
