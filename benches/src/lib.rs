@@ -209,18 +209,7 @@ pub struct Density {
 /// measures what they cost, checks that each still answers, then stops them.
 pub fn density(engine: &Engine, code: &Code, n: usize) -> Result<Density> {
     let (event, _) = event();
-    let available = || {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines().find_map(|l| {
-                    l.strip_prefix("MemAvailable:")
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                })
-            })
-            .unwrap_or(0)
-            * 1024
-    };
+    let available = || kib_field("/proc/meminfo", "MemAvailable:") * 1024;
     let before = available();
     let mut sandboxes = Vec::new();
     let mut stopped_by = None;
@@ -284,16 +273,15 @@ fn parent_pid(pid: i32) -> Option<i32> {
 }
 
 fn rss_bytes(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    kib_field(&format!("/proc/{pid}/status"), "VmRSS:") * 1024
+}
+
+/// The number of a `Key:   123 kB` line of a procfs file (0 if there is none).
+fn kib_field(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-        })
+        .and_then(|text| cloudfunc_server::metrics::proc_field(&text, key))
         .unwrap_or(0)
-        * 1024
 }
 
 /// One cold start through cloudfunc's engine.

@@ -84,17 +84,19 @@ pub fn host() -> Value {
     })
 }
 
+/// The number of a `Key:   123 kB` line of a procfs file's text (`/proc/meminfo`,
+/// `/proc/<pid>/status`), without its unit.
+pub fn proc_field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    })
+}
+
 /// One `/proc/meminfo` figure in bytes (0 if it cannot be read).
 pub fn meminfo_bytes(key: &str) -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(key)
-                .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024
+    proc_field(&meminfo, key).unwrap_or(0) * 1024
 }
 
 /// Busy and total jiffies of all CPUs, from `/proc/stat`'s first line.
@@ -126,12 +128,7 @@ pub fn cpu_busy_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
 /// The server process's own memory and threads, from `/proc/self/status`.
 pub fn process() -> Value {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    };
+    let field = |key: &str| proc_field(&status, key);
     json!({
         "pid": std::process::id(),
         "resident_memory_bytes": field("VmRSS:").unwrap_or(0) * 1024,
