@@ -8,13 +8,10 @@ use crate::store::Rollup;
 
 /// The `p`th percentile (nearest rank) of sorted values; 0 for none.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    // p is within [0, 100], so the rank is within [0, len - 1]: nothing to truncate.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let rank = (p.clamp(0.0, 100.0) / 100.0 * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
+    rollup::nearest_rank(sorted.len() as u64, p)
+        .and_then(|rank| sorted.get(usize::try_from(rank).ok()?))
+        .copied()
+        .unwrap_or(0.0)
 }
 
 /// Steps offered when a request names none: the first that gives at most 360 points wins.
@@ -51,8 +48,7 @@ pub fn report(
     step: i64,
     resolution: i64,
 ) -> Value {
-    let rows: Vec<(i64, Stats)> = rows.iter().map(|r| (r.start, r.stats.clone())).collect();
-    let series = rollup::series(&rows, since, until, step);
+    let series = rollup::series(rows.iter().map(|r| (r.start, &r.stats)), since, until, step);
     let mut total = Stats::default();
     for (_, s) in &series {
         total.merge(s);

@@ -197,7 +197,7 @@ impl Stats {
 }
 
 /// The 0-based nearest rank of the `p`th percentile among `n` values.
-fn nearest_rank(n: u64, p: f64) -> Option<u64> {
+pub fn nearest_rank(n: u64, p: f64) -> Option<u64> {
     if n == 0 {
         return None;
     }
@@ -219,7 +219,12 @@ pub fn resolution_for(step_ms: i64) -> Option<i64> {
 
 /// Stats per step from rows `(start, stats)` of a resolution dividing `step`, for the steps
 /// covering `[since, until)`: `since` is aligned down to a step, empty steps are zero.
-pub fn series(rows: &[(i64, Stats)], since: i64, until: i64, step: i64) -> Vec<(i64, Stats)> {
+pub fn series<'a>(
+    rows: impl IntoIterator<Item = (i64, &'a Stats)>,
+    since: i64,
+    until: i64,
+    step: i64,
+) -> Vec<(i64, Stats)> {
     let first = bucket_start(since, step);
     let mut out: Vec<(i64, Stats)> = (0..)
         .map(|i| first + i * step)
@@ -227,7 +232,7 @@ pub fn series(rows: &[(i64, Stats)], since: i64, until: i64, step: i64) -> Vec<(
         .map(|t| (t, Stats::default()))
         .collect();
     for (start, stats) in rows {
-        let index = (bucket_start(*start, step) - first) / step;
+        let index = (bucket_start(start, step) - first) / step;
         if let Some((_, s)) = usize::try_from(index).ok().and_then(|i| out.get_mut(i)) {
             s.merge(stats);
         }
@@ -329,8 +334,12 @@ mod tests {
     fn series_align_to_the_step_and_fill_gaps() {
         let mut a = Stats::default();
         a.add(&call("succeeded", 0, 1.0));
-        let rows = vec![(60_000, a.clone()), (180_000, a.clone()), (240_000, a)];
-        let s = series(&rows, 61_000, 300_000, 120_000);
+        let s = series(
+            [(60_000, &a), (180_000, &a), (240_000, &a)],
+            61_000,
+            300_000,
+            120_000,
+        );
         assert_eq!(
             s.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
             [0, 120_000, 240_000]

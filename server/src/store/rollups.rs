@@ -319,7 +319,7 @@ mod tests {
                 (c.at, s)
             })
             .collect();
-        series(&rows, first, until, step)
+        series(rows.iter().map(|(t, s)| (*t, s)), first, until, step)
     }
 
     fn close(a: f64, b: f64) -> bool {
@@ -342,7 +342,7 @@ mod tests {
             .into_iter()
             .map(|r| (r.start, r.stats))
             .collect();
-        let got = series(&rows, since, until, step);
+        let got = series(rows.iter().map(|(t, s)| (*t, s)), since, until, step);
         // Rollup rows that start before `until` hold calls up to the end of their bucket.
         let raw_end = bucket_start(until - 1, resolution) + resolution;
         let raw = store.calls(tenant, fid, first, raw_end).unwrap();
