@@ -193,6 +193,20 @@ pub struct Completion {
     pub usage: Option<TaskUsage>,
 }
 
+impl Task {
+    /// The task as it reads once `c` is stored as its end at `at` (Unix ms).
+    pub fn ended(mut self, c: Completion, at: i64) -> Task {
+        self.status = c.status;
+        self.result = c.result;
+        self.error = c.error;
+        self.logs = c.logs;
+        self.logs_truncated = c.logs_truncated;
+        self.usage = c.usage;
+        self.finished_at = Some(at);
+        self
+    }
+}
+
 /// Seconds a sandbox stays warm by default (seed 003's 60 s).
 pub const DEFAULT_KEEP_WARM_S: u64 = 60;
 

@@ -141,7 +141,8 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     };
     let pool = Arc::new(Pool::new(engines, pool_config, Arc::new(SystemClock)));
     pool.start_housekeeping(std::time::Duration::from_millis(500));
-    let platform = Platform::new(store, pool, platform_config);
+    let platform =
+        Platform::new(store, pool, platform_config).context("starting the task recorder")?;
     platform.start_retention(config.retention.clone());
     let recovery = platform
         .start_queue(config.workers)

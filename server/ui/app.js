@@ -209,7 +209,7 @@ async function overview(first) {
     { label: "server MiB", data: state.health.map((h) => h.process.resident_memory_bytes / 1048576), yAxisID: "y2" },
   ], { y: { suggestedMax: 100 }, y2: {} });
 
-  $("functions").replaceChildren(
+  renderIf($("functions"), list.functions, () => [
     el("tr", {}, ["Name", "Version", "Status", "Updated"].map((h) => el("th", {}, h))),
     ...list.functions.map((f) => el("tr", {},
       el("td", {}, el("a", { href: `#/functions/${encodeURIComponent(f.name)}` }, f.name)),
@@ -217,7 +217,16 @@ async function overview(first) {
       el("td", {}, el("span", { class: `badge ${f.status}` }, f.status)),
       el("td", {}, new Date(f.updated_at).toLocaleString()),
     )),
-  );
+  ]);
+}
+
+// Rebuilds `node`'s children only when `data` has changed, so that a poll never swaps out
+// a link or button under the user's pointer.
+function renderIf(node, data, build) {
+  const key = JSON.stringify(data);
+  if (node.dataset.key === key) return;
+  node.dataset.key = key;
+  node.replaceChildren(...build());
 }
 
 async function showLogs(row, taskId) {
@@ -271,7 +280,7 @@ async function functionPage(name, first) {
   let anchor = header;
   for (const t of tasks.tasks) {
     const u = t.usage || {};
-    const cells = [
+    const cells = () => [
       el("td", {}, el("code", {}, t.task_id)),
       el("td", {}, new Date(t.created_at).toLocaleTimeString()),
       el("td", { class: `status-${t.status}` }, t.status, t.error ? el("div", { class: "muted" }, `${t.error.kind}: ${t.error.message}`.slice(0, 160)) : null),
@@ -282,16 +291,15 @@ async function functionPage(name, first) {
       el("td", {}, el("button", { type: "button", onclick: (e) => showLogs(e.target.closest("tr"), t.task_id) }, "logs")),
     ];
     let row = shown.get(t.task_id);
-    if (row) {
-      row.replaceChildren(...cells);
-    } else {
-      row = el("tr", { "data-task": t.task_id, class: "invocation" }, ...cells);
+    if (!row) {
+      row = el("tr", { "data-task": t.task_id, class: "invocation" });
       anchor.after(row);
     }
+    renderIf(row, t, cells);
     anchor = row.nextElementSibling?.classList.contains("logs-row") ? row.nextElementSibling : row;
   }
 
-  $("versions").replaceChildren(
+  renderIf($("versions"), [f.version, f.versions], () => [
     el("tr", {}, ["Version", "Runtime", "Memory", "Timeout", "Isolation", "Deployed"].map((h) => el("th", {}, h))),
     ...[...(f.versions || [])].reverse().map((v) => el("tr", {},
       el("td", { class: "num" }, v.version === f.version ? `${v.version} (current)` : v.version),
@@ -301,7 +309,7 @@ async function functionPage(name, first) {
       el("td", {}, v.isolation),
       el("td", {}, new Date(v.created_at).toLocaleString()),
     )),
-  );
+  ]);
 }
 
 async function toggle(name) {

@@ -5,6 +5,7 @@ mod monitor;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use crate::model::{
 };
 use crate::model::{DEFAULT_KEEP_WARM_S, DEFAULT_MAX_INSTANCES};
 use crate::pool::{Key, Pool, PoolError, Request, Start};
-use crate::store::{Store, StoreError};
+use crate::store::{Recorder, Store, StoreError, Write};
 
 /// Errors the platform reports; the HTTP layer maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +204,10 @@ pub struct Platform {
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn Store>,
+    /// Writes of tasks, committed in groups.
+    recorder: Recorder,
+    /// Sync calls under way (they are stored when they end).
+    sync_running: AtomicU64,
     pool: Arc<Pool>,
     config: PlatformConfig,
     wake: tokio::sync::Notify,
@@ -219,9 +224,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 impl Platform {
     /// A platform over `store`, running sandboxes from `pool`.
-    pub fn new(store: Arc<dyn Store>, pool: Arc<Pool>, config: PlatformConfig) -> Platform {
-        Platform {
+    pub fn new(
+        store: Arc<dyn Store>,
+        pool: Arc<Pool>,
+        config: PlatformConfig,
+    ) -> std::io::Result<Platform> {
+        Ok(Platform {
             inner: Arc::new(Inner {
+                recorder: Recorder::start(store.clone())?,
+                sync_running: AtomicU64::new(0),
                 store,
                 pool,
                 config,
@@ -229,7 +240,7 @@ impl Platform {
                 started: Instant::now(),
                 cpu_sample: std::sync::Mutex::new(None),
             }),
-        }
+        })
     }
 
     /// The store.
@@ -245,6 +256,11 @@ impl Platform {
     /// The warm pool.
     pub fn pool(&self) -> &Arc<Pool> {
         &self.inner.pool
+    }
+
+    /// Sync calls under way: queued tasks are counted by the store, these only here.
+    fn sync_running(&self) -> u64 {
+        self.inner.sync_running.load(Ordering::Relaxed)
     }
 
     /// The engine of `level`, or a clear error if this server cannot provide it.
@@ -572,27 +588,8 @@ impl Platform {
         key: &str,
         version: Option<u32>,
     ) -> Result<(Function, Version)> {
-        let (key, version) = match key.rsplit_once('@') {
-            Some((name, v)) => (
-                name,
-                Some(v.parse::<u32>().map_err(|_| {
-                    PlatformError::BadRequest(format!("bad version {v:?} in {key:?}"))
-                })?),
-            ),
-            None => (key, version),
-        };
-        let function = self.find(caller, key).await?;
-        if !function.active {
-            return Err(PlatformError::Inactive(function.name.clone()));
-        }
-        let number = version.unwrap_or(function.version);
-        let (store, id) = (self.inner.store.clone(), function.id.clone());
-        let version = blocking(move || store.version(&id, number))
-            .await??
-            .ok_or_else(|| {
-                PlatformError::NotFound(format!("function {key:?} has no version {number}"))
-            })?;
-        Ok((function, version))
+        let (store, caller, key) = (self.inner.store.clone(), caller.clone(), key.to_string());
+        blocking(move || runnable(store.as_ref(), &caller, &key, version)).await?
     }
 
     /// A queued task; it belongs to the function's tenant, also when an admin submits it.
@@ -618,7 +615,8 @@ impl Platform {
         }
     }
 
-    /// Runs a function now and returns its finished task.
+    /// Runs a function now and returns its finished task. The task is stored once, when it
+    /// has ended; the lookup and the call share one blocking thread.
     pub async fn invoke(
         &self,
         caller: &Caller,
@@ -626,24 +624,34 @@ impl Platform {
         version: Option<u32>,
         payload: Value,
     ) -> Result<Task> {
-        let (function, version) = self.runnable(caller, key, version).await?;
-        let task = Self::new_task(&function, &version, "sync", payload);
-        let store = self.inner.store.clone();
-        let (t, id) = (task.clone(), task.task_id.clone());
-        blocking(move || -> Result<()> {
-            store.insert_task(&t)?;
-            Ok(store.start_task(&t.task_id)?)
+        let (store, pool) = (self.inner.store.clone(), self.inner.pool.clone());
+        let (caller, key) = (caller.clone(), key.to_string());
+        let _running = Running::enter(&self.inner.sync_running);
+        let (task, completion, refused) = blocking(move || -> Result<_> {
+            let (function, version) = runnable(store.as_ref(), &caller, &key, version)?;
+            let mut task = Self::new_task(&function, &version, "sync", payload);
+            task.status = TaskStatus::Running;
+            task.attempts = 1;
+            task.started_at = Some(task.created_at);
+            let (completion, refused) = run_in_pool(&pool, &function, &version, &task, true);
+            log_invocation(&task, &version, &completion);
+            Ok((task, completion, refused))
         })
         .await??;
-        self.run_task(&function, &version, &task, true).await?;
-        self.task(
-            &Caller {
-                tenant: function.tenant.clone(),
-                admin: true,
-            },
-            &id,
-        )
-        .await
+        let at = now_ms();
+        let ended = task.clone().ended(completion.clone(), at);
+        self.inner
+            .recorder
+            .write(Write::Finished {
+                task: Box::new(task),
+                completion,
+                at,
+            })
+            .await?;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(ended),
+        }
     }
 
     /// Queues a function run; the task is on disk when this returns.
@@ -656,8 +664,10 @@ impl Platform {
     ) -> Result<Task> {
         let (function, version) = self.runnable(caller, key, version).await?;
         let task = Self::new_task(&function, &version, "async", payload);
-        let (store, t) = (self.inner.store.clone(), task.clone());
-        blocking(move || store.insert_task(&t)).await??;
+        self.inner
+            .recorder
+            .write(Write::Insert(task.clone()))
+            .await?;
         self.inner.wake.notify_one();
         Ok(task)
     }
@@ -681,40 +691,34 @@ impl Platform {
         Ok(blocking(move || store.recent_tasks(&function.id, limit)).await??)
     }
 
-    /// Runs `task` in a sandbox from the pool and stores how it ended. A sync call that finds
-    /// the function at its concurrency limit is recorded as throttled and refused.
-    async fn run_task(
-        &self,
-        function: &Function,
-        version: &Version,
-        task: &Task,
-        sync: bool,
-    ) -> Result<()> {
-        let (pool, store) = (self.inner.pool.clone(), self.inner.store.clone());
-        let (function, version, task) = (function.clone(), version.clone(), task.clone());
-        blocking(move || -> Result<()> {
-            let (completion, refused) = match execute(&pool, &function, &version, &task, sync) {
-                Ok(completion) => (completion, None),
-                Err(
-                    e @ (PoolError::Busy { retry_after, .. } | PoolError::Full { retry_after }),
-                ) => (
-                    failed("throttled", &e.to_string()),
-                    Some(PlatformError::TooBusy {
-                        message: e.to_string(),
-                        retry_after,
-                    }),
-                ),
-                Err(PoolError::Unavailable(why)) => (failed("sandbox_failure", &why), None),
-                Err(PoolError::Sandbox(e)) => (start_failure(&task, e), None),
-            };
-            log_invocation(&task, &version, &completion);
-            store.complete_task(&task.task_id, &completion)?;
-            match refused {
-                Some(e) => Err(e),
-                None => Ok(()),
-            }
+    /// Runs a claimed queued `task` in a sandbox from the pool and stores how it ended.
+    async fn run_task(&self, function: &Function, version: &Version, task: &Task) -> Result<()> {
+        let pool = self.inner.pool.clone();
+        let (function, version, t) = (function.clone(), version.clone(), task.clone());
+        let (completion, refused) = blocking(move || {
+            let ended = run_in_pool(&pool, &function, &version, &t, false);
+            log_invocation(&t, &version, &ended.0);
+            ended
         })
-        .await?
+        .await?;
+        self.end(&task.task_id, completion).await?;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Stores how a stored task ended.
+    async fn end(&self, task_id: &str, completion: Completion) -> Result<()> {
+        Ok(self
+            .inner
+            .recorder
+            .write(Write::Complete {
+                task_id: task_id.into(),
+                completion,
+                at: now_ms(),
+            })
+            .await?)
     }
 
     /// Deletes finished tasks and rollups past their retention, now and then every hour.
@@ -784,10 +788,13 @@ impl Platform {
             };
             if let Err(e) = self.run_claimed(&task).await {
                 eprintln!("cloudfunc: task {} failed to run: {e:?}", task.task_id);
-                let store = self.inner.store.clone();
                 let completion = failed("sandbox_failure", "the platform could not run this task");
-                let id = task.task_id.clone();
-                let _ = blocking(move || store.complete_task(&id, &completion)).await;
+                if let Err(e) = self.end(&task.task_id, completion).await {
+                    eprintln!(
+                        "cloudfunc: task {}: its end was not stored: {e:?}",
+                        task.task_id
+                    );
+                }
             }
         }
     }
@@ -804,7 +811,7 @@ impl Platform {
         .await??;
         match found {
             Some((function, version)) if function.active => {
-                self.run_task(&function, &version, task, false).await
+                self.run_task(&function, &version, task).await
             }
             other => {
                 let why = if other.is_some() {
@@ -812,12 +819,8 @@ impl Platform {
                 } else {
                     "the function was deleted before this task ran"
                 };
-                let (store, id, completion) = (
-                    self.inner.store.clone(),
-                    task.task_id.clone(),
-                    failed("function_unavailable", why),
-                );
-                Ok(blocking(move || store.complete_task(&id, &completion)).await??)
+                self.end(&task.task_id, failed("function_unavailable", why))
+                    .await
             }
         }
     }
@@ -999,6 +1002,75 @@ impl Retention {
             }
         }
         Ok((tasks, rollups))
+    }
+}
+
+/// Resolves `key` (optionally `name@version`) to a runnable function version (blocking).
+fn runnable(
+    store: &dyn Store,
+    caller: &Caller,
+    key: &str,
+    version: Option<u32>,
+) -> Result<(Function, Version)> {
+    let (key, version) =
+        match key.rsplit_once('@') {
+            Some((name, v)) => (
+                name,
+                Some(v.parse::<u32>().map_err(|_| {
+                    PlatformError::BadRequest(format!("bad version {v:?} in {key:?}"))
+                })?),
+            ),
+            None => (key, version),
+        };
+    let function = store
+        .function(caller.scope(), key)?
+        .ok_or_else(|| PlatformError::NotFound(format!("no function {key:?}")))?;
+    if !function.active {
+        return Err(PlatformError::Inactive(function.name.clone()));
+    }
+    let number = version.unwrap_or(function.version);
+    let version = store.version(&function.id, number)?.ok_or_else(|| {
+        PlatformError::NotFound(format!("function {key:?} has no version {number}"))
+    })?;
+    Ok((function, version))
+}
+
+/// Counts a call under way while it lives.
+struct Running<'a>(&'a AtomicU64);
+
+impl<'a> Running<'a> {
+    fn enter(count: &'a AtomicU64) -> Running<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Running(count)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs `task` in a sandbox from the pool (blocking) and says how it ended. A sync call that
+/// finds the function at its concurrency limit ends as throttled, and is refused too.
+fn run_in_pool(
+    pool: &Pool,
+    function: &Function,
+    version: &Version,
+    task: &Task,
+    sync: bool,
+) -> (Completion, Option<PlatformError>) {
+    match execute(pool, function, version, task, sync) {
+        Ok(completion) => (completion, None),
+        Err(e @ (PoolError::Busy { retry_after, .. } | PoolError::Full { retry_after })) => (
+            failed("throttled", &e.to_string()),
+            Some(PlatformError::TooBusy {
+                message: e.to_string(),
+                retry_after,
+            }),
+        ),
+        Err(PoolError::Unavailable(why)) => (failed("sandbox_failure", &why), None),
+        Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
     }
 }
 

@@ -75,6 +75,7 @@ impl Platform {
             Ok((store.queue_depth()?, store.running()?))
         })
         .await??;
+        let running = running + self.sync_running();
         let pool = self.inner.pool.stats();
         let calls = pool.calls_cold + pool.calls_prewarmed + pool.calls_warm;
         let mut host = crate::metrics::host();
@@ -116,6 +117,7 @@ impl Platform {
         })
         .await??;
         let system = counts.map(|(queue_depth, tasks_running)| {
+            let tasks_running = tasks_running + self.sync_running();
             let process = crate::metrics::process();
             crate::prometheus::System {
                 pool: self.inner.pool.stats(),

@@ -2,7 +2,9 @@
 //!
 //! [`Store`] is the seam where another database (PostgreSQL, for several nodes) plugs in;
 //! [`SqliteStore`] is the embedded one: one file, WAL, every write in a transaction, so a
-//! task is on disk before its 202 is sent and survives `kill -9`.
+//! task is on disk before its 202 is sent and survives `kill -9`. Writes of tasks come in
+//! batches ([`Write`], [`Recorder`]) so that many calls share one commit, and the WAL is
+//! checkpointed by a thread of its own, off the calls' path.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -12,8 +14,10 @@ use serde_json::Value;
 
 use crate::rollup::Call;
 
+mod recorder;
 mod rollups;
 
+pub use recorder::Recorder;
 pub use rollups::Rollup;
 
 use crate::model::{now_ms, Completion, Function, Task, TaskError, TaskStatus, TaskUsage, Version};
@@ -30,6 +34,9 @@ pub enum StoreError {
     /// Two deploys raced for the same version.
     #[error("another deploy of this function finished first; retry")]
     Conflict,
+    /// The store cannot take writes now (the recorder stopped).
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// A `Result` with [`StoreError`].
@@ -42,6 +49,25 @@ pub struct Recovery {
     pub interrupted: Vec<String>,
     /// Tasks that were running and were put back in the queue (their function allows retries).
     pub requeued: Vec<String>,
+}
+
+/// One change to the tasks; [`Store::write`] applies several in one transaction.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A new task, as it is (queued, for the queue).
+    Insert(Task),
+    /// How a stored task ended, as of `at` (Unix ms).
+    Complete {
+        task_id: String,
+        completion: Completion,
+        at: i64,
+    },
+    /// A task stored only once it has ended (a sync call): `task` as it started, and its end.
+    Finished {
+        task: Box<Task>,
+        completion: Completion,
+        at: i64,
+    },
 }
 
 /// Where functions, versions and tasks are kept. `tenant: None` means an admin, who sees all.
@@ -68,14 +94,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn set_active(&self, function_id: &str, active: bool) -> Result<()>;
     /// Deletes a function and its versions; returns the versions (their code is the caller's).
     fn delete_function(&self, function_id: &str) -> Result<Vec<Version>>;
+    /// Applies `writes` in order, in one transaction: all of them or none. A finished task
+    /// is added to its rollups once, however often its end is stored.
+    fn write(&self, writes: &[Write]) -> Result<()>;
     /// Stores a new task.
-    fn insert_task(&self, task: &Task) -> Result<()>;
+    fn insert_task(&self, task: &Task) -> Result<()> {
+        self.write(&[Write::Insert(task.clone())])
+    }
+    /// Stores how a task ended.
+    fn complete_task(&self, task_id: &str, completion: &Completion) -> Result<()> {
+        self.write(&[Write::Complete {
+            task_id: task_id.into(),
+            completion: completion.clone(),
+            at: now_ms(),
+        }])
+    }
     /// Takes the oldest runnable queued task and marks it running.
     fn claim_next(&self) -> Result<Option<Task>>;
-    /// Marks a queued task running (sync calls).
-    fn start_task(&self, task_id: &str) -> Result<()>;
-    /// Stores how a task ended.
-    fn complete_task(&self, task_id: &str, completion: &Completion) -> Result<()>;
     /// A task as `tenant` sees it.
     fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>>;
     /// Recent tasks of a function, newest first.
@@ -125,6 +160,7 @@ CREATE TABLE IF NOT EXISTS functions (
     updated_at INTEGER NOT NULL,
     UNIQUE (tenant, name)
 );
+CREATE INDEX IF NOT EXISTS functions_name ON functions (name);
 CREATE TABLE IF NOT EXISTS versions (
     function_id TEXT NOT NULL REFERENCES functions(id) ON DELETE CASCADE,
     version INTEGER NOT NULL,
@@ -162,79 +198,173 @@ CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (status, not_before, created_at)
 CREATE INDEX IF NOT EXISTS tasks_function ON tasks (function_id, finished_at);
 "#;
 
-/// The embedded SQLite store.
+/// The embedded SQLite store: one connection writes, another reads (WAL lets reads go on
+/// during a commit), and a third checkpoints the WAL in the background.
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    /// Dropped with the store, which stops the checkpointer.
+    _checkpointer: Checkpointer,
+}
+
+/// How often the WAL is copied back into the database, off the writers' path.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 impl SqliteStore {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> Result<SqliteStore> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let conn = connect(path)?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(rollups::SCHEMA)?;
         let tx = conn.unchecked_transaction()?;
         rollups::backfill(&tx)?;
         tx.commit()?;
+        // A commit never waits for a checkpoint (and its fsync); the checkpointer does them.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // Once checkpointed, the WAL file is cut back to this size.
+        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            reader: Mutex::new(connect(path)?),
+            _checkpointer: Checkpointer::start(connect(path)?),
         })
     }
 
     /// Stores how a task ended, as of `at` (Unix ms), and adds it to its rollups, once.
     pub fn complete_task_at(&self, task_id: &str, c: &Completion, at: i64) -> Result<()> {
-        let usage = c.usage.as_ref();
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let open: Option<(String, String, String)> = tx
-            .query_row(
-                "SELECT tenant, function_id, function FROM tasks WHERE id = ?1 AND finished_at IS NULL",
-                params![task_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        tx.execute(
-            "UPDATE tasks SET status = ?2, result = ?3, error = ?4, error_kind = ?5, logs = ?6, logs_truncated = ?7, usage = ?8,
-                 duration_ms = ?9, cpu_ms = ?10, peak_memory_bytes = ?11, cold = ?12, finished_at = ?13
-             WHERE id = ?1",
-            params![
-                task_id,
-                c.status.as_str(),
-                c.result.as_ref().map(serde_json::to_string).transpose()?,
-                c.error.as_ref().map(serde_json::to_string).transpose()?,
-                c.error.as_ref().map(|e| e.kind.clone()),
-                c.logs,
-                c.logs_truncated,
-                usage.map(serde_json::to_string).transpose()?,
-                usage.map(|u| u.duration_ms),
-                usage.map(|u| u.cpu_ms),
-                usage.map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
-                usage.map(|u| u.cold),
-                at
-            ],
-        )?;
-        if let Some((tenant, function_id, function)) = open {
-            let call = tx.query_row(
-                &format!("SELECT {CALL_COLS} FROM tasks WHERE id = ?1"),
-                params![task_id],
-                |r| call_row(r, 0),
-            )?;
-            rollups::record(&tx, &tenant, &function_id, &function, &call)?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.write(&[Write::Complete {
+            task_id: task_id.into(),
+            completion: c.clone(),
+            at,
+        }])
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.conn)
     }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        lock(&self.reader)
+    }
+}
+
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A thread that checkpoints the WAL every [`CHECKPOINT_EVERY`] until dropped.
+#[derive(Debug)]
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(conn: Connection) -> Checkpointer {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("cloudfunc-checkpoint".into())
+            .spawn(move || loop {
+                // PASSIVE copies what it can without waiting for readers or the writer.
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    eprintln!("cloudfunc: WAL checkpoint failed: {e}");
+                }
+                match stopped.recv_timeout(CHECKPOINT_EVERY) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => break,
+                }
+            })
+            .ok();
+        Checkpointer {
+            stop: Some(stop),
+            thread,
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Adds a new task.
+fn insert(tx: &Connection, task: &Task) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO tasks (id, tenant, function_id, function, version, mode, status, payload, attempts, created_at, started_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        task.task_id,
+        task.tenant,
+        task.function_id,
+        task.function,
+        task.version,
+        task.mode,
+        task.status.as_str(),
+        serde_json::to_string(&task.payload)?,
+        task.attempts,
+        task.created_at,
+        task.started_at
+    ])?;
+    Ok(())
+}
+
+/// The `SET` of a task's ending; `?1` is its id.
+const SET_ENDING: &str = "UPDATE tasks SET status = ?2, result = ?3, error = ?4, error_kind = ?5, logs = ?6,
+     logs_truncated = ?7, usage = ?8, duration_ms = ?9, cpu_ms = ?10, peak_memory_bytes = ?11, cold = ?12,
+     finished_at = ?13 WHERE id = ?1";
+
+/// Stores how a task ended; adds it to its rollups only if it was still open.
+fn complete(tx: &Connection, task_id: &str, c: &Completion, at: i64) -> Result<()> {
+    let usage = c.usage.as_ref();
+    let values = params![
+        task_id,
+        c.status.as_str(),
+        c.result.as_ref().map(serde_json::to_string).transpose()?,
+        c.error.as_ref().map(serde_json::to_string).transpose()?,
+        c.error.as_ref().map(|e| e.kind.clone()),
+        c.logs,
+        c.logs_truncated,
+        usage.map(serde_json::to_string).transpose()?,
+        usage.map(|u| u.duration_ms),
+        usage.map(|u| u.cpu_ms),
+        usage.map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
+        usage.map(|u| u.cold),
+        at
+    ];
+    let opened: Option<(String, String, String, Call)> = tx
+        .prepare_cached(&format!(
+            "{SET_ENDING} AND finished_at IS NULL RETURNING tenant, function_id, function, {CALL_COLS}"
+        ))?
+        .query_row(values, |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, call_row(r, 3)?))
+        })
+        .optional()?;
+    match opened {
+        Some((tenant, function_id, function, call)) => {
+            rollups::record(tx, &tenant, &function_id, &function, &call)?;
+        }
+        // Already finished (its end stored again): the row takes the new ending, and the
+        // rollups keep counting the task once.
+        None => {
+            tx.prepare_cached(SET_ENDING)?.execute(values)?;
+        }
+    }
+    Ok(())
 }
 
 /// A uniqueness violation means a concurrent deploy took the same name or version.
@@ -311,20 +441,27 @@ fn task_row(row: &Row<'_>) -> rusqlite::Result<Task> {
 
 impl Store for SqliteStore {
     fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>> {
-        // An id wins over a name, should one tenant's name equal another function's id.
-        let sql = format!(
-            "SELECT {FUNCTION_COLS} FROM functions WHERE (?1 IS NULL OR tenant = ?1) AND (id = ?2 OR name = ?2)
-             ORDER BY id = ?2 DESC LIMIT 1"
-        );
-        Ok(self
-            .conn()
-            .query_row(&sql, params![tenant, key], function_row)
-            .optional()?)
+        // An id wins over a name, should one tenant's name equal another function's id. Each
+        // lookup is by an index (the primary key, then `UNIQUE (tenant, name)` or `functions_name`).
+        let conn = self.reader();
+        for by in ["id", "name"] {
+            let found = conn
+                .prepare_cached(&format!(
+                    "SELECT {FUNCTION_COLS} FROM functions WHERE {by} = ?2 AND (?1 IS NULL OR tenant = ?1)
+                     ORDER BY tenant LIMIT 1"
+                ))?
+                .query_row(params![tenant, key], function_row)
+                .optional()?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
     }
 
     fn functions(&self, tenant: Option<&str>) -> Result<Vec<Function>> {
         let sql = format!("SELECT {FUNCTION_COLS} FROM functions WHERE (?1 IS NULL OR tenant = ?1) ORDER BY name, tenant");
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(&sql)?;
         let rows = stmt.query_map(params![tenant], function_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -378,12 +515,13 @@ impl Store for SqliteStore {
 
     fn version(&self, function_id: &str, version: u32) -> Result<Option<Version>> {
         let row: Option<(String, String)> = self
-            .conn()
-            .query_row(
+            .reader()
+            .prepare_cached(
                 "SELECT settings, code_dir FROM versions WHERE function_id = ?1 AND version = ?2",
-                params![function_id, version],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            )?
+            .query_row(params![function_id, version], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
         row.map(|(settings, code_dir)| {
             let mut v: Version = serde_json::from_str(&settings)?;
@@ -394,7 +532,7 @@ impl Store for SqliteStore {
     }
 
     fn versions(&self, function_id: &str) -> Result<Vec<Version>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(
             "SELECT settings, code_dir FROM versions WHERE function_id = ?1 ORDER BY version",
         )?;
@@ -431,22 +569,28 @@ impl Store for SqliteStore {
         Ok(versions)
     }
 
-    fn insert_task(&self, task: &Task) -> Result<()> {
-        self.conn().execute(
-            "INSERT INTO tasks (id, tenant, function_id, function, version, mode, status, payload, attempts, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9)",
-            params![
-                task.task_id,
-                task.tenant,
-                task.function_id,
-                task.function,
-                task.version,
-                task.mode,
-                task.status.as_str(),
-                serde_json::to_string(&task.payload)?,
-                task.created_at
-            ],
-        )?;
+    fn write(&self, writes: &[Write]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for w in writes {
+            match w {
+                Write::Insert(task) => insert(&tx, task)?,
+                Write::Complete {
+                    task_id,
+                    completion,
+                    at,
+                } => complete(&tx, task_id, completion, *at)?,
+                Write::Finished {
+                    task,
+                    completion,
+                    at,
+                } => {
+                    insert(&tx, task)?;
+                    complete(&tx, &task.task_id, completion, *at)?;
+                }
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -475,29 +619,18 @@ impl Store for SqliteStore {
         Ok(Some(task))
     }
 
-    fn start_task(&self, task_id: &str) -> Result<()> {
-        self.conn().execute(
-            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
-            params![task_id, now_ms()],
-        )?;
-        Ok(())
-    }
-
-    fn complete_task(&self, task_id: &str, c: &Completion) -> Result<()> {
-        self.complete_task_at(task_id, c, now_ms())
-    }
-
     fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {
         let sql =
             format!("SELECT {TASK_COLS} FROM tasks WHERE (?1 IS NULL OR tenant = ?1) AND id = ?2");
         Ok(self
-            .conn()
-            .query_row(&sql, params![tenant, task_id], task_row)
+            .reader()
+            .prepare_cached(&sql)?
+            .query_row(params![tenant, task_id], task_row)
             .optional()?)
     }
 
     fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(&format!(
             "SELECT {TASK_COLS} FROM tasks WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
         ))?;
@@ -506,7 +639,7 @@ impl Store for SqliteStore {
     }
 
     fn queue_depth(&self) -> Result<u64> {
-        Ok(self.conn().query_row(
+        Ok(self.reader().query_row(
             "SELECT COUNT(*) FROM tasks WHERE status = 'queued'",
             [],
             |r| r.get(0),
@@ -514,7 +647,7 @@ impl Store for SqliteStore {
     }
 
     fn running(&self) -> Result<u64> {
-        Ok(self.conn().query_row(
+        Ok(self.reader().query_row(
             "SELECT COUNT(*) FROM tasks WHERE status = 'running'",
             [],
             |r| r.get(0),
@@ -570,7 +703,7 @@ impl Store for SqliteStore {
         since: i64,
         until: i64,
     ) -> Result<Vec<Call>> {
-        let conn = self.conn();
+        let conn = self.reader();
         let mut stmt = conn.prepare(&format!(
             "SELECT {CALL_COLS} FROM tasks
              WHERE finished_at >= ?1 AND finished_at < ?2 AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR function_id = ?4)
@@ -599,7 +732,7 @@ impl Store for SqliteStore {
         until: i64,
     ) -> Result<Vec<Rollup>> {
         Ok(rollups::read(
-            &self.conn(),
+            &self.reader(),
             tenant,
             function_id,
             resolution,
