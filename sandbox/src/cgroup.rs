@@ -7,7 +7,9 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Where cgroup hierarchies are mounted on a normal host.
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -114,6 +116,7 @@ impl CgroupFs {
             cpu: self.cpu.join(rel),
             pids: self.pids.join(rel),
             quota: self.quota.join(rel),
+            counters: Arc::default(),
         }
     }
 
@@ -205,6 +208,76 @@ pub struct SandboxCgroup {
     cpu: PathBuf,
     pids: PathBuf,
     quota: PathBuf,
+    /// The counter files, opened at the first snapshot and kept: a warm call reads them
+    /// again from offset 0 instead of walking the paths and opening them each time.
+    counters: Arc<Mutex<Option<Counters>>>,
+}
+
+/// A sandbox's counter files, open. v1: `cpuacct.usage`, `cpuacct.usage_user`,
+/// `cpuacct.usage_sys`, `memory.max_usage_in_bytes` (also written, to reset the peak) and
+/// `memory.oom_control`. v2: `cpu.stat`, `memory.peak` (or `memory.current`) and
+/// `memory.events`.
+#[derive(Debug)]
+struct Counters {
+    files: Vec<fs::File>,
+}
+
+impl Counters {
+    fn open(cg: &SandboxCgroup) -> io::Result<Counters> {
+        let open = |dir: &Path, file: &str, write: bool| {
+            let path = dir.join(file);
+            fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(&path)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        };
+        let files = match cg.version {
+            CgroupVersion::V1 => vec![
+                open(&cg.cpu, "cpuacct.usage", false)?,
+                open(&cg.cpu, "cpuacct.usage_user", false)?,
+                open(&cg.cpu, "cpuacct.usage_sys", false)?,
+                open(&cg.memory, "memory.max_usage_in_bytes", true)?,
+                open(&cg.memory, "memory.oom_control", false)?,
+            ],
+            CgroupVersion::V2 => vec![
+                open(&cg.cpu, "cpu.stat", false)?,
+                open(&cg.memory, "memory.peak", false)
+                    .or_else(|_| open(&cg.memory, "memory.current", false))?,
+                open(&cg.memory, "memory.events", false)?,
+            ],
+        };
+        Ok(Counters { files })
+    }
+
+    /// The whole text of counter file `i`, read from the start (the kernel writes it anew).
+    fn text(&self, i: usize) -> io::Result<String> {
+        let mut buf = [0u8; 4096];
+        let n = self.files[i].read_at(&mut buf, 0)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    fn snapshot(&self, version: CgroupVersion) -> io::Result<CgroupSnapshot> {
+        Ok(match version {
+            CgroupVersion::V1 => CgroupSnapshot {
+                cpu_total_ns: parse_u64(&self.text(0)?),
+                cpu_user_ns: parse_u64(&self.text(1)?),
+                cpu_system_ns: parse_u64(&self.text(2)?),
+                memory_peak_bytes: parse_u64(&self.text(3)?),
+                oom_kills: keyed(&self.text(4)?, "oom_kill"),
+            },
+            CgroupVersion::V2 => {
+                let cpu = self.text(0)?;
+                CgroupSnapshot {
+                    cpu_total_ns: keyed(&cpu, "usage_usec") * 1000,
+                    cpu_user_ns: keyed(&cpu, "user_usec") * 1000,
+                    cpu_system_ns: keyed(&cpu, "system_usec") * 1000,
+                    memory_peak_bytes: parse_u64(&self.text(1)?),
+                    oom_kills: keyed(&self.text(2)?, "oom_kill"),
+                }
+            }
+        })
+    }
 }
 
 impl SandboxCgroup {
@@ -274,36 +347,35 @@ fn read(dir: &Path, file: &str) -> io::Result<String> {
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
+impl SandboxCgroup {
+    /// Runs `f` on the open counter files, opening them first if need be.
+    fn with_counters<T>(&self, f: impl FnOnce(&Counters) -> io::Result<T>) -> io::Result<T> {
+        let mut counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if counters.is_none() {
+            *counters = Some(Counters::open(self)?);
+        }
+        f(counters.as_ref().expect("opened above"))
+    }
+}
+
 impl UsageReader for SandboxCgroup {
     fn snapshot(&self) -> io::Result<CgroupSnapshot> {
-        match self.version {
-            CgroupVersion::V1 => Ok(CgroupSnapshot {
-                cpu_total_ns: parse_u64(&read(&self.cpu, "cpuacct.usage")?),
-                cpu_user_ns: parse_u64(&read(&self.cpu, "cpuacct.usage_user")?),
-                cpu_system_ns: parse_u64(&read(&self.cpu, "cpuacct.usage_sys")?),
-                memory_peak_bytes: parse_u64(&read(&self.memory, "memory.max_usage_in_bytes")?),
-                oom_kills: keyed(&read(&self.memory, "memory.oom_control")?, "oom_kill"),
-            }),
-            CgroupVersion::V2 => {
-                let cpu = read(&self.cpu, "cpu.stat")?;
-                let peak = read(&self.memory, "memory.peak")
-                    .or_else(|_| read(&self.memory, "memory.current"))?;
-                Ok(CgroupSnapshot {
-                    cpu_total_ns: keyed(&cpu, "usage_usec") * 1000,
-                    cpu_user_ns: keyed(&cpu, "user_usec") * 1000,
-                    cpu_system_ns: keyed(&cpu, "system_usec") * 1000,
-                    memory_peak_bytes: parse_u64(&peak),
-                    oom_kills: keyed(&read(&self.memory, "memory.events")?, "oom_kill"),
-                })
-            }
-        }
+        self.with_counters(|c| c.snapshot(self.version))
     }
 
     fn reset_peak(&self) {
         if self.version == CgroupVersion::V1 {
             // Writing 0 restarts the high-water mark; v2's memory.peak can only be reset per
             // open file on recent kernels, so there the peak covers the sandbox's life.
-            let _ = fs::write(self.memory.join("memory.max_usage_in_bytes"), "0");
+            // (Truncating is a no-op on the kernel's file; it keeps a fixture file exact.)
+            let _ = self.with_counters(|c| {
+                let peak = &c.files[3];
+                peak.set_len(0)?;
+                peak.write_at(b"0", 0).map(|_| ())
+            });
         }
     }
 }

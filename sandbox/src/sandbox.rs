@@ -83,6 +83,9 @@ pub struct Sandbox {
     init_duration: Duration,
     calls: u64,
     alive: bool,
+    /// The cgroup's counters as the last call ended (its peak was reset right after): where
+    /// the next call's usage starts, so a warm call reads the counters once, not twice.
+    counters: Option<CgroupSnapshot>,
 }
 
 fn validate(spec: &SandboxSpec) -> Result<()> {
@@ -161,6 +164,7 @@ impl Sandbox {
             init_duration: Duration::ZERO,
             calls: 0,
             alive: true,
+            counters: None,
         })
     }
 
@@ -269,8 +273,14 @@ impl Sandbox {
         if !self.alive {
             return Err(Error::SandboxGone);
         }
-        let before = self.cgroup.snapshot().unwrap_or_default();
-        self.cgroup.reset_peak();
+        let before = match self.counters.take() {
+            Some(counters) => counters,
+            None => {
+                let before = self.cgroup.snapshot().unwrap_or_default();
+                self.cgroup.reset_peak();
+                before
+            }
+        };
         let deadline_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -333,7 +343,12 @@ impl Sandbox {
                 }
             }
         };
-        let after = self.cgroup.snapshot().unwrap_or(before);
+        let after = self.cgroup.snapshot();
+        if self.alive && after.is_ok() {
+            self.cgroup.reset_peak();
+            self.counters = after.as_ref().ok().copied();
+        }
+        let after = after.unwrap_or(before);
         let usage = usage(
             &before,
             &after,

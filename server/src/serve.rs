@@ -101,8 +101,34 @@ pub fn load_keys(data_dir: &Path, configured: Option<&str>) -> Result<Keys> {
     Keys::new(&secret).with_context(|| format!("the secret in {} is too weak", path.display()))
 }
 
+/// Descriptors the server holds per kept sandbox: its three pipes, its cgroup's counter
+/// files (five on cgroup v1), with room to spare.
+const FILES_PER_SANDBOX: u64 = 12;
+
+/// Raises the soft limit on open files to the hard one: a shell's default of 1024 would stop
+/// the pool at about a hundred sandboxes. Warns when even the hard limit is too low.
+fn raise_open_files_limit(max_sandboxes: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            eprintln!("cloudfunc: could not raise the open-files limit from {soft} to {hard}: {e}");
+        }
+    }
+    let wanted = max_sandboxes as u64 * FILES_PER_SANDBOX + 1024;
+    if hard < wanted {
+        eprintln!(
+            "cloudfunc: the open-files limit ({hard}) is low for --max-sandboxes {max_sandboxes}; \
+             raise it to {wanted} (ulimit -n, or LimitNOFILE= under systemd)"
+        );
+    }
+}
+
 /// Starts everything and serves until the process is stopped.
 pub async fn serve(config: ServeConfig) -> Result<()> {
+    raise_open_files_limit(config.max_sandboxes);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let keys = load_keys(&config.data_dir, config.jwt_secret.as_deref())?;
