@@ -164,6 +164,7 @@ fn run(url: &str, token: &str, clients: usize, seconds: u64, max_requests: u64) 
 
 fn main() -> Result<()> {
     let (mut clients, mut seconds, mut url, mut token) = (8usize, 10u64, None, None);
+    let mut first_calls = 15usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -171,7 +172,8 @@ fn main() -> Result<()> {
             "--seconds" => seconds = args.next().context("--seconds S")?.parse()?,
             "--url" => url = args.next(),
             "--token" => token = args.next(),
-            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--url URL --token T]"),
+            "--first-calls" => first_calls = args.next().context("--first-calls N")?.parse()?,
+            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--first-calls N] [--url URL --token T]"),
         }
     }
     let mut spawned = None;
@@ -193,20 +195,55 @@ fn main() -> Result<()> {
         .http_status_as_error(false)
         .build()
         .new_agent();
-    let mut r = agent
-        .post(&format!("{url}/api/functions/deploy?name=hello_load"))
-        .header("authorization", &format!("Bearer {token}"))
-        .header("content-type", "application/zip")
-        .send(&zip[..])?;
-    if !r.status().is_success() {
-        bail!(
-            "deploy failed: {}",
-            r.body_mut().read_to_string().unwrap_or_default()
-        );
-    }
+    let deploy = |name: &str| -> Result<()> {
+        let mut r = agent
+            .post(&format!("{url}/api/functions/deploy?name={name}"))
+            .header("authorization", &format!("Bearer {token}"))
+            .header("content-type", "application/zip")
+            .send(&zip[..])?;
+        if !r.status().is_success() {
+            bail!(
+                "deploy failed: {}",
+                r.body_mut().read_to_string().unwrap_or_default()
+            );
+        }
+        Ok(())
+    };
+    deploy("hello_load")?;
     println!("Load on {url}: {clients} clients, {seconds} s per scenario (each bounded to 200000 requests).");
     println!("| scenario | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|---|---|");
+    if first_calls > 0 {
+        // Each function's first call, after a pause long enough for the pool to have a stem
+        // cell ready (it refills within half a second). Before the load below, whose queued
+        // async tasks would still be running.
+        let mut latencies = Vec::new();
+        for i in 0..first_calls {
+            let name = format!("hello_first_{i}");
+            deploy(&name)?;
+            std::thread::sleep(Duration::from_secs(1));
+            let started = Instant::now();
+            let mut r = agent
+                .post(&format!("{url}/api/functions/{name}/invoke"))
+                .header("authorization", &format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .send("{}")?;
+            latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+            let body = r.body_mut().read_to_string()?;
+            if !body.contains("\"start\":\"prewarmed\"") {
+                bail!("{name}'s first call did not take a stem cell: {body}");
+            }
+        }
+        latencies.sort_by(f64::total_cmp);
+        println!(
+            "| first call after deploy (stem cell), one at a time | {} | 0 | - | {:.2} | {:.2} | {:.2} | {:.2} |",
+            latencies.len(),
+            percentile(&latencies, 50.0),
+            percentile(&latencies, 90.0),
+            percentile(&latencies, 99.0),
+            latencies.last().copied().unwrap_or(0.0)
+        );
+    }
     for (name, path) in [
         (
             "sync invoke, python hello",
