@@ -48,6 +48,7 @@ fn main() {
         ("isolation_is_per_function", isolation),
         ("missing_gvisor_is_refused_at_deploy", missing_gvisor),
         ("warm_pool_over_http", warm_pool),
+        ("pool_caps_from_the_command_line", pool_caps),
     ];
     let why = missing();
     if let Some(why) = &why {
@@ -1354,4 +1355,63 @@ fn warm_pool() {
         .unwrap_or(0);
     assert_eq!(bundles, 0, "every sandbox was stopped at shutdown");
     s.remove_files();
+}
+
+/// `--max-sandboxes` and `--pool-memory-mb` reach the pool: at either cap, a call of a third
+/// function evicts the least recently used idle sandbox, whose function then starts cold.
+fn pool_caps() {
+    let hello = "def handler(event):\n    return 'hi'\n";
+    for (tag, flags, memory) in [
+        ("count", ["--max-sandboxes", "2"], 128),
+        // 300 MiB holds two 128 MiB sandboxes, not three.
+        ("memory", ["--pool-memory-mb", "300"], 128),
+    ] {
+        let dir = tempfile::Builder::new()
+            .prefix("cloudfunc-api-caps-")
+            .tempdir()
+            .unwrap();
+        let mut args = vec!["--stem-cells", "0"];
+        args.extend(flags);
+        let s = Server::start_in(dir.path(), &format!("caps-{tag}"), 0, &args);
+        let t = s.token("caps", false);
+        for name in ["a", "b", "c"] {
+            let r = request(
+                "POST",
+                &format!("{}/api/functions/deploy?name={name}&memory={memory}", s.url),
+                Some(&t),
+                Some(("application/zip", zip(&[("function.py", hello)]))),
+            );
+            assert_eq!(r.status, 201, "{tag}: {r:?}");
+        }
+        let start = |name: &str| {
+            let r = post_json(&s, &format!("/api/functions/{name}/invoke"), &t, &json!({}));
+            assert_eq!(r.status, 200, "{tag}: {r:?}");
+            assert_eq!(r.body["result"], "hi");
+            r.body["usage"]["start"].as_str().unwrap().to_string()
+        };
+        let pool = || {
+            request("GET", &format!("{}/api/system/health", s.url), None, None).body["pool"].clone()
+        };
+        assert_eq!(start("a"), "cold", "{tag}");
+        assert_eq!(start("b"), "cold", "{tag}");
+        assert_eq!(start("a"), "warm", "{tag}: both fit");
+        assert_eq!(pool()["evicted"], 0, "{tag}");
+        // c needs room: b was used least recently, so b goes and a stays warm.
+        assert_eq!(start("c"), "cold", "{tag}");
+        let p = pool();
+        assert_eq!(p["evicted"], 1, "{tag}: {p}");
+        assert_eq!(p["sandboxes"], 2, "{tag}: {p}");
+        assert_eq!(start("a"), "warm", "{tag}");
+        assert_eq!(start("b"), "cold", "{tag}: b was evicted");
+        let p = pool();
+        assert!(p["sandboxes"].as_u64().unwrap() <= 2, "{tag}: {p}");
+        if tag == "memory" {
+            assert!(
+                p["memory_committed_bytes"].as_u64().unwrap() <= 300 << 20,
+                "{tag}: {p}"
+            );
+        }
+        s.stop();
+        s.remove_files();
+    }
 }
