@@ -194,6 +194,30 @@ pub struct Completion {
 }
 
 impl Task {
+    /// A new queued task of `version` of `function`; it belongs to the function's tenant,
+    /// also when an admin submits it.
+    pub fn queued(function: &Function, version: u32, mode: &str, payload: Value) -> Task {
+        Task {
+            task_id: new_id("task"),
+            tenant: function.tenant.clone(),
+            function_id: function.id.clone(),
+            function: function.name.clone(),
+            version,
+            mode: mode.into(),
+            status: TaskStatus::Queued,
+            payload,
+            result: None,
+            error: None,
+            logs: String::new(),
+            logs_truncated: false,
+            usage: None,
+            attempts: 0,
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
     /// The task as it reads once `c` is stored as its end at `at` (Unix ms).
     pub fn ended(mut self, c: Completion, at: i64) -> Task {
         self.status = c.status;

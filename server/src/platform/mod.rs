@@ -19,8 +19,7 @@ use crate::archive::{self, ArchiveError, ArchiveLimits};
 use crate::auth::Caller;
 use crate::isolation::{Engines, Isolation};
 use crate::model::{
-    new_id, now_ms, valid_name, Completion, Function, Task, TaskError, TaskStatus, TaskUsage,
-    Version,
+    now_ms, valid_name, Completion, Function, Task, TaskError, TaskStatus, TaskUsage, Version,
 };
 use crate::model::{DEFAULT_KEEP_WARM_S, DEFAULT_MAX_INSTANCES};
 use crate::pool::{Key, Pool, PoolError, Request, Start};
@@ -546,14 +545,8 @@ impl Platform {
     }
 
     async fn find(&self, caller: &Caller, key: &str) -> Result<Function> {
-        let (store, scope, k) = (
-            self.inner.store.clone(),
-            caller.scope().map(String::from),
-            key.to_string(),
-        );
-        blocking(move || store.function(scope.as_deref(), &k))
-            .await??
-            .ok_or_else(|| PlatformError::NotFound(format!("no function {key:?}")))
+        let (store, caller, key) = (self.inner.store.clone(), caller.clone(), key.to_string());
+        blocking(move || find(store.as_ref(), &caller, &key)).await?
     }
 
     /// Activates or deactivates a function.
@@ -592,29 +585,6 @@ impl Platform {
         blocking(move || runnable(store.as_ref(), &caller, &key, version)).await?
     }
 
-    /// A queued task; it belongs to the function's tenant, also when an admin submits it.
-    fn new_task(function: &Function, version: &Version, mode: &str, payload: Value) -> Task {
-        Task {
-            task_id: new_id("task"),
-            tenant: function.tenant.clone(),
-            function_id: function.id.clone(),
-            function: function.name.clone(),
-            version: version.version,
-            mode: mode.into(),
-            status: TaskStatus::Queued,
-            payload,
-            result: None,
-            error: None,
-            logs: String::new(),
-            logs_truncated: false,
-            usage: None,
-            attempts: 0,
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-        }
-    }
-
     /// Runs a function now and returns its finished task. The task is stored once, when it
     /// has ended; the lookup and the call share one blocking thread.
     pub async fn invoke(
@@ -629,7 +599,7 @@ impl Platform {
         let _running = Running::enter(&self.inner.sync_running);
         let (task, completion, refused) = blocking(move || -> Result<_> {
             let (function, version) = runnable(store.as_ref(), &caller, &key, version)?;
-            let mut task = Self::new_task(&function, &version, "sync", payload);
+            let mut task = Task::queued(&function, version.version, "sync", payload);
             task.status = TaskStatus::Running;
             task.attempts = 1;
             task.started_at = Some(task.created_at);
@@ -663,7 +633,7 @@ impl Platform {
         payload: Value,
     ) -> Result<Task> {
         let (function, version) = self.runnable(caller, key, version).await?;
-        let task = Self::new_task(&function, &version, "async", payload);
+        let task = Task::queued(&function, version.version, "async", payload);
         self.inner
             .recorder
             .write(Write::Insert(task.clone()))
@@ -1005,6 +975,13 @@ impl Retention {
     }
 }
 
+/// The function `key` (an id or a name) as `caller` sees it (blocking).
+fn find(store: &dyn Store, caller: &Caller, key: &str) -> Result<Function> {
+    store
+        .function(caller.scope(), key)?
+        .ok_or_else(|| PlatformError::NotFound(format!("no function {key:?}")))
+}
+
 /// Resolves `key` (optionally `name@version`) to a runnable function version (blocking).
 fn runnable(
     store: &dyn Store,
@@ -1022,9 +999,7 @@ fn runnable(
             ),
             None => (key, version),
         };
-    let function = store
-        .function(caller.scope(), key)?
-        .ok_or_else(|| PlatformError::NotFound(format!("no function {key:?}")))?;
+    let function = find(store, caller, key)?;
     if !function.active {
         return Err(PlatformError::Inactive(function.name.clone()));
     }

@@ -749,7 +749,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::model::{new_id, Isolation};
+    use crate::model::Isolation;
 
     pub(super) fn version(n: u32) -> Version {
         Version {
@@ -771,25 +771,9 @@ pub(super) mod tests {
     }
 
     pub(super) fn task(tenant: &str, f: &Function, mode: &str) -> Task {
-        Task {
-            task_id: new_id("task"),
-            tenant: tenant.into(),
-            function_id: f.id.clone(),
-            function: f.name.clone(),
-            version: f.version,
-            mode: mode.into(),
-            status: TaskStatus::Queued,
-            payload: serde_json::json!({"x": 1}),
-            result: None,
-            error: None,
-            logs: String::new(),
-            logs_truncated: false,
-            usage: None,
-            attempts: 0,
-            created_at: now_ms(),
-            started_at: None,
-            finished_at: None,
-        }
+        let mut task = Task::queued(f, f.version, mode, serde_json::json!({"x": 1}));
+        task.tenant = tenant.into();
+        task
     }
 
     #[test]
