@@ -328,22 +328,92 @@ const SET_ENDING: &str = "UPDATE tasks SET status = ?2, result = ?3, error = ?4,
      logs_truncated = ?7, usage = ?8, duration_ms = ?9, cpu_ms = ?10, peak_memory_bytes = ?11, cold = ?12,
      finished_at = ?13 WHERE id = ?1";
 
-/// Stores how a task ended; adds it to its rollups only if it was still open.
-fn complete(tx: &Connection, task_id: &str, c: &Completion, at: i64) -> Result<()> {
-    let usage = c.usage.as_ref();
-    let values = params![
-        task_id,
-        c.status.as_str(),
-        c.result.as_ref().map(serde_json::to_string).transpose()?,
-        c.error.as_ref().map(serde_json::to_string).transpose()?,
-        c.error.as_ref().map(|e| e.kind.clone()),
+/// A task's ending as column values.
+struct Ending {
+    status: &'static str,
+    result: Option<String>,
+    error: Option<String>,
+    error_kind: Option<String>,
+    usage: Option<String>,
+    duration_ms: Option<f64>,
+    cpu_ms: Option<f64>,
+    peak_memory_bytes: Option<i64>,
+    cold: Option<bool>,
+}
+
+impl Ending {
+    fn of(c: &Completion) -> Result<Ending> {
+        let usage = c.usage.as_ref();
+        Ok(Ending {
+            status: c.status.as_str(),
+            result: c.result.as_ref().map(serde_json::to_string).transpose()?,
+            error: c.error.as_ref().map(serde_json::to_string).transpose()?,
+            error_kind: c.error.as_ref().map(|e| e.kind.clone()),
+            usage: usage.map(serde_json::to_string).transpose()?,
+            duration_ms: usage.map(|u| u.duration_ms),
+            cpu_ms: usage.map(|u| u.cpu_ms),
+            peak_memory_bytes: usage
+                .map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
+            cold: usage.map(|u| u.cold),
+        })
+    }
+}
+
+/// Stores a task that has already ended (a sync call) in one insert, and adds it to its
+/// rollups.
+fn finished(tx: &Connection, task: &Task, c: &Completion, at: i64) -> Result<()> {
+    let e = Ending::of(c)?;
+    tx.prepare_cached(
+        "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at,
+             started_at, status, result, error, error_kind, logs, logs_truncated, usage, duration_ms, cpu_ms,
+             peak_memory_bytes, cold, finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
+    )?
+    .execute(params![
+        task.task_id,
+        task.tenant,
+        task.function_id,
+        task.function,
+        task.version,
+        task.mode,
+        serde_json::to_string(&task.payload)?,
+        task.attempts,
+        task.created_at,
+        task.started_at,
+        e.status,
+        e.result,
+        e.error,
+        e.error_kind,
         c.logs,
         c.logs_truncated,
-        usage.map(serde_json::to_string).transpose()?,
-        usage.map(|u| u.duration_ms),
-        usage.map(|u| u.cpu_ms),
-        usage.map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
-        usage.map(|u| u.cold),
+        e.usage,
+        e.duration_ms,
+        e.cpu_ms,
+        e.peak_memory_bytes,
+        e.cold,
+        at
+    ])?;
+    let call = ended_call(c, at);
+    rollups::record(tx, &task.tenant, &task.function_id, &task.function, &call)?;
+    Ok(())
+}
+
+/// Stores how a task ended; adds it to its rollups only if it was still open.
+fn complete(tx: &Connection, task_id: &str, c: &Completion, at: i64) -> Result<()> {
+    let e = Ending::of(c)?;
+    let values = params![
+        task_id,
+        e.status,
+        e.result,
+        e.error,
+        e.error_kind,
+        c.logs,
+        c.logs_truncated,
+        e.usage,
+        e.duration_ms,
+        e.cpu_ms,
+        e.peak_memory_bytes,
+        e.cold,
         at
     ];
     let opened: Option<(String, String, String, Call)> = tx
@@ -397,6 +467,27 @@ fn function_row(row: &Row<'_>) -> rusqlite::Result<Function> {
 const CALL_COLS: &str = "CASE WHEN status = 'succeeded' THEN 'succeeded' ELSE COALESCE(error_kind, status) END,
     finished_at, usage IS NOT NULL, COALESCE(cold, 0), COALESCE(duration_ms, 0),
     COALESCE(json_extract(usage, '$.init_duration_ms'), 0), COALESCE(cpu_ms, 0), COALESCE(peak_memory_bytes, 0)";
+
+/// What [`CALL_COLS`] reads from a stored ending, from the ending itself.
+fn ended_call(c: &Completion, at: i64) -> Call {
+    let usage = c.usage.as_ref();
+    let outcome = match (c.status, &c.error) {
+        (TaskStatus::Succeeded, _) => "succeeded".to_string(),
+        (_, Some(e)) => e.kind.clone(),
+        (status, None) => status.as_str().to_string(),
+    };
+    Call {
+        outcome,
+        at,
+        timed: usage.is_some(),
+        cold: usage.is_some_and(|u| u.cold),
+        duration_ms: usage.map_or(0.0, |u| u.duration_ms),
+        init_ms: usage.map_or(0.0, |u| u.init_duration_ms),
+        cpu_ms: usage.map_or(0.0, |u| u.cpu_ms),
+        // As stored: the column is a signed integer.
+        peak_memory_bytes: usage.map_or(0, |u| u.peak_memory_bytes.min(i64::MAX as u64)),
+    }
+}
 
 fn call_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Call> {
     let peak: i64 = row.get(first + 7)?;
@@ -584,10 +675,7 @@ impl Store for SqliteStore {
                     task,
                     completion,
                     at,
-                } => {
-                    insert(&tx, task)?;
-                    complete(&tx, &task.task_id, completion, *at)?;
-                }
+                } => finished(&tx, task, completion, *at)?,
             }
         }
         tx.commit()?;
@@ -747,11 +835,11 @@ impl Store for SqliteStore {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::Isolation;
 
-    pub(super) fn version(n: u32) -> Version {
+    pub(crate) fn version(n: u32) -> Version {
         Version {
             version: n,
             runtime: "python".into(),
@@ -835,5 +923,74 @@ pub(super) mod tests {
             store.claim_next().unwrap().is_none(),
             "backoff holds it back"
         );
+    }
+
+    #[test]
+    fn an_ended_task_reads_back_the_same_whichever_way_it_was_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let (id, n) = store.next_version("alice", "hello").unwrap();
+        let f = store
+            .add_version("alice", &id, "hello", &version(n))
+            .unwrap();
+        let ending = Completion {
+            status: TaskStatus::Failed,
+            result: None,
+            error: Some(TaskError {
+                kind: "raised".into(),
+                error_type: "ValueError".into(),
+                message: "no".into(),
+                traceback: "line 1".into(),
+            }),
+            logs: "printed\n".into(),
+            logs_truncated: true,
+            usage: Some(TaskUsage {
+                duration_ms: 1.5,
+                init_duration_ms: 0.25,
+                cpu_ms: 0.75,
+                peak_memory_bytes: 3 << 20,
+                cold: true,
+                ..TaskUsage::default()
+            }),
+        };
+        let mut started = task("alice", &f, "sync");
+        started.status = TaskStatus::Running;
+        started.attempts = 1;
+        started.started_at = Some(started.created_at);
+        let mut once = started.clone();
+        once.task_id = format!("{}_once", started.task_id);
+        let at = started.created_at + 2;
+
+        store.insert_task(&started).unwrap();
+        store
+            .complete_task_at(&started.task_id, &ending, at)
+            .unwrap();
+        store
+            .write(&[Write::Finished {
+                task: Box::new(once.clone()),
+                completion: ending.clone(),
+                at,
+            }])
+            .unwrap();
+
+        let two_steps = store.task(None, &started.task_id).unwrap().unwrap();
+        let one_step = store.task(None, &once.task_id).unwrap().unwrap();
+        assert_eq!(one_step.finished_at, Some(at));
+        assert_eq!(
+            serde_json::to_value(Task {
+                task_id: once.task_id.clone(),
+                ..two_steps
+            })
+            .unwrap(),
+            serde_json::to_value(&one_step).unwrap()
+        );
+        assert_eq!(
+            store.task(None, &once.task_id).unwrap().unwrap().attempts,
+            1
+        );
+        let calls = store.calls(None, Some(&f.id), 0, i64::MAX).unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0], calls[1]);
+        assert_eq!(calls[0], ended_call(&ending, at));
     }
 }
