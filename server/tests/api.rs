@@ -473,6 +473,18 @@ fn versions() {
         post_json(s, "/api/functions/ver/invoke", &t, &json!({})).body["result"],
         "four"
     );
+    // Calls resolve functions from memory: a deletion must reach them at once.
+    let r = request(
+        "DELETE",
+        &format!("{}/api/functions/ver", s.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    for key in ["ver", "ver@4"] {
+        let r = post_json(s, &format!("/api/functions/{key}/invoke"), &t, &json!({}));
+        assert_eq!(r.status, 404, "{key}: {r:?}");
+    }
 }
 
 fn seed002() {

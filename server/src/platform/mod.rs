@@ -1,6 +1,7 @@
 //! The platform: what every route, the CLI and the queue call. It validates, stores, and runs
 //! functions in sandboxes; it knows nothing about HTTP.
 
+mod catalog;
 mod monitor;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,8 @@ use crate::model::{
 use crate::model::{DEFAULT_KEEP_WARM_S, DEFAULT_MAX_INSTANCES};
 use crate::pool::{Key, Pool, PoolError, Request, Start};
 use crate::store::{Recorder, Store, StoreError, Write};
+
+pub use catalog::Catalog;
 
 /// Errors the platform reports; the HTTP layer maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +206,8 @@ pub struct Platform {
 #[derive(Debug)]
 struct Inner {
     store: Arc<dyn Store>,
+    /// Function lookups of calls, from memory between changes.
+    catalog: Catalog,
     /// Writes of tasks, committed in groups.
     recorder: Recorder,
     /// Sync calls under way (they are stored when they end).
@@ -232,6 +237,7 @@ impl Platform {
             inner: Arc::new(Inner {
                 recorder: Recorder::start(store.clone())?,
                 sync_running: AtomicU64::new(0),
+                catalog: Catalog::default(),
                 store,
                 pool,
                 config,
@@ -381,6 +387,7 @@ impl Platform {
             .store
             .add_version(tenant, function_id, name, &version)
             .map_err(|e| cleanup(e.into()))?;
+        self.inner.catalog.invalidate();
         // Sandboxes of earlier versions are not kept for the calls to come.
         self.inner.pool.drain(function_id);
         Ok((function, version))
@@ -546,7 +553,12 @@ impl Platform {
 
     async fn find(&self, caller: &Caller, key: &str) -> Result<Function> {
         let (store, caller, key) = (self.inner.store.clone(), caller.clone(), key.to_string());
-        blocking(move || find(store.as_ref(), &caller, &key)).await?
+        blocking(move || {
+            store
+                .function(caller.scope(), &key)?
+                .ok_or_else(|| no_function(&key))
+        })
+        .await?
     }
 
     /// Activates or deactivates a function.
@@ -554,6 +566,7 @@ impl Platform {
         let function = self.find(caller, key).await?;
         let (store, id) = (self.inner.store.clone(), function.id.clone());
         blocking(move || store.set_active(&id, active)).await??;
+        self.inner.catalog.invalidate();
         self.drain(&function.id).await;
         Ok(Function { active, ..function })
     }
@@ -561,10 +574,12 @@ impl Platform {
     /// Deletes a function, its versions and their code. Its finished tasks stay readable.
     pub async fn delete(&self, caller: &Caller, key: &str) -> Result<Function> {
         let function = self.find(caller, key).await?;
-        let (store, id) = (self.inner.store.clone(), function.id.clone());
+        let (this, id) = (self.clone(), function.id.clone());
         let code_root = self.inner.config.code_dir.join(&function.id);
         blocking(move || -> Result<()> {
-            store.delete_function(&id)?;
+            this.inner.store.delete_function(&id)?;
+            // Before the code goes, so that no new call resolves to it.
+            this.inner.catalog.invalidate();
             let _ = std::fs::remove_dir_all(&code_root);
             Ok(())
         })
@@ -581,8 +596,41 @@ impl Platform {
         key: &str,
         version: Option<u32>,
     ) -> Result<(Function, Version)> {
-        let (store, caller, key) = (self.inner.store.clone(), caller.clone(), key.to_string());
-        blocking(move || runnable(store.as_ref(), &caller, &key, version)).await?
+        let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
+        blocking(move || this.resolve(&caller, &key, version)).await?
+    }
+
+    /// Resolves `key` (optionally `name@version`) to a runnable function version, from the
+    /// catalog (blocking on a miss).
+    fn resolve(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+    ) -> Result<(Function, Version)> {
+        let (key, version) = match key.rsplit_once('@') {
+            Some((name, v)) => (
+                name,
+                Some(v.parse::<u32>().map_err(|_| {
+                    PlatformError::BadRequest(format!("bad version {v:?} in {key:?}"))
+                })?),
+            ),
+            None => (key, version),
+        };
+        let (store, catalog) = (self.inner.store.as_ref(), &self.inner.catalog);
+        let function = catalog
+            .function(store, caller.scope(), key)?
+            .ok_or_else(|| no_function(key))?;
+        if !function.active {
+            return Err(PlatformError::Inactive(function.name.clone()));
+        }
+        let number = version.unwrap_or(function.version);
+        let version = catalog
+            .version(store, &function.id, number)?
+            .ok_or_else(|| {
+                PlatformError::NotFound(format!("function {key:?} has no version {number}"))
+            })?;
+        Ok((function, version))
     }
 
     /// Runs a function now and returns its finished task. The task is stored once, when it
@@ -594,16 +642,16 @@ impl Platform {
         version: Option<u32>,
         payload: Value,
     ) -> Result<Task> {
-        let (store, pool) = (self.inner.store.clone(), self.inner.pool.clone());
-        let (caller, key) = (caller.clone(), key.to_string());
+        let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
         let _running = Running::enter(&self.inner.sync_running);
         let (task, completion, refused) = blocking(move || -> Result<_> {
-            let (function, version) = runnable(store.as_ref(), &caller, &key, version)?;
+            let (function, version) = this.resolve(&caller, &key, version)?;
             let mut task = Task::queued(&function, version.version, "sync", payload);
             task.status = TaskStatus::Running;
             task.attempts = 1;
             task.started_at = Some(task.created_at);
-            let (completion, refused) = run_in_pool(&pool, &function, &version, &task, true);
+            let (completion, refused) =
+                run_in_pool(&this.inner.pool, &function, &version, &task, true);
             log_invocation(&task, &version, &completion);
             Ok((task, completion, refused))
         })
@@ -975,39 +1023,9 @@ impl Retention {
     }
 }
 
-/// The function `key` (an id or a name) as `caller` sees it (blocking).
-fn find(store: &dyn Store, caller: &Caller, key: &str) -> Result<Function> {
-    store
-        .function(caller.scope(), key)?
-        .ok_or_else(|| PlatformError::NotFound(format!("no function {key:?}")))
-}
-
-/// Resolves `key` (optionally `name@version`) to a runnable function version (blocking).
-fn runnable(
-    store: &dyn Store,
-    caller: &Caller,
-    key: &str,
-    version: Option<u32>,
-) -> Result<(Function, Version)> {
-    let (key, version) =
-        match key.rsplit_once('@') {
-            Some((name, v)) => (
-                name,
-                Some(v.parse::<u32>().map_err(|_| {
-                    PlatformError::BadRequest(format!("bad version {v:?} in {key:?}"))
-                })?),
-            ),
-            None => (key, version),
-        };
-    let function = find(store, caller, key)?;
-    if !function.active {
-        return Err(PlatformError::Inactive(function.name.clone()));
-    }
-    let number = version.unwrap_or(function.version);
-    let version = store.version(&function.id, number)?.ok_or_else(|| {
-        PlatformError::NotFound(format!("function {key:?} has no version {number}"))
-    })?;
-    Ok((function, version))
+/// The answer for a function the caller cannot see.
+fn no_function(key: &str) -> PlatformError {
+    PlatformError::NotFound(format!("no function {key:?}"))
 }
 
 /// Counts a call under way while it lives.
@@ -1165,9 +1183,9 @@ pub fn execute(
 fn log_invocation(task: &Task, version: &Version, c: &Completion) {
     let usage = c.usage.clone().unwrap_or_default();
     let billed = (usage.duration_ms / 1.0).ceil();
-    eprintln!(
-        "{}",
-        json!({
+    // Rendered first and written whole: stderr is unbuffered, and formatting a JSON value
+    // straight into it costs a write(2) per fragment.
+    let mut line = json!({
             "event": "invocation",
             "task_id": task.task_id,
             "function": task.function,
@@ -1179,6 +1197,8 @@ fn log_invocation(task: &Task, version: &Version, c: &Completion) {
             "max_memory_used_mb": usage.peak_memory_bytes as f64 / 1048576.0,
             "init_duration_ms": usage.init_duration_ms,
             "cold": usage.cold,
-        })
-    );
+    })
+    .to_string();
+    line.push('\n');
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
 }

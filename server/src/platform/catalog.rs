@@ -1,0 +1,202 @@
+//! Function and version lookups, kept in memory between changes to functions.
+//!
+//! Every call resolves its function twice (by id or name, then the version), and the SQLite
+//! reader re-reads those pages after each commit of a task on the other connection. The
+//! catalog answers repeated lookups from memory instead.
+//!
+//! Correctness rests on one rule: whoever changes a function calls [`Catalog::invalidate`]
+//! after the change is committed. Here every change goes through the platform, which does.
+//! A store shared by several nodes (the PostgreSQL seam) must also invalidate when it hears
+//! of another node's change, from the database's or the broker's notifications.
+//!
+//! A lookup that raced with a change is never cached: entries are only added under the
+//! generation they were read in.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use crate::model::{Function, Version};
+use crate::store::{Result, Store};
+
+/// Entries past this many are dropped all at once; found functions only are cached, so it
+/// bounds memory against many functions, not against odd keys.
+const MAX_ENTRIES: usize = 16_384;
+
+/// Lookups of functions and their versions, cached until [`Catalog::invalidate`].
+#[derive(Debug, Default)]
+pub struct Catalog {
+    state: RwLock<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Bumped by every invalidation.
+    generation: u64,
+    /// By (tenant scope, id or name).
+    functions: HashMap<(Option<String>, String), Function>,
+    /// By (function id, version number).
+    versions: HashMap<(String, u32), Version>,
+}
+
+impl Catalog {
+    /// The function `key` (an id or a name) as `scope` sees it, through `store` on a miss.
+    pub fn function(
+        &self,
+        store: &dyn Store,
+        scope: Option<&str>,
+        key: &str,
+    ) -> Result<Option<Function>> {
+        let k = (scope.map(String::from), key.to_string());
+        let generation = {
+            let state = self.read();
+            if let Some(f) = state.functions.get(&k) {
+                return Ok(Some(f.clone()));
+            }
+            state.generation
+        };
+        let found = store.function(scope, key)?;
+        if let Some(f) = &found {
+            self.keep(generation, |s| {
+                s.functions.insert(k, f.clone());
+            });
+        }
+        Ok(found)
+    }
+
+    /// Version `number` of function `function_id`, through `store` on a miss.
+    pub fn version(
+        &self,
+        store: &dyn Store,
+        function_id: &str,
+        number: u32,
+    ) -> Result<Option<Version>> {
+        let k = (function_id.to_string(), number);
+        let generation = {
+            let state = self.read();
+            if let Some(v) = state.versions.get(&k) {
+                return Ok(Some(v.clone()));
+            }
+            state.generation
+        };
+        let found = store.version(function_id, number)?;
+        if let Some(v) = &found {
+            self.keep(generation, |s| {
+                s.versions.insert(k, v.clone());
+            });
+        }
+        Ok(found)
+    }
+
+    /// Forgets everything; call it after a change to any function is committed.
+    pub fn invalidate(&self) {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        state.generation += 1;
+        state.functions.clear();
+        state.versions.clear();
+    }
+
+    /// Adds an entry read under `generation`, unless an invalidation came since.
+    fn keep(&self, generation: u64, add: impl FnOnce(&mut State)) {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.generation != generation {
+            return;
+        }
+        if state.functions.len() + state.versions.len() >= MAX_ENTRIES {
+            state.functions.clear();
+            state.versions.clear();
+        }
+        add(&mut state);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::version;
+    use crate::store::SqliteStore;
+
+    #[test]
+    fn a_cached_lookup_follows_every_invalidated_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let catalog = Catalog::default();
+        let (id, n) = store.next_version("alice", "hello").unwrap();
+        store
+            .add_version("alice", &id, "hello", &version(n))
+            .unwrap();
+
+        let f = catalog.function(&store, Some("alice"), "hello").unwrap();
+        assert_eq!(f.as_ref().map(|f| f.version), Some(1));
+        // Another tenant's scope is a different entry, and does not see it.
+        assert!(catalog
+            .function(&store, Some("bob"), "hello")
+            .unwrap()
+            .is_none());
+
+        // A change the catalog was not told of is not seen: the rule in the module docs.
+        store.set_active(&id, false).unwrap();
+        let stale = catalog
+            .function(&store, Some("alice"), "hello")
+            .unwrap()
+            .unwrap();
+        assert!(stale.active, "served from memory");
+        // The same function by its id is another key, read from the store.
+        assert!(
+            !catalog
+                .function(&store, Some("alice"), &id)
+                .unwrap()
+                .unwrap()
+                .active
+        );
+        catalog.invalidate();
+        assert!(
+            !catalog
+                .function(&store, Some("alice"), "hello")
+                .unwrap()
+                .unwrap()
+                .active
+        );
+
+        let (_, n2) = store.next_version("alice", "hello").unwrap();
+        store
+            .add_version("alice", &id, "hello", &version(n2))
+            .unwrap();
+        catalog.invalidate();
+        let f = catalog
+            .function(&store, Some("alice"), "hello")
+            .unwrap()
+            .unwrap();
+        assert_eq!(f.version, 2);
+        assert_eq!(catalog.version(&store, &id, 2).unwrap().unwrap().version, 2);
+
+        store.delete_function(&id).unwrap();
+        catalog.invalidate();
+        assert!(catalog
+            .function(&store, Some("alice"), "hello")
+            .unwrap()
+            .is_none());
+        assert!(catalog.version(&store, &id, 2).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_lookup_read_before_an_invalidation_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let catalog = Catalog::default();
+        let (id, n) = store.next_version("alice", "hello").unwrap();
+        store
+            .add_version("alice", &id, "hello", &version(n))
+            .unwrap();
+        // As if a change had been committed and invalidated while this lookup was reading.
+        let generation = catalog.read().generation;
+        catalog.invalidate();
+        catalog.keep(generation, |s| {
+            s.versions.insert((id.clone(), 1), version(1));
+        });
+        assert!(catalog.read().versions.is_empty());
+    }
+}
