@@ -308,9 +308,12 @@ impl Sandbox {
             }
             Ok(Exchange::Reply(body)) => match parse_reply_flagged(&body) {
                 Ok((reply, true)) => {
-                    // The call left work the bootstrap could not end: no more calls here.
-                    self.alive = false;
-                    self.outcome_of(reply)
+                    // The call left work the bootstrap could not end: no more calls here, and
+                    // nothing of it keeps running meanwhile (init's death ends the namespace).
+                    let outcome = self.outcome_of(reply);
+                    self.kill();
+                    self.pipes.drain_logs(Duration::from_millis(100));
+                    outcome
                 }
                 Ok((reply, false)) => self.outcome_of(reply),
                 Err(e) => self.fail(&e.to_string()),
