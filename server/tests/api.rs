@@ -430,6 +430,15 @@ fn versions() {
         post_json(s, "/api/functions/ver@1/invoke", &t, &json!({})).body["result"],
         "one"
     );
+    // Percent-encoded, as the CLI and encodeURIComponent send it.
+    assert_eq!(
+        post_json(s, "/api/functions/ver%401/invoke", &t, &json!({})).body["result"],
+        "one"
+    );
+    assert_eq!(
+        post_json(s, "/api/functions/ver%FF/invoke", &t, &json!({})).status,
+        400
+    );
     assert_eq!(
         post_json(s, "/api/functions/ver/invoke?version=1", &t, &json!({})).body["result"],
         "one"

@@ -273,14 +273,14 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(list);
     let get = functions
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path::end())
         .and(warp::get())
         .and(auth.clone())
         .and(s())
         .and_then(get);
     let update = functions
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path::end())
         .and(warp::put())
         .and(auth.clone())
@@ -289,14 +289,14 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(update);
     let delete = functions
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path::end())
         .and(warp::delete())
         .and(auth.clone())
         .and(s())
         .and_then(delete);
     let execute_payload = functions
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("execute"))
         .and(warp::path::end())
         .and(warp::post())
@@ -305,14 +305,19 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(warp::body::bytes())
         .and(s())
         .and_then(execute_payload);
-    let execute = warp::path!("execute" / String)
+    let execute = warp::path("execute")
+        .and(super::segment())
+        .and(warp::path::end())
         .and(warp::post())
         .and(auth.clone())
         .and(warp::body::content_length_limit(limit))
         .and(warp::body::bytes())
         .and(s())
         .and_then(execute);
-    let fn_metrics = warp::path!("metrics" / "functions" / String)
+    let fn_metrics = warp::path("metrics")
+        .and(warp::path("functions"))
+        .and(super::segment())
+        .and(warp::path::end())
         .and(warp::get())
         .map(Some)
         .and(warp::query::<RangeQuery>())

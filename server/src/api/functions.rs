@@ -595,14 +595,14 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(list);
     let get = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path::end())
         .and(warp::get())
         .and(auth.clone())
         .and(s())
         .and_then(get);
     let update = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path::end())
         .and(warp::put())
         .and(auth.clone())
@@ -613,7 +613,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(update);
     let versions = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("versions"))
         .and(warp::path::end())
         .and(warp::get())
@@ -621,14 +621,14 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(versions);
     let activate = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("activate"))
         .and(warp::path::end())
         .and(warp::put().or(warp::post()).unify())
         .map(|k| (k, true))
         .untuple_one();
     let deactivate = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("deactivate"))
         .and(warp::path::end())
         .and(warp::put().or(warp::post()).unify())
@@ -641,14 +641,14 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(set_active);
     let delete = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path::end())
         .and(warp::delete())
         .and(auth.clone())
         .and(s())
         .and_then(delete);
     let run = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("run"))
         .and(warp::path::end())
         .and(warp::post())
@@ -659,7 +659,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(run);
     let invoke = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("invoke"))
         .and(warp::path::end())
         .and(warp::post())
@@ -670,20 +670,23 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(invoke);
     let status = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("status"))
         .and(warp::path::end())
         .and(warp::get())
         .and(auth.clone())
         .and(s())
         .and_then(task);
-    let task = warp::path!("api" / "tasks" / String)
+    let task = warp::path("api")
+        .and(warp::path("tasks"))
+        .and(super::segment())
+        .and(warp::path::end())
         .and(warp::get())
         .and(auth.clone())
         .and(s())
         .and_then(task);
     let recent = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("tasks"))
         .and(warp::path::end())
         .and(warp::get())
@@ -692,7 +695,7 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(s())
         .and_then(recent);
     let fn_metrics = base
-        .and(warp::path::param::<String>())
+        .and(super::segment())
         .and(warp::path("metrics"))
         .and(warp::path::end())
         .and(warp::get())

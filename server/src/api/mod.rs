@@ -36,6 +36,21 @@ fn with_state(state: AppState) -> impl Filter<Extract = (AppState,), Error = Inf
     warp::any().map(move || state.clone())
 }
 
+/// One path segment, percent-decoded (clients may send `name%401` for `name@1`); 400 if it
+/// is not UTF-8 once decoded.
+fn segment() -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    warp::path::param::<String>().and_then(|raw: String| async move {
+        percent_encoding::percent_decode_str(&raw)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| {
+                warp::reject::custom(ApiError::bad_request(format!(
+                    "path segment {raw:?} is not UTF-8 once percent-decoded"
+                )))
+            })
+    })
+}
+
 /// The caller, from a valid bearer token; 401 otherwise.
 fn caller(keys: Keys) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization").and_then(move |header: Option<String>| {

@@ -41,7 +41,11 @@ pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
         .and(auth.clone())
         .and(with_state(state.clone()))
         .and_then(prometheus);
-    let logs = warp::path!("api" / "tasks" / String / "logs")
+    let logs = warp::path("api")
+        .and(warp::path("tasks"))
+        .and(super::segment())
+        .and(warp::path("logs"))
+        .and(warp::path::end())
         .and(warp::get())
         .and(auth)
         .and(with_state(state))
