@@ -280,6 +280,39 @@ impl Pool {
     /// A sandbox for `key`: an idle one, else a bound stem cell, else a new one. `sync` callers
     /// are refused when the function's wait queue is full; others wait their turn.
     pub fn acquire(&self, key: &Key, request: &Request, sync: bool) -> Result<Lease, PoolError> {
+        self.lend(key, request, sync, true)
+    }
+
+    /// A sandbox with `key`'s version loaded, for a deploy to prove that the version loads
+    /// before it is stored: a bound stem cell when one fits, else a new sandbox. It counts
+    /// as no call. Hand it to [`Pool::keep`] once the version is stored, to serve its first
+    /// call warm, or to [`Pool::discard`]. Where it would take a cap's last room, or evict
+    /// anything, it is refused at once (as [`PoolError::Full`]).
+    pub fn load(&self, key: &Key, request: &Request) -> Result<Lease, PoolError> {
+        self.lend(key, request, true, false)
+    }
+
+    /// Keeps a sandbox from [`Pool::load`] idle for its version, although the deploy drained
+    /// its function (to retire the older versions) after the sandbox was lent. `drained` is
+    /// what that drain returned: after any later drain, the sandbox is stopped instead.
+    pub fn keep(&self, mut lease: Lease, drained: u64) {
+        lease.generation = drained;
+        self.release(lease);
+    }
+
+    /// Stops a lent sandbox instead of keeping it.
+    pub fn discard(&self, mut lease: Lease) {
+        lease.keep_warm = Duration::ZERO;
+        self.release(lease);
+    }
+
+    fn lend(
+        &self,
+        key: &Key,
+        request: &Request,
+        sync: bool,
+        counted: bool,
+    ) -> Result<Lease, PoolError> {
         let engine = self
             .engines
             .get(request.isolation)
@@ -295,7 +328,9 @@ impl Pool {
             f.request = Some(request.clone());
             if let Some(idle) = f.idle.pop() {
                 f.busy += 1;
-                state.stats.calls_warm += 1;
+                if counted {
+                    state.stats.calls_warm += 1;
+                }
                 return Ok(Lease {
                     key: key.clone(),
                     generation,
@@ -306,7 +341,13 @@ impl Pool {
                 });
             }
             if f.busy < max {
-                if self.make_room(&mut state, memory, Some(key)) {
+                // A deploy's load is speculative: it takes only free room, evicting nothing.
+                let room = if counted {
+                    self.make_room(&mut state, memory, Some(key))
+                } else {
+                    self.fits(&state, memory)
+                };
+                if room {
                     let f = state.functions.entry(key.clone()).or_default();
                     f.busy += 1;
                     state.total += 1;
@@ -327,14 +368,17 @@ impl Pool {
                         Ok((sandbox, start)) => {
                             match start {
                                 Start::Cold => {
-                                    state.stats.calls_cold += 1;
+                                    if counted {
+                                        state.stats.calls_cold += 1;
+                                    }
                                     *state
                                         .stats
                                         .sandbox_starts
                                         .entry(engine.backend_name().to_string())
                                         .or_default() += 1;
                                 }
-                                _ => state.stats.calls_prewarmed += 1,
+                                _ if counted => state.stats.calls_prewarmed += 1,
+                                _ => {}
                             }
                             Ok(Lease {
                                 key: key.clone(),
@@ -413,12 +457,15 @@ impl Pool {
     }
 
     /// Removes every idle sandbox of a function; busy ones are stopped when given back.
-    pub fn drain(&self, function_id: &str) {
+    /// Returns the function's new generation (see [`Pool::keep`]).
+    pub fn drain(&self, function_id: &str) -> u64 {
         let mut state = self.lock();
-        *state
+        let generation = state
             .generations
             .entry(function_id.to_string())
-            .or_default() += 1;
+            .or_default();
+        *generation += 1;
+        let generation = *generation;
         let keys: Vec<Key> = state
             .functions
             .keys()
@@ -442,6 +489,7 @@ impl Pool {
         }
         drop(state);
         self.freed.notify_all();
+        generation
     }
 
     /// Housekeeping, every second or so: expires idle sandboxes past their keep-warm period
@@ -595,10 +643,7 @@ impl Pool {
     /// Frees room for one more sandbox of `memory` bytes by stopping idle sandboxes of other
     /// functions (least recently used first), then stem cells. False if that is not enough.
     fn make_room(&self, state: &mut State, memory: u64, for_key: Option<&Key>) -> bool {
-        let fits = |s: &State| {
-            s.total < self.config.max_sandboxes && s.memory + memory <= self.config.max_memory_bytes
-        };
-        while !fits(state) {
+        while !self.fits(state, memory) {
             let oldest = state
                 .functions
                 .iter()
@@ -641,6 +686,12 @@ impl Pool {
             }
         }
         true
+    }
+
+    /// Whether one more sandbox of `memory` bytes fits under the caps as things are.
+    fn fits(&self, state: &State, memory: u64) -> bool {
+        state.total < self.config.max_sandboxes
+            && state.memory + memory <= self.config.max_memory_bytes
     }
 
     /// Undoes a reservation whose sandbox never came.

@@ -297,7 +297,8 @@ fn canonical_lifecycle() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body["result"], "Hello Ann!");
     assert_eq!(r.body["status"], "succeeded");
-    assert!(r.body["usage"]["cold"].as_bool().unwrap());
+    // The deploy loaded it in a sandbox, kept for this first call.
+    assert_eq!(r.body["usage"]["start"], "warm", "{r:?}");
     assert!(r.body["usage"]["peak_memory_bytes"].as_u64().unwrap() > 0);
     // Deactivate: runs are refused up front, not accepted and lost.
     assert_eq!(
@@ -1305,15 +1306,27 @@ fn warm_pool() {
         Some((&ct, body)),
     );
     assert_eq!(r.status, 201, "{r:?}");
+    // The sandbox that proved the deploy loads serves the first call, warm.
     let first = post_json(&s, "/api/functions/slow/invoke", &t, &json!({}));
     assert_eq!(first.status, 200, "{first:?}");
-    let start = first.body["usage"]["start"].as_str().unwrap().to_string();
-    assert!(start == "prewarmed" || start == "cold", "{first:?}");
-    assert_eq!(first.body["usage"]["cold"], true);
-    let second = post_json(&s, "/api/functions/slow/invoke", &t, &json!({}));
-    assert_eq!(second.body["usage"]["start"], "warm", "{second:?}");
-    assert_eq!(second.body["usage"]["cold"], false);
-    assert_eq!(second.body["usage"]["init_duration_ms"], 0.0);
+    assert_eq!(first.body["usage"]["start"], "warm", "{first:?}");
+    assert_eq!(first.body["usage"]["cold"], false);
+    assert_eq!(first.body["usage"]["init_duration_ms"], 0.0);
+    // Once a newer version is deployed, the older one's sandboxes are gone: a call of it
+    // takes a stem cell (or starts cold) and says so.
+    let r = request(
+        "PUT",
+        &format!("{}/api/functions/slow", s.url),
+        Some(&t),
+        Some(("application/json", br#"{"memory": 128}"#.to_vec())),
+    );
+    assert_eq!(r.body["version"], 2, "{r:?}");
+    let older = post_json(&s, "/api/functions/slow@1/invoke", &t, &json!({}));
+    assert_eq!(older.status, 200, "{older:?}");
+    let start = older.body["usage"]["start"].as_str().unwrap().to_string();
+    assert!(start == "prewarmed" || start == "cold", "{older:?}");
+    assert_eq!(older.body["usage"]["cold"], true);
+    assert!(older.body["usage"]["init_duration_ms"].as_f64().unwrap() > 0.0);
 
     // One call at a time: a second sync call while one runs gets 429 and Retry-After.
     let url = s.url.clone();
@@ -1351,7 +1364,7 @@ fn warm_pool() {
 
     let health = request("GET", &format!("{}/api/system/health", s.url), None, None);
     let pool = &health.body["pool"];
-    assert_eq!(pool["warm"], 1, "{health:?}");
+    assert_eq!(pool["warm"], 2, "one sandbox of each version: {health:?}");
     assert!(pool["calls_warm"].as_u64().unwrap() >= 2, "{health:?}");
     assert!(health.body["warm_ratio"].as_f64().unwrap() > 0.0);
 
@@ -1413,10 +1426,16 @@ fn pool_caps() {
         let pool = || {
             request("GET", &format!("{}/api/system/health", s.url), None, None).body["pool"].clone()
         };
-        assert_eq!(start("a"), "cold", "{tag}");
-        assert_eq!(start("b"), "cold", "{tag}");
-        assert_eq!(start("a"), "warm", "{tag}: both fit");
-        assert_eq!(pool()["evicted"], 0, "{tag}");
+        // Each deploy keeps the sandbox that loaded its function while there is room, and
+        // evicts nothing for it: a and b were kept, c was checked in a sandbox of its own.
+        let p = pool();
+        assert_eq!(
+            (p["sandboxes"].as_u64(), p["evicted"].as_u64()),
+            (Some(2), Some(0)),
+            "{tag}: {p}"
+        );
+        assert_eq!(start("b"), "warm", "{tag}");
+        assert_eq!(start("a"), "warm", "{tag}");
         // c needs room: b was used least recently, so b goes and a stays warm.
         assert_eq!(start("c"), "cold", "{tag}");
         let p = pool();

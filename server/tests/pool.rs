@@ -290,6 +290,67 @@ fn min_instances_are_kept() {
     assert_eq!(f.pool.stats().sandboxes, 0);
 }
 
+/// A deploy's load: a stem cell bound and kept for the version's first call (counted as no
+/// call), refused rather than evicting at the cap, and not kept past a later drain.
+fn deploy_load_is_kept_for_the_first_call() {
+    let f = fixture(
+        "load",
+        PoolConfig {
+            stem_cells: 1,
+            ..PoolConfig::default()
+        },
+    );
+    f.pool.refill_stems();
+    let (a, ra) = function(&f, "la", 1, MARKER_PY);
+    let loaded = f.pool.load(&a, &ra).expect("loads");
+    assert_eq!(loaded.start, Start::Prewarmed, "it bound the stem cell");
+    // The deploy stores the version, then drains the function's older versions.
+    let drained = f.pool.drain("la");
+    f.pool.keep(loaded, drained);
+    let stats = f.pool.stats();
+    assert_eq!(
+        (stats.idle, stats.calls_prewarmed, stats.calls_warm),
+        (1, 0, 0),
+        "kept, and no call counted: {stats:?}"
+    );
+    let (seen, start) = call(&f.pool, &a, &ra, json!({"me": "a"}));
+    assert_eq!((seen, start), (json!([]), Start::Warm));
+
+    // Kept under an older drain: a later drain (a delete) wins, and it is stopped.
+    let (b, rb) = function(&f, "lb", 1, MARKER_PY);
+    let loaded = f.pool.load(&b, &rb).expect("loads");
+    let drained = f.pool.drain("lb");
+    f.pool.drain("lb");
+    f.pool.keep(loaded, drained);
+    assert_eq!(f.pool.idle_count(&b), 0);
+
+    // Discarded when the deploy fails after all.
+    let loaded = f.pool.load(&b, &rb).expect("loads");
+    f.pool.discard(loaded);
+    assert_eq!(f.pool.idle_count(&b), 0);
+    f.pool.bury_now();
+
+    f.pool.shutdown();
+    assert_eq!(f.pool.stats().sandboxes, 0);
+
+    // At the cap, a load evicts nothing and is refused; a call would evict.
+    let f = fixture(
+        "load-cap",
+        PoolConfig {
+            stem_cells: 0,
+            max_sandboxes: 1,
+            ..PoolConfig::default()
+        },
+    );
+    let (c, rc) = function(&f, "lc", 1, MARKER_PY);
+    call(&f.pool, &c, &rc, json!({"me": "c"}));
+    let (d, rd) = function(&f, "ld", 1, MARKER_PY);
+    assert!(matches!(f.pool.load(&d, &rd), Err(PoolError::Full { .. })));
+    let stats = f.pool.stats();
+    assert_eq!((stats.idle, stats.evicted), (1, 0), "{stats:?}");
+    f.pool.shutdown();
+}
+
 fn main() {
     let args = Arguments::from_args();
     let tests: Vec<(&str, fn())> = vec![
@@ -309,6 +370,10 @@ fn main() {
         ("lru_eviction_under_the_cap", lru_eviction_under_the_cap),
         ("drain_removes_warm_sandboxes", drain_removes_warm_sandboxes),
         ("min_instances_are_kept", min_instances_are_kept),
+        (
+            "deploy_load_is_kept_for_the_first_call",
+            deploy_load_is_kept_for_the_first_call,
+        ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {
         Some("not running as root".to_string())

@@ -23,7 +23,7 @@ use crate::model::{
     now_ms, valid_name, Completion, Function, Task, TaskError, TaskStatus, TaskUsage, Version,
 };
 use crate::model::{DEFAULT_KEEP_WARM_S, DEFAULT_MAX_INSTANCES};
-use crate::pool::{Key, Pool, PoolError, Request, Start};
+use crate::pool::{Key, Lease, Pool, PoolError, Request, Start};
 use crate::store::{Recorder, Store, StoreError, Write};
 
 pub use catalog::Catalog;
@@ -381,15 +381,28 @@ impl Platform {
         let version = self
             .version_from(number, merged, &code_path)
             .map_err(cleanup)?;
-        self.check_loads(name, &version).map_err(cleanup)?;
-        let function = self
+        let loaded = self.load(function_id, name, &version).map_err(cleanup)?;
+        let pool = &self.inner.pool;
+        let function = match self
             .inner
             .store
             .add_version(tenant, function_id, name, &version)
-            .map_err(|e| cleanup(e.into()))?;
+        {
+            Ok(function) => function,
+            Err(e) => {
+                if let Some(lease) = loaded {
+                    pool.discard(lease);
+                }
+                return Err(cleanup(e.into()));
+            }
+        };
         self.inner.catalog.invalidate();
-        // Sandboxes of earlier versions are not kept for the calls to come.
-        self.inner.pool.drain(function_id);
+        // Sandboxes of earlier versions are not kept for the calls to come; the one that just
+        // loaded this version is, so its first call finds it warm.
+        let drained = pool.drain(function_id);
+        if let Some(lease) = loaded {
+            pool.keep(lease, drained);
+        }
         Ok((function, version))
     }
 
@@ -510,30 +523,23 @@ impl Platform {
     }
 
     /// Starts the function once, so a missing handler or a syntax error is reported at deploy.
-    fn check_loads(&self, name: &str, version: &Version) -> Result<()> {
-        match Sandbox::create(self.engine(version.isolation)?, spec_for(name, version)) {
-            Ok(sandbox) => sandbox
-                .shutdown()
-                .map_err(|e| PlatformError::Internal(e.into())),
-            Err(SandboxError::FunctionInit { error, logs }) => {
-                Err(PlatformError::Unprocessable(format!(
-                    "the function does not load: {}: {}{}",
-                    error.kind,
-                    error.message,
-                    if logs.text.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (output: {})", logs.text.trim())
-                    }
-                )))
+    /// Proves that `version` loads, in a sandbox from the pool that is then kept for its first
+    /// call. At the pool's caps it proves it in a sandbox of its own, stopped at once.
+    fn load(&self, function_id: &str, name: &str, version: &Version) -> Result<Option<Lease>> {
+        let (key, request) = request_for(function_id, name, version);
+        match self.inner.pool.load(&key, &request) {
+            Ok(lease) => Ok(Some(lease)),
+            Err(PoolError::Sandbox(e)) => Err(load_error(e)),
+            Err(PoolError::Unavailable(why)) => Err(PlatformError::BadRequest(why)),
+            Err(PoolError::Full { .. } | PoolError::Busy { .. }) => {
+                match Sandbox::create(self.engine(version.isolation)?, request.spec) {
+                    Ok(sandbox) => sandbox
+                        .shutdown()
+                        .map(|()| None)
+                        .map_err(|e| PlatformError::Internal(e.into())),
+                    Err(e) => Err(load_error(e)),
+                }
             }
-            Err(SandboxError::InitCrashed { exit, .. }) => Err(PlatformError::Unprocessable(
-                format!("the runtime died while loading the function ({exit})"),
-            )),
-            Err(SandboxError::StartTimeout(t)) => Err(PlatformError::Unprocessable(format!(
-                "the function did not load within {t:?}"
-            ))),
-            Err(e) => Err(PlatformError::Internal(e.into())),
         }
     }
 
@@ -964,16 +970,39 @@ fn start_failure(task: &Task, e: SandboxError) -> Completion {
     }
 }
 
-/// What the pool needs to know of a version.
-fn request_for(function: &Function, version: &Version) -> (Key, Request) {
+/// Why a version does not load, for the deployer.
+fn load_error(e: SandboxError) -> PlatformError {
+    match e {
+        SandboxError::FunctionInit { error, logs } => PlatformError::Unprocessable(format!(
+            "the function does not load: {}: {}{}",
+            error.kind,
+            error.message,
+            if logs.text.is_empty() {
+                String::new()
+            } else {
+                format!(" (output: {})", logs.text.trim())
+            }
+        )),
+        SandboxError::InitCrashed { exit, .. } => PlatformError::Unprocessable(format!(
+            "the runtime died while loading the function ({exit})"
+        )),
+        SandboxError::StartTimeout(t) => {
+            PlatformError::Unprocessable(format!("the function did not load within {t:?}"))
+        }
+        e => PlatformError::Internal(e.into()),
+    }
+}
+
+/// What the pool needs to know of a version of function `function_id`, named `name`.
+fn request_for(function_id: &str, name: &str, version: &Version) -> (Key, Request) {
     (
         Key {
-            function_id: function.id.clone(),
+            function_id: function_id.to_string(),
             version: version.version,
         },
         Request {
             isolation: version.isolation,
-            spec: spec_for(&function.name, version),
+            spec: spec_for(name, version),
             keep_warm: Duration::from_secs(version.keep_warm_s),
             min_instances: version.min_instances as usize,
             max_instances: version.max_instances as usize,
@@ -1075,7 +1104,7 @@ pub fn execute(
     task: &Task,
     sync: bool,
 ) -> std::result::Result<Completion, PoolError> {
-    let (key, request) = request_for(function, version);
+    let (key, request) = request_for(&function.id, &function.name, version);
     let mut lease = pool.acquire(&key, &request, sync)?;
     let engine_name = lease.sandbox.backend_name();
     let start = lease.start;
@@ -1095,9 +1124,14 @@ pub fn execute(
             ));
         }
     };
+    // A sandbox a deploy loaded serves its first call warm: that call waited for no start.
+    let init = match start {
+        Start::Warm => Duration::ZERO,
+        _ => call.usage.init_duration,
+    };
     let usage = TaskUsage {
         duration_ms: call.usage.duration.as_secs_f64() * 1000.0,
-        init_duration_ms: call.usage.init_duration.as_secs_f64() * 1000.0,
+        init_duration_ms: init.as_secs_f64() * 1000.0,
         cpu_ms: call.usage.cpu_time.as_secs_f64() * 1000.0,
         peak_memory_bytes: call.usage.peak_memory_bytes,
         cold: start != Start::Warm,
