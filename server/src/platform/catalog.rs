@@ -13,7 +13,7 @@
 //! generation they were read in.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::model::{Function, Version};
 use crate::store::{Result, Store};
@@ -25,7 +25,7 @@ const MAX_ENTRIES: usize = 16_384;
 /// Lookups of functions and their versions, cached until [`Catalog::invalidate`].
 #[derive(Debug, Default)]
 pub struct Catalog {
-    state: RwLock<State>,
+    state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
@@ -46,21 +46,11 @@ impl Catalog {
         scope: Option<&str>,
         key: &str,
     ) -> Result<Option<Function>> {
-        let k = (scope.map(String::from), key.to_string());
-        let generation = {
-            let state = self.read();
-            if let Some(f) = state.functions.get(&k) {
-                return Ok(Some(f.clone()));
-            }
-            state.generation
-        };
-        let found = store.function(scope, key)?;
-        if let Some(f) = &found {
-            self.keep(generation, |s| {
-                s.functions.insert(k, f.clone());
-            });
-        }
-        Ok(found)
+        self.cached(
+            (scope.map(String::from), key.to_string()),
+            |s| &mut s.functions,
+            || store.function(scope, key),
+        )
     }
 
     /// Version `number` of function `function_id`, through `store` on a miss.
@@ -70,18 +60,31 @@ impl Catalog {
         function_id: &str,
         number: u32,
     ) -> Result<Option<Version>> {
-        let k = (function_id.to_string(), number);
+        self.cached(
+            (function_id.to_string(), number),
+            |s| &mut s.versions,
+            || store.version(function_id, number),
+        )
+    }
+
+    /// The entry `k` of the map `of` picks, else what `load` finds (kept when found).
+    fn cached<K: std::hash::Hash + Eq, V: Clone>(
+        &self,
+        k: K,
+        of: fn(&mut State) -> &mut HashMap<K, V>,
+        load: impl FnOnce() -> Result<Option<V>>,
+    ) -> Result<Option<V>> {
         let generation = {
-            let state = self.read();
-            if let Some(v) = state.versions.get(&k) {
+            let mut state = self.lock();
+            if let Some(v) = of(&mut state).get(&k) {
                 return Ok(Some(v.clone()));
             }
             state.generation
         };
-        let found = store.version(function_id, number)?;
+        let found = load()?;
         if let Some(v) = &found {
             self.keep(generation, |s| {
-                s.versions.insert(k, v.clone());
+                of(s).insert(k, v.clone());
             });
         }
         Ok(found)
@@ -89,7 +92,7 @@ impl Catalog {
 
     /// Forgets everything; call it after a change to any function is committed.
     pub fn invalidate(&self) {
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         state.generation += 1;
         state.functions.clear();
         state.versions.clear();
@@ -97,7 +100,7 @@ impl Catalog {
 
     /// Adds an entry read under `generation`, unless an invalidation came since.
     fn keep(&self, generation: u64, add: impl FnOnce(&mut State)) {
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
         if state.generation != generation {
             return;
         }
@@ -108,8 +111,8 @@ impl Catalog {
         add(&mut state);
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -192,11 +195,11 @@ mod tests {
             .add_version("alice", &id, "hello", &version(n))
             .unwrap();
         // As if a change had been committed and invalidated while this lookup was reading.
-        let generation = catalog.read().generation;
+        let generation = catalog.lock().generation;
         catalog.invalidate();
         catalog.keep(generation, |s| {
             s.versions.insert((id.clone(), 1), version(1));
         });
-        assert!(catalog.read().versions.is_empty());
+        assert!(catalog.lock().versions.is_empty());
     }
 }

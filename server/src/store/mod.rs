@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToSql};
 use serde_json::Value;
 
 use crate::rollup::Call;
@@ -323,76 +323,94 @@ fn insert(tx: &Connection, task: &Task) -> Result<()> {
     Ok(())
 }
 
+/// The columns of a task's ending, in [`Ending::values`]'s order.
+const ENDING_COLS: &str =
+    "status, result, error, error_kind, logs, logs_truncated, usage, duration_ms,
+     cpu_ms, peak_memory_bytes, cold, finished_at";
+
 /// The `SET` of a task's ending; `?1` is its id.
 const SET_ENDING: &str = "UPDATE tasks SET status = ?2, result = ?3, error = ?4, error_kind = ?5, logs = ?6,
      logs_truncated = ?7, usage = ?8, duration_ms = ?9, cpu_ms = ?10, peak_memory_bytes = ?11, cold = ?12,
      finished_at = ?13 WHERE id = ?1";
 
 /// A task's ending as column values.
-struct Ending {
+struct Ending<'a> {
     status: &'static str,
     result: Option<String>,
     error: Option<String>,
     error_kind: Option<String>,
+    logs: &'a str,
+    logs_truncated: bool,
     usage: Option<String>,
     duration_ms: Option<f64>,
     cpu_ms: Option<f64>,
     peak_memory_bytes: Option<i64>,
     cold: Option<bool>,
+    finished_at: i64,
 }
 
-impl Ending {
-    fn of(c: &Completion) -> Result<Ending> {
+impl<'a> Ending<'a> {
+    fn of(c: &'a Completion, finished_at: i64) -> Result<Ending<'a>> {
         let usage = c.usage.as_ref();
         Ok(Ending {
             status: c.status.as_str(),
             result: c.result.as_ref().map(serde_json::to_string).transpose()?,
             error: c.error.as_ref().map(serde_json::to_string).transpose()?,
             error_kind: c.error.as_ref().map(|e| e.kind.clone()),
+            logs: &c.logs,
+            logs_truncated: c.logs_truncated,
             usage: usage.map(serde_json::to_string).transpose()?,
             duration_ms: usage.map(|u| u.duration_ms),
             cpu_ms: usage.map(|u| u.cpu_ms),
             peak_memory_bytes: usage
                 .map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
             cold: usage.map(|u| u.cold),
+            finished_at,
         })
+    }
+
+    /// The values of [`ENDING_COLS`] (and of `SET_ENDING`'s `?2` to `?13`), in order.
+    fn values(&self) -> [&dyn ToSql; 12] {
+        [
+            &self.status,
+            &self.result,
+            &self.error,
+            &self.error_kind,
+            &self.logs,
+            &self.logs_truncated,
+            &self.usage,
+            &self.duration_ms,
+            &self.cpu_ms,
+            &self.peak_memory_bytes,
+            &self.cold,
+            &self.finished_at,
+        ]
     }
 }
 
 /// Stores a task that has already ended (a sync call) in one insert, and adds it to its
 /// rollups.
 fn finished(tx: &Connection, task: &Task, c: &Completion, at: i64) -> Result<()> {
-    let e = Ending::of(c)?;
-    tx.prepare_cached(
+    let e = Ending::of(c, at)?;
+    let payload = serde_json::to_string(&task.payload)?;
+    let opening: [&dyn ToSql; 10] = [
+        &task.task_id,
+        &task.tenant,
+        &task.function_id,
+        &task.function,
+        &task.version,
+        &task.mode,
+        &payload,
+        &task.attempts,
+        &task.created_at,
+        &task.started_at,
+    ];
+    tx.prepare_cached(&format!(
         "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at,
-             started_at, status, result, error, error_kind, logs, logs_truncated, usage, duration_ms, cpu_ms,
-             peak_memory_bytes, cold, finished_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
-    )?
-    .execute(params![
-        task.task_id,
-        task.tenant,
-        task.function_id,
-        task.function,
-        task.version,
-        task.mode,
-        serde_json::to_string(&task.payload)?,
-        task.attempts,
-        task.created_at,
-        task.started_at,
-        e.status,
-        e.result,
-        e.error,
-        e.error_kind,
-        c.logs,
-        c.logs_truncated,
-        e.usage,
-        e.duration_ms,
-        e.cpu_ms,
-        e.peak_memory_bytes,
-        e.cold,
-        at
-    ])?;
+             started_at, {ENDING_COLS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+    ))?
+    .execute(params_from_iter(opening.into_iter().chain(e.values())))?;
     let call = ended_call(c, at);
     rollups::record(tx, &task.tenant, &task.function_id, &task.function, &call)?;
     Ok(())
@@ -400,27 +418,14 @@ fn finished(tx: &Connection, task: &Task, c: &Completion, at: i64) -> Result<()>
 
 /// Stores how a task ended; adds it to its rollups only if it was still open.
 fn complete(tx: &Connection, task_id: &str, c: &Completion, at: i64) -> Result<()> {
-    let e = Ending::of(c)?;
-    let values = params![
-        task_id,
-        e.status,
-        e.result,
-        e.error,
-        e.error_kind,
-        c.logs,
-        c.logs_truncated,
-        e.usage,
-        e.duration_ms,
-        e.cpu_ms,
-        e.peak_memory_bytes,
-        e.cold,
-        at
-    ];
+    let e = Ending::of(c, at)?;
+    let id: [&dyn ToSql; 1] = [&task_id];
+    let values = || params_from_iter(id.into_iter().chain(e.values()));
     let opened: Option<(String, String, String, Call)> = tx
         .prepare_cached(&format!(
             "{SET_ENDING} AND finished_at IS NULL RETURNING tenant, function_id, function, {CALL_COLS}"
         ))?
-        .query_row(values, |r| {
+        .query_row(values(), |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, call_row(r, 3)?))
         })
         .optional()?;
@@ -431,7 +436,7 @@ fn complete(tx: &Connection, task_id: &str, c: &Completion, at: i64) -> Result<(
         // Already finished (its end stored again): the row takes the new ending, and the
         // rollups keep counting the task once.
         None => {
-            tx.prepare_cached(SET_ENDING)?.execute(values)?;
+            tx.prepare_cached(SET_ENDING)?.execute(values())?;
         }
     }
     Ok(())
