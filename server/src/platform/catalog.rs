@@ -122,15 +122,21 @@ mod tests {
     use crate::store::tests::version;
     use crate::store::SqliteStore;
 
-    #[test]
-    fn a_cached_lookup_follows_every_invalidated_change() {
+    /// A store in a temporary directory with alice's `hello` at version 1, and its id.
+    fn alice_hello() -> (tempfile::TempDir, SqliteStore, String) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
-        let catalog = Catalog::default();
         let (id, n) = store.next_version("alice", "hello").unwrap();
         store
             .add_version("alice", &id, "hello", &version(n))
             .unwrap();
+        (dir, store, id)
+    }
+
+    #[test]
+    fn a_cached_lookup_follows_every_invalidated_change() {
+        let (_dir, store, id) = alice_hello();
+        let catalog = Catalog::default();
 
         let f = catalog.function(&store, Some("alice"), "hello").unwrap();
         assert_eq!(f.as_ref().map(|f| f.version), Some(1));
@@ -187,13 +193,8 @@ mod tests {
 
     #[test]
     fn a_lookup_read_before_an_invalidation_is_not_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let (_dir, _store, id) = alice_hello();
         let catalog = Catalog::default();
-        let (id, n) = store.next_version("alice", "hello").unwrap();
-        store
-            .add_version("alice", &id, "hello", &version(n))
-            .unwrap();
         // As if a change had been committed and invalidated while this lookup was reading.
         let generation = catalog.lock().generation;
         catalog.invalidate();
