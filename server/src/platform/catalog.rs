@@ -119,23 +119,12 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::version;
-    use crate::store::SqliteStore;
-
-    /// A store in a temporary directory with alice's `hello` at version 1, and its id.
-    fn alice_hello() -> (tempfile::TempDir, SqliteStore, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
-        let (id, n) = store.next_version("alice", "hello").unwrap();
-        store
-            .add_version("alice", &id, "hello", &version(n))
-            .unwrap();
-        (dir, store, id)
-    }
+    use crate::store::tests::{alice_hello, version};
 
     #[test]
     fn a_cached_lookup_follows_every_invalidated_change() {
-        let (_dir, store, id) = alice_hello();
+        let (_dir, store, f) = alice_hello();
+        let id = f.id;
         let catalog = Catalog::default();
 
         let f = catalog.function(&store, Some("alice"), "hello").unwrap();
@@ -193,7 +182,8 @@ mod tests {
 
     #[test]
     fn a_lookup_read_before_an_invalidation_is_not_kept() {
-        let (_dir, _store, id) = alice_hello();
+        let (_dir, _store, f) = alice_hello();
+        let id = f.id;
         let catalog = Catalog::default();
         // As if a change had been committed and invalidated while this lookup was reading.
         let generation = catalog.lock().generation;

@@ -863,6 +863,17 @@ pub(crate) mod tests {
         }
     }
 
+    /// A store in a temporary directory holding alice's `hello` at version 1.
+    pub(crate) fn alice_hello() -> (tempfile::TempDir, SqliteStore, Function) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let (id, n) = store.next_version("alice", "hello").unwrap();
+        let f = store
+            .add_version("alice", &id, "hello", &version(n))
+            .unwrap();
+        (dir, store, f)
+    }
+
     pub(super) fn task(tenant: &str, f: &Function, mode: &str) -> Task {
         let mut task = Task::queued(f, f.version, mode, serde_json::json!({"x": 1}));
         task.tenant = tenant.into();
@@ -932,12 +943,7 @@ pub(crate) mod tests {
 
     #[test]
     fn an_ended_task_reads_back_the_same_whichever_way_it_was_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
-        let (id, n) = store.next_version("alice", "hello").unwrap();
-        let f = store
-            .add_version("alice", &id, "hello", &version(n))
-            .unwrap();
+        let (_dir, store, f) = alice_hello();
         let ending = Completion {
             status: TaskStatus::Failed,
             result: None,
@@ -989,10 +995,7 @@ pub(crate) mod tests {
             .unwrap(),
             serde_json::to_value(&one_step).unwrap()
         );
-        assert_eq!(
-            store.task(None, &once.task_id).unwrap().unwrap().attempts,
-            1
-        );
+        assert_eq!(one_step.attempts, 1);
         let calls = store.calls(None, Some(&f.id), 0, i64::MAX).unwrap();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0], calls[1]);
