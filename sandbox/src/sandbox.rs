@@ -311,8 +311,7 @@ impl Sandbox {
                     // The call left work the bootstrap could not end: no more calls here, and
                     // nothing of it keeps running meanwhile (init's death ends the namespace).
                     let outcome = self.outcome_of(reply);
-                    self.kill();
-                    self.pipes.drain_logs(Duration::from_millis(100));
+                    self.kill_keeping_logs();
                     outcome
                 }
                 Ok((reply, false)) => self.outcome_of(reply),
@@ -327,8 +326,7 @@ impl Sandbox {
                 }
             }
             Ok(Exchange::TimedOut) => {
-                self.kill();
-                self.pipes.drain_logs(Duration::from_millis(100));
+                self.kill_keeping_logs();
                 Outcome::Timeout {
                     timeout_ms: u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX),
                 }
@@ -390,6 +388,12 @@ impl Sandbox {
         Outcome::SandboxFailure {
             message: message.to_string(),
         }
+    }
+
+    /// Kills the sandbox mid-call, then takes in what the call printed before it died.
+    fn kill_keeping_logs(&mut self) {
+        self.kill();
+        self.pipes.drain_logs(Duration::from_millis(100));
     }
 
     /// Kills every process in the sandbox and waits for init to exit.

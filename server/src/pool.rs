@@ -286,8 +286,8 @@ impl Pool {
     /// A sandbox with `key`'s version loaded, for a deploy to prove that the version loads
     /// before it is stored: a bound stem cell when one fits, else a new sandbox. It counts
     /// as no call. Hand it to [`Pool::keep`] once the version is stored, to serve its first
-    /// call warm, or to [`Pool::discard`]. Where it would take a cap's last room, or evict
-    /// anything, it is refused at once (as [`PoolError::Full`]).
+    /// call warm, or to [`Pool::discard`]. Where it does not fit under the caps without
+    /// evicting anything, it is refused at once (as [`PoolError::Full`]).
     pub fn load(&self, key: &Key, request: &Request) -> Result<Lease, PoolError> {
         self.lend(key, request, true, false)
     }

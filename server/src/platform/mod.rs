@@ -522,9 +522,9 @@ impl Platform {
         })
     }
 
-    /// Starts the function once, so a missing handler or a syntax error is reported at deploy.
-    /// Proves that `version` loads, in a sandbox from the pool that is then kept for its first
-    /// call. At the pool's caps it proves it in a sandbox of its own, stopped at once.
+    /// Proves that `version` loads (a missing handler or a syntax error is reported at
+    /// deploy), in a sandbox from the pool that is then kept for its first call. At the
+    /// pool's caps it proves it in a sandbox of its own, stopped at once.
     fn load(&self, function_id: &str, name: &str, version: &Version) -> Result<Option<Lease>> {
         let (key, request) = request_for(function_id, name, version);
         match self.inner.pool.load(&key, &request) {
@@ -1220,17 +1220,17 @@ fn log_invocation(task: &Task, version: &Version, c: &Completion) {
     // Rendered first and written whole: stderr is unbuffered, and formatting a JSON value
     // straight into it costs a write(2) per fragment.
     let mut line = json!({
-            "event": "invocation",
-            "task_id": task.task_id,
-            "function": task.function,
-            "version": version.version,
-            "status": c.status.as_str(),
-            "duration_ms": usage.duration_ms,
-            "billed_duration_ms": billed,
-            "memory_size_mb": version.memory_mb,
-            "max_memory_used_mb": usage.peak_memory_bytes as f64 / 1048576.0,
-            "init_duration_ms": usage.init_duration_ms,
-            "cold": usage.cold,
+        "event": "invocation",
+        "task_id": task.task_id,
+        "function": task.function,
+        "version": version.version,
+        "status": c.status.as_str(),
+        "duration_ms": usage.duration_ms,
+        "billed_duration_ms": billed,
+        "memory_size_mb": version.memory_mb,
+        "max_memory_used_mb": usage.peak_memory_bytes as f64 / 1048576.0,
+        "init_duration_ms": usage.init_duration_ms,
+        "cold": usage.cold,
     })
     .to_string();
     line.push('\n');
