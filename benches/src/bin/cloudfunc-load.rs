@@ -109,9 +109,12 @@ fn run(url: &str, token: &str, clients: usize, seconds: u64, max_requests: u64) 
                 counts.clone(),
             );
             std::thread::spawn(move || {
+                // Timeouts per phase, not global: with a global one, ureq resolves the
+                // address on a new thread for every request, which the timings would count.
                 let agent = ureq::Agent::config_builder()
                     .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(60)))
+                    .timeout_connect(Some(Duration::from_secs(5)))
+                    .timeout_recv_response(Some(Duration::from_secs(60)))
                     .build()
                     .new_agent();
                 let mut mine = Vec::new();
