@@ -49,6 +49,10 @@ fn main() {
         ("missing_gvisor_is_refused_at_deploy", missing_gvisor),
         ("warm_pool_over_http", warm_pool),
         ("pool_caps_from_the_command_line", pool_caps),
+        (
+            "sync_records_are_read_at_once_and_kept_at_shutdown",
+            sync_records,
+        ),
     ];
     let why = missing();
     if let Some(why) = &why {
@@ -1454,4 +1458,63 @@ fn pool_caps() {
         s.stop();
         s.remove_files();
     }
+}
+
+/// A sync call's record is written behind its reply: a read right after the reply still
+/// finds it, and a graceful stop right after a burst keeps every one.
+fn sync_records() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-api-records-")
+        .tempdir()
+        .unwrap();
+    let s = Server::start_in(dir.path(), "records", 0, &[]);
+    let t = s.token("records", false);
+    let echo = "def handler(event):\n    return event['n']\n";
+    assert_eq!(deploy(&s, &t, "echo", &[("function.py", echo)]).status, 201);
+    let call = |s: &Server, n: u64| -> String {
+        let r = post_json(s, "/api/functions/echo/invoke", &t, &json!({ "n": n }));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.body["result"], n);
+        r.body["task_id"].as_str().unwrap().to_string()
+    };
+    std::thread::scope(|scope| {
+        for client in 0..4u64 {
+            let (s, call, t) = (&s, &call, &t);
+            scope.spawn(move || {
+                for i in 0..25 {
+                    let n = client * 100 + i;
+                    let id = call(s, n);
+                    let r = get(s, &format!("/api/tasks/{id}"), t);
+                    assert_eq!(r.status, 200, "task {id} read right after its reply: {r:?}");
+                    assert_eq!(r.body["status"], "succeeded");
+                    assert_eq!(r.body["result"], n);
+                }
+            });
+        }
+    });
+    let m = get(&s, "/api/functions/echo/metrics", &t);
+    assert_eq!(m.body["invocations"], 100, "{m:?}");
+
+    // The disk is held up (another process holds the write lock), so the burst's records are
+    // all still queued when the stop comes: the server must write them before it exits.
+    let blocker = rusqlite::Connection::open(dir.path().join("data/cloudfunc.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let burst: Vec<String> = (0..50).map(|n| call(&s, n)).collect();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        blocker.execute_batch("ROLLBACK").unwrap();
+    });
+    s.stop();
+    release.join().unwrap();
+    let s = Server::start_in(dir.path(), "records", 0, &[]);
+    let t = s.token("records", false);
+    for (n, id) in burst.iter().enumerate() {
+        let r = get(&s, &format!("/api/tasks/{id}"), &t);
+        assert_eq!(r.status, 200, "task {id} kept through the stop: {r:?}");
+        assert_eq!(r.body["result"], n);
+    }
+    let m = get(&s, "/api/functions/echo/metrics", &t);
+    assert_eq!(m.body["invocations"], 150, "{m:?}");
+    s.stop();
+    s.remove_files();
 }

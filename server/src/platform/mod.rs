@@ -253,6 +253,13 @@ impl Platform {
         self.inner.store.clone()
     }
 
+    /// The store, once every write queued before now is in it: a sync call's record is
+    /// written behind its reply, and a read after the reply must still find it.
+    async fn settled_store(&self) -> Arc<dyn Store> {
+        self.inner.recorder.settle().await;
+        self.inner.store.clone()
+    }
+
     /// The sandbox engines.
     pub fn engines(&self) -> &Engines {
         self.inner.pool.engines()
@@ -277,6 +284,7 @@ impl Platform {
     pub async fn shutdown(&self) {
         let pool = self.inner.pool.clone();
         let _ = blocking(move || pool.shutdown()).await;
+        self.inner.recorder.settle().await;
     }
 
     async fn drain(&self, function_id: &str) {
@@ -582,8 +590,10 @@ impl Platform {
         let function = self.find(caller, key).await?;
         let (this, id) = (self.clone(), function.id.clone());
         let code_root = self.inner.config.code_dir.join(&function.id);
+        // Records of its calls so far go in first, so none is written after the deletion.
+        let store = self.settled_store().await;
         blocking(move || -> Result<()> {
-            this.inner.store.delete_function(&id)?;
+            store.delete_function(&id)?;
             // Before the code goes, so that no new call resolves to it.
             this.inner.catalog.invalidate();
             let _ = std::fs::remove_dir_all(&code_root);
@@ -640,7 +650,8 @@ impl Platform {
     }
 
     /// Runs a function now and returns its finished task. The task is stored once, when it
-    /// has ended; the lookup and the call share one blocking thread.
+    /// has ended, behind the reply (reads settle the recorder first, so they still find it);
+    /// the lookup and the call share one blocking thread.
     pub async fn invoke(
         &self,
         caller: &Caller,
@@ -664,9 +675,10 @@ impl Platform {
         .await??;
         let at = now_ms();
         let ended = task.clone().ended(completion.clone(), at);
+        // The caller has its result: the record need not be on disk before the reply.
         self.inner
             .recorder
-            .write(Write::Finished {
+            .write_behind(Write::Finished {
                 task: Box::new(task),
                 completion,
                 at,
@@ -699,7 +711,7 @@ impl Platform {
     /// A task as the caller sees it.
     pub async fn task(&self, caller: &Caller, task_id: &str) -> Result<Task> {
         let (store, scope, id) = (
-            self.inner.store.clone(),
+            self.settled_store().await,
             caller.scope().map(String::from),
             task_id.to_string(),
         );
@@ -711,7 +723,7 @@ impl Platform {
     /// Recent tasks of a function.
     pub async fn recent(&self, caller: &Caller, key: &str, limit: u32) -> Result<Vec<Task>> {
         let function = self.find(caller, key).await?;
-        let store = self.inner.store.clone();
+        let store = self.settled_store().await;
         Ok(blocking(move || store.recent_tasks(&function.id, limit)).await??)
     }
 

@@ -37,7 +37,7 @@ impl Platform {
             None => None,
         };
         let (store, scope, fid) = (
-            self.inner.store.clone(),
+            self.settled_store().await,
             caller.scope().map(String::from),
             function.as_ref().map(|f| f.id.clone()),
         );
@@ -103,7 +103,7 @@ impl Platform {
 
     /// The Prometheus exposition: the caller's functions, and the whole system for an admin.
     pub async fn prometheus(&self, caller: &Caller) -> Result<String> {
-        let (store, scope) = (self.inner.store.clone(), caller.scope().map(String::from));
+        let (store, scope) = (self.settled_store().await, caller.scope().map(String::from));
         let day = crate::rollup::RESOLUTIONS[2];
         let admin = caller.admin;
         let (rows, counts) = blocking(move || -> Result<_> {

@@ -70,6 +70,17 @@ pub enum Write {
     },
 }
 
+impl Write {
+    /// The task written.
+    pub fn task_id(&self) -> &str {
+        match self {
+            Write::Insert(task) => &task.task_id,
+            Write::Finished { task, .. } => &task.task_id,
+            Write::Complete { task_id, .. } => task_id,
+        }
+    }
+}
+
 /// Where functions, versions and tasks are kept. `tenant: None` means an admin, who sees all.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// The function `key` (an id or a name) as `tenant` sees it.

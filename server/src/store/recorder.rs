@@ -1,10 +1,16 @@
 //! Group commit: writes of tasks from many calls at once go to the store in one transaction.
 //!
-//! A caller hands its [`Write`] to the recorder's thread and waits until it is committed, so
-//! what a caller is told is on disk. While one batch commits, the next ones queue; the thread
-//! then takes everything queued (up to [`MAX_BATCH`]) into the next transaction. One caller
-//! alone pays one commit, as before; many share each commit.
+//! A caller hands its [`Write`] to the recorder's thread. While one batch commits, the next
+//! ones queue; the thread then takes everything queued (up to [`MAX_BATCH`]) into the next
+//! transaction. One caller alone pays one commit; many share each commit.
+//!
+//! [`Recorder::write`] returns once the write is committed, so what a caller is told is on
+//! disk. [`Recorder::write_behind`] returns once the write is queued, for a record whose
+//! caller need not wait for the disk (a finished sync call: its caller has the result); it
+//! waits for the commit only while more than [`BEHIND_LIMIT`] writes are queued. Readers
+//! call [`Recorder::settle`] first, so a read sees every write queued before it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
@@ -15,42 +21,86 @@ use super::{Result, Store, StoreError, Write};
 /// The most writes in one transaction.
 pub const MAX_BATCH: usize = 512;
 
-type Reply = oneshot::Sender<Result<()>>;
+/// The most writes queued behind their callers before [`Recorder::write_behind`] waits for
+/// its commit, so a slow disk slows callers down instead of filling memory.
+pub const BEHIND_LIMIT: usize = 4 * MAX_BATCH;
+
+/// What the recorder's thread is handed.
+enum Message {
+    /// A write, and who waits for its commit (no one for a write behind).
+    Write(Box<Write>, Option<oneshot::Sender<Result<()>>>),
+    /// Answered once everything queued before it is committed (or has failed).
+    Settle(oneshot::Sender<()>),
+}
 
 /// The handle callers write through. Cheap to clone; the thread ends when the last is dropped.
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    queue: mpsc::Sender<(Write, Reply)>,
+    queue: mpsc::Sender<Message>,
+    /// Writes queued and not yet committed.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Recorder {
     /// Starts the recorder's thread over `store`.
     pub fn start(store: Arc<dyn Store>) -> std::io::Result<Recorder> {
-        let (queue, incoming) = mpsc::channel::<(Write, Reply)>();
+        let (queue, incoming) = mpsc::channel::<Message>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let counted = pending.clone();
         std::thread::Builder::new()
             .name("cloudfunc-recorder".into())
             .spawn(move || {
                 while let Ok(first) = incoming.recv() {
                     let mut batch = vec![first];
                     batch.extend(incoming.try_iter().take(MAX_BATCH - 1));
-                    commit(store.as_ref(), batch);
+                    commit(store.as_ref(), batch, &counted);
                 }
             })?;
-        Ok(Recorder { queue })
+        Ok(Recorder { queue, pending })
+    }
+
+    fn send(&self, write: Write, reply: Option<oneshot::Sender<Result<()>>>) -> Result<()> {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.queue
+            .send(Message::Write(Box::new(write), reply))
+            .map_err(|_| {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                gone()
+            })
     }
 
     /// Stores `write`; returns once it is committed.
     pub async fn write(&self, write: Write) -> Result<()> {
         let (reply, committed) = oneshot::channel();
-        self.queue.send((write, reply)).map_err(|_| gone())?;
+        self.send(write, Some(reply))?;
         committed.await.map_err(|_| gone())?
     }
 
     /// [`Recorder::write`] for a thread outside the async runtime.
     pub fn write_blocking(&self, write: Write) -> Result<()> {
         let (reply, committed) = oneshot::channel();
-        self.queue.send((write, reply)).map_err(|_| gone())?;
+        self.send(write, Some(reply))?;
         committed.blocking_recv().map_err(|_| gone())?
+    }
+
+    /// Stores `write` without waiting for the disk, unless too many writes are queued already;
+    /// a write that then fails is reported on stderr.
+    pub async fn write_behind(&self, write: Write) -> Result<()> {
+        if self.pending.load(Ordering::SeqCst) >= BEHIND_LIMIT {
+            return self.write(write).await;
+        }
+        self.send(write, None)
+    }
+
+    /// Returns once every write queued before this call is committed (or has failed).
+    pub async fn settle(&self) {
+        if self.pending.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let (reply, settled) = oneshot::channel();
+        if self.queue.send(Message::Settle(reply)).is_ok() {
+            let _ = settled.await;
+        }
     }
 }
 
@@ -58,18 +108,44 @@ fn gone() -> StoreError {
     StoreError::Unavailable("the recorder has stopped".into())
 }
 
-/// Commits a batch in one transaction. Should it fail, each write is tried alone, so that one
-/// bad write fails only its own caller.
-fn commit(store: &dyn Store, batch: Vec<(Write, Reply)>) {
-    let (writes, replies): (Vec<Write>, Vec<Reply>) = batch.into_iter().unzip();
-    if writes.len() > 1 && store.write(&writes).is_ok() {
-        for reply in replies {
-            let _ = reply.send(Ok(()));
+/// Commits the writes of a batch in one transaction, then answers its settles. Should the
+/// transaction fail, each write is tried alone, so that one bad write fails only its own.
+fn commit(store: &dyn Store, batch: Vec<Message>, pending: &AtomicUsize) {
+    let mut writes = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut settles = Vec::new();
+    for message in batch {
+        match message {
+            Message::Write(write, reply) => {
+                writes.push(*write);
+                replies.push(reply);
+            }
+            Message::Settle(reply) => settles.push(reply),
         }
-        return;
     }
-    for (write, reply) in writes.into_iter().zip(replies) {
-        let _ = reply.send(store.write(std::slice::from_ref(&write)));
+    let results: Vec<Result<()>> = if writes.len() > 1 && store.write(&writes).is_ok() {
+        writes.iter().map(|_| Ok(())).collect()
+    } else {
+        writes
+            .iter()
+            .map(|write| store.write(std::slice::from_ref(write)))
+            .collect()
+    };
+    pending.fetch_sub(writes.len(), Ordering::SeqCst);
+    for ((write, reply), result) in writes.iter().zip(replies).zip(results) {
+        match reply {
+            Some(reply) => {
+                let _ = reply.send(result);
+            }
+            None => {
+                if let Err(e) = result {
+                    eprintln!("cloudfunc: recording task {} failed: {e}", write.task_id());
+                }
+            }
+        }
+    }
+    for reply in settles {
+        let _ = reply.send(());
     }
 }
 
@@ -147,5 +223,67 @@ mod tests {
             .sum();
         assert_eq!(counted, 399, "each finished call counted once");
         assert_eq!(store.queue_depth().unwrap(), 1);
+    }
+
+    fn finished(f: &crate::model::Function) -> (String, Write) {
+        let mut t = task("a", f, "sync");
+        t.status = TaskStatus::Running;
+        let id = t.task_id.clone();
+        let write = Write::Finished {
+            task: Box::new(t),
+            completion: ending(),
+            at: crate::model::now_ms(),
+        };
+        (id, write)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_behind_are_read_after_a_settle_and_wait_once_too_many_are_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let (id, n) = store.next_version("a", "f").unwrap();
+        let f = store.add_version("a", &id, "f", &version(n)).unwrap();
+        let recorder = Recorder::start(store.clone()).unwrap();
+        // Nothing queued: a settle returns at once.
+        recorder.settle().await;
+
+        // Another connection holds the write lock, so the recorder's commits wait behind it.
+        let blocker = rusqlite::Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..BEHIND_LIMIT {
+            let (id, write) = finished(&f);
+            ids.push(id);
+            // Returns without the disk: the commit cannot have happened.
+            recorder.write_behind(write).await.unwrap();
+        }
+        assert!(store.task(None, &ids[0]).unwrap().is_none());
+        // One more than the limit waits for its own commit.
+        let (last, write) = finished(&f);
+        let waiting = {
+            let recorder = recorder.clone();
+            tokio::spawn(async move { recorder.write_behind(write).await })
+        };
+        let settled = {
+            let recorder = recorder.clone();
+            tokio::spawn(async move { recorder.settle().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "a write past the limit waits");
+        assert!(
+            !settled.is_finished(),
+            "a settle waits for the queued writes"
+        );
+
+        blocker.execute_batch("ROLLBACK").unwrap();
+        waiting.await.unwrap().unwrap();
+        settled.await.unwrap();
+        ids.push(last);
+        recorder.settle().await;
+        for id in &ids {
+            let t = store.task(None, id).unwrap();
+            assert_eq!(t.map(|t| t.status), Some(TaskStatus::Succeeded), "{id}");
+        }
     }
 }
