@@ -236,6 +236,9 @@ struct State {
     stats: PoolStats,
     /// Shut down: nothing is kept any more.
     closed: bool,
+    /// Sandboxes being started off the callers' path (stem cells, `min_instances`), which a
+    /// shutdown waits for.
+    starting: usize,
 }
 
 /// The pool. Share it in an `Arc`.
@@ -248,6 +251,21 @@ pub struct Pool {
     freed: Condvar,
     /// Sandboxes to stop, stopped off the callers' path.
     graveyard: Mutex<Vec<Sandbox>>,
+}
+
+/// How long a shutdown waits for sandboxes being started to be stopped again.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+
+/// Counts a start under way as ended when dropped, whichever way it ended.
+struct Started<'a>(&'a Pool);
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.starting -= 1;
+        drop(state);
+        self.0.freed.notify_all();
+    }
 }
 
 /// The memory a stem cell commits: the default limits'.
@@ -554,11 +572,16 @@ impl Pool {
             if !self.make_room(&mut state, memory, Some(key)) {
                 return;
             }
+            if state.closed {
+                return;
+            }
             state.total += 1;
             state.memory += memory;
+            state.starting += 1;
             state.functions.entry(key.clone()).or_default().busy += 1;
             *state.generations.get(&key.function_id).unwrap_or(&0)
         };
+        let _started = Started(self);
         match Sandbox::create(engine, request.spec.clone()) {
             Ok(sandbox) => self.release(Lease {
                 key: key.clone(),
@@ -590,17 +613,29 @@ impl Pool {
                     {
                         let mut state = self.lock();
                         let have = state.stems.get(&(runtime, isolation)).map_or(0, Vec::len);
-                        if have >= self.config.stem_cells
+                        if state.closed
+                            || have >= self.config.stem_cells
                             || !self.make_room(&mut state, stem_memory(), None)
                         {
                             break;
                         }
                         state.total += 1;
                         state.memory += stem_memory();
+                        state.starting += 1;
                     }
-                    match StemCell::start(engine, runtime, Limits::default()) {
+                    let started = StemCell::start(engine, runtime, Limits::default());
+                    let _started = Started(self);
+                    match started {
                         Ok(cell) => {
                             let mut state = self.lock();
+                            if state.closed {
+                                // Shut down while it started: stop it, not keep it.
+                                state.total -= 1;
+                                state.memory -= stem_memory();
+                                drop(state);
+                                let _ = cell.shutdown();
+                                break;
+                            }
                             *state
                                 .stats
                                 .sandbox_starts
@@ -764,6 +799,12 @@ impl Pool {
                 let _ = stem.cell.shutdown();
             }
         }
+        self.bury_now();
+        // A start under way sees `closed` when it ends and stops what it started.
+        let state = self.lock();
+        let _ = self
+            .freed
+            .wait_timeout_while(state, SHUTDOWN_WAIT, |s| s.starting > 0);
         self.bury_now();
     }
 

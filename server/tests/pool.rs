@@ -351,6 +351,31 @@ fn deploy_load_is_kept_for_the_first_call() {
     f.pool.shutdown();
 }
 
+/// A shutdown that comes while a stem cell is starting stops that cell too, before it returns
+/// (the process exits right after it).
+fn shutdown_stops_stem_cells_still_starting() {
+    let f = fixture(
+        "late-stem",
+        PoolConfig {
+            stem_cells: 1,
+            ..PoolConfig::default()
+        },
+    );
+    let pool = f.pool.clone();
+    let refill = std::thread::spawn(move || pool.refill_stems());
+    // A start takes tens of milliseconds: this one is under way when the shutdown comes.
+    std::thread::sleep(Duration::from_millis(5));
+    f.pool.shutdown();
+    let containers = f.dir.path().join("state").join("containers");
+    let left: Vec<_> = std::fs::read_dir(&containers)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert_eq!(left, Vec::<std::ffi::OsString>::new(), "containers left");
+    refill.join().unwrap();
+    let stats = f.pool.stats();
+    assert_eq!((stats.sandboxes, stats.prewarmed), (0, 0), "{stats:?}");
+}
+
 fn main() {
     let args = Arguments::from_args();
     let tests: Vec<(&str, fn())> = vec![
@@ -373,6 +398,10 @@ fn main() {
         (
             "deploy_load_is_kept_for_the_first_call",
             deploy_load_is_kept_for_the_first_call,
+        ),
+        (
+            "shutdown_stops_stem_cells_still_starting",
+            shutdown_stops_stem_cells_still_starting,
         ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {
