@@ -569,10 +569,7 @@ impl Pool {
         let memory = request.spec.limits.memory_bytes;
         let generation = {
             let mut state = self.lock();
-            if !self.make_room(&mut state, memory, Some(key)) {
-                return;
-            }
-            if state.closed {
+            if state.closed || !self.make_room(&mut state, memory, Some(key)) {
                 return;
             }
             state.total += 1;
@@ -623,9 +620,8 @@ impl Pool {
                         state.memory += stem_memory();
                         state.starting += 1;
                     }
-                    let started = StemCell::start(engine, runtime, Limits::default());
                     let _started = Started(self);
-                    match started {
+                    match StemCell::start(engine, runtime, Limits::default()) {
                         Ok(cell) => {
                             let mut state = self.lock();
                             if state.closed {
