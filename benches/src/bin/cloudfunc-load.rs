@@ -21,21 +21,32 @@ struct Spawned {
 }
 
 impl Drop for Spawned {
+    /// Stops the server as an operator would (SIGTERM: it settles its records, stops its
+    /// sandboxes and removes its cgroups); only one that hangs is killed, and then what it
+    /// leaves behind is removed here.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // The shims tear their containers down when the server goes; the parent cgroups stay.
-        std::thread::sleep(Duration::from_millis(500));
-        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let _ = std::fs::remove_dir(
-                hierarchy
-                    .path()
-                    .join(format!("cloudfunc-load-{}", std::process::id())),
-            );
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            eprintln!("cloudfunc-load: the server did not stop within 30 s; killing it");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            // The shims tear their containers down when the server goes; the parents stay.
+            std::thread::sleep(Duration::from_millis(500));
+            let parent = format!("cloudfunc-load-{}", std::process::id());
+            for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                for name in [parent.clone(), format!("{parent}-gvisor")] {
+                    let _ = std::fs::remove_dir(hierarchy.path().join(name));
+                }
+            }
         }
     }
 }
