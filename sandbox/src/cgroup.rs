@@ -120,33 +120,30 @@ impl CgroupFs {
         }
     }
 
-    /// Every hierarchy directory of the cgroup at absolute `path`.
+    /// Every hierarchy directory of the cgroup at absolute `path`: on v1, its directory in
+    /// every hierarchy mounted under the root, as the runtimes create it in each.
     pub fn dirs(&self, path: &str) -> Vec<PathBuf> {
         let rel = path.trim_start_matches('/');
         let mut dirs = vec![self.memory.join(rel)];
-        for dir in [self.cpu.join(rel), self.pids.join(rel)] {
+        let mut add = |dir: PathBuf| {
             if !dirs.contains(&dir) {
                 dirs.push(dir);
             }
-        }
+        };
+        add(self.cpu.join(rel));
+        add(self.pids.join(rel));
         if self.version == CgroupVersion::V1 {
-            // libcontainer also creates the sandbox's cgroup in these hierarchies.
             let root = self.memory.parent().unwrap_or(Path::new("/"));
-            for name in [
-                "cpu",
-                "cpuset",
-                "devices",
-                "freezer",
-                "blkio",
-                "net_cls",
-                "perf_event",
-                "hugetlb",
-            ] {
-                let dir = root.join(name).join(rel);
-                if !dirs.contains(&dir) {
-                    dirs.push(dir);
-                }
-            }
+            let mut mounted: Vec<PathBuf> = fs::read_dir(root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                // Symbolic links (`cpu` -> `cpu,cpuacct`) name a hierarchy listed already.
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path().join(rel))
+                .collect();
+            mounted.sort();
+            mounted.into_iter().for_each(add);
         }
         dirs
     }
@@ -476,6 +473,36 @@ mod tests {
         assert_eq!(
             fs::read_to_string(mem.join("memory.max_usage_in_bytes")).unwrap(),
             "0"
+        );
+    }
+
+    #[test]
+    fn v1_dirs_cover_every_mounted_hierarchy() {
+        let root = tempfile::tempdir().unwrap();
+        for h in [
+            "memory",
+            "cpu,cpuacct",
+            "pids",
+            "freezer",
+            "net_cls,net_prio",
+        ] {
+            fs::create_dir_all(root.path().join(h)).unwrap();
+        }
+        for (link, target) in [("cpuacct", "cpu,cpuacct"), ("net_cls", "net_cls,net_prio")] {
+            std::os::unix::fs::symlink(target, root.path().join(link)).unwrap();
+        }
+        let fs_ = CgroupFs::detect(root.path()).unwrap();
+        let rel = |h: &str| root.path().join(h).join("cf/sb1");
+        assert_eq!(
+            fs_.dirs("/cf/sb1"),
+            vec![
+                rel("memory"),
+                rel("cpuacct"),
+                rel("pids"),
+                rel("cpu,cpuacct"),
+                rel("freezer"),
+                rel("net_cls,net_prio"),
+            ]
         );
     }
 

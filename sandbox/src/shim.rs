@@ -25,6 +25,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
 use crate::control::{Channel, ExitKind, Message};
 use crate::error::error_chain;
 
@@ -129,8 +130,9 @@ trait Driver {
     fn kill(&mut self, pid: Pid) {
         let _ = kill(pid, Signal::SIGKILL);
     }
-    /// Deletes the container's state and cgroup.
-    fn delete(&mut self);
+    /// Deletes the container's state and cgroup. `stopped`: its init has been reaped and
+    /// every other process of it killed.
+    fn delete(&mut self, stopped: bool);
 }
 
 /// Runs the shim with its control channel on stdin. Returns the process exit code.
@@ -165,7 +167,7 @@ pub fn run(args: ShimArgs) -> i32 {
     let pid = match driver.start(stdio) {
         Ok(pid) => pid,
         Err(why) => {
-            driver.delete();
+            driver.delete(false);
             let _ = control.send(&Message::Failed(why));
             return 1;
         }
@@ -209,11 +211,36 @@ impl Driver for Libcontainer {
             .ok_or_else(|| "the container has no init pid".to_string())
     }
 
-    fn delete(&mut self) {
-        if let Some(container) = self.container.as_mut() {
-            let _ = container.delete(true);
+    fn delete(&mut self, stopped: bool) {
+        let Some(container) = self.container.as_mut() else {
+            return;
+        };
+        if stopped && remove_stopped(container).is_ok() {
+            return;
         }
+        let _ = container.delete(true);
     }
+}
+
+/// Deletes a container whose processes are all gone: its cgroup and its state directory.
+/// libcontainer's `delete` does the same and more, but re-reads the mount table and its own
+/// cgroup file for each v1 hierarchy on the way (about 600 system calls, 3.5 ms of every
+/// teardown). Fails, for libcontainer to do it, where the container has what only
+/// libcontainer knows how to undo (hooks, Intel RDT).
+fn remove_stopped(container: &Container) -> Result<(), String> {
+    let config = container.spec().map_err(|e| e.to_string())?;
+    if config.hooks.is_some() || container.intel_rdt_dir().is_some() {
+        return Err("hooks or Intel RDT".into());
+    }
+    let path = config
+        .cgroup_path
+        .to_str()
+        .filter(|p| p.starts_with('/'))
+        .ok_or("not an absolute cgroup path")?;
+    CgroupFs::detect(std::path::Path::new(DEFAULT_CGROUP_ROOT))
+        .and_then(|cgroups| cgroups.remove_tree(path))
+        .map_err(|e| e.to_string())?;
+    std::fs::remove_dir_all(&container.root).map_err(|e| e.to_string())
 }
 
 /// An OCI runtime's command line: `create`, then `start`, then `delete -f`.
@@ -321,7 +348,7 @@ impl Driver for Cli {
         Ok(Pid::from_raw(pid))
     }
 
-    fn delete(&mut self) {
+    fn delete(&mut self, _stopped: bool) {
         let _ = self
             .command()
             .args(["delete", "--force"])
@@ -397,12 +424,12 @@ fn serve(control: &Channel, driver: &mut dyn Driver, pid: Pid) -> i32 {
 }
 
 fn teardown(driver: &mut dyn Driver, pid: Pid, alive: bool) {
-    if alive {
+    let reaped = !alive || {
         driver.kill(pid);
-        let _ = waitpid(pid, None);
-    }
+        waitpid(pid, None).is_ok()
+    };
     kill_children();
-    driver.delete();
+    driver.delete(reaped);
 }
 
 /// Kills and reaps every remaining child of the shim: after the container's init, only

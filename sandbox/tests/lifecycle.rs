@@ -42,8 +42,13 @@ pub fn cases() -> Vec<Case> {
         ),
         Case::new(
             "lifecycle::crash_is_swept_at_next_start",
-            py,
+            py.clone(),
             crash_is_swept,
+        ),
+        Case::new(
+            "lifecycle::host_gone_shim_removes_the_container",
+            py,
+            host_gone_shim_removes_the_container,
         ),
     ]
 }
@@ -285,13 +290,11 @@ pub fn run_helper_if_asked() -> bool {
     unreachable!("the test kills this process first")
 }
 
-fn crash_is_swept() {
-    let dir = tempfile::Builder::new()
-        .prefix("cloudfunc-crash-")
-        .tempdir()
-        .unwrap();
+/// Starts the helper (a host with one sandbox busy in an endless call) in a process group of
+/// its own under `dir`; returns it, its sandbox's init pid and its sandbox's id.
+fn start_helper(dir: &Path) -> (std::process::Child, i32, String) {
     let mut helper = Command::new(std::env::current_exe().unwrap())
-        .env(HELPER_ENV, dir.path())
+        .env(HELPER_ENV, dir)
         .stdout(Stdio::piped())
         .process_group(0)
         .spawn()
@@ -303,8 +306,15 @@ fn crash_is_swept() {
     let words: Vec<&str> = line.split_whitespace().collect();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(words.first(), Some(&"ready"), "helper said {line:?}");
-    let init: i32 = words[1].parse().unwrap();
-    let id = words[2].to_string();
+    (helper, words[1].parse().unwrap(), words[2].to_string())
+}
+
+fn crash_is_swept() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-crash-")
+        .tempdir()
+        .unwrap();
+    let (mut helper, init, id) = start_helper(dir.path());
 
     // A power-cut-like crash: the host process and its shim die together, so nobody is left
     // to tear the container down. Its init keeps running in its own session.
@@ -371,4 +381,43 @@ fn crash_is_swept() {
     );
     std::fs::remove_dir(&foreign).unwrap();
     std::fs::remove_dir(foreign.parent().unwrap()).unwrap();
+}
+
+/// The host dies but its shim does not: the shim sees its control socket close and removes
+/// the container itself (processes, cgroup in every hierarchy, runtime state), with no engine
+/// left to clean up after it and no sweep.
+fn host_gone_shim_removes_the_container() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-crash-")
+        .tempdir()
+        .unwrap();
+    let (mut helper, init, id) = start_helper(dir.path());
+    let containers = dir.path().join("state").join("containers");
+    assert_eq!(dir_entries(&containers), vec![id.clone()]);
+    let cgroups = cloudfunc_sandbox::cgroup::CgroupFs::detect(Path::new("/sys/fs/cgroup")).unwrap();
+    let own = cgroups.dirs(&format!("/cloudfunc-crash/{id}"));
+    assert!(own[0].is_dir(), "the sandbox has a cgroup while it runs");
+
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    let marker = containers.to_string_lossy().into_owned();
+    for _ in 0..250 {
+        if processes_mentioning(&marker).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        processes_mentioning(&marker),
+        Vec::<i32>::new(),
+        "shim left"
+    );
+    assert!(!pid_alive(init), "the container's init outlived its shim");
+    assert_eq!(dir_entries(&containers), Vec::<String>::new(), "state left");
+    for dir in &own {
+        assert!(!dir.exists(), "cgroup {} left", dir.display());
+    }
+    for dir in cgroups.dirs("/cloudfunc-crash") {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
