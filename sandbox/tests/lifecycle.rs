@@ -50,6 +50,11 @@ pub fn cases() -> Vec<Case> {
             py,
             host_gone_shim_removes_the_container,
         ),
+        Case::new(
+            "lifecycle::shim_needs_no_relocating",
+            vec![],
+            shim_needs_no_relocating,
+        ),
     ]
 }
 
@@ -420,4 +425,13 @@ fn host_gone_shim_removes_the_container() {
     for dir in cgroups.dirs("/cloudfunc-crash") {
         let _ = std::fs::remove_dir(dir);
     }
+}
+
+/// The shim is linked at a fixed address (see `sandbox/build.rs`): its ELF type is `ET_EXEC`,
+/// not the `ET_DYN` of a position-independent executable the loader must relocate.
+fn shim_needs_no_relocating() {
+    let elf = std::fs::read(env!("CARGO_BIN_EXE_cloudfunc-shim")).unwrap();
+    assert_eq!(&elf[..4], b"\x7fELF");
+    let e_type = u16::from_le_bytes([elf[16], elf[17]]);
+    assert_eq!(e_type, 2, "the shim must be ET_EXEC (2), is {e_type}");
 }
