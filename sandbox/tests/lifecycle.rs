@@ -296,10 +296,15 @@ pub fn run_helper_if_asked() -> bool {
 }
 
 /// Starts the helper (a host with one sandbox busy in an endless call) in a process group of
-/// its own under `dir`; returns it, its sandbox's init pid and its sandbox's id.
-fn start_helper(dir: &Path) -> (std::process::Child, i32, String) {
+/// its own, under a new directory; returns the directory, the helper, its sandbox's init pid
+/// and its sandbox's id.
+fn start_helper() -> (tempfile::TempDir, std::process::Child, i32, String) {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-crash-")
+        .tempdir()
+        .unwrap();
     let mut helper = Command::new(std::env::current_exe().unwrap())
-        .env(HELPER_ENV, dir)
+        .env(HELPER_ENV, dir.path())
         .stdout(Stdio::piped())
         .process_group(0)
         .spawn()
@@ -311,15 +316,11 @@ fn start_helper(dir: &Path) -> (std::process::Child, i32, String) {
     let words: Vec<&str> = line.split_whitespace().collect();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(words.first(), Some(&"ready"), "helper said {line:?}");
-    (helper, words[1].parse().unwrap(), words[2].to_string())
+    (dir, helper, words[1].parse().unwrap(), words[2].to_string())
 }
 
 fn crash_is_swept() {
-    let dir = tempfile::Builder::new()
-        .prefix("cloudfunc-crash-")
-        .tempdir()
-        .unwrap();
-    let (mut helper, init, id) = start_helper(dir.path());
+    let (dir, mut helper, init, id) = start_helper();
 
     // A power-cut-like crash: the host process and its shim die together, so nobody is left
     // to tear the container down. Its init keeps running in its own session.
@@ -392,11 +393,7 @@ fn crash_is_swept() {
 /// the container itself (processes, cgroup in every hierarchy, runtime state), with no engine
 /// left to clean up after it and no sweep.
 fn host_gone_shim_removes_the_container() {
-    let dir = tempfile::Builder::new()
-        .prefix("cloudfunc-crash-")
-        .tempdir()
-        .unwrap();
-    let (mut helper, init, id) = start_helper(dir.path());
+    let (dir, mut helper, init, id) = start_helper();
     let containers = dir.path().join("state").join("containers");
     assert_eq!(dir_entries(&containers), vec![id.clone()]);
     let cgroups = cloudfunc_sandbox::cgroup::CgroupFs::detect(Path::new("/sys/fs/cgroup")).unwrap();
