@@ -7,11 +7,13 @@
 //! a temporary directory, and stops it afterwards.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cloudfunc_sandbox::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
 use cloudfunc_server::metrics::percentile;
 
 struct Spawned {
@@ -37,14 +39,12 @@ impl Drop for Spawned {
             let _ = self.child.wait();
             // The shims tear their containers down when the server goes; the parents stay.
             std::thread::sleep(Duration::from_millis(500));
-            let parent = format!("cloudfunc-load-{}", std::process::id());
-            for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
+            let parent = format!("/cloudfunc-load-{}", std::process::id());
+            if let Ok(cgroups) = CgroupFs::detect(Path::new(DEFAULT_CGROUP_ROOT)) {
                 for name in [parent.clone(), format!("{parent}-gvisor")] {
-                    let _ = std::fs::remove_dir(hierarchy.path().join(name));
+                    for dir in cgroups.dirs(&name) {
+                        let _ = std::fs::remove_dir(dir);
+                    }
                 }
             }
         }
@@ -212,7 +212,7 @@ fn main() -> Result<()> {
         _ => bail!("--url and --token go together"),
     };
     let zip = cloudfunc_server::archive::zip_dir(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../examples/hello_fn")
             .as_path(),
     )?;

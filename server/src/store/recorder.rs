@@ -191,16 +191,9 @@ mod tests {
                             assert!(matches!(again, Err(StoreError::Sqlite(_))), "{again:?}");
                             continue;
                         }
-                        let mut t = task("a", &f, "sync");
-                        t.status = TaskStatus::Running;
-                        recorder
-                            .write_blocking(Write::Finished {
-                                task: Box::new(t.clone()),
-                                completion: ending(),
-                                at: crate::model::now_ms(),
-                            })
-                            .unwrap();
-                        ids.push(t.task_id);
+                        let (id, write) = finished(&f);
+                        recorder.write_blocking(write).unwrap();
+                        ids.push(id);
                     }
                     ids
                 })
