@@ -9,6 +9,8 @@
 //!   limits and environment), and [`Pool::tick`] starts a replacement.
 //! - Per function: `min_instances` are kept up, `max_instances` run at once, and callers past
 //!   that wait in a bounded queue; a sync caller finding it full is refused ([`PoolError::Busy`]).
+//!   The queue is first come, first served: a sandbox given back goes straight to the caller
+//!   at its head, and only that caller is woken.
 //! - Globally: a cap on sandboxes and on the memory their limits commit. Past it, idle
 //!   sandboxes (and stem cells) go first, least recently used first.
 //! - Deactivating, deleting or redeploying drains a function: its idle sandboxes go at once,
@@ -17,7 +19,7 @@
 //! Every method blocks (sandboxes start and stop synchronously); the platform calls them from
 //! blocking threads. Time comes from a [`Clock`], so tests control it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -209,12 +211,32 @@ struct Idle {
     keep_warm: Duration,
 }
 
+/// A caller queued for a sandbox of one function version.
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    /// Woken alone when its turn comes (with the pool's lock, like every condvar here).
+    wake: Arc<Condvar>,
+}
+
+/// What a queued caller is handed when its turn comes.
+#[derive(Debug)]
+enum Turn {
+    /// The sandbox the call before gave back, still counted busy.
+    Sandbox(Box<Idle>),
+    /// The place a stopped sandbox left under `max_instances`: try again.
+    Place,
+}
+
 #[derive(Debug, Default)]
 struct FunctionState {
     idle: Vec<Idle>,
     /// Lent out or starting.
     busy: usize,
-    waiting: usize,
+    /// Callers at `max_instances`, first come first.
+    waiters: VecDeque<Waiter>,
+    /// Callers waiting for room under the global caps.
+    waiting_room: usize,
     /// What it asked last (for `min_instances`).
     request: Option<Request>,
 }
@@ -236,6 +258,9 @@ struct State {
     stats: PoolStats,
     /// Shut down: nothing is kept any more.
     closed: bool,
+    /// What queued callers were handed, by ticket, until they wake and take it.
+    turns: HashMap<u64, Turn>,
+    next_ticket: u64,
     /// Sandboxes being started off the callers' path (stem cells, `min_instances`), which a
     /// shutdown waits for.
     starting: usize,
@@ -248,6 +273,7 @@ pub struct Pool {
     config: PoolConfig,
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
+    /// Room freed under the caps, or a start under way ended.
     freed: Condvar,
     /// Sandboxes to stop, stopped off the callers' path.
     graveyard: Mutex<Vec<Sandbox>>,
@@ -266,6 +292,28 @@ impl Drop for Started<'_> {
         drop(state);
         self.0.freed.notify_all();
     }
+}
+
+/// Gives the caller first in `key`'s queue its turn: `idle`, a sandbox given back, or with
+/// none, the place a stopped sandbox left. Wakes that caller alone. Returns `idle` when no
+/// one is queued.
+fn hand_over(state: &mut State, key: &Key, idle: Option<Idle>) -> Option<Idle> {
+    let Some(f) = state.functions.get_mut(key) else {
+        return idle;
+    };
+    let Some(waiter) = f.waiters.pop_front() else {
+        return idle;
+    };
+    let turn = match idle {
+        Some(idle) => {
+            f.busy += 1;
+            Turn::Sandbox(Box::new(idle))
+        }
+        None => Turn::Place,
+    };
+    state.turns.insert(waiter.ticket, turn);
+    waiter.wake.notify_one();
+    None
 }
 
 /// The memory a stem cell commits: the default limits'.
@@ -340,8 +388,10 @@ impl Pool {
         let max = request.max_instances.max(1);
         let waited_since = self.clock.now();
         let mut state = self.lock();
-        let generation = *state.generations.get(&key.function_id).unwrap_or(&0);
         loop {
+            // Read each time round: a drain while this caller waited concerns only the
+            // sandboxes lent before it.
+            let generation = *state.generations.get(&key.function_id).unwrap_or(&0);
             let f = state.functions.entry(key.clone()).or_default();
             f.request = Some(request.clone());
             if let Some(idle) = f.idle.pop() {
@@ -418,23 +468,70 @@ impl Pool {
                         retry_after: Duration::from_secs(1),
                     });
                 }
-            } else if sync
-                && (f.waiting >= self.config.max_waiting
-                    || self.clock.now().duration_since(waited_since) >= self.config.max_wait)
-            {
-                return Err(PoolError::Busy {
-                    max_instances: max,
-                    retry_after: Duration::from_secs(1),
-                });
+                // Wait for room (an async task: it has nowhere else to go).
+                state.functions.entry(key.clone()).or_default().waiting_room += 1;
+                let (s, _) = self
+                    .freed
+                    .wait_timeout(state, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner());
+                state = s;
+                state.functions.entry(key.clone()).or_default().waiting_room -= 1;
+                continue;
             }
-            // Wait for a sandbox of this function (or room) to be given back.
-            state.functions.entry(key.clone()).or_default().waiting += 1;
-            let (s, _) = self
-                .freed
-                .wait_timeout(state, Duration::from_millis(100))
-                .unwrap_or_else(|e| e.into_inner());
-            state = s;
-            state.functions.entry(key.clone()).or_default().waiting -= 1;
+            // A sync caller waits a bounded time in a bounded queue; a queued task waits on.
+            let out_of_time =
+                || sync && self.clock.now().duration_since(waited_since) >= self.config.max_wait;
+            let busy = || PoolError::Busy {
+                max_instances: max,
+                retry_after: Duration::from_secs(1),
+            };
+            let queued = f.waiters.len();
+            if (sync && queued >= self.config.max_waiting) || out_of_time() {
+                return Err(busy());
+            }
+            // Queue for this function's next sandbox given back.
+            let ticket = state.next_ticket;
+            state.next_ticket += 1;
+            let wake = Arc::new(Condvar::new());
+            let f = state.functions.entry(key.clone()).or_default();
+            f.waiters.push_back(Waiter {
+                ticket,
+                wake: wake.clone(),
+            });
+            loop {
+                let (s, _) = wake
+                    .wait_timeout(state, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner());
+                state = s;
+                match state.turns.remove(&ticket) {
+                    Some(Turn::Sandbox(idle)) => {
+                        if counted {
+                            state.stats.calls_warm += 1;
+                        }
+                        return Ok(Lease {
+                            key: key.clone(),
+                            generation: *state.generations.get(&key.function_id).unwrap_or(&0),
+                            memory: idle.memory,
+                            keep_warm: request.keep_warm,
+                            sandbox: idle.sandbox,
+                            start: Start::Warm,
+                        });
+                    }
+                    Some(Turn::Place) => break,
+                    None => {}
+                }
+                // Timed out: give up (a sync caller past its wait), or try again should a
+                // place be free that no one handed over.
+                let gave_up = out_of_time();
+                let f = state.functions.entry(key.clone()).or_default();
+                if gave_up || f.busy < max {
+                    f.waiters.retain(|w| w.ticket != ticket);
+                    if gave_up {
+                        return Err(busy());
+                    }
+                    break;
+                }
+            }
         }
     }
 
@@ -456,12 +553,17 @@ impl Pool {
         let f = state.functions.entry(key.clone()).or_default();
         f.busy = f.busy.saturating_sub(1);
         if sandbox.is_alive() && current && !keep_warm.is_zero() && !closed {
-            f.idle.push(Idle {
+            let idle = Idle {
                 sandbox,
                 last_used: now,
                 memory,
                 keep_warm,
-            });
+            };
+            match hand_over(&mut state, &key, Some(idle)) {
+                // Straight to the next caller: nothing was freed, no one else need wake.
+                None => return,
+                Some(idle) => state.functions.entry(key).or_default().idle.push(idle),
+            }
         } else {
             if !current {
                 state.stats.drained += 1;
@@ -469,8 +571,10 @@ impl Pool {
             state.total -= 1;
             state.memory -= memory;
             self.bury(sandbox);
+            hand_over(&mut state, &key, None);
         }
         drop(state);
+        // Room freed, or an idle sandbox another function's caller may evict.
         self.freed.notify_all();
     }
 
@@ -549,7 +653,8 @@ impl Pool {
             state.functions.retain(|_, f| {
                 !f.idle.is_empty()
                     || f.busy > 0
-                    || f.waiting > 0
+                    || !f.waiters.is_empty()
+                    || f.waiting_room > 0
                     || f.request.as_ref().is_some_and(|r| r.min_instances > 0)
             });
         }
@@ -732,6 +837,7 @@ impl Pool {
         }
         state.total -= 1;
         state.memory -= memory;
+        hand_over(state, key, None);
         self.freed.notify_all();
     }
 
@@ -760,7 +866,11 @@ impl Pool {
         stats.sandboxes = state.total;
         stats.idle = state.functions.values().map(|f| f.idle.len()).sum();
         stats.busy = state.functions.values().map(|f| f.busy).sum();
-        stats.waiting = state.functions.values().map(|f| f.waiting).sum();
+        stats.waiting = state
+            .functions
+            .values()
+            .map(|f| f.waiters.len() + f.waiting_room)
+            .sum();
         stats.warm = stats.idle + stats.busy;
         stats.prewarmed = state.stems.values().map(Vec::len).sum();
         stats.memory_committed_bytes = state.memory;

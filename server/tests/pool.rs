@@ -215,6 +215,94 @@ fn concurrency_cap_refuses_sync_calls() {
     f.pool.shutdown();
 }
 
+/// Callers past `max_instances` are served in the order they came, each with the sandbox the
+/// call before gave back (no new one starts); a sync caller past its wait is refused and
+/// leaves the queue.
+fn queued_callers_take_turns_in_order() {
+    let f = fixture(
+        "turns",
+        PoolConfig {
+            stem_cells: 0,
+            max_waiting: 8,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, mut req) = function(&f, "ft", 1, MARKER_PY);
+    req.max_instances = 1;
+    let held = f.pool.acquire(&key, &req, true).unwrap();
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..4 {
+        let (pool, key, req, served) = (f.pool.clone(), key.clone(), req.clone(), served.clone());
+        waiters.push(std::thread::spawn(move || {
+            let lease = pool.acquire(&key, &req, true).expect("its turn comes");
+            served.lock().unwrap().push((i, lease.start));
+            pool.release(lease);
+        }));
+        // The next caller comes only once this one is queued.
+        wait_until(|| f.pool.stats().waiting == i + 1);
+    }
+    f.pool.release(held);
+    for w in waiters {
+        w.join().unwrap();
+    }
+    let served = served.lock().unwrap().clone();
+    assert_eq!(
+        served,
+        (0..4).map(|i| (i, Start::Warm)).collect::<Vec<_>>(),
+        "first come, first served, each warm"
+    );
+    let stats = f.pool.stats();
+    assert_eq!((stats.sandboxes, stats.calls_cold), (1, 1), "{stats:?}");
+    assert_eq!(stats.waiting, 0);
+
+    // A sync caller waits at most `max_wait` (on the pool's clock), then is refused.
+    let held = f.pool.acquire(&key, &req, true).unwrap();
+    let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
+    let refused = std::thread::spawn(move || pool.acquire(&k, &r, true).map(|_| ()));
+    wait_until(|| f.pool.stats().waiting == 1);
+    f.clock.advance(PoolConfig::default().max_wait);
+    assert!(matches!(
+        refused.join().unwrap(),
+        Err(PoolError::Busy {
+            max_instances: 1,
+            ..
+        })
+    ));
+    assert_eq!(
+        f.pool.stats().waiting,
+        0,
+        "the refused caller left the queue"
+    );
+    f.pool.release(held);
+    assert_eq!(f.pool.idle_count(&key), 1, "given back with no one queued");
+
+    // A drain while a caller is queued: the sandbox given back is stopped, and the queued
+    // caller starts a fresh one in its place.
+    let held = f.pool.acquire(&key, &req, true).unwrap();
+    let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
+    let queued = std::thread::spawn(move || {
+        let lease = pool.acquire(&k, &r, false).unwrap();
+        let start = lease.start;
+        pool.release(lease);
+        start
+    });
+    wait_until(|| f.pool.stats().waiting == 1);
+    f.pool.drain(&key.function_id);
+    f.pool.release(held);
+    assert_eq!(queued.join().unwrap(), Start::Cold);
+    f.pool.shutdown();
+}
+
+/// Polls `cond` for up to ten seconds.
+fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn lru_eviction_under_the_cap() {
     let f = fixture(
         "lru",
@@ -391,6 +479,10 @@ fn main() {
         (
             "concurrency_cap_refuses_sync_calls",
             concurrency_cap_refuses_sync_calls,
+        ),
+        (
+            "queued_callers_take_turns_in_order",
+            queued_callers_take_turns_in_order,
         ),
         ("lru_eviction_under_the_cap", lru_eviction_under_the_cap),
         ("drain_removes_warm_sandboxes", drain_removes_warm_sandboxes),
