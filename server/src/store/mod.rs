@@ -399,9 +399,15 @@ impl<'a> Ending<'a> {
     }
 }
 
-/// Stores a task that has already ended (a sync call) in one insert, and adds it to its
-/// rollups.
-fn finished(tx: &Connection, task: &Task, c: &Completion, at: i64) -> Result<()> {
+/// Stores a task that has already ended (a sync call) in one insert, and adds it to the
+/// rollups to be written.
+fn finished(
+    tx: &Connection,
+    task: &Task,
+    c: &Completion,
+    at: i64,
+    rollups: &mut rollups::Pending,
+) -> Result<()> {
     let e = Ending::of(c, at)?;
     let payload = serde_json::to_string(&task.payload)?;
     let opening: [&dyn ToSql; 10] = [
@@ -423,12 +429,18 @@ fn finished(tx: &Connection, task: &Task, c: &Completion, at: i64) -> Result<()>
     ))?
     .execute(params_from_iter(opening.into_iter().chain(e.values())))?;
     let call = ended_call(c, at);
-    rollups::record(tx, &task.tenant, &task.function_id, &task.function, &call)?;
+    rollups.add(&task.tenant, &task.function_id, &task.function, &call);
     Ok(())
 }
 
-/// Stores how a task ended; adds it to its rollups only if it was still open.
-fn complete(tx: &Connection, task_id: &str, c: &Completion, at: i64) -> Result<()> {
+/// Stores how a task ended; adds it to the rollups to be written only if it was still open.
+fn complete(
+    tx: &Connection,
+    task_id: &str,
+    c: &Completion,
+    at: i64,
+    rollups: &mut rollups::Pending,
+) -> Result<()> {
     let e = Ending::of(c, at)?;
     let id: [&dyn ToSql; 1] = [&task_id];
     let values = || params_from_iter(id.into_iter().chain(e.values()));
@@ -442,7 +454,7 @@ fn complete(tx: &Connection, task_id: &str, c: &Completion, at: i64) -> Result<(
         .optional()?;
     match opened {
         Some((tenant, function_id, function, call)) => {
-            rollups::record(tx, &tenant, &function_id, &function, &call)?;
+            rollups.add(&tenant, &function_id, &function, &call);
         }
         // Already finished (its end stored again): the row takes the new ending, and the
         // rollups keep counting the task once.
@@ -679,6 +691,8 @@ impl Store for SqliteStore {
     fn write(&self, writes: &[Write]) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        // The calls' rollups, added up over the batch and written once per row.
+        let mut ended = rollups::Pending::default();
         for w in writes {
             match w {
                 Write::Insert(task) => insert(&tx, task)?,
@@ -686,14 +700,15 @@ impl Store for SqliteStore {
                     task_id,
                     completion,
                     at,
-                } => complete(&tx, task_id, completion, *at)?,
+                } => complete(&tx, task_id, completion, *at, &mut ended)?,
                 Write::Finished {
                     task,
                     completion,
                     at,
-                } => finished(&tx, task, completion, *at)?,
+                } => finished(&tx, task, completion, *at, &mut ended)?,
             }
         }
+        ended.flush(&tx)?;
         tx.commit()?;
         Ok(())
     }

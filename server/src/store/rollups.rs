@@ -2,6 +2,8 @@
 //! outcome and bucket, with its duration histogram in a side table. A finished call is added
 //! in the transaction that stores it, so the rollups never miss or double-count one.
 
+use std::collections::HashMap;
+
 use rusqlite::{params, Connection};
 
 use crate::rollup::{bucket_start, Call, Stats, RESOLUTIONS};
@@ -67,60 +69,152 @@ pub(super) fn record(
     function: &str,
     call: &Call,
 ) -> rusqlite::Result<()> {
-    let mut row = conn.prepare_cached(
-        "INSERT INTO rollups (resolution, function_id, outcome, start, tenant, function, count, timed, cold,
-             duration_sum, duration_max, init_sum, cpu_sum, cpu_max, memory_sum, memory_max)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, ?9, ?10, ?11, ?11, ?12, ?13)
-         ON CONFLICT (resolution, function_id, outcome, start) DO UPDATE SET
-             count = count + 1, timed = timed + excluded.timed, cold = cold + excluded.cold,
-             duration_sum = duration_sum + excluded.duration_sum,
-             duration_max = MAX(duration_max, excluded.duration_max),
-             init_sum = init_sum + excluded.init_sum,
-             cpu_sum = cpu_sum + excluded.cpu_sum, cpu_max = MAX(cpu_max, excluded.cpu_max),
-             memory_sum = memory_sum + excluded.memory_sum,
-             memory_max = MAX(memory_max, excluded.memory_max), function = excluded.function",
-    )?;
-    let mut bin = conn.prepare_cached(
-        "INSERT INTO rollup_bins (resolution, function_id, outcome, start, bin, tenant, count)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1)
-         ON CONFLICT (resolution, function_id, outcome, start, bin) DO UPDATE SET count = count + 1",
-    )?;
-    // An untimed call (refused, or failed before a sandbox) adds to the count only.
-    let t = |x: f64| if call.timed { x } else { 0.0 };
-    for resolution in RESOLUTIONS {
-        let start = bucket_start(call.at, resolution);
-        row.execute(params![
-            resolution,
-            function_id,
-            call.outcome,
-            start,
-            tenant,
-            function,
-            call.timed,
-            call.timed && call.cold,
-            t(call.duration_ms),
-            t(call.init_ms),
-            t(call.cpu_ms),
-            t(call.peak_memory_bytes as f64),
-            if call.timed {
-                i64_of(call.peak_memory_bytes)
-            } else {
-                0
-            },
-        ])?;
-        if call.timed {
-            let b = i64::try_from(crate::rollup::bin(call.duration_ms)).unwrap_or(i64::MAX);
-            bin.execute(params![
+    let mut pending = Pending::default();
+    pending.add(tenant, function_id, function, call);
+    pending.flush(conn)
+}
+
+/// One rollup row's worth of calls, added up before it is written.
+#[derive(Debug)]
+struct RowSum {
+    tenant: String,
+    function: String,
+    count: i64,
+    timed: i64,
+    cold: i64,
+    duration_sum: f64,
+    duration_max: f64,
+    init_sum: f64,
+    cpu_sum: f64,
+    cpu_max: f64,
+    memory_sum: f64,
+    memory_max: i64,
+}
+
+/// A rollup row's key: resolution, function id, outcome and bucket start.
+type RowKey = (i64, String, String, i64);
+
+/// Calls added up per rollup row and per histogram bin, so that a transaction of many calls
+/// writes each row once: a batch of a busy function's calls otherwise upserted the same six
+/// rows once per call.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    rows: HashMap<RowKey, RowSum>,
+    /// By the row's key and the bin: the tenant and the count.
+    bins: HashMap<(RowKey, i64), (String, i64)>,
+}
+
+impl Pending {
+    /// Adds `call` of a function to its minute, hour and day rows.
+    pub(super) fn add(&mut self, tenant: &str, function_id: &str, function: &str, call: &Call) {
+        // An untimed call (refused, or failed before a sandbox) adds to the count only.
+        let t = |x: f64| if call.timed { x } else { 0.0 };
+        let memory_max = if call.timed {
+            i64_of(call.peak_memory_bytes)
+        } else {
+            0
+        };
+        for resolution in RESOLUTIONS {
+            let start = bucket_start(call.at, resolution);
+            let key = (
                 resolution,
-                function_id,
-                call.outcome,
+                function_id.to_string(),
+                call.outcome.clone(),
                 start,
-                b,
-                tenant
-            ])?;
+            );
+            if call.timed {
+                let b = i64::try_from(crate::rollup::bin(call.duration_ms)).unwrap_or(i64::MAX);
+                self.bins
+                    .entry((key.clone(), b))
+                    .or_insert_with(|| (tenant.to_string(), 0))
+                    .1 += 1;
+            }
+            let row = self.rows.entry(key).or_insert_with(|| RowSum {
+                tenant: tenant.to_string(),
+                function: function.to_string(),
+                count: 0,
+                timed: 0,
+                cold: 0,
+                duration_sum: 0.0,
+                duration_max: 0.0,
+                init_sum: 0.0,
+                cpu_sum: 0.0,
+                cpu_max: 0.0,
+                memory_sum: 0.0,
+                memory_max: 0,
+            });
+            // The latest name of the function wins, as in the table.
+            if row.function != function {
+                row.function = function.to_string();
+            }
+            row.count += 1;
+            row.timed += i64::from(call.timed);
+            row.cold += i64::from(call.timed && call.cold);
+            row.duration_sum += t(call.duration_ms);
+            row.duration_max = row.duration_max.max(t(call.duration_ms));
+            row.init_sum += t(call.init_ms);
+            row.cpu_sum += t(call.cpu_ms);
+            row.cpu_max = row.cpu_max.max(t(call.cpu_ms));
+            row.memory_sum += t(call.peak_memory_bytes as f64);
+            row.memory_max = row.memory_max.max(memory_max);
         }
     }
-    Ok(())
+
+    /// Adds what was gathered to the tables, one statement per row and bin.
+    pub(super) fn flush(self, conn: &Connection) -> rusqlite::Result<()> {
+        let mut upsert_row = conn.prepare_cached(
+            "INSERT INTO rollups (resolution, function_id, outcome, start, tenant, function, count, timed, cold,
+                 duration_sum, duration_max, init_sum, cpu_sum, cpu_max, memory_sum, memory_max)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+             ON CONFLICT (resolution, function_id, outcome, start) DO UPDATE SET
+                 count = count + excluded.count, timed = timed + excluded.timed,
+                 cold = cold + excluded.cold,
+                 duration_sum = duration_sum + excluded.duration_sum,
+                 duration_max = MAX(duration_max, excluded.duration_max),
+                 init_sum = init_sum + excluded.init_sum,
+                 cpu_sum = cpu_sum + excluded.cpu_sum, cpu_max = MAX(cpu_max, excluded.cpu_max),
+                 memory_sum = memory_sum + excluded.memory_sum,
+                 memory_max = MAX(memory_max, excluded.memory_max), function = excluded.function",
+        )?;
+        for ((resolution, function_id, outcome, start), r) in &self.rows {
+            upsert_row.execute(params![
+                resolution,
+                function_id,
+                outcome,
+                start,
+                r.tenant,
+                r.function,
+                r.count,
+                r.timed,
+                r.cold,
+                r.duration_sum,
+                r.duration_max,
+                r.init_sum,
+                r.cpu_sum,
+                r.cpu_max,
+                r.memory_sum,
+                r.memory_max,
+            ])?;
+        }
+        let mut upsert_bin = conn.prepare_cached(
+            "INSERT INTO rollup_bins (resolution, function_id, outcome, start, bin, tenant, count)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (resolution, function_id, outcome, start, bin) DO UPDATE SET
+                 count = count + excluded.count",
+        )?;
+        for (((resolution, function_id, outcome, start), bin), (tenant, count)) in &self.bins {
+            upsert_bin.execute(params![
+                resolution,
+                function_id,
+                outcome,
+                start,
+                bin,
+                tenant,
+                count
+            ])?;
+        }
+        Ok(())
+    }
 }
 
 /// Rollup rows of one resolution in `[since, until)`, for a tenant (or all) and a function
@@ -247,7 +341,7 @@ mod tests {
 
     use crate::model::{now_ms, Completion, Function, TaskError, TaskStatus, TaskUsage};
     use crate::rollup::{bin, bucket_start, resolution_for, series, Call, Stats};
-    use crate::store::{SqliteStore, Store};
+    use crate::store::{SqliteStore, Store, Write};
 
     const OUTCOMES: [&str; 4] = ["succeeded", "raised", "timeout", "throttled"];
     const STEPS: [i64; 5] = [60_000, 300_000, 3_600_000, 7_200_000, 86_400_000];
@@ -297,23 +391,32 @@ mod tests {
                 store.add_version(tenant, &id, name, &v).unwrap()
             })
             .collect();
+        // Stored in batches of up to five calls, as the recorder commits them: a batch adds
+        // up its calls' rollups before it writes them.
+        let mut batch = Vec::new();
         for (i, (f, outcome, offset, cold, ms, cpu, mem)) in calls.iter().enumerate() {
             let function = &functions[*f];
             let task = crate::store::tests::task(&function.tenant, function, "sync");
             let c = completion(OUTCOMES[*outcome], *cold, *ms, *cpu, *mem);
             // Both ways a task is stored: queued then ended, or only once ended (sync calls).
             if i % 2 == 0 {
-                store.insert_task(&task).unwrap();
-                store
-                    .complete_task_at(&task.task_id, &c, T0 + offset)
-                    .unwrap();
+                let task_id = task.task_id.clone();
+                batch.push(Write::Insert(task));
+                batch.push(Write::Complete {
+                    task_id,
+                    completion: c,
+                    at: T0 + offset,
+                });
             } else {
-                let finished = crate::store::Write::Finished {
+                batch.push(Write::Finished {
                     task: Box::new(task),
                     completion: c,
                     at: T0 + offset,
-                };
-                store.write(&[finished]).unwrap();
+                });
+            }
+            if i % 5 == 4 || i + 1 == calls.len() {
+                store.write(&batch).unwrap();
+                batch.clear();
             }
         }
         (dir, store, functions)
