@@ -27,6 +27,11 @@ pub fn cases() -> Vec<Case> {
         ));
     }
     cases.push(Case::new(
+        "python::hidden_children_are_gone_before_the_next_call",
+        needs(Runtime::Python),
+        hidden_children,
+    ));
+    cases.push(Case::new(
         "python::lingering_thread_retires_the_sandbox",
         needs(Runtime::Python),
         lingering_thread,
@@ -111,6 +116,55 @@ fn background(runtime: Runtime) {
         let procs = engine().cgroup_dirs(f.sandbox.id())[0].join("cgroup.procs");
         let left = std::fs::read_to_string(procs).unwrap_or_default();
         assert!(left.lines().count() <= 1, "only init may remain: {left:?}");
+    }
+}
+
+/// Children a plain `wait` does not report: one cloned without an exit signal, and an
+/// orphan whose parent already exited (init adopts it). Neither outlives the call.
+fn hidden_children() {
+    let source = r#"import ctypes, os, platform, time
+CLONE = {'x86_64': 56, 'aarch64': 220}[platform.machine()]
+def handler(event):
+    if 'pid' in event:
+        try:
+            os.kill(event['pid'], 0)
+            return 'alive'
+        except ProcessLookupError:
+            return 'gone'
+    if event['spawn'] == 'clone':
+        # clone(flags=0): a child with no exit signal, on a copy of this stack.
+        pid = ctypes.CDLL(None, use_errno=True).syscall(CLONE, 0, 0, 0, 0, 0)
+        if pid == 0:
+            time.sleep(1000)
+            os._exit(0)
+        return pid
+    r, w = os.pipe()
+    if os.fork() == 0:
+        grandchild = os.fork()
+        if grandchild == 0:
+            time.sleep(1000)
+        os.write(w, str(grandchild).encode())
+        os._exit(0)
+    return int(os.read(r, 32))
+"#;
+    let mut f = start(Runtime::Python, source);
+    for spawn in ["clone", "orphan"] {
+        let pid = result(&f.call(json!({ "spawn": spawn })).outcome);
+        assert!(pid.as_u64().is_some_and(|p| p > 1), "{spawn}: {pid}");
+        assert!(
+            f.sandbox.is_alive(),
+            "{spawn}: killed and reaped, it serves on"
+        );
+        let after = f.call(json!({ "pid": pid }));
+        assert_eq!(result(&after.outcome), "gone", "{spawn}");
+        if !on_gvisor() {
+            let procs = engine().cgroup_dirs(f.sandbox.id())[0].join("cgroup.procs");
+            let left = std::fs::read_to_string(procs).unwrap_or_default();
+            assert!(
+                left.lines().count() <= 1,
+                "{spawn}: only init may remain: {left:?}"
+            );
+        }
     }
 }
 
