@@ -12,12 +12,12 @@ use serde_json::Value;
 pub const HEADER_LEN: usize = 4;
 
 /// Encodes one frame.
-pub fn encode(value: &Value) -> Vec<u8> {
-    let body = serde_json::to_vec(value).expect("a JSON value serialises");
-    let len = u32::try_from(body.len()).expect("frames are far below 4 GiB");
-    let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(&body);
+pub fn encode(value: &impl serde::Serialize) -> Vec<u8> {
+    // The body is written in place after room for its length, which is filled in last.
+    let mut frame = vec![0u8; HEADER_LEN];
+    serde_json::to_writer(&mut frame, value).expect("a frame's value serialises");
+    let len = u32::try_from(frame.len() - HEADER_LEN).expect("frames are far below 4 GiB");
+    frame[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
     frame
 }
 

@@ -109,6 +109,23 @@ fn validate(spec: &SandboxSpec) -> Result<()> {
     Ok(())
 }
 
+/// A call's request, borrowing its event rather than copying it into a new JSON value.
+#[derive(serde::Serialize)]
+struct CallFrame<'a> {
+    event: &'a Value,
+    context: CallContext<'a>,
+}
+
+/// What the handler's context object is made of.
+#[derive(serde::Serialize)]
+struct CallContext<'a> {
+    request_id: &'a str,
+    function_name: &'a str,
+    function_version: &'a str,
+    memory_limit_mb: u64,
+    deadline_ms: u64,
+}
+
 impl Sandbox {
     /// Starts a sandbox for `spec` and waits until its handler is loaded.
     pub fn create(engine: &Engine, spec: SandboxSpec) -> Result<Sandbox> {
@@ -286,16 +303,16 @@ impl Sandbox {
             .unwrap_or_default()
             .saturating_add(options.timeout)
             .as_millis();
-        let frame = encode(&json!({
-            "event": event,
-            "context": {
-                "request_id": options.request_id,
-                "function_name": self.spec.function_name,
-                "function_version": self.spec.function_version,
-                "memory_limit_mb": self.spec.limits.memory_mib(),
-                "deadline_ms": u64::try_from(deadline_ms).unwrap_or(u64::MAX),
+        let frame = encode(&CallFrame {
+            event,
+            context: CallContext {
+                request_id: &options.request_id,
+                function_name: &self.spec.function_name,
+                function_version: &self.spec.function_version,
+                memory_limit_mb: self.spec.limits.memory_mib(),
+                deadline_ms: u64::try_from(deadline_ms).unwrap_or(u64::MAX),
             },
-        }));
+        });
         let start = Instant::now();
         let exchanged = self.pipes.exchange(&frame, start + options.timeout);
         let duration = start.elapsed();

@@ -50,7 +50,7 @@ pub fn deployed_json(status: &str, f: &Function, v: &Version) -> Value {
     })
 }
 
-fn reply(status: StatusCode, body: Value) -> Response {
+fn reply(status: StatusCode, body: impl serde::Serialize) -> Response {
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }
 
@@ -458,18 +458,12 @@ async fn invoke(
         .invoke(&caller, &key, query.version, payload)
         .await
         .map_err(reject)?;
-    Ok(reply(
-        StatusCode::OK,
-        serde_json::to_value(&task).unwrap_or(Value::Null),
-    ))
+    Ok(reply(StatusCode::OK, &task))
 }
 
 async fn task(id: String, caller: Caller, state: AppState) -> Result<Response, Rejection> {
     let task = state.platform.task(&caller, &id).await.map_err(reject)?;
-    Ok(reply(
-        StatusCode::OK,
-        serde_json::to_value(&task).unwrap_or(Value::Null),
-    ))
+    Ok(reply(StatusCode::OK, &task))
 }
 
 #[derive(Debug, Deserialize, Default)]

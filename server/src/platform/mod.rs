@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use cloudfunc_sandbox::{
     Engine, Error as SandboxError, InvokeOptions, Limits, Outcome, Runtime, Sandbox, SandboxSpec,
 };
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::archive::{self, ArchiveError, ArchiveLimits};
 use crate::auth::Caller;
@@ -1227,24 +1227,39 @@ pub fn execute(
 
 /// One line per invocation in the server's log, Lambda's REPORT line in spirit.
 fn log_invocation(task: &Task, version: &Version, c: &Completion) {
-    let usage = c.usage.clone().unwrap_or_default();
+    let untimed = TaskUsage::default();
+    let usage = c.usage.as_ref().unwrap_or(&untimed);
     let billed = (usage.duration_ms / 1.0).ceil();
     // Rendered first and written whole: stderr is unbuffered, and formatting a JSON value
     // straight into it costs a write(2) per fragment.
-    let mut line = json!({
-        "event": "invocation",
-        "task_id": task.task_id,
-        "function": task.function,
-        "version": version.version,
-        "status": c.status.as_str(),
-        "duration_ms": usage.duration_ms,
-        "billed_duration_ms": billed,
-        "memory_size_mb": version.memory_mb,
-        "max_memory_used_mb": usage.peak_memory_bytes as f64 / 1048576.0,
-        "init_duration_ms": usage.init_duration_ms,
-        "cold": usage.cold,
+    #[derive(Serialize)]
+    struct Line<'a> {
+        event: &'static str,
+        task_id: &'a str,
+        function: &'a str,
+        version: u32,
+        status: &'static str,
+        duration_ms: f64,
+        billed_duration_ms: f64,
+        memory_size_mb: u64,
+        max_memory_used_mb: f64,
+        init_duration_ms: f64,
+        cold: bool,
+    }
+    let mut line = serde_json::to_vec(&Line {
+        event: "invocation",
+        task_id: &task.task_id,
+        function: &task.function,
+        version: version.version,
+        status: c.status.as_str(),
+        duration_ms: usage.duration_ms,
+        billed_duration_ms: billed,
+        memory_size_mb: version.memory_mb,
+        max_memory_used_mb: usage.peak_memory_bytes as f64 / 1048576.0,
+        init_duration_ms: usage.init_duration_ms,
+        cold: usage.cold,
     })
-    .to_string();
-    line.push('\n');
-    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    .unwrap_or_default();
+    line.push(b'\n');
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &line);
 }
