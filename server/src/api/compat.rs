@@ -14,11 +14,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
-use warp::{Filter, Rejection, Reply};
+use warp::{Filter, Rejection};
 
 use super::error::{reject, ApiError};
 use super::functions::{
-    delete, deployed_json, get, list, metrics, read_form, redeploy, RangeQuery,
+    delete, deployed_json, get, list, metrics, read_form, redeploy, reply, RangeQuery,
 };
 use super::{caller, with_state, AppState};
 use crate::auth::Caller;
@@ -26,10 +26,6 @@ use crate::model::{Task, TaskStatus};
 use crate::platform::{Code, Settings};
 
 type Response = warp::reply::Response;
-
-fn reply(status: StatusCode, body: Value) -> Response {
-    warp::reply::with_status(warp::reply::json(&body), status).into_response()
-}
 
 /// Seed 002's create/update body.
 #[derive(Debug, Deserialize, Default)]

@@ -50,7 +50,8 @@ pub fn deployed_json(status: &str, f: &Function, v: &Version) -> Value {
     })
 }
 
-fn reply(status: StatusCode, body: impl serde::Serialize) -> Response {
+/// `body` as JSON with `status`.
+pub(super) fn reply(status: StatusCode, body: impl serde::Serialize) -> Response {
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }
 

@@ -61,21 +61,8 @@ fn u64_of(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-/// Adds `call` of a function to its minute, hour and day rollups.
-pub(super) fn record(
-    conn: &Connection,
-    tenant: &str,
-    function_id: &str,
-    function: &str,
-    call: &Call,
-) -> rusqlite::Result<()> {
-    let mut pending = Pending::default();
-    pending.add(tenant, function_id, function, call);
-    pending.flush(conn)
-}
-
 /// One rollup row's worth of calls, added up before it is written.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct RowSum {
     tenant: String,
     function: String,
@@ -132,16 +119,7 @@ impl Pending {
             let row = self.rows.entry(key).or_insert_with(|| RowSum {
                 tenant: tenant.to_string(),
                 function: function.to_string(),
-                count: 0,
-                timed: 0,
-                cold: 0,
-                duration_sum: 0.0,
-                duration_max: 0.0,
-                init_sum: 0.0,
-                cpu_sum: 0.0,
-                cpu_max: 0.0,
-                memory_sum: 0.0,
-                memory_max: 0,
+                ..RowSum::default()
             });
             // The latest name of the function wins, as in the table.
             if row.function != function {
@@ -329,9 +307,11 @@ pub(super) fn backfill(conn: &Connection) -> rusqlite::Result<u64> {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, super::call_row(r, 3)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
+    let mut pending = Pending::default();
     for (tenant, fid, name, call) in &calls {
-        record(conn, tenant, fid, name, call)?;
+        pending.add(tenant, fid, name, call);
     }
+    pending.flush(conn)?;
     Ok(calls.len() as u64)
 }
 
