@@ -205,9 +205,21 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_at INTEGER,
     finished_at INTEGER
 );
-CREATE INDEX IF NOT EXISTS tasks_queue ON tasks (status, not_before, created_at);
+-- Only the tasks waiting to run, in the order they are claimed: the oldest due task is found
+-- without sorting the backlog, and a finished call is never written into it.
+CREATE INDEX IF NOT EXISTS tasks_queued ON tasks (created_at, id, not_before) WHERE status = 'queued';
+-- Only the running tasks, for the health counts and crash recovery.
+CREATE INDEX IF NOT EXISTS tasks_running ON tasks (status) WHERE status = 'running';
+DROP INDEX IF EXISTS tasks_queue;
 CREATE INDEX IF NOT EXISTS tasks_function ON tasks (function_id, finished_at);
 "#;
+
+/// The oldest queued task that is due at `?1`: first come, first served, except that a task
+/// held back by its retry backoff lets younger ones pass.
+const CLAIM: &str = "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id LIMIT 1";
+
+/// How many tasks are running now.
+const RUNNING: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'running'";
 
 /// The embedded SQLite store: one connection writes, another reads (WAL lets reads go on
 /// during a commit), and a third checkpoints the WAL in the background.
@@ -718,22 +730,17 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         let now = now_ms();
         let id: Option<String> = tx
-            .query_row(
-                "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id LIMIT 1",
-                params![now],
-                |r| r.get(0),
-            )
+            .prepare_cached(CLAIM)?
+            .query_row(params![now], |r| r.get(0))
             .optional()?;
         let Some(id) = id else { return Ok(None) };
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
-            params![id, now],
-        )?;
-        let task = tx.query_row(
-            &format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"),
-            params![id],
-            task_row,
-        )?;
+        )?
+        .execute(params![id, now])?;
+        let task = tx
+            .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
+            .query_row(params![id], task_row)?;
         tx.commit()?;
         Ok(Some(task))
     }
@@ -766,11 +773,7 @@ impl Store for SqliteStore {
     }
 
     fn running(&self) -> Result<u64> {
-        Ok(self.reader().query_row(
-            "SELECT COUNT(*) FROM tasks WHERE status = 'running'",
-            [],
-            |r| r.get(0),
-        )?)
+        Ok(self.reader().query_row(RUNNING, [], |r| r.get(0))?)
     }
 
     fn recover(
@@ -964,6 +967,56 @@ pub(crate) mod tests {
         assert!(
             store.claim_next().unwrap().is_none(),
             "backoff holds it back"
+        );
+    }
+
+    #[test]
+    fn the_oldest_due_task_is_claimed_first_and_the_backlog_is_never_sorted() {
+        let (_dir, store, f) = alice_hello();
+        let tasks: Vec<Task> = (0..3)
+            .map(|i| {
+                let mut t = task("alice", &f, "async");
+                t.created_at = 1_000 + i;
+                t
+            })
+            .collect();
+        for t in tasks.iter().rev() {
+            store.insert_task(t).unwrap();
+        }
+        // The oldest waits out a retry backoff; the younger ones pass it, oldest first.
+        store
+            .conn()
+            .execute(
+                "UPDATE tasks SET not_before = ?2 WHERE id = ?1",
+                params![tasks[0].task_id, now_ms() + 60_000],
+            )
+            .unwrap();
+        let claimed = |store: &SqliteStore| store.claim_next().unwrap().map(|t| t.task_id);
+        assert_eq!(claimed(&store).as_ref(), Some(&tasks[1].task_id));
+        assert_eq!(claimed(&store).as_ref(), Some(&tasks[2].task_id));
+        assert_eq!(claimed(&store), None);
+
+        // A claim reads the queue in index order: its cost does not grow with the backlog,
+        // and the index holds queued tasks only. Counting running tasks reads no ended ones.
+        let conn = store.conn();
+        let plan = |sql: &str, args: &[&dyn rusqlite::ToSql]| -> String {
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let steps: Vec<String> = stmt
+                .query_map(args, |r| r.get(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            steps.join("; ")
+        };
+        let claim = plan(CLAIM, &[&0]);
+        assert!(
+            claim.contains("INDEX tasks_queued") && !claim.contains("TEMP B-TREE"),
+            "the claim sorts the queue: {claim}"
+        );
+        let running = plan(RUNNING, &[]);
+        assert!(
+            running.contains("INDEX tasks_running"),
+            "counting running tasks scans them all: {running}"
         );
     }
 
