@@ -2,7 +2,8 @@
 //! asynchronous submissions, from many client threads, bounded in time and count. Prints
 //! requests per second and latency percentiles.
 //!
-//! Usage (as root): `cloudfunc-load [--clients N] [--seconds S] [--url URL --token T]`.
+//! Usage (as root): `cloudfunc-load [--clients N] [--seconds S] [--first-calls N]
+//! [--only sync|async] [--url URL --token T]`.
 //! Without `--url` it starts `cloudfunc serve` from next to itself on a free loopback port, in
 //! a temporary directory, and stops it afterwards.
 
@@ -190,6 +191,7 @@ fn latency_cells(sorted: &[f64]) -> String {
 fn main() -> Result<()> {
     let (mut clients, mut seconds, mut url, mut token) = (8usize, 10u64, None, None);
     let mut first_calls = 15usize;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -198,7 +200,11 @@ fn main() -> Result<()> {
             "--url" => url = args.next(),
             "--token" => token = args.next(),
             "--first-calls" => first_calls = args.next().context("--first-calls N")?.parse()?,
-            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--first-calls N] [--url URL --token T]"),
+            "--only" => match args.next().as_deref() {
+                Some(kind @ ("sync" | "async")) => only = Some(kind.to_string()),
+                _ => bail!("--only takes sync or async"),
+            },
+            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--first-calls N] [--only sync|async] [--url URL --token T]"),
         }
     }
     let mut spawned = None;
@@ -287,13 +293,21 @@ fn main() -> Result<()> {
             );
         }
     }
-    for (name, path) in [
+    for (kind, name, path) in [
         (
+            "sync",
             "sync invoke, python hello",
             "/api/functions/hello_load/invoke",
         ),
-        ("async submit (202)", "/api/functions/hello_load/run"),
+        (
+            "async",
+            "async submit (202)",
+            "/api/functions/hello_load/run",
+        ),
     ] {
+        if only.as_deref().is_some_and(|o| o != kind) {
+            continue;
+        }
         let r = run(&format!("{url}{path}"), &token, clients, seconds, bound);
         println!(
             "| {name} | {} | {} | {:.0} | {} |",
