@@ -3,7 +3,9 @@
 //! requests per second and latency percentiles.
 //!
 //! Usage (as root): `cloudfunc-load [--clients N] [--seconds S] [--first-calls N]
-//! [--only sync|async] [--url URL --token T]`.
+//! [--only sync|async] [--wrk] [--url URL --token T]`.
+//! `--wrk` also runs the sync load through `wrk` (when it is installed), against the same
+//! server in the same run: a client that costs the shared cores less than these threads.
 //! Without `--url` it starts `cloudfunc serve` from next to itself on a free loopback port, in
 //! a temporary directory, and stops it afterwards.
 
@@ -177,6 +179,151 @@ fn run(url: &str, token: &str, clients: usize, seconds: u64, max_requests: u64) 
     }
 }
 
+/// The same sync load from `wrk` (a C client, lighter than the threads above), as the
+/// requests, errors, req/s and latency cells of a row; `None` when wrk is not installed.
+/// Each request must have run the function: the function's own metrics, read before and
+/// after, must count at least as many new calls as wrk got answers, and no new errors.
+fn wrk_row(
+    agent: &ureq::Agent,
+    url: &str,
+    token: &str,
+    path: &str,
+    clients: usize,
+    seconds: u64,
+) -> Result<Option<String>> {
+    if Command::new("wrk").arg("--version").output().is_err() {
+        return Ok(None);
+    }
+    let calls = || -> Result<(u64, u64)> {
+        let body: serde_json::Value = agent
+            .get(&format!("{url}/api/functions/hello_load/metrics"))
+            .header("authorization", &format!("Bearer {token}"))
+            .call()?
+            .body_mut()
+            .read_json()?;
+        let count = |k: &str| {
+            body[k]
+                .as_u64()
+                .with_context(|| format!("no {k} in {body}"))
+        };
+        Ok((count("invocations")?, count("errors")?))
+    };
+    let script = tempfile::Builder::new().suffix(".lua").tempfile()?;
+    std::fs::write(
+        script.path(),
+        format!(
+            "wrk.method = \"POST\"\nwrk.body = '{{\"name\":\"Load\"}}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             wrk.headers[\"Authorization\"] = \"Bearer {token}\"\n"
+        ),
+    )?;
+    let before = calls()?;
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{clients}"), &format!("-d{seconds}s")])
+        .args(["--latency", "-s"])
+        .arg(script.path())
+        .arg(format!("{url}{path}"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report = parse_wrk(&text).with_context(|| format!("reading wrk's report: {text}"))?;
+    let after = calls()?;
+    if after.0 - before.0 < report.requests || after.1 != before.1 {
+        bail!(
+            "wrk got {} answers, but the function counted {} new calls and {} new errors",
+            report.requests,
+            after.0 - before.0,
+            after.1 - before.1
+        );
+    }
+    Ok(Some(format!(
+        "{} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2}",
+        report.requests,
+        report.errors,
+        report.per_second,
+        report.p50,
+        report.p90,
+        report.p99,
+        report.max
+    )))
+}
+
+/// What one `wrk --latency` run printed.
+#[derive(Debug, PartialEq)]
+struct WrkReport {
+    requests: u64,
+    /// Non-2xx answers and socket errors.
+    errors: u64,
+    per_second: f64,
+    /// Latencies in ms.
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn parse_wrk(text: &str) -> Result<WrkReport> {
+    let after = |label: &str| -> Result<&str> {
+        let at = text.find(label).with_context(|| format!("no {label:?}"))?;
+        Ok(text[at + label.len()..].trim_start())
+    };
+    let first_word = |label: &str| -> Result<&str> {
+        after(label)?
+            .split_whitespace()
+            .next()
+            .with_context(|| format!("nothing after {label:?}"))
+    };
+    let numbers = |rest: &str| -> u64 {
+        rest.lines()
+            .next()
+            .unwrap_or("")
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u64>().ok())
+            .sum()
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .context("no request count")?
+        .parse()?;
+    let errors = after("Non-2xx or 3xx responses:").map(numbers).unwrap_or(0)
+        + after("Socket errors:").map(numbers).unwrap_or(0);
+    // "Latency   avg   stdev   max   +/- stdev", the first line that starts so.
+    let max = after("Latency")?
+        .split_whitespace()
+        .nth(2)
+        .context("no latency maximum")?;
+    Ok(WrkReport {
+        requests,
+        errors,
+        per_second: first_word("Requests/sec:")?.parse()?,
+        p50: wrk_ms(first_word(" 50%")?)?,
+        p90: wrk_ms(first_word(" 90%")?)?,
+        p99: wrk_ms(first_word(" 99%")?)?,
+        max: wrk_ms(max)?,
+    })
+}
+
+/// A wrk duration ("850.00us", "1.23ms", "1.20s", "2.00m") in ms.
+fn wrk_ms(cell: &str) -> Result<f64> {
+    let split = cell
+        .find(|c: char| c.is_ascii_alphabetic())
+        .with_context(|| format!("no unit in {cell:?}"))?;
+    let (n, unit) = cell.split_at(split);
+    let n: f64 = n.parse()?;
+    Ok(n * match unit {
+        "us" => 0.001,
+        "ms" => 1.0,
+        "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        other => bail!("unknown unit {other:?} in {cell:?}"),
+    })
+}
+
 /// The p50, p90, p99 and max cells of a table row, from latencies in ms, sorted.
 fn latency_cells(sorted: &[f64]) -> String {
     format!(
@@ -192,6 +339,7 @@ fn main() -> Result<()> {
     let (mut clients, mut seconds, mut url, mut token) = (8usize, 10u64, None, None);
     let mut first_calls = 15usize;
     let mut only: Option<String> = None;
+    let mut with_wrk = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -204,7 +352,8 @@ fn main() -> Result<()> {
                 Some(kind @ ("sync" | "async")) => only = Some(kind.to_string()),
                 _ => bail!("--only takes sync or async"),
             },
-            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--first-calls N] [--only sync|async] [--url URL --token T]"),
+            "--wrk" => with_wrk = true,
+            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--first-calls N] [--only sync|async] [--wrk] [--url URL --token T]"),
         }
     }
     let mut spawned = None;
@@ -316,7 +465,59 @@ fn main() -> Result<()> {
             r.ok as f64 / r.elapsed.as_secs_f64(),
             latency_cells(&r.latencies)
         );
+        if with_wrk && kind == "sync" {
+            match wrk_row(&agent, &url, &token, path, clients, seconds)? {
+                Some(row) => println!("| {name} (wrk) | {row} |"),
+                None => println!("| {name} (wrk) | skipped: wrk is not installed | | | | | | |"),
+            }
+        }
     }
     drop(spawned);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrk_report_is_read_whole() {
+        let text = "Running 20s test @ http://127.0.0.1:18080/api/functions/hello_load/invoke
+  2 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.39ms    2.43ms 147.51ms   99.10%
+    Req/Sec     6.12k   694.92     7.75k    69.00%
+  Latency Distribution
+     50%  850.00us
+     75%    1.59ms
+     90%    2.02ms
+     99%    1.20s
+  243647 requests in 20.00s, 145.16MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:  12179.66
+Transfer/sec:      7.26MB
+";
+        assert_eq!(
+            parse_wrk(text).unwrap(),
+            WrkReport {
+                requests: 243_647,
+                errors: 7,
+                per_second: 12_179.66,
+                p50: 0.85,
+                p90: 2.02,
+                p99: 1200.0,
+                max: 147.51,
+            }
+        );
+        // Without error lines, there were none; without the distribution, it is no report.
+        let clean = text.replace(
+            "  Socket errors: connect 0, read 2, write 0, timeout 1\n",
+            "",
+        );
+        let clean = clean.replace("  Non-2xx or 3xx responses: 4\n", "");
+        assert_eq!(parse_wrk(&clean).unwrap().errors, 0);
+        assert!(parse_wrk(&text.replace("     99%    1.20s\n", "")).is_err());
+        assert!(wrk_ms("3.0parsecs").is_err());
+    }
 }
