@@ -66,9 +66,11 @@ MODULE_CANDIDATES = ("function", "handler", "main")
 FUNCTION_CANDIDATES = ("handler", "handle", "main")
 
 
-def read_exact(n):
-    chunks = []
-    while n:
+def read_exact(n, have=b""):
+    """`have` and what follows it on the request pipe, `n` bytes in all (None at its end)."""
+    chunks = [have]
+    n -= len(have)
+    while n > 0:
         chunk = os.read(_REQ, n)
         if not chunk:
             return None
@@ -77,13 +79,26 @@ def read_exact(n):
     return b"".join(chunks)
 
 
+# What the last read took past the end of its frame (the host sends one frame at a time, so
+# normally nothing).
+_ahead = b""
+
+
 def read_frame():
-    head = read_exact(4)
-    if head is None:
-        return None
-    body = read_exact(int.from_bytes(head, "big"))
-    if body is None:
-        return None
+    """The next request. A small frame, the usual one, comes in one read, header and all."""
+    global _ahead
+    data, _ahead = _ahead or os.read(_REQ, 65536), b""
+    if len(data) < 4:
+        data = read_exact(4, data) if data else None
+        if data is None:
+            return None
+    size = int.from_bytes(data[:4], "big")
+    body = data[4 : 4 + size]
+    _ahead = data[4 + size :]
+    if len(body) < size:
+        body = read_exact(size, body)
+        if body is None:
+            return None
     return loads(body.decode())
 
 

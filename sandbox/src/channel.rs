@@ -151,6 +151,9 @@ impl Pipes {
         chunk: &mut [u8],
     ) -> io::Result<Exchange> {
         let mut pending = frame;
+        // The request usually fits the pipe: written before the first poll, it leaves that
+        // poll only the reply to wait for.
+        self.send_some(&mut pending);
         let mut reader = FrameReader::new(self.max_reply);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -184,14 +187,7 @@ impl Pipes {
                 self.read_logs(chunk)?;
             }
             if request_ready {
-                if let Some(requests) = self.requests.as_mut() {
-                    match requests.write(pending) {
-                        Ok(n) => pending = &pending[n..],
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        // The runtime is gone; its reply pipe will say so.
-                        Err(_) => pending = &[],
-                    }
-                }
+                self.send_some(&mut pending);
             }
             if reply_ready {
                 let want = reader.wanted().min(CHUNK);
@@ -214,6 +210,22 @@ impl Pipes {
                     Err(e) => return Err(e),
                 }
             }
+        }
+    }
+
+    /// Writes what of `pending` the request pipe takes now, and leaves the rest in it.
+    fn send_some(&mut self, pending: &mut &[u8]) {
+        let Some(requests) = self.requests.as_mut() else {
+            return;
+        };
+        if pending.is_empty() {
+            return;
+        }
+        match requests.write(pending) {
+            Ok(n) => *pending = &pending[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // The runtime is gone; its reply pipe will say so.
+            Err(_) => *pending = &[],
         }
     }
 

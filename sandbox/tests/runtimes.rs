@@ -46,6 +46,11 @@ pub fn cases() -> Vec<Case> {
             move || oversized(runtime),
         ));
         cases.push(Case::new(
+            format!("{n}::requests_larger_than_a_pipe_then_small_ones"),
+            needs(runtime),
+            move || big_requests(runtime),
+        ));
+        cases.push(Case::new(
             format!("{n}::big_stdout_truncated_and_marked"),
             needs(runtime),
             move || big_stdout(runtime),
@@ -203,6 +208,36 @@ fn oversized(runtime: Runtime) {
         "{:?}",
         call.outcome
     );
+}
+
+/// A request is written before the host polls, and the bootstrap reads a small one whole in
+/// one read: a request of 1 MiB (16 times what a pipe holds) must still arrive whole, and the
+/// small calls after it must find the stream in step.
+fn big_requests(runtime: Runtime) {
+    let src = source(
+        runtime,
+        "def handler(event):\n    return [len(event['text']), event['text'][-8:], event['n']]\n",
+        "exports.handler = (event) => [event.text.length, event.text.slice(-8), event.n];\n",
+    );
+    let mut f = start(runtime, &src);
+    let text = format!("{}tail{:04}", "ab".repeat(512 * 1024), 7);
+    for n in 0..3 {
+        let call = f.call(json!({"text": text, "n": n}));
+        assert_eq!(
+            call.outcome,
+            Outcome::Succeeded {
+                result: json!([text.len(), "tail0007", n])
+            }
+        );
+        let call = f.call(json!({"text": "short", "n": n}));
+        assert_eq!(
+            call.outcome,
+            Outcome::Succeeded {
+                result: json!([5, "short", n])
+            }
+        );
+    }
+    assert!(f.sandbox.is_alive());
 }
 
 fn big_stdout(runtime: Runtime) {
