@@ -53,6 +53,10 @@ fn main() {
             "sync_records_are_read_at_once_and_kept_at_shutdown",
             sync_records,
         ),
+        (
+            "queued_tasks_of_a_deactivated_or_deleted_function_do_not_run",
+            queued_after_a_change,
+        ),
     ];
     let why = missing();
     if let Some(why) = &why {
@@ -1515,6 +1519,93 @@ fn sync_records() {
     }
     let m = get(&s, "/api/functions/echo/metrics", &t);
     assert_eq!(m.body["invocations"], 150, "{m:?}");
+    s.stop();
+    s.remove_files();
+}
+
+/// A task still queued when its function is deactivated or deleted ends failed, unrun, with
+/// kind `function_unavailable`; the worker goes on to the next one. One queue worker, held
+/// by a sleeping task, keeps the two tasks queued meanwhile.
+fn queued_after_a_change() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-api-queued-")
+        .tempdir()
+        .unwrap();
+    let s = Server::start_in(dir.path(), "queued", 0, &["--workers", "1"]);
+    let t = s.token("queuer", false);
+    let sleeper = "import time\ndef handler(e):\n    time.sleep(e['s'])\n    return 'slept'\n";
+    let marker = "def handler(e):\n    return 'ran'\n";
+    for (name, code) in [
+        ("sleeper", sleeper),
+        ("turned_off", marker),
+        ("gone", marker),
+    ] {
+        let r = deploy(&s, &t, name, &[("function.py", code)]);
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    let run = |name: &str, body: serde_json::Value| -> String {
+        let r = post_json(&s, &format!("/api/functions/{name}/run"), &t, &body);
+        assert_eq!(r.status, 202, "{r:?}");
+        r.body["task_id"].as_str().unwrap().to_string()
+    };
+    let sleeping = run("sleeper", json!({"s": 2}));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get(&s, &format!("/api/tasks/{sleeping}"), &t).body["status"] != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sleeper never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let off = run("turned_off", json!({}));
+    let gone = run("gone", json!({}));
+    let r = request(
+        "PUT",
+        &format!("{}/api/functions/turned_off/deactivate", s.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = request(
+        "DELETE",
+        &format!("{}/api/functions/gone", s.url),
+        Some(&t),
+        None,
+    );
+    assert!(r.status == 200 || r.status == 204, "{r:?}");
+    // Both were still queued behind the sleeper.
+    assert_eq!(
+        get(&s, &format!("/api/tasks/{off}"), &t).body["status"],
+        "queued"
+    );
+
+    assert_eq!(
+        wait_task(&s, &t, &sleeping, Duration::from_secs(30))["result"],
+        "slept"
+    );
+    for (task, why) in [(&off, "deactivated"), (&gone, "deleted")] {
+        let done = wait_task(&s, &t, task, Duration::from_secs(30));
+        assert_eq!(done["status"], "failed", "{done}");
+        assert_eq!(done["error"]["kind"], "function_unavailable", "{done}");
+        assert!(
+            done["error"]["message"].as_str().unwrap().contains(why),
+            "{done}"
+        );
+        assert!(done["result"].is_null(), "it ran: {done}");
+    }
+    // The worker goes on: the same function, active again, runs its next task.
+    let r = request(
+        "PUT",
+        &format!("{}/api/functions/turned_off/activate", s.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let again = run("turned_off", json!({}));
+    assert_eq!(
+        wait_task(&s, &t, &again, Duration::from_secs(30))["result"],
+        "ran"
+    );
     s.stop();
     s.remove_files();
 }

@@ -728,22 +728,6 @@ impl Platform {
     }
 
     /// Runs a claimed queued `task` in a sandbox from the pool and stores how it ended.
-    async fn run_task(&self, function: &Function, version: &Version, task: &Task) -> Result<()> {
-        let pool = self.inner.pool.clone();
-        let (function, version, t) = (function.clone(), version.clone(), task.clone());
-        let (completion, refused) = blocking(move || {
-            let ended = run_in_pool(&pool, &function, &version, &t, false);
-            log_invocation(&t, &version, &ended.0);
-            ended
-        })
-        .await?;
-        self.end(&task.task_id, completion).await?;
-        match refused {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     /// Stores how a stored task ended.
     async fn end(&self, task_id: &str, completion: Completion) -> Result<()> {
         Ok(self
@@ -835,29 +819,44 @@ impl Platform {
         }
     }
 
+    /// Runs a claimed task and stores how it ended. The lookup (from the catalog, as a sync
+    /// call's) and the run share one blocking thread.
     async fn run_claimed(&self, task: &Task) -> Result<()> {
-        let store = self.inner.store.clone();
-        let (fid, number) = (task.function_id.clone(), task.version);
-        let found = blocking(move || -> Result<Option<(Function, Version)>> {
-            let Some(f) = store.function(None, &fid)? else {
-                return Ok(None);
+        let (this, t) = (self.clone(), task.clone());
+        let (completion, refused) = blocking(move || -> Result<_> {
+            let (store, catalog) = (this.inner.store.as_ref(), &this.inner.catalog);
+            let function = catalog.function(store, None, &t.function_id)?;
+            let version = match &function {
+                Some(_) => catalog.version(store, &t.function_id, t.version)?,
+                None => None,
             };
-            Ok(store.version(&fid, number)?.map(|v| (f, v)))
+            Ok(match (function, version) {
+                (Some(function), Some(version)) if function.active => {
+                    let ended = run_in_pool(&this.inner.pool, &function, &version, &t, false);
+                    log_invocation(&t, &version, &ended.0);
+                    ended
+                }
+                (Some(_), Some(_)) => (
+                    failed(
+                        "function_unavailable",
+                        "the function was deactivated before this task ran",
+                    ),
+                    None,
+                ),
+                _ => (
+                    failed(
+                        "function_unavailable",
+                        "the function was deleted before this task ran",
+                    ),
+                    None,
+                ),
+            })
         })
         .await??;
-        match found {
-            Some((function, version)) if function.active => {
-                self.run_task(&function, &version, task).await
-            }
-            other => {
-                let why = if other.is_some() {
-                    "the function was deactivated before this task ran"
-                } else {
-                    "the function was deleted before this task ran"
-                };
-                self.end(&task.task_id, failed("function_unavailable", why))
-                    .await
-            }
+        self.end(&task.task_id, completion).await?;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 }
