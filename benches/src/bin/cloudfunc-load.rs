@@ -4,6 +4,7 @@
 //!
 //! Usage (as root): `cloudfunc-load [--clients N] [--seconds S] [--first-calls N]
 //! [--only sync|async] [--wrk] [--url URL --token T]`.
+//! After the async submits it times how fast the queue workers run the backlog they left.
 //! `--wrk` also runs the sync load through `wrk` (when it is installed), against the same
 //! server in the same run: a client that costs the shared cores less than these threads.
 //! Without `--url` it starts `cloudfunc serve` from next to itself on a free loopback port, in
@@ -194,20 +195,7 @@ fn wrk_row(
     if Command::new("wrk").arg("--version").output().is_err() {
         return Ok(None);
     }
-    let calls = || -> Result<(u64, u64)> {
-        let body: serde_json::Value = agent
-            .get(&format!("{url}/api/functions/hello_load/metrics"))
-            .header("authorization", &format!("Bearer {token}"))
-            .call()?
-            .body_mut()
-            .read_json()?;
-        let count = |k: &str| {
-            body[k]
-                .as_u64()
-                .with_context(|| format!("no {k} in {body}"))
-        };
-        Ok((count("invocations")?, count("errors")?))
-    };
+    let calls = || function_calls(agent, url, token);
     let script = tempfile::Builder::new().suffix(".lua").tempfile()?;
     std::fs::write(
         script.path(),
@@ -248,6 +236,53 @@ fn wrk_row(
         report.p99,
         report.max
     )))
+}
+
+/// The load function's calls and errors so far, from its own metrics.
+fn function_calls(agent: &ureq::Agent, url: &str, token: &str) -> Result<(u64, u64)> {
+    let body = get_json(
+        agent,
+        &format!("{url}/api/functions/hello_load/metrics"),
+        token,
+    )?;
+    let count = |k: &str| {
+        body[k]
+            .as_u64()
+            .with_context(|| format!("no {k} in {body}"))
+    };
+    Ok((count("invocations")?, count("errors")?))
+}
+
+fn get_json(agent: &ureq::Agent, url: &str, token: &str) -> Result<serde_json::Value> {
+    Ok(agent
+        .get(url)
+        .header("authorization", &format!("Bearer {token}"))
+        .call()?
+        .body_mut()
+        .read_json()?)
+}
+
+/// How fast the queue workers run the backlog the async submits left, with no submits
+/// coming in: the function's own count of new calls over `window`, as the cells of a row
+/// (the rate is a lower bound, marked `>=`, if the queue ran dry meanwhile).
+fn backlog_row(agent: &ureq::Agent, url: &str, token: &str, window: Duration) -> Result<String> {
+    let depth = || -> Result<u64> {
+        get_json(agent, &format!("{url}/api/system/health"), token)?["queue_depth"]
+            .as_u64()
+            .context("no queue_depth in the health report")
+    };
+    let (before, queued) = (function_calls(agent, url, token)?, depth()?);
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let after = function_calls(agent, url, token)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let dry = if depth()? == 0 { ">=" } else { "" };
+    Ok(format!(
+        "queued tasks run, submits stopped ({queued} queued) | {} | {} | {dry}{:.0} | - | - | - | -",
+        after.0 - before.0,
+        after.1 - before.1,
+        (after.0 - before.0) as f64 / elapsed
+    ))
 }
 
 /// What one `wrk --latency` run printed.
@@ -465,6 +500,10 @@ fn main() -> Result<()> {
             r.ok as f64 / r.elapsed.as_secs_f64(),
             latency_cells(&r.latencies)
         );
+        if kind == "async" {
+            let window = Duration::from_secs(seconds.clamp(1, 10));
+            println!("| {} |", backlog_row(&agent, &url, &token, window)?);
+        }
         if with_wrk && kind == "sync" {
             match wrk_row(&agent, &url, &token, path, clients, seconds)? {
                 Some(row) => println!("| {name} (wrk) | {row} |"),
