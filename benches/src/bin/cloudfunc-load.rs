@@ -3,8 +3,9 @@
 //! requests per second and latency percentiles.
 //!
 //! Usage (as root): `cloudfunc-load [--clients N] [--seconds S] [--first-calls N]
-//! [--only sync|async] [--wrk] [--url URL --token T]`.
-//! After the async submits it times how fast the queue workers run the backlog they left.
+//! [--only sync|async] [--wrk] [--queue-workers N] [--url URL --token T]`.
+//! After the async submits it times how fast the queue workers (`--queue-workers`, 2, the
+//! server's `--workers`) run the backlog they left.
 //! `--wrk` also runs the sync load through `wrk` (when it is installed), against the same
 //! server in the same run: a client that costs the shared cores less than these threads.
 //! Without `--url` it starts `cloudfunc serve` from next to itself on a free loopback port, in
@@ -55,7 +56,8 @@ impl Drop for Spawned {
     }
 }
 
-fn spawn_server() -> Result<(Spawned, String, String)> {
+/// Starts `cloudfunc serve` with `workers` queue workers.
+fn spawn_server(workers: usize) -> Result<(Spawned, String, String)> {
     let exe = std::env::current_exe()?;
     let bin = exe.parent().context("no directory")?.join("cloudfunc");
     let dir = tempfile::Builder::new()
@@ -69,7 +71,7 @@ fn spawn_server() -> Result<(Spawned, String, String)> {
             "--listen",
             "127.0.0.1:0",
             "--workers",
-            "2",
+            &workers.to_string(),
             "--concurrency",
             "4",
         ])
@@ -375,6 +377,7 @@ fn main() -> Result<()> {
     let mut first_calls = 15usize;
     let mut only: Option<String> = None;
     let mut with_wrk = false;
+    let mut queue_workers = 2usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -388,14 +391,17 @@ fn main() -> Result<()> {
                 _ => bail!("--only takes sync or async"),
             },
             "--wrk" => with_wrk = true,
-            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--first-calls N] [--only sync|async] [--wrk] [--url URL --token T]"),
+            "--queue-workers" => {
+                queue_workers = args.next().context("--queue-workers N")?.parse()?
+            }
+            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--first-calls N] [--only sync|async] [--wrk] [--queue-workers N] [--url URL --token T]"),
         }
     }
     let mut spawned = None;
     let (url, token) = match (url, token) {
         (Some(u), Some(t)) => (u, t),
         (None, None) => {
-            let (s, u, t) = spawn_server()?;
+            let (s, u, t) = spawn_server(queue_workers)?;
             spawned = Some(s);
             (u, t)
         }
