@@ -57,6 +57,10 @@ fn main() {
             "queued_tasks_of_a_deactivated_or_deleted_function_do_not_run",
             queued_after_a_change,
         ),
+        (
+            "a_graceful_stop_finishes_running_tasks_and_leaves_nothing",
+            graceful_stop,
+        ),
     ];
     let why = missing();
     if let Some(why) = &why {
@@ -1607,5 +1611,45 @@ fn queued_after_a_change() {
         "ran"
     );
     s.stop();
+    s.remove_files();
+}
+
+/// SIGTERM while a queue worker runs a task: the task finishes and is stored, the task queued
+/// behind it stays queued (and runs after a restart), and no cgroup of the server is left.
+fn graceful_stop() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-api-grace-")
+        .tempdir()
+        .unwrap();
+    let s = Server::start_in(dir.path(), "grace", 0, &["--workers", "1"]);
+    let t = s.token("stopper", false);
+    let sleeper = "import time\ndef handler(e):\n    time.sleep(e['s'])\n    return e['s']\n";
+    let r = deploy(&s, &t, "sleeper", &[("function.py", sleeper)]);
+    assert_eq!(r.status, 201, "{r:?}");
+    let run = |s: &Server, seconds: f64| -> String {
+        let r = post_json(s, "/api/functions/sleeper/run", &t, &json!({"s": seconds}));
+        assert_eq!(r.status, 202, "{r:?}");
+        r.body["task_id"].as_str().unwrap().to_string()
+    };
+    let running = run(&s, 1.5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while get(&s, &format!("/api/tasks/{running}"), &t).body["status"] != "running" {
+        assert!(std::time::Instant::now() < deadline, "the task never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let queued = run(&s, 0.0);
+    s.stop();
+    let left = s.cgroup_parents_left();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    let s = Server::start_in(dir.path(), "grace", 0, &["--workers", "1"]);
+    let done = get(&s, &format!("/api/tasks/{running}"), &t).body;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"], 1.5);
+    let later = wait_task(&s, &t, &queued, Duration::from_secs(30));
+    assert_eq!(later["status"], "succeeded", "{later}");
+    assert_eq!(later["attempts"], 1, "{later}");
+    s.stop();
+    assert!(s.cgroup_parents_left().is_empty());
     s.remove_files();
 }

@@ -212,6 +212,10 @@ struct Inner {
     recorder: Recorder,
     /// Sync calls under way (they are stored when they end).
     sync_running: AtomicU64,
+    /// Queue workers between a claim and the stored end of what they claimed.
+    queue_running: AtomicU64,
+    /// Set at shutdown: the queue workers claim nothing more.
+    stopping: std::sync::atomic::AtomicBool,
     pool: Arc<Pool>,
     config: PlatformConfig,
     wake: tokio::sync::Notify,
@@ -237,6 +241,8 @@ impl Platform {
             inner: Arc::new(Inner {
                 recorder: Recorder::start(store.clone())?,
                 sync_running: AtomicU64::new(0),
+                queue_running: AtomicU64::new(0),
+                stopping: std::sync::atomic::AtomicBool::new(false),
                 catalog: Catalog::default(),
                 store,
                 pool,
@@ -280,8 +286,17 @@ impl Platform {
         self.engines().get(level).map_err(PlatformError::BadRequest)
     }
 
-    /// Stops every kept sandbox (at shutdown).
+    /// At shutdown: lets the queue workers finish the tasks they hold (for up to
+    /// [`QUEUE_GRACE`]) and claim no more, then stops every kept sandbox and stores what is
+    /// queued to be stored. A task still running past the grace stays `running` on disk, and
+    /// the next start's recovery ends or requeues it.
     pub async fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_waiters();
+        let deadline = Instant::now() + QUEUE_GRACE;
+        while self.inner.queue_running.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let pool = self.inner.pool.clone();
         let _ = blocking(move || pool.shutdown()).await;
         self.inner.recorder.settle().await;
@@ -788,11 +803,19 @@ impl Platform {
 
     async fn worker(self) {
         loop {
+            // Counted before the flag is read, and the flag is set before shutdown reads the
+            // count: a claim either is waited for or does not happen.
+            let running = Running::enter(&self.inner.queue_running);
+            if self.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
             let store = self.inner.store.clone();
             let claimed = blocking(move || store.claim_next()).await;
             let task = match claimed {
                 Ok(Ok(Some(task))) => task,
                 Ok(Ok(None)) => {
+                    // Nothing held while idle: a stop need not wait for this wait.
+                    drop(running);
                     let _ = tokio::time::timeout(
                         Duration::from_millis(250),
                         self.inner.wake.notified(),
@@ -801,6 +824,7 @@ impl Platform {
                     continue;
                 }
                 other => {
+                    drop(running);
                     eprintln!("cloudfunc: queue worker could not claim a task: {other:?}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
@@ -1073,16 +1097,19 @@ struct Running<'a>(&'a AtomicU64);
 
 impl<'a> Running<'a> {
     fn enter(count: &'a AtomicU64) -> Running<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
+        count.fetch_add(1, Ordering::SeqCst);
         Running(count)
     }
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// How long a graceful stop waits for the tasks the queue workers are running.
+const QUEUE_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs `task` in a sandbox from the pool (blocking) and says how it ended. A sync call that
 /// finds the function at its concurrency limit ends as throttled, and is refused too.

@@ -135,6 +135,25 @@ impl Server {
         self.remove_cgroup_parents();
     }
 
+    /// The server's cgroup parents (both isolation levels, every hierarchy) that exist now.
+    pub fn cgroup_parents_left(&self) -> Vec<PathBuf> {
+        let root = Path::new("/sys/fs/cgroup");
+        let hierarchies = std::fs::read_dir(root).into_iter().flatten().flatten();
+        let places: Vec<PathBuf> = std::iter::once(root.to_path_buf())
+            .chain(hierarchies.map(|h| h.path()))
+            .collect();
+        let mut left = Vec::new();
+        for place in places {
+            for parent in [self.parent.clone(), format!("{}-gvisor", self.parent)] {
+                let dir = place.join(parent);
+                if dir.is_dir() {
+                    left.push(dir);
+                }
+            }
+        }
+        left
+    }
+
     /// Removes the cgroup parents of both isolation levels, where they are empty.
     fn remove_cgroup_parents(&self) {
         for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
