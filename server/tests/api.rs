@@ -1527,20 +1527,29 @@ fn sync_records() {
     s.remove_files();
 }
 
+/// Sleeps `s` seconds and returns them.
+const SLEEPER: &str = "import time\ndef handler(e):\n    time.sleep(e['s'])\n    return e['s']\n";
+
+/// A server in a fresh directory (returned with it) whose queue has one worker, so that a
+/// sleeping task keeps the ones behind it queued.
+fn one_queue_worker(tag: &str) -> (tempfile::TempDir, Server) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("cloudfunc-api-{tag}-"))
+        .tempdir()
+        .unwrap();
+    let s = Server::start_in(dir.path(), tag, 0, &["--workers", "1"]);
+    (dir, s)
+}
+
 /// A task still queued when its function is deactivated or deleted ends failed, unrun, with
 /// kind `function_unavailable`; the worker goes on to the next one. One queue worker, held
 /// by a sleeping task, keeps the two tasks queued meanwhile.
 fn queued_after_a_change() {
-    let dir = tempfile::Builder::new()
-        .prefix("cloudfunc-api-queued-")
-        .tempdir()
-        .unwrap();
-    let s = Server::start_in(dir.path(), "queued", 0, &["--workers", "1"]);
+    let (_dir, s) = one_queue_worker("queued");
     let t = s.token("queuer", false);
-    let sleeper = "import time\ndef handler(e):\n    time.sleep(e['s'])\n    return 'slept'\n";
     let marker = "def handler(e):\n    return 'ran'\n";
     for (name, code) in [
-        ("sleeper", sleeper),
+        ("sleeper", SLEEPER),
         ("turned_off", marker),
         ("gone", marker),
     ] {
@@ -1553,14 +1562,7 @@ fn queued_after_a_change() {
         r.body["task_id"].as_str().unwrap().to_string()
     };
     let sleeping = run("sleeper", json!({"s": 2}));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while get(&s, &format!("/api/tasks/{sleeping}"), &t).body["status"] != "running" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sleeper never ran"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_running(&s, &t, &sleeping, Duration::from_secs(20));
     let off = run("turned_off", json!({}));
     let gone = run("gone", json!({}));
     let r = request(
@@ -1585,7 +1587,7 @@ fn queued_after_a_change() {
 
     assert_eq!(
         wait_task(&s, &t, &sleeping, Duration::from_secs(30))["result"],
-        "slept"
+        2
     );
     for (task, why) in [(&off, "deactivated"), (&gone, "deleted")] {
         let done = wait_task(&s, &t, task, Duration::from_secs(30));
@@ -1617,14 +1619,9 @@ fn queued_after_a_change() {
 /// SIGTERM while a queue worker runs a task: the task finishes and is stored, the task queued
 /// behind it stays queued (and runs after a restart), and no cgroup of the server is left.
 fn graceful_stop() {
-    let dir = tempfile::Builder::new()
-        .prefix("cloudfunc-api-grace-")
-        .tempdir()
-        .unwrap();
-    let s = Server::start_in(dir.path(), "grace", 0, &["--workers", "1"]);
+    let (dir, s) = one_queue_worker("grace");
     let t = s.token("stopper", false);
-    let sleeper = "import time\ndef handler(e):\n    time.sleep(e['s'])\n    return e['s']\n";
-    let r = deploy(&s, &t, "sleeper", &[("function.py", sleeper)]);
+    let r = deploy(&s, &t, "sleeper", &[("function.py", SLEEPER)]);
     assert_eq!(r.status, 201, "{r:?}");
     let run = |s: &Server, seconds: f64| -> String {
         let r = post_json(s, "/api/functions/sleeper/run", &t, &json!({"s": seconds}));
@@ -1632,11 +1629,7 @@ fn graceful_stop() {
         r.body["task_id"].as_str().unwrap().to_string()
     };
     let running = run(&s, 1.5);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while get(&s, &format!("/api/tasks/{running}"), &t).body["status"] != "running" {
-        assert!(std::time::Instant::now() < deadline, "the task never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_running(&s, &t, &running, Duration::from_secs(20));
     let queued = run(&s, 0.0);
     s.stop();
     let left = s.cgroup_parents_left();

@@ -298,6 +298,15 @@ pub fn wait_task(s: &Server, token: &str, task: &str, within: Duration) -> Value
     }
 }
 
+/// Waits until a queue worker has claimed `task`.
+pub fn wait_running(s: &Server, token: &str, task: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while get(s, &format!("/api/tasks/{task}"), token).body["status"] != "running" {
+        assert!(Instant::now() < deadline, "task {task} never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub const HELLO_PY: &str =
     "def handler(event):\n    return f\"Hello {event.get('name', 'World')}!\"\n";
 
