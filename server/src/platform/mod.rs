@@ -860,20 +860,14 @@ impl Platform {
                     log_invocation(&t, &version, &ended.0);
                     ended
                 }
-                (Some(_), Some(_)) => (
-                    failed(
-                        "function_unavailable",
-                        "the function was deactivated before this task ran",
-                    ),
-                    None,
-                ),
-                _ => (
-                    failed(
-                        "function_unavailable",
-                        "the function was deleted before this task ran",
-                    ),
-                    None,
-                ),
+                (_, version) => {
+                    let why = if version.is_some() {
+                        "the function was deactivated before this task ran"
+                    } else {
+                        "the function was deleted before this task ran"
+                    };
+                    (failed("function_unavailable", why), None)
+                }
             })
         })
         .await??;

@@ -156,14 +156,8 @@ impl Server {
 
     /// Removes the cgroup parents of both isolation levels, where they are empty.
     fn remove_cgroup_parents(&self) {
-        for hierarchy in std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            for parent in [self.parent.clone(), format!("{}-gvisor", self.parent)] {
-                let _ = std::fs::remove_dir(hierarchy.path().join(parent));
-            }
+        for dir in self.cgroup_parents_left() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
