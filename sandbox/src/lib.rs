@@ -35,6 +35,7 @@ pub mod control;
 mod engine;
 mod error;
 pub mod outcome;
+pub mod placement;
 pub mod protocol;
 mod sandbox;
 pub mod seal;

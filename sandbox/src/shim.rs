@@ -14,7 +14,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use libcontainer::container::builder::ContainerBuilder;
@@ -24,10 +24,12 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use oci_spec::runtime::Spec;
 
 use crate::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
 use crate::control::{Channel, ExitKind, Message};
 use crate::error::error_chain;
+use crate::placement::{self, Placement};
 
 /// An OCI runtime driven through its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,12 +198,18 @@ impl Driver for Libcontainer {
             .with_stderr(stderr)
             .validate_id()
             .map_err(|e| format!("container id: {e}"))?;
-        let container = builder
-            .as_init(&args.bundle)
-            .with_systemd(false)
-            .with_detach(true)
-            .build()
-            .map_err(|e| format!("creating the container: {}", error_chain(&e)))?;
+        let build = |bundle: &Path| {
+            builder
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| format!("creating the container: {}", error_chain(&e)))
+        };
+        let container = match OwnCgroups::prepare(&args.bundle)? {
+            Some(own) => own.build(build)?,
+            None => build(&args.bundle)?,
+        };
         let container = self.container.insert(container);
         container
             .start()
@@ -220,6 +228,132 @@ impl Driver for Libcontainer {
         }
         let _ = container.delete(true);
     }
+}
+
+/// The shim's own cgroup placement on v1 (see [`crate::placement`]): the bundle's spec
+/// without `resources`, for libcontainer, and the sandbox's cgroup made and limited.
+struct OwnCgroups {
+    /// Where the spec libcontainer reads is (`<bundle>/libcontainer`).
+    bundle: PathBuf,
+    placement: Placement,
+}
+
+impl OwnCgroups {
+    /// `None` where libcontainer places the container itself: on cgroup v2, for a relative
+    /// cgroup path, or for limits the shim does not apply.
+    fn prepare(bundle: &Path) -> Result<Option<OwnCgroups>, String> {
+        let root = Path::new(DEFAULT_CGROUP_ROOT);
+        let v1 = nix::sys::statfs::statfs(root)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if !v1 {
+            return Ok(None);
+        }
+        let mut spec = Spec::load(bundle.join("config.json"))
+            .map_err(|e| format!("reading the bundle: {e}"))?;
+        let Some(linux) = spec.linux().clone() else {
+            return Ok(None);
+        };
+        let path = linux
+            .cgroups_path()
+            .as_ref()
+            .and_then(|p| p.to_str())
+            .filter(|p| p.starts_with('/'))
+            .map(str::to_string);
+        let resources = linux.resources().clone().unwrap_or_default();
+        let Some(path) = path.filter(|_| placement::handles(&resources)) else {
+            return Ok(None);
+        };
+        let mut stripped = linux;
+        stripped.set_resources(None);
+        spec.set_linux(Some(stripped));
+        if let Some(root) = spec.root().clone() {
+            let mut root = root;
+            root.set_path(bundle.join(root.path()));
+            spec.set_root(Some(root));
+        }
+        let dir = bundle.join("libcontainer");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        spec.save(dir.join("config.json"))
+            .map_err(|e| format!("writing libcontainer's spec: {e}"))?;
+        let placement = Placement::prepare(root, &path, &resources)
+            .map_err(|e| format!("creating the cgroup: {e}"))?;
+        Ok(Some(OwnCgroups {
+            bundle: dir,
+            placement,
+        }))
+    }
+
+    /// Runs `build` (libcontainer's create) with this thread in the sandbox's cgroup and the
+    /// hierarchies out of libcontainer's sight, then returns and applies the pids limit.
+    fn build(
+        self,
+        build: impl FnOnce(&Path) -> Result<Container, String>,
+    ) -> Result<Container, String> {
+        let hidden = HiddenCgroups::enter(Path::new(DEFAULT_CGROUP_ROOT))?;
+        let built = self
+            .placement
+            .enter()
+            .map_err(|e| format!("joining the cgroup: {e}"))
+            .and_then(|()| build(&self.bundle));
+        let left = self
+            .placement
+            .leave()
+            .map_err(|e| format!("leaving the cgroup: {e}"));
+        let back = hidden.leave();
+        let container = built?;
+        left?;
+        back?;
+        self.placement
+            .limit_pids()
+            .map_err(|e| format!("limiting pids: {e}"))?;
+        Ok(container)
+    }
+}
+
+/// A private mount namespace for this process in which `root` is an empty tmpfs, until
+/// [`HiddenCgroups::leave`] returns to the namespace it came from.
+struct HiddenCgroups {
+    home: std::fs::File,
+}
+
+impl HiddenCgroups {
+    fn enter(root: &Path) -> Result<HiddenCgroups, String> {
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        let home = std::fs::File::open("/proc/self/ns/mnt")
+            .map_err(|e| format!("opening the mount namespace: {e}"))?;
+        private_mounts()?;
+        umount2(root, MntFlags::MNT_DETACH)
+            .map_err(|e| format!("hiding {}: {e}", root.display()))?;
+        mount(
+            Some("tmpfs"),
+            root,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("mode=755"),
+        )
+        .map_err(|e| format!("covering {}: {e}", root.display()))?;
+        Ok(HiddenCgroups { home })
+    }
+
+    fn leave(self) -> Result<(), String> {
+        nix::sched::setns(&self.home, nix::sched::CloneFlags::CLONE_NEWNS)
+            .map_err(|e| format!("returning to the mount namespace: {e}"))
+    }
+}
+
+/// Moves this process into a mount namespace of its own whose changes reach no other.
+fn private_mounts() -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("unshare: {e}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making / private: {e}"))
 }
 
 /// Deletes a container whose processes are all gone: its cgroup and its state directory.
@@ -271,16 +405,7 @@ impl Cli {
 
     fn hide_cgroup2() -> Result<(), String> {
         use nix::mount::{mount, MsFlags};
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-            .map_err(|e| format!("unshare: {e}"))?;
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .map_err(|e| format!("making / private: {e}"))?;
+        private_mounts()?;
         mount(
             Some("tmpfs"),
             "/sys/fs/cgroup/unified",

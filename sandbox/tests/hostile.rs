@@ -62,6 +62,11 @@ pub fn cases() -> Vec<Case> {
         devices_and_rlimits,
     ));
     cases.push(Case::new(
+        "python::cgroup_holds_the_sandbox_and_nothing_else",
+        needs(Runtime::Python),
+        cgroup_membership,
+    ));
+    cases.push(Case::new(
         "python::cpu_quota_holds",
         needs(Runtime::Python),
         cpu_quota,
@@ -428,6 +433,71 @@ fn devices_and_rlimits() {
         json!(libc::EPERM),
         "making a block device must fail: {r}"
     );
+}
+
+fn cgroup_membership() {
+    let code = "def handler(event):\n    return open('/proc/self/cgroup').read()\n";
+    let mut f = start(Runtime::Python, code);
+    let inside = result(&f.call(json!({})).outcome)
+        .as_str()
+        .unwrap()
+        .to_string();
+    let init = f.sandbox.pid().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{init}/stat")).unwrap();
+    let shim: i32 = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut hierarchies = 0;
+    for dir in engine().cgroup_dirs(f.sandbox.id()) {
+        let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+            continue;
+        };
+        let pids: Vec<i32> = procs.lines().map(|l| l.trim().parse().unwrap()).collect();
+        assert!(
+            !pids.contains(&shim),
+            "the shim {shim} stayed in {}: {pids:?}",
+            dir.display()
+        );
+        if !on_gvisor() {
+            // An idle bootstrap is one process: init, and nothing of the runtime's.
+            assert_eq!(pids, vec![init], "{}", dir.display());
+            hierarchies += 1;
+        }
+        // gVisor's own kernel decides which devices exist; the host cgroup leaves them be.
+        if let Some(list) = std::fs::read_to_string(dir.join("devices.list"))
+            .ok()
+            .filter(|_| !on_gvisor())
+        {
+            assert!(!list.contains("a *:* rwm"), "devices are limited: {list}");
+            assert!(
+                list.lines().any(|l| l == "c 1:3 rwm"),
+                "/dev/null allowed: {list}"
+            );
+        }
+    }
+    if on_gvisor() {
+        return;
+    }
+    assert!(
+        hierarchies >= 3,
+        "memory, cpu and pids at least: {hierarchies}"
+    );
+    let own = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert_eq!(
+        own(&shim.to_string()),
+        own("self"),
+        "the shim is back where it started"
+    );
+    // The cgroup namespace is rooted at the sandbox's cgroup: the function sees only `/`.
+    for line in inside.lines().filter(|l| !l.contains("name=")) {
+        assert!(line.ends_with(":/"), "{line} in {inside}");
+    }
 }
 
 fn cpu_quota() {
