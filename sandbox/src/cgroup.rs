@@ -1,9 +1,10 @@
 //! Reading what a sandbox's cgroup says it used, on cgroup v1 and v2.
 //!
-//! libcontainer creates and removes the cgroups; this module only finds them (from a root
-//! passed in, `/sys/fs/cgroup` by default), reads CPU time, peak memory and OOM kills, and
-//! removes what a crash left under our own parent. The parsers are pure functions over the
-//! files' text so that they are tested without a kernel.
+//! The runtimes (or, for libcontainer on v1, the shim: see [`crate::placement`]) create the
+//! cgroups; this module finds them (from a root passed in, `/sys/fs/cgroup` by default), reads
+//! CPU time, peak memory and OOM kills, and removes them, with what a crash left under our own
+//! parent. The parsers are pure functions over the files' text so that they are tested without
+//! a kernel.
 
 use std::fs;
 use std::io;
@@ -152,8 +153,11 @@ impl CgroupFs {
     /// children. Only for our own parent: the caller passes `/<parent>/<id>` paths.
     pub fn remove_tree(&self, path: &str) -> io::Result<()> {
         for dir in self.dirs(path) {
-            if dir.is_dir() {
-                remove_dir_tree(&dir)?;
+            // Usually it is empty (its processes reaped, no children): one rmdir each.
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => remove_dir_tree(&dir)?,
             }
         }
         Ok(())
