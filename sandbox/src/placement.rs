@@ -107,19 +107,39 @@ pub struct Placement {
 impl Placement {
     /// Creates the cgroup at absolute `path` in every v1 hierarchy this process is in (mounted
     /// under `root`), applies `resources` but the pids limit, and opens the `tasks` files.
-    pub fn prepare(root: &Path, path: &str, resources: &LinuxResources) -> io::Result<Placement> {
+    /// `None`, having changed nothing, where this process cannot see its own cgroups under
+    /// `root` (a container that shows the host's cgroup paths over a mount of its own): it
+    /// could not move back.
+    pub fn prepare(
+        root: &Path,
+        path: &str,
+        resources: &LinuxResources,
+    ) -> io::Result<Option<Placement>> {
         let own = fs::read_to_string("/proc/self/cgroup")?;
+        let mut homes = Vec::new();
+        for membership in parse_memberships(&own) {
+            let Some(hierarchy) = hierarchy_dir(root, &membership.controllers) else {
+                return Ok(None);
+            };
+            let home = hierarchy
+                .join(membership.path.trim_start_matches('/'))
+                .join("tasks");
+            let Ok(home) = open_write(&home) else {
+                return Ok(None);
+            };
+            homes.push((hierarchy, membership.controllers, home));
+        }
+        if homes.is_empty() {
+            return Ok(None);
+        }
         let rel = path.trim_start_matches('/');
         let mut placement = Placement {
             tasks: Vec::new(),
             pids_max: None,
             pids_limit: resources.pids().as_ref().map(|p| p.limit()),
         };
-        for membership in parse_memberships(&own) {
-            let Some(hierarchy) = hierarchy_dir(root, &membership.controllers) else {
-                continue;
-            };
-            let controllers: Vec<&str> = membership.controllers.split(',').collect();
+        for (hierarchy, controllers, home) in homes {
+            let controllers: Vec<&str> = controllers.split(',').collect();
             let dir = create(&hierarchy, rel, controllers.contains(&"cpuset"))?;
             for controller in &controllers {
                 match *controller {
@@ -130,20 +150,11 @@ impl Placement {
                     _ => {}
                 }
             }
-            let home = hierarchy
-                .join(membership.path.trim_start_matches('/'))
-                .join("tasks");
             placement
                 .tasks
-                .push((open_write(&dir.join("tasks"))?, open_write(&home)?));
+                .push((open_write(&dir.join("tasks"))?, home));
         }
-        if placement.tasks.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no cgroup v1 hierarchy under {}", root.display()),
-            ));
-        }
-        Ok(placement)
+        Ok(Some(placement))
     }
 
     /// Moves the calling thread into the sandbox's cgroup in every hierarchy.
@@ -308,6 +319,21 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn nothing_is_created_where_the_process_cannot_see_its_own_cgroups() {
+        // A tree with this process's hierarchies but none of its cgroups (no `tasks` files).
+        let root = tempfile::tempdir().unwrap();
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+        for membership in parse_memberships(&own) {
+            fs::create_dir_all(root.path().join(&membership.controllers)).unwrap();
+        }
+        let found = Placement::prepare(root.path(), "/parent/sb", &LinuxResources::default());
+        assert!(found.unwrap().is_none());
+        for membership in parse_memberships(&own) {
+            assert!(!root.path().join(&membership.controllers).join("parent").exists());
+        }
     }
 
     #[test]

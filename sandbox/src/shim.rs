@@ -271,12 +271,15 @@ impl OwnCgroups {
             root.set_path(bundle.join(root.path()));
             spec.set_root(Some(root));
         }
+        let Some(placement) = Placement::prepare(root, &path, &resources)
+            .map_err(|e| format!("creating the cgroup: {e}"))?
+        else {
+            return Ok(None);
+        };
         let dir = bundle.join("libcontainer");
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         spec.save(dir.join("config.json"))
             .map_err(|e| format!("writing libcontainer's spec: {e}"))?;
-        let placement = Placement::prepare(root, &path, &resources)
-            .map_err(|e| format!("creating the cgroup: {e}"))?;
         Ok(Some(OwnCgroups {
             bundle: dir,
             placement,
