@@ -7,7 +7,10 @@
 //! With `--backends` it instead compares cloudfunc's own backends (libcontainer, runc, crun,
 //! each driven by the shim): cold starts, warm-call latency and memory per idle sandbox.
 //!
-//! Usage: `cloudfunc-bench [--runs N] [--backends]` (as root).
+//! `--quiet-ms M` waits M milliseconds before every cold start, so that each one starts after
+//! a quiet spell, as sporadic cold starts do, instead of right after another runtime's work.
+//!
+//! Usage: `cloudfunc-bench [--runs N] [--quiet-ms M] [--backends]` (as root).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -54,16 +57,21 @@ fn main() -> Result<()> {
     let mut runs = 20usize;
     let mut backends = false;
     let mut density_of = None;
+    let mut quiet = Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--runs" => runs = args.next().context("--runs needs a number")?.parse()?,
             "--backends" => backends = true,
+            "--quiet-ms" => {
+                let ms = args.next().context("--quiet-ms needs a number")?.parse()?;
+                quiet = Duration::from_millis(ms);
+            }
             "--density" => {
                 density_of = Some(args.next().context("--density needs a number")?.parse()?)
             }
             other => anyhow::bail!(
-                "unknown argument {other}; usage: cloudfunc-bench [--runs N] [--backends | --density N]"
+                "unknown argument {other}; usage: cloudfunc-bench [--runs N] [--quiet-ms M] [--backends | --density N]"
             ),
         }
     }
@@ -106,6 +114,7 @@ fn main() -> Result<()> {
             // follows another runtime's teardown.
             let runners = 2 + clis.len();
             for k in 0..runners {
+                std::thread::sleep(quiet);
                 match (i + k) % runners {
                     0 => record("host", run_host(*workload, &code)),
                     1 => record("cloudfunc", run_cloudfunc(&engine, *workload, &code)),
@@ -120,6 +129,9 @@ fn main() -> Result<()> {
     }
 
     println!("Cold start, create -> first result -> teardown; median of {runs} runs, milliseconds, runners in rotating order.");
+    if !quiet.is_zero() {
+        println!("(each cold start after {} ms of quiet)", quiet.as_millis());
+    }
     if hidden {
         println!("(hybrid cgroup host: cgroup2 hidden in this process's mount namespace for every runtime alike)");
     }
