@@ -108,16 +108,44 @@ impl Placement {
     /// Creates the cgroup at absolute `path` in every v1 hierarchy this process is in (mounted
     /// under `root`), applies `resources` but the pids limit, and opens the `tasks` files.
     /// `None`, having changed nothing, where this process cannot see its own cgroups under
-    /// `root` (a container that shows the host's cgroup paths over a mount of its own): it
-    /// could not move back.
+    /// `root` (a container that shows the host's cgroup paths over a mount of its own: it
+    /// could not move back), or where a limit asks for a controller it is not in (for
+    /// libcontainer to refuse, as it does).
     pub fn prepare(
         root: &Path,
         path: &str,
         resources: &LinuxResources,
     ) -> io::Result<Option<Placement>> {
         let own = fs::read_to_string("/proc/self/cgroup")?;
+        Placement::prepare_in(&own, root, path, resources)
+    }
+
+    /// [`Placement::prepare`] for a process whose `/proc/<pid>/cgroup` reads `own`.
+    pub fn prepare_in(
+        own: &str,
+        root: &Path,
+        path: &str,
+        resources: &LinuxResources,
+    ) -> io::Result<Option<Placement>> {
+        let memberships = parse_memberships(own);
+        let joined: Vec<&str> = memberships
+            .iter()
+            .flat_map(|m| m.controllers.split(','))
+            .collect();
+        let needed = [
+            ("memory", resources.memory().is_some()),
+            ("cpu", resources.cpu().is_some()),
+            ("pids", resources.pids().is_some()),
+            ("devices", resources.devices().is_some()),
+        ];
+        if needed
+            .iter()
+            .any(|(c, asked)| *asked && !joined.contains(c))
+        {
+            return Ok(None);
+        }
         let mut homes = Vec::new();
-        for membership in parse_memberships(&own) {
+        for membership in memberships {
             let Some(hierarchy) = hierarchy_dir(root, &membership.controllers) else {
                 return Ok(None);
             };
@@ -332,8 +360,78 @@ mod tests {
         let found = Placement::prepare(root.path(), "/parent/sb", &LinuxResources::default());
         assert!(found.unwrap().is_none());
         for membership in parse_memberships(&own) {
-            assert!(!root.path().join(&membership.controllers).join("parent").exists());
+            assert!(!root
+                .path()
+                .join(&membership.controllers)
+                .join("parent")
+                .exists());
         }
+    }
+
+    /// A fake hierarchy tree under `root` for `own`, with this process's `tasks` files.
+    fn fake_tree(root: &Path, own: &str) {
+        for membership in parse_memberships(own) {
+            let home = root
+                .join(&membership.controllers)
+                .join(&membership.path[1..]);
+            fs::create_dir_all(&home).unwrap();
+            fs::write(home.join("tasks"), "").unwrap();
+        }
+    }
+
+    #[test]
+    fn limits_are_written_and_the_sandbox_is_created_in_every_hierarchy() {
+        let root = tempfile::tempdir().unwrap();
+        let own = "3:memory:/host\n2:cpu,cpuacct:/\n1:name=systemd:/\n";
+        fake_tree(root.path(), own);
+        // In a real hierarchy the kernel makes these; here the sandbox's must exist first.
+        for dir in ["memory/parent/sb", "cpu,cpuacct/parent/sb"] {
+            fs::create_dir_all(root.path().join(dir)).unwrap();
+            fs::write(root.path().join(dir).join("tasks"), "").unwrap();
+        }
+        let resources = LinuxResourcesBuilder::default()
+            .memory(
+                LinuxMemoryBuilder::default()
+                    .limit(1 << 27)
+                    .build()
+                    .unwrap(),
+            )
+            .cpu(
+                LinuxCpuBuilder::default()
+                    .quota(50_000)
+                    .period(100_000u64)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let placement = Placement::prepare_in(own, root.path(), "/parent/sb", &resources)
+            .unwrap()
+            .expect("placed");
+        assert_eq!(placement.tasks.len(), 2);
+        let read = |p: &str| fs::read_to_string(root.path().join(p)).unwrap();
+        assert_eq!(read("memory/parent/sb/memory.limit_in_bytes"), "134217728");
+        assert_eq!(read("cpu,cpuacct/parent/sb/cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("cpu,cpuacct/parent/sb/cpu.cfs_period_us"), "100000");
+        placement.enter().unwrap();
+        assert_eq!(read("memory/parent/sb/tasks"), "0");
+        placement.leave().unwrap();
+        assert_eq!(read("memory/host/tasks"), "0");
+        assert!(!root.path().join("name=systemd").exists());
+    }
+
+    #[test]
+    fn a_limit_without_its_controller_is_left_to_libcontainer() {
+        let root = tempfile::tempdir().unwrap();
+        let own = "3:memory:/\n";
+        fake_tree(root.path(), own);
+        let resources = LinuxResourcesBuilder::default()
+            .cpu(LinuxCpuBuilder::default().quota(50_000).build().unwrap())
+            .build()
+            .unwrap();
+        let found = Placement::prepare_in(own, root.path(), "/parent/sb", &resources).unwrap();
+        assert!(found.is_none());
+        assert!(!root.path().join("memory/parent").exists());
     }
 
     #[test]
