@@ -12,8 +12,9 @@
 //! libcontainer clone the container's processes (born in the cgroup, with the cgroup namespace
 //! rooted at it), and moves itself back out before the container starts. libcontainer is
 //! shown the spec without `resources`, in a mount namespace without the cgroup hierarchies, so
-//! it does no cgroup work of its own. [`handles`] decides when that is safe: limits the shim does
-//! not apply are left to libcontainer, as before.
+//! it does no cgroup work of its own. [`handles`] decides when that is safe: limits the shim
+//! does not apply are left to libcontainer, as before. The price: what the shim allocates
+//! during the create (about 60 KB) is charged to the sandbox's memory cgroup.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
