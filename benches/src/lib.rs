@@ -323,12 +323,18 @@ pub fn run_host(workload: Workload, code: &Code) -> Result<Duration> {
             std::fs::create_dir_all(&image)?;
             let (name, source) = runtime.bootstrap();
             let path = image.join(name);
-            if std::fs::read_to_string(&path).ok().as_deref() != Some(source) {
+            let entry = image.join(runtime.entry());
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(source) || !entry.exists() {
                 std::fs::write(&path, source)?;
+                if runtime == Runtime::Python {
+                    let python = std::path::Path::new(runtime.interpreter());
+                    cloudfunc_images::runtime::compile_python_bootstrap(python, &path, &entry)?;
+                }
             }
             let mut args = runtime.process_args();
             for arg in &mut args {
-                *arg = arg.replace(&format!("/cloudfunc/{name}"), &path.to_string_lossy());
+                let inside = format!("/cloudfunc/{}", runtime.entry());
+                *arg = arg.replace(&inside, &entry.to_string_lossy());
             }
             let child = Command::new(&args[0])
                 .args(&args[1..])

@@ -8,10 +8,10 @@
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::runtime::{Runtime, BOOTSTRAP_DIR};
+use crate::runtime::{compile_python_bootstrap, Runtime, BOOTSTRAP_DIR};
 use crate::{io_err, BindMount, Error, PreparedImage, Result};
 
 /// Mount points every sandbox needs inside its root.
@@ -75,7 +75,8 @@ impl HostImage {
             .join(format!("host-{:016x}", layout.digest()));
         let rootfs = dir.join("rootfs");
         if !rootfs.join(".complete").exists() {
-            write_atomically(&self.images_dir, &dir, &layout)?;
+            let python = layout.python.map(|_| self.python());
+            write_atomically(&self.images_dir, &dir, &layout, python.as_deref())?;
         }
         let mut mounts = vec![BindMount {
             source: usr,
@@ -114,7 +115,17 @@ impl HostImage {
                 layout.etc_files.push(file.to_string());
             }
         }
+        layout.python = fs::metadata(self.python())
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| (m.len(), m.mtime(), m.ino()));
         Ok(layout)
+    }
+
+    /// The host's Python, which the sandboxes run through the `/usr` mount.
+    fn python(&self) -> PathBuf {
+        self.host_root
+            .join(Runtime::Python.interpreter().trim_start_matches('/'))
     }
 }
 
@@ -124,6 +135,9 @@ struct Layout {
     links: Vec<(String, PathBuf)>,
     bound_dirs: Vec<String>,
     etc_files: Vec<String>,
+    /// The host's Python (size, modification time, inode), which compiles the bootstrap: an
+    /// upgraded interpreter gets a new version of the image, compiled by itself.
+    python: Option<(u64, i64, u64)>,
 }
 
 impl Layout {
@@ -146,7 +160,12 @@ impl Layout {
     }
 }
 
-fn write_atomically(images_dir: &Path, dir: &Path, layout: &Layout) -> Result<()> {
+fn write_atomically(
+    images_dir: &Path,
+    dir: &Path,
+    layout: &Layout,
+    python: Option<&Path>,
+) -> Result<()> {
     fs::create_dir_all(images_dir).map_err(io_err(images_dir))?;
     let staging = images_dir.join(format!(
         ".staging-{}-{:x}",
@@ -154,11 +173,31 @@ fn write_atomically(images_dir: &Path, dir: &Path, layout: &Layout) -> Result<()
         layout.digest()
     ));
     let _ = fs::remove_dir_all(&staging);
+    if let Err(e) = write_skeleton(&staging, layout, python) {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    match fs::rename(&staging, dir) {
+        Ok(()) => Ok(()),
+        // Another process finished the same version first: theirs is identical.
+        Err(_) if dir.join("rootfs/.complete").exists() => {
+            let _ = fs::remove_dir_all(&staging);
+            Ok(())
+        }
+        Err(source) => Err(Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Writes the skeleton into `staging/rootfs`.
+fn write_skeleton(staging: &Path, layout: &Layout, python: Option<&Path>) -> Result<()> {
     let rootfs = staging.join("rootfs");
     let dir_mode =
         |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o755)).map_err(io_err(p));
     fs::create_dir_all(&rootfs).map_err(io_err(&rootfs))?;
-    dir_mode(&staging)?;
+    dir_mode(staging)?;
     dir_mode(&rootfs)?;
     let bound = layout.bound_dirs.iter().map(String::as_str);
     for name in MOUNT_POINTS.iter().copied().chain(bound) {
@@ -190,19 +229,12 @@ fn write_atomically(images_dir: &Path, dir: &Path, layout: &Layout) -> Result<()
         let (name, source) = runtime.bootstrap();
         write_file(&boot.join(name), source)?;
     }
-    write_file(&rootfs.join(".complete"), "")?;
-    match fs::rename(&staging, dir) {
-        Ok(()) => Ok(()),
-        // Another process finished the same version first: theirs is identical.
-        Err(_) if dir.join("rootfs/.complete").exists() => {
-            let _ = fs::remove_dir_all(&staging);
-            Ok(())
-        }
-        Err(source) => Err(Error::Io {
-            path: dir.to_path_buf(),
-            source,
-        }),
+    // Without a Python on the host there is no Python runtime to start.
+    if let Some(python) = python {
+        let source = boot.join(Runtime::Python.bootstrap().0);
+        compile_python_bootstrap(python, &source, &boot.join(Runtime::Python.entry()))?;
     }
+    write_file(&rootfs.join(".complete"), "")
 }
 
 fn write_file(path: &Path, content: &str) -> Result<()> {
@@ -302,5 +334,74 @@ mod tests {
             .prepare()
             .unwrap_err();
         assert!(matches!(err, Error::HostMissing(_)));
+    }
+
+    /// A stand-in `python3` on a fake host: a shell script run with the compile's arguments.
+    fn fake_python(host: &Path, script: &str) {
+        let python = host.join("usr/bin/python3");
+        fs::write(&python, format!("#!/bin/sh\n{script}\n")).unwrap();
+        fs::set_permissions(&python, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn the_python_bootstrap_is_compiled_by_the_hosts_python() {
+        let host = fake_host(true);
+        // Arguments: -I -S -c <program> <source> <compiled> <name in tracebacks>.
+        fake_python(host.path(), r#"echo "$7 from $5" > "$6""#);
+        let images = tempfile::tempdir().unwrap();
+        let image = HostImage::with_host_root(images.path(), host.path())
+            .prepare()
+            .unwrap();
+        let compiled = image.rootfs.join("cloudfunc/bootstrap.pyc");
+        let written = fs::read_to_string(&compiled).unwrap();
+        assert!(
+            written.contains("/cloudfunc/bootstrap.py from"),
+            "{written}"
+        );
+        assert!(
+            written.trim_end().ends_with("/cloudfunc/bootstrap.py"),
+            "{written}"
+        );
+        // Another interpreter (a new size here) gets an image of its own.
+        fake_python(host.path(), r#"echo "a newer python: $7" > "$6""#);
+        let newer = HostImage::with_host_root(images.path(), host.path())
+            .prepare()
+            .unwrap();
+        assert_ne!(newer.rootfs, image.rootfs);
+        assert!(
+            fs::read_to_string(newer.rootfs.join("cloudfunc/bootstrap.pyc"))
+                .unwrap()
+                .starts_with("a newer python")
+        );
+    }
+
+    #[test]
+    fn a_host_without_python_gets_no_compiled_bootstrap() {
+        let host = fake_host(true);
+        let images = tempfile::tempdir().unwrap();
+        let image = HostImage::with_host_root(images.path(), host.path())
+            .prepare()
+            .unwrap();
+        assert!(image.rootfs.join("cloudfunc/bootstrap.py").is_file());
+        assert!(!image.rootfs.join("cloudfunc/bootstrap.pyc").exists());
+    }
+
+    #[test]
+    fn a_python_that_cannot_compile_fails_the_image_and_leaves_nothing() {
+        let host = fake_host(true);
+        fake_python(host.path(), "echo 'SyntaxError: boom' >&2; exit 1");
+        let images = tempfile::tempdir().unwrap();
+        let err = HostImage::with_host_root(images.path(), host.path())
+            .prepare()
+            .unwrap_err();
+        match err {
+            Error::Compile { detail, .. } => assert_eq!(detail, "SyntaxError: boom"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            fs::read_dir(images.path()).unwrap().count(),
+            0,
+            "no partial image"
+        );
     }
 }

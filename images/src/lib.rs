@@ -45,6 +45,9 @@ pub enum Error {
     /// The host lacks what the image needs.
     #[error("the host has no {0}, which the host image needs")]
     HostMissing(PathBuf),
+    /// The host's Python could not compile the Python bootstrap.
+    #[error("{python} cannot compile the Python bootstrap: {detail}")]
+    Compile { python: PathBuf, detail: String },
     /// An unknown runtime name.
     #[error("unknown runtime {0:?}: use \"python\" or \"node\"")]
     UnknownRuntime(String),

@@ -54,12 +54,22 @@ impl Runtime {
         }
     }
 
+    /// The file the interpreter runs, under [`BOOTSTRAP_DIR`]: for Python the bootstrap
+    /// compiled when the image is written ([`compile_python_bootstrap`]), so that no cold start
+    /// compiles its 300 lines again (1.6 ms of every Python start here).
+    pub fn entry(self) -> &'static str {
+        match self {
+            Runtime::Python => "bootstrap.pyc",
+            Runtime::Node => "bootstrap.js",
+        }
+    }
+
     /// The sandbox's process arguments.
     ///
     /// Python moves its channels itself (`os.dup2`). Node cannot, so a shell does it before
     /// `exec`ing node: requests on fd 3, replies on fd 4, stdout joined to the log pipe.
     pub fn process_args(self) -> Vec<String> {
-        let bootstrap = format!("{BOOTSTRAP_DIR}/{}", self.bootstrap().0);
+        let bootstrap = format!("{BOOTSTRAP_DIR}/{}", self.entry());
         match self {
             // -I: ignore the environment and user site; -S: no site import (faster start);
             // -B: never write .pyc into the read-only code; -u: logs appear as printed.
@@ -105,6 +115,35 @@ impl FromStr for Runtime {
             _ => Err(Error::UnknownRuntime(s.to_string())),
         }
     }
+}
+
+/// Compiles the Python bootstrap at `source` into `compiled` with `python`, the interpreter
+/// that will run it (a `.pyc` only runs on the Python version that wrote it). Tracebacks name
+/// the source as `/cloudfunc/bootstrap.py`, where the image keeps it.
+pub fn compile_python_bootstrap(
+    python: &std::path::Path,
+    source: &std::path::Path,
+    compiled: &std::path::Path,
+) -> crate::Result<()> {
+    const COMPILE: &str = "import py_compile, sys\n\
+        py_compile.compile(sys.argv[1], cfile=sys.argv[2], dfile=sys.argv[3], doraise=True,\n\
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n";
+    let output = std::process::Command::new(python)
+        .args(["-I", "-S", "-c", COMPILE])
+        .arg(source)
+        .arg(compiled)
+        .arg(format!("{BOOTSTRAP_DIR}/{}", Runtime::Python.bootstrap().0))
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(crate::io_err(python))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(Error::Compile {
+        python: python.to_path_buf(),
+        detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+    })
 }
 
 #[cfg(test)]

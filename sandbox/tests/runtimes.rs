@@ -87,6 +87,11 @@ pub fn cases() -> Vec<Case> {
         python_syntax_error,
     ));
     cases.push(Case::new(
+        "python::bootstrap_runs_compiled",
+        needs(Runtime::Python),
+        python_compiled_bootstrap,
+    ));
+    cases.push(Case::new(
         "node::handler_conventions",
         needs(Runtime::Node),
         node_conventions,
@@ -276,6 +281,16 @@ fn missing_handler(runtime: Runtime) {
         panic!("expected FunctionInit, got {err:?}")
     };
     assert!(error.message.contains("handler"), "{}", error.message);
+}
+
+fn python_compiled_bootstrap() {
+    // The sandbox's init runs the bootstrap the image compiled, and keeps its source beside it
+    // for tracebacks.
+    let py = "import os\ndef handler(event):\n    args = open('/proc/1/cmdline', 'rb').read().split(b'\\0')\n    return {'entry': args[-2].decode(), 'source': os.path.isfile('/cloudfunc/bootstrap.py')}\n";
+    let mut f = start(Runtime::Python, py);
+    let r = crate::common::result(&f.call(json!({})).outcome);
+    assert_eq!(r["entry"], json!("/cloudfunc/bootstrap.pyc"), "{r}");
+    assert_eq!(r["source"], json!(true), "{r}");
 }
 
 fn python_syntax_error() {
