@@ -53,6 +53,20 @@ fn hide_hybrid_cgroup2() -> Result<bool> {
     Ok(true)
 }
 
+/// `0..n` in an order drawn from `seed` (a fixed sequence, so runs repeat).
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for k in (1..n).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let bound = u64::try_from(k + 1).unwrap_or(u64::MAX);
+        order.swap(k, usize::try_from(state % bound).unwrap_or(0));
+    }
+    order
+}
+
 fn main() -> Result<()> {
     let mut runs = 20usize;
     let mut backends = false;
@@ -109,13 +123,14 @@ fn main() -> Result<()> {
                         .or_insert_with(|| format!("{e:#}"));
                 }
             };
-            // Rotate who goes first: on cgroup v1 the first cgroup migration after a quiet
-            // spell waits for an RCU grace period, so a fixed order would favour whoever
-            // follows another runtime's teardown.
+            // Shuffle the order: on cgroup v1 a cgroup migration right after another one is
+            // cheap, and the first after a quiet spell waits for an RCU grace period, so a
+            // fixed order (or a rotation, in which crun always followed runc) would favour
+            // whoever follows a runtime that migrates.
             let runners = 2 + clis.len();
-            for k in 0..runners {
+            for n in shuffled(runners, (i * workloads.len() + w) as u64) {
                 std::thread::sleep(quiet);
-                match (i + k) % runners {
+                match n {
                     0 => record("host", run_host(*workload, &code)),
                     1 => record("cloudfunc", run_cloudfunc(&engine, *workload, &code)),
                     n => {
@@ -128,7 +143,7 @@ fn main() -> Result<()> {
         }
     }
 
-    println!("Cold start, create -> first result -> teardown; median of {runs} runs, milliseconds, runners in rotating order.");
+    println!("Cold start, create -> first result -> teardown; median of {runs} runs, milliseconds, runners in shuffled order.");
     if !quiet.is_zero() {
         println!("(each cold start after {} ms of quiet)", quiet.as_millis());
     }
@@ -301,4 +316,22 @@ fn isolation_of(kind: BackendKind) -> &'static str {
 fn fmt(d: Option<Duration>) -> String {
     d.map(|d| format!("{:.1}", d.as_secs_f64() * 1000.0))
         .unwrap_or_else(|| "failed".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shuffled;
+
+    #[test]
+    fn every_runner_follows_every_other_over_a_run() {
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..40 {
+            let order = shuffled(4, seed);
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2, 3], "a permutation: {order:?}");
+            seen.extend(order.windows(2).map(|w| (w[0], w[1])));
+        }
+        assert_eq!(seen.len(), 12, "each ordered pair of neighbours: {seen:?}");
+    }
 }
