@@ -1,9 +1,10 @@
 //! The host image: the host's own `/usr`, read-only, under a generated skeleton.
 //!
 //! The skeleton holds only empty mount points, the top-level links of a merged-`/usr` system,
-//! a minimal `/etc` of our own (no host users leak in) and the bootstraps. It is written once
-//! per content version into `<images dir>/host-<hash>/rootfs`, atomically, so concurrent
-//! callers and older sandboxes still running on a previous version never see a partial one.
+//! a minimal `/etc` of our own (no host users leak in) and the bootstraps, the Python one also
+//! compiled by the host's Python. It is written once per content version (which includes that
+//! interpreter) into `<images dir>/host-<hash>/rootfs`, atomically, so concurrent callers and
+//! older sandboxes still running on a previous version never see a partial one.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
