@@ -114,10 +114,15 @@ impl ShimArgs {
             rt.global_args = global_args;
             rt.hide_cgroup2 = hide;
         }
+        // Absolute: after its create the shim returns to its mount namespace with setns,
+        // which also moves its working directory to that namespace's root.
+        let absolute = |path: PathBuf| {
+            std::path::absolute(&path).map_err(|e| format!("{}: {e}", path.display()))
+        };
         Ok(ShimArgs {
             id: id.ok_or("--id is required")?,
-            bundle: bundle.ok_or("--bundle is required")?,
-            state_root: root.ok_or("--root is required")?,
+            bundle: absolute(bundle.ok_or("--bundle is required")?)?,
+            state_root: absolute(root.ok_or("--root is required")?)?,
             runtime,
         })
     }
@@ -629,4 +634,29 @@ fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     debug_assert!(fd.as_raw_fd() >= 0);
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_given_relative_are_made_absolute() {
+        let args = [
+            "--id",
+            "sb-1",
+            "--bundle",
+            "bundles/sb-1",
+            "--root",
+            "/run/x",
+        ];
+        let parsed = ShimArgs::parse(args.into_iter().map(OsString::from)).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(parsed.bundle, cwd.join("bundles/sb-1"));
+        assert_eq!(parsed.state_root, PathBuf::from("/run/x"));
+        assert_eq!(
+            parsed.to_args()[3],
+            cwd.join("bundles/sb-1").into_os_string()
+        );
+    }
 }
