@@ -369,6 +369,25 @@ mod tests {
         }
     }
 
+    /// Limits as a cloudfunc bundle sets them: 128 MiB, swap as given, half a core.
+    fn bundle_limits(swap: Option<i64>) -> LinuxResources {
+        let mut memory = LinuxMemoryBuilder::default().limit(1 << 27);
+        if let Some(swap) = swap {
+            memory = memory.swap(swap);
+        }
+        LinuxResourcesBuilder::default()
+            .memory(memory.build().unwrap())
+            .cpu(
+                LinuxCpuBuilder::default()
+                    .quota(50_000)
+                    .period(100_000u64)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap()
+    }
+
     /// A fake hierarchy tree under `root` for `own`, with this process's `tasks` files.
     fn fake_tree(root: &Path, own: &str) {
         for membership in parse_memberships(own) {
@@ -390,22 +409,7 @@ mod tests {
             fs::create_dir_all(root.path().join(dir)).unwrap();
             fs::write(root.path().join(dir).join("tasks"), "").unwrap();
         }
-        let resources = LinuxResourcesBuilder::default()
-            .memory(
-                LinuxMemoryBuilder::default()
-                    .limit(1 << 27)
-                    .build()
-                    .unwrap(),
-            )
-            .cpu(
-                LinuxCpuBuilder::default()
-                    .quota(50_000)
-                    .period(100_000u64)
-                    .build()
-                    .unwrap(),
-            )
-            .build()
-            .unwrap();
+        let resources = bundle_limits(None);
         let placement = Placement::prepare_in(own, root.path(), "/parent/sb", &resources)
             .unwrap()
             .expect("placed");
@@ -455,23 +459,7 @@ mod tests {
 
     #[test]
     fn only_the_limits_the_shim_applies_are_taken_from_libcontainer() {
-        let ours = LinuxResourcesBuilder::default()
-            .memory(
-                LinuxMemoryBuilder::default()
-                    .limit(1 << 27)
-                    .swap(1 << 27)
-                    .build()
-                    .unwrap(),
-            )
-            .cpu(
-                LinuxCpuBuilder::default()
-                    .quota(50_000)
-                    .period(100_000u64)
-                    .build()
-                    .unwrap(),
-            )
-            .build()
-            .unwrap();
+        let ours = bundle_limits(Some(1 << 27));
         assert!(handles(&ours));
         let shares = LinuxResourcesBuilder::default()
             .cpu(LinuxCpuBuilder::default().shares(512u64).build().unwrap())

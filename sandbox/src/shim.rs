@@ -349,8 +349,9 @@ impl HiddenCgroups {
     }
 }
 
-/// Moves this process into a mount namespace of its own whose changes reach no other.
-fn private_mounts() -> Result<(), String> {
+/// Moves this process (single-threaded: `unshare` refuses otherwise) into a mount namespace of
+/// its own whose changes reach no other.
+pub fn private_mounts() -> Result<(), String> {
     use nix::mount::{mount, MsFlags};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| format!("unshare: {e}"))?;

@@ -35,14 +35,7 @@ fn hide_hybrid_cgroup2() -> Result<bool> {
         return Ok(false);
     }
     use nix::mount::{mount, MsFlags};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )?;
+    cloudfunc_sandbox::shim::private_mounts().map_err(anyhow::Error::msg)?;
     mount(
         Some("tmpfs"),
         "/sys/fs/cgroup/unified",
