@@ -296,56 +296,71 @@ impl SandboxCgroup {
         cpu_period_us: u64,
         pids: u32,
     ) -> io::Result<()> {
-        let write = |dir: &Path, file: &str, value: String| {
-            let path = dir.join(file);
-            fs::write(&path, value)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
-        };
         match self.version {
             CgroupVersion::V1 => {
-                // memory + swap may never be below memory: raise it first, or lower it last.
-                let memsw = self.memory.join("memory.memsw.limit_in_bytes");
-                let current = parse_u64(&read(&self.memory, "memory.limit_in_bytes")?);
-                let swap = memsw.exists();
-                if swap && memory_bytes > current {
-                    write(
-                        &self.memory,
-                        "memory.memsw.limit_in_bytes",
-                        memory_bytes.to_string(),
-                    )?;
-                }
-                write(
-                    &self.memory,
-                    "memory.limit_in_bytes",
-                    memory_bytes.to_string(),
-                )?;
-                if swap && memory_bytes <= current {
-                    write(
-                        &self.memory,
-                        "memory.memsw.limit_in_bytes",
-                        memory_bytes.to_string(),
-                    )?;
-                }
-                write(&self.quota, "cpu.cfs_period_us", cpu_period_us.to_string())?;
-                write(&self.quota, "cpu.cfs_quota_us", cpu_quota_us.to_string())?;
+                let memory = i64::try_from(memory_bytes).unwrap_or(i64::MAX);
+                let swap = self.memory.join("memory.memsw.limit_in_bytes").exists();
+                set_v1_memory(&self.memory, Some(memory), swap.then_some(memory))?;
+                set_v1_cpu(&self.quota, Some(cpu_quota_us), Some(cpu_period_us))?;
             }
             CgroupVersion::V2 => {
-                write(&self.memory, "memory.max", memory_bytes.to_string())?;
+                write(&self.memory.join("memory.max"), &memory_bytes.to_string())?;
                 write(
-                    &self.cpu,
-                    "cpu.max",
-                    format!("{cpu_quota_us} {cpu_period_us}"),
+                    &self.cpu.join("cpu.max"),
+                    &format!("{cpu_quota_us} {cpu_period_us}"),
                 )?;
             }
         }
-        write(&self.pids, "pids.max", pids.to_string())
+        write(&self.pids.join("pids.max"), &pids.to_string())
     }
 }
 
-fn read(dir: &Path, file: &str) -> io::Result<String> {
+/// Sets a v1 memory cgroup's limit and its memory-plus-swap limit (OCI figures: -1 is none).
+/// Memory plus swap may never be below memory: it is raised first, or lowered last.
+pub(crate) fn set_v1_memory(dir: &Path, limit: Option<i64>, memsw: Option<i64>) -> io::Result<()> {
+    let memsw_file = dir.join("memory.memsw.limit_in_bytes");
+    let Some(limit) = limit else {
+        return memsw.map_or(Ok(()), |m| write(&memsw_file, &m.to_string()));
+    };
+    let raising = memsw.is_some() && {
+        let current = parse_u64(&read(dir, "memory.limit_in_bytes")?);
+        u64::try_from(limit).unwrap_or(u64::MAX) > current
+    };
+    if let (true, Some(m)) = (raising, memsw) {
+        write(&memsw_file, &m.to_string())?;
+    }
+    write(&dir.join("memory.limit_in_bytes"), &limit.to_string())?;
+    match memsw {
+        Some(m) if !raising => write(&memsw_file, &m.to_string()),
+        _ => Ok(()),
+    }
+}
+
+/// Sets a v1 cpu cgroup's CFS period, then its quota (which is checked against the period).
+pub(crate) fn set_v1_cpu(dir: &Path, quota: Option<i64>, period: Option<u64>) -> io::Result<()> {
+    if let Some(period) = period {
+        write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
+    }
+    match quota {
+        Some(quota) => write(&dir.join("cpu.cfs_quota_us"), &quota.to_string()),
+        None => Ok(()),
+    }
+}
+
+/// Reads `dir/file`; an error names the file.
+pub(crate) fn read(dir: &Path, file: &str) -> io::Result<String> {
     let path = dir.join(file);
-    fs::read_to_string(&path)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    fs::read_to_string(&path).map_err(|e| annotate(&path, e))
+}
+
+/// Writes `value` to the file at `path`; an error names the file.
+pub(crate) fn write(path: &Path, value: &str) -> io::Result<()> {
+    fs::write(path, value).map_err(|e| annotate(path, e))
+}
+
+/// `e`, saying which file it happened to.
+pub(crate) fn annotate(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 impl SandboxCgroup {

@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources};
 
+use crate::cgroup::{annotate, read, set_v1_cpu, set_v1_memory, write};
+
 /// One v1 hierarchy as `/proc/self/cgroup` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {
@@ -100,9 +102,9 @@ pub fn handles(resources: &LinuxResources) -> bool {
 pub struct Placement {
     /// Per hierarchy: the sandbox's `tasks` and this process's own.
     tasks: Vec<(File, File)>,
-    /// The sandbox's `pids.max`, written once the shim is out (it would count otherwise).
-    pids_max: Option<PathBuf>,
-    pids_limit: Option<i64>,
+    /// The sandbox's `pids.max` and what to write there, once the shim is out (it would
+    /// count otherwise).
+    pids: Option<(PathBuf, String)>,
 }
 
 impl Placement {
@@ -164,8 +166,7 @@ impl Placement {
         let rel = path.trim_start_matches('/');
         let mut placement = Placement {
             tasks: Vec::new(),
-            pids_max: None,
-            pids_limit: resources.pids().as_ref().map(|p| p.limit()),
+            pids: None,
         };
         for (hierarchy, controllers, home) in homes {
             let controllers: Vec<&str> = controllers.split(',').collect();
@@ -175,7 +176,12 @@ impl Placement {
                     "memory" => limit_memory(&dir, resources)?,
                     "cpu" => limit_cpu(&dir, resources)?,
                     "devices" => limit_devices(&dir, resources)?,
-                    "pids" => placement.pids_max = Some(dir.join("pids.max")),
+                    "pids" => {
+                        placement.pids = resources
+                            .pids()
+                            .as_ref()
+                            .map(|p| (dir.join("pids.max"), pids_value(p.limit())));
+                    }
                     _ => {}
                 }
             }
@@ -200,9 +206,9 @@ impl Placement {
 
     /// Applies the pids limit (after [`Placement::leave`]).
     pub fn limit_pids(&self) -> io::Result<()> {
-        match (&self.pids_max, self.pids_limit) {
-            (Some(file), Some(limit)) => write(file, &pids_value(limit)),
-            _ => Ok(()),
+        match &self.pids {
+            Some((file, value)) => write(file, value),
+            None => Ok(()),
         }
     }
 }
@@ -230,8 +236,8 @@ fn create(hierarchy: &Path, rel: &str, cpuset: bool) -> io::Result<PathBuf> {
         }
         if cpuset {
             for file in ["cpuset.cpus", "cpuset.mems"] {
-                if read(&dir.join(file))?.trim().is_empty() {
-                    write(&dir.join(file), read(&parent.join(file))?.trim())?;
+                if read(&dir, file)?.trim().is_empty() {
+                    write(&dir.join(file), read(&parent, file)?.trim())?;
                 }
             }
         }
@@ -240,37 +246,17 @@ fn create(hierarchy: &Path, rel: &str, cpuset: bool) -> io::Result<PathBuf> {
 }
 
 fn limit_memory(dir: &Path, resources: &LinuxResources) -> io::Result<()> {
-    let Some(memory) = resources.memory() else {
-        return Ok(());
-    };
-    let limit = memory.limit().map(|l| l.to_string());
-    let swap = memory.swap().map(|s| s.to_string());
-    let files = [
-        ("memory.limit_in_bytes", limit),
-        ("memory.memsw.limit_in_bytes", swap),
-    ];
-    let apply = |order: &[usize]| {
-        order.iter().try_for_each(|&i| match &files[i] {
-            (file, Some(value)) => write(&dir.join(file), value),
-            _ => Ok(()),
-        })
-    };
-    // Memory plus swap may never be below memory: a fresh cgroup takes the limit first; one
-    // with a lower memory-plus-swap figure takes that first.
-    apply(&[0, 1]).or_else(|_| apply(&[1, 0]))
+    match resources.memory() {
+        Some(memory) => set_v1_memory(dir, memory.limit(), memory.swap()),
+        None => Ok(()),
+    }
 }
 
 fn limit_cpu(dir: &Path, resources: &LinuxResources) -> io::Result<()> {
-    let Some(cpu) = resources.cpu() else {
-        return Ok(());
-    };
-    if let Some(period) = cpu.period() {
-        write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
+    match resources.cpu() {
+        Some(cpu) => set_v1_cpu(dir, cpu.quota(), cpu.period()),
+        None => Ok(()),
     }
-    if let Some(quota) = cpu.quota() {
-        write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
-    }
-    Ok(())
 }
 
 fn limit_devices(dir: &Path, resources: &LinuxResources) -> io::Result<()> {
@@ -304,18 +290,6 @@ fn open_write(path: &Path) -> io::Result<File> {
         .write(true)
         .open(path)
         .map_err(|e| annotate(path, e))
-}
-
-fn read(path: &Path) -> io::Result<String> {
-    fs::read_to_string(path).map_err(|e| annotate(path, e))
-}
-
-fn write(path: &Path, value: &str) -> io::Result<()> {
-    fs::write(path, value).map_err(|e| annotate(path, e))
-}
-
-fn annotate(path: &Path, e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
