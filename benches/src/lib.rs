@@ -331,9 +331,13 @@ pub fn run_host(workload: Workload, code: &Code) -> Result<Duration> {
                     cloudfunc_images::runtime::compile_python_bootstrap(python, &path, &entry)?;
                 }
             }
+            let inside = format!(
+                "{}/{}",
+                cloudfunc_images::runtime::BOOTSTRAP_DIR,
+                runtime.entry()
+            );
             let mut args = runtime.process_args();
             for arg in &mut args {
-                let inside = format!("/cloudfunc/{}", runtime.entry());
                 *arg = arg.replace(&inside, &entry.to_string_lossy());
             }
             let child = Command::new(&args[0])

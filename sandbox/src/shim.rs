@@ -271,8 +271,7 @@ impl OwnCgroups {
         let mut stripped = linux;
         stripped.set_resources(None);
         spec.set_linux(Some(stripped));
-        if let Some(root) = spec.root().clone() {
-            let mut root = root;
+        if let Some(mut root) = spec.root().clone() {
             root.set_path(bundle.join(root.path()));
             spec.set_root(Some(root));
         }
