@@ -42,8 +42,8 @@ pub fn cases() -> Vec<Case> {
 fn stem_cell(runtime: Runtime) {
     let cell = StemCell::start(engine(), runtime, Limits::default()).expect("stem cell starts");
     let source = match runtime {
-        Runtime::Python => "import os\ndef handler(event):\n    try:\n        open('/code/new', 'w')\n        wrote = True\n    except OSError:\n        wrote = False\n    return {'greeting': os.environ.get('GREETING'), 'files': sorted(os.listdir('/code')), 'wrote': wrote}\n",
-        Runtime::Node => "const fs = require('fs');\nexports.handler = () => { let wrote = true; try { fs.writeFileSync('/code/new', 'x'); } catch (e) { wrote = false; } return {greeting: process.env.GREETING || null, files: fs.readdirSync('/code').sort(), wrote}; };\n",
+        Runtime::Python => "import os, subprocess\ndef handler(event):\n    try:\n        open('/code/new', 'w')\n        wrote = True\n    except OSError:\n        wrote = False\n    child = subprocess.run(['/bin/sh', '-c', 'printf %s \"$GREETING\"'], capture_output=True).stdout.decode()\n    return {'greeting': os.environ.get('GREETING'), 'child': child, 'files': sorted(os.listdir('/code')), 'wrote': wrote}\n",
+        Runtime::Node => "const fs = require('fs');\nconst cp = require('child_process');\nexports.handler = () => { let wrote = true; try { fs.writeFileSync('/code/new', 'x'); } catch (e) { wrote = false; } const child = cp.execFileSync('/bin/sh', ['-c', 'printf %s \"$GREETING\"']).toString(); return {greeting: process.env.GREETING || null, child, files: fs.readdirSync('/code').sort(), wrote}; };\n",
     };
     let dir = code(module_file(runtime), source);
     let mut spec = SandboxSpec::new(runtime, dir.path());
@@ -65,6 +65,10 @@ fn stem_cell(runtime: Runtime) {
     );
     let r = result(&call.outcome);
     assert_eq!(r["greeting"], "hi", "{r}");
+    assert_eq!(
+        r["child"], "hi",
+        "processes it starts inherit the environment: {r}"
+    );
     assert_eq!(r["files"], json!([module_file(runtime)]), "{r}");
     assert_eq!(r["wrote"], false, "/code is read-only: {r}");
     // The limits are the function's now, in the cgroup the kernel enforces.
