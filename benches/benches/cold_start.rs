@@ -14,7 +14,7 @@ fn cold_start(c: &mut Criterion) {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let engine = bench_engine(dir.path()).expect("engine");
-    let code = Code::new().expect("code");
+    let code = Code::new(&engine).expect("code");
     let mut group = c.benchmark_group("cold_start");
     group
         .sample_size(20)

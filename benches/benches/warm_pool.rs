@@ -46,7 +46,7 @@ fn warm_pool(c: &mut Criterion) {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let engine = bench_engine(dir.path()).expect("engine");
-    let code = Code::new().expect("code");
+    let code = Code::new(&engine).expect("code");
     let engines = Engines::from_parts(engine, Err("not benchmarked".into()), Isolation::Container);
     let config = PoolConfig {
         stem_cells: 1,

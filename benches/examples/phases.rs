@@ -15,7 +15,7 @@ fn main() {
         config.seccomp = SeccompPolicy::DisabledUnsafe;
     }
     let engine = Engine::new(config).unwrap();
-    let code = Code::new().unwrap();
+    let code = Code::new(&engine).unwrap();
     let mut rows = vec![];
     for _ in 0..21 {
         let t0 = Instant::now();

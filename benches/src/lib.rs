@@ -67,8 +67,9 @@ pub struct Code {
 }
 
 impl Code {
-    /// Writes `function.py` and `index.js` into a fresh directory readable by the sandbox user.
-    pub fn new() -> Result<Code> {
+    /// Writes `function.py` and `index.js` into a fresh directory readable by the sandbox user,
+    /// and compiles them in `engine` as a deploy does.
+    pub fn new(engine: &Engine) -> Result<Code> {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::Builder::new()
             .prefix("cloudfunc-bench-code-")
@@ -89,6 +90,9 @@ impl Code {
                 dir.path().join(file),
                 std::fs::Permissions::from_mode(0o644),
             )?;
+        }
+        for runtime in Runtime::ALL {
+            engine.precompile(runtime, dir.path())?;
         }
         Ok(Code { dir })
     }

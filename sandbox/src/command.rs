@@ -37,6 +37,20 @@ impl Engine {
         limits: Limits,
         timeout: Duration,
     ) -> Result<CommandOutput> {
+        let cap = self.config().max_log_bytes;
+        self.run_in_sandbox(args, None, limits, timeout, cap)
+    }
+
+    /// [`Engine::run_command`] with `code_dir` mounted read-only at `/code`, and stdout kept
+    /// up to `stdout_cap` bytes.
+    pub(crate) fn run_in_sandbox(
+        &self,
+        args: &[&str],
+        code_dir: Option<&std::path::Path>,
+        limits: Limits,
+        timeout: Duration,
+        stdout_cap: usize,
+    ) -> Result<CommandOutput> {
         if args.is_empty() {
             return Err(Error::InvalidSpec(
                 "a command needs at least a program".into(),
@@ -51,7 +65,7 @@ impl Engine {
         let mut container = self.launch(
             &id,
             process,
-            None,
+            code_dir,
             limits,
             Vec::new(),
             [req_r, res_w, log_w],
@@ -59,7 +73,7 @@ impl Engine {
         let cap = self.config().max_log_bytes;
         let mut pipes = Pipes::new(req_w, res_r, log_r, cap, 0).map_err(Error::Pipe)?;
         pipes.close_requests();
-        let mut stdout = Capture::new(cap);
+        let mut stdout = Capture::new(stdout_cap);
         let finished = pipes
             .read_to_end(&mut stdout, started + timeout)
             .map_err(Error::Pipe)?;

@@ -61,6 +61,9 @@ pub enum Error {
     /// The runtime did not load the function in time.
     #[error("the function did not load within {0:?}")]
     StartTimeout(Duration),
+    /// The function's code could not be compiled ahead of its calls.
+    #[error("the function's code could not be compiled ahead: {0}")]
+    Precompile(String),
     /// The sandbox ended earlier (timeout, crash, OOM) and serves no more calls.
     #[error("this sandbox has ended and serves no more invocations")]
     SandboxGone,

@@ -92,6 +92,11 @@ pub fn cases() -> Vec<Case> {
         python_compiled_bootstrap,
     ));
     cases.push(Case::new(
+        "python::precompiled_code_is_not_compiled_again",
+        needs(Runtime::Python),
+        python_precompiled,
+    ));
+    cases.push(Case::new(
         "node::handler_conventions",
         needs(Runtime::Node),
         node_conventions,
@@ -291,6 +296,84 @@ fn python_compiled_bootstrap() {
     let r = crate::common::result(&f.call(json!({})).outcome);
     assert_eq!(r["entry"], json!("/cloudfunc/bootstrap.pyc"), "{r}");
     assert_eq!(r["source"], json!(true), "{r}");
+}
+
+/// A function that records every compile during its own import of `pkg.mod`.
+const PY_AUDITED: &str = "import sys\ncompiled = []\nsys.addaudithook(lambda event, args: compiled.append(args[1]) if event == 'compile' else None)\nimport pkg.mod\ndef handler(event):\n    return {'compiled': compiled, 'value': pkg.mod.VALUE}\n";
+
+fn python_precompiled() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = code("function.py", PY_AUDITED);
+    let pkg = dir.path().join("pkg");
+    std::fs::create_dir(&pkg).unwrap();
+    std::fs::set_permissions(&pkg, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (file, text) in [
+        ("__init__.py", ""),
+        ("mod.py", "VALUE = 1\n"),
+        ("broken.py", "def (:\n"),
+    ] {
+        std::fs::write(pkg.join(file), text).unwrap();
+        std::fs::set_permissions(pkg.join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let run = |dir: &std::path::Path| {
+        let mut sandbox =
+            Sandbox::create(engine(), SandboxSpec::new(Runtime::Python, dir)).unwrap();
+        let r = crate::common::result(
+            &sandbox
+                .invoke(&json!({}), &Default::default())
+                .unwrap()
+                .outcome,
+        );
+        sandbox.shutdown().unwrap();
+        r
+    };
+    // From source, the import compiles the package.
+    let r = run(dir.path());
+    assert_eq!(
+        r["compiled"],
+        json!(["/code/pkg/__init__.py", "/code/pkg/mod.py"]),
+        "{r}"
+    );
+
+    let done = engine().precompile(Runtime::Python, dir.path()).unwrap();
+    let mut names: Vec<String> = done
+        .written
+        .iter()
+        .map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string())
+        .collect();
+    names.sort();
+    let tag = std::process::Command::new(Runtime::Python.interpreter())
+        .args(["-c", "import sys; print(sys.implementation.cache_tag)"])
+        .output()
+        .unwrap();
+    let tag = String::from_utf8(tag.stdout).unwrap().trim().to_string();
+    assert_eq!(
+        names,
+        [
+            format!("__pycache__/function.{tag}.pyc"),
+            format!("pkg/__pycache__/__init__.{tag}.pyc"),
+            format!("pkg/__pycache__/mod.{tag}.pyc"),
+        ],
+        "every source that compiles, and not the broken one"
+    );
+    // Now nothing is compiled at import.
+    let r = run(dir.path());
+    assert_eq!(r["compiled"], json!([]), "{r}");
+    assert_eq!(r["value"], 1, "{r}");
+    // A source changed after its compile is compiled again, its stale .pyc ignored.
+    std::fs::write(pkg.join("mod.py"), "VALUE = 2\n").unwrap();
+    let r = run(dir.path());
+    assert_eq!(r["compiled"], json!(["/code/pkg/mod.py"]), "{r}");
+    assert_eq!(r["value"], 2, "{r}");
+    // Node has no compiled form: nothing is written.
+    let js = code("index.js", "exports.handler = () => 1;\n");
+    assert_eq!(
+        engine()
+            .precompile(Runtime::Node, js.path())
+            .unwrap()
+            .written,
+        Vec::<std::path::PathBuf>::new()
+    );
 }
 
 fn python_syntax_error() {

@@ -48,6 +48,7 @@ fn main() {
         ("isolation_is_per_function", isolation),
         ("missing_gvisor_is_refused_at_deploy", missing_gvisor),
         ("warm_pool_over_http", warm_pool),
+        ("deploy_compiles_python_once", deploy_compiles),
         ("pool_caps_from_the_command_line", pool_caps),
         (
             "sync_records_are_read_at_once_and_kept_at_shutdown",
@@ -1292,6 +1293,67 @@ fn missing_gvisor() {
     assert_eq!(c.body["status"], "succeeded", "{c:?}");
     s.stop();
     s.remove_files();
+}
+
+/// Records every compile during its own import of `pkg.mod`.
+const AUDITED_PY: &str = "import sys\ncompiled = []\nsys.addaudithook(lambda event, args: compiled.append(args[1]) if event == 'compile' else None)\nimport pkg.mod\ndef handler(event):\n    return {'compiled': compiled, 'value': pkg.mod.VALUE}\n";
+
+fn deploy_compiles() {
+    let s = shared();
+    let t = s.token("compiles", false);
+    for (version, value) in [(1, "1"), (2, "2")] {
+        let module = format!("VALUE = {value}\n");
+        let r = deploy(
+            s,
+            &t,
+            "compiled",
+            &[
+                ("function.py", AUDITED_PY),
+                ("pkg/__init__.py", ""),
+                ("pkg/mod.py", &module),
+            ],
+        );
+        assert_eq!(r.status, 201, "{r:?}");
+        let id = r.body["id"].as_str().unwrap();
+        // Each version's code directory holds its compiled modules.
+        let code = s.dir.join("data/code").join(id).join(version.to_string());
+        let cached = |dir: &str| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(code.join(dir))
+                .map(|d| {
+                    d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            names
+        };
+        assert_eq!(cached("__pycache__").len(), 1, "{code:?}");
+        assert!(cached("__pycache__")[0].starts_with("function."));
+        assert_eq!(cached("pkg/__pycache__").len(), 2, "{code:?}");
+        // Its sandboxes, warm or cold, import them without compiling.
+        for start in ["warm", "cold"] {
+            let r = post_json(s, "/api/functions/compiled/invoke", &t, &json!({}));
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.body["usage"]["start"], start, "{r:?}");
+            assert_eq!(r.body["result"]["compiled"], json!([]), "{r:?}");
+            assert_eq!(r.body["result"]["value"], version, "{r:?}");
+            // Drop the warm sandbox: the second call starts cold.
+            let r = request(
+                "PUT",
+                &format!("{}/api/functions/{id}/deactivate", s.url),
+                Some(&t),
+                None,
+            );
+            assert_eq!(r.status, 200);
+            let r = request(
+                "PUT",
+                &format!("{}/api/functions/{id}/activate", s.url),
+                Some(&t),
+                None,
+            );
+            assert_eq!(r.status, 200);
+        }
+    }
 }
 
 fn warm_pool() {

@@ -94,7 +94,7 @@ fn main() -> Result<()> {
         .prefix("cloudfunc-bench-")
         .tempdir()?;
     let engine = bench_engine(dir.path())?;
-    let code = Code::new()?;
+    let code = Code::new(&engine)?;
     let clis: Vec<OciCli> = [BackendKind::Runc, BackendKind::Crun]
         .into_iter()
         .filter_map(OciCli::find)
@@ -189,7 +189,7 @@ fn report_density(n: usize) -> Result<()> {
         .prefix("cloudfunc-bench-")
         .tempdir()?;
     let engine = bench_engine(dir.path())?;
-    let code = Code::new()?;
+    let code = Code::new(&engine)?;
     let d = cloudfunc_benches::density(&engine, &code, n)?;
     let mib = |b: u64| b as f64 / 1048576.0;
     println!("Density: Python hello sandboxes started one after another, each served a call, then all held idle at once.");
@@ -212,7 +212,6 @@ fn report_density(n: usize) -> Result<()> {
 
 /// cloudfunc's backends side by side, each through the same engine and shim.
 fn compare_backends(runs: usize) -> Result<()> {
-    let code = Code::new()?;
     let dir = tempfile::Builder::new()
         .prefix("cloudfunc-bench-")
         .tempdir()?;
@@ -224,6 +223,7 @@ fn compare_backends(runs: usize) -> Result<()> {
         .iter()
         .map(|k| bench_engine_with(&dir.path().join(k.name()), *k))
         .collect::<Result<Vec<_>>>()?;
+    let code = Code::new(&engines[0])?;
     let workloads: Vec<Workload> = Workload::ALL
         .into_iter()
         .filter(|w| w.available())

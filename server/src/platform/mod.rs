@@ -404,6 +404,9 @@ impl Platform {
         let version = self
             .version_from(number, merged, &code_path)
             .map_err(cleanup)?;
+        if fresh_code {
+            self.precompile(&version, &code_path);
+        }
         let loaded = self.load(function_id, name, &version).map_err(cleanup)?;
         let pool = &self.inner.pool;
         let function = match self
@@ -427,6 +430,29 @@ impl Platform {
             pool.keep(lease, drained);
         }
         Ok((function, version))
+    }
+
+    /// Compiles new code once, in a sandbox of its function's isolation, so that its cold
+    /// starts do not (see [`Engine::precompile`]). A failure costs only that: the function
+    /// compiles its code at each cold start, as it would have anyway.
+    fn precompile(&self, version: &Version, code_dir: &Path) {
+        let Ok(runtime) = version.runtime.parse::<Runtime>() else {
+            return;
+        };
+        let done = self
+            .engine(version.isolation)
+            .map_err(|e| e.to_string())
+            .and_then(|engine| {
+                engine
+                    .precompile(runtime, code_dir)
+                    .map_err(|e| cloudfunc_sandbox::error_chain(&e))
+            });
+        if let Err(why) = done {
+            eprintln!(
+                "cloudfunc: {} is deployed uncompiled: {why}",
+                code_dir.display()
+            );
+        }
     }
 
     fn version_from(&self, number: u32, s: Settings, code_dir: &Path) -> Result<Version> {
