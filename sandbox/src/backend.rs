@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cloudfunc_seccomp::Dialect;
+use oci_spec::runtime::Spec;
 
 pub use crate::control::ExitKind;
 
@@ -19,8 +20,11 @@ pub use crate::control::ExitKind;
 pub struct Launch {
     /// Container id (unique under the engine's state root).
     pub id: String,
-    /// The bundle directory holding `config.json`.
+    /// The bundle directory, where the backend writes `spec` as `config.json` (as early or late
+    /// as suits it: the shim backends overlap it with starting their helper).
     pub bundle: PathBuf,
+    /// The container's OCI spec.
+    pub spec: Spec,
     /// The container's stdin (requests).
     pub stdin: OwnedFd,
     /// The container's stdout (replies).

@@ -17,6 +17,12 @@ use nix::sys::socket::{
 
 /// The longest control message.
 const MAX_MESSAGE: usize = 4096;
+/// The most descriptors one message carries: three stdio pipes, and a placed sandbox's two
+/// `tasks` files per cgroup hierarchy and its `pids.max`.
+pub const MAX_FDS: usize = 64;
+/// The most descriptors the kernel passes in one message (`SCM_MAX_FD`): room for them all,
+/// so that none is ever cut off unread (and left open).
+const KERNEL_MAX_FDS: usize = 253;
 
 /// How init ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +42,22 @@ impl std::fmt::Display for ExitKind {
     }
 }
 
+/// A sandbox the host has put into its v1 cgroups (see [`crate::placement`]): the launch
+/// carries, after the three stdio pipes, the sandbox's and the host's `tasks` file for each of
+/// `hierarchies`, then `pids.max` if there is a pids limit to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    /// How many hierarchies (pairs of `tasks` descriptors).
+    pub hierarchies: usize,
+    /// The value for `pids.max`, if it is limited.
+    pub pids: Option<String>,
+}
+
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Launch,
+    /// Create and start the container; its cgroup is ready if `Some`.
+    Launch(Option<Placed>),
     Kill,
     Destroy,
     Started(i32),
@@ -52,7 +70,12 @@ impl Message {
     /// The wire form.
     pub fn encode(&self) -> String {
         match self {
-            Message::Launch => "launch".into(),
+            Message::Launch(None) => "launch".into(),
+            Message::Launch(Some(placed)) => format!(
+                "launch placed {} {}",
+                placed.hierarchies,
+                placed.pids.as_deref().unwrap_or("-")
+            ),
             Message::Kill => "kill".into(),
             Message::Destroy => "destroy".into(),
             Message::Started(pid) => format!("started {pid}"),
@@ -67,7 +90,18 @@ impl Message {
     pub fn decode(text: &str) -> Option<Message> {
         let (verb, rest) = text.split_once(' ').unwrap_or((text, ""));
         Some(match verb {
-            "launch" => Message::Launch,
+            "launch" if rest.is_empty() => Message::Launch(None),
+            "launch" => {
+                let mut fields = rest.split(' ');
+                let (placed, hierarchies, pids) = (fields.next()?, fields.next()?, fields.next()?);
+                if placed != "placed" || fields.next().is_some() || pids.is_empty() {
+                    return None;
+                }
+                Message::Launch(Some(Placed {
+                    hierarchies: hierarchies.parse().ok()?,
+                    pids: (pids != "-").then(|| pids.to_string()),
+                }))
+            }
             "kill" => Message::Kill,
             "destroy" => Message::Destroy,
             "destroyed" => Message::Destroyed,
@@ -145,7 +179,7 @@ impl Channel {
             }
         }
         let mut buf = [0u8; MAX_MESSAGE];
-        let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
+        let mut cmsg_space = nix::cmsg_space!([RawFd; KERNEL_MAX_FDS]);
         let (len, fds) = loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
             match recvmsg::<()>(
@@ -155,6 +189,12 @@ impl Channel {
                 MsgFlags::MSG_CMSG_CLOEXEC,
             ) {
                 Ok(msg) => {
+                    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "a control message's descriptors were cut off",
+                        ));
+                    }
                     let mut fds = Vec::new();
                     for cmsg in msg.cmsgs().map_err(io::Error::from)? {
                         if let ControlMessageOwned::ScmRights(received) = cmsg {
@@ -165,6 +205,13 @@ impl Channel {
                                     .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
                             );
                         }
+                    }
+                    if fds.len() > MAX_FDS {
+                        // They close with `fds`.
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("a control message carried more than {MAX_FDS} descriptors"),
+                        ));
                     }
                     break (msg.bytes, fds);
                 }
@@ -220,7 +267,15 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         for m in [
-            Message::Launch,
+            Message::Launch(None),
+            Message::Launch(Some(Placed {
+                hierarchies: 9,
+                pids: Some("64".into()),
+            })),
+            Message::Launch(Some(Placed {
+                hierarchies: 1,
+                pids: None,
+            })),
             Message::Kill,
             Message::Destroy,
             Message::Destroyed,
@@ -233,6 +288,9 @@ mod tests {
         }
         assert_eq!(Message::decode("exited maybe 1"), None);
         assert_eq!(Message::decode("started x"), None);
+        assert_eq!(Message::decode("launch placed"), None);
+        assert_eq!(Message::decode("launch placed 2 64 extra"), None);
+        assert_eq!(Message::decode("launch landed 2 64"), None);
     }
 
     #[test]
@@ -240,11 +298,20 @@ mod tests {
         let (host, shim) = Channel::pair().unwrap();
         let shim = Channel::from_fd(shim);
         let (r, w) = nix::unistd::pipe().unwrap();
-        host.send_with_fds(&Message::Launch, &[r.as_raw_fd(), w.as_raw_fd()])
+        host.send_with_fds(&Message::Launch(None), &[r.as_raw_fd(), w.as_raw_fd()])
             .unwrap();
         let (msg, fds) = shim.recv(Some(Duration::from_secs(1))).unwrap().unwrap();
-        assert_eq!(msg, Message::Launch);
+        assert_eq!(msg, Message::Launch(None));
         assert_eq!(fds.len(), 2);
+        // As many as a placed launch may carry, and no more.
+        let many = vec![r.as_raw_fd(); MAX_FDS];
+        host.send_with_fds(&Message::Destroy, &many).unwrap();
+        let (_, fds) = shim.recv(Some(Duration::from_secs(1))).unwrap().unwrap();
+        assert_eq!(fds.len(), MAX_FDS);
+        let too_many = vec![r.as_raw_fd(); MAX_FDS + 1];
+        host.send_with_fds(&Message::Destroy, &too_many).unwrap();
+        let err = shim.recv(Some(Duration::from_secs(1))).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         drop(host);
         assert!(shim.recv(Some(Duration::from_secs(1))).unwrap().is_none());
     }

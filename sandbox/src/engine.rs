@@ -456,11 +456,11 @@ impl Engine {
             inner.seccomp.clone(),
         ))?;
         let bundle = self.bundle_dir(id);
-        write_bundle(&bundle, &spec)?;
         let [stdin, stdout, stderr] = stdio;
         let launched = inner.backend.launch(Launch {
             id: id.to_string(),
             bundle: bundle.clone(),
+            spec,
             stdin,
             stdout,
             stderr,

@@ -7,23 +7,27 @@
 //! cold start, whatever the runtime. A thread that moves only itself (`0` written to a v1
 //! `tasks` file) does not take that lock.
 //!
-//! So on v1 the shim places a libcontainer sandbox itself: it creates the sandbox's cgroup in
-//! every hierarchy it is in, applies the bundle's limits, moves its own single thread in, lets
-//! libcontainer clone the container's processes (born in the cgroup, with the cgroup namespace
-//! rooted at it), and moves itself back out before the container starts. libcontainer is
-//! shown the spec without `resources`, in a mount namespace without the cgroup hierarchies, so
-//! it does no cgroup work of its own. [`handles`] decides when that is safe: limits the shim
-//! does not apply are left to libcontainer, as before. The price: what the shim allocates
-//! during the create (about 60 KB) is charged to the sandbox's memory cgroup.
+//! So on v1 a libcontainer sandbox is placed by cloudfunc itself. The host creates the
+//! sandbox's cgroup in every hierarchy it is in and applies the bundle's limits while the
+//! sandbox's shim is still starting (the two overlap on separate CPUs), then hands the shim
+//! the `tasks` files it needs, open. The shim moves its own single thread in, lets libcontainer
+//! clone the container's processes (born in the cgroup, with the cgroup namespace rooted at
+//! it), and moves itself back out before the container starts. libcontainer is shown the spec
+//! without `resources`, in a mount namespace without the cgroup hierarchies, so it does no
+//! cgroup work of its own. [`handles`] decides when that is safe: limits cloudfunc does not
+//! apply are left to libcontainer, as before. The price: what the shim allocates during the
+//! create (about 60 KB) is charged to the sandbox's memory cgroup.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources};
 
 use crate::cgroup::{annotate, read, set_v1_cpu, set_v1_memory, write};
+use crate::control::{Placed, MAX_FDS};
 
 /// One v1 hierarchy as `/proc/self/cgroup` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,26 +104,28 @@ pub fn handles(resources: &LinuxResources) -> bool {
 /// back out.
 #[derive(Debug)]
 pub struct Placement {
-    /// Per hierarchy: the sandbox's `tasks` and this process's own.
+    /// Per hierarchy: the sandbox's `tasks` and the preparing thread's own.
     tasks: Vec<(File, File)>,
     /// The sandbox's `pids.max` and what to write there, once the shim is out (it would
     /// count otherwise).
-    pids: Option<(PathBuf, String)>,
+    pids: Option<(File, String)>,
 }
 
 impl Placement {
-    /// Creates the cgroup at absolute `path` in every v1 hierarchy this process is in (mounted
-    /// under `root`), applies `resources` but the pids limit, and opens the `tasks` files.
+    /// Creates the cgroup at absolute `path` in every v1 hierarchy the calling thread is in
+    /// (mounted under `root`), applies `resources` but the pids limit, and opens the `tasks`
+    /// files (the calling thread's own as the way back: a process it starts is in its cgroups).
     /// `None`, having changed nothing, where this process cannot see its own cgroups under
     /// `root` (a container that shows the host's cgroup paths over a mount of its own: it
-    /// could not move back), or where a limit asks for a controller it is not in (for
-    /// libcontainer to refuse, as it does).
+    /// could not move back), where a limit asks for a controller it is not in (for
+    /// libcontainer to refuse, as it does), or where there are too many hierarchies to hand
+    /// over in one control message.
     pub fn prepare(
         root: &Path,
         path: &str,
         resources: &LinuxResources,
     ) -> io::Result<Option<Placement>> {
-        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let own = fs::read_to_string("/proc/thread-self/cgroup")?;
         Placement::prepare_in(&own, root, path, resources)
     }
 
@@ -160,7 +166,7 @@ impl Placement {
             };
             homes.push((hierarchy, membership.controllers, home));
         }
-        if homes.is_empty() {
+        if homes.is_empty() || 3 + 2 * homes.len() + 1 > MAX_FDS {
             return Ok(None);
         }
         let rel = path.trim_start_matches('/');
@@ -177,10 +183,10 @@ impl Placement {
                     "cpu" => limit_cpu(&dir, resources)?,
                     "devices" => limit_devices(&dir, resources)?,
                     "pids" => {
-                        placement.pids = resources
-                            .pids()
-                            .as_ref()
-                            .map(|p| (dir.join("pids.max"), pids_value(p.limit())));
+                        if let Some(pids) = resources.pids() {
+                            let file = open_write(&dir.join("pids.max"))?;
+                            placement.pids = Some((file, pids_value(pids.limit())));
+                        }
                     }
                     _ => {}
                 }
@@ -190,6 +196,47 @@ impl Placement {
                 .push((open_write(&dir.join("tasks"))?, home));
         }
         Ok(Some(placement))
+    }
+
+    /// What the shim is sent: the message's part and the descriptors, in the order
+    /// [`Placement::received`] takes them.
+    pub fn to_send(&self) -> (Placed, Vec<RawFd>) {
+        let mut fds: Vec<RawFd> = self
+            .tasks
+            .iter()
+            .flat_map(|(sandbox, home)| [sandbox.as_raw_fd(), home.as_raw_fd()])
+            .collect();
+        fds.extend(self.pids.as_ref().map(|(file, _)| file.as_raw_fd()));
+        let placed = Placed {
+            hierarchies: self.tasks.len(),
+            pids: self.pids.as_ref().map(|(_, value)| value.clone()),
+        };
+        (placed, fds)
+    }
+
+    /// The placement the host prepared, from what the shim received.
+    pub fn received(placed: &Placed, fds: Vec<OwnedFd>) -> Result<Placement, String> {
+        let expected = 2 * placed.hierarchies + usize::from(placed.pids.is_some());
+        if fds.len() != expected || placed.hierarchies == 0 {
+            return Err(format!(
+                "a placement of {} hierarchies came with {} descriptors",
+                placed.hierarchies,
+                fds.len()
+            ));
+        }
+        let mut files = fds.into_iter().map(File::from);
+        let mut tasks = Vec::with_capacity(placed.hierarchies);
+        for _ in 0..placed.hierarchies {
+            let (Some(sandbox), Some(home)) = (files.next(), files.next()) else {
+                unreachable!("the count was checked");
+            };
+            tasks.push((sandbox, home));
+        }
+        let pids = placed
+            .pids
+            .as_ref()
+            .and_then(|value| Some((files.next()?, value.clone())));
+        Ok(Placement { tasks, pids })
     }
 
     /// Moves the calling thread into the sandbox's cgroup in every hierarchy.
@@ -207,7 +254,7 @@ impl Placement {
     /// Applies the pids limit (after [`Placement::leave`]).
     pub fn limit_pids(&self) -> io::Result<()> {
         match &self.pids {
-            Some((file, value)) => write(file, value),
+            Some((file, value)) => file.write_at(value.as_bytes(), 0).map(|_| ()),
             None => Ok(()),
         }
     }
@@ -397,6 +444,59 @@ mod tests {
         placement.leave().unwrap();
         assert_eq!(read("memory/host/tasks"), "0");
         assert!(!root.path().join("name=systemd").exists());
+    }
+
+    #[test]
+    fn a_placement_crosses_the_control_channel() {
+        use crate::control::{Channel, Message};
+        let root = tempfile::tempdir().unwrap();
+        let own = "4:pids:/host\n3:memory:/host\n";
+        fake_tree(root.path(), own);
+        for dir in ["memory/parent/sb", "pids/parent/sb"] {
+            fs::create_dir_all(root.path().join(dir)).unwrap();
+            fs::write(root.path().join(dir).join("tasks"), "").unwrap();
+        }
+        fs::write(root.path().join("pids/parent/sb/pids.max"), "").unwrap();
+        let mut resources = bundle_limits(None);
+        resources.set_cpu(None);
+        resources.set_pids(Some(
+            oci_spec::runtime::LinuxPidsBuilder::default()
+                .limit(64)
+                .build()
+                .unwrap(),
+        ));
+        let placement = Placement::prepare_in(own, root.path(), "/parent/sb", &resources)
+            .unwrap()
+            .expect("placed");
+        let (host, shim) = Channel::pair().unwrap();
+        let shim = Channel::from_fd(shim);
+        let (placed, fds) = placement.to_send();
+        assert_eq!(placed.hierarchies, 2);
+        assert_eq!(placed.pids.as_deref(), Some("64"));
+        host.send_with_fds(&Message::Launch(Some(placed)), &fds)
+            .unwrap();
+        drop(placement);
+        let (message, fds) = shim.recv(None).unwrap().unwrap();
+        let Message::Launch(Some(placed)) = message else {
+            panic!("{message:?}");
+        };
+        // A count that does not match is refused.
+        let wrong = Placed {
+            hierarchies: 3,
+            ..placed.clone()
+        };
+        let dup: Vec<OwnedFd> = fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        assert!(Placement::received(&wrong, dup).is_err());
+        let received = Placement::received(&placed, fds).unwrap();
+        let read = |p: &str| fs::read_to_string(root.path().join(p)).unwrap();
+        received.enter().unwrap();
+        assert_eq!(read("memory/parent/sb/tasks"), "0");
+        assert_eq!(read("pids/parent/sb/tasks"), "0");
+        received.leave().unwrap();
+        assert_eq!(read("memory/host/tasks"), "0");
+        assert_eq!(read("pids/host/tasks"), "0");
+        received.limit_pids().unwrap();
+        assert_eq!(read("pids/parent/sb/pids.max"), "64");
     }
 
     #[test]

@@ -24,12 +24,15 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use oci_spec::runtime::Spec;
 
 use crate::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
 use crate::control::{Channel, ExitKind, Message};
 use crate::error::error_chain;
-use crate::placement::{self, Placement};
+use crate::placement::Placement;
+
+/// Where in a bundle the host writes the spec libcontainer sees when the host has placed the
+/// sandbox in its cgroups: the bundle's, without `resources`.
+pub const LIBCONTAINER_SPEC_DIR: &str = "libcontainer";
 
 /// An OCI runtime driven through its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,11 +149,11 @@ trait Driver {
 pub fn run(args: ShimArgs) -> i32 {
     // SAFETY: fd 0 is the control socket the host handed us; nothing else owns it.
     let control = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(0) });
-    let fds = match control.recv(Some(std::time::Duration::from_secs(30))) {
-        Ok(Some((Message::Launch, fds))) if fds.len() == 3 => fds,
+    let (placed, fds) = match control.recv(Some(std::time::Duration::from_secs(30))) {
+        Ok(Some((Message::Launch(placed), fds))) if fds.len() >= 3 => (placed, fds),
         other => {
             let _ = control.send(&Message::Failed(format!(
-                "expected launch with 3 descriptors, got {other:?}"
+                "expected launch with at least 3 descriptors, got {other:?}"
             )));
             return 2;
         }
@@ -161,10 +164,26 @@ pub fn run(args: ShimArgs) -> i32 {
         fds.next().unwrap(),
         fds.next().unwrap(),
     ];
+    let placement = match (placed, &args.runtime) {
+        (None, _) if fds.len() == 0 => Ok(None),
+        (Some(placed), None) => Placement::received(&placed, fds.collect()).map(Some),
+        (placed, _) => Err(format!(
+            "a launch for this runtime cannot be placed as {placed:?} with {} more descriptors",
+            fds.len()
+        )),
+    };
+    let placement = match placement {
+        Ok(placement) => placement,
+        Err(why) => {
+            let _ = control.send(&Message::Failed(why));
+            return 2;
+        }
+    };
     let mut driver: Box<dyn Driver> = match &args.runtime {
         None => Box::new(Libcontainer {
             args: args.clone(),
             container: None,
+            placement,
         }),
         Some(rt) => Box::new(Cli {
             args: args.clone(),
@@ -190,6 +209,8 @@ pub fn run(args: ShimArgs) -> i32 {
 struct Libcontainer {
     args: ShimArgs,
     container: Option<Container>,
+    /// The sandbox's cgroup, if the host made it (cgroup v1); libcontainer makes it otherwise.
+    placement: Option<Placement>,
 }
 
 impl Driver for Libcontainer {
@@ -211,8 +232,12 @@ impl Driver for Libcontainer {
                 .build()
                 .map_err(|e| format!("creating the container: {}", error_chain(&e)))
         };
-        let container = match OwnCgroups::prepare(&args.bundle)? {
-            Some(own) => own.build(build)?,
+        let container = match self.placement.take() {
+            Some(placement) => OwnCgroups {
+                bundle: args.bundle.join(LIBCONTAINER_SPEC_DIR),
+                placement,
+            }
+            .build(build)?,
             None => build(&args.bundle)?,
         };
         let container = self.container.insert(container);
@@ -235,8 +260,8 @@ impl Driver for Libcontainer {
     }
 }
 
-/// The shim's own cgroup placement on v1 (see [`crate::placement`]): the bundle's spec
-/// without `resources`, for libcontainer, and the sandbox's cgroup made and limited.
+/// The host's cgroup placement on v1 (see [`crate::placement`]): the bundle's spec without
+/// `resources`, for libcontainer, and the sandbox's cgroup made and limited.
 struct OwnCgroups {
     /// Where the spec libcontainer reads is (`<bundle>/libcontainer`).
     bundle: PathBuf,
@@ -244,52 +269,6 @@ struct OwnCgroups {
 }
 
 impl OwnCgroups {
-    /// `None` where libcontainer places the container itself: on cgroup v2, for a relative
-    /// cgroup path, or for limits the shim does not apply.
-    fn prepare(bundle: &Path) -> Result<Option<OwnCgroups>, String> {
-        let root = Path::new(DEFAULT_CGROUP_ROOT);
-        let v1 = nix::sys::statfs::statfs(root)
-            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-        if !v1 {
-            return Ok(None);
-        }
-        let mut spec = Spec::load(bundle.join("config.json"))
-            .map_err(|e| format!("reading the bundle: {e}"))?;
-        let Some(linux) = spec.linux().clone() else {
-            return Ok(None);
-        };
-        let path = linux
-            .cgroups_path()
-            .as_ref()
-            .and_then(|p| p.to_str())
-            .filter(|p| p.starts_with('/'))
-            .map(str::to_string);
-        let resources = linux.resources().clone().unwrap_or_default();
-        let Some(path) = path.filter(|_| placement::handles(&resources)) else {
-            return Ok(None);
-        };
-        let mut stripped = linux;
-        stripped.set_resources(None);
-        spec.set_linux(Some(stripped));
-        if let Some(mut root) = spec.root().clone() {
-            root.set_path(bundle.join(root.path()));
-            spec.set_root(Some(root));
-        }
-        let Some(placement) = Placement::prepare(root, &path, &resources)
-            .map_err(|e| format!("creating the cgroup: {e}"))?
-        else {
-            return Ok(None);
-        };
-        let dir = bundle.join("libcontainer");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        spec.save(dir.join("config.json"))
-            .map_err(|e| format!("writing libcontainer's spec: {e}"))?;
-        Ok(Some(OwnCgroups {
-            bundle: dir,
-            placement,
-        }))
-    }
-
     /// Runs `build` (libcontainer's create) with this thread in the sandbox's cgroup and the
     /// hierarchies out of libcontainer's sight, then returns and applies the pids limit.
     fn build(

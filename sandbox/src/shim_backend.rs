@@ -4,18 +4,27 @@
 //! The host starts each shim from a sealed copy of its binary ([`crate::seal`]), hands it the
 //! container's three pipes over the control channel, and keeps the channel for the sandbox's
 //! life. If the host dies, the channel closes and the shim destroys its container.
+//!
+//! While a shim starts (about 1 ms: exec, dynamic linking), the host writes the bundle and,
+//! for libcontainer on cgroup v1, makes and limits the sandbox's cgroup
+//! ([`crate::placement`]); the two run on separate CPUs, and the launch message hands the shim
+//! what it needs of both.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cloudfunc_bundles::write_bundle;
 use cloudfunc_seccomp::Dialect;
+use oci_spec::runtime::Spec;
 
 use crate::backend::{Backend, BackendError, Container, ExitKind, Launch};
+use crate::cgroup::DEFAULT_CGROUP_ROOT;
 use crate::control::{Channel, Message};
+use crate::placement::{self, Placement};
 use crate::seal::SealedBinary;
-use crate::shim::{CliRuntime, ShimArgs};
+use crate::shim::{CliRuntime, ShimArgs, LIBCONTAINER_SPEC_DIR};
 
 /// How long a shim may take to create and start a container.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -115,17 +124,43 @@ impl Backend for ShimBackend {
                 what: "the shim".into(),
                 source,
             })?;
-        let fds = [
+        let elsewhere = OffThisCpu::start(child.id());
+        // The shim is starting; meanwhile, what it will need.
+        let prepared = write_bundle(&launch.bundle, &launch.spec)
+            .map_err(|e| BackendError::Runtime(format!("writing the bundle: {e}")))
+            .and_then(|_| match self.runtime {
+                None => place(&launch.spec, &launch.bundle).map_err(BackendError::Runtime),
+                Some(_) => Ok(None),
+            });
+        let prepared = prepared.and_then(|p| match elsewhere.map(OffThisCpu::end) {
+            Some(Err(e)) => Err(BackendError::Io(e)),
+            _ => Ok(p),
+        });
+        let placement = match prepared {
+            Ok(placement) => placement,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let mut fds: Vec<RawFd> = vec![
             launch.stdin.as_raw_fd(),
             launch.stdout.as_raw_fd(),
             launch.stderr.as_raw_fd(),
         ];
-        if let Err(e) = control.send_with_fds(&Message::Launch, &fds) {
+        let placed = placement.as_ref().map(|p| {
+            let (placed, more) = p.to_send();
+            fds.extend(more);
+            placed
+        });
+        if let Err(e) = control.send_with_fds(&Message::Launch(placed), &fds) {
             let _ = child.kill();
             let _ = child.wait();
             return Err(BackendError::Io(e));
         }
         // Our copies must go, or the pipes would never report end-of-file.
+        drop(placement);
         drop(launch);
         match control.recv(Some(START_TIMEOUT)) {
             Ok(Some((Message::Started(pid), _))) => Ok(Box::new(ShimContainer {
@@ -190,6 +225,77 @@ impl Backend for ShimBackend {
             removed.push(id);
         }
         removed
+    }
+}
+
+/// On cgroup v1, for a bundle at `bundle` with `spec`: the sandbox's cgroup made and limited,
+/// and the spec libcontainer is to see (without `resources`) written to
+/// `<bundle>/libcontainer/config.json`. `None` where libcontainer places the container
+/// itself: on cgroup v2, for a relative cgroup path, for limits cloudfunc does not apply,
+/// or where [`Placement::prepare`] declines.
+fn place(spec: &Spec, bundle: &Path) -> Result<Option<Placement>, String> {
+    let root = Path::new(DEFAULT_CGROUP_ROOT);
+    let v1 = nix::sys::statfs::statfs(root)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    let Some(linux) = spec.linux().as_ref().filter(|_| v1) else {
+        return Ok(None);
+    };
+    let path = linux
+        .cgroups_path()
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .filter(|p| p.starts_with('/'));
+    let resources = linux.resources().clone().unwrap_or_default();
+    let Some(path) = path.filter(|_| placement::handles(&resources)) else {
+        return Ok(None);
+    };
+    let Some(placement) = Placement::prepare(root, path, &resources)
+        .map_err(|e| format!("creating the cgroup: {e}"))?
+    else {
+        return Ok(None);
+    };
+    let mut stripped = spec.clone();
+    let mut stripped_linux = linux.clone();
+    stripped_linux.set_resources(None);
+    stripped.set_linux(Some(stripped_linux));
+    if let Some(mut rootfs) = stripped.root().clone() {
+        rootfs.set_path(bundle.join(rootfs.path()));
+        stripped.set_root(Some(rootfs));
+    }
+    let dir = bundle.join(LIBCONTAINER_SPEC_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    stripped
+        .save(dir.join("config.json"))
+        .map_err(|e| format!("writing libcontainer's spec: {e}"))?;
+    Ok(Some(placement))
+}
+
+/// A just-started shim kept off the CPU the host thread runs on, so that it loads (about
+/// 1 ms) while the host writes its bundle and cgroup instead of after: the scheduler would
+/// otherwise run the two one after the other on one CPU with the other idle. Ended before the
+/// launch message, so that the container inherits the affinity it would have had.
+struct OffThisCpu {
+    pid: nix::unistd::Pid,
+    original: nix::sched::CpuSet,
+}
+
+impl OffThisCpu {
+    /// `None` (and nothing changed) where there is no other CPU to use.
+    fn start(pid: u32) -> Option<OffThisCpu> {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+        let original = sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+        // SAFETY: sched_getcpu takes no arguments and only returns a number.
+        let here = usize::try_from(unsafe { libc::sched_getcpu() }).ok()?;
+        let mut others = original;
+        others.unset(here).ok()?;
+        (0..CpuSet::count()).find(|&cpu| others.is_set(cpu).unwrap_or(false))?;
+        sched_setaffinity(pid, &others).ok()?;
+        Some(OffThisCpu { pid, original })
+    }
+
+    fn end(self) -> std::io::Result<()> {
+        nix::sched::sched_setaffinity(self.pid, &self.original).map_err(std::io::Error::from)
     }
 }
 

@@ -92,6 +92,11 @@ pub fn cases() -> Vec<Case> {
         python_compiled_bootstrap,
     ));
     cases.push(Case::new(
+        "python::runs_on_every_cpu_the_host_may_use",
+        needs(Runtime::Python),
+        python_affinity,
+    ));
+    cases.push(Case::new(
         "python::precompiled_code_is_not_compiled_again",
         needs(Runtime::Python),
         python_precompiled,
@@ -296,6 +301,23 @@ fn python_compiled_bootstrap() {
     let r = crate::common::result(&f.call(json!({})).outcome);
     assert_eq!(r["entry"], json!("/cloudfunc/bootstrap.pyc"), "{r}");
     assert_eq!(r["source"], json!(true), "{r}");
+}
+
+fn python_affinity() {
+    // The shim starts on another CPU than the host thread (to load while the host prepares
+    // its launch), and must hand the container the affinity it would have had.
+    let host = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| host.is_set(c).unwrap_or(false))
+        .collect();
+    let mut f = start(
+        Runtime::Python,
+        "import os\ndef handler(event):\n    return sorted(os.sched_getaffinity(0))\n",
+    );
+    for _ in 0..3 {
+        let r = crate::common::result(&f.call(json!({})).outcome);
+        assert_eq!(r, json!(cpus), "the function's CPUs");
+    }
 }
 
 /// A function that records every compile during its own import of `pkg.mod`.
