@@ -75,6 +75,12 @@ pub trait Container: Send + std::fmt::Debug {
     fn kill(&mut self) -> Result<(), BackendError>;
     /// Waits up to `timeout` for init to exit; `None` if it is still running.
     fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitKind>, BackendError>;
-    /// Kills what is left and deletes the container, its state and its cgroup.
-    fn destroy(&mut self) -> Result<(), BackendError>;
+    /// Asks for [`Container::destroy`] to begin without waiting for it, so that the caller
+    /// can clean up its own side meanwhile. By default it does nothing: `destroy` does all.
+    fn begin_destroy(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Kills what is left and deletes the container and its state, and its cgroup if it can;
+    /// `Ok(true)` when the cgroup is known to be gone too (the engine removes it otherwise).
+    fn destroy(&mut self) -> Result<bool, BackendError>;
 }

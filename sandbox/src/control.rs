@@ -63,7 +63,8 @@ pub enum Message {
     Started(i32),
     Failed(String),
     Exited(ExitKind),
-    Destroyed,
+    /// The container is gone; `true`: its cgroup is removed too.
+    Destroyed(bool),
 }
 
 impl Message {
@@ -82,7 +83,8 @@ impl Message {
             Message::Failed(why) => format!("failed {why}"),
             Message::Exited(ExitKind::Code(c)) => format!("exited code {c}"),
             Message::Exited(ExitKind::Signal(s)) => format!("exited signal {s}"),
-            Message::Destroyed => "destroyed".into(),
+            Message::Destroyed(false) => "destroyed".into(),
+            Message::Destroyed(true) => "destroyed clean".into(),
         }
     }
 
@@ -104,7 +106,8 @@ impl Message {
             }
             "kill" => Message::Kill,
             "destroy" => Message::Destroy,
-            "destroyed" => Message::Destroyed,
+            "destroyed" if rest.is_empty() => Message::Destroyed(false),
+            "destroyed" if rest == "clean" => Message::Destroyed(true),
             "started" => Message::Started(rest.parse().ok()?),
             "failed" => Message::Failed(rest.to_string()),
             "exited" => {
@@ -278,7 +281,8 @@ mod tests {
             })),
             Message::Kill,
             Message::Destroy,
-            Message::Destroyed,
+            Message::Destroyed(false),
+            Message::Destroyed(true),
             Message::Started(42),
             Message::Failed("no such file".into()),
             Message::Exited(ExitKind::Code(3)),

@@ -474,12 +474,22 @@ impl Engine {
 
     /// Removes a sandbox's bundle and, if the backend left it, its cgroup.
     pub(crate) fn cleanup(&self, id: &str) -> Result<()> {
+        self.remove_bundle(id)?;
+        self.remove_cgroup(id)
+    }
+
+    /// Removes a sandbox's bundle (and the code a stem cell keeps there).
+    pub(crate) fn remove_bundle(&self, id: &str) -> Result<()> {
         let bundle = self.bundle_dir(id);
         match fs::remove_dir_all(&bundle) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(&bundle)(e)),
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&bundle)(e)),
         }
+    }
+
+    /// Removes a sandbox's cgroup in every hierarchy, if it is there.
+    pub(crate) fn remove_cgroup(&self, id: &str) -> Result<()> {
         self.inner
             .cgroups
             .remove_tree(&self.cgroup_path(id))

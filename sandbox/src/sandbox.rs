@@ -442,12 +442,19 @@ impl Sandbox {
     fn teardown(&mut self) -> Result<()> {
         self.alive = false;
         self.pipes.close_requests();
-        let destroyed = match self.container.take() {
-            Some(mut container) => container.destroy().map_err(Error::Backend),
-            None => Ok(()),
+        let Some(mut container) = self.container.take() else {
+            return self.engine.cleanup(&self.id);
         };
-        let cleaned = self.engine.cleanup(&self.id);
-        destroyed.and(cleaned)
+        // The backend kills and deletes the container while the bundle goes here: nothing
+        // reads the bundle once the container has started.
+        let begun = container.begin_destroy();
+        let bundle = self.engine.remove_bundle(&self.id);
+        let destroyed = begun.and(container.destroy()).map_err(Error::Backend);
+        let cgroup = match destroyed {
+            Ok(true) => Ok(()),
+            _ => self.engine.remove_cgroup(&self.id),
+        };
+        destroyed.map(|_| ()).and(bundle).and(cgroup)
     }
 
     /// Stops the sandbox and removes everything it had: processes, cgroup, state, bundle.

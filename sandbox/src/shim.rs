@@ -141,8 +141,8 @@ trait Driver {
         let _ = kill(pid, Signal::SIGKILL);
     }
     /// Deletes the container's state and cgroup. `stopped`: its init has been reaped and
-    /// every other process of it killed.
-    fn delete(&mut self, stopped: bool);
+    /// every other process of it killed. Returns whether the cgroup is known to be gone.
+    fn delete(&mut self, stopped: bool) -> bool;
 }
 
 /// Runs the shim with its control channel on stdin. Returns the process exit code.
@@ -193,13 +193,13 @@ pub fn run(args: ShimArgs) -> i32 {
     let pid = match driver.start(stdio) {
         Ok(pid) => pid,
         Err(why) => {
-            driver.delete(false);
+            let _ = driver.delete(false);
             let _ = control.send(&Message::Failed(why));
             return 1;
         }
     };
     if control.send(&Message::Started(pid.as_raw())).is_err() {
-        teardown(driver.as_mut(), pid, true);
+        let _ = teardown(driver.as_mut(), pid, true);
         return 1;
     }
     serve(&control, driver.as_mut(), pid)
@@ -249,14 +249,15 @@ impl Driver for Libcontainer {
             .ok_or_else(|| "the container has no init pid".to_string())
     }
 
-    fn delete(&mut self, stopped: bool) {
+    fn delete(&mut self, stopped: bool) -> bool {
         let Some(container) = self.container.as_mut() else {
-            return;
+            return false;
         };
         if stopped && remove_stopped(container).is_ok() {
-            return;
+            return true;
         }
         let _ = container.delete(true);
+        false
     }
 }
 
@@ -460,7 +461,7 @@ impl Driver for Cli {
         Ok(Pid::from_raw(pid))
     }
 
-    fn delete(&mut self, _stopped: bool) {
+    fn delete(&mut self, _stopped: bool) -> bool {
         let _ = self
             .command()
             .args(["delete", "--force"])
@@ -471,6 +472,7 @@ impl Driver for Cli {
             .status();
         let _ = std::fs::remove_file(self.log_path());
         let _ = std::fs::remove_file(self.args.state_root.join(format!("{}.pid", self.args.id)));
+        false
     }
 }
 
@@ -479,7 +481,7 @@ fn serve(control: &Channel, driver: &mut dyn Driver, pid: Pid) -> i32 {
         Ok(fd) => fd,
         Err(e) => {
             let _ = control.send(&Message::Failed(format!("pidfd_open: {e}")));
-            teardown(driver, pid, true);
+            let _ = teardown(driver, pid, true);
             return 1;
         }
     };
@@ -521,8 +523,8 @@ fn serve(control: &Channel, driver: &mut dyn Driver, pid: Pid) -> i32 {
                     }
                 }
                 Ok(Some((Message::Destroy, _))) => {
-                    teardown(driver, pid, alive);
-                    let _ = control.send(&Message::Destroyed);
+                    let clean = teardown(driver, pid, alive);
+                    let _ = control.send(&Message::Destroyed(clean));
                     return 0;
                 }
                 Ok(Some(_)) => {}
@@ -531,17 +533,18 @@ fn serve(control: &Channel, driver: &mut dyn Driver, pid: Pid) -> i32 {
             }
         }
     }
-    teardown(driver, pid, alive);
+    let _ = teardown(driver, pid, alive);
     0
 }
 
-fn teardown(driver: &mut dyn Driver, pid: Pid, alive: bool) {
+/// Kills and deletes the container; returns whether its cgroup is known to be gone.
+fn teardown(driver: &mut dyn Driver, pid: Pid, alive: bool) -> bool {
     let reaped = !alive || {
         driver.kill(pid);
         waitpid(pid, None).is_ok()
     };
     kill_children();
-    driver.delete(reaped);
+    driver.delete(reaped)
 }
 
 /// Kills and reaps every remaining child of the shim: after the container's init, only

@@ -168,7 +168,8 @@ impl Backend for ShimBackend {
                 control,
                 pid,
                 exit: None,
-                destroyed: false,
+                destroy_sent: false,
+                destroyed: None,
             })),
             Ok(Some((Message::Failed(why), _))) => {
                 let _ = child.wait();
@@ -306,16 +307,20 @@ struct ShimContainer {
     control: Channel,
     pid: i32,
     exit: Option<ExitKind>,
-    destroyed: bool,
+    /// `Destroy` has been sent.
+    destroy_sent: bool,
+    /// What `destroy` returned, once it has run.
+    destroyed: Option<bool>,
 }
 
 impl ShimContainer {
-    /// Reads control messages until `until` accepts one or the deadline passes.
+    /// Reads control messages until `until` accepts one (returned) or the deadline passes
+    /// (`None`).
     fn recv_until(
         &mut self,
         deadline: Instant,
         until: impl Fn(&Message) -> bool,
-    ) -> Result<bool, BackendError> {
+    ) -> Result<Option<Message>, BackendError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.control.recv(Some(left)) {
@@ -324,13 +329,13 @@ impl ShimContainer {
                         self.exit = Some(kind);
                     }
                     if until(&message) {
-                        return Ok(true);
+                        return Ok(Some(message));
                     }
                 }
                 Ok(None) => {
                     return Err(BackendError::Runtime("the shim exited unexpectedly".into()))
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(None),
                 Err(e) => return Err(BackendError::Io(e)),
             }
         }
@@ -358,26 +363,35 @@ impl Container for ShimContainer {
         Ok(self.exit)
     }
 
-    fn destroy(&mut self) -> Result<(), BackendError> {
-        if self.destroyed {
+    fn begin_destroy(&mut self) -> Result<(), BackendError> {
+        if self.destroy_sent || self.destroyed.is_some() {
             return Ok(());
         }
-        self.destroyed = true;
-        let sent = self.control.send(&Message::Destroy);
-        let result = match sent {
-            Ok(()) => match self.recv_until(Instant::now() + DESTROY_TIMEOUT, |m| {
-                *m == Message::Destroyed
-            }) {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(BackendError::Unresponsive(DESTROY_TIMEOUT)),
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(BackendError::Io(e)),
-        };
+        self.destroy_sent = true;
+        self.control
+            .send(&Message::Destroy)
+            .map_err(BackendError::Io)
+    }
+
+    fn destroy(&mut self) -> Result<bool, BackendError> {
+        if let Some(clean) = self.destroyed {
+            return Ok(clean);
+        }
+        let begun = self.begin_destroy();
+        self.destroyed = Some(false);
+        let result = begun.and_then(|()| {
+            match self.recv_until(Instant::now() + DESTROY_TIMEOUT, |m| {
+                matches!(m, Message::Destroyed(_))
+            })? {
+                Some(Message::Destroyed(clean)) => Ok(clean),
+                _ => Err(BackendError::Unresponsive(DESTROY_TIMEOUT)),
+            }
+        });
         if result.is_err() {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        self.destroyed = Some(*result.as_ref().unwrap_or(&false));
         result
     }
 }
