@@ -1338,20 +1338,10 @@ fn deploy_compiles() {
             assert_eq!(r.body["result"]["compiled"], json!([]), "{r:?}");
             assert_eq!(r.body["result"]["value"], version, "{r:?}");
             // Drop the warm sandbox: the second call starts cold.
-            let r = request(
-                "PUT",
-                &format!("{}/api/functions/{id}/deactivate", s.url),
-                Some(&t),
-                None,
-            );
-            assert_eq!(r.status, 200);
-            let r = request(
-                "PUT",
-                &format!("{}/api/functions/{id}/activate", s.url),
-                Some(&t),
-                None,
-            );
-            assert_eq!(r.status, 200);
+            for action in ["deactivate", "activate"] {
+                let url = format!("{}/api/functions/{id}/{action}", s.url);
+                assert_eq!(request("PUT", &url, Some(&t), None).status, 200);
+            }
         }
     }
 }
