@@ -1,7 +1,7 @@
 //! Reading what a sandbox's cgroup says it used, on cgroup v1 and v2.
 //!
-//! The runtimes (or, for libcontainer on v1, the shim: see [`crate::placement`]) create the
-//! cgroups; this module finds them (from a root passed in, `/sys/fs/cgroup` by default), reads
+//! The runtimes (or, for libcontainer on v1, the host and the shim: see [`crate::placement`])
+//! create the cgroups; this module finds them (from a root passed in, `/sys/fs/cgroup` by default), reads
 //! CPU time, peak memory and OOM kills, and removes them, with what a crash left under our own
 //! parent. The parsers are pure functions over the files' text so that they are tested without
 //! a kernel.

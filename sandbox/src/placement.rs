@@ -409,14 +409,20 @@ mod tests {
             .unwrap()
     }
 
+    /// A fake cgroup directory with its `tasks` file (the kernel makes it in a real one).
+    fn fake_cgroup(dir: &Path) {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join("tasks"), "").unwrap();
+    }
+
     /// A fake hierarchy tree under `root` for `own`, with this process's `tasks` files.
     fn fake_tree(root: &Path, own: &str) {
         for membership in parse_memberships(own) {
-            let home = root
-                .join(&membership.controllers)
-                .join(&membership.path[1..]);
-            fs::create_dir_all(&home).unwrap();
-            fs::write(home.join("tasks"), "").unwrap();
+            fake_cgroup(
+                &root
+                    .join(&membership.controllers)
+                    .join(&membership.path[1..]),
+            );
         }
     }
 
@@ -427,8 +433,7 @@ mod tests {
         fake_tree(root.path(), own);
         // In a real hierarchy the kernel makes these; here the sandbox's must exist first.
         for dir in ["memory/parent/sb", "cpu,cpuacct/parent/sb"] {
-            fs::create_dir_all(root.path().join(dir)).unwrap();
-            fs::write(root.path().join(dir).join("tasks"), "").unwrap();
+            fake_cgroup(&root.path().join(dir));
         }
         let resources = bundle_limits(None);
         let placement = Placement::prepare_in(own, root.path(), "/parent/sb", &resources)
@@ -453,8 +458,7 @@ mod tests {
         let own = "4:pids:/host\n3:memory:/host\n";
         fake_tree(root.path(), own);
         for dir in ["memory/parent/sb", "pids/parent/sb"] {
-            fs::create_dir_all(root.path().join(dir)).unwrap();
-            fs::write(root.path().join(dir).join("tasks"), "").unwrap();
+            fake_cgroup(&root.path().join(dir));
         }
         fs::write(root.path().join("pids/parent/sb/pids.max"), "").unwrap();
         let mut resources = bundle_limits(None);

@@ -364,7 +364,7 @@ impl Container for ShimContainer {
     }
 
     fn begin_destroy(&mut self) -> Result<(), BackendError> {
-        if self.destroy_sent || self.destroyed.is_some() {
+        if self.destroy_sent {
             return Ok(());
         }
         self.destroy_sent = true;
@@ -377,9 +377,7 @@ impl Container for ShimContainer {
         if let Some(clean) = self.destroyed {
             return Ok(clean);
         }
-        let begun = self.begin_destroy();
-        self.destroyed = Some(false);
-        let result = begun.and_then(|()| {
+        let result = self.begin_destroy().and_then(|()| {
             match self.recv_until(Instant::now() + DESTROY_TIMEOUT, |m| {
                 matches!(m, Message::Destroyed(_))
             })? {
