@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what cloudfunc needs on a Debian host (as root): the runtimes functions run in,
-# libseccomp for the sandbox library, the OCI runtimes the benchmarks compare against, wrk for
+# libseccomp for the sandbox library, what libbpf (built into it for cgroup v2's device filter)
+# is compiled with, the OCI runtimes the benchmarks compare against, wrk for
 # the HTTP load benchmark, and Chart.js for the dashboard (served from disk, never fetched by
 # the browser from elsewhere).
 # With --test, also what only the tests use: headless Chromium and its WebDriver for the
@@ -8,7 +9,7 @@
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
-packages=(libseccomp-dev pkg-config python3 python3-venv nodejs runc crun runsc wrk ca-certificates curl libjs-chart.js)
+packages=(libseccomp-dev pkg-config make gcc libelf-dev zlib1g-dev python3 python3-venv nodejs runc crun runsc wrk ca-certificates curl libjs-chart.js)
 if [ "${1:-}" = "--test" ]; then
   packages+=(chromium chromium-driver python3-prometheus-client)
 fi

@@ -1,6 +1,7 @@
 //! Where a Python cold start's time goes: medians of create (shim, libcontainer, runtime
 //! start, handler load), one warm invoke, and shutdown, over 21 runs. `NOSECCOMP=1` runs
-//! without the filter to measure its cost. Run as root: `cargo run --release --example phases`.
+//! without the filter to measure its cost; `RUNS=N` takes N runs instead (the median is the
+//! middle one). Run as root: `cargo run --release --example phases`.
 
 use cloudfunc_benches::Code;
 use cloudfunc_sandbox::{
@@ -16,8 +17,13 @@ fn main() {
     }
     let engine = Engine::new(config).unwrap();
     let code = Code::new(&engine).unwrap();
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(21);
     let mut rows = vec![];
-    for _ in 0..21 {
+    for _ in 0..runs {
         let t0 = Instant::now();
         let mut s =
             Sandbox::create(&engine, SandboxSpec::new(Runtime::Python, code.path())).unwrap();
@@ -34,7 +40,7 @@ fn main() {
         ));
     }
     rows.sort_by(|a, b| (a.0 + a.1 + a.2).partial_cmp(&(b.0 + b.1 + b.2)).unwrap());
-    let r = rows[10];
+    let r = rows[runs / 2];
     println!(
         "median: create {:.1} invoke {:.2} shutdown {:.1} total {:.1}",
         r.0,

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use cloudfunc_sandbox::cgroup::CgroupVersion;
 use cloudfunc_sandbox::{Limits, Outcome, Runtime};
 use serde_json::{json, Value};
 
@@ -435,6 +436,66 @@ fn devices_and_rlimits() {
     );
 }
 
+/// How many BPF device programs are attached to the v2 cgroup directory `dir` itself
+/// (`BPF_PROG_QUERY` for `BPF_CGROUP_DEVICE`).
+fn device_programs(dir: &std::path::Path) -> u32 {
+    use std::os::fd::AsRawFd;
+    /// The `query` member of the kernel's `union bpf_attr`.
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_CGROUP_DEVICE: u32 = 6;
+    let cgroup = std::fs::File::open(dir).unwrap();
+    let mut query = Query {
+        target_fd: u32::try_from(cgroup.as_raw_fd()).unwrap(),
+        attach_type: BPF_CGROUP_DEVICE,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: 0,
+        prog_cnt: 0,
+    };
+    // SAFETY: `query` is a valid, zero-padded `bpf_attr` prefix of the size passed; with no
+    // id buffer the kernel writes only the count back into it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut query as *mut Query,
+            std::mem::size_of::<Query>(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_QUERY on {}: {}",
+        dir.display(),
+        std::io::Error::last_os_error()
+    );
+    query.prog_cnt
+}
+
+/// The controllers of one of a sandbox's cgroup directories: on v2 those its parent enabled
+/// for it (`cgroup.controllers`), on v1 those of the hierarchy it is in (`.../cpu,cpuacct/...`).
+fn controllers_of(dir: &std::path::Path) -> Vec<String> {
+    if let Ok(enabled) = std::fs::read_to_string(dir.join("cgroup.controllers")) {
+        return enabled.split_whitespace().map(String::from).collect();
+    }
+    let hierarchy = dir
+        .strip_prefix("/sys/fs/cgroup")
+        .ok()
+        .and_then(|rel| rel.components().next())
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    hierarchy.split(',').map(String::from).collect()
+}
+
 fn cgroup_membership() {
     let code = "def handler(event):\n    return open('/proc/self/cgroup').read()\n";
     let mut f = start(Runtime::Python, code);
@@ -453,7 +514,9 @@ fn cgroup_membership() {
         .unwrap()
         .parse()
         .unwrap();
-    let mut hierarchies = 0;
+    // The controllers that hold the sandbox: on v1 each hierarchy's, on v2 those enabled in
+    // its one directory.
+    let mut controllers: Vec<String> = Vec::new();
     for dir in engine().cgroup_dirs(f.sandbox.id()) {
         let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
             continue;
@@ -467,9 +530,17 @@ fn cgroup_membership() {
         if !on_gvisor() {
             // An idle bootstrap is one process: init, and nothing of the runtime's.
             assert_eq!(pids, vec![init], "{}", dir.display());
-            hierarchies += 1;
+            controllers.extend(controllers_of(&dir));
         }
         // gVisor's own kernel decides which devices exist; the host cgroup leaves them be.
+        // On v2 the runtime limits devices with a BPF program attached to the cgroup.
+        if !on_gvisor() && engine().cgroup_version() == CgroupVersion::V2 {
+            assert!(
+                device_programs(&dir) >= 1,
+                "no device program is attached to {}",
+                dir.display()
+            );
+        }
         if let Some(list) = std::fs::read_to_string(dir.join("devices.list"))
             .ok()
             .filter(|_| !on_gvisor())
@@ -484,10 +555,12 @@ fn cgroup_membership() {
     if on_gvisor() {
         return;
     }
-    assert!(
-        hierarchies >= 3,
-        "memory, cpu and pids at least: {hierarchies}"
-    );
+    for needed in ["memory", "cpu", "pids"] {
+        assert!(
+            controllers.iter().any(|c| c == needed),
+            "{needed} does not hold the sandbox: {controllers:?}"
+        );
+    }
     let own = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     assert_eq!(
         own(&shim.to_string()),
