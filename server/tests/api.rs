@@ -1330,14 +1330,20 @@ fn deploy_compiles() {
         assert_eq!(cached("__pycache__").len(), 1, "{code:?}");
         assert!(cached("__pycache__")[0].starts_with("function."));
         assert_eq!(cached("pkg/__pycache__").len(), 2, "{code:?}");
-        // Its sandboxes, warm or cold, import them without compiling.
-        for start in ["warm", "cold"] {
+        // Its sandboxes, warm or fresh (cold, or a stem cell bound now, whichever the pool
+        // has), import them without compiling.
+        for fresh in [false, true] {
             let r = post_json(s, "/api/functions/compiled/invoke", &t, &json!({}));
             assert_eq!(r.status, 200, "{r:?}");
-            assert_eq!(r.body["usage"]["start"], start, "{r:?}");
+            let start = r.body["usage"]["start"].as_str().unwrap_or_default();
+            if fresh {
+                assert!(["cold", "prewarmed"].contains(&start), "{r:?}");
+            } else {
+                assert_eq!(start, "warm", "{r:?}");
+            }
             assert_eq!(r.body["result"]["compiled"], json!([]), "{r:?}");
             assert_eq!(r.body["result"]["value"], version, "{r:?}");
-            // Drop the warm sandbox: the second call starts cold.
+            // Drop the warm sandbox: the second call starts in a fresh one.
             for action in ["deactivate", "activate"] {
                 let url = format!("{}/api/functions/{id}/{action}", s.url);
                 assert_eq!(request("PUT", &url, Some(&t), None).status, 200);
