@@ -503,20 +503,33 @@ impl Engine {
 }
 
 impl Engine {
-    /// Removes the engine's parent cgroups if no sandbox is left in them. Called when the last
-    /// clone of the engine is dropped; an engine in a `static` calls it itself before exit.
+    /// Removes the engine's parent cgroups, and any sandbox cgroup a teardown left under them
+    /// (killing what runs there): only for when no sandbox of this engine is alive any more.
+    /// Called when the last clone of the engine is dropped; an engine in a `static` calls it
+    /// itself before exit.
     pub fn release_cgroup_parent(&self) {
         self.inner.release_cgroup_parent();
     }
 }
 
 impl Inner {
+    /// With the last clone of the engine gone, none of its sandboxes is alive: a cgroup still
+    /// under the parent is one a teardown gave up on (gVisor's processes can take longer to
+    /// exit than a teardown waits, on a loaded host), and goes now, its processes killed.
     fn release_cgroup_parent(&self) {
-        for dir in self
-            .cgroups
-            .dirs(&format!("/{}", self.config.cgroup_parent))
-        {
-            // rmdir fails while a child cgroup exists, which is what we want.
+        let parent = format!("/{}", self.config.cgroup_parent);
+        // Each removal waits half a second for what it kills; a few more rounds, at most.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            remove_children(&self.cgroups, &parent);
+            if children_of(&self.cgroups, &parent).is_empty()
+                || std::time::Instant::now() >= deadline
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        for dir in self.cgroups.dirs(&parent) {
             let _ = fs::remove_dir(dir);
         }
     }
@@ -559,9 +572,23 @@ fn sweep(config: &EngineConfig, backend: &dyn Backend, cgroups: &CgroupFs) -> Sw
             }
         }
     }
-    let parent = format!("/{}", config.cgroup_parent);
+    report.cgroups = remove_children(cgroups, &format!("/{}", config.cgroup_parent));
+    report
+}
+
+/// Removes every cgroup under the engine's parent (the parent is the engine's alone), killing
+/// what runs in them; returns the names of those removed.
+fn remove_children(cgroups: &CgroupFs, parent: &str) -> Vec<String> {
+    children_of(cgroups, parent)
+        .into_iter()
+        .filter(|name| cgroups.remove_tree(&format!("{parent}/{name}")).is_ok())
+        .collect()
+}
+
+/// The names of the cgroups under `parent`, in any hierarchy.
+fn children_of(cgroups: &CgroupFs, parent: &str) -> std::collections::BTreeSet<String> {
     let mut seen = std::collections::BTreeSet::new();
-    for dir in cgroups.dirs(&parent) {
+    for dir in cgroups.dirs(parent) {
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
         };
@@ -571,12 +598,7 @@ fn sweep(config: &EngineConfig, backend: &dyn Backend, cgroups: &CgroupFs) -> Sw
             }
         }
     }
-    for name in seen {
-        if cgroups.remove_tree(&format!("{parent}/{name}")).is_ok() {
-            report.cgroups.push(name);
-        }
-    }
-    report
+    seen
 }
 
 /// Finds `cloudfunc-shim`: `$CLOUDFUNC_SHIM`, next to the current executable, or one level up

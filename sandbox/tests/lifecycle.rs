@@ -41,6 +41,11 @@ pub fn cases() -> Vec<Case> {
             one_engine_per_root,
         ),
         Case::new(
+            "lifecycle::dropping_the_engine_removes_what_a_teardown_left",
+            vec![Need::Containers],
+            drop_removes_leftovers,
+        ),
+        Case::new(
             "lifecycle::crash_is_swept_at_next_start",
             py.clone(),
             crash_is_swept,
@@ -293,6 +298,60 @@ pub fn run_helper_if_asked() -> bool {
         },
     );
     unreachable!("the test kills this process first")
+}
+
+/// A sandbox cgroup that a teardown gave up on (its processes slower to die than it waited,
+/// as gVisor's can be on a loaded host) is removed, its processes killed, when the engine goes,
+/// and the engine's parent with it.
+fn drop_removes_leftovers() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-leftover-")
+        .tempdir()
+        .unwrap();
+    let parent = format!("cloudfunc-leftover-{}", std::process::id());
+    let mut config = EngineConfig::under(dir.path(), &parent);
+    config.shim_binary = Some(env!("CARGO_BIN_EXE_cloudfunc-shim").into());
+    let engine = Engine::new(config).unwrap();
+    let cgroups = cloudfunc_sandbox::cgroup::CgroupFs::detect(Path::new("/sys/fs/cgroup")).unwrap();
+    let mut stray = Command::new("/bin/sleep").arg("600").spawn().unwrap();
+    let stray_pid = i32::try_from(stray.id()).unwrap();
+    let mut joined = 0;
+    for dir in cgroups.dirs(&format!("/{parent}/sb-left")) {
+        if dir
+            .parent()
+            .and_then(Path::parent)
+            .is_some_and(Path::is_dir)
+        {
+            std::fs::create_dir_all(&dir).unwrap();
+            // cpuset refuses tasks until configured; the other hierarchies take it.
+            if std::fs::write(dir.join("cgroup.procs"), stray_pid.to_string()).is_ok() {
+                joined += 1;
+            }
+        }
+    }
+    assert!(joined > 0, "the stray process joined no cgroup");
+    drop(engine);
+    let ended = (0..250).find_map(|_| {
+        let ended = stray.try_wait().unwrap();
+        if ended.is_none() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ended
+    });
+    let Some(status) = ended else {
+        let _ = cgroups.remove_tree(&format!("/{parent}"));
+        let _ = stray.kill();
+        let _ = stray.wait();
+        panic!("the process left in the sandbox's cgroup outlived the engine");
+    };
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the process left in the cgroup is killed"
+    );
+    for dir in cgroups.dirs(&format!("/{parent}")) {
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
 }
 
 /// Starts the helper (a host with one sandbox busy in an endless call) in a process group of

@@ -902,7 +902,9 @@ impl Pool {
             for stem in stems.into_values().flatten() {
                 state.total -= 1;
                 state.memory -= stem.memory;
-                let _ = stem.cell.shutdown();
+                if let Err(e) = stem.cell.shutdown() {
+                    eprintln!("cloudfunc: stopping a stem cell: {e}");
+                }
             }
         }
         self.bury_now();
