@@ -521,11 +521,12 @@ impl Inner {
         // Each removal waits half a second for what it kills; a few more rounds, at most.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            remove_children(&self.cgroups, &parent);
-            if children_of(&self.cgroups, &parent).is_empty()
-                || std::time::Instant::now() >= deadline
-            {
+            let left = children_of(&self.cgroups, &parent);
+            if left.is_empty() || std::time::Instant::now() >= deadline {
                 break;
+            }
+            for name in left {
+                let _ = self.cgroups.remove_tree(&format!("{parent}/{name}"));
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }

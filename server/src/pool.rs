@@ -316,6 +316,13 @@ fn hand_over(state: &mut State, key: &Key, idle: Option<Idle>) -> Option<Idle> {
     None
 }
 
+/// Stops a stem cell no one will bind, saying so if it cannot.
+fn stop_stem(cell: StemCell) {
+    if let Err(e) = cell.shutdown() {
+        eprintln!("cloudfunc: stopping a stem cell: {e}");
+    }
+}
+
 /// The memory a stem cell commits: the default limits'.
 fn stem_memory() -> u64 {
     Limits::default().memory_bytes
@@ -734,7 +741,7 @@ impl Pool {
                                 state.total -= 1;
                                 state.memory -= stem_memory();
                                 drop(state);
-                                let _ = cell.shutdown();
+                                stop_stem(cell);
                                 break;
                             }
                             *state
@@ -816,7 +823,7 @@ impl Pool {
                     state.total -= 1;
                     state.memory -= stem.memory;
                     state.stats.evicted += 1;
-                    let _ = std::thread::spawn(move || stem.cell.shutdown());
+                    let _ = std::thread::spawn(move || stop_stem(stem.cell));
                 }
                 None => return false,
             }
@@ -902,9 +909,7 @@ impl Pool {
             for stem in stems.into_values().flatten() {
                 state.total -= 1;
                 state.memory -= stem.memory;
-                if let Err(e) = stem.cell.shutdown() {
-                    eprintln!("cloudfunc: stopping a stem cell: {e}");
-                }
+                stop_stem(stem.cell);
             }
         }
         self.bury_now();
