@@ -11,6 +11,7 @@
 # The bootstrap uses `posix`, built into the interpreter, and not `os`: importing `os` (and
 # `_collections_abc` with it) costs about 1.2 ms of every cold start. A function that imports
 # `os` pays that itself, and finds in `os.environ` what `setenv` put there.
+import _io
 import posix
 import sys
 
@@ -20,6 +21,31 @@ _null = posix.open("/dev/null", posix.O_RDONLY)
 posix.dup2(_null, 0)
 posix.close(_null)
 posix.dup2(2, 1)
+
+
+class _WholeWrites(_io.FileIO):
+    """Unbuffered output whose writes are whole. A pipe may take part of a write (gVisor's
+    host pipes take 64 KiB at a time), and the text layer that `-u` puts straight over the
+    file drops whatever a short write left."""
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            n = _io.FileIO.write(self, view)
+            if n is None:
+                raise BlockingIOError(11, "write would block", total - len(view))
+            view = view[n:]
+        return total
+
+
+def _whole_stream(fd, old):
+    raw = _WholeWrites(fd, "w", closefd=False)
+    return _io.TextIOWrapper(raw, encoding=old.encoding, errors=old.errors, write_through=True)
+
+
+sys.stdout = _whole_stream(1, sys.stdout)
+sys.stderr = _whole_stream(2, sys.stderr)
 
 # Start-up time is the cold start: the stdlib `json` package pulls in `re` (about 10 ms), and
 # `traceback` and `inspect` as much again. So JSON goes straight through the C accelerator
