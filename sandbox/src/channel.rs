@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags};
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 use crate::control::poll_timeout;
 use crate::outcome::Logs;
@@ -89,12 +90,131 @@ pub enum Exchange {
     TooLarge(FrameError),
 }
 
+/// One host end of a pipe: a plain file, the same file registered with a tokio runtime's
+/// reactor once a call waited for it there (it stays registered for the calls after, unless
+/// a call comes from another runtime), or closed.
+#[derive(Debug)]
+enum End {
+    Plain(File),
+    Registered(AsyncFd<File>, tokio::runtime::Id),
+    Closed,
+}
+
+impl End {
+    fn file(&self) -> Option<&File> {
+        match self {
+            End::Plain(file) => Some(file),
+            End::Registered(fd, _) => Some(fd.get_ref()),
+            End::Closed => None,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        !matches!(self, End::Closed)
+    }
+
+    /// Registers the end with the current runtime's reactor (there must be one), unless it
+    /// is registered there already.
+    fn register(&mut self) -> io::Result<()> {
+        let runtime = tokio::runtime::Handle::current().id();
+        let file = match std::mem::replace(self, End::Closed) {
+            End::Plain(file) => file,
+            End::Registered(fd, id) if id != runtime => fd.into_inner(),
+            other => {
+                *self = other;
+                return Ok(());
+            }
+        };
+        // SAFETY: the `File` owns its descriptor, which stays open and the same until the
+        // `AsyncFd` (which owns the `File`) is dropped or unwrapped.
+        *self = match unsafe { AsyncFd::register(file) } {
+            Ok(fd) => End::Registered(fd, runtime),
+            Err(e) => {
+                let (file, error) = e.into_parts();
+                *self = End::Plain(file);
+                return Err(error);
+            }
+        };
+        Ok(())
+    }
+
+    /// Waits until the reactor says the end is readable; never, for an end not registered.
+    async fn readable(&self) -> io::Result<AsyncFdReadyGuard<'_, File>> {
+        match self {
+            End::Registered(fd, _) => fd.readable().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Waits until the reactor says the end is writable; never, for an end not registered.
+    async fn writable(&self) -> io::Result<AsyncFdReadyGuard<'_, File>> {
+        match self {
+            End::Registered(fd, _) => fd.writable().await,
+            _ => std::future::pending().await,
+        }
+    }
+}
+
+/// Reads what `file` holds now into `capture`; returns false once it is closed.
+fn read_available(file: &File, capture: &mut Capture, chunk: &mut [u8]) -> io::Result<bool> {
+    let mut file = file;
+    loop {
+        match file.read(chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => capture.push(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads what the log end holds now, closing it at its end; returns whether it is open.
+fn drain_now(logs: &mut End, capture: &mut Capture, chunk: &mut [u8]) -> io::Result<bool> {
+    let Some(file) = logs.file() else {
+        return Ok(false);
+    };
+    let open = read_available(file, capture, chunk)?;
+    if !open {
+        *logs = End::Closed;
+    }
+    Ok(open)
+}
+
+/// Takes in what a read of the reply pipe gave: the exchange's end once the reply is
+/// whole (with the logs written before it), or the channel's, or `None` to read on.
+fn take_reply(
+    read: io::Result<usize>,
+    reader: &mut FrameReader,
+    chunk: &mut [u8],
+    logs: &mut End,
+    capture: &mut Capture,
+) -> io::Result<Option<Exchange>> {
+    match read {
+        Ok(0) => Ok(Some(Exchange::Closed)),
+        Ok(n) => match reader.feed(&chunk[..n]) {
+            Ok(Some(body)) => {
+                drain_now(logs, capture, chunk)?;
+                Ok(Some(Exchange::Reply(body)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Ok(Some(Exchange::TooLarge(e))),
+        },
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// The host ends of one sandbox's pipes.
 #[derive(Debug)]
 pub struct Pipes {
-    requests: Option<File>,
-    replies: File,
-    logs: Option<File>,
+    requests: End,
+    replies: End,
+    logs: End,
     /// The function's output, for the current call.
     pub capture: Capture,
     max_reply: usize,
@@ -126,9 +246,9 @@ impl Pipes {
             nonblocking(fd)?;
         }
         Ok(Pipes {
-            requests: Some(File::from(requests)),
-            replies: File::from(replies),
-            logs: Some(File::from(logs)),
+            requests: End::Plain(File::from(requests)),
+            replies: End::Plain(File::from(replies)),
+            logs: End::Plain(File::from(logs)),
             capture: Capture::new(max_log),
             max_reply,
         })
@@ -136,7 +256,7 @@ impl Pipes {
 
     /// Closes the request pipe: the bootstrap reads end-of-file and exits.
     pub fn close_requests(&mut self) {
-        self.requests = None;
+        self.requests = End::Closed;
     }
 
     /// Sends `frame` and waits for one reply until `deadline`, capturing logs meanwhile.
@@ -161,12 +281,15 @@ impl Pipes {
                 return Ok(Exchange::TimedOut);
             }
             let (reply_ready, log_ready, request_ready) = {
-                let mut fds = vec![PollFd::new(self.replies.as_fd(), PollFlags::POLLIN)];
-                let log_at = self.logs.as_ref().map(|l| {
+                let Some(replies) = self.replies.file() else {
+                    return Ok(Exchange::Closed);
+                };
+                let mut fds = vec![PollFd::new(replies.as_fd(), PollFlags::POLLIN)];
+                let log_at = self.logs.file().map(|l| {
                     fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
                     fds.len() - 1
                 });
-                let req_at = match (&self.requests, pending.is_empty()) {
+                let req_at = match (self.requests.file(), pending.is_empty()) {
                     (Some(r), false) => {
                         fds.push(PollFd::new(r.as_fd(), PollFlags::POLLOUT));
                         Some(fds.len() - 1)
@@ -184,38 +307,110 @@ impl Pipes {
                 (ready(Some(0)), ready(log_at), ready(req_at))
             };
             if log_ready {
-                self.read_logs(chunk)?;
+                drain_now(&mut self.logs, &mut self.capture, chunk)?;
             }
             if request_ready {
                 self.send_some(&mut pending);
             }
             if reply_ready {
                 let want = reader.wanted().min(CHUNK);
-                match self.replies.read(&mut chunk[..want]) {
-                    Ok(0) => {
-                        self.drain_logs_with(Duration::from_millis(200), chunk);
-                        return Ok(Exchange::Closed);
-                    }
-                    Ok(n) => match reader.feed(&chunk[..n]) {
-                        Ok(Some(body)) => {
-                            self.drain_logs_with(Duration::ZERO, chunk);
-                            return Ok(Exchange::Reply(body));
-                        }
-                        Ok(None) => {}
-                        Err(e) => return Ok(Exchange::TooLarge(e)),
-                    },
-                    Err(e)
-                        if e.kind() == io::ErrorKind::WouldBlock
-                            || e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+                let read = match self.replies.file() {
+                    Some(mut replies) => replies.read(&mut chunk[..want]),
+                    None => Ok(0),
+                };
+                let (logs, capture) = (&mut self.logs, &mut self.capture);
+                if let Some(done) = take_reply(read, &mut reader, chunk, logs, capture)? {
+                    return Ok(done);
                 }
+            }
+        }
+    }
+
+    /// [`Pipes::exchange`] for a task on a tokio runtime: the task waits for the pipes in the
+    /// runtime's reactor, where a thread would block in `poll`. The pipes stay registered with
+    /// that runtime for the calls after (a later blocking `exchange` still works).
+    pub async fn exchange_async(
+        &mut self,
+        frame: &[u8],
+        deadline: Instant,
+    ) -> io::Result<Exchange> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(io::Error::other("an async exchange needs a tokio runtime"));
+        }
+        for end in [&mut self.requests, &mut self.replies, &mut self.logs] {
+            end.register()?;
+        }
+        let mut pending = frame;
+        self.send_some(&mut pending);
+        let mut reader = FrameReader::new(self.max_reply);
+        let sleep = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(sleep);
+        loop {
+            // Each branch reads or writes until the pipe would block, which clears the
+            // reactor's readiness for it (`try_io`); the thread's read buffer is only borrowed
+            // between two waits.
+            tokio::select! {
+                biased;
+                ready = self.replies.readable() => {
+                    let mut guard = ready?;
+                    let want = reader.wanted().min(CHUNK);
+                    let done = with_chunk(|chunk| {
+                        let read = guard.try_io(|fd| {
+                            let mut file = fd.get_ref();
+                            file.read(&mut chunk[..want])
+                        });
+                        drop(guard);
+                        let (logs, capture) = (&mut self.logs, &mut self.capture);
+                        match read {
+                            Ok(read) => take_reply(read, &mut reader, chunk, logs, capture),
+                            Err(_would_block) => Ok(None),
+                        }
+                    })?;
+                    if let Some(done) = done {
+                        return Ok(done);
+                    }
+                }
+                ready = self.logs.readable(), if self.logs.is_open() => {
+                    let mut guard = ready?;
+                    let capture = &mut self.capture;
+                    let open = with_chunk(|chunk| loop {
+                        match guard.try_io(|fd| {
+                            let mut file = fd.get_ref();
+                            file.read(chunk)
+                        }) {
+                            Ok(Ok(0)) => return Ok(false),
+                            Ok(Ok(n)) => capture.push(&chunk[..n]),
+                            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Ok(Err(e)) => return Err(e),
+                            Err(_would_block) => return Ok(true),
+                        }
+                    })?;
+                    drop(guard);
+                    if !open {
+                        self.logs = End::Closed;
+                    }
+                }
+                ready = self.requests.writable(), if !pending.is_empty() => {
+                    let mut guard = ready?;
+                    match guard.try_io(|fd| {
+                        let mut file = fd.get_ref();
+                        file.write(pending)
+                    }) {
+                        Ok(Ok(n)) => pending = &pending[n..],
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // The runtime is gone; its reply pipe will say so.
+                        Ok(Err(_)) => pending = &[],
+                        Err(_would_block) => {}
+                    }
+                }
+                () = &mut sleep => return Ok(Exchange::TimedOut),
             }
         }
     }
 
     /// Writes what of `pending` the request pipe takes now, and leaves the rest in it.
     fn send_some(&mut self, pending: &mut &[u8]) {
-        let Some(requests) = self.requests.as_mut() else {
+        let Some(mut requests) = self.requests.file() else {
             return;
         };
         if pending.is_empty() {
@@ -229,43 +424,22 @@ impl Pipes {
         }
     }
 
-    /// Reads what the log pipe holds now; returns false once it is closed.
-    fn read_logs(&mut self, chunk: &mut [u8]) -> io::Result<bool> {
-        let Some(logs) = self.logs.as_mut() else {
-            return Ok(false);
-        };
-        loop {
-            match logs.read(chunk) {
-                Ok(0) => {
-                    self.logs = None;
-                    return Ok(false);
-                }
-                Ok(n) => self.capture.push(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     /// Collects remaining logs: what is there now, and for up to `grace` more until the pipe
     /// closes (after the runtime died, its last words may still be in flight).
     pub fn drain_logs(&mut self, grace: Duration) {
-        with_chunk(|chunk| self.drain_logs_with(grace, chunk));
-    }
-
-    fn drain_logs_with(&mut self, grace: Duration, chunk: &mut [u8]) {
-        let deadline = Instant::now() + grace;
-        while let Ok(true) = self.read_logs(chunk) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
+        with_chunk(|chunk| {
+            let deadline = Instant::now() + grace;
+            while let Ok(true) = drain_now(&mut self.logs, &mut self.capture, chunk) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                let Some(logs) = self.logs.file() else {
+                    break;
+                };
+                let _ = crate::control::wait_readable(logs.as_fd(), left);
             }
-            let Some(logs) = self.logs.as_ref() else {
-                break;
-            };
-            let _ = crate::control::wait_readable(logs.as_fd(), left);
-        }
+        });
     }
 
     /// Reads the reply pipe to its end as plain output (for commands, not bootstraps),
@@ -273,18 +447,16 @@ impl Pipes {
     /// both closed in time.
     pub fn read_to_end(&mut self, out: &mut Capture, deadline: Instant) -> io::Result<bool> {
         let mut chunk = vec![0u8; CHUNK];
-        let mut replies_open = true;
-        while replies_open || self.logs.is_some() {
+        while self.replies.is_open() || self.logs.is_open() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(false);
             }
             let mut fds = Vec::new();
-            if replies_open {
-                fds.push(PollFd::new(self.replies.as_fd(), PollFlags::POLLIN));
-            }
-            if let Some(l) = &self.logs {
-                fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+            for end in [&self.replies, &self.logs] {
+                if let Some(file) = end.file() {
+                    fds.push(PollFd::new(file.as_fd(), PollFlags::POLLIN));
+                }
             }
             match poll(&mut fds, poll_timeout(left)) {
                 Ok(_) => {}
@@ -292,21 +464,12 @@ impl Pipes {
                 Err(e) => return Err(e.into()),
             }
             drop(fds);
-            if replies_open {
-                loop {
-                    match self.replies.read(&mut chunk) {
-                        Ok(0) => {
-                            replies_open = false;
-                            break;
-                        }
-                        Ok(n) => out.push(&chunk[..n]),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e),
-                    }
+            if let Some(replies) = self.replies.file() {
+                if !read_available(replies, out, &mut chunk)? {
+                    self.replies = End::Closed;
                 }
             }
-            self.read_logs(&mut chunk)?;
+            drain_now(&mut self.logs, &mut self.capture, &mut chunk)?;
         }
         Ok(true)
     }
@@ -333,9 +496,32 @@ mod tests {
     use crate::protocol::encode;
     use serde_json::json;
 
+    /// One exchange, blocking or (`on_runtime`) as a task on a tokio runtime.
+    fn exchange(
+        pipes: &mut Pipes,
+        frame: &[u8],
+        deadline: Instant,
+        on_runtime: bool,
+    ) -> io::Result<Exchange> {
+        if !on_runtime {
+            return pipes.exchange(frame, deadline);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(pipes.exchange_async(frame, deadline))
+    }
+
     /// A fake bootstrap in a thread: reads one request frame, prints a lot, replies.
     #[test]
     fn exchange_survives_floods_of_logs() {
+        for on_runtime in [false, true] {
+            floods_of_logs(on_runtime);
+        }
+    }
+
+    fn floods_of_logs(on_runtime: bool) {
         let (req_r, req_w) = pipe().unwrap();
         let (res_r, res_w) = pipe().unwrap();
         let (log_r, log_w) = pipe().unwrap();
@@ -354,52 +540,95 @@ mod tests {
         });
         let mut pipes = Pipes::new(req_w, res_r, log_r, 1000, 1 << 20).unwrap();
         let big_request = encode(&json!({"event": "y".repeat(300_000)}));
-        let got = pipes
-            .exchange(&big_request, Instant::now() + Duration::from_secs(10))
-            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let got = exchange(&mut pipes, &big_request, deadline, on_runtime).unwrap();
         assert!(matches!(got, Exchange::Reply(ref b) if b == br#"{"ok":true,"result":7}"#));
         assert_eq!(fake.join().unwrap().len(), big_request.len() - 4);
         pipes.drain_logs(Duration::from_millis(100));
         let logs = pipes.capture.take();
         assert_eq!(logs.text.len(), 1000);
         assert!(logs.truncated);
-        assert_eq!(logs.total_bytes, 1 << 20);
+        assert_eq!(logs.total_bytes, 1 << 20, "on a runtime: {on_runtime}");
     }
 
     #[test]
     fn exchange_times_out_on_a_silent_sandbox() {
-        let (_req_r, req_w) = pipe().unwrap();
-        let (res_r, _res_w) = pipe().unwrap();
-        let (log_r, _log_w) = pipe().unwrap();
-        let mut pipes = Pipes::new(req_w, res_r, log_r, 100, 100).unwrap();
-        let start = Instant::now();
-        let got = pipes
-            .exchange(b"\0\0\0\x02{}", start + Duration::from_millis(50))
-            .unwrap();
-        assert!(matches!(got, Exchange::TimedOut));
-        assert!(start.elapsed() >= Duration::from_millis(50));
+        for on_runtime in [false, true] {
+            let (_req_r, req_w) = pipe().unwrap();
+            let (res_r, _res_w) = pipe().unwrap();
+            let (log_r, _log_w) = pipe().unwrap();
+            let mut pipes = Pipes::new(req_w, res_r, log_r, 100, 100).unwrap();
+            let start = Instant::now();
+            let deadline = start + Duration::from_millis(50);
+            let got = exchange(&mut pipes, b"\0\0\0\x02{}", deadline, on_runtime).unwrap();
+            assert!(matches!(got, Exchange::TimedOut));
+            assert!(start.elapsed() >= Duration::from_millis(50));
+        }
     }
 
     #[test]
     fn exchange_reports_a_closed_channel_and_oversized_replies() {
-        let (_req_r, req_w) = pipe().unwrap();
-        let (res_r, res_w) = pipe().unwrap();
-        let (log_r, _log_w) = pipe().unwrap();
-        drop(res_w);
-        let mut pipes = Pipes::new(req_w, res_r, log_r, 100, 100).unwrap();
-        let got = pipes
-            .exchange(b"", Instant::now() + Duration::from_secs(1))
-            .unwrap();
-        assert!(matches!(got, Exchange::Closed));
+        for on_runtime in [false, true] {
+            let in_time = || Instant::now() + Duration::from_secs(1);
+            let (_req_r, req_w) = pipe().unwrap();
+            let (res_r, res_w) = pipe().unwrap();
+            let (log_r, _log_w) = pipe().unwrap();
+            drop(res_w);
+            let mut pipes = Pipes::new(req_w, res_r, log_r, 100, 100).unwrap();
+            let got = exchange(&mut pipes, b"", in_time(), on_runtime).unwrap();
+            assert!(matches!(got, Exchange::Closed));
 
-        let (_req_r, req_w) = pipe().unwrap();
+            let (_req_r, req_w) = pipe().unwrap();
+            let (res_r, res_w) = pipe().unwrap();
+            let (log_r, _log_w) = pipe().unwrap();
+            File::from(res_w).write_all(&[0, 0, 1, 0]).unwrap();
+            let mut pipes = Pipes::new(req_w, res_r, log_r, 100, 100).unwrap();
+            let got = exchange(&mut pipes, b"", in_time(), on_runtime).unwrap();
+            assert!(matches!(got, Exchange::TooLarge(_)));
+        }
+    }
+
+    /// Pipes registered with a runtime by an async exchange still serve blocking ones and
+    /// async ones from another runtime (each exchange here makes its own); an async exchange
+    /// needs a runtime.
+    #[test]
+    fn registered_pipes_serve_blocking_exchanges_too() {
+        let (req_r, req_w) = pipe().unwrap();
         let (res_r, res_w) = pipe().unwrap();
         let (log_r, _log_w) = pipe().unwrap();
-        File::from(res_w).write_all(&[0, 0, 1, 0]).unwrap();
+        let fake = std::thread::spawn(move || {
+            let (mut req, mut res) = (File::from(req_r), File::from(res_w));
+            let mut frame = [0u8; 6];
+            for n in 0..4 {
+                req.read_exact(&mut frame).unwrap();
+                res.write_all(&encode(&json!({"ok": true, "result": n})))
+                    .unwrap();
+            }
+        });
         let mut pipes = Pipes::new(req_w, res_r, log_r, 100, 100).unwrap();
-        let got = pipes
-            .exchange(b"", Instant::now() + Duration::from_secs(1))
-            .unwrap();
-        assert!(matches!(got, Exchange::TooLarge(_)));
+        let no_runtime = futures_lite_block_on(pipes.exchange_async(b"", Instant::now()));
+        assert!(no_runtime.is_err(), "no tokio runtime, no async exchange");
+        for n in 0..4 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let got = exchange(&mut pipes, b"\0\0\0\x02{}", deadline, n % 2 == 0).unwrap();
+            let want = format!(r#"{{"ok":true,"result":{n}}}"#);
+            assert!(
+                matches!(got, Exchange::Reply(ref b) if b == want.as_bytes()),
+                "{got:?}"
+            );
+        }
+        fake.join().unwrap();
+    }
+
+    /// Polls a future to its end on this thread, outside any tokio runtime.
+    fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return out;
+            }
+        }
     }
 }

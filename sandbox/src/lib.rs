@@ -51,4 +51,4 @@ pub use engine::{locate_shim, BackendKind, Engine, EngineConfig, SeccompPolicy, 
 pub use error::{error_chain, Error, Result};
 pub use outcome::{ExitKind, FunctionError, Invocation, Logs, Outcome, Usage};
 pub use precompile::Precompiled;
-pub use sandbox::{InvokeOptions, Sandbox, SandboxSpec, StemCell};
+pub use sandbox::{Exchanged, InvokeOptions, Sandbox, SandboxSpec, StemCell};

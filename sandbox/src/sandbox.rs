@@ -14,7 +14,9 @@ use crate::channel::{pipe, Exchange, Pipes};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::outcome::{Invocation, Outcome, Usage};
-use crate::protocol::{encode, parse_reply, parse_reply_flagged, Reply, ReplyFailure};
+use crate::protocol::{
+    encode, parse_reply, parse_reply_flagged, FrameError, ProtocolError, Reply, ReplyFailure,
+};
 
 /// A function to run: its code, runtime and limits.
 #[derive(Debug, Clone)]
@@ -234,6 +236,7 @@ impl Sandbox {
                 },
             },
             Exchange::Closed => {
+                self.pipes.drain_logs(Duration::from_millis(200));
                 let exit = self.exit_status();
                 Error::InitCrashed {
                     exit,
@@ -287,6 +290,38 @@ impl Sandbox {
 
     /// Runs the function once with `event`.
     pub fn invoke(&mut self, event: &Value, options: &InvokeOptions) -> Result<Invocation> {
+        let (frame, before) = self.begin(event, options)?;
+        let start = Instant::now();
+        let exchanged = self.pipes.exchange(&frame, start + options.timeout);
+        Ok(self.finish(Exchanged::new(before, start, options, exchanged)))
+    }
+
+    /// [`Sandbox::invoke`] for a task on a tokio runtime: the task waits for the reply in the
+    /// runtime's reactor instead of holding a thread. What it returns becomes the
+    /// invocation through [`Sandbox::finish`], which returns at once when the function
+    /// answered and the sandbox serves on ([`Exchanged::finishes_at_once`]); otherwise it
+    /// kills the sandbox and waits for it, so call it where blocking is allowed.
+    pub async fn invoke_async(
+        &mut self,
+        event: &Value,
+        options: &InvokeOptions,
+    ) -> Result<Exchanged> {
+        let (frame, before) = self.begin(event, options)?;
+        let start = Instant::now();
+        let exchanged = self
+            .pipes
+            .exchange_async(&frame, start + options.timeout)
+            .await;
+        Ok(Exchanged::new(before, start, options, exchanged))
+    }
+
+    /// What a call needs before its exchange: the request frame and the counters it starts
+    /// from.
+    fn begin(
+        &mut self,
+        event: &Value,
+        options: &InvokeOptions,
+    ) -> Result<(Vec<u8>, CgroupSnapshot)> {
         if !self.alive {
             return Err(Error::SandboxGone);
         }
@@ -313,28 +348,35 @@ impl Sandbox {
                 deadline_ms: u64::try_from(deadline_ms).unwrap_or(u64::MAX),
             },
         });
-        let start = Instant::now();
-        let exchanged = self.pipes.exchange(&frame, start + options.timeout);
-        let duration = start.elapsed();
-        let outcome = match exchanged {
-            Err(e) => {
+        Ok((frame, before))
+    }
+
+    /// Turns an exchange into the call's invocation: its outcome, logs and usage. Blocks
+    /// (kills the sandbox and waits for it) unless [`Exchanged::finishes_at_once`].
+    pub fn finish(&mut self, call: Exchanged) -> Invocation {
+        let Exchanged {
+            before,
+            duration,
+            timeout,
+            ended,
+        } = call;
+        let outcome = match ended {
+            Ended::Failed(e) => {
                 self.alive = false;
                 Outcome::SandboxFailure {
                     message: format!("sandbox I/O failed: {e}"),
                 }
             }
-            Ok(Exchange::Reply(body)) => match parse_reply_flagged(&body) {
-                Ok((reply, true)) => {
-                    // The call left work the bootstrap could not end: no more calls here, and
-                    // nothing of it keeps running meanwhile (init's death ends the namespace).
-                    let outcome = self.outcome_of(reply);
-                    self.kill_keeping_logs();
-                    outcome
-                }
-                Ok((reply, false)) => self.outcome_of(reply),
-                Err(e) => self.fail(&e.to_string()),
-            },
-            Ok(Exchange::TooLarge(e)) => {
+            Ended::Replied(Ok((reply, true))) => {
+                // The call left work the bootstrap could not end: no more calls here, and
+                // nothing of it keeps running meanwhile (init's death ends the namespace).
+                let outcome = self.outcome_of(reply);
+                self.kill_keeping_logs();
+                outcome
+            }
+            Ended::Replied(Ok((reply, false))) => self.outcome_of(reply),
+            Ended::Replied(Err(e)) => self.fail(&e.to_string()),
+            Ended::TooLarge(e) => {
                 // The stream is out of step now; the sandbox cannot be trusted with another call.
                 self.kill();
                 Outcome::OutputTooLarge {
@@ -342,13 +384,14 @@ impl Sandbox {
                     message: e.to_string(),
                 }
             }
-            Ok(Exchange::TimedOut) => {
+            Ended::TimedOut => {
                 self.kill_keeping_logs();
                 Outcome::Timeout {
-                    timeout_ms: u64::try_from(options.timeout.as_millis()).unwrap_or(u64::MAX),
+                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 }
             }
-            Ok(Exchange::Closed) => {
+            Ended::Closed => {
+                self.pipes.drain_logs(Duration::from_millis(200));
                 let exit = self.exit_status();
                 self.alive = false;
                 let after = self.cgroup.snapshot().unwrap_or_default();
@@ -375,11 +418,11 @@ impl Sandbox {
             self.init_duration,
         );
         self.calls += 1;
-        Ok(Invocation {
+        Invocation {
             outcome,
             logs: self.pipes.capture.take(),
             usage,
-        })
+        }
     }
 
     fn outcome_of(&mut self, reply: Reply) -> Outcome {
@@ -486,6 +529,69 @@ fn usage(
         cpu_system: Duration::from_nanos(after.cpu_system_ns.saturating_sub(before.cpu_system_ns)),
         peak_memory_bytes: after.memory_peak_bytes,
         cold,
+    }
+}
+
+/// A call whose exchange has ended, for [`Sandbox::finish`] to make an [`Invocation`] of
+/// (see [`Sandbox::invoke_async`]).
+#[derive(Debug)]
+pub struct Exchanged {
+    before: CgroupSnapshot,
+    duration: Duration,
+    timeout: Duration,
+    ended: Ended,
+}
+
+/// How a call's exchange ended, its reply parsed.
+#[derive(Debug)]
+enum Ended {
+    Failed(std::io::Error),
+    /// The reply, and whether the call left work behind that the bootstrap could not end.
+    Replied(std::result::Result<(Reply, bool), ProtocolError>),
+    TooLarge(FrameError),
+    TimedOut,
+    Closed,
+}
+
+impl Exchanged {
+    fn new(
+        before: CgroupSnapshot,
+        start: Instant,
+        options: &InvokeOptions,
+        exchanged: std::io::Result<Exchange>,
+    ) -> Exchanged {
+        let duration = start.elapsed();
+        let ended = match exchanged {
+            Err(e) => Ended::Failed(e),
+            Ok(Exchange::Reply(body)) => Ended::Replied(parse_reply_flagged(&body)),
+            Ok(Exchange::TooLarge(e)) => Ended::TooLarge(e),
+            Ok(Exchange::TimedOut) => Ended::TimedOut,
+            Ok(Exchange::Closed) => Ended::Closed,
+        };
+        Exchanged {
+            before,
+            duration,
+            timeout: options.timeout,
+            ended,
+        }
+    }
+
+    /// Whether [`Sandbox::finish`] returns at once: the function answered (a result or an
+    /// error of its own) and the sandbox serves on. Every other end kills the sandbox.
+    pub fn finishes_at_once(&self) -> bool {
+        matches!(
+            &self.ended,
+            Ended::Replied(Ok((
+                Reply::Result(_)
+                    | Reply::Failed {
+                        kind: ReplyFailure::Raised
+                            | ReplyFailure::NotSerializable
+                            | ReplyFailure::TooLarge,
+                        ..
+                    },
+                false
+            )))
+        )
     }
 }
 

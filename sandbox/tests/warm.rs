@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use cloudfunc_sandbox::{Limits, Runtime, SandboxSpec, StemCell};
+use std::time::Duration;
+
+use cloudfunc_sandbox::{InvokeOptions, Limits, Outcome, Runtime, SandboxSpec, StemCell};
 use serde_json::json;
 
-use crate::common::{code, engine, module_file, needs, on_gvisor, result, start};
+use crate::common::{code, engine, module_file, needs, on_gvisor, result, start, Fixture};
 use crate::Case;
 
 const MIB: u64 = 1024 * 1024;
@@ -24,6 +26,13 @@ pub fn cases() -> Vec<Case> {
             format!("{n}::background_process_is_gone_before_the_next_call"),
             needs(runtime),
             move || background(runtime),
+        ));
+    }
+    for runtime in Runtime::ALL {
+        cases.push(Case::new(
+            format!("{}::calls_from_an_async_task", runtime.name()),
+            needs(runtime),
+            move || async_calls(runtime),
         ));
     }
     cases.push(Case::new(
@@ -177,4 +186,78 @@ fn lingering_thread() {
     let mut f = start(Runtime::Python, source);
     assert_eq!(result(&f.call(json!({})).outcome), "started");
     assert!(!f.sandbox.is_alive(), "a thread outlived the call: retire");
+}
+
+/// A task on a tokio runtime calls through the reactor (`invoke_async`), and what it gets
+/// is what a blocking call gets: results, raised errors and logs past a pipe's capacity
+/// finish at once; a timeout or a crash needs the blocking finish, and kills the sandbox.
+/// Blocking and async calls mix on one sandbox.
+fn async_calls(runtime: Runtime) {
+    let source = match runtime {
+        Runtime::Python => "import os, sys, time\ndef handler(event):\n    what = event['do']\n    if what == 'print':\n        sys.stdout.write('x' * 200000)\n        return {'n': event['n'] + 1}\n    if what == 'raise':\n        raise ValueError('no')\n    if what == 'sleep':\n        time.sleep(30)\n    os._exit(3)\n",
+        Runtime::Node => "exports.handler = (event) => { if (event.do === 'print') { process.stdout.write('x'.repeat(200000)); return {n: event.n + 1}; } if (event.do === 'raise') { throw new Error('no'); } if (event.do === 'sleep') { const end = Date.now() + 30000; while (Date.now() < end) {} } process.exit(3); };\n",
+    };
+    let mut f = start(runtime, source);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let options = |ms: u64| InvokeOptions {
+        timeout: Duration::from_millis(ms),
+        request_id: "req-async".into(),
+    };
+    let call_async = |f: &mut Fixture, event: serde_json::Value, timeout_ms: u64| {
+        rt.block_on(f.sandbox.invoke_async(&event, &options(timeout_ms)))
+            .expect("invoke_async")
+    };
+    for n in 0..3 {
+        let exchanged = call_async(&mut f, json!({"do": "print", "n": n}), 20_000);
+        assert!(exchanged.finishes_at_once());
+        let call = f.sandbox.finish(exchanged);
+        assert_eq!(result(&call.outcome), json!({"n": n + 1}));
+        assert_eq!(
+            call.logs.total_bytes, 200_000,
+            "every byte printed is counted"
+        );
+        // A blocking call between async ones.
+        let call = f.call(json!({"do": "print", "n": 10}));
+        assert_eq!(result(&call.outcome), json!({"n": 11}));
+        assert_eq!(call.logs.total_bytes, 200_000);
+    }
+    let exchanged = call_async(&mut f, json!({"do": "raise"}), 20_000);
+    assert!(
+        exchanged.finishes_at_once(),
+        "a raised error leaves the sandbox serving"
+    );
+    let call = f.sandbox.finish(exchanged);
+    assert!(
+        matches!(call.outcome, Outcome::Raised { .. }),
+        "{:?}",
+        call.outcome
+    );
+    assert!(f.sandbox.is_alive());
+
+    let exchanged = call_async(&mut f, json!({"do": "sleep"}), 300);
+    assert!(!exchanged.finishes_at_once());
+    let call = f.sandbox.finish(exchanged);
+    assert!(
+        matches!(call.outcome, Outcome::Timeout { timeout_ms: 300 }),
+        "{:?}",
+        call.outcome
+    );
+    assert!(
+        !f.sandbox.is_alive(),
+        "a call past its timeout kills the sandbox"
+    );
+
+    let mut f = start(runtime, source);
+    let exchanged = call_async(&mut f, json!({"do": "exit"}), 20_000);
+    assert!(!exchanged.finishes_at_once());
+    let call = f.sandbox.finish(exchanged);
+    assert!(
+        matches!(call.outcome, Outcome::Crashed { .. }),
+        "{:?}",
+        call.outcome
+    );
+    assert!(!f.sandbox.is_alive());
 }
