@@ -215,8 +215,26 @@ struct Idle {
 #[derive(Debug)]
 struct Waiter {
     ticket: u64,
-    /// Woken alone when its turn comes (with the pool's lock, like every condvar here).
-    wake: Arc<Condvar>,
+    /// Woken alone when its turn comes.
+    wake: Wake,
+}
+
+/// How a queued caller is woken: a thread on its own condvar (waited on with the pool's
+/// lock, like every condvar here), or a task through its own `Notify`.
+#[derive(Debug)]
+enum Wake {
+    Thread(Arc<Condvar>),
+    Task(Arc<tokio::sync::Notify>),
+}
+
+impl Wake {
+    fn wake(&self) {
+        match self {
+            Wake::Thread(condvar) => condvar.notify_one(),
+            // Kept as a permit should the task be between two waits.
+            Wake::Task(notify) => notify.notify_one(),
+        }
+    }
 }
 
 /// What a queued caller is handed when its turn comes.
@@ -312,8 +330,93 @@ fn hand_over(state: &mut State, key: &Key, idle: Option<Idle>) -> Option<Idle> {
         None => Turn::Place,
     };
     state.turns.insert(waiter.ticket, turn);
-    waiter.wake.notify_one();
+    waiter.wake.wake();
     None
+}
+
+/// An idle sandbox of `key`, lent as warm, if there is one. Notes `request` as what the
+/// function asks (for `min_instances`).
+fn take_idle(state: &mut State, key: &Key, request: &Request, counted: bool) -> Option<Lease> {
+    let generation = *state.generations.get(&key.function_id).unwrap_or(&0);
+    let f = state.functions.entry(key.clone()).or_default();
+    f.request = Some(request.clone());
+    let idle = f.idle.pop()?;
+    f.busy += 1;
+    if counted {
+        state.stats.calls_warm += 1;
+    }
+    Some(Lease {
+        key: key.clone(),
+        generation,
+        memory: idle.memory,
+        keep_warm: request.keep_warm,
+        sandbox: idle.sandbox,
+        start: Start::Warm,
+    })
+}
+
+/// The lease of a sandbox handed to a queued caller (already counted busy).
+fn lease_handed(
+    state: &mut State,
+    key: &Key,
+    request: &Request,
+    idle: Idle,
+    counted: bool,
+) -> Lease {
+    if counted {
+        state.stats.calls_warm += 1;
+    }
+    Lease {
+        key: key.clone(),
+        generation: *state.generations.get(&key.function_id).unwrap_or(&0),
+        memory: idle.memory,
+        keep_warm: request.keep_warm,
+        sandbox: idle.sandbox,
+        start: Start::Warm,
+    }
+}
+
+/// A task's place in a function's queue while it waits. Dropped before its turn was taken,
+/// it leaves the queue and passes on what it was handed: the sandbox to the next caller (or
+/// back to idle), the place likewise.
+struct QueuedTask<'a> {
+    pool: &'a Pool,
+    key: &'a Key,
+    ticket: u64,
+    /// It took its turn or left the queue itself.
+    left: bool,
+}
+
+impl Drop for QueuedTask<'_> {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        let mut state = self.pool.lock();
+        if let Some(f) = state.functions.get_mut(self.key) {
+            f.waiters.retain(|w| w.ticket != self.ticket);
+        }
+        match state.turns.remove(&self.ticket) {
+            Some(Turn::Sandbox(idle)) => {
+                let f = state.functions.entry(self.key.clone()).or_default();
+                f.busy = f.busy.saturating_sub(1);
+                if let Some(idle) = hand_over(&mut state, self.key, Some(*idle)) {
+                    state
+                        .functions
+                        .entry(self.key.clone())
+                        .or_default()
+                        .idle
+                        .push(idle);
+                }
+            }
+            Some(Turn::Place) => {
+                hand_over(&mut state, self.key, None);
+            }
+            None => {}
+        }
+        drop(state);
+        self.pool.freed.notify_all();
+    }
 }
 
 /// Stops a stem cell no one will bind, saying so if it cannot.
@@ -354,6 +457,92 @@ impl Pool {
     /// are refused when the function's wait queue is full; others wait their turn.
     pub fn acquire(&self, key: &Key, request: &Request, sync: bool) -> Result<Lease, PoolError> {
         self.lend(key, request, sync, true)
+    }
+
+    /// [`Pool::acquire`] for a task on a tokio runtime. The common cases take no thread: an
+    /// idle sandbox is lent at once, and at `max_instances` the task waits in the function's
+    /// queue (the same queue, in the same order, as blocking callers) until a sandbox is
+    /// handed to it. Starting a sandbox, binding a stem cell and waiting for room under the
+    /// global caps happen on a blocking thread, through [`Pool::acquire`].
+    ///
+    /// Should the task be dropped while it waits, it leaves the queue, and a sandbox handed
+    /// to it meanwhile goes to the next caller.
+    pub async fn acquire_async(
+        self: &Arc<Self>,
+        key: &Key,
+        request: &Request,
+        sync: bool,
+    ) -> Result<Lease, PoolError> {
+        let max = request.max_instances.max(1);
+        let waited_since = self.clock.now();
+        let queued = {
+            let mut state = self.lock();
+            if let Some(lease) = take_idle(&mut state, key, request, true) {
+                return Ok(lease);
+            }
+            let ticket = state.next_ticket;
+            let f = state.functions.entry(key.clone()).or_default();
+            if f.busy >= max {
+                if sync && f.waiters.len() >= self.config.max_waiting {
+                    return Err(PoolError::Busy {
+                        max_instances: max,
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+                let notify = Arc::new(tokio::sync::Notify::new());
+                f.waiters.push_back(Waiter {
+                    ticket,
+                    wake: Wake::Task(notify.clone()),
+                });
+                state.next_ticket += 1;
+                Some((ticket, notify))
+            } else {
+                None
+            }
+        };
+        if let Some((ticket, notify)) = queued {
+            let mut place = QueuedTask {
+                pool: self,
+                key,
+                ticket,
+                left: false,
+            };
+            loop {
+                // Woken when handed its turn; it looks again every 100 ms, as a thread does,
+                // for its wait's end and for a place no one handed over.
+                let _ = tokio::time::timeout(Duration::from_millis(100), notify.notified()).await;
+                let mut state = self.lock();
+                match state.turns.remove(&place.ticket) {
+                    Some(Turn::Sandbox(idle)) => {
+                        place.left = true;
+                        return Ok(lease_handed(&mut state, key, request, *idle, true));
+                    }
+                    Some(Turn::Place) => {
+                        place.left = true;
+                        break;
+                    }
+                    None => {}
+                }
+                let gave_up =
+                    sync && self.clock.now().duration_since(waited_since) >= self.config.max_wait;
+                let f = state.functions.entry(key.clone()).or_default();
+                if gave_up || f.busy < max {
+                    f.waiters.retain(|w| w.ticket != place.ticket);
+                    place.left = true;
+                    if gave_up {
+                        return Err(PoolError::Busy {
+                            max_instances: max,
+                            retry_after: Duration::from_secs(1),
+                        });
+                    }
+                    break;
+                }
+            }
+        }
+        let (pool, key, request) = (self.clone(), key.clone(), request.clone());
+        tokio::task::spawn_blocking(move || pool.acquire(&key, &request, sync))
+            .await
+            .unwrap_or_else(|e| Err(PoolError::Unavailable(format!("the start failed: {e}"))))
     }
 
     /// A sandbox with `key`'s version loaded, for a deploy to prove that the version loads
@@ -399,22 +588,10 @@ impl Pool {
             // Read each time round: a drain while this caller waited concerns only the
             // sandboxes lent before it.
             let generation = *state.generations.get(&key.function_id).unwrap_or(&0);
-            let f = state.functions.entry(key.clone()).or_default();
-            f.request = Some(request.clone());
-            if let Some(idle) = f.idle.pop() {
-                f.busy += 1;
-                if counted {
-                    state.stats.calls_warm += 1;
-                }
-                return Ok(Lease {
-                    key: key.clone(),
-                    generation,
-                    memory: idle.memory,
-                    keep_warm: request.keep_warm,
-                    sandbox: idle.sandbox,
-                    start: Start::Warm,
-                });
+            if let Some(lease) = take_idle(&mut state, key, request, counted) {
+                return Ok(lease);
             }
+            let f = state.functions.entry(key.clone()).or_default();
             if f.busy < max {
                 // A deploy's load is speculative: it takes only free room, evicting nothing.
                 let room = if counted {
@@ -503,7 +680,7 @@ impl Pool {
             let f = state.functions.entry(key.clone()).or_default();
             f.waiters.push_back(Waiter {
                 ticket,
-                wake: wake.clone(),
+                wake: Wake::Thread(wake.clone()),
             });
             loop {
                 let (s, _) = wake
@@ -512,17 +689,7 @@ impl Pool {
                 state = s;
                 match state.turns.remove(&ticket) {
                     Some(Turn::Sandbox(idle)) => {
-                        if counted {
-                            state.stats.calls_warm += 1;
-                        }
-                        return Ok(Lease {
-                            key: key.clone(),
-                            generation: *state.generations.get(&key.function_id).unwrap_or(&0),
-                            memory: idle.memory,
-                            keep_warm: request.keep_warm,
-                            sandbox: idle.sandbox,
-                            start: Start::Warm,
-                        });
+                        return Ok(lease_handed(&mut state, key, request, *idle, counted));
                     }
                     Some(Turn::Place) => break,
                     None => {}

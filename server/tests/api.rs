@@ -1432,6 +1432,33 @@ fn warm_pool() {
         "succeeded"
     );
 
+    // A caller that hangs up mid-call: the call still ends and is recorded, and its sandbox
+    // serves the next call warm (at one instance and no queue, a lost one would refuse it).
+    let calls = || get(&s, "/api/functions/slow/metrics", &t).body["invocations"].as_u64();
+    let before = calls().unwrap();
+    {
+        use std::io::Write;
+        let addr = s.url.trim_start_matches("http://").to_string();
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        let body = br#"{"s": 1}"#;
+        write!(
+            tcp,
+            "POST /api/functions/slow/invoke HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .unwrap();
+        tcp.write_all(body).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while calls() != Some(before + 1) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(calls(), Some(before + 1), "the abandoned call is recorded");
+    let next = post_json(&s, "/api/functions/slow/invoke", &t, &json!({}));
+    assert_eq!(next.status, 200, "{next:?}");
+    assert_eq!(next.body["usage"]["start"], "warm", "{next:?}");
+
     let health = request("GET", &format!("{}/api/system/health", s.url), None, None);
     let pool = &health.body["pool"];
     assert_eq!(pool["warm"], 2, "one sandbox of each version: {health:?}");

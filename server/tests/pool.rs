@@ -294,6 +294,106 @@ fn queued_callers_take_turns_in_order() {
     f.pool.shutdown();
 }
 
+/// Tasks on a tokio runtime (`acquire_async`) queue in the same line as blocking callers,
+/// in order; a full queue refuses them, their wait ends on the pool's clock, and a task
+/// dropped after it was handed a sandbox passes the sandbox on rather than losing it.
+fn async_tasks_queue_beside_threads() {
+    let f = fixture(
+        "tasks",
+        PoolConfig {
+            stem_cells: 0,
+            max_waiting: 3,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, mut req) = function(&f, "fa", 1, MARKER_PY);
+    req.max_instances = 1;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = f.pool.acquire(&key, &req, true).unwrap();
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let mut threads = Vec::new();
+    for i in 0..3 {
+        let (pool, key, req, served) = (f.pool.clone(), key.clone(), req.clone(), served.clone());
+        if i == 1 {
+            threads.push(std::thread::spawn(move || {
+                let lease = pool.acquire(&key, &req, true).expect("its turn comes");
+                served.lock().unwrap().push((i, lease.start));
+                pool.release(lease);
+            }));
+        } else {
+            tasks.push(rt.spawn(async move {
+                let lease = pool
+                    .acquire_async(&key, &req, true)
+                    .await
+                    .expect("its turn");
+                served.lock().unwrap().push((i, lease.start));
+                pool.release(lease);
+            }));
+        }
+        wait_until(|| f.pool.stats().waiting == i + 1);
+    }
+    // The queue is full: a fourth sync caller is refused at once.
+    let refused = rt.block_on(f.pool.acquire_async(&key, &req, true));
+    assert!(
+        matches!(refused, Err(PoolError::Busy { .. })),
+        "{refused:?}"
+    );
+    f.pool.release(held);
+    for t in tasks {
+        rt.block_on(t).unwrap();
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        served.lock().unwrap().clone(),
+        (0..3).map(|i| (i, Start::Warm)).collect::<Vec<_>>(),
+        "first come, first served, threads and tasks alike"
+    );
+
+    // A sync task waits at most `max_wait` on the pool's clock.
+    let held = f.pool.acquire(&key, &req, true).unwrap();
+    let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
+    let late = rt.spawn(async move { pool.acquire_async(&k, &r, true).await.map(|_| ()) });
+    wait_until(|| f.pool.stats().waiting == 1);
+    f.clock.advance(PoolConfig::default().max_wait);
+    let late = rt.block_on(late).unwrap();
+    assert!(matches!(late, Err(PoolError::Busy { .. })), "{late:?}");
+    assert_eq!(f.pool.stats().waiting, 0, "the refused task left the queue");
+
+    // A task handed the sandbox but dropped before it ran again (its runtime went away):
+    // the sandbox goes back idle, not lost as busy.
+    let idle_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
+    let dropped = idle_rt.spawn(async move { pool.acquire_async(&k, &r, true).await.map(|_| ()) });
+    idle_rt.block_on(async {
+        while f.pool.stats().waiting == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    f.pool.release(held);
+    drop(dropped);
+    drop(idle_rt);
+    let stats = f.pool.stats();
+    assert_eq!(
+        (stats.waiting, stats.busy, stats.idle),
+        (0, 0, 1),
+        "{stats:?}"
+    );
+    let (_, start) = call(&f.pool, &key, &req, json!({"me": "after"}));
+    assert_eq!(start, Start::Warm);
+    assert_eq!(f.pool.stats().sandboxes, 1);
+    f.pool.shutdown();
+}
+
 /// Polls `cond` for up to ten seconds.
 fn wait_until(cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -483,6 +583,10 @@ fn main() {
         (
             "queued_callers_take_turns_in_order",
             queued_callers_take_turns_in_order,
+        ),
+        (
+            "async_tasks_queue_beside_threads",
+            async_tasks_queue_beside_threads,
         ),
         ("lru_eviction_under_the_cap", lru_eviction_under_the_cap),
         ("drain_removes_warm_sandboxes", drain_removes_warm_sandboxes),

@@ -67,6 +67,18 @@ impl Catalog {
         )
     }
 
+    /// The function `key` as `scope` sees it, if it is held here (no store read).
+    pub fn function_held(&self, scope: Option<&str>, key: &str) -> Option<Function> {
+        let k = (scope.map(String::from), key.to_string());
+        self.lock().functions.get(&k).cloned()
+    }
+
+    /// Version `number` of function `function_id`, if it is held here (no store read).
+    pub fn version_held(&self, function_id: &str, number: u32) -> Option<Version> {
+        let k = (function_id.to_string(), number);
+        self.lock().versions.get(&k).cloned()
+    }
+
     /// The entry `k` of the map `of` picks, else what `load` finds (kept when found).
     fn cached<K: std::hash::Hash + Eq, V: Clone>(
         &self,

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudfunc_sandbox::{
-    Engine, Error as SandboxError, InvokeOptions, Limits, Outcome, Runtime, Sandbox, SandboxSpec,
+    Engine, Error as SandboxError, Invocation, InvokeOptions, Limits, Outcome, Runtime, Sandbox,
+    SandboxSpec,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -665,15 +666,7 @@ impl Platform {
         key: &str,
         version: Option<u32>,
     ) -> Result<(Function, Version)> {
-        let (key, version) = match key.rsplit_once('@') {
-            Some((name, v)) => (
-                name,
-                Some(v.parse::<u32>().map_err(|_| {
-                    PlatformError::BadRequest(format!("bad version {v:?} in {key:?}"))
-                })?),
-            ),
-            None => (key, version),
-        };
+        let (key, version) = versioned(key, version)?;
         let (store, catalog) = (self.inner.store.as_ref(), &self.inner.catalog);
         let function = catalog
             .function(store, caller.scope(), key)?
@@ -690,9 +683,30 @@ impl Platform {
         Ok((function, version))
     }
 
+    /// [`Platform::resolve`] from what the catalog holds, without a store read: `None` when
+    /// it would need one.
+    fn resolve_held(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+    ) -> Option<Result<(Function, Version)>> {
+        let (key, version) = match versioned(key, version) {
+            Ok(found) => found,
+            Err(e) => return Some(Err(e)),
+        };
+        let catalog = &self.inner.catalog;
+        let function = catalog.function_held(caller.scope(), key)?;
+        if !function.active {
+            return Some(Err(PlatformError::Inactive(function.name.clone())));
+        }
+        let number = version.unwrap_or(function.version);
+        let version = catalog.version_held(&function.id, number)?;
+        Some(Ok((function, version)))
+    }
+
     /// Runs a function now and returns its finished task. The task is stored once, when it
-    /// has ended, behind the reply (reads settle the recorder first, so they still find it);
-    /// the lookup and the call share one blocking thread.
+    /// has ended, behind the reply (reads settle the recorder first, so they still find it).
     pub async fn invoke(
         &self,
         caller: &Caller,
@@ -701,34 +715,57 @@ impl Platform {
         payload: Value,
     ) -> Result<Task> {
         let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
-        let _running = Running::enter(&self.inner.sync_running);
-        let (task, completion, refused) = blocking(move || -> Result<_> {
-            let (function, version) = this.resolve(&caller, &key, version)?;
-            let mut task = Task::queued(&function, version.version, "sync", payload);
-            task.status = TaskStatus::Running;
-            task.attempts = 1;
-            task.started_at = Some(task.created_at);
-            let (completion, refused) =
-                run_in_pool(&this.inner.pool, &function, &version, &task, true);
-            log_invocation(&task, &version, &completion);
-            Ok((task, completion, refused))
+        // A task of its own: should the caller go away mid-call, the call still ends, its
+        // sandbox goes back to the pool, and it is recorded.
+        let (ended, refused) = tokio::spawn(async move {
+            let _running = Running::enter(&this.inner.sync_running);
+            let (task, completion, refused) = this.call(&caller, &key, version, payload).await?;
+            let at = now_ms();
+            let ended = task.clone().ended(completion.clone(), at);
+            // The caller has its result: the record need not be on disk before the reply.
+            this.inner
+                .recorder
+                .write_behind(Write::Finished {
+                    task: Box::new(task),
+                    completion,
+                    at,
+                })
+                .await?;
+            Ok::<_, PlatformError>((ended, refused))
         })
-        .await??;
-        let at = now_ms();
-        let ended = task.clone().ended(completion.clone(), at);
-        // The caller has its result: the record need not be on disk before the reply.
-        self.inner
-            .recorder
-            .write_behind(Write::Finished {
-                task: Box::new(task),
-                completion,
-                at,
-            })
-            .await?;
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??;
         match refused {
             Some(e) => Err(e),
             None => Ok(ended),
         }
+    }
+
+    /// A sync call, on the async runtime: the lookup from the catalog (a blocking thread
+    /// reads the store on a miss), the wait for a sandbox and the exchange with it take no
+    /// thread of their own (see [`execute_async`]).
+    async fn call(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+        payload: Value,
+    ) -> Result<(Task, Completion, Option<PlatformError>)> {
+        let (function, version) = match self.resolve_held(caller, key, version) {
+            Some(found) => found?,
+            None => {
+                let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
+                blocking(move || this.resolve(&caller, &key, version)).await??
+            }
+        };
+        let mut task = Task::queued(&function, version.version, "sync", payload);
+        task.status = TaskStatus::Running;
+        task.attempts = 1;
+        task.started_at = Some(task.created_at);
+        let ran = execute_async(&self.inner.pool, &function, &version, &task, true).await;
+        let (completion, refused) = settle(&task, ran);
+        log_invocation(&task, &version, &completion);
+        Ok((task, completion, refused))
     }
 
     /// Queues a function run; the task is on disk when this returns.
@@ -1107,6 +1144,19 @@ impl Retention {
     }
 }
 
+/// `key` and the version asked for: `name@3` asks for version 3, else `version`.
+fn versioned(key: &str, version: Option<u32>) -> Result<(&str, Option<u32>)> {
+    match key.rsplit_once('@') {
+        Some((name, v)) => {
+            let number = v
+                .parse::<u32>()
+                .map_err(|_| PlatformError::BadRequest(format!("bad version {v:?} in {key:?}")))?;
+            Ok((name, Some(number)))
+        }
+        None => Ok((key, version)),
+    }
+}
+
 /// The answer for a function the caller cannot see.
 fn no_function(key: &str) -> PlatformError {
     PlatformError::NotFound(format!("no function {key:?}"))
@@ -1140,7 +1190,16 @@ fn run_in_pool(
     task: &Task,
     sync: bool,
 ) -> (Completion, Option<PlatformError>) {
-    match execute(pool, function, version, task, sync) {
+    settle(task, execute(pool, function, version, task, sync))
+}
+
+/// How a run ended, and whether its caller is refused: a call that found the function at its
+/// concurrency limit (or the server at its caps) ends as throttled.
+fn settle(
+    task: &Task,
+    ran: std::result::Result<Completion, PoolError>,
+) -> (Completion, Option<PlatformError>) {
+    match ran {
         Ok(completion) => (completion, None),
         Err(e @ (PoolError::Busy { retry_after, .. } | PoolError::Full { retry_after })) => (
             failed("throttled", &e.to_string()),
@@ -1164,22 +1223,73 @@ pub fn execute(
 ) -> std::result::Result<Completion, PoolError> {
     let (key, request) = request_for(&function.id, &function.name, version);
     let mut lease = pool.acquire(&key, &request, sync)?;
-    let engine_name = lease.sandbox.backend_name();
-    let start = lease.start;
-    let options = InvokeOptions {
+    let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
+    let result = lease
+        .sandbox
+        .invoke(&task.payload, &call_options(version, task))
+        .map_err(|e| format!("{e:?}"));
+    pool.release(lease);
+    Ok(completion_of(result, start, engine_name, version, task))
+}
+
+/// [`execute`] for a task on a tokio runtime: it waits for a sandbox and for the reply
+/// without holding a thread. A call that ends its sandbox (a timeout, a crash) is finished
+/// on a blocking thread, which kills the sandbox and waits for it.
+pub async fn execute_async(
+    pool: &Arc<Pool>,
+    function: &Function,
+    version: &Version,
+    task: &Task,
+    sync: bool,
+) -> std::result::Result<Completion, PoolError> {
+    let (key, request) = request_for(&function.id, &function.name, version);
+    let mut lease = pool.acquire_async(&key, &request, sync).await?;
+    let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
+    let options = call_options(version, task);
+    let result = match lease.sandbox.invoke_async(&task.payload, &options).await {
+        Ok(exchanged) if exchanged.finishes_at_once() => {
+            let invocation = lease.sandbox.finish(exchanged);
+            pool.release(lease);
+            Ok(invocation)
+        }
+        Ok(exchanged) => {
+            let pool = pool.clone();
+            tokio::task::spawn_blocking(move || {
+                let invocation = lease.sandbox.finish(exchanged);
+                pool.release(lease);
+                invocation
+            })
+            .await
+            .map_err(|e| format!("finishing the call: {e}"))
+        }
+        Err(e) => {
+            pool.release(lease);
+            Err(format!("{e:?}"))
+        }
+    };
+    Ok(completion_of(result, start, engine_name, version, task))
+}
+
+fn call_options(version: &Version, task: &Task) -> InvokeOptions {
+    InvokeOptions {
         timeout: Duration::from_millis(version.timeout_ms),
         request_id: task.task_id.clone(),
-    };
-    let result = lease.sandbox.invoke(&task.payload, &options);
-    pool.release(lease);
+    }
+}
+
+/// The completion of a call from what its sandbox reported.
+fn completion_of(
+    result: std::result::Result<Invocation, String>,
+    start: Start,
+    engine_name: &str,
+    version: &Version,
+    task: &Task,
+) -> Completion {
     let call = match result {
         Ok(call) => call,
         Err(e) => {
-            eprintln!("cloudfunc: task {}: invoke failed: {e:?}", task.task_id);
-            return Ok(failed(
-                "sandbox_failure",
-                "the sandbox failed during the call",
-            ));
+            eprintln!("cloudfunc: task {}: invoke failed: {e}", task.task_id);
+            return failed("sandbox_failure", "the sandbox failed during the call");
         }
     };
     // A sandbox a deploy loaded serves its first call warm: that call waited for no start.
@@ -1261,14 +1371,14 @@ pub fn execute(
             error("sandbox_failure", String::new(), message, String::new()),
         ),
     };
-    Ok(Completion {
+    Completion {
         status,
         result,
         error,
         logs: call.logs.text,
         logs_truncated: call.logs.truncated,
         usage: Some(usage),
-    })
+    }
 }
 
 /// One line per invocation in the server's log, Lambda's REPORT line in spirit.
