@@ -346,9 +346,14 @@ impl Pipes {
         let sleep = tokio::time::sleep_until(deadline.into());
         tokio::pin!(sleep);
         loop {
-            // Each branch reads or writes until the pipe would block, which clears the
-            // reactor's readiness for it (`try_io`); the thread's read buffer is only borrowed
-            // between two waits.
+            // Checked here too: a function that prints without pause keeps the log branch
+            // ready, and a biased select would never come to the timer.
+            if Instant::now() >= deadline {
+                return Ok(Exchange::TimedOut);
+            }
+            // A pipe read or written without blocking keeps its readiness, and its branch
+            // runs again; one that would block clears it (`try_io`). The thread's read buffer
+            // is only borrowed between two waits.
             tokio::select! {
                 biased;
                 ready = self.replies.readable() => {

@@ -194,8 +194,8 @@ fn lingering_thread() {
 /// Blocking and async calls mix on one sandbox.
 fn async_calls(runtime: Runtime) {
     let source = match runtime {
-        Runtime::Python => "import os, sys, time\ndef handler(event):\n    what = event['do']\n    if what == 'print':\n        sys.stdout.write('x' * 200000)\n        return {'n': event['n'] + 1}\n    if what == 'raise':\n        raise ValueError('no')\n    if what == 'sleep':\n        time.sleep(30)\n    os._exit(3)\n",
-        Runtime::Node => "exports.handler = (event) => { if (event.do === 'print') { process.stdout.write('x'.repeat(200000)); return {n: event.n + 1}; } if (event.do === 'raise') { throw new Error('no'); } if (event.do === 'sleep') { const end = Date.now() + 30000; while (Date.now() < end) {} } process.exit(3); };\n",
+        Runtime::Python => "import os, sys, time\ndef handler(event):\n    what = event['do']\n    if what == 'print':\n        sys.stdout.write('x' * 200000)\n        return {'n': event['n'] + 1}\n    if what == 'raise':\n        raise ValueError('no')\n    if what == 'sleep':\n        time.sleep(30)\n    if what == 'flood':\n        while True:\n            sys.stdout.write('y' * 65536)\n    os._exit(3)\n",
+        Runtime::Node => "exports.handler = (event) => { if (event.do === 'print') { process.stdout.write('x'.repeat(200000)); return {n: event.n + 1}; } if (event.do === 'raise') { throw new Error('no'); } if (event.do === 'sleep') { const end = Date.now() + 30000; while (Date.now() < end) {} } if (event.do === 'flood') { const fs = require('fs'); const y = 'y'.repeat(65536); for (;;) { fs.writeSync(1, y); } } process.exit(3); };\n",
     };
     let mut f = start(runtime, source);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -249,6 +249,23 @@ fn async_calls(runtime: Runtime) {
         !f.sandbox.is_alive(),
         "a call past its timeout kills the sandbox"
     );
+
+    // Output without pause does not keep the call from its timeout.
+    let mut f = start(runtime, source);
+    let began = std::time::Instant::now();
+    let exchanged = call_async(&mut f, json!({"do": "flood"}), 500);
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    let call = f.sandbox.finish(exchanged);
+    assert!(
+        matches!(call.outcome, Outcome::Timeout { timeout_ms: 500 }),
+        "{:?}",
+        call.outcome
+    );
+    assert!(call.logs.truncated, "the flood is cut at the log cap");
 
     let mut f = start(runtime, source);
     let exchanged = call_async(&mut f, json!({"do": "exit"}), 20_000);

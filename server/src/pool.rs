@@ -16,8 +16,9 @@
 //! - Deactivating, deleting or redeploying drains a function: its idle sandboxes go at once,
 //!   busy ones when their call ends.
 //!
-//! Every method blocks (sandboxes start and stop synchronously); the platform calls them from
-//! blocking threads. Time comes from a [`Clock`], so tests control it.
+//! Every method but [`Pool::acquire_async`] blocks (sandboxes start and stop synchronously)
+//! and is called from blocking threads; `acquire_async` lends to tasks on the async runtime
+//! without a thread in the common cases. Time comes from a [`Clock`], so tests control it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -400,7 +401,11 @@ impl Drop for QueuedTask<'_> {
             Some(Turn::Sandbox(idle)) => {
                 let f = state.functions.entry(self.key.clone()).or_default();
                 f.busy = f.busy.saturating_sub(1);
-                if let Some(idle) = hand_over(&mut state, self.key, Some(*idle)) {
+                if state.closed {
+                    state.total -= 1;
+                    state.memory -= idle.memory;
+                    self.pool.bury(idle.sandbox);
+                } else if let Some(idle) = hand_over(&mut state, self.key, Some(*idle)) {
                     state
                         .functions
                         .entry(self.key.clone())
