@@ -743,7 +743,7 @@ impl Platform {
 
     /// A sync call, on the async runtime: the lookup from the catalog (a blocking thread
     /// reads the store on a miss), the wait for a sandbox and the exchange with it take no
-    /// thread of their own (see [`execute_async`]).
+    /// thread of their own (see [`execute`]).
     async fn call(
         &self,
         caller: &Caller,
@@ -762,7 +762,7 @@ impl Platform {
         task.status = TaskStatus::Running;
         task.attempts = 1;
         task.started_at = Some(task.created_at);
-        let ran = execute_async(&self.inner.pool, &function, &version, &task, true).await;
+        let ran = execute(&self.inner.pool, &function, &version, &task, true).await;
         let (completion, refused) = settle(&task, ran);
         log_invocation(&task, &version, &completion);
         Ok((task, completion, refused))
@@ -906,34 +906,46 @@ impl Platform {
         }
     }
 
-    /// Runs a claimed task and stores how it ended. The lookup (from the catalog, as a sync
-    /// call's) and the run share one blocking thread.
+    /// Runs a claimed task and stores how it ended. As a sync call, it looks its function up
+    /// in the catalog (on a blocking thread when the store must be read) and runs on the async
+    /// runtime ([`execute`]).
     async fn run_claimed(&self, task: &Task) -> Result<()> {
-        let (this, t) = (self.clone(), task.clone());
-        let (completion, refused) = blocking(move || -> Result<_> {
-            let (store, catalog) = (this.inner.store.as_ref(), &this.inner.catalog);
-            let function = catalog.function(store, None, &t.function_id)?;
-            let version = match &function {
-                Some(_) => catalog.version(store, &t.function_id, t.version)?,
-                None => None,
-            };
-            Ok(match (function, version) {
-                (Some(function), Some(version)) if function.active => {
-                    let ended = run_in_pool(&this.inner.pool, &function, &version, &t, false);
-                    log_invocation(&t, &version, &ended.0);
-                    ended
-                }
-                (_, version) => {
-                    let why = if version.is_some() {
-                        "the function was deactivated before this task ran"
-                    } else {
-                        "the function was deleted before this task ran"
+        let catalog = &self.inner.catalog;
+        let held = catalog
+            .function_held(None, &task.function_id)
+            .zip(catalog.version_held(&task.function_id, task.version));
+        let (function, version) = match held {
+            Some((function, version)) => (Some(function), Some(version)),
+            None => {
+                let (this, t) = (self.clone(), task.clone());
+                blocking(move || -> Result<_> {
+                    let (store, catalog) = (this.inner.store.as_ref(), &this.inner.catalog);
+                    let function = catalog.function(store, None, &t.function_id)?;
+                    let version = match &function {
+                        Some(_) => catalog.version(store, &t.function_id, t.version)?,
+                        None => None,
                     };
-                    (failed("function_unavailable", why), None)
-                }
-            })
-        })
-        .await??;
+                    Ok((function, version))
+                })
+                .await??
+            }
+        };
+        let (completion, refused) = match (function, version) {
+            (Some(function), Some(version)) if function.active => {
+                let ran = execute(&self.inner.pool, &function, &version, task, false).await;
+                let ended = settle(task, ran);
+                log_invocation(task, &version, &ended.0);
+                ended
+            }
+            (_, version) => {
+                let why = if version.is_some() {
+                    "the function was deactivated before this task ran"
+                } else {
+                    "the function was deleted before this task ran"
+                };
+                (failed("function_unavailable", why), None)
+            }
+        };
         self.end(&task.task_id, completion).await?;
         match refused {
             Some(e) => Err(e),
@@ -1181,18 +1193,6 @@ impl Drop for Running<'_> {
 /// How long a graceful stop waits for the tasks the queue workers are running.
 const QUEUE_GRACE: Duration = Duration::from_secs(30);
 
-/// Runs `task` in a sandbox from the pool (blocking) and says how it ended. A sync call that
-/// finds the function at its concurrency limit ends as throttled, and is refused too.
-fn run_in_pool(
-    pool: &Pool,
-    function: &Function,
-    version: &Version,
-    task: &Task,
-    sync: bool,
-) -> (Completion, Option<PlatformError>) {
-    settle(task, execute(pool, function, version, task, sync))
-}
-
 /// How a run ended, and whether its caller is refused: a call that found the function at its
 /// concurrency limit (or the server at its caps) ends as throttled.
 fn settle(
@@ -1213,29 +1213,10 @@ fn settle(
     }
 }
 
-/// Runs one task in a sandbox from the pool (blocking) and says how it ended.
-pub fn execute(
-    pool: &Pool,
-    function: &Function,
-    version: &Version,
-    task: &Task,
-    sync: bool,
-) -> std::result::Result<Completion, PoolError> {
-    let (key, request) = request_for(&function.id, &function.name, version);
-    let mut lease = pool.acquire(&key, &request, sync)?;
-    let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
-    let result = lease
-        .sandbox
-        .invoke(&task.payload, &call_options(version, task))
-        .map_err(|e| format!("{e:?}"));
-    pool.release(lease);
-    Ok(completion_of(result, start, engine_name, version, task))
-}
-
-/// [`execute`] for a task on a tokio runtime: it waits for a sandbox and for the reply
-/// without holding a thread. A call that ends its sandbox (a timeout, a crash) is finished
-/// on a blocking thread, which kills the sandbox and waits for it.
-pub async fn execute_async(
+/// Runs one task in a sandbox from the pool and says how it ended. It waits for a sandbox
+/// and for the reply without holding a thread; a call that ends its sandbox (a timeout, a
+/// crash) is finished on a blocking thread, which kills the sandbox and waits for it.
+pub async fn execute(
     pool: &Arc<Pool>,
     function: &Function,
     version: &Version,
