@@ -113,10 +113,9 @@ impl End {
         !matches!(self, End::Closed)
     }
 
-    /// Registers the end with the current runtime's reactor (there must be one), unless it
-    /// is registered there already.
-    fn register(&mut self) -> io::Result<()> {
-        let runtime = tokio::runtime::Handle::current().id();
+    /// Registers the end with the reactor of `runtime`, the current one, unless it is
+    /// registered there already.
+    fn register(&mut self, runtime: tokio::runtime::Id) -> io::Result<()> {
         let file = match std::mem::replace(self, End::Closed) {
             End::Plain(file) => file,
             End::Registered(fd, id) if id != runtime => fd.into_inner(),
@@ -334,11 +333,11 @@ impl Pipes {
         frame: &[u8],
         deadline: Instant,
     ) -> io::Result<Exchange> {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(io::Error::other("an async exchange needs a tokio runtime"));
-        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| io::Error::other("an async exchange needs a tokio runtime"))?
+            .id();
         for end in [&mut self.requests, &mut self.replies, &mut self.logs] {
-            end.register()?;
+            end.register(runtime)?;
         }
         let mut pending = frame;
         self.send_some(&mut pending);
@@ -378,16 +377,19 @@ impl Pipes {
                 ready = self.logs.readable(), if self.logs.is_open() => {
                     let mut guard = ready?;
                     let capture = &mut self.capture;
-                    let open = with_chunk(|chunk| loop {
-                        match guard.try_io(|fd| {
-                            let mut file = fd.get_ref();
-                            file.read(chunk)
-                        }) {
-                            Ok(Ok(0)) => return Ok(false),
-                            Ok(Ok(n)) => capture.push(&chunk[..n]),
-                            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Ok(Err(e)) => return Err(e),
-                            Err(_would_block) => return Ok(true),
+                    let open = with_chunk(|chunk| {
+                        // Read up to the point of blocking, said as `WouldBlock` so that
+                        // `try_io` clears the readiness.
+                        let read = guard.try_io(|fd| {
+                            match read_available(fd.get_ref(), capture, chunk)? {
+                                true => Err(io::ErrorKind::WouldBlock.into()),
+                                false => Ok(()),
+                            }
+                        });
+                        match read {
+                            Ok(Ok(())) => Ok(false),
+                            Ok(Err(e)) => Err(e),
+                            Err(_would_block) => Ok(true),
                         }
                     })?;
                     drop(guard);

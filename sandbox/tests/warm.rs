@@ -27,10 +27,8 @@ pub fn cases() -> Vec<Case> {
             needs(runtime),
             move || background(runtime),
         ));
-    }
-    for runtime in Runtime::ALL {
         cases.push(Case::new(
-            format!("{}::calls_from_an_async_task", runtime.name()),
+            format!("{n}::calls_from_an_async_task"),
             needs(runtime),
             move || async_calls(runtime),
         ));

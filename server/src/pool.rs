@@ -338,32 +338,15 @@ fn hand_over(state: &mut State, key: &Key, idle: Option<Idle>) -> Option<Idle> {
 /// An idle sandbox of `key`, lent as warm, if there is one. Notes `request` as what the
 /// function asks (for `min_instances`).
 fn take_idle(state: &mut State, key: &Key, request: &Request, counted: bool) -> Option<Lease> {
-    let generation = *state.generations.get(&key.function_id).unwrap_or(&0);
     let f = state.functions.entry(key.clone()).or_default();
     f.request = Some(request.clone());
     let idle = f.idle.pop()?;
     f.busy += 1;
-    if counted {
-        state.stats.calls_warm += 1;
-    }
-    Some(Lease {
-        key: key.clone(),
-        generation,
-        memory: idle.memory,
-        keep_warm: request.keep_warm,
-        sandbox: idle.sandbox,
-        start: Start::Warm,
-    })
+    Some(warm_lease(state, key, request, idle, counted))
 }
 
-/// The lease of a sandbox handed to a queued caller (already counted busy).
-fn lease_handed(
-    state: &mut State,
-    key: &Key,
-    request: &Request,
-    idle: Idle,
-    counted: bool,
-) -> Lease {
+/// The lease of an idle sandbox taken for a call (already counted busy).
+fn warm_lease(state: &mut State, key: &Key, request: &Request, idle: Idle, counted: bool) -> Lease {
     if counted {
         state.stats.calls_warm += 1;
     }
@@ -377,13 +360,53 @@ fn lease_handed(
     }
 }
 
+/// The answer to a caller whose function is at `max_instances` and whose queue is full, or
+/// whose wait ran out.
+fn busy(max_instances: usize) -> PoolError {
+    PoolError::Busy {
+        max_instances,
+        retry_after: Duration::from_secs(1),
+    }
+}
+
+/// Puts a caller at the back of `key`'s queue, to be woken by `wake`; returns its ticket.
+fn enqueue(state: &mut State, key: &Key, wake: Wake) -> u64 {
+    let ticket = state.next_ticket;
+    state.next_ticket += 1;
+    let f = state.functions.entry(key.clone()).or_default();
+    f.waiters.push_back(Waiter { ticket, wake });
+    ticket
+}
+
+/// A caller's place in a function's queue, and what bounds its wait.
+struct Place<'a> {
+    key: &'a Key,
+    request: &'a Request,
+    ticket: u64,
+    max: usize,
+    sync: bool,
+    since: Instant,
+    counted: bool,
+}
+
+/// What a queued caller does once woken.
+enum Woken {
+    /// Takes the sandbox handed to it.
+    Take(Box<Lease>),
+    /// Tries again from the start: a place was handed over, or one is free.
+    Retry,
+    /// Gives up: a sync caller past its wait.
+    Refused(PoolError),
+    /// Waits on.
+    Wait,
+}
+
 /// A task's place in a function's queue while it waits. Dropped before its turn was taken,
-/// it leaves the queue and passes on what it was handed: the sandbox to the next caller (or
-/// back to idle), the place likewise.
+/// it leaves the queue and passes on what it was handed: the sandbox is given back as after
+/// a call, the place goes to the next caller.
 struct QueuedTask<'a> {
     pool: &'a Pool,
-    key: &'a Key,
-    ticket: u64,
+    place: Place<'a>,
     /// It took its turn or left the queue itself.
     left: bool,
 }
@@ -393,34 +416,30 @@ impl Drop for QueuedTask<'_> {
         if self.left {
             return;
         }
+        let Place {
+            key,
+            request,
+            ticket,
+            ..
+        } = self.place;
         let mut state = self.pool.lock();
-        if let Some(f) = state.functions.get_mut(self.key) {
-            f.waiters.retain(|w| w.ticket != self.ticket);
+        if let Some(f) = state.functions.get_mut(key) {
+            f.waiters.retain(|w| w.ticket != ticket);
         }
-        match state.turns.remove(&self.ticket) {
-            Some(Turn::Sandbox(idle)) => {
-                let f = state.functions.entry(self.key.clone()).or_default();
-                f.busy = f.busy.saturating_sub(1);
-                if state.closed {
-                    state.total -= 1;
-                    state.memory -= idle.memory;
-                    self.pool.bury(idle.sandbox);
-                } else if let Some(idle) = hand_over(&mut state, self.key, Some(*idle)) {
-                    state
-                        .functions
-                        .entry(self.key.clone())
-                        .or_default()
-                        .idle
-                        .push(idle);
-                }
-            }
+        let handed = match state.turns.remove(&ticket) {
+            Some(Turn::Sandbox(idle)) => Some(warm_lease(&mut state, key, request, *idle, false)),
             Some(Turn::Place) => {
-                hand_over(&mut state, self.key, None);
+                hand_over(&mut state, key, None);
+                None
             }
-            None => {}
-        }
+            None => None,
+        };
         drop(state);
-        self.pool.freed.notify_all();
+        // A sandbox handed over goes back as any call's does: to the next caller, or idle.
+        match handed {
+            Some(lease) => self.pool.release(lease),
+            None => self.pool.freed.notify_all(),
+        }
     }
 }
 
@@ -464,6 +483,41 @@ impl Pool {
         self.lend(key, request, sync, true)
     }
 
+    /// Whether a sync caller waiting since `since` has waited its longest.
+    fn out_of_time(&self, sync: bool, since: Instant) -> bool {
+        sync && self.clock.now().duration_since(since) >= self.config.max_wait
+    }
+
+    /// What a queued caller does once woken, by its turn or after 100 ms: it takes the
+    /// sandbox handed to it, or tries again for a place handed over or free (that no one
+    /// handed over), or gives up (leaving the queue), or waits on.
+    fn on_wake(&self, state: &mut State, place: &Place) -> Woken {
+        match state.turns.remove(&place.ticket) {
+            Some(Turn::Sandbox(idle)) => {
+                let (key, request) = (place.key, place.request);
+                return Woken::Take(Box::new(warm_lease(
+                    state,
+                    key,
+                    request,
+                    *idle,
+                    place.counted,
+                )));
+            }
+            Some(Turn::Place) => return Woken::Retry,
+            None => {}
+        }
+        let gave_up = self.out_of_time(place.sync, place.since);
+        let f = state.functions.entry(place.key.clone()).or_default();
+        if !gave_up && f.busy >= place.max {
+            return Woken::Wait;
+        }
+        f.waiters.retain(|w| w.ticket != place.ticket);
+        match gave_up {
+            true => Woken::Refused(busy(place.max)),
+            false => Woken::Retry,
+        }
+    }
+
     /// [`Pool::acquire`] for a task on a tokio runtime. The common cases take no thread: an
     /// idle sandbox is lent at once, and at `max_instances` the task waits in the function's
     /// queue (the same queue, in the same order, as blocking callers) until a sandbox is
@@ -485,62 +539,42 @@ impl Pool {
             if let Some(lease) = take_idle(&mut state, key, request, true) {
                 return Ok(lease);
             }
-            let ticket = state.next_ticket;
             let f = state.functions.entry(key.clone()).or_default();
             if f.busy >= max {
                 if sync && f.waiters.len() >= self.config.max_waiting {
-                    return Err(PoolError::Busy {
-                        max_instances: max,
-                        retry_after: Duration::from_secs(1),
-                    });
+                    return Err(busy(max));
                 }
                 let notify = Arc::new(tokio::sync::Notify::new());
-                f.waiters.push_back(Waiter {
-                    ticket,
-                    wake: Wake::Task(notify.clone()),
-                });
-                state.next_ticket += 1;
+                let ticket = enqueue(&mut state, key, Wake::Task(notify.clone()));
                 Some((ticket, notify))
             } else {
                 None
             }
         };
         if let Some((ticket, notify)) = queued {
-            let mut place = QueuedTask {
+            let mut queued = QueuedTask {
                 pool: self,
-                key,
-                ticket,
+                place: Place {
+                    key,
+                    request,
+                    ticket,
+                    max,
+                    sync,
+                    since: waited_since,
+                    counted: true,
+                },
                 left: false,
             };
             loop {
-                // Woken when handed its turn; it looks again every 100 ms, as a thread does,
-                // for its wait's end and for a place no one handed over.
+                // Woken when handed its turn; it looks again every 100 ms, as a thread does.
                 let _ = tokio::time::timeout(Duration::from_millis(100), notify.notified()).await;
-                let mut state = self.lock();
-                match state.turns.remove(&place.ticket) {
-                    Some(Turn::Sandbox(idle)) => {
-                        place.left = true;
-                        return Ok(lease_handed(&mut state, key, request, *idle, true));
-                    }
-                    Some(Turn::Place) => {
-                        place.left = true;
-                        break;
-                    }
-                    None => {}
-                }
-                let gave_up =
-                    sync && self.clock.now().duration_since(waited_since) >= self.config.max_wait;
-                let f = state.functions.entry(key.clone()).or_default();
-                if gave_up || f.busy < max {
-                    f.waiters.retain(|w| w.ticket != place.ticket);
-                    place.left = true;
-                    if gave_up {
-                        return Err(PoolError::Busy {
-                            max_instances: max,
-                            retry_after: Duration::from_secs(1),
-                        });
-                    }
-                    break;
+                let woken = self.on_wake(&mut self.lock(), &queued.place);
+                queued.left = !matches!(woken, Woken::Wait);
+                match woken {
+                    Woken::Take(lease) => return Ok(*lease),
+                    Woken::Refused(e) => return Err(e),
+                    Woken::Retry => break,
+                    Woken::Wait => {}
                 }
             }
         }
@@ -668,47 +702,32 @@ impl Pool {
                 continue;
             }
             // A sync caller waits a bounded time in a bounded queue; a queued task waits on.
-            let out_of_time =
-                || sync && self.clock.now().duration_since(waited_since) >= self.config.max_wait;
-            let busy = || PoolError::Busy {
-                max_instances: max,
-                retry_after: Duration::from_secs(1),
-            };
-            let queued = f.waiters.len();
-            if (sync && queued >= self.config.max_waiting) || out_of_time() {
-                return Err(busy());
+            if (sync && f.waiters.len() >= self.config.max_waiting)
+                || self.out_of_time(sync, waited_since)
+            {
+                return Err(busy(max));
             }
             // Queue for this function's next sandbox given back.
-            let ticket = state.next_ticket;
-            state.next_ticket += 1;
             let wake = Arc::new(Condvar::new());
-            let f = state.functions.entry(key.clone()).or_default();
-            f.waiters.push_back(Waiter {
-                ticket,
-                wake: Wake::Thread(wake.clone()),
-            });
+            let place = Place {
+                key,
+                request,
+                ticket: enqueue(&mut state, key, Wake::Thread(wake.clone())),
+                max,
+                sync,
+                since: waited_since,
+                counted,
+            };
             loop {
                 let (s, _) = wake
                     .wait_timeout(state, Duration::from_millis(100))
                     .unwrap_or_else(|e| e.into_inner());
                 state = s;
-                match state.turns.remove(&ticket) {
-                    Some(Turn::Sandbox(idle)) => {
-                        return Ok(lease_handed(&mut state, key, request, *idle, counted));
-                    }
-                    Some(Turn::Place) => break,
-                    None => {}
-                }
-                // Timed out: give up (a sync caller past its wait), or try again should a
-                // place be free that no one handed over.
-                let gave_up = out_of_time();
-                let f = state.functions.entry(key.clone()).or_default();
-                if gave_up || f.busy < max {
-                    f.waiters.retain(|w| w.ticket != ticket);
-                    if gave_up {
-                        return Err(busy());
-                    }
-                    break;
+                match self.on_wake(&mut state, &place) {
+                    Woken::Take(lease) => return Ok(*lease),
+                    Woken::Refused(e) => return Err(e),
+                    Woken::Retry => break,
+                    Woken::Wait => {}
                 }
             }
         }

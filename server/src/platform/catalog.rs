@@ -67,16 +67,21 @@ impl Catalog {
         )
     }
 
-    /// The function `key` as `scope` sees it, if it is held here (no store read).
-    pub fn function_held(&self, scope: Option<&str>, key: &str) -> Option<Function> {
-        let k = (scope.map(String::from), key.to_string());
-        self.lock().functions.get(&k).cloned()
-    }
-
-    /// Version `number` of function `function_id`, if it is held here (no store read).
-    pub fn version_held(&self, function_id: &str, number: u32) -> Option<Version> {
-        let k = (function_id.to_string(), number);
-        self.lock().versions.get(&k).cloned()
+    /// The function `key` as `scope` sees it and its version `number` (its current one by
+    /// default), if both are held here: no store read.
+    pub fn held(
+        &self,
+        scope: Option<&str>,
+        key: &str,
+        number: Option<u32>,
+    ) -> Option<(Function, Version)> {
+        let state = self.lock();
+        let function = state
+            .functions
+            .get(&(scope.map(String::from), key.to_string()))?;
+        let number = number.unwrap_or(function.version);
+        let version = state.versions.get(&(function.id.clone(), number))?;
+        Some((function.clone(), version.clone()))
     }
 
     /// The entry `k` of the map `of` picks, else what `load` finds (kept when found).

@@ -695,13 +695,10 @@ impl Platform {
             Ok(found) => found,
             Err(e) => return Some(Err(e)),
         };
-        let catalog = &self.inner.catalog;
-        let function = catalog.function_held(caller.scope(), key)?;
+        let (function, version) = self.inner.catalog.held(caller.scope(), key, version)?;
         if !function.active {
             return Some(Err(PlatformError::Inactive(function.name.clone())));
         }
-        let number = version.unwrap_or(function.version);
-        let version = catalog.version_held(&function.id, number)?;
         Some(Ok((function, version)))
     }
 
@@ -910,10 +907,10 @@ impl Platform {
     /// in the catalog (on a blocking thread when the store must be read) and runs on the async
     /// runtime ([`execute`]).
     async fn run_claimed(&self, task: &Task) -> Result<()> {
-        let catalog = &self.inner.catalog;
-        let held = catalog
-            .function_held(None, &task.function_id)
-            .zip(catalog.version_held(&task.function_id, task.version));
+        let held = self
+            .inner
+            .catalog
+            .held(None, &task.function_id, Some(task.version));
         let (function, version) = match held {
             Some((function, version)) => (Some(function), Some(version)),
             None => {
@@ -1226,7 +1223,10 @@ pub async fn execute(
     let (key, request) = request_for(&function.id, &function.name, version);
     let mut lease = pool.acquire_async(&key, &request, sync).await?;
     let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
-    let options = call_options(version, task);
+    let options = InvokeOptions {
+        timeout: Duration::from_millis(version.timeout_ms),
+        request_id: task.task_id.clone(),
+    };
     let result = match lease.sandbox.invoke_async(&task.payload, &options).await {
         Ok(exchanged) if exchanged.finishes_at_once() => {
             let invocation = lease.sandbox.finish(exchanged);
@@ -1249,13 +1249,6 @@ pub async fn execute(
         }
     };
     Ok(completion_of(result, start, engine_name, version, task))
-}
-
-fn call_options(version: &Version, task: &Task) -> InvokeOptions {
-    InvokeOptions {
-        timeout: Duration::from_millis(version.timeout_ms),
-        request_id: task.task_id.clone(),
-    }
 }
 
 /// The completion of a call from what its sandbox reported.
