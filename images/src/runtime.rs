@@ -117,6 +117,20 @@ impl FromStr for Runtime {
     }
 }
 
+impl serde::Serialize for Runtime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Runtime {
+    /// By name, with [`FromStr`]'s aliases and its message for an unknown one.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Compiles the Python bootstrap at `source` into `compiled` with `python`, the interpreter
 /// that will run it (a `.pyc` only runs on the Python version that wrote it). Tracebacks name
 /// the source as `/cloudfunc/bootstrap.py`, where the image keeps it.

@@ -60,6 +60,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// How this backend reads masked seccomp comparisons.
     fn seccomp_dialect(&self) -> Dialect;
+    /// Whether it needs root: every backend that makes namespaces and cgroups does.
+    fn requires_root(&self) -> bool {
+        true
+    }
     /// Creates and starts the container; returns once its init runs.
     fn launch(&self, launch: Launch) -> Result<Box<dyn Container>, BackendError>;
     /// Removes what a crashed process left under `state_root` (containers only; cgroups and

@@ -34,6 +34,8 @@ mod command;
 pub mod control;
 mod engine;
 mod error;
+#[cfg(feature = "fake")]
+pub mod fake;
 pub mod outcome;
 pub mod placement;
 mod precompile;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// How strongly a function is isolated from the host.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Isolation {
     /// Namespaces, cgroups, seccomp and no capabilities, on the host's kernel.
@@ -44,6 +44,14 @@ impl FromStr for Isolation {
             .into_iter()
             .find(|i| i.name() == s)
             .ok_or_else(|| format!("unknown isolation {s:?}: use \"container\" or \"gvisor\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for Isolation {
+    /// By name, with [`FromStr`]'s message for an unknown one.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 

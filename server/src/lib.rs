@@ -8,6 +8,7 @@ pub mod api;
 pub mod archive;
 pub mod auth;
 pub mod client;
+pub mod config;
 pub mod isolation;
 pub mod metrics;
 pub mod model;

@@ -15,7 +15,7 @@ use cloudfunc_sandbox::{
 };
 use cloudfunc_server::client::{encode, Client};
 use cloudfunc_server::isolation::Isolation;
-use cloudfunc_server::platform::{guess_runtime, Retention};
+use cloudfunc_server::platform::guess_runtime;
 use cloudfunc_server::serve::{load_keys, serve, ServeConfig};
 use serde_json::{json, Value};
 
@@ -63,73 +63,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the server with its embedded defaults (SQLite in the data directory, port 8080).
-    Serve {
-        #[arg(long, env = "CLOUDFUNC_LISTEN", default_value = "127.0.0.1:8080")]
-        listen: std::net::SocketAddr,
-        #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = "/run/cloudfunc")]
-        state_dir: PathBuf,
-        #[arg(
-            long,
-            env = "CLOUDFUNC_IMAGES_DIR",
-            default_value = "/var/lib/cloudfunc/images"
-        )]
-        images_dir: PathBuf,
-        #[arg(long, env = "CLOUDFUNC_CGROUP_PARENT", default_value = "cloudfunc")]
-        cgroup_parent: String,
-        /// HS256 secret; refused if weak. Default: generated into the data directory.
-        #[arg(long, env = "CLOUDFUNC_JWT_SECRET", hide_env_values = true)]
-        jwt_secret: Option<String>,
-        /// Queue workers.
-        #[arg(long, env = "CLOUDFUNC_WORKERS", default_value_t = 4)]
-        workers: usize,
-        /// A function's calls at once (its max_instances) when it sets none.
-        #[arg(long, env = "CLOUDFUNC_CONCURRENCY", default_value_t = 8)]
-        concurrency: usize,
-        /// Largest request body, MiB.
-        #[arg(long, default_value_t = 32)]
-        max_body_mb: u64,
-        /// Days finished tasks (results, logs, usage) are kept.
-        #[arg(long, env = "CLOUDFUNC_RETENTION_DAYS", default_value_t = 7.0)]
-        retention_days: f64,
-        /// Days per-minute metrics rollups are kept (0: forever).
-        #[arg(long, default_value_t = 30.0)]
-        minute_rollups_days: f64,
-        /// Days per-hour metrics rollups are kept (0: forever).
-        #[arg(long, default_value_t = 365.0)]
-        hour_rollups_days: f64,
-        /// Days per-day metrics rollups are kept (0: forever). Prometheus counters are read
-        /// from these, so pruning them makes counters drop.
-        #[arg(long, default_value_t = 0.0)]
-        day_rollups_days: f64,
-        /// The runtime behind `container` isolation: libcontainer, runc or crun.
-        #[arg(
-            long,
-            env = "CLOUDFUNC_CONTAINER_RUNTIME",
-            default_value = "libcontainer"
-        )]
-        container_runtime: BackendKind,
-        /// Isolation of functions that do not choose: container or gvisor.
-        #[arg(long, env = "CLOUDFUNC_ISOLATION", default_value = "container")]
-        isolation: Isolation,
-        /// gVisor's runsc, for gvisor isolation.
-        #[arg(long, env = "CLOUDFUNC_RUNSC", default_value = "/usr/bin/runsc")]
-        runsc: PathBuf,
-        /// Sandboxes started ahead of need, per runtime and isolation level (0: none).
-        #[arg(long, env = "CLOUDFUNC_STEM_CELLS", default_value_t = 1)]
-        stem_cells: usize,
-        /// Sync calls that may wait for a function at its max_instances before getting 429.
-        #[arg(long, env = "CLOUDFUNC_MAX_WAITING", default_value_t = 64)]
-        max_waiting: usize,
-        /// Chart.js for the dashboard (Debian's libjs-chart.js puts it here).
-        #[arg(long, env = "CLOUDFUNC_CHART_JS", default_value = cloudfunc_server::api::dashboard::DEFAULT_CHART_JS)]
-        chart_js: PathBuf,
-        /// Sandboxes the warm pool holds at once (idle, busy, starting and stem cells).
-        #[arg(long, env = "CLOUDFUNC_MAX_SANDBOXES", default_value_t = 1024)]
-        max_sandboxes: usize,
-        /// MiB the pool's sandboxes' memory limits may commit together (0: 4x the host's memory).
-        #[arg(long, env = "CLOUDFUNC_POOL_MEMORY_MB", default_value_t = 0)]
-        pool_memory_mb: u64,
-    },
+    Serve(Box<ServeConfig>),
     /// Print a bearer token for a tenant, signed with the local server's secret.
     Token {
         /// Valid for this many seconds.
@@ -319,65 +253,10 @@ fn tempfile_dir() -> Result<PathBuf> {
 
 async fn run(cli: Cli) -> Result<bool> {
     match &cli.command {
-        Command::Serve {
-            listen,
-            state_dir,
-            images_dir,
-            cgroup_parent,
-            jwt_secret,
-            workers,
-            concurrency,
-            max_body_mb,
-            retention_days,
-            minute_rollups_days,
-            hour_rollups_days,
-            day_rollups_days,
-            container_runtime,
-            isolation,
-            runsc,
-            stem_cells,
-            max_waiting,
-            chart_js,
-            max_sandboxes,
-            pool_memory_mb,
-        } => {
-            if !retention_days.is_finite() || *retention_days <= 0.0 {
-                bail!("--retention-days must be a positive number");
-            }
-            let keep = |flag: &str, days: f64| -> Result<Option<Duration>> {
-                if !days.is_finite() || days < 0.0 {
-                    bail!("--{flag} must be 0 (forever) or a positive number of days");
-                }
-                Ok((days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0)))
-            };
-            let retention = Retention {
-                tasks: Duration::from_secs_f64(retention_days * 86_400.0),
-                minute_rollups: keep("minute-rollups-days", *minute_rollups_days)?,
-                hour_rollups: keep("hour-rollups-days", *hour_rollups_days)?,
-                day_rollups: keep("day-rollups-days", *day_rollups_days)?,
-            };
-            serve(ServeConfig {
-                listen: *listen,
-                data_dir: cli.data_dir.clone(),
-                state_dir: state_dir.clone(),
-                images_dir: images_dir.clone(),
-                cgroup_parent: cgroup_parent.clone(),
-                jwt_secret: jwt_secret.clone(),
-                workers: *workers,
-                concurrency: *concurrency,
-                max_body_bytes: max_body_mb * 1024 * 1024,
-                retention,
-                container_backend: *container_runtime,
-                default_isolation: *isolation,
-                runsc: runsc.clone(),
-                stem_cells: *stem_cells,
-                max_waiting: *max_waiting,
-                chart_js: chart_js.clone(),
-                max_sandboxes: *max_sandboxes,
-                pool_memory_bytes: (*pool_memory_mb > 0)
-                    .then(|| pool_memory_mb.saturating_mul(1024 * 1024)),
-            })
-            .await?;
+        Command::Serve(config) => {
+            let mut config = (**config).clone();
+            config.data_dir = cli.data_dir.clone();
+            serve(config).await?;
             Ok(true)
         }
         Command::Token { ttl, admin } => {
@@ -575,7 +454,7 @@ fn client_command(cli: &Cli) -> Result<bool> {
                 format!("deleted {}", b["name"].as_str().unwrap_or("?"))
             });
         }
-        Command::Serve { .. } | Command::Token { .. } | Command::Run { .. } => {
+        Command::Serve(_) | Command::Token { .. } | Command::Run { .. } => {
             bail!("not a client command")
         }
     }

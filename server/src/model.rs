@@ -1,9 +1,10 @@
 //! The platform's records: functions, their versions, and tasks (one per invocation).
 
+use cloudfunc_sandbox::Runtime;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 pub use crate::isolation::Isolation;
-use serde_json::Value;
 
 /// A function: a name owned by a tenant, with numbered versions.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -29,8 +30,8 @@ pub struct Function {
 pub struct Version {
     /// The version number, from 1.
     pub version: u32,
-    /// `python` or `node`.
-    pub runtime: String,
+    /// The language runtime.
+    pub runtime: Runtime,
     /// `module.function`, or `None` for the conventions.
     pub handler: Option<String>,
     /// Wall-clock limit per call.
@@ -116,12 +117,111 @@ impl TaskStatus {
     }
 }
 
+/// How a task was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Run while its caller waits; stored once it has ended.
+    Sync,
+    /// Queued, stored before its caller hears of it, run by a queue worker.
+    Async,
+}
+
+impl Mode {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sync => "sync",
+            Mode::Async => "async",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Mode> {
+        [Mode::Sync, Mode::Async]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
+}
+
+/// Why a task did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The function raised (threw) an error.
+    Raised,
+    /// The function's code did not load.
+    InitFailed,
+    /// Its result could not be made JSON.
+    OutputNotSerializable,
+    /// Its result was over the size cap.
+    OutputTooLarge,
+    /// It ran past its timeout and was killed.
+    Timeout,
+    /// It used more than its memory limit and was killed.
+    OutOfMemory,
+    /// The runtime died.
+    Crashed,
+    /// The sandbox could not be started or failed under the call.
+    SandboxFailure,
+    /// The server stopped while it ran (it was not retried).
+    Interrupted,
+    /// Its function was deactivated or deleted before it ran.
+    FunctionUnavailable,
+    /// The function or the server was at capacity.
+    Throttled,
+}
+
+impl ErrorKind {
+    /// Every kind.
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::Raised,
+        ErrorKind::InitFailed,
+        ErrorKind::OutputNotSerializable,
+        ErrorKind::OutputTooLarge,
+        ErrorKind::Timeout,
+        ErrorKind::OutOfMemory,
+        ErrorKind::Crashed,
+        ErrorKind::SandboxFailure,
+        ErrorKind::Interrupted,
+        ErrorKind::FunctionUnavailable,
+        ErrorKind::Throttled,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Raised => "raised",
+            ErrorKind::InitFailed => "init_failed",
+            ErrorKind::OutputNotSerializable => "output_not_serializable",
+            ErrorKind::OutputTooLarge => "output_too_large",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::OutOfMemory => "out_of_memory",
+            ErrorKind::Crashed => "crashed",
+            ErrorKind::SandboxFailure => "sandbox_failure",
+            ErrorKind::Interrupted => "interrupted",
+            ErrorKind::FunctionUnavailable => "function_unavailable",
+            ErrorKind::Throttled => "throttled",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What went wrong, for a task that did not succeed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskError {
-    /// `raised`, `init_failed`, `output_not_serializable`, `output_too_large`, `timeout`,
-    /// `out_of_memory`, `crashed`, `sandbox_failure`, `interrupted`, `function_unavailable`.
-    pub kind: String,
+    /// Why.
+    pub kind: ErrorKind,
     /// The exception's type, where there is one.
     #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
     pub error_type: String,
@@ -162,8 +262,8 @@ pub struct Task {
     pub function_id: String,
     pub function: String,
     pub version: u32,
-    /// `sync` or `async`.
-    pub mode: String,
+    /// How it was asked for.
+    pub mode: Mode,
     pub status: TaskStatus,
     pub payload: Value,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -196,14 +296,14 @@ pub struct Completion {
 impl Task {
     /// A new queued task of `version` of `function`; it belongs to the function's tenant,
     /// also when an admin submits it.
-    pub fn queued(function: &Function, version: u32, mode: &str, payload: Value) -> Task {
+    pub fn queued(function: &Function, version: u32, mode: Mode, payload: Value) -> Task {
         Task {
             task_id: new_id("task"),
             tenant: function.tenant.clone(),
             function_id: function.id.clone(),
             function: function.name.clone(),
             version,
-            mode: mode.into(),
+            mode,
             status: TaskStatus::Queued,
             payload,
             result: None,
@@ -231,18 +331,14 @@ impl Task {
     }
 }
 
-/// Seconds a sandbox stays warm by default (seed 003's 60 s).
-pub const DEFAULT_KEEP_WARM_S: u64 = 60;
-
+/// What a version stored before `keep_warm_s` existed kept: the default then.
 fn default_keep_warm_s() -> u64 {
-    DEFAULT_KEEP_WARM_S
+    crate::config::defaults::KEEP_WARM_S
 }
 
-/// Calls of one function at once by default.
-pub const DEFAULT_MAX_INSTANCES: u32 = 8;
-
+/// What a version stored before `max_instances` existed ran at: the default then.
 fn default_max_instances() -> u32 {
-    DEFAULT_MAX_INSTANCES
+    crate::config::defaults::MAX_INSTANCES
 }
 
 /// The current time in Unix milliseconds.
@@ -294,6 +390,18 @@ mod tests {
         assert!(!valid_name("Hello"));
         assert!(!valid_name("../x"));
         assert!(!valid_name(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn kinds_and_modes_round_trip() {
+        for k in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+        for m in [Mode::Sync, Mode::Async] {
+            assert_eq!(Mode::parse(m.as_str()), Some(m));
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
+        }
     }
 
     #[test]

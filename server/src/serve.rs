@@ -1,75 +1,18 @@
 //! `cloudfunc serve`: opens the store, starts the engine and the queue, and serves the API.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
-use cloudfunc_sandbox::{BackendKind, EngineConfig};
+use anyhow::{Context, Result};
+use cloudfunc_sandbox::EngineConfig;
 
 use crate::api::{routes, AppState};
 use crate::auth::Keys;
+pub use crate::config::ServeConfig;
 use crate::isolation::{Engines, Isolation};
-use crate::platform::{Platform, PlatformConfig, Retention};
-use crate::pool::{Pool, PoolConfig, SystemClock};
+use crate::platform::Platform;
+use crate::pool::{Pool, SystemClock};
 use crate::store::SqliteStore;
-
-/// Everything `serve` can be told; each has an embedded default.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    pub listen: SocketAddr,
-    pub data_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub images_dir: PathBuf,
-    pub cgroup_parent: String,
-    pub jwt_secret: Option<String>,
-    pub workers: usize,
-    pub concurrency: usize,
-    pub max_body_bytes: u64,
-    /// How long finished tasks (results, logs, usage) and metrics rollups are kept.
-    pub retention: Retention,
-    /// The runtime of the `container` isolation level.
-    pub container_backend: BackendKind,
-    /// The isolation level of functions that do not choose one.
-    pub default_isolation: Isolation,
-    /// gVisor's `runsc`.
-    pub runsc: PathBuf,
-    /// Pre-started sandboxes per runtime and isolation level.
-    pub stem_cells: usize,
-    /// Sync callers that may wait for a busy function before getting 429.
-    pub max_waiting: usize,
-    /// Chart.js for the dashboard.
-    pub chart_js: PathBuf,
-    /// Sandboxes the pool holds at once.
-    pub max_sandboxes: usize,
-    /// Memory the pool's sandboxes' limits may commit together; `None`: 4× the host's.
-    pub pool_memory_bytes: Option<u64>,
-}
-
-impl Default for ServeConfig {
-    fn default() -> Self {
-        ServeConfig {
-            listen: "127.0.0.1:8080".parse().expect("a valid address"),
-            data_dir: "/var/lib/cloudfunc".into(),
-            state_dir: "/run/cloudfunc".into(),
-            images_dir: "/var/lib/cloudfunc/images".into(),
-            cgroup_parent: "cloudfunc".into(),
-            jwt_secret: None,
-            workers: 4,
-            concurrency: 8,
-            max_body_bytes: 32 * 1024 * 1024,
-            retention: Retention::default(),
-            container_backend: BackendKind::Libcontainer,
-            default_isolation: Isolation::Container,
-            runsc: "/usr/bin/runsc".into(),
-            stem_cells: 1,
-            max_waiting: 64,
-            chart_js: crate::api::dashboard::DEFAULT_CHART_JS.into(),
-            max_sandboxes: PoolConfig::default().max_sandboxes,
-            pool_memory_bytes: None,
-        }
-    }
-}
 
 /// The secret file in a data directory.
 pub fn secret_path(data_dir: &Path) -> PathBuf {
@@ -128,6 +71,8 @@ fn raise_open_files_limit(max_sandboxes: usize) {
 
 /// Starts everything and serves until the process is stopped.
 pub async fn serve(config: ServeConfig) -> Result<()> {
+    config.validate()?;
+    let retention = config.retention()?;
     raise_open_files_limit(config.max_sandboxes);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
@@ -141,7 +86,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         cgroup_parent: config.cgroup_parent.clone(),
         ..EngineConfig::default()
     };
-    let (backend, default) = (config.container_backend, config.default_isolation);
+    let (backend, default) = (config.container_runtime, config.isolation);
     let runsc = config.runsc.clone();
     let engines = tokio::task::spawn_blocking(move || {
         Engines::start(&engine_config, backend, &runsc, default)
@@ -150,26 +95,11 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     if let Err(why) = engines.get(Isolation::Gvisor) {
         eprintln!("cloudfunc: {why}");
     }
-    let mut platform_config = PlatformConfig::new(&config.data_dir);
-    platform_config.max_concurrency = config.concurrency;
-    if config.workers == 0 {
-        bail!("--workers must be at least 1");
-    }
-    let defaults = PoolConfig::default();
-    let pool_config = PoolConfig {
-        stem_cells: config.stem_cells,
-        max_waiting: config.max_waiting,
-        max_sandboxes: config.max_sandboxes,
-        max_memory_bytes: config
-            .pool_memory_bytes
-            .unwrap_or(defaults.max_memory_bytes),
-        ..defaults
-    };
-    let pool = Arc::new(Pool::new(engines, pool_config, Arc::new(SystemClock)));
+    let pool = Arc::new(Pool::new(engines, config.pool(), Arc::new(SystemClock)));
     pool.start_housekeeping(std::time::Duration::from_millis(500));
     let platform =
-        Platform::new(store, pool, platform_config).context("starting the task recorder")?;
-    platform.start_retention(config.retention.clone());
+        Platform::new(store, pool, config.platform()).context("starting the task recorder")?;
+    platform.start_retention(retention);
     let recovery = platform
         .start_queue(config.workers)
         .await
@@ -184,7 +114,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let state = AppState {
         platform: platform.clone(),
         keys,
-        max_body_bytes: config.max_body_bytes,
+        max_body_bytes: config.max_body_bytes(),
         chart_js: config.chart_js.clone(),
     };
     if !config.chart_js.is_file() {

@@ -1,4 +1,5 @@
-//! The warm pool against real sandboxes, with time under the test's control.
+//! The warm pool, with time under the test's control, twice: on the in-process fake backend
+//! (no root, milliseconds: the pool's own logic) and on real libcontainer sandboxes.
 
 mod common;
 
@@ -17,15 +18,34 @@ struct Fixture {
     dir: tempfile::TempDir,
 }
 
+/// Which sandboxes a scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    /// `cloudfunc_sandbox::fake`: the pool's logic alone.
+    Fake,
+    /// Real containers through libcontainer (root).
+    Libcontainer,
+}
+
+thread_local! {
+    /// The kind of the scenario running on this thread.
+    static KIND: std::cell::Cell<Kind> = const { std::cell::Cell::new(Kind::Fake) };
+}
+
 fn fixture(tag: &str, config: PoolConfig) -> Fixture {
     let dir = tempfile::Builder::new()
         .prefix("cloudfunc-pool-")
         .tempdir()
         .unwrap();
-    let mut engine =
-        EngineConfig::under(dir.path(), &format!("cf-pool-{tag}-{}", std::process::id()));
-    engine.shim_binary = Some(shim());
-    let container = Engine::new(engine).expect("engine starts");
+    let parent = format!("cf-pool-{tag}-{}", std::process::id());
+    let container = match KIND.get() {
+        Kind::Fake => cloudfunc_sandbox::fake::engine(dir.path(), &parent).expect("engine starts"),
+        Kind::Libcontainer => {
+            let mut engine = EngineConfig::under(dir.path(), &parent);
+            engine.shim_binary = Some(shim());
+            Engine::new(engine).expect("engine starts")
+        }
+    };
     let engines = Engines::from_parts(
         container,
         Err("not in this test".into()),
@@ -46,8 +66,14 @@ fn shim() -> std::path::PathBuf {
         .join("cloudfunc-shim")
 }
 
-/// A function that writes a marker into /tmp and reports what markers it sees there.
-const MARKER_PY: &str = "import os\ndef handler(event):\n    seen = sorted(f for f in os.listdir('/tmp') if f.startswith('marker-'))\n    open('/tmp/marker-' + event['me'], 'w').close()\n    return seen\n";
+/// A function that writes a marker into /tmp and reports what markers it saw there (the fake
+/// backend keeps the same state in memory, from the event's `fake.remember`).
+const MARKER_PY: &str = "import os\ndef handler(event):\n    seen = sorted(f[7:] for f in os.listdir('/tmp') if f.startswith('marker-'))\n    open('/tmp/marker-' + event['me'], 'w').close()\n    return seen\n";
+
+/// The event that leaves marker `me` behind, on either kind of sandbox.
+fn me(me: &str) -> Value {
+    json!({"me": me, "fake": {"remember": me}})
+}
 
 fn function(f: &Fixture, name: &str, version: u32, source: &str) -> (Key, Request) {
     let code = f.dir.path().join(format!("code-{name}-{version}"));
@@ -98,11 +124,11 @@ fn keep_warm_expiry_and_reset() {
         },
     );
     let (key, req) = function(&f, "fa", 1, MARKER_PY);
-    assert_eq!(call(&f.pool, &key, &req, json!({"me": "1"})).1, Start::Cold);
+    assert_eq!(call(&f.pool, &key, &req, me("1")).1, Start::Cold);
     f.clock.advance(Duration::from_secs(50));
     f.pool.tick();
     // Within 60 s: still there, and this call resets the timer.
-    assert_eq!(call(&f.pool, &key, &req, json!({"me": "2"})).1, Start::Warm);
+    assert_eq!(call(&f.pool, &key, &req, me("2")).1, Start::Warm);
     f.clock.advance(Duration::from_secs(50));
     f.pool.tick();
     assert_eq!(
@@ -115,7 +141,7 @@ fn keep_warm_expiry_and_reset() {
     assert_eq!(f.pool.idle_count(&key), 0, "61 s idle: torn down");
     let stats = f.pool.stats();
     assert_eq!((stats.sandboxes, stats.expired), (0, 1), "{stats:?}");
-    assert_eq!(call(&f.pool, &key, &req, json!({"me": "3"})).1, Start::Cold);
+    assert_eq!(call(&f.pool, &key, &req, me("3")).1, Start::Cold);
     f.pool.shutdown();
 }
 
@@ -133,7 +159,7 @@ fn stem_cells_refill_and_bind() {
         1 + usize::from(Runtime::Node.available())
     );
     let (key, req) = function(&f, "fb", 1, MARKER_PY);
-    let (seen, start) = call(&f.pool, &key, &req, json!({"me": "b"}));
+    let (seen, start) = call(&f.pool, &key, &req, me("b"));
     assert_eq!(start, Start::Prewarmed);
     assert_eq!(seen, json!([]));
     assert_eq!(
@@ -147,10 +173,7 @@ fn stem_cells_refill_and_bind() {
         1 + usize::from(Runtime::Node.available()),
         "refilled"
     );
-    assert_eq!(
-        call(&f.pool, &key, &req, json!({"me": "b2"})).1,
-        Start::Warm
-    );
+    assert_eq!(call(&f.pool, &key, &req, me("b2")).1, Start::Warm);
     f.pool.shutdown();
     assert_eq!(f.pool.stats().sandboxes, 0);
 }
@@ -167,15 +190,12 @@ fn never_shared_across_functions_or_versions() {
     let (a1, ra1) = function(&f, "fa", 1, MARKER_PY);
     let (a2, ra2) = function(&f, "fa", 2, MARKER_PY);
     let (b1, rb1) = function(&f, "fb", 1, MARKER_PY);
-    assert_eq!(call(&f.pool, &a1, &ra1, json!({"me": "a1"})).0, json!([]));
+    assert_eq!(call(&f.pool, &a1, &ra1, me("a1")).0, json!([]));
     // The same version sees its own marker: it is the same warm sandbox.
-    assert_eq!(
-        call(&f.pool, &a1, &ra1, json!({"me": "a1b"})).0,
-        json!(["marker-a1"])
-    );
+    assert_eq!(call(&f.pool, &a1, &ra1, me("a1b")).0, json!(["a1"]));
     // Another version and another function never do.
-    assert_eq!(call(&f.pool, &a2, &ra2, json!({"me": "a2"})).0, json!([]));
-    assert_eq!(call(&f.pool, &b1, &rb1, json!({"me": "b1"})).0, json!([]));
+    assert_eq!(call(&f.pool, &a2, &ra2, me("a2")).0, json!([]));
+    assert_eq!(call(&f.pool, &b1, &rb1, me("b1")).0, json!([]));
     f.pool.shutdown();
 }
 
@@ -388,7 +408,7 @@ fn async_tasks_queue_beside_threads() {
         (0, 0, 1),
         "{stats:?}"
     );
-    let (_, start) = call(&f.pool, &key, &req, json!({"me": "after"}));
+    let (_, start) = call(&f.pool, &key, &req, me("after"));
     assert_eq!(start, Start::Warm);
     assert_eq!(f.pool.stats().sandboxes, 1);
     f.pool.shutdown();
@@ -415,12 +435,12 @@ fn lru_eviction_under_the_cap() {
     let (a, ra) = function(&f, "fa", 1, MARKER_PY);
     let (b, rb) = function(&f, "fb", 1, MARKER_PY);
     let (c, rc) = function(&f, "fc", 1, MARKER_PY);
-    call(&f.pool, &a, &ra, json!({"me": "a"}));
+    call(&f.pool, &a, &ra, me("a"));
     f.clock.advance(Duration::from_secs(1));
-    call(&f.pool, &b, &rb, json!({"me": "b"}));
+    call(&f.pool, &b, &rb, me("b"));
     f.clock.advance(Duration::from_secs(1));
     // A third function at the cap of two: the least recently used (a) goes.
-    call(&f.pool, &c, &rc, json!({"me": "c"}));
+    call(&f.pool, &c, &rc, me("c"));
     f.pool.bury_now();
     assert_eq!(f.pool.idle_count(&a), 0);
     assert_eq!(f.pool.idle_count(&b), 1);
@@ -439,10 +459,10 @@ fn drain_removes_warm_sandboxes() {
         },
     );
     let (key, req) = function(&f, "fd", 1, MARKER_PY);
-    call(&f.pool, &key, &req, json!({"me": "1"}));
+    call(&f.pool, &key, &req, me("1"));
     let busy = f.pool.acquire(&key, &req, true).unwrap();
     let busy_id = busy.sandbox.id().to_string();
-    call(&f.pool, &key, &req, json!({"me": "2"}));
+    call(&f.pool, &key, &req, me("2"));
     f.pool.drain("fd");
     assert_eq!(f.pool.idle_count(&key), 0);
     // The one busy during the drain is not kept when its call ends.
@@ -464,7 +484,7 @@ fn min_instances_are_kept() {
     );
     let (key, mut req) = function(&f, "fm", 1, MARKER_PY);
     req.min_instances = 2;
-    call(&f.pool, &key, &req, json!({"me": "1"}));
+    call(&f.pool, &key, &req, me("1"));
     f.pool.tick();
     assert_eq!(f.pool.idle_count(&key), 2, "started up to min_instances");
     f.clock.advance(Duration::from_secs(3600));
@@ -501,7 +521,7 @@ fn deploy_load_is_kept_for_the_first_call() {
         (1, 0, 0),
         "kept, and no call counted: {stats:?}"
     );
-    let (seen, start) = call(&f.pool, &a, &ra, json!({"me": "a"}));
+    let (seen, start) = call(&f.pool, &a, &ra, me("a"));
     assert_eq!((seen, start), (json!([]), Start::Warm));
 
     // Kept under an older drain: a later drain (a delete) wins, and it is stopped.
@@ -531,7 +551,7 @@ fn deploy_load_is_kept_for_the_first_call() {
         },
     );
     let (c, rc) = function(&f, "lc", 1, MARKER_PY);
-    call(&f.pool, &c, &rc, json!({"me": "c"}));
+    call(&f.pool, &c, &rc, me("c"));
     let (d, rd) = function(&f, "ld", 1, MARKER_PY);
     assert!(matches!(f.pool.load(&d, &rd), Err(PoolError::Full { .. })));
     let stats = f.pool.stats();
@@ -600,19 +620,39 @@ fn main() {
             shutdown_stops_stem_cells_still_starting,
         ),
     ];
-    let why = if !nix::unistd::geteuid().is_root() {
+    let real_missing = if !nix::unistd::geteuid().is_root() {
         Some("not running as root".to_string())
     } else if !Runtime::Python.available() {
         Some("/usr/bin/python3 is not installed".to_string())
     } else {
         None
     };
-    if let Some(why) = &why {
-        println!("SKIPPED {} pool tests: {why}", tests.len());
+    if let Some(why) = &real_missing {
+        println!("SKIPPED {} libcontainer pool tests: {why}", tests.len());
     }
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| common::trial(name, f, why.is_some()))
-        .collect();
+    let mut trials = Vec::new();
+    for (kind, skip) in [
+        (Kind::Fake, false),
+        (Kind::Libcontainer, real_missing.is_some()),
+    ] {
+        for (name, test) in &tests {
+            let test = *test;
+            let name = format!("{}::{name}", format!("{kind:?}").to_lowercase());
+            trials.push(
+                libtest_mimic::Trial::test(name, move || {
+                    KIND.set(kind);
+                    std::panic::catch_unwind(test).map_err(|e| {
+                        libtest_mimic::Failed::from(
+                            e.downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                                .unwrap_or_default(),
+                        )
+                    })
+                })
+                .with_ignored_flag(skip),
+            );
+        }
+    }
     libtest_mimic::run(&args, trials).exit();
 }

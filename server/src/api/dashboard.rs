@@ -3,25 +3,23 @@
 //! the internet. The page holds no data; it calls the API with the token the user signs in
 //! with.
 
-use warp::filters::BoxedFilter;
-use warp::http::HeaderValue;
+use serde_json::Value;
+use warp::http::{HeaderValue, Method, StatusCode};
 use warp::reply::Response;
-use warp::{Filter, Rejection, Reply};
 
-use super::{with_state, ApiError, AppState};
+use super::openapi::op_text;
+use super::router::{Access, Ctx, Handler, Reply, Route};
+use super::ApiError;
 
 const INDEX: &str = include_str!("../../ui/index.html");
 const APP_JS: &str = include_str!("../../ui/app.js");
 const APP_CSS: &str = include_str!("../../ui/app.css");
 
-/// Where Debian's `libjs-chart.js` puts Chart.js.
-pub const DEFAULT_CHART_JS: &str = "/usr/share/javascript/chart.js/chart.min.js";
-
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
                    img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'";
 
-fn asset(content_type: &'static str, body: impl Reply) -> Response {
-    let mut response = body.into_response();
+fn asset(content_type: &'static str, body: impl Into<warp::hyper::body::Bytes>) -> Response {
+    let mut response = Response::new(body.into().into());
     let headers = response.headers_mut();
     for (name, value) in [
         ("content-type", content_type),
@@ -34,41 +32,53 @@ fn asset(content_type: &'static str, body: impl Reply) -> Response {
     response
 }
 
-async fn chart_js(state: AppState) -> Result<Response, Rejection> {
-    match tokio::fs::read(&state.chart_js).await {
+async fn chart_js(c: Ctx) -> Reply {
+    match tokio::fs::read(&c.state.chart_js).await {
         Ok(bytes) => Ok(asset("text/javascript; charset=utf-8", bytes)),
-        Err(e) => Err(warp::reject::custom(ApiError::new(
-            warp::http::StatusCode::NOT_FOUND,
+        Err(e) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
             "not_found",
             format!(
                 "Chart.js is not at {} ({e}); install Debian's libjs-chart.js or pass --chart-js",
-                state.chart_js.display()
+                c.state.chart_js.display()
             ),
-        ))),
+        )),
+    }
+}
+
+fn public(path: &'static str, handler: Handler, doc: fn() -> Value) -> Route {
+    Route {
+        method: Method::GET,
+        path,
+        access: Access::Public,
+        body: false,
+        handler,
+        doc,
     }
 }
 
 /// `GET /` and the page's assets under `/ui/`; no token needed, the page asks for one.
-pub fn routes(state: AppState) -> BoxedFilter<(Response,)> {
-    let index = warp::path::end()
-        .and(warp::get())
-        .map(|| asset("text/html; charset=utf-8", INDEX));
-    let app_js = warp::path!("ui" / "app.js")
-        .and(warp::get())
-        .map(|| asset("text/javascript; charset=utf-8", APP_JS));
-    let app_css = warp::path!("ui" / "app.css")
-        .and(warp::get())
-        .map(|| asset("text/css; charset=utf-8", APP_CSS));
-    let chart = warp::path!("ui" / "chart.js")
-        .and(warp::get())
-        .and(with_state(state))
-        .and_then(chart_js);
-    index
-        .or(app_js)
-        .unify()
-        .or(app_css)
-        .unify()
-        .or(chart)
-        .unify()
-        .boxed()
+pub fn routes() -> Vec<Route> {
+    vec![
+        public(
+            "/",
+            |_| Box::pin(async { Ok(asset("text/html; charset=utf-8", INDEX)) }),
+            || op_text("The dashboard (it asks for a token)", "text/html", &[]),
+        ),
+        public(
+            "/ui/app.js",
+            |_| Box::pin(async { Ok(asset("text/javascript; charset=utf-8", APP_JS)) }),
+            || op_text("The dashboard's script", "text/javascript", &[]),
+        ),
+        public(
+            "/ui/app.css",
+            |_| Box::pin(async { Ok(asset("text/css; charset=utf-8", APP_CSS)) }),
+            || op_text("The dashboard's style", "text/css", &[]),
+        ),
+        public(
+            "/ui/chart.js",
+            |c| Box::pin(chart_js(c)),
+            || op_text("Chart.js, read from the host", "text/javascript", &["404"]),
+        ),
+    ]
 }

@@ -2,12 +2,8 @@
 //! mistake gets a 4xx that says what to fix; our own failure a 500 that leaks nothing and is
 //! logged with its cause.
 
-use std::convert::Infallible;
-
 use serde_json::json;
 use warp::http::StatusCode;
-use warp::reject::Reject;
-use warp::{Rejection, Reply};
 
 use crate::auth::AuthError;
 use crate::platform::PlatformError;
@@ -15,16 +11,18 @@ use crate::platform::PlatformError;
 /// An error with its status.
 #[derive(Debug)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// A short machine-readable code (`bad_request`, `not_found`, ...).
     pub code: &'static str,
+    /// What went wrong and what to fix.
     pub message: String,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
 }
 
-impl Reject for ApiError {}
-
 impl ApiError {
+    /// An error with `status`, a short machine `code` and a message that says what to fix.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -34,18 +32,21 @@ impl ApiError {
         }
     }
 
+    /// A 400.
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    /// A 401 for an authentication failure.
     pub fn unauthorized(e: AuthError) -> Self {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
     }
 
+    /// The error as a response: its status, the JSON body, and `WWW-Authenticate` or
+    /// `Retry-After` where they belong.
     pub fn reply(&self) -> warp::reply::Response {
-        let body =
-            warp::reply::json(&json!({"error": {"code": self.code, "message": self.message}}));
-        let mut response = warp::reply::with_status(body, self.status).into_response();
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = super::router::json(self.status, &body);
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 "www-authenticate",
@@ -85,7 +86,7 @@ impl From<PlatformError> for ApiError {
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_busy", message)
             },
             PlatformError::Internal(cause) => {
-                eprintln!("cloudfunc: internal error: {cause:#}");
+                tracing::error!(cause = format!("{cause:#}"), "internal error");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
@@ -94,65 +95,4 @@ impl From<PlatformError> for ApiError {
             }
         }
     }
-}
-
-/// Turns a platform result into a rejection the recover step renders.
-pub fn reject(e: PlatformError) -> Rejection {
-    warp::reject::custom(ApiError::from(e))
-}
-
-/// Renders every rejection as the one JSON shape.
-pub async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
-    let error = if let Some(e) = rejection.find::<ApiError>() {
-        return Ok(e.reply());
-    } else if rejection.is_not_found() {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such route; GET /api/openapi.json lists them",
-        )
-    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the body is over the server's size limit",
-        )
-    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        ApiError::new(
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "send a Content-Length header with the body",
-        )
-    } else if rejection
-        .find::<warp::reject::UnsupportedMediaType>()
-        .is_some()
-    {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "use application/json, application/zip or multipart/form-data as documented",
-        )
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "this route does not take that method",
-        )
-    } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
-        ApiError::bad_request(format!("invalid query string: {e}"))
-    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
-        ApiError::bad_request(format!("invalid header: {e}"))
-    } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
-        ApiError::bad_request(format!("missing header: {e}"))
-    } else if let Some(e) = rejection.find::<warp::filters::body::BodyDeserializeError>() {
-        ApiError::bad_request(format!("the body is not valid: {e}"))
-    } else {
-        eprintln!("cloudfunc: unhandled rejection: {rejection:?}");
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the request could not be handled as sent",
-        )
-    };
-    Ok(error.reply())
 }

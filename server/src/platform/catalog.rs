@@ -136,7 +136,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::{alice_hello, version};
+    use crate::store::sqlite::tests::{alice_hello, version};
 
     #[test]
     fn a_cached_lookup_follows_every_invalidated_change() {

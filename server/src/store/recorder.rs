@@ -226,8 +226,8 @@ fn commit(store: &dyn Store, batch: Vec<Message>, pending: &AtomicUsize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Completion, TaskStatus};
-    use crate::store::tests::{task, version};
+    use crate::model::{Completion, Mode, TaskStatus};
+    use crate::store::sqlite::tests::{task, version};
     use crate::store::SqliteStore;
 
     fn ending() -> Completion {
@@ -248,7 +248,7 @@ mod tests {
         let (id, n) = store.next_version("a", "f").unwrap();
         let f = store.add_version("a", &id, "f", &version(n)).unwrap();
         let recorder = Recorder::start(store.clone()).unwrap();
-        let duplicate = task("a", &f, "async");
+        let duplicate = task("a", &f, Mode::Async);
         recorder
             .write_blocking(Write::Insert(duplicate.clone()))
             .unwrap();
@@ -293,7 +293,7 @@ mod tests {
     }
 
     fn finished(f: &crate::model::Function) -> (String, Write) {
-        let mut t = task("a", f, "sync");
+        let mut t = task("a", f, Mode::Sync);
         t.status = TaskStatus::Running;
         let id = t.task_id.clone();
         let write = Write::Finished {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use rusqlite::{params, Connection};
 
 use crate::rollup::{bucket_start, Call, Stats, RESOLUTIONS};
+use crate::store::Rollup;
 
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS rollups (
@@ -41,17 +42,6 @@ CREATE TABLE IF NOT EXISTS rollup_bins (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rollup_bins_time ON rollup_bins (resolution, start);
 "#;
-
-/// One rollup row: the calls of one function with one outcome in one bucket.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rollup {
-    pub start: i64,
-    pub tenant: String,
-    pub function_id: String,
-    pub function: String,
-    pub outcome: String,
-    pub stats: Stats,
-}
 
 fn i64_of(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -300,11 +290,16 @@ pub(super) fn backfill(conn: &Connection) -> rusqlite::Result<u64> {
     }
     let mut stmt = conn.prepare(&format!(
         "SELECT tenant, function_id, function, {} FROM tasks WHERE finished_at IS NOT NULL",
-        super::CALL_COLS
+        super::rows::CALL_COLS
     ))?;
     let calls: Vec<(String, String, String, Call)> = stmt
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, super::call_row(r, 3)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                super::rows::call_row(r, 3)?,
+            ))
         })?
         .collect::<rusqlite::Result<_>>()?;
     let mut pending = Pending::default();
@@ -319,7 +314,7 @@ pub(super) fn backfill(conn: &Connection) -> rusqlite::Result<u64> {
 mod tests {
     use proptest::prelude::*;
 
-    use crate::model::{now_ms, Completion, Function, TaskError, TaskStatus, TaskUsage};
+    use crate::model::{now_ms, Completion, Function, Mode, TaskError, TaskStatus, TaskUsage};
     use crate::rollup::{bin, bucket_start, resolution_for, series, Call, Stats};
     use crate::store::{SqliteStore, Store, Write};
 
@@ -337,7 +332,7 @@ mod tests {
             _ => TaskStatus::Failed,
         };
         let error = (outcome != "succeeded").then(|| TaskError {
-            kind: outcome.into(),
+            kind: crate::model::ErrorKind::parse(outcome).expect("a known kind"),
             error_type: String::new(),
             message: String::new(),
             traceback: String::new(),
@@ -367,7 +362,7 @@ mod tests {
             .iter()
             .map(|(tenant, name)| {
                 let (id, n) = store.next_version(tenant, name).unwrap();
-                let v = crate::store::tests::version(n);
+                let v = crate::store::sqlite::tests::version(n);
                 store.add_version(tenant, &id, name, &v).unwrap()
             })
             .collect();
@@ -376,7 +371,7 @@ mod tests {
         let mut batch = Vec::new();
         for (i, (f, outcome, offset, cold, ms, cpu, mem)) in calls.iter().enumerate() {
             let function = &functions[*f];
-            let task = crate::store::tests::task(&function.tenant, function, "sync");
+            let task = crate::store::sqlite::tests::task(&function.tenant, function, Mode::Sync);
             let c = completion(OUTCOMES[*outcome], *cold, *ms, *cpu, *mem);
             // Both ways a task is stored: queued then ended, or only once ended (sync calls).
             if i % 2 == 0 {
@@ -523,12 +518,24 @@ mod tests {
     fn a_task_counts_once_and_survives_the_pruning_of_raw_records() {
         let (_dir, store, functions) = store_with(&[(0, 0, 0, true, 12.0, 3.0, 1 << 20)]);
         let f = &functions[0];
-        let task = crate::store::tests::task(&f.tenant, f, "sync");
-        store.insert_task(&task).unwrap();
+        let task = crate::store::sqlite::tests::task(&f.tenant, f, Mode::Sync);
+        crate::store::sqlite::tests::insert(&store, &task);
         let c = completion("raised", false, 2.0, 1.0, 10);
-        store.complete_task_at(&task.task_id, &c, T0 + 10).unwrap();
+        store
+            .write(&[Write::Complete {
+                task_id: task.task_id.clone(),
+                completion: c.clone(),
+                at: T0 + 10,
+            }])
+            .unwrap();
         // Storing the same ending again (a retried write) adds nothing.
-        store.complete_task_at(&task.task_id, &c, T0 + 10).unwrap();
+        store
+            .write(&[Write::Complete {
+                task_id: task.task_id.clone(),
+                completion: c.clone(),
+                at: T0 + 10,
+            }])
+            .unwrap();
         assert_eq!(store.prune(now_ms() + 1).unwrap(), 2);
         assert!(store.calls(None, None, 0, i64::MAX).unwrap().is_empty());
         for resolution in crate::rollup::RESOLUTIONS {
@@ -565,8 +572,11 @@ mod tests {
             store_with(&[(0, 0, 5, false, 1.0, 1.0, 1), (2, 2, 7, false, 2.0, 1.0, 1)]);
         drop(store);
         let conn = rusqlite::Connection::open(dir.path().join("db")).unwrap();
-        conn.execute_batch("DELETE FROM rollups; DELETE FROM rollup_bins;")
-            .unwrap();
+        // As written before rollups (and the schema's version table) existed.
+        conn.execute_batch(
+            "DROP TABLE rollups; DROP TABLE rollup_bins; DROP TABLE schema_version;",
+        )
+        .unwrap();
         drop(conn);
         for _ in 0..2 {
             let store = SqliteStore::open(&dir.path().join("db")).unwrap();

@@ -1,0 +1,77 @@
+//! Tasks: one task's status, result and usage (also at seed 000's
+//! `/api/functions/{task_id}/status`), and what it printed.
+
+use serde_json::json;
+use warp::http::{Method, StatusCode};
+
+use super::functions::token;
+use super::openapi::{op, schema, task_param};
+use super::router::{json as reply, Ctx, Reply, Route};
+
+async fn task(c: Ctx) -> Reply {
+    let task = c.state.platform.task(c.caller(), c.param(0)).await?;
+    Ok(reply(StatusCode::OK, &task))
+}
+
+async fn logs(c: Ctx) -> Reply {
+    let task = c.state.platform.task(c.caller(), c.param(0)).await?;
+    Ok(reply(
+        StatusCode::OK,
+        &json!({
+            "task_id": task.task_id,
+            "function": task.function,
+            "version": task.version,
+            "status": task.status.as_str(),
+            "logs": task.logs,
+            "logs_truncated": task.logs_truncated,
+        }),
+    ))
+}
+
+/// The routes.
+pub fn routes() -> Vec<Route> {
+    vec![
+        token(
+            Method::GET,
+            "/api/tasks/{task_id}",
+            false,
+            |c| Box::pin(task(c)),
+            || {
+                op(
+                    "A task: status, result or error, logs, usage",
+                    ("200", schema("Task")),
+                    &["400", "404"],
+                    json!({"parameters": [task_param("task_id")]}),
+                )
+            },
+        ),
+        token(
+            Method::GET,
+            "/api/functions/{task_id}/status",
+            false,
+            |c| Box::pin(task(c)),
+            || {
+                op(
+                    "A task's status and result (seed 000's path)",
+                    ("200", schema("Task")),
+                    &["400", "404"],
+                    json!({"parameters": [task_param("task_id")]}),
+                )
+            },
+        ),
+        token(
+            Method::GET,
+            "/api/tasks/{task_id}/logs",
+            false,
+            |c| Box::pin(logs(c)),
+            || {
+                op(
+                    "What a task printed, and whether it was cut at the cap",
+                    ("200", schema("TaskLogs")),
+                    &["400", "404"],
+                    json!({"parameters": [task_param("task_id")]}),
+                )
+            },
+        ),
+    ]
+}

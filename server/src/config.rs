@@ -1,0 +1,253 @@
+//! Everything `cloudfunc serve` can be told, with the one place its defaults live
+//! ([`defaults`]): the flags, their environment variables, and the pool's and platform's
+//! configurations built from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use cloudfunc_sandbox::BackendKind;
+
+use crate::archive::ArchiveLimits;
+use crate::isolation::Isolation;
+use crate::platform::{Bounds, PlatformConfig, Retention};
+use crate::pool::PoolConfig;
+
+/// The embedded defaults.
+pub mod defaults {
+    /// Where the database, the code and the JWT secret live.
+    pub const DATA_DIR: &str = "/var/lib/cloudfunc";
+    /// Where container state lives.
+    pub const STATE_DIR: &str = "/run/cloudfunc";
+    /// Where image skeletons are written.
+    pub const IMAGES_DIR: &str = "/var/lib/cloudfunc/images";
+    /// The API's address.
+    pub const LISTEN: &str = "127.0.0.1:8080";
+    /// Sandboxes live under `/<this>` in every cgroup hierarchy.
+    pub const CGROUP_PARENT: &str = "cloudfunc";
+    /// gVisor's runtime.
+    pub const RUNSC: &str = "/usr/bin/runsc";
+    /// Queue workers.
+    pub const WORKERS: usize = 4;
+    /// A function's calls at once when it sets no `max_instances`.
+    pub const MAX_INSTANCES: u32 = 8;
+    /// Largest request body, MiB.
+    pub const MAX_BODY_MB: u64 = 32;
+    /// Days finished tasks are kept.
+    pub const RETENTION_DAYS: f64 = 7.0;
+    /// Days per-minute rollups are kept.
+    pub const MINUTE_ROLLUPS_DAYS: f64 = 30.0;
+    /// Days per-hour rollups are kept.
+    pub const HOUR_ROLLUPS_DAYS: f64 = 365.0;
+    /// Days per-day rollups are kept (0: forever).
+    pub const DAY_ROLLUPS_DAYS: f64 = 0.0;
+    /// Stem cells per runtime and isolation level.
+    pub const STEM_CELLS: usize = 1;
+    /// Sync callers that may wait for a busy function.
+    pub const MAX_WAITING: usize = 64;
+    /// Longest a sync caller waits for a busy function, seconds.
+    pub const MAX_WAIT_S: u64 = 10;
+    /// Sandboxes the pool holds at once.
+    pub const MAX_SANDBOXES: usize = 1024;
+    /// Per-call timeout when a function sets none, ms.
+    pub const TIMEOUT_MS: u64 = 30_000;
+    /// Longest timeout a function may ask for, ms.
+    pub const MAX_TIMEOUT_MS: u64 = 15 * 60 * 1000;
+    /// Memory limit when a function sets none, MiB.
+    pub const MEMORY_MB: u64 = 256;
+    /// Largest memory limit a function may ask for, MiB.
+    pub const MAX_MEMORY_MB: u64 = 4096;
+    /// CPU limit when a function sets none, millicores.
+    pub const CPU_MILLICORES: u32 = 1000;
+    /// Seconds a sandbox stays warm after a call (seed 003's 60 s).
+    pub const KEEP_WARM_S: u64 = 60;
+    /// Chart.js, where Debian's `libjs-chart.js` puts it.
+    pub const CHART_JS: &str = "/usr/share/javascript/chart.js/chart.min.js";
+}
+
+/// `cloudfunc serve`'s flags; each has an embedded default.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// The server's data directory (database, code, JWT secret).
+    #[arg(skip = PathBuf::from(defaults::DATA_DIR))]
+    pub data_dir: PathBuf,
+    /// The API's address.
+    #[arg(long, env = "CLOUDFUNC_LISTEN", default_value = defaults::LISTEN)]
+    pub listen: SocketAddr,
+    /// Container state.
+    #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = defaults::STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Image skeletons.
+    #[arg(long, env = "CLOUDFUNC_IMAGES_DIR", default_value = defaults::IMAGES_DIR)]
+    pub images_dir: PathBuf,
+    /// Sandboxes live under /<this> in every cgroup hierarchy.
+    #[arg(long, env = "CLOUDFUNC_CGROUP_PARENT", default_value = defaults::CGROUP_PARENT)]
+    pub cgroup_parent: String,
+    /// HS256 secret; refused if weak. Default: generated into the data directory.
+    #[arg(long, env = "CLOUDFUNC_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Queue workers.
+    #[arg(long, env = "CLOUDFUNC_WORKERS", default_value_t = defaults::WORKERS)]
+    pub workers: usize,
+    /// A function's calls at once (its max_instances) when it sets none.
+    #[arg(long, env = "CLOUDFUNC_CONCURRENCY", default_value_t = defaults::MAX_INSTANCES)]
+    pub concurrency: u32,
+    /// Largest request body, MiB.
+    #[arg(long, default_value_t = defaults::MAX_BODY_MB)]
+    pub max_body_mb: u64,
+    /// Days finished tasks (results, logs, usage) are kept.
+    #[arg(long, env = "CLOUDFUNC_RETENTION_DAYS", default_value_t = defaults::RETENTION_DAYS)]
+    pub retention_days: f64,
+    /// Days per-minute metrics rollups are kept (0: forever).
+    #[arg(long, default_value_t = defaults::MINUTE_ROLLUPS_DAYS)]
+    pub minute_rollups_days: f64,
+    /// Days per-hour metrics rollups are kept (0: forever).
+    #[arg(long, default_value_t = defaults::HOUR_ROLLUPS_DAYS)]
+    pub hour_rollups_days: f64,
+    /// Days per-day metrics rollups are kept (0: forever). Prometheus counters are read
+    /// from these, so pruning them makes counters drop.
+    #[arg(long, default_value_t = defaults::DAY_ROLLUPS_DAYS)]
+    pub day_rollups_days: f64,
+    /// The runtime behind `container` isolation: libcontainer, runc or crun.
+    #[arg(
+        long,
+        env = "CLOUDFUNC_CONTAINER_RUNTIME",
+        default_value = "libcontainer"
+    )]
+    pub container_runtime: BackendKind,
+    /// Isolation of functions that do not choose: container or gvisor.
+    #[arg(long, env = "CLOUDFUNC_ISOLATION", default_value = "container")]
+    pub isolation: Isolation,
+    /// gVisor's runsc, for gvisor isolation.
+    #[arg(long, env = "CLOUDFUNC_RUNSC", default_value = defaults::RUNSC)]
+    pub runsc: PathBuf,
+    /// Sandboxes started ahead of need, per runtime and isolation level (0: none).
+    #[arg(long, env = "CLOUDFUNC_STEM_CELLS", default_value_t = defaults::STEM_CELLS)]
+    pub stem_cells: usize,
+    /// Sync calls that may wait for a function at its max_instances before getting 429.
+    #[arg(long, env = "CLOUDFUNC_MAX_WAITING", default_value_t = defaults::MAX_WAITING)]
+    pub max_waiting: usize,
+    /// Chart.js for the dashboard (Debian's libjs-chart.js puts it here).
+    #[arg(long, env = "CLOUDFUNC_CHART_JS", default_value = defaults::CHART_JS)]
+    pub chart_js: PathBuf,
+    /// Sandboxes the warm pool holds at once (idle, busy, starting and stem cells).
+    #[arg(long, env = "CLOUDFUNC_MAX_SANDBOXES", default_value_t = defaults::MAX_SANDBOXES)]
+    pub max_sandboxes: usize,
+    /// MiB the pool's sandboxes' memory limits may commit together (0: 4x the host's memory).
+    #[arg(long, env = "CLOUDFUNC_POOL_MEMORY_MB", default_value_t = 0)]
+    pub pool_memory_mb: u64,
+}
+
+/// Days as a retention period: `None` (forever) for 0.
+fn keep(flag: &str, days: f64) -> Result<Option<Duration>> {
+    if !days.is_finite() || days < 0.0 {
+        bail!("--{flag} must be 0 (forever) or a positive number of days");
+    }
+    Ok((days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0)))
+}
+
+impl ServeConfig {
+    /// What the flags' defaults give, with data under `data_dir`.
+    pub fn with_defaults(data_dir: PathBuf) -> ServeConfig {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        let mut config = <Only as clap::Parser>::parse_from(["serve"]).serve;
+        config.data_dir = data_dir;
+        config
+    }
+
+    /// Checks what no flag's type can: workers, retention periods.
+    pub fn validate(&self) -> Result<()> {
+        if self.workers == 0 {
+            bail!("--workers must be at least 1");
+        }
+        self.retention()?;
+        Ok(())
+    }
+
+    /// Largest request body.
+    pub fn max_body_bytes(&self) -> u64 {
+        self.max_body_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// How long finished tasks and each resolution of rollups are kept.
+    pub fn retention(&self) -> Result<Retention> {
+        if !self.retention_days.is_finite() || self.retention_days <= 0.0 {
+            bail!("--retention-days must be a positive number");
+        }
+        Ok(Retention {
+            tasks: Duration::from_secs_f64(self.retention_days * 86_400.0),
+            minute_rollups: keep("minute-rollups-days", self.minute_rollups_days)?,
+            hour_rollups: keep("hour-rollups-days", self.hour_rollups_days)?,
+            day_rollups: keep("day-rollups-days", self.day_rollups_days)?,
+        })
+    }
+
+    /// The pool's configuration.
+    pub fn pool(&self) -> PoolConfig {
+        let defaults = PoolConfig::default();
+        PoolConfig {
+            stem_cells: self.stem_cells,
+            max_waiting: self.max_waiting,
+            max_sandboxes: self.max_sandboxes,
+            max_memory_bytes: match self.pool_memory_mb {
+                0 => defaults.max_memory_bytes,
+                mb => mb.saturating_mul(1024 * 1024),
+            },
+            ..defaults
+        }
+    }
+
+    /// The platform's configuration.
+    pub fn platform(&self) -> PlatformConfig {
+        let mut config = PlatformConfig::new(&self.data_dir);
+        config.bounds.default_max_instances = self.concurrency;
+        config
+    }
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds {
+            default_timeout_ms: defaults::TIMEOUT_MS,
+            max_timeout_ms: defaults::MAX_TIMEOUT_MS,
+            default_memory_mb: defaults::MEMORY_MB,
+            max_memory_mb: defaults::MAX_MEMORY_MB,
+            default_cpu_millicores: defaults::CPU_MILLICORES,
+            default_keep_warm_s: defaults::KEEP_WARM_S,
+            default_max_instances: defaults::MAX_INSTANCES,
+        }
+    }
+}
+
+impl PlatformConfig {
+    /// Defaults with code under `data_dir/code`.
+    pub fn new(data_dir: &std::path::Path) -> Self {
+        PlatformConfig {
+            code_dir: data_dir.join("code"),
+            bounds: Bounds::default(),
+            archive: ArchiveLimits::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_the_flags_defaults() {
+        let c = ServeConfig::with_defaults("/d".into());
+        assert_eq!(c.workers, defaults::WORKERS);
+        assert_eq!(c.listen.to_string(), defaults::LISTEN);
+        assert_eq!(c.pool().max_sandboxes, PoolConfig::default().max_sandboxes);
+        assert_eq!(c.platform().bounds, Bounds::default());
+        assert_eq!(c.platform().code_dir, PathBuf::from("/d/code"));
+        c.validate().unwrap();
+    }
+}

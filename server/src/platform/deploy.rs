@@ -1,0 +1,290 @@
+//! Deploys (a new function or its next version), and the lifecycle after: listing,
+//! activation, deletion. A version is proven to load, in a sandbox kept for its first call,
+//! before it is stored.
+
+use std::path::{Path, PathBuf};
+
+use cloudfunc_sandbox::{Error as SandboxError, Sandbox};
+
+use super::invoke::request_for;
+use super::{blocking, Platform, PlatformError, Result, Settings};
+use crate::archive;
+use crate::auth::Caller;
+use crate::model::{valid_name, Function, Version};
+use crate::pool::{Lease, PoolError};
+
+/// The code of a deploy.
+#[derive(Debug, Clone)]
+pub enum Code {
+    /// A ZIP archive.
+    Zip(bytes::Bytes),
+    /// Single files (name, content): seed 002's inline code, seed 004's `python_file`.
+    Files(Vec<(String, Vec<u8>)>),
+    /// Keep the previous version's code (a settings-only update).
+    Unchanged,
+}
+
+impl Platform {
+    /// Deploys `code` as `name` (a new function, or its next version).
+    pub async fn deploy(
+        &self,
+        caller: &Caller,
+        settings: Settings,
+        code: Code,
+    ) -> Result<(Function, Version)> {
+        let store = self.inner.store.clone();
+        let name = settings.name.clone().ok_or_else(|| {
+            PlatformError::BadRequest(
+                "a name is required (form field, JSON field or manifest)".into(),
+            )
+        })?;
+        if !valid_name(&name) {
+            return Err(PlatformError::BadRequest(format!(
+                "invalid function name {name:?}: use 1-64 of a-z, 0-9, '_' and '-'"
+            )));
+        }
+        let tenant = caller.tenant.clone();
+        let previous = {
+            let (store, tenant, name) = (store.clone(), tenant.clone(), name.clone());
+            blocking(move || -> Result<Option<Version>> {
+                let Some(f) = store.function(Some(&tenant), &name)? else {
+                    return Ok(None);
+                };
+                Ok(store.version(&f.id, f.version)?)
+            })
+            .await??
+        };
+        let (function_id, number) = {
+            let (store, tenant, name) = (store.clone(), tenant.clone(), name.clone());
+            blocking(move || store.next_version(&tenant, &name)).await??
+        };
+        let this = self.clone();
+        let tenant2 = tenant.clone();
+        let name2 = name.clone();
+        blocking(move || {
+            this.write_version(
+                &tenant2,
+                &function_id,
+                &name2,
+                number,
+                settings,
+                code,
+                previous,
+            )
+        })
+        .await?
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_version(
+        &self,
+        tenant: &str,
+        function_id: &str,
+        name: &str,
+        number: u32,
+        settings: Settings,
+        code: Code,
+        previous: Option<Version>,
+    ) -> Result<(Function, Version)> {
+        let config = &self.inner.config;
+        let code_dir = config.code_dir.join(function_id).join(number.to_string());
+        let mut fresh_code = true;
+        match code {
+            Code::Zip(bytes) => {
+                archive::extract(&bytes, &code_dir, config.archive)?;
+            }
+            Code::Files(files) => write_files(&code_dir, &files)?,
+            Code::Unchanged => fresh_code = false,
+        }
+        let cleanup = |e: PlatformError| {
+            if fresh_code {
+                let _ = std::fs::remove_dir_all(&code_dir);
+            }
+            e
+        };
+        let code_path = if fresh_code {
+            code_dir.clone()
+        } else {
+            PathBuf::from(
+                &previous
+                    .as_ref()
+                    .ok_or_else(|| {
+                        PlatformError::BadRequest(
+                            "no code given and no earlier version to keep".into(),
+                        )
+                    })?
+                    .code_dir,
+            )
+        };
+        let manifest = Settings::from_code_dir(&code_path).map_err(cleanup)?;
+        let from_previous = previous
+            .as_ref()
+            .map(Settings::of_version)
+            .unwrap_or_default();
+        let merged = from_previous.overlay(manifest).overlay(settings);
+        let version = merged
+            .resolve(number, &code_path, &config.bounds, self.engines())
+            .map_err(cleanup)?;
+        if fresh_code {
+            self.precompile(&version, &code_path);
+        }
+        let loaded = self.load(function_id, name, &version).map_err(cleanup)?;
+        let pool = &self.inner.pool;
+        let function = match self
+            .inner
+            .store
+            .add_version(tenant, function_id, name, &version)
+        {
+            Ok(function) => function,
+            Err(e) => {
+                if let Some(lease) = loaded {
+                    pool.discard(lease);
+                }
+                return Err(cleanup(e.into()));
+            }
+        };
+        self.inner.catalog.invalidate();
+        // Sandboxes of earlier versions are not kept for the calls to come; the one that just
+        // loaded this version is, so its first call finds it warm.
+        let drained = pool.drain(function_id);
+        if let Some(lease) = loaded {
+            pool.keep(lease, drained);
+        }
+        Ok((function, version))
+    }
+
+    /// Compiles new code once, in a sandbox of its function's isolation, so that its cold
+    /// starts do not (see [`cloudfunc_sandbox::Engine::precompile`]). A failure costs only that: the function
+    /// compiles its code at each cold start, as it would have anyway.
+    fn precompile(&self, version: &Version, code_dir: &Path) {
+        let runtime = version.runtime;
+        let done = self
+            .engine(version.isolation)
+            .map_err(|e| e.to_string())
+            .and_then(|engine| {
+                engine
+                    .precompile(runtime, code_dir)
+                    .map_err(|e| cloudfunc_sandbox::error_chain(&e))
+            });
+        if let Err(why) = done {
+            eprintln!(
+                "cloudfunc: {} is deployed uncompiled: {why}",
+                code_dir.display()
+            );
+        }
+    }
+
+    /// Proves that `version` loads (a missing handler or a syntax error is reported at
+    /// deploy), in a sandbox from the pool that is then kept for its first call. At the
+    /// pool's caps it proves it in a sandbox of its own, stopped at once.
+    fn load(&self, function_id: &str, name: &str, version: &Version) -> Result<Option<Lease>> {
+        let (key, request) = request_for(function_id, name, version);
+        match self.inner.pool.load(&key, &request) {
+            Ok(lease) => Ok(Some(lease)),
+            Err(PoolError::Sandbox(e)) => Err(load_error(e)),
+            Err(PoolError::Unavailable(why)) => Err(PlatformError::BadRequest(why)),
+            Err(PoolError::Full { .. } | PoolError::Busy { .. }) => {
+                match Sandbox::create(self.engine(version.isolation)?, request.spec) {
+                    Ok(sandbox) => sandbox
+                        .shutdown()
+                        .map(|()| None)
+                        .map_err(|e| PlatformError::Internal(e.into())),
+                    Err(e) => Err(load_error(e)),
+                }
+            }
+        }
+    }
+
+    /// Functions the caller sees.
+    pub async fn list(&self, caller: &Caller) -> Result<Vec<Function>> {
+        let (store, scope) = (self.inner.store.clone(), caller.scope().map(String::from));
+        Ok(blocking(move || store.functions(scope.as_deref())).await??)
+    }
+
+    /// One function (by id or name) with its versions.
+    pub async fn get(&self, caller: &Caller, key: &str) -> Result<(Function, Vec<Version>)> {
+        let function = self.find(caller, key).await?;
+        let (store, id) = (self.inner.store.clone(), function.id.clone());
+        let versions = blocking(move || store.versions(&id)).await??;
+        Ok((function, versions))
+    }
+
+    /// Activates or deactivates a function.
+    pub async fn set_active(&self, caller: &Caller, key: &str, active: bool) -> Result<Function> {
+        let function = self.find(caller, key).await?;
+        let (store, id) = (self.inner.store.clone(), function.id.clone());
+        blocking(move || store.set_active(&id, active)).await??;
+        self.inner.catalog.invalidate();
+        self.drain(&function.id).await;
+        Ok(Function { active, ..function })
+    }
+
+    /// Deletes a function, its versions and their code. Its finished tasks stay readable.
+    pub async fn delete(&self, caller: &Caller, key: &str) -> Result<Function> {
+        let function = self.find(caller, key).await?;
+        let (this, id) = (self.clone(), function.id.clone());
+        let code_root = self.inner.config.code_dir.join(&function.id);
+        // Records of its calls so far go in first, so none is written after the deletion.
+        let store = self.settled_store().await;
+        blocking(move || -> Result<()> {
+            store.delete_function(&id)?;
+            // Before the code goes, so that no new call resolves to it.
+            this.inner.catalog.invalidate();
+            let _ = std::fs::remove_dir_all(&code_root);
+            Ok(())
+        })
+        .await??;
+        // After the deletion, so that no call can take a new sandbox for it meanwhile.
+        self.drain(&function.id).await;
+        Ok(function)
+    }
+}
+
+fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| PlatformError::Internal(e.into()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| PlatformError::Internal(e.into()))?;
+    for (name, content) in files {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        if !ok {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(PlatformError::BadRequest(format!(
+                "file name {name:?} must be a plain name like handler.py"
+            )));
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, content).map_err(|e| PlatformError::Internal(e.into()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| PlatformError::Internal(e.into()))?;
+    }
+    Ok(())
+}
+
+/// Why a version does not load, for the deployer.
+fn load_error(e: SandboxError) -> PlatformError {
+    match e {
+        SandboxError::FunctionInit { error, logs } => PlatformError::Unprocessable(format!(
+            "the function does not load: {}: {}{}",
+            error.kind,
+            error.message,
+            if logs.text.is_empty() {
+                String::new()
+            } else {
+                format!(" (output: {})", logs.text.trim())
+            }
+        )),
+        SandboxError::InitCrashed { exit, .. } => PlatformError::Unprocessable(format!(
+            "the runtime died while loading the function ({exit})"
+        )),
+        SandboxError::StartTimeout(t) => {
+            PlatformError::Unprocessable(format!("the function did not load within {t:?}"))
+        }
+        e => PlatformError::Internal(e.into()),
+    }
+}

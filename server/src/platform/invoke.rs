@@ -1,0 +1,468 @@
+//! Sync calls, and the one path every call runs through ([`execute`]): a sandbox from the
+//! pool, the exchange with it on the async runtime, and the call's completion from what the
+//! sandbox reported.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudfunc_sandbox::{
+    Error as SandboxError, Invocation, InvokeOptions, Limits, Outcome, SandboxSpec,
+};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{blocking, no_function, versioned, Platform, PlatformError, Result, Running};
+use crate::auth::Caller;
+use crate::model::{
+    now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, TaskUsage, Version,
+};
+use crate::pool::{Key, Pool, PoolError, Request, Start};
+use crate::store::Write;
+
+impl Platform {
+    /// Resolves `key` (optionally `name@version`) to a runnable function version.
+    pub(super) async fn runnable(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+    ) -> Result<(Function, Version)> {
+        let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
+        blocking(move || this.resolve(&caller, &key, version)).await?
+    }
+
+    /// Resolves `key` (optionally `name@version`) to a runnable function version, from the
+    /// catalog (blocking on a miss).
+    fn resolve(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+    ) -> Result<(Function, Version)> {
+        let (key, version) = versioned(key, version)?;
+        let (store, catalog) = (self.inner.store.as_ref(), &self.inner.catalog);
+        let function = catalog
+            .function(store, caller.scope(), key)?
+            .ok_or_else(|| no_function(key))?;
+        if !function.active {
+            return Err(PlatformError::Inactive(function.name.clone()));
+        }
+        let number = version.unwrap_or(function.version);
+        let version = catalog
+            .version(store, &function.id, number)?
+            .ok_or_else(|| {
+                PlatformError::NotFound(format!("function {key:?} has no version {number}"))
+            })?;
+        Ok((function, version))
+    }
+
+    /// [`Platform::resolve`] from what the catalog holds, without a store read: `None` when
+    /// it would need one.
+    fn resolve_held(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+    ) -> Option<Result<(Function, Version)>> {
+        let (key, version) = match versioned(key, version) {
+            Ok(found) => found,
+            Err(e) => return Some(Err(e)),
+        };
+        let (function, version) = self.inner.catalog.held(caller.scope(), key, version)?;
+        if !function.active {
+            return Some(Err(PlatformError::Inactive(function.name.clone())));
+        }
+        Some(Ok((function, version)))
+    }
+
+    /// Runs a function now and returns its finished task. The task is stored once, when it
+    /// has ended, behind the reply (reads settle the recorder first, so they still find it).
+    pub async fn invoke(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+        payload: Value,
+    ) -> Result<Task> {
+        let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
+        // A task of its own: should the caller go away mid-call, the call still ends, its
+        // sandbox goes back to the pool, and it is recorded.
+        let (ended, refused) = tokio::spawn(async move {
+            let _running = Running::enter(&this.inner.sync_running);
+            let (task, completion, refused) = this.call(&caller, &key, version, payload).await?;
+            let at = now_ms();
+            let ended = task.clone().ended(completion.clone(), at);
+            // The caller has its result: the record need not be on disk before the reply.
+            this.inner
+                .recorder
+                .write_behind(Write::Finished {
+                    task: Box::new(task),
+                    completion,
+                    at,
+                })
+                .await?;
+            Ok::<_, PlatformError>((ended, refused))
+        })
+        .await
+        .map_err(|e| PlatformError::Internal(e.into()))??;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(ended),
+        }
+    }
+
+    /// A sync call, on the async runtime: the lookup from the catalog (a blocking thread
+    /// reads the store on a miss), the wait for a sandbox and the exchange with it take no
+    /// thread of their own (see [`execute`]).
+    async fn call(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+        payload: Value,
+    ) -> Result<(Task, Completion, Option<PlatformError>)> {
+        let (function, version) = match self.resolve_held(caller, key, version) {
+            Some(found) => found?,
+            None => {
+                let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
+                blocking(move || this.resolve(&caller, &key, version)).await??
+            }
+        };
+        let mut task = Task::queued(&function, version.version, Mode::Sync, payload);
+        task.status = TaskStatus::Running;
+        task.attempts = 1;
+        task.started_at = Some(task.created_at);
+        let ran = execute(&self.inner.pool, &function, &version, &task, true).await;
+        let (completion, refused) = settle(&task, ran);
+        log_invocation(&task, &version, &completion);
+        Ok((task, completion, refused))
+    }
+
+    /// A task as the caller sees it.
+    pub async fn task(&self, caller: &Caller, task_id: &str) -> Result<Task> {
+        let (store, scope, id) = (
+            self.settled_store().await,
+            caller.scope().map(String::from),
+            task_id.to_string(),
+        );
+        blocking(move || store.task(scope.as_deref(), &id))
+            .await??
+            .ok_or_else(|| PlatformError::NotFound(format!("no task {task_id:?}")))
+    }
+
+    /// Recent tasks of a function.
+    pub async fn recent(&self, caller: &Caller, key: &str, limit: u32) -> Result<Vec<Task>> {
+        let function = self.find(caller, key).await?;
+        let store = self.settled_store().await;
+        Ok(blocking(move || store.recent_tasks(&function.id, limit)).await??)
+    }
+}
+
+fn spec_for(name: &str, version: &Version) -> SandboxSpec {
+    let mut spec = SandboxSpec::new(version.runtime, &version.code_dir);
+    spec.handler = version.handler.clone();
+    spec.env = version.env.clone();
+    spec.function_name = name.to_string();
+    spec.function_version = version.version.to_string();
+    spec.limits = Limits {
+        memory_bytes: version.memory_mb * 1024 * 1024,
+        cpu_millicores: version.cpu_millicores,
+        ..Limits::default()
+    };
+    spec
+}
+
+pub(super) fn failed(kind: ErrorKind, message: &str) -> Completion {
+    Completion {
+        status: TaskStatus::Failed,
+        result: None,
+        error: Some(TaskError {
+            kind,
+            error_type: String::new(),
+            message: message.into(),
+            traceback: String::new(),
+        }),
+        logs: String::new(),
+        logs_truncated: false,
+        usage: None,
+    }
+}
+
+/// How a task ends when its sandbox does not start.
+pub(super) fn start_failure(task: &Task, e: SandboxError) -> Completion {
+    match e {
+        SandboxError::FunctionInit { error, logs } => Completion {
+            status: TaskStatus::Failed,
+            result: None,
+            error: Some(TaskError {
+                kind: ErrorKind::InitFailed,
+                error_type: error.kind,
+                message: error.message,
+                traceback: error.traceback,
+            }),
+            logs: logs.text,
+            logs_truncated: logs.truncated,
+            usage: None,
+        },
+        e => {
+            eprintln!(
+                "cloudfunc: task {}: the sandbox could not start: {e:?}",
+                task.task_id
+            );
+            failed(
+                ErrorKind::SandboxFailure,
+                "the sandbox could not be started",
+            )
+        }
+    }
+}
+
+/// What the pool needs to know of a version of function `function_id`, named `name`.
+pub(super) fn request_for(function_id: &str, name: &str, version: &Version) -> (Key, Request) {
+    (
+        Key {
+            function_id: function_id.to_string(),
+            version: version.version,
+        },
+        Request {
+            isolation: version.isolation,
+            spec: spec_for(name, version),
+            keep_warm: Duration::from_secs(version.keep_warm_s),
+            min_instances: version.min_instances as usize,
+            max_instances: version.max_instances as usize,
+        },
+    )
+}
+
+/// How a run ended, and whether its caller is refused: a call that found the function at its
+/// concurrency limit (or the server at its caps) ends as throttled.
+pub(super) fn settle(
+    task: &Task,
+    ran: std::result::Result<Completion, PoolError>,
+) -> (Completion, Option<PlatformError>) {
+    match ran {
+        Ok(completion) => (completion, None),
+        Err(e @ (PoolError::Busy { retry_after, .. } | PoolError::Full { retry_after })) => (
+            failed(ErrorKind::Throttled, &e.to_string()),
+            Some(PlatformError::TooBusy {
+                message: e.to_string(),
+                retry_after,
+            }),
+        ),
+        Err(PoolError::Unavailable(why)) => (failed(ErrorKind::SandboxFailure, &why), None),
+        Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
+    }
+}
+
+/// Runs one task in a sandbox from the pool and says how it ended. It waits for a sandbox
+/// and for the reply without holding a thread; a call that ends its sandbox (a timeout, a
+/// crash) is finished on a blocking thread, which kills the sandbox and waits for it.
+pub async fn execute(
+    pool: &Arc<Pool>,
+    function: &Function,
+    version: &Version,
+    task: &Task,
+    sync: bool,
+) -> std::result::Result<Completion, PoolError> {
+    let (key, request) = request_for(&function.id, &function.name, version);
+    let mut lease = pool.acquire_async(&key, &request, sync).await?;
+    let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
+    let options = InvokeOptions {
+        timeout: Duration::from_millis(version.timeout_ms),
+        request_id: task.task_id.clone(),
+    };
+    let result = match lease.sandbox.invoke_async(&task.payload, &options).await {
+        Ok(exchanged) if exchanged.finishes_at_once() => {
+            let invocation = lease.sandbox.finish(exchanged);
+            pool.release(lease);
+            Ok(invocation)
+        }
+        Ok(exchanged) => {
+            let pool = pool.clone();
+            tokio::task::spawn_blocking(move || {
+                let invocation = lease.sandbox.finish(exchanged);
+                pool.release(lease);
+                invocation
+            })
+            .await
+            .map_err(CallFailure::Finish)
+        }
+        Err(e) => {
+            pool.release(lease);
+            Err(CallFailure::Sandbox(e))
+        }
+    };
+    Ok(completion_of(result, start, engine_name, version, task))
+}
+
+/// Why a call got no invocation from its sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum CallFailure {
+    /// The sandbox refused the call (it had ended, or its pipes failed).
+    #[error("the sandbox refused the call")]
+    Sandbox(#[source] SandboxError),
+    /// The thread that finished the call (killed and reaped its sandbox) failed.
+    #[error("finishing the call failed")]
+    Finish(#[source] tokio::task::JoinError),
+}
+
+/// The completion of a call from what its sandbox reported.
+fn completion_of(
+    result: std::result::Result<Invocation, CallFailure>,
+    start: Start,
+    engine_name: &str,
+    version: &Version,
+    task: &Task,
+) -> Completion {
+    let call = match result {
+        Ok(call) => call,
+        Err(e) => {
+            eprintln!("cloudfunc: task {}: invoke failed: {e}", task.task_id);
+            return failed(
+                ErrorKind::SandboxFailure,
+                "the sandbox failed during the call",
+            );
+        }
+    };
+    // A sandbox a deploy loaded serves its first call warm: that call waited for no start.
+    let init = match start {
+        Start::Warm => Duration::ZERO,
+        _ => call.usage.init_duration,
+    };
+    let usage = TaskUsage {
+        duration_ms: call.usage.duration.as_secs_f64() * 1000.0,
+        init_duration_ms: init.as_secs_f64() * 1000.0,
+        cpu_ms: call.usage.cpu_time.as_secs_f64() * 1000.0,
+        peak_memory_bytes: call.usage.peak_memory_bytes,
+        cold: start != Start::Warm,
+        start: start.name().into(),
+        backend: engine_name.to_string(),
+        isolation: version.isolation,
+    };
+    let error = |kind: ErrorKind, error_type: String, message: String, traceback: String| {
+        Some(TaskError {
+            kind,
+            error_type,
+            message,
+            traceback,
+        })
+    };
+    let (status, result, error) = match call.outcome {
+        Outcome::Succeeded { result } => (TaskStatus::Succeeded, Some(result), None),
+        Outcome::Raised { error: e } => (
+            TaskStatus::Failed,
+            None,
+            error(ErrorKind::Raised, e.kind, e.message, e.traceback),
+        ),
+        Outcome::OutputNotSerializable { error: e } => (
+            TaskStatus::Failed,
+            None,
+            error(
+                ErrorKind::OutputNotSerializable,
+                e.kind,
+                e.message,
+                e.traceback,
+            ),
+        ),
+        Outcome::OutputTooLarge { message, .. } => (
+            TaskStatus::Failed,
+            None,
+            error(
+                ErrorKind::OutputTooLarge,
+                String::new(),
+                message,
+                String::new(),
+            ),
+        ),
+        Outcome::Timeout { timeout_ms } => (
+            TaskStatus::Timeout,
+            None,
+            error(
+                ErrorKind::Timeout,
+                String::new(),
+                format!("the function ran past its {timeout_ms} ms timeout and was killed"),
+                String::new(),
+            ),
+        ),
+        Outcome::OutOfMemory { limit_bytes } => (
+            TaskStatus::OutOfMemory,
+            None,
+            error(
+                ErrorKind::OutOfMemory,
+                String::new(),
+                format!(
+                    "the function used more than its {} MiB of memory and was killed",
+                    limit_bytes >> 20
+                ),
+                String::new(),
+            ),
+        ),
+        Outcome::Crashed { exit } => (
+            TaskStatus::Crashed,
+            None,
+            error(
+                ErrorKind::Crashed,
+                String::new(),
+                format!("the runtime died ({exit})"),
+                String::new(),
+            ),
+        ),
+        Outcome::SandboxFailure { message } => (
+            TaskStatus::Failed,
+            None,
+            error(
+                ErrorKind::SandboxFailure,
+                String::new(),
+                message,
+                String::new(),
+            ),
+        ),
+    };
+    Completion {
+        status,
+        result,
+        error,
+        logs: call.logs.text,
+        logs_truncated: call.logs.truncated,
+        usage: Some(usage),
+    }
+}
+
+/// One line per invocation in the server's log, Lambda's REPORT line in spirit.
+pub(super) fn log_invocation(task: &Task, version: &Version, c: &Completion) {
+    let untimed = TaskUsage::default();
+    let usage = c.usage.as_ref().unwrap_or(&untimed);
+    let billed = (usage.duration_ms / 1.0).ceil();
+    // Rendered first and written whole: stderr is unbuffered, and formatting a JSON value
+    // straight into it costs a write(2) per fragment.
+    #[derive(Serialize)]
+    struct Line<'a> {
+        event: &'static str,
+        task_id: &'a str,
+        function: &'a str,
+        version: u32,
+        status: &'static str,
+        duration_ms: f64,
+        billed_duration_ms: f64,
+        memory_size_mb: u64,
+        max_memory_used_mb: f64,
+        init_duration_ms: f64,
+        cold: bool,
+    }
+    let mut line = serde_json::to_vec(&Line {
+        event: "invocation",
+        task_id: &task.task_id,
+        function: &task.function,
+        version: version.version,
+        status: c.status.as_str(),
+        duration_ms: usage.duration_ms,
+        billed_duration_ms: billed,
+        memory_size_mb: version.memory_mb,
+        max_memory_used_mb: usage.peak_memory_bytes as f64 / 1048576.0,
+        init_duration_ms: usage.init_duration_ms,
+        cold: usage.cold,
+    })
+    .unwrap_or_default();
+    line.push(b'\n');
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &line);
+}

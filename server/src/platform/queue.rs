@@ -1,0 +1,164 @@
+//! Async tasks: submitted (on disk before the caller hears of it), claimed by queue workers
+//! oldest first, run through the same path as sync calls, and ended in the store. At start,
+//! tasks a crash left running are ended `interrupted` or requeued.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::invoke::{execute, failed, log_invocation, settle};
+use super::{blocking, Platform, Result, Running};
+use crate::auth::Caller;
+use crate::model::{now_ms, Completion, ErrorKind, Mode, Task};
+use crate::store::Write;
+
+impl Platform {
+    /// Queues a function run; the task is on disk when this returns.
+    pub async fn submit(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+        payload: Value,
+    ) -> Result<Task> {
+        let (function, version) = self.runnable(caller, key, version).await?;
+        let task = Task::queued(&function, version.version, Mode::Async, payload);
+        self.inner
+            .recorder
+            .write(Write::Insert(task.clone()))
+            .await?;
+        self.inner.wake.notify_one();
+        Ok(task)
+    }
+
+    /// Runs a claimed queued `task` in a sandbox from the pool and stores how it ended.
+    /// Stores how a stored task ended.
+    async fn end(&self, task_id: &str, completion: Completion) -> Result<()> {
+        Ok(self
+            .inner
+            .recorder
+            .write(Write::Complete {
+                task_id: task_id.into(),
+                completion,
+                at: now_ms(),
+            })
+            .await?)
+    }
+
+    /// Crash recovery, then `workers` queue workers until the process ends.
+    pub async fn start_queue(&self, workers: usize) -> Result<crate::store::Recovery> {
+        let store = self.inner.store.clone();
+        let report = blocking(move || {
+            let versions = store.clone();
+            store.recover(
+                &|task: &Task| {
+                    versions
+                        .version(&task.function_id, task.version)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|v| task.attempts <= v.max_retries)
+                },
+                &|attempts| 500 * (1i64 << attempts.min(8)),
+            )
+        })
+        .await??;
+        for _ in 0..workers.max(1) {
+            let platform = self.clone();
+            tokio::spawn(async move { platform.worker().await });
+        }
+        Ok(report)
+    }
+
+    async fn worker(self) {
+        loop {
+            // Counted before the flag is read, and the flag is set before shutdown reads the
+            // count: a claim either is waited for or does not happen.
+            let running = Running::enter(&self.inner.queue_running);
+            if self.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let store = self.inner.store.clone();
+            let claimed = blocking(move || store.claim_next()).await;
+            let task = match claimed {
+                Ok(Ok(Some(task))) => task,
+                Ok(Ok(None)) => {
+                    // Nothing held while idle: a stop need not wait for this wait.
+                    drop(running);
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(250),
+                        self.inner.wake.notified(),
+                    )
+                    .await;
+                    continue;
+                }
+                other => {
+                    drop(running);
+                    eprintln!("cloudfunc: queue worker could not claim a task: {other:?}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = self.run_claimed(&task).await {
+                eprintln!("cloudfunc: task {} failed to run: {e:?}", task.task_id);
+                let completion = failed(
+                    ErrorKind::SandboxFailure,
+                    "the platform could not run this task",
+                );
+                if let Err(e) = self.end(&task.task_id, completion).await {
+                    eprintln!(
+                        "cloudfunc: task {}: its end was not stored: {e:?}",
+                        task.task_id
+                    );
+                }
+            }
+        }
+    }
+
+    /// Runs a claimed task and stores how it ended. As a sync call, it looks its function up
+    /// in the catalog (on a blocking thread when the store must be read) and runs on the async
+    /// runtime ([`execute`]).
+    async fn run_claimed(&self, task: &Task) -> Result<()> {
+        let held = self
+            .inner
+            .catalog
+            .held(None, &task.function_id, Some(task.version));
+        let (function, version) = match held {
+            Some((function, version)) => (Some(function), Some(version)),
+            None => {
+                let (this, t) = (self.clone(), task.clone());
+                blocking(move || -> Result<_> {
+                    let (store, catalog) = (this.inner.store.as_ref(), &this.inner.catalog);
+                    let function = catalog.function(store, None, &t.function_id)?;
+                    let version = match &function {
+                        Some(_) => catalog.version(store, &t.function_id, t.version)?,
+                        None => None,
+                    };
+                    Ok((function, version))
+                })
+                .await??
+            }
+        };
+        let (completion, refused) = match (function, version) {
+            (Some(function), Some(version)) if function.active => {
+                let ran = execute(&self.inner.pool, &function, &version, task, false).await;
+                let ended = settle(task, ran);
+                log_invocation(task, &version, &ended.0);
+                ended
+            }
+            (_, version) => {
+                let why = if version.is_some() {
+                    "the function was deactivated before this task ran"
+                } else {
+                    "the function was deleted before this task ran"
+                };
+                (failed(ErrorKind::FunctionUnavailable, why), None)
+            }
+        };
+        self.end(&task.task_id, completion).await?;
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! Retention: finished tasks and each resolution of rollups are pruned past their time.
+
+use std::time::Duration;
+
+use super::{blocking, Platform, Result};
+use crate::model::now_ms;
+use crate::store::Store;
+
+/// How long finished tasks and each resolution of rollups are kept. A rollup's calls stay
+/// counted after their raw records are gone; `None` keeps forever.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    pub tasks: Duration,
+    pub minute_rollups: Option<Duration>,
+    pub hour_rollups: Option<Duration>,
+    pub day_rollups: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        let days = |d: u64| Duration::from_secs(d * 86_400);
+        Retention {
+            tasks: days(7),
+            minute_rollups: Some(days(30)),
+            hour_rollups: Some(days(365)),
+            day_rollups: None,
+        }
+    }
+}
+
+impl Retention {
+    /// Prunes what is past its time as of `now`; returns (tasks, rollup rows) removed.
+    pub fn apply(&self, store: &dyn Store, now: i64) -> Result<(u64, u64)> {
+        let cutoff =
+            |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let tasks = store.prune(cutoff(self.tasks))?;
+        let mut rollups = 0;
+        for (resolution, keep) in crate::rollup::RESOLUTIONS.into_iter().zip([
+            self.minute_rollups,
+            self.hour_rollups,
+            self.day_rollups,
+        ]) {
+            if let Some(keep) = keep {
+                rollups += store.prune_rollups(resolution, cutoff(keep))?;
+            }
+        }
+        Ok((tasks, rollups))
+    }
+}
+
+impl Platform {
+    /// Deletes finished tasks and rollups past their retention, now and then every hour.
+    pub fn start_retention(&self, retention: Retention) {
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                let store = store.clone();
+                let retention = retention.clone();
+                let pruned = blocking(move || retention.apply(store.as_ref(), now_ms())).await;
+                match pruned {
+                    Ok(Ok((0, 0))) => {}
+                    Ok(Ok((tasks, rollups))) => eprintln!(
+                        "cloudfunc: retention removed {tasks} finished task(s) and {rollups} rollup row(s)"
+                    ),
+                    other => eprintln!("cloudfunc: retention failed: {other:?}"),
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,159 @@
+//! Housekeeping, off the callers' path: expiring idle sandboxes past their keep-warm
+//! period, keeping `min_instances` up, refilling stem cells, and draining a function's
+//! sandboxes when it changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloudfunc_sandbox::Sandbox;
+
+use super::{Key, Lease, Pool, Request, Start};
+
+/// Counts a start under way as ended when dropped, whichever way it ended.
+pub(super) struct Started<'a>(pub(super) &'a Pool);
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.starting -= 1;
+        drop(state);
+        self.0.freed.notify_all();
+    }
+}
+
+impl Pool {
+    /// Removes every idle sandbox of a function; busy ones are stopped when given back.
+    /// Returns the function's new generation (see [`Pool::keep`]).
+    pub fn drain(&self, function_id: &str) -> u64 {
+        let mut state = self.lock();
+        let generation = state
+            .generations
+            .entry(function_id.to_string())
+            .or_default();
+        *generation += 1;
+        let generation = *generation;
+        let keys: Vec<Key> = state
+            .functions
+            .keys()
+            .filter(|k| k.function_id == function_id)
+            .cloned()
+            .collect();
+        for key in keys {
+            let idle = match state.functions.get_mut(&key) {
+                Some(f) => {
+                    f.request = None;
+                    std::mem::take(&mut f.idle)
+                }
+                None => continue,
+            };
+            for i in idle {
+                state.free(i.memory);
+                state.stats.drained += 1;
+                self.bury(i.sandbox);
+            }
+        }
+        drop(state);
+        self.freed.notify_all();
+        generation
+    }
+
+    /// Housekeeping, every second or so: expires idle sandboxes past their keep-warm period
+    /// (keeping each function's `min_instances`), starts `min_instances`, refills the stem
+    /// cells, and stops what was set aside.
+    pub fn tick(&self) {
+        let now = self.clock.now();
+        let mut wanted_min: Vec<(Key, Request)> = Vec::new();
+        {
+            let mut state = self.lock();
+            let mut expired = Vec::new();
+            for (key, f) in state.functions.iter_mut() {
+                let min = f.request.as_ref().map_or(0, |r| r.min_instances);
+                // Oldest first; the most recently used stay.
+                f.idle.sort_by_key(|i| i.last_used);
+                let mut keep = f.idle.len() + f.busy;
+                let mut i = 0;
+                while i < f.idle.len() {
+                    let idle = &f.idle[i];
+                    if keep > min && now.duration_since(idle.last_used) >= idle.keep_warm {
+                        expired.push(f.idle.remove(i));
+                        keep -= 1;
+                    } else {
+                        i += 1;
+                    }
+                }
+                if let Some(r) = &f.request {
+                    for _ in (f.idle.len() + f.busy)..r.min_instances {
+                        wanted_min.push((key.clone(), r.clone()));
+                    }
+                }
+            }
+            for i in expired {
+                state.free(i.memory);
+                state.stats.expired += 1;
+                self.bury(i.sandbox);
+            }
+            state.functions.retain(|_, f| {
+                !f.idle.is_empty()
+                    || f.busy > 0
+                    || !f.waiters.is_empty()
+                    || f.waiting_room > 0
+                    || f.request.as_ref().is_some_and(|r| r.min_instances > 0)
+            });
+        }
+        self.bury_now();
+        for (key, request) in wanted_min {
+            self.prestart(&key, &request);
+        }
+        self.refill_stems();
+        self.bury_now();
+    }
+
+    /// Starts one sandbox for `key` straight into idle (for `min_instances`).
+    pub(super) fn prestart(&self, key: &Key, request: &Request) {
+        let Ok(engine) = self.engines.get(request.isolation) else {
+            return;
+        };
+        let memory = request.spec.limits.memory_bytes;
+        let generation = {
+            let mut state = self.lock();
+            if state.closed || !self.make_room(&mut state, memory, Some(key)) {
+                return;
+            }
+            state.reserve(memory);
+            state.starting += 1;
+            state.functions.entry(key.clone()).or_default().busy += 1;
+            *state.generations.get(&key.function_id).unwrap_or(&0)
+        };
+        let _started = Started(self);
+        match Sandbox::create(engine, request.spec.clone()) {
+            Ok(sandbox) => self.release(Lease {
+                key: key.clone(),
+                generation,
+                memory,
+                keep_warm: request.keep_warm,
+                sandbox,
+                start: Start::Cold,
+            }),
+            Err(e) => {
+                eprintln!("cloudfunc: could not keep a sandbox of {key:?} warm: {e}");
+                let mut state = self.lock();
+                self.forget(&mut state, key, memory);
+            }
+        }
+    }
+
+    /// Runs [`Pool::tick`] every `period` on a thread of its own, for the life of the process.
+    pub fn start_housekeeping(self: &Arc<Self>, period: Duration) {
+        let pool = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("cloudfunc-pool".into())
+            .spawn(move || loop {
+                match pool.upgrade() {
+                    Some(p) => p.tick(),
+                    None => return,
+                }
+                std::thread::sleep(period);
+            })
+            .expect("a thread starts");
+    }
+}

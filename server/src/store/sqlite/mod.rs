@@ -1,0 +1,389 @@
+//! The embedded store: one SQLite file in WAL mode. One connection writes, another reads
+//! (WAL lets reads go on during a commit), and a third checkpoints the WAL in the background,
+//! so no call waits for an fsync.
+//!
+//! [`schema`] holds the versioned migrations, [`rows`] the mapping of records to rows,
+//! [`rollups`] the rollup tables and [`checkpoint`] the WAL's checkpointer.
+
+mod checkpoint;
+mod rollups;
+mod rows;
+mod schema;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Recovery, Result, Rollup, Store, Write};
+use crate::model::{
+    now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, Version,
+};
+use crate::rollup::Call;
+use checkpoint::Checkpointer;
+use rows::{
+    call_row, complete, conflict, finished, function_row, insert, task_row, CALL_COLS,
+    FUNCTION_COLS, TASK_COLS,
+};
+
+/// The oldest queued task that is due at `?1`: first come, first served, except that a task
+/// held back by its retry backoff lets younger ones pass.
+const CLAIM: &str = "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id LIMIT 1";
+
+/// How many tasks are running now.
+const RUNNING: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'running'";
+
+/// The embedded SQLite store: one connection writes, another reads (WAL lets reads go on
+/// during a commit), and a third checkpoints the WAL in the background.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    /// Dropped with the store, which stops the checkpointer.
+    _checkpointer: Checkpointer,
+}
+
+/// How often the WAL is copied back into the database, off the writers' path.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        let mut conn = connect(path)?;
+        schema::migrate(&mut conn)?;
+        // A commit never waits for a checkpoint (and its fsync); the checkpointer does them.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // Once checkpointed, the WAL file is cut back to this size.
+        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            reader: Mutex::new(connect(path)?),
+            _checkpointer: Checkpointer::start(connect(path)?, CHECKPOINT_EVERY),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        lock(&self.conn)
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        lock(&self.reader)
+    }
+}
+
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Store for SqliteStore {
+    fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>> {
+        // An id wins over a name, should one tenant's name equal another function's id. Each
+        // lookup is by an index (the primary key, then `UNIQUE (tenant, name)` or `functions_name`).
+        let conn = self.reader();
+        for by in ["id", "name"] {
+            let found = conn
+                .prepare_cached(&format!(
+                    "SELECT {FUNCTION_COLS} FROM functions WHERE {by} = ?2 AND (?1 IS NULL OR tenant = ?1)
+                     ORDER BY tenant LIMIT 1"
+                ))?
+                .query_row(params![tenant, key], function_row)
+                .optional()?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+
+    fn functions(&self, tenant: Option<&str>) -> Result<Vec<Function>> {
+        let sql = format!("SELECT {FUNCTION_COLS} FROM functions WHERE (?1 IS NULL OR tenant = ?1) ORDER BY name, tenant");
+        let conn = self.reader();
+        let mut stmt = conn.prepare(&sql)?;
+        let rows = stmt.query_map(params![tenant], function_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn next_version(&self, tenant: &str, name: &str) -> Result<(String, u32)> {
+        let conn = self.conn();
+        let found: Option<(String, u32)> = conn
+            .query_row(
+                "SELECT f.id, COALESCE((SELECT MAX(version) FROM versions WHERE function_id = f.id), 0) FROM functions f WHERE tenant = ?1 AND name = ?2",
+                params![tenant, name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(match found {
+            Some((id, v)) => (id, v + 1),
+            None => (crate::model::new_id("fn"), 1),
+        })
+    }
+
+    fn add_version(
+        &self,
+        tenant: &str,
+        function_id: &str,
+        name: &str,
+        version: &Version,
+    ) -> Result<Function> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO functions (id, tenant, name, version, active, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, 1, ?5, ?5)
+             ON CONFLICT (id) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            params![function_id, tenant, name, version.version, now],
+        )
+        .map_err(conflict)?;
+        let settings = serde_json::to_string(version)?;
+        tx.execute(
+            "INSERT INTO versions (function_id, version, settings, code_dir, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![function_id, version.version, settings, version.code_dir, version.created_at],
+        )
+        .map_err(conflict)?;
+        let function = tx.query_row(
+            &format!("SELECT {FUNCTION_COLS} FROM functions WHERE id = ?1"),
+            params![function_id],
+            function_row,
+        )?;
+        tx.commit()?;
+        Ok(function)
+    }
+
+    fn version(&self, function_id: &str, version: u32) -> Result<Option<Version>> {
+        let row: Option<(String, String)> = self
+            .reader()
+            .prepare_cached(
+                "SELECT settings, code_dir FROM versions WHERE function_id = ?1 AND version = ?2",
+            )?
+            .query_row(params![function_id, version], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        row.map(|(settings, code_dir)| {
+            let mut v: Version = serde_json::from_str(&settings)?;
+            v.code_dir = code_dir;
+            Ok(v)
+        })
+        .transpose()
+    }
+
+    fn versions(&self, function_id: &str) -> Result<Vec<Version>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare(
+            "SELECT settings, code_dir FROM versions WHERE function_id = ?1 ORDER BY version",
+        )?;
+        let rows: Vec<(String, String)> = stmt
+            .query_map(params![function_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.into_iter()
+            .map(|(settings, code_dir)| {
+                let mut v: Version = serde_json::from_str(&settings)?;
+                v.code_dir = code_dir;
+                Ok(v)
+            })
+            .collect()
+    }
+
+    fn set_active(&self, function_id: &str, active: bool) -> Result<()> {
+        self.conn().execute(
+            "UPDATE functions SET active = ?2, updated_at = ?3 WHERE id = ?1",
+            params![function_id, active, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn delete_function(&self, function_id: &str) -> Result<Vec<Version>> {
+        let versions = self.versions(function_id)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM versions WHERE function_id = ?1",
+            params![function_id],
+        )?;
+        tx.execute("DELETE FROM functions WHERE id = ?1", params![function_id])?;
+        tx.commit()?;
+        Ok(versions)
+    }
+
+    fn write(&self, writes: &[Write]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        // The calls' rollups, added up over the batch and written once per row.
+        let mut ended = rollups::Pending::default();
+        for w in writes {
+            match w {
+                Write::Insert(task) => insert(&tx, task)?,
+                Write::Complete {
+                    task_id,
+                    completion,
+                    at,
+                } => complete(&tx, task_id, completion, *at, &mut ended)?,
+                Write::Finished {
+                    task,
+                    completion,
+                    at,
+                } => finished(&tx, task, completion, *at, &mut ended)?,
+            }
+        }
+        ended.flush(&tx)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn claim_next(&self) -> Result<Option<Task>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        let id: Option<String> = tx
+            .prepare_cached(CLAIM)?
+            .query_row(params![now], |r| r.get(0))
+            .optional()?;
+        let Some(id) = id else { return Ok(None) };
+        tx.prepare_cached(
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
+        )?
+        .execute(params![id, now])?;
+        let task = tx
+            .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
+            .query_row(params![id], task_row)?;
+        tx.commit()?;
+        Ok(Some(task))
+    }
+
+    fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {
+        let sql =
+            format!("SELECT {TASK_COLS} FROM tasks WHERE (?1 IS NULL OR tenant = ?1) AND id = ?2");
+        Ok(self
+            .reader()
+            .prepare_cached(&sql)?
+            .query_row(params![tenant, task_id], task_row)
+            .optional()?)
+    }
+
+    fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {TASK_COLS} FROM tasks WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![function_id, limit], task_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn queue_depth(&self) -> Result<u64> {
+        Ok(self.reader().query_row(
+            "SELECT COUNT(*) FROM tasks WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn running(&self) -> Result<u64> {
+        Ok(self.reader().query_row(RUNNING, [], |r| r.get(0))?)
+    }
+
+    fn recover(
+        &self,
+        retries_left: &dyn Fn(&Task) -> bool,
+        backoff_ms: &dyn Fn(u32) -> i64,
+    ) -> Result<Recovery> {
+        let running: Vec<Task> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE status = 'running'"
+            ))?;
+            let rows = stmt.query_map([], task_row)?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut report = Recovery::default();
+        for task in running {
+            if task.mode == Mode::Async && retries_left(&task) {
+                self.conn().execute(
+                    "UPDATE tasks SET status = 'queued', not_before = ?2 WHERE id = ?1",
+                    params![task.task_id, now_ms() + backoff_ms(task.attempts)],
+                )?;
+                report.requeued.push(task.task_id);
+            } else {
+                let completion = Completion {
+                    status: TaskStatus::Failed,
+                    result: None,
+                    error: Some(TaskError {
+                        kind: ErrorKind::Interrupted,
+                        error_type: String::new(),
+                        message: "the server stopped while this task was running; it was not retried (at most once)".into(),
+                        traceback: String::new(),
+                    }),
+                    logs: String::new(),
+                    logs_truncated: false,
+                    usage: None,
+                };
+                self.write(&[Write::Complete {
+                    task_id: task.task_id.clone(),
+                    completion,
+                    at: now_ms(),
+                }])?;
+                report.interrupted.push(task.task_id);
+            }
+        }
+        Ok(report)
+    }
+
+    fn calls(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<Call>> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {CALL_COLS} FROM tasks
+             WHERE finished_at >= ?1 AND finished_at < ?2 AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR function_id = ?4)
+             ORDER BY finished_at"
+        ))?;
+        let rows = stmt.query_map(params![since, until, tenant, function_id], |r| {
+            call_row(r, 0)
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn prune(&self, before: i64) -> Result<u64> {
+        let n = self.conn().execute(
+            "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1",
+            params![before],
+        )?;
+        Ok(n as u64)
+    }
+
+    fn rollups(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        resolution: i64,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<Rollup>> {
+        Ok(rollups::read(
+            &self.reader(),
+            tenant,
+            function_id,
+            resolution,
+            since,
+            until,
+        )?)
+    }
+
+    fn prune_rollups(&self, resolution: i64, before: i64) -> Result<u64> {
+        Ok(rollups::prune(&self.conn(), resolution, before)?)
+    }
+}

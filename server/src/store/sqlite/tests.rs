@@ -1,0 +1,225 @@
+//! The SQLite store against a real database file in a temporary directory.
+
+use super::*;
+use crate::model::Isolation;
+use crate::model::TaskUsage;
+use crate::store::StoreError;
+use cloudfunc_sandbox::Runtime;
+use rows::ended_call;
+
+pub(crate) fn version(n: u32) -> Version {
+    Version {
+        version: n,
+        runtime: Runtime::Python,
+        handler: None,
+        timeout_ms: 1000,
+        memory_mb: 128,
+        cpu_millicores: 1000,
+        env: Default::default(),
+        max_retries: 0,
+        isolation: Isolation::Container,
+        keep_warm_s: 60,
+        min_instances: 0,
+        max_instances: 8,
+        code_dir: format!("/code/{n}"),
+        created_at: now_ms(),
+    }
+}
+
+/// Stores a new task.
+pub(crate) fn insert(store: &SqliteStore, task: &Task) {
+    store.write(&[Write::Insert(task.clone())]).unwrap();
+}
+
+/// A store in a temporary directory holding alice's `hello` at version 1.
+pub(crate) fn alice_hello() -> (tempfile::TempDir, SqliteStore, Function) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+    let (id, n) = store.next_version("alice", "hello").unwrap();
+    let f = store
+        .add_version("alice", &id, "hello", &version(n))
+        .unwrap();
+    (dir, store, f)
+}
+
+pub(crate) fn task(tenant: &str, f: &Function, mode: Mode) -> Task {
+    let mut task = Task::queued(f, f.version, mode, serde_json::json!({"x": 1}));
+    task.tenant = tenant.into();
+    task
+}
+
+#[test]
+fn versions_tenants_and_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+    let (id, v) = store.next_version("alice", "hello").unwrap();
+    assert_eq!(v, 1);
+    store
+        .add_version("alice", &id, "hello", &version(1))
+        .unwrap();
+    let (id2, v2) = store.next_version("alice", "hello").unwrap();
+    assert_eq!((id2.as_str(), v2), (id.as_str(), 2));
+    let f = store
+        .add_version("alice", &id, "hello", &version(2))
+        .unwrap();
+    assert_eq!(f.version, 2);
+    assert!(matches!(
+        store.add_version("alice", &id, "hello", &version(2)),
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.versions(&id).unwrap().len(), 2);
+    assert_eq!(store.version(&id, 1).unwrap().unwrap().code_dir, "/code/1");
+
+    // Tenants see only their own; an admin sees all.
+    assert!(store.function(Some("alice"), "hello").unwrap().is_some());
+    assert!(store.function(Some("alice"), &id).unwrap().is_some());
+    assert!(store.function(Some("bob"), "hello").unwrap().is_none());
+    assert!(store.function(Some("bob"), &id).unwrap().is_none());
+    assert!(store.function(None, &id).unwrap().is_some());
+    assert_eq!(store.functions(Some("bob")).unwrap().len(), 0);
+
+    let a = task("alice", &f, Mode::Async);
+    let b = task("alice", &f, Mode::Async);
+    insert(&store, &a);
+    insert(&store, &b);
+    assert_eq!(store.queue_depth().unwrap(), 2);
+    let claimed = store.claim_next().unwrap().unwrap();
+    assert_eq!(claimed.status, TaskStatus::Running);
+    assert_eq!(claimed.attempts, 1);
+    assert!(store.task(Some("bob"), &claimed.task_id).unwrap().is_none());
+
+    // A crash now: the running one is interrupted, the queued one stays queued.
+    let report = store.recover(&|_| false, &|_| 0).unwrap();
+    assert_eq!(report.interrupted, vec![claimed.task_id.clone()]);
+    let t = store
+        .task(Some("alice"), &claimed.task_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(t.status, TaskStatus::Failed);
+    assert_eq!(t.error.unwrap().kind, ErrorKind::Interrupted);
+    assert_eq!(store.queue_depth().unwrap(), 1);
+
+    let other = store.claim_next().unwrap().unwrap();
+    assert_ne!(other.task_id, claimed.task_id);
+    let report = store.recover(&|_| true, &|_| 60_000).unwrap();
+    assert_eq!(report.requeued, vec![other.task_id.clone()]);
+    assert!(
+        store.claim_next().unwrap().is_none(),
+        "backoff holds it back"
+    );
+}
+
+#[test]
+fn the_oldest_due_task_is_claimed_first_and_the_backlog_is_never_sorted() {
+    let (_dir, store, f) = alice_hello();
+    let tasks: Vec<Task> = (0..3)
+        .map(|i| {
+            let mut t = task("alice", &f, Mode::Async);
+            t.created_at = 1_000 + i;
+            t
+        })
+        .collect();
+    for t in tasks.iter().rev() {
+        insert(&store, t);
+    }
+    // The oldest waits out a retry backoff; the younger ones pass it, oldest first.
+    store
+        .conn()
+        .execute(
+            "UPDATE tasks SET not_before = ?2 WHERE id = ?1",
+            params![tasks[0].task_id, now_ms() + 60_000],
+        )
+        .unwrap();
+    let claimed = |store: &SqliteStore| store.claim_next().unwrap().map(|t| t.task_id);
+    assert_eq!(claimed(&store).as_ref(), Some(&tasks[1].task_id));
+    assert_eq!(claimed(&store).as_ref(), Some(&tasks[2].task_id));
+    assert_eq!(claimed(&store), None);
+
+    // A claim reads the queue in index order: its cost does not grow with the backlog,
+    // and the index holds queued tasks only. Counting running tasks reads no ended ones.
+    let conn = store.conn();
+    let plan = |sql: &str, args: &[&dyn rusqlite::ToSql]| -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let steps: Vec<String> = stmt
+            .query_map(args, |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        steps.join("; ")
+    };
+    let claim = plan(CLAIM, &[&0]);
+    assert!(
+        claim.contains("INDEX tasks_queued") && !claim.contains("TEMP B-TREE"),
+        "the claim sorts the queue: {claim}"
+    );
+    let running = plan(RUNNING, &[]);
+    assert!(
+        running.contains("INDEX tasks_running"),
+        "counting running tasks scans them all: {running}"
+    );
+}
+
+#[test]
+fn an_ended_task_reads_back_the_same_whichever_way_it_was_stored() {
+    let (_dir, store, f) = alice_hello();
+    let ending = Completion {
+        status: TaskStatus::Failed,
+        result: None,
+        error: Some(TaskError {
+            kind: ErrorKind::Raised,
+            error_type: "ValueError".into(),
+            message: "no".into(),
+            traceback: "line 1".into(),
+        }),
+        logs: "printed\n".into(),
+        logs_truncated: true,
+        usage: Some(TaskUsage {
+            duration_ms: 1.5,
+            init_duration_ms: 0.25,
+            cpu_ms: 0.75,
+            peak_memory_bytes: 3 << 20,
+            cold: true,
+            ..TaskUsage::default()
+        }),
+    };
+    let mut started = task("alice", &f, Mode::Sync);
+    started.status = TaskStatus::Running;
+    started.attempts = 1;
+    started.started_at = Some(started.created_at);
+    let mut once = started.clone();
+    once.task_id = format!("{}_once", started.task_id);
+    let at = started.created_at + 2;
+
+    insert(&store, &started);
+    store
+        .write(&[Write::Complete {
+            task_id: started.task_id.clone(),
+            completion: ending.clone(),
+            at,
+        }])
+        .unwrap();
+    store
+        .write(&[Write::Finished {
+            task: Box::new(once.clone()),
+            completion: ending.clone(),
+            at,
+        }])
+        .unwrap();
+
+    let two_steps = store.task(None, &started.task_id).unwrap().unwrap();
+    let one_step = store.task(None, &once.task_id).unwrap().unwrap();
+    assert_eq!(one_step.finished_at, Some(at));
+    assert_eq!(
+        serde_json::to_value(Task {
+            task_id: once.task_id.clone(),
+            ..two_steps
+        })
+        .unwrap(),
+        serde_json::to_value(&one_step).unwrap()
+    );
+    assert_eq!(one_step.attempts, 1);
+    let calls = store.calls(None, Some(&f.id), 0, i64::MAX).unwrap();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0], calls[1]);
+    assert_eq!(calls[0], ended_call(&ending, at));
+}
