@@ -445,6 +445,8 @@ impl Engine {
     ) -> Result<Box<dyn Container>> {
         let inner = &self.inner;
         if inner.seccomp.is_none() {
+            // Straight to stderr, whatever logging the program set up (or did not): running
+            // without a filter must never be quiet.
             eprintln!("cloudfunc: WARNING: sandbox {id} runs WITHOUT a seccomp filter (seccomp disabled by configuration)");
         }
         let spec = build_spec(&self.bundle_config(

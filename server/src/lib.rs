@@ -7,9 +7,10 @@
 pub mod api;
 pub mod archive;
 pub mod auth;
-pub mod client;
+pub mod cli;
 pub mod config;
 pub mod isolation;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod platform;

@@ -252,7 +252,7 @@ pub struct TaskUsage {
 }
 
 /// One invocation, sync or async.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     /// `task_` and 16 hex digits.
     pub task_id: String,
@@ -266,19 +266,19 @@ pub struct Task {
     pub mode: Mode,
     pub status: TaskStatus,
     pub payload: Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
     pub logs: String,
     pub logs_truncated: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<TaskUsage>,
     pub attempts: u32,
     pub created_at: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
 }
 
@@ -356,6 +356,24 @@ pub fn now_ms() -> i64 {
 pub fn new_id(prefix: &str) -> String {
     let ms = u64::try_from(now_ms()).unwrap_or(0) & 0xffff_ffff_ffff;
     format!("{prefix}_{ms:012x}{:016x}", rand::random::<u64>())
+}
+
+/// A valid function name made of `text`: lower case, every other character `_`, at most 64;
+/// `None` when nothing is left.
+pub fn name_from(text: &str) -> Option<String> {
+    let name: String = text
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    valid_name(&name).then_some(name)
 }
 
 /// Whether a function name is valid.

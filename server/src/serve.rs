@@ -57,13 +57,13 @@ fn raise_open_files_limit(max_sandboxes: usize) {
     };
     if soft < hard {
         if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            eprintln!("cloudfunc: could not raise the open-files limit from {soft} to {hard}: {e}");
+            tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit");
         }
     }
     let wanted = max_sandboxes as u64 * FILES_PER_SANDBOX + 1024;
     if hard < wanted {
-        eprintln!(
-            "cloudfunc: the open-files limit ({hard}) is low for --max-sandboxes {max_sandboxes}; \
+        tracing::warn!(
+            "the open-files limit ({hard}) is low for --max-sandboxes {max_sandboxes}; \
              raise it to {wanted} (ulimit -n, or LimitNOFILE= under systemd)"
         );
     }
@@ -93,7 +93,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     })
     .await??;
     if let Err(why) = engines.get(Isolation::Gvisor) {
-        eprintln!("cloudfunc: {why}");
+        tracing::warn!("{why}");
     }
     let pool = Arc::new(Pool::new(engines, config.pool(), Arc::new(SystemClock)));
     pool.start_housekeeping(std::time::Duration::from_millis(500));
@@ -105,10 +105,10 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         .await
         .context("recovering the queue")?;
     if !recovery.interrupted.is_empty() || !recovery.requeued.is_empty() {
-        eprintln!(
-            "cloudfunc: after a restart: {} interrupted task(s) failed, {} requeued",
-            recovery.interrupted.len(),
-            recovery.requeued.len()
+        tracing::warn!(
+            interrupted = recovery.interrupted.len(),
+            requeued = recovery.requeued.len(),
+            "after a restart: tasks that were running were failed as interrupted or requeued"
         );
     }
     let state = AppState {
@@ -118,8 +118,8 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         chart_js: config.chart_js.clone(),
     };
     if !config.chart_js.is_file() {
-        eprintln!(
-            "cloudfunc: Chart.js is not at {}: the dashboard will show no charts (install libjs-chart.js or pass --chart-js)",
+        tracing::warn!(
+            "Chart.js is not at {}: the dashboard will show no charts (install libjs-chart.js or pass --chart-js)",
             config.chart_js.display()
         );
     }

@@ -257,6 +257,30 @@ fn cli_files_and_zips() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout)
         .contains("v1  python  container  handler handler.handle"));
+    // Without --name, a directory's manifest names the function; else the directory's whole
+    // name does, made valid (`my.func` is `my_func`, not `my`).
+    for (dir_name, manifest, deployed) in [
+        (
+            "anything",
+            Some("name = \"from-manifest\"\n"),
+            "from-manifest",
+        ),
+        ("my.func", None, "my_func"),
+    ] {
+        let code = dir.path().join(dir_name);
+        std::fs::create_dir(&code).unwrap();
+        std::fs::write(code.join("function.py"), HELLO_PY).unwrap();
+        if let Some(m) = manifest {
+            std::fs::write(code.join("cloudfunc.toml"), m).unwrap();
+        }
+        let out = s.cli("clifiles").arg("deploy").arg(&code).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("deployed {deployed} version 1")),
+            "{text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // A client mistake is reported, not a crash.
     let out = s
         .cli("clifiles")

@@ -217,13 +217,14 @@ fn logs() {
         let log = std::fs::read_to_string(s.dir.join("server.log")).unwrap_or_default();
         if let Some(line) = log
             .lines()
-            .find(|l| l.contains(id) && l.contains("\"invocation\""))
+            .find(|l| l.contains(id) && l.contains("\"cloudfunc::invocation\""))
         {
             break serde_json::from_str::<Value>(line).unwrap();
         }
         assert!(Instant::now() < deadline, "no invocation line for {id}");
         std::thread::sleep(Duration::from_millis(100));
     };
+    assert_eq!(line["message"], "invocation");
     assert_eq!(line["function"], "printer");
     let duration = line["duration_ms"].as_f64().unwrap();
     assert_eq!(

@@ -60,28 +60,35 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     order
 }
 
+/// Cold starts side by side with runc and crun, backends compared, or idle density.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "cloudfunc-bench",
+    about = "Cold starts side by side with runc and crun, backends compared, or idle density"
+)]
+struct Args {
+    /// Runs of each workload and runner.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// A quiet spell before each start, milliseconds (sporadic cold starts).
+    #[arg(long, default_value_t = 0)]
+    quiet_ms: u64,
+    /// Compare cloudfunc's backends (libcontainer, runc, crun, runsc) instead.
+    #[arg(long, conflicts_with = "density")]
+    backends: bool,
+    /// Keep this many idle sandboxes and report the host memory each costs, instead.
+    #[arg(long)]
+    density: Option<usize>,
+}
+
 fn main() -> Result<()> {
-    let mut runs = 20usize;
-    let mut backends = false;
-    let mut density_of = None;
-    let mut quiet = Duration::ZERO;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--runs" => runs = args.next().context("--runs needs a number")?.parse()?,
-            "--backends" => backends = true,
-            "--quiet-ms" => {
-                let ms = args.next().context("--quiet-ms needs a number")?.parse()?;
-                quiet = Duration::from_millis(ms);
-            }
-            "--density" => {
-                density_of = Some(args.next().context("--density needs a number")?.parse()?)
-            }
-            other => anyhow::bail!(
-                "unknown argument {other}; usage: cloudfunc-bench [--runs N] [--quiet-ms M] [--backends | --density N]"
-            ),
-        }
-    }
+    let Args {
+        runs,
+        quiet_ms,
+        backends,
+        density: density_of,
+    } = <Args as clap::Parser>::parse();
+    let quiet = Duration::from_millis(quiet_ms);
     if let Some(n) = density_of {
         return report_density(n);
     }

@@ -372,31 +372,50 @@ fn latency_cells(sorted: &[f64]) -> String {
     )
 }
 
+/// HTTP load on a real `cloudfunc serve`: sync invokes and async submissions.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "cloudfunc-load",
+    about = "HTTP load on a real cloudfunc serve: sync invokes, async submissions and the queue backlog"
+)]
+struct Args {
+    /// Client threads.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Seconds of each load.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// First calls of freshly deployed functions to time.
+    #[arg(long, default_value_t = 15)]
+    first_calls: usize,
+    /// Only the sync or only the async load.
+    #[arg(long, value_parser = ["sync", "async"])]
+    only: Option<String>,
+    /// Also run the sync load through wrk, against the same server in the same run.
+    #[arg(long)]
+    wrk: bool,
+    /// The spawned server's queue workers.
+    #[arg(long, default_value_t = 2)]
+    queue_workers: usize,
+    /// A running server instead of a spawned one (with --token).
+    #[arg(long, requires = "token")]
+    url: Option<String>,
+    /// A token for --url.
+    #[arg(long, requires = "url")]
+    token: Option<String>,
+}
+
 fn main() -> Result<()> {
-    let (mut clients, mut seconds, mut url, mut token) = (8usize, 10u64, None, None);
-    let mut first_calls = 15usize;
-    let mut only: Option<String> = None;
-    let mut with_wrk = false;
-    let mut queue_workers = 2usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--clients" => clients = args.next().context("--clients N")?.parse()?,
-            "--seconds" => seconds = args.next().context("--seconds S")?.parse()?,
-            "--url" => url = args.next(),
-            "--token" => token = args.next(),
-            "--first-calls" => first_calls = args.next().context("--first-calls N")?.parse()?,
-            "--only" => match args.next().as_deref() {
-                Some(kind @ ("sync" | "async")) => only = Some(kind.to_string()),
-                _ => bail!("--only takes sync or async"),
-            },
-            "--wrk" => with_wrk = true,
-            "--queue-workers" => {
-                queue_workers = args.next().context("--queue-workers N")?.parse()?
-            }
-            other => bail!("unknown argument {other}; usage: cloudfunc-load [--clients N] [--seconds S] [--first-calls N] [--only sync|async] [--wrk] [--queue-workers N] [--url URL --token T]"),
-        }
-    }
+    let Args {
+        clients,
+        seconds,
+        first_calls,
+        only,
+        wrk: with_wrk,
+        queue_workers,
+        url,
+        token,
+    } = <Args as clap::Parser>::parse();
     let mut spawned = None;
     let (url, token) = match (url, token) {
         (Some(u), Some(t)) => (u, t),
@@ -405,7 +424,7 @@ fn main() -> Result<()> {
             spawned = Some(s);
             (u, t)
         }
-        _ => bail!("--url and --token go together"),
+        _ => unreachable!("clap requires --url and --token together"),
     };
     let zip = cloudfunc_server::archive::zip_dir(
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -136,22 +136,8 @@ pub async fn deploy_body(
 
 /// A function name made of a file's name: `My Func.zip` is `my_func`.
 pub fn name_of_file(filename: &str) -> Option<String> {
-    let base = std::path::Path::new(filename)
-        .file_stem()?
-        .to_string_lossy()
-        .to_lowercase();
-    let name: String = base
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    (!name.is_empty()).then_some(name)
+    let stem = std::path::Path::new(filename).file_stem()?;
+    crate::model::name_from(&stem.to_string_lossy())
 }
 
 /// A run's payload: any JSON value; an empty body means `{}`.

@@ -8,7 +8,7 @@ use cloudfunc_sandbox::{Error as SandboxError, Sandbox};
 
 use super::invoke::request_for;
 use super::{blocking, Platform, PlatformError, Result, Settings};
-use crate::archive;
+use crate::archive::{self, ArchiveLimits};
 use crate::auth::Caller;
 use crate::model::{valid_name, Function, Version};
 use crate::pool::{Lease, PoolError};
@@ -24,129 +24,187 @@ pub enum Code {
     Unchanged,
 }
 
+/// Where code waits under the code directory until its function and version are known.
+pub(super) const INCOMING: &str = ".incoming";
+
+/// Which version a deploy writes.
+struct NewVersion<'a> {
+    tenant: &'a str,
+    function_id: &'a str,
+    name: &'a str,
+    number: u32,
+}
+
+/// A deploy's code, written out before its function is known. Removed if dropped unplaced.
+#[derive(Debug)]
+struct Staged {
+    dir: PathBuf,
+    placed: bool,
+}
+
+impl Staged {
+    /// Writes `code` under `incoming`; `None` for [`Code::Unchanged`].
+    fn write(incoming: &Path, code: Code, limits: ArchiveLimits) -> Result<Option<Staged>> {
+        let dir = incoming.join(format!("{:016x}", rand::random::<u64>()));
+        let staged = Staged { dir, placed: false };
+        match code {
+            Code::Zip(bytes) => {
+                archive::extract(&bytes, &staged.dir, limits)?;
+            }
+            Code::Files(files) => write_files(&staged.dir, &files)?,
+            Code::Unchanged => return Ok(None),
+        }
+        Ok(Some(staged))
+    }
+
+    /// Moves the code to `dest`, its version's place.
+    fn place(mut self, dest: &Path) -> Result<()> {
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| PlatformError::Internal(e.into()))?;
+        }
+        std::fs::rename(&self.dir, dest).map_err(|e| PlatformError::Internal(e.into()))?;
+        self.placed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.placed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 impl Platform {
-    /// Deploys `code` as `name` (a new function, or its next version).
+    /// Deploys `code` as a new function, or as the next version of the caller's function of
+    /// that name. The name is the settings', else the manifest's in the code.
     pub async fn deploy(
         &self,
         caller: &Caller,
         settings: Settings,
         code: Code,
     ) -> Result<(Function, Version)> {
-        let store = self.inner.store.clone();
-        let name = settings.name.clone().ok_or_else(|| {
-            PlatformError::BadRequest(
-                "a name is required (form field, JSON field or manifest)".into(),
-            )
-        })?;
+        // The code first, into a staging directory: its manifest may name the function.
+        let staged = {
+            let incoming = self.inner.config.code_dir.join(INCOMING);
+            let limits = self.inner.config.archive;
+            blocking(move || Staged::write(&incoming, code, limits)).await??
+        };
+        let manifest = match &staged {
+            Some(staged) => Settings::from_code_dir(&staged.dir)?,
+            None => Settings::default(),
+        };
+        let name = settings
+            .name
+            .clone()
+            .or_else(|| manifest.name.clone())
+            .ok_or_else(|| {
+                PlatformError::BadRequest(
+                    "a name is required (form field, JSON field or manifest)".into(),
+                )
+            })?;
         if !valid_name(&name) {
             return Err(PlatformError::BadRequest(format!(
                 "invalid function name {name:?}: use 1-64 of a-z, 0-9, '_' and '-'"
             )));
         }
+        let store = self.inner.store.clone();
         let tenant = caller.tenant.clone();
-        let previous = {
-            let (store, tenant, name) = (store.clone(), tenant.clone(), name.clone());
-            blocking(move || -> Result<Option<Version>> {
-                let Some(f) = store.function(Some(&tenant), &name)? else {
-                    return Ok(None);
+        let (previous, function_id, number) = {
+            let (tenant, name) = (tenant.clone(), name.clone());
+            blocking(move || -> Result<_> {
+                let previous = match store.function(Some(&tenant), &name)? {
+                    Some(f) => store.version(&f.id, f.version)?,
+                    None => None,
                 };
-                Ok(store.version(&f.id, f.version)?)
+                let (function_id, number) = store.next_version(&tenant, &name)?;
+                Ok((previous, function_id, number))
             })
             .await??
         };
-        let (function_id, number) = {
-            let (store, tenant, name) = (store.clone(), tenant.clone(), name.clone());
-            blocking(move || store.next_version(&tenant, &name)).await??
-        };
         let this = self.clone();
-        let tenant2 = tenant.clone();
-        let name2 = name.clone();
         blocking(move || {
-            this.write_version(
-                &tenant2,
-                &function_id,
-                &name2,
+            let version = NewVersion {
+                tenant: &tenant,
+                function_id: &function_id,
+                name: &name,
                 number,
-                settings,
-                code,
-                previous,
-            )
+            };
+            this.write_version(version, settings, manifest, staged, previous)
         })
         .await?
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Moves the staged code into place (or keeps the previous version's), resolves the
+    /// settings, proves the version loads, and stores it.
     fn write_version(
         &self,
-        tenant: &str,
-        function_id: &str,
-        name: &str,
-        number: u32,
+        new: NewVersion<'_>,
         settings: Settings,
-        code: Code,
+        manifest: Settings,
+        staged: Option<Staged>,
         previous: Option<Version>,
     ) -> Result<(Function, Version)> {
         let config = &self.inner.config;
-        let code_dir = config.code_dir.join(function_id).join(number.to_string());
-        let mut fresh_code = true;
-        match code {
-            Code::Zip(bytes) => {
-                archive::extract(&bytes, &code_dir, config.archive)?;
+        let code_dir = config
+            .code_dir
+            .join(new.function_id)
+            .join(new.number.to_string());
+        let fresh_code = staged.is_some();
+        let (code_path, manifest) = match staged {
+            Some(staged) => {
+                staged.place(&code_dir)?;
+                (code_dir.clone(), manifest)
             }
-            Code::Files(files) => write_files(&code_dir, &files)?,
-            Code::Unchanged => fresh_code = false,
-        }
+            None => {
+                let previous = previous.as_ref().ok_or_else(|| {
+                    PlatformError::BadRequest("no code given and no earlier version to keep".into())
+                })?;
+                let path = PathBuf::from(&previous.code_dir);
+                let manifest = Settings::from_code_dir(&path)?;
+                (path, manifest)
+            }
+        };
         let cleanup = |e: PlatformError| {
             if fresh_code {
                 let _ = std::fs::remove_dir_all(&code_dir);
             }
             e
         };
-        let code_path = if fresh_code {
-            code_dir.clone()
-        } else {
-            PathBuf::from(
-                &previous
-                    .as_ref()
-                    .ok_or_else(|| {
-                        PlatformError::BadRequest(
-                            "no code given and no earlier version to keep".into(),
-                        )
-                    })?
-                    .code_dir,
-            )
-        };
-        let manifest = Settings::from_code_dir(&code_path).map_err(cleanup)?;
         let from_previous = previous
             .as_ref()
             .map(Settings::of_version)
             .unwrap_or_default();
         let merged = from_previous.overlay(manifest).overlay(settings);
         let version = merged
-            .resolve(number, &code_path, &config.bounds, self.engines())
+            .resolve(new.number, &code_path, &config.bounds, self.engines())
             .map_err(cleanup)?;
         if fresh_code {
             self.precompile(&version, &code_path);
         }
-        let loaded = self.load(function_id, name, &version).map_err(cleanup)?;
+        let loaded = self
+            .load(new.function_id, new.name, &version)
+            .map_err(cleanup)?;
         let pool = &self.inner.pool;
-        let function = match self
-            .inner
-            .store
-            .add_version(tenant, function_id, name, &version)
-        {
-            Ok(function) => function,
-            Err(e) => {
-                if let Some(lease) = loaded {
-                    pool.discard(lease);
+        let function =
+            match self
+                .inner
+                .store
+                .add_version(new.tenant, new.function_id, new.name, &version)
+            {
+                Ok(function) => function,
+                Err(e) => {
+                    if let Some(lease) = loaded {
+                        pool.discard(lease);
+                    }
+                    return Err(cleanup(e.into()));
                 }
-                return Err(cleanup(e.into()));
-            }
-        };
+            };
         self.inner.catalog.invalidate();
         // Sandboxes of earlier versions are not kept for the calls to come; the one that just
         // loaded this version is, so its first call finds it warm.
-        let drained = pool.drain(function_id);
+        let drained = pool.drain(new.function_id);
         if let Some(lease) = loaded {
             pool.keep(lease, drained);
         }
@@ -167,10 +225,7 @@ impl Platform {
                     .map_err(|e| cloudfunc_sandbox::error_chain(&e))
             });
         if let Err(why) = done {
-            eprintln!(
-                "cloudfunc: {} is deployed uncompiled: {why}",
-                code_dir.display()
-            );
+            tracing::warn!(code = %code_dir.display(), why, "deployed uncompiled");
         }
     }
 

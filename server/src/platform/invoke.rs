@@ -8,7 +8,6 @@ use std::time::Duration;
 use cloudfunc_sandbox::{
     Error as SandboxError, Invocation, InvokeOptions, Limits, Outcome, SandboxSpec,
 };
-use serde::Serialize;
 use serde_json::Value;
 
 use super::{blocking, no_function, versioned, Platform, PlatformError, Result, Running};
@@ -205,9 +204,10 @@ pub(super) fn start_failure(task: &Task, e: SandboxError) -> Completion {
             usage: None,
         },
         e => {
-            eprintln!(
-                "cloudfunc: task {}: the sandbox could not start: {e:?}",
-                task.task_id
+            tracing::error!(
+                task_id = %task.task_id,
+                error = %cloudfunc_sandbox::error_chain(&e),
+                "the sandbox could not start"
             );
             failed(
                 ErrorKind::SandboxFailure,
@@ -317,7 +317,11 @@ fn completion_of(
     let call = match result {
         Ok(call) => call,
         Err(e) => {
-            eprintln!("cloudfunc: task {}: invoke failed: {e}", task.task_id);
+            tracing::error!(
+                task_id = %task.task_id,
+                error = %cloudfunc_sandbox::error_chain(&e),
+                "the call failed in its sandbox"
+            );
             return failed(
                 ErrorKind::SandboxFailure,
                 "the sandbox failed during the call",
@@ -432,37 +436,18 @@ fn completion_of(
 pub(super) fn log_invocation(task: &Task, version: &Version, c: &Completion) {
     let untimed = TaskUsage::default();
     let usage = c.usage.as_ref().unwrap_or(&untimed);
-    let billed = (usage.duration_ms / 1.0).ceil();
-    // Rendered first and written whole: stderr is unbuffered, and formatting a JSON value
-    // straight into it costs a write(2) per fragment.
-    #[derive(Serialize)]
-    struct Line<'a> {
-        event: &'static str,
-        task_id: &'a str,
-        function: &'a str,
-        version: u32,
-        status: &'static str,
-        duration_ms: f64,
-        billed_duration_ms: f64,
-        memory_size_mb: u64,
-        max_memory_used_mb: f64,
-        init_duration_ms: f64,
-        cold: bool,
-    }
-    let mut line = serde_json::to_vec(&Line {
-        event: "invocation",
-        task_id: &task.task_id,
-        function: &task.function,
-        version: version.version,
-        status: c.status.as_str(),
-        duration_ms: usage.duration_ms,
-        billed_duration_ms: billed,
-        memory_size_mb: version.memory_mb,
-        max_memory_used_mb: usage.peak_memory_bytes as f64 / 1048576.0,
-        init_duration_ms: usage.init_duration_ms,
-        cold: usage.cold,
-    })
-    .unwrap_or_default();
-    line.push(b'\n');
-    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &line);
+    tracing::info!(
+        target: "cloudfunc::invocation",
+        task_id = %task.task_id,
+        function = %task.function,
+        version = version.version,
+        status = c.status.as_str(),
+        duration_ms = usage.duration_ms,
+        billed_duration_ms = usage.duration_ms.ceil(),
+        memory_size_mb = version.memory_mb,
+        max_memory_used_mb = usage.peak_memory_bytes as f64 / 1048576.0,
+        init_duration_ms = usage.init_duration_ms,
+        cold = usage.cold,
+        "invocation"
+    );
 }

@@ -135,6 +135,8 @@ impl Platform {
         pool: Arc<Pool>,
         config: PlatformConfig,
     ) -> std::io::Result<Platform> {
+        // Code a deploy had staged when the process last stopped belongs to no version.
+        let _ = std::fs::remove_dir_all(config.code_dir.join(deploy::INCOMING));
         Ok(Platform {
             inner: Arc::new(Inner {
                 recorder: Recorder::start(store.clone())?,

@@ -94,22 +94,19 @@ impl Platform {
                 }
                 other => {
                     drop(running);
-                    eprintln!("cloudfunc: queue worker could not claim a task: {other:?}");
+                    tracing::error!(error = ?other, "a queue worker could not claim a task");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
             if let Err(e) = self.run_claimed(&task).await {
-                eprintln!("cloudfunc: task {} failed to run: {e:?}", task.task_id);
+                tracing::error!(task_id = %task.task_id, error = ?e, "the task could not be run");
                 let completion = failed(
                     ErrorKind::SandboxFailure,
                     "the platform could not run this task",
                 );
                 if let Err(e) = self.end(&task.task_id, completion).await {
-                    eprintln!(
-                        "cloudfunc: task {}: its end was not stored: {e:?}",
-                        task.task_id
-                    );
+                    tracing::error!(task_id = %task.task_id, error = ?e, "the task's end was not stored");
                 }
             }
         }

@@ -61,10 +61,14 @@ impl Platform {
                 let pruned = blocking(move || retention.apply(store.as_ref(), now_ms())).await;
                 match pruned {
                     Ok(Ok((0, 0))) => {}
-                    Ok(Ok((tasks, rollups))) => eprintln!(
-                        "cloudfunc: retention removed {tasks} finished task(s) and {rollups} rollup row(s)"
-                    ),
-                    other => eprintln!("cloudfunc: retention failed: {other:?}"),
+                    Ok(Ok((tasks, rollups))) => {
+                        tracing::info!(
+                            tasks,
+                            rollups,
+                            "retention removed finished tasks and rollup rows"
+                        )
+                    }
+                    other => tracing::error!(error = ?other, "retention failed"),
                 }
             }
         });

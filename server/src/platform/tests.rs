@@ -308,3 +308,29 @@ async fn tenants_see_only_their_own_and_a_deleted_function_keeps_its_records() {
     // Its sandboxes went with it.
     assert_eq!(f.platform.inner.pool.stats().warm, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_code_s_manifest_names_the_function_when_the_deploy_does_not() {
+    let f = fixture(quiet());
+    let code = python(&[("cloudfunc.toml", "name = \"from-manifest\"\nmemory = 64\n")]);
+    let (function, version) = f
+        .platform
+        .deploy(&alice(), Settings::default(), code)
+        .await
+        .unwrap();
+    assert_eq!(
+        (function.name.as_str(), version.memory_mb),
+        ("from-manifest", 64)
+    );
+    // An explicit setting wins over the manifest's.
+    let code = python(&[("cloudfunc.toml", "name = \"from-manifest\"\nmemory = 64\n")]);
+    let settings = Settings {
+        memory: Some(32),
+        ..named("explicit")
+    };
+    let (function, version) = f.platform.deploy(&alice(), settings, code).await.unwrap();
+    assert_eq!(
+        (function.name.as_str(), version.memory_mb),
+        ("explicit", 32)
+    );
+}

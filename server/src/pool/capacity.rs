@@ -84,7 +84,7 @@ impl Pool {
         let dead = std::mem::take(&mut *self.graveyard.lock().unwrap_or_else(|e| e.into_inner()));
         for sandbox in dead {
             if let Err(e) = sandbox.shutdown() {
-                eprintln!("cloudfunc: stopping a sandbox: {e}");
+                tracing::warn!(error = %cloudfunc_sandbox::error_chain(&e), "stopping a sandbox failed");
             }
         }
     }

@@ -135,7 +135,7 @@ impl Pool {
                 start: Start::Cold,
             }),
             Err(e) => {
-                eprintln!("cloudfunc: could not keep a sandbox of {key:?} warm: {e}");
+                tracing::warn!(function_id = %key.function_id, version = key.version, error = %cloudfunc_sandbox::error_chain(&e), "could not keep a sandbox warm");
                 let mut state = self.lock();
                 self.forget(&mut state, key, memory);
             }

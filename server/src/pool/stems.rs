@@ -17,7 +17,7 @@ pub(super) struct Stem {
 /// Stops a stem cell no one will bind, saying so if it cannot.
 pub(super) fn stop_stem(cell: StemCell) {
     if let Err(e) = cell.shutdown() {
-        eprintln!("cloudfunc: stopping a stem cell: {e}");
+        tracing::warn!(error = %cloudfunc_sandbox::error_chain(&e), "stopping a stem cell failed");
     }
 }
 
@@ -76,7 +76,7 @@ impl Pool {
                                 });
                         }
                         Err(e) => {
-                            eprintln!("cloudfunc: could not pre-start a {runtime} sandbox ({isolation}): {e}");
+                            tracing::warn!(%runtime, %isolation, error = %cloudfunc_sandbox::error_chain(&e), "could not pre-start a sandbox");
                             let mut state = self.lock();
                             state.free(stem_memory());
                             break;

@@ -213,7 +213,7 @@ fn commit(store: &dyn Store, batch: Vec<Message>, pending: &AtomicUsize) {
             }
             None => {
                 if let Err(e) = result {
-                    eprintln!("cloudfunc: recording task {} failed: {e}", write.task_id());
+                    tracing::error!(task_id = write.task_id(), error = %e, "recording a task failed");
                 }
             }
         }

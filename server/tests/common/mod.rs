@@ -35,7 +35,7 @@ impl Server {
     /// Starts (or restarts) a server on `dir`; port 0 picks a free one.
     pub fn start_in(dir: &Path, tag: &str, port: u16, extra: &[&str]) -> Server {
         let parent = format!("cf-api-{tag}-{}", std::process::id());
-        // The server's own log (one JSON line per invocation) goes beside its data.
+        // The server's own log (JSON lines, one per invocation among them) goes beside its data.
         let log = std::fs::File::options()
             .create(true)
             .append(true)
@@ -44,6 +44,7 @@ impl Server {
         let mut child = Command::new(BIN)
             .arg("--data-dir")
             .arg(dir.join("data"))
+            .args(["--log-format", "json"])
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))

@@ -18,7 +18,7 @@ impl Checkpointer {
             .spawn(move || loop {
                 // PASSIVE copies what it can without waiting for readers or the writer.
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    eprintln!("cloudfunc: WAL checkpoint failed: {e}");
+                    tracing::warn!(error = %e, "a WAL checkpoint failed");
                 }
                 match stopped.recv_timeout(every) {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}

@@ -1,0 +1,138 @@
+//! The client commands, one function each: what each sends, and how its answer is printed.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::client::{encode, Client};
+use super::render::{self, read};
+use super::{Cli, Command};
+use crate::model::{Task, TaskStatus};
+
+/// Runs a client command against the server.
+pub fn run(cli: &Cli) -> Result<bool> {
+    let c = Client::new(&cli.url, cli.token.clone(), &cli.data_dir, &cli.tenant)?;
+    let out = Out { json: cli.json };
+    match &cli.command {
+        Command::Deploy(args) => super::deploy::deploy(&c, &out, args),
+        Command::Invoke {
+            name,
+            data,
+            r#async,
+        } => invoke(&c, &out, name, data, *r#async),
+        Command::List => list(&c, &out),
+        Command::Status { task } => status(&c, &out, task),
+        Command::Logs { target } => logs(&c, &out, target),
+        Command::Metrics { name, range } => metrics(&c, &out, name, range),
+        Command::Versions { name } => versions(&c, &out, name),
+        Command::Activate { name } => set_active(&c, &out, name, true),
+        Command::Deactivate { name } => set_active(&c, &out, name, false),
+        Command::Delete { name } => delete(&c, &out, name),
+        Command::Serve(_) | Command::Token { .. } | Command::Run(_) => {
+            bail!("not a client command")
+        }
+    }
+}
+
+/// Where answers go: the server's JSON as it is (`--json`), or text.
+pub struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// Prints `body`: as JSON, or read as `T` and rendered by `text`.
+    pub fn print<T: serde::de::DeserializeOwned>(
+        &self,
+        body: Value,
+        text: impl FnOnce(&T) -> String,
+    ) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        } else {
+            println!("{}", text(&read::<T>(body)?));
+        }
+        Ok(())
+    }
+}
+
+fn invoke(c: &Client, out: &Out, name: &str, data: &str, queued: bool) -> Result<bool> {
+    let payload: Value = serde_json::from_str(data).context("--data must be JSON")?;
+    if queued {
+        let body = c
+            .post_json(&format!("/api/functions/{}/run", encode(name)), &payload)?
+            .ok()?;
+        out.print(body, |q: &render::Queued| {
+            format!("queued task {}", q.task_id)
+        })?;
+        return Ok(true);
+    }
+    let body = c
+        .post_json(&format!("/api/functions/{}/invoke", encode(name)), &payload)?
+        .ok()?;
+    let ok = body["status"] == TaskStatus::Succeeded.as_str();
+    out.print(body, render::task)?;
+    Ok(ok)
+}
+
+fn list(c: &Client, out: &Out) -> Result<bool> {
+    let body = c.get("/api/functions/")?.ok()?;
+    out.print(body, render::functions)?;
+    Ok(true)
+}
+
+fn status(c: &Client, out: &Out, task: &str) -> Result<bool> {
+    let body = c.get(&format!("/api/tasks/{}", encode(task)))?.ok()?;
+    out.print(body, render::task)?;
+    Ok(true)
+}
+
+fn logs(c: &Client, out: &Out, target: &str) -> Result<bool> {
+    if target.starts_with("task_") {
+        let body = c.get(&format!("/api/tasks/{}", encode(target)))?.ok()?;
+        out.print(body, |t: &Task| t.logs.trim_end().to_string())?;
+    } else {
+        let body = c
+            .get(&format!("/api/functions/{}/tasks?limit=20", encode(target)))?
+            .ok()?;
+        out.print(body, render::logs)?;
+    }
+    Ok(true)
+}
+
+fn metrics(c: &Client, out: &Out, name: &str, range: &str) -> Result<bool> {
+    let body = c
+        .get(&format!(
+            "/api/functions/{}/metrics?range={}",
+            encode(name),
+            encode(range)
+        ))?
+        .ok()?;
+    out.print(body, render::metrics)?;
+    Ok(true)
+}
+
+fn versions(c: &Client, out: &Out, name: &str) -> Result<bool> {
+    let body = c
+        .get(&format!("/api/functions/{}/versions", encode(name)))?
+        .ok()?;
+    out.print(body, render::versions)?;
+    Ok(true)
+}
+
+fn set_active(c: &Client, out: &Out, name: &str, active: bool) -> Result<bool> {
+    let verb = if active { "activate" } else { "deactivate" };
+    let body = c
+        .put(&format!("/api/functions/{}/{verb}", encode(name)))?
+        .ok()?;
+    out.print(body, |b: &render::Changed| {
+        format!("{} is {}", b.name, b.status)
+    })?;
+    Ok(true)
+}
+
+fn delete(c: &Client, out: &Out, name: &str) -> Result<bool> {
+    let body = c
+        .delete(&format!("/api/functions/{}", encode(name)))?
+        .ok()?;
+    out.print(body, |b: &render::Changed| format!("deleted {}", b.name))?;
+    Ok(true)
+}

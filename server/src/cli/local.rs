@@ -1,0 +1,125 @@
+//! `cloudfunc run DIR`: runs a function locally in one sandbox, with no server, and prints
+//! each call's record as JSON.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use cloudfunc_sandbox::{
+    BackendKind, Engine, EngineConfig, InvokeOptions, Limits, Runtime, Sandbox, SandboxSpec,
+};
+use serde_json::{json, Value};
+
+use super::{Cli, Command};
+use crate::config::defaults;
+use crate::platform::guess_runtime;
+
+/// What `run` takes.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The function's directory.
+    pub dir: PathBuf,
+    /// The event, as JSON.
+    #[arg(long, default_value = "{}")]
+    pub data: String,
+    /// python or node (default: guessed from the file names).
+    #[arg(long)]
+    pub runtime: Option<Runtime>,
+    /// module.function (default: the runtime's conventions).
+    #[arg(long)]
+    pub handler: Option<String>,
+    /// Seconds.
+    #[arg(long, default_value_t = defaults::TIMEOUT_MS as f64 / 1000.0)]
+    pub timeout: f64,
+    /// MiB.
+    #[arg(long, default_value_t = defaults::MEMORY_MB)]
+    pub memory: u64,
+    /// Millicores.
+    #[arg(long, default_value_t = defaults::CPU_MILLICORES)]
+    pub cpu: u32,
+    /// Environment variables.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Invoke this many times in the same sandbox (the first is cold, the rest warm).
+    #[arg(long, default_value_t = 1)]
+    pub times: u32,
+    /// The runtime: libcontainer, runc, crun, or runsc (gVisor).
+    #[arg(long, default_value = "libcontainer")]
+    pub backend: BackendKind,
+    /// Container state.
+    #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = defaults::STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Image skeletons.
+    #[arg(long, env = "CLOUDFUNC_IMAGES_DIR", default_value = defaults::IMAGES_DIR)]
+    pub images_dir: PathBuf,
+}
+
+/// Runs it; `Ok(false)` when a call did not succeed.
+pub fn run(cli: &Cli) -> Result<bool> {
+    let Command::Run(args) = &cli.command else {
+        bail!("not run");
+    };
+    let dir = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("no function directory {}", args.dir.display()))?;
+    let event: Value = serde_json::from_str(&args.data).context("--data must be JSON")?;
+    let runtime = match args.runtime {
+        Some(runtime) => runtime,
+        None => guess_runtime(&dir).with_context(|| {
+            format!(
+                "cannot tell the runtime of {}: pass --runtime python|node",
+                dir.display()
+            )
+        })?,
+    };
+    if !args.timeout.is_finite() || args.timeout <= 0.0 {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let mut vars = BTreeMap::new();
+    for kv in &args.env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--env {kv:?} is not KEY=VALUE"))?;
+        vars.insert(k.to_string(), v.to_string());
+    }
+    let config = EngineConfig {
+        state_dir: args.state_dir.clone(),
+        images_dir: args.images_dir.clone(),
+        cgroup_parent: "cloudfunc-run".into(),
+        backend: args.backend,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(config).context("starting the sandbox engine")?;
+    let mut spec = SandboxSpec::new(runtime, &dir);
+    spec.handler = args.handler.clone();
+    spec.env = vars;
+    spec.function_name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    spec.limits = Limits {
+        memory_bytes: args.memory * 1024 * 1024,
+        cpu_millicores: args.cpu,
+        ..Limits::default()
+    };
+    let mut sandbox = Sandbox::create(&engine, spec)?;
+    let options = InvokeOptions {
+        timeout: Duration::from_secs_f64(args.timeout),
+        request_id: String::new(),
+    };
+    let mut all_ok = true;
+    for _ in 0..args.times {
+        let call = sandbox.invoke(&event, &options)?;
+        all_ok &= call.outcome.is_success();
+        println!(
+            "{}",
+            json!({"backend": engine.backend_name(), "handler": sandbox.handler(), "invocation": call})
+        );
+        if !sandbox.is_alive() {
+            break;
+        }
+    }
+    sandbox.shutdown()?;
+    Ok(all_ok)
+}

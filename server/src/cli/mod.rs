@@ -1,0 +1,141 @@
+//! `cloudfunc`'s command line: the server (`serve`), a token minter (`token`), a local runner
+//! that needs no server (`run`), and the client commands, one function each in [`commands`],
+//! talking to a server through [`client`] and printing through [`render`].
+
+pub mod client;
+mod commands;
+mod deploy;
+mod local;
+pub mod render;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::config::{defaults, ServeConfig};
+
+/// The command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "cloudfunc",
+    version,
+    about = "Deploy and run Python and JavaScript functions in isolated, limited sandboxes"
+)]
+pub struct Cli {
+    /// The server's data directory (database, code, JWT secret).
+    #[arg(long, env = "CLOUDFUNC_DATA_DIR", default_value = defaults::DATA_DIR, global = true)]
+    pub data_dir: PathBuf,
+    /// The server, for client commands.
+    #[arg(
+        long,
+        env = "CLOUDFUNC_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// A bearer token; by default one is minted from the local server's secret.
+    #[arg(long, env = "CLOUDFUNC_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// The tenant a minted token is for.
+    #[arg(
+        long,
+        env = "CLOUDFUNC_TENANT",
+        default_value = "default",
+        global = true
+    )]
+    pub tenant: String,
+    /// Print the server's JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log lines as JSON (serve).
+    #[arg(
+        long,
+        env = "CLOUDFUNC_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How the server's log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// What to do.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server with its embedded defaults (SQLite in the data directory, port 8080).
+    Serve(Box<ServeConfig>),
+    /// Print a bearer token for a tenant, signed with the local server's secret.
+    Token {
+        /// Valid for this many seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: i64,
+        /// An admin token sees every tenant.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Deploy a directory, a ZIP or a single file (a new function or its next version).
+    Deploy(deploy::DeployArgs),
+    /// Run a function (NAME or NAME@VERSION) and print its result.
+    Invoke {
+        name: String,
+        #[arg(long, default_value = "{}")]
+        data: String,
+        /// Queue it and print the task id instead of waiting.
+        #[arg(long)]
+        r#async: bool,
+    },
+    /// List functions.
+    List,
+    /// A task's status and result.
+    Status { task: String },
+    /// Logs of a task, or of a function's recent tasks.
+    Logs { target: String },
+    /// Metrics of a function over a range (15m, 1h, 7d).
+    Metrics {
+        name: String,
+        #[arg(long, default_value = "24h")]
+        range: String,
+    },
+    /// Versions of a function.
+    Versions { name: String },
+    /// Allow a function to run.
+    Activate { name: String },
+    /// Stop a function from running.
+    Deactivate { name: String },
+    /// Delete a function.
+    Delete { name: String },
+    /// Run the function in DIR locally, without a server, and print each record.
+    Run(local::RunArgs),
+}
+
+/// Runs the command; `Ok(false)` when it ran but what it ran failed (exit code 1).
+pub async fn run(cli: Cli) -> Result<bool> {
+    match &cli.command {
+        Command::Serve(config) => {
+            let mut config = (**config).clone();
+            config.data_dir = cli.data_dir.clone();
+            crate::serve::serve(config).await?;
+            Ok(true)
+        }
+        Command::Token { ttl, admin } => {
+            let keys = crate::serve::load_keys(
+                &cli.data_dir,
+                std::env::var("CLOUDFUNC_JWT_SECRET").ok().as_deref(),
+            )?;
+            println!("{}", keys.mint(&cli.tenant, *admin, *ttl));
+            Ok(true)
+        }
+        Command::Run(_) => tokio::task::spawn_blocking(move || local::run(&cli)).await?,
+        _ => tokio::task::spawn_blocking(move || commands::run(&cli)).await?,
+    }
+}
