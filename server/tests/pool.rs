@@ -638,20 +638,11 @@ fn main() {
         for (name, test) in &tests {
             let test = *test;
             let name = format!("{}::{name}", format!("{kind:?}").to_lowercase());
-            trials.push(
-                libtest_mimic::Trial::test(name, move || {
-                    KIND.set(kind);
-                    std::panic::catch_unwind(test).map_err(|e| {
-                        libtest_mimic::Failed::from(
-                            e.downcast_ref::<String>()
-                                .cloned()
-                                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                                .unwrap_or_default(),
-                        )
-                    })
-                })
-                .with_ignored_flag(skip),
-            );
+            let run = move || {
+                KIND.set(kind);
+                test()
+            };
+            trials.push(common::trial(name, run, skip));
         }
     }
     libtest_mimic::run(&args, trials).exit();

@@ -249,8 +249,113 @@ pub(super) fn token(
     }
 }
 
+/// `GET /api/functions/`.
+pub(super) fn list_route() -> Route {
+    token(
+        Method::GET,
+        "/api/functions/",
+        false,
+        |c| Box::pin(list(c)),
+        || {
+            op(
+                "List functions",
+                ("200", schema("FunctionList")),
+                &[],
+                json!({}),
+            )
+        },
+    )
+}
+
+/// `GET /api/functions/{id}`.
+pub(super) fn get_route() -> Route {
+    token(
+        Method::GET,
+        "/api/functions/{id}",
+        false,
+        |c| Box::pin(get(c)),
+        || {
+            let params = json!({"parameters": [id_param()]});
+            op(
+                "A function with its versions",
+                ("200", schema("Function")),
+                &["404"],
+                params,
+            )
+        },
+    )
+}
+
+/// `DELETE /api/functions/{id}`.
+pub(super) fn delete_route() -> Route {
+    token(
+        Method::DELETE,
+        "/api/functions/{id}",
+        false,
+        |c| Box::pin(delete(c)),
+        || {
+            let params = json!({"parameters": [id_param()]});
+            let what = "Delete a function, its versions and their code (its tasks stay readable)";
+            op(what, ("200", schema("Changed")), &["404"], params)
+        },
+    )
+}
+
+/// `GET /api/functions/{id}/metrics`.
+pub(super) fn metrics_route() -> Route {
+    let handler: super::router::Handler =
+        |c| Box::pin(async move { metrics(&c, Some(c.param(0))).await });
+    token(
+        Method::GET,
+        "/api/functions/{id}/metrics",
+        false,
+        handler,
+        || {
+            let params = json!({"parameters": id_and_range()});
+            op(
+                "A function's metrics over a range",
+                ("200", schema("Metrics")),
+                &["404"],
+                params,
+            )
+        },
+    )
+}
+
+fn set_active_route(active: bool) -> Route {
+    let (path, handler, doc): (_, super::router::Handler, fn() -> Value) = if active {
+        (
+            "/api/functions/{id}/activate",
+            |c| Box::pin(set_active(c, true)),
+            || {
+                let params = json!({"parameters": [id_param()]});
+                op(
+                    "Activate (POST works too)",
+                    ("200", schema("Changed")),
+                    &["404"],
+                    params,
+                )
+            },
+        )
+    } else {
+        (
+            "/api/functions/{id}/deactivate",
+            |c| Box::pin(set_active(c, false)),
+            || {
+                let params = json!({"parameters": [id_param()]});
+                let what =
+                    "Deactivate: its runs are refused until it is activated (POST works too)";
+                op(what, ("200", schema("Changed")), &["404"], params)
+            },
+        )
+    };
+    token(Method::PUT, path, false, handler, doc)
+}
+
 /// The routes.
 pub fn routes() -> Vec<Route> {
+    let activate = set_active_route(true);
+    let deactivate = set_active_route(false);
     vec![
         token(
             Method::POST,
@@ -258,150 +363,79 @@ pub fn routes() -> Vec<Route> {
             true,
             |c| Box::pin(deploy(c)),
             || {
-                let mut query =
-                    vec![json!({"name": "name", "in": "query", "schema": {"type": "string"}})];
-                query.extend(
-                    [
-                        "runtime",
-                        "handler",
-                        "timeout",
-                        "memory",
-                        "cpu",
-                        "isolation",
-                    ]
-                    .map(|n| json!({"name": n, "in": "query", "schema": {"type": "string"}})),
-                );
-                op("Deploy a ZIP (multipart or application/zip); settings from form fields, the query or a manifest in the ZIP", ("201", schema("Deployed")), &["404", "409", "415", "422"], json!({"requestBody": deploy_request(), "parameters": query}))
-            },
-        ),
-        token(
-            Method::GET,
-            "/api/functions/",
-            false,
-            |c| Box::pin(list(c)),
-            || {
+                let query = [
+                    "name",
+                    "runtime",
+                    "handler",
+                    "timeout",
+                    "memory",
+                    "cpu",
+                    "isolation",
+                ]
+                .map(|n| json!({"name": n, "in": "query", "schema": {"type": "string"}}));
+                let what =
+                    "Deploy a ZIP (multipart or application/zip); settings from form fields, \
+                        the query or a manifest in the ZIP";
+                let extra = json!({"requestBody": deploy_request(), "parameters": query});
                 op(
-                    "List functions",
-                    ("200", schema("FunctionList")),
-                    &[],
-                    json!({}),
+                    what,
+                    ("201", schema("Deployed")),
+                    &["409", "415", "422"],
+                    extra,
                 )
             },
         ),
-        token(
-            Method::GET,
-            "/api/functions/{id}",
-            false,
-            |c| Box::pin(get(c)),
-            || {
-                op(
-                    "A function with its versions",
-                    ("200", schema("Function")),
-                    &["400", "404"],
-                    json!({"parameters": [id_param()]}),
-                )
-            },
-        ),
+        list_route(),
+        get_route(),
         token(
             Method::PUT,
             "/api/functions/{id}",
             true,
             |c| Box::pin(update(c)),
             || {
-                op("New code (application/zip or multipart) or settings (JSON) as the next version", ("200", schema("Deployed")), &["404", "409", "415", "422"], json!({"parameters": [id_param()], "requestBody": json_body(json!({"type": "object", "properties": settings_properties()}))}))
+                let body =
+                    json_body(json!({"type": "object", "properties": settings_properties()}));
+                let extra = json!({"parameters": [id_param()], "requestBody": body});
+                let what = "New code (application/zip or multipart) or settings (JSON) as the next version";
+                op(
+                    what,
+                    ("200", schema("Deployed")),
+                    &["404", "409", "415", "422"],
+                    extra,
+                )
             },
         ),
-        token(
-            Method::DELETE,
-            "/api/functions/{id}",
-            false,
-            |c| Box::pin(delete(c)),
-            || {
-                op("Delete a function, its versions and their code (its finished tasks stay readable)", ("200", schema("Changed")), &["400", "404"], json!({"parameters": [id_param()]}))
-            },
-        ),
+        delete_route(),
         token(
             Method::GET,
             "/api/functions/{id}/versions",
             false,
             |c| Box::pin(versions(c)),
             || {
+                let params = json!({"parameters": [id_param()]});
                 op(
                     "Versions of a function",
                     ("200", schema("Versions")),
-                    &["400", "404"],
-                    json!({"parameters": [id_param()]}),
+                    &["404"],
+                    params,
                 )
             },
         ),
-        token(
-            Method::PUT,
-            "/api/functions/{id}/activate",
-            false,
-            |c| Box::pin(set_active(c, true)),
-            || {
-                op(
-                    "Activate",
-                    ("200", schema("Changed")),
-                    &["400", "404"],
-                    json!({"parameters": [id_param()]}),
-                )
-            },
-        ),
-        token(
-            Method::POST,
-            "/api/functions/{id}/activate",
-            false,
-            |c| Box::pin(set_active(c, true)),
-            || {
-                op(
-                    "Activate (POST works as PUT)",
-                    ("200", schema("Changed")),
-                    &["400", "404"],
-                    json!({"parameters": [id_param()]}),
-                )
-            },
-        ),
-        token(
-            Method::PUT,
-            "/api/functions/{id}/deactivate",
-            false,
-            |c| Box::pin(set_active(c, false)),
-            || {
-                op(
-                    "Deactivate: its runs are refused until it is activated",
-                    ("200", schema("Changed")),
-                    &["400", "404"],
-                    json!({"parameters": [id_param()]}),
-                )
-            },
-        ),
-        token(
-            Method::POST,
-            "/api/functions/{id}/deactivate",
-            false,
-            |c| Box::pin(set_active(c, false)),
-            || {
-                op(
-                    "Deactivate (POST works as PUT)",
-                    ("200", schema("Changed")),
-                    &["400", "404"],
-                    json!({"parameters": [id_param()]}),
-                )
-            },
-        ),
+        activate.clone().with_method(Method::POST),
+        activate,
+        deactivate.clone().with_method(Method::POST),
+        deactivate,
         token(
             Method::POST,
             "/api/functions/{id}/run",
             true,
             |c| Box::pin(run(c)),
             || {
-                op(
-                    "Queue an asynchronous run; 202 once the task is on disk",
-                    ("202", schema("Queued")),
-                    &["404", "409"],
-                    json!({"parameters": [id_param(), version_param()], "requestBody": json_body(json!({}))}),
-                )
+                let body = json_body(json!({}));
+                let extra =
+                    json!({"parameters": [id_param(), version_param()], "requestBody": body});
+                let what = "Queue an asynchronous run; 202 once the task is on disk";
+                op(what, ("202", schema("Queued")), &["404", "409"], extra)
             },
         ),
         token(
@@ -410,12 +444,11 @@ pub fn routes() -> Vec<Route> {
             true,
             |c| Box::pin(invoke(c)),
             || {
-                op(
-                    "Run now and wait for the finished task",
-                    ("200", schema("Task")),
-                    &["404", "409", "429"],
-                    json!({"parameters": [id_param(), version_param()], "requestBody": json_body(json!({}))}),
-                )
+                let body = json_body(json!({}));
+                let extra =
+                    json!({"parameters": [id_param(), version_param()], "requestBody": body});
+                let what = "Run now and wait for the finished task";
+                op(what, ("200", schema("Task")), &["404", "409", "429"], extra)
             },
         ),
         token(
@@ -424,27 +457,16 @@ pub fn routes() -> Vec<Route> {
             false,
             |c| Box::pin(recent(c)),
             || {
+                let limit = json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 500}});
+                let params = json!({"parameters": [id_param(), limit]});
                 op(
                     "Recent tasks of a function, newest first",
                     ("200", schema("TaskList")),
-                    &["400", "404"],
-                    json!({"parameters": [id_param(), {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 500}}]}),
+                    &["404"],
+                    params,
                 )
             },
         ),
-        token(
-            Method::GET,
-            "/api/functions/{id}/metrics",
-            false,
-            |c| Box::pin(async move { metrics(&c, Some(c.param(0))).await }),
-            || {
-                op(
-                    "A function's metrics over a range",
-                    ("200", schema("Metrics")),
-                    &["400", "404"],
-                    json!({"parameters": id_and_range()}),
-                )
-            },
-        ),
+        metrics_route(),
     ]
 }

@@ -11,9 +11,12 @@ use serde_json::{json, Map, Value};
 use warp::http::{Method, StatusCode};
 
 use super::body::json_or_empty;
-use super::functions::{delete, deployed_json, get, list, metrics, redeploy, token};
-use super::openapi::{id_and_range, id_param, json_body, op, range_params, schema};
+use super::functions::{
+    delete_route, deployed_json, get_route, list_route, metrics_route, redeploy, token,
+};
+use super::openapi::{id_param, json_body, op, schema};
 use super::router::{json as reply, Ctx, Reply, Route};
+use super::system::system_metrics_route;
 use super::ApiError;
 use crate::model::{Task, TaskStatus};
 use crate::platform::{Code, Settings};
@@ -145,106 +148,54 @@ pub fn routes() -> Vec<Route> {
             true,
             |c| Box::pin(create(c)),
             || {
-                op("Create: JSON {name, language, timeout, code}, or the multipart upload API's python_file and function_name", ("201", schema("Deployed")), &["404", "409", "415", "422"], json!({"requestBody": create_request()}))
-            },
-        ),
-        token(
-            Method::GET,
-            "/functions",
-            false,
-            |c| Box::pin(list(c)),
-            || {
+                let what = "Create: JSON {name, language, timeout, code}, or the multipart upload \
+                        API's python_file and function_name";
+                let extra = json!({"requestBody": create_request()});
                 op(
-                    "List functions",
-                    ("200", schema("FunctionList")),
-                    &[],
-                    json!({}),
+                    what,
+                    ("201", schema("Deployed")),
+                    &["409", "415", "422"],
+                    extra,
                 )
             },
         ),
-        token(
-            Method::GET,
-            "/functions/{id}",
-            false,
-            |c| Box::pin(get(c)),
-            || {
-                op(
-                    "A function with its versions",
-                    ("200", schema("Function")),
-                    &["404"],
-                    json!({"parameters": [id_param()]}),
-                )
-            },
-        ),
+        list_route().at("/functions"),
+        get_route().at("/functions/{id}"),
         token(
             Method::PUT,
             "/functions/{id}",
             true,
             |c| Box::pin(update(c)),
             || {
+                let extra = json!({"parameters": [id_param()], "requestBody": json_body(json!({"type": "object"}))});
+                let what = "Update code (`code`) or settings as the next version";
                 op(
-                    "Update code (`code`) or settings as the next version",
+                    what,
                     ("200", schema("Deployed")),
                     &["404", "409", "422"],
-                    json!({"parameters": [id_param()], "requestBody": json_body(json!({"type": "object"}))}),
+                    extra,
                 )
             },
         ),
-        token(
-            Method::DELETE,
-            "/functions/{id}",
-            false,
-            |c| Box::pin(delete(c)),
-            || {
-                op(
-                    "Delete a function",
-                    ("200", schema("Changed")),
-                    &["404"],
-                    json!({"parameters": [id_param()]}),
-                )
-            },
-        ),
+        delete_route().at("/functions/{id}"),
         token(
             Method::POST,
             "/execute/{id}",
             true,
             |c| Box::pin(execute(c)),
             || {
+                let input = json!({"type": "object", "properties": {"input": {}, "parameters": {"type": "object", "properties": {"version": {"type": "integer", "minimum": 1}}}}});
+                let extra = json!({"parameters": [id_param()], "requestBody": json_body(input)});
+                let what = "Run now with {input, parameters}; {output} or {error}";
                 op(
-                    "Run now with {input, parameters}; {output} or {error}",
+                    what,
                     ("200", schema("Outcome")),
                     &["404", "409", "429"],
-                    json!({"parameters": [id_param()], "requestBody": json_body(json!({"type": "object", "properties": {"input": {}, "parameters": {"type": "object", "properties": {"version": {"type": "integer", "minimum": 1}}}}}))}),
+                    extra,
                 )
             },
         ),
-        token(
-            Method::GET,
-            "/metrics/functions/{id}",
-            false,
-            |c| Box::pin(async move { metrics(&c, Some(c.param(0))).await }),
-            || {
-                op(
-                    "A function's metrics over a range",
-                    ("200", schema("Metrics")),
-                    &["400", "404"],
-                    json!({"parameters": id_and_range()}),
-                )
-            },
-        ),
-        token(
-            Method::GET,
-            "/metrics/system",
-            false,
-            |c| Box::pin(async move { metrics(&c, None).await }),
-            || {
-                op(
-                    "Metrics of everything the caller sees, over a range",
-                    ("200", schema("Metrics")),
-                    &["400"],
-                    json!({"parameters": range_params()}),
-                )
-            },
-        ),
+        metrics_route().at("/metrics/functions/{id}"),
+        system_metrics_route().at("/metrics/system"),
     ]
 }

@@ -1,6 +1,7 @@
 //! The OpenAPI 3.0 document, served at `/api/openapi.json`, written from the route table:
 //! each route's own operation, plus the error responses every route of its kind can give
-//! (401 behind a token, 400 and 413 with a body), and the shared schemas.
+//! (401 behind a token, 400 and 413 with a body, 400 with path parameters), and the shared
+//! schemas.
 
 use serde_json::{json, Map, Value};
 
@@ -160,6 +161,10 @@ pub fn document(table: &Table) -> Value {
         }
         if route.body {
             common.extend(["400", "413"]);
+        }
+        if route.path.contains('{') {
+            // A path segment that is not UTF-8 once percent-decoded.
+            common.push("400");
         }
         for code in common {
             responses.entry(code).or_insert_with(error_response);

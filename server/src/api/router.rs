@@ -56,6 +56,20 @@ pub struct Route {
     pub doc: fn() -> Value,
 }
 
+impl Route {
+    /// The same operation at another path (another API's shape of it).
+    pub fn at(mut self, path: &'static str) -> Route {
+        self.path = path;
+        self
+    }
+
+    /// The same operation under another method.
+    pub fn with_method(mut self, method: Method) -> Route {
+        self.method = method;
+        self
+    }
+}
+
 impl std::fmt::Debug for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.method, self.path)

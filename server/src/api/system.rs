@@ -30,6 +30,16 @@ async fn openapi(_: Ctx) -> Reply {
     ))
 }
 
+/// `GET /api/system/metrics`.
+pub(super) fn system_metrics_route() -> Route {
+    let handler: super::router::Handler = |c| Box::pin(async move { metrics(&c, None).await });
+    token(Method::GET, "/api/system/metrics", false, handler, || {
+        let params = json!({"parameters": range_params()});
+        let what = "Metrics of every function the caller sees, over a range";
+        op(what, ("200", schema("Metrics")), &["400"], params)
+    })
+}
+
 /// The routes.
 pub fn routes() -> Vec<Route> {
     vec![

@@ -30,46 +30,31 @@ async fn logs(c: Ctx) -> Reply {
 
 /// The routes.
 pub fn routes() -> Vec<Route> {
+    let task_route = token(
+        Method::GET,
+        "/api/tasks/{task_id}",
+        false,
+        |c| Box::pin(task(c)),
+        || {
+            let params = json!({"parameters": [task_param("task_id")]});
+            op("A task: status, result or error, logs, usage (also at seed 000's /api/functions/{task_id}/status)", ("200", schema("Task")), &["404"], params)
+        },
+    );
     vec![
-        token(
-            Method::GET,
-            "/api/tasks/{task_id}",
-            false,
-            |c| Box::pin(task(c)),
-            || {
-                op(
-                    "A task: status, result or error, logs, usage",
-                    ("200", schema("Task")),
-                    &["400", "404"],
-                    json!({"parameters": [task_param("task_id")]}),
-                )
-            },
-        ),
-        token(
-            Method::GET,
-            "/api/functions/{task_id}/status",
-            false,
-            |c| Box::pin(task(c)),
-            || {
-                op(
-                    "A task's status and result (seed 000's path)",
-                    ("200", schema("Task")),
-                    &["400", "404"],
-                    json!({"parameters": [task_param("task_id")]}),
-                )
-            },
-        ),
+        task_route.clone().at("/api/functions/{task_id}/status"),
+        task_route,
         token(
             Method::GET,
             "/api/tasks/{task_id}/logs",
             false,
             |c| Box::pin(logs(c)),
             || {
+                let params = json!({"parameters": [task_param("task_id")]});
                 op(
                     "What a task printed, and whether it was cut at the cap",
                     ("200", schema("TaskLogs")),
-                    &["400", "404"],
-                    json!({"parameters": [task_param("task_id")]}),
+                    &["404"],
+                    params,
                 )
             },
         ),

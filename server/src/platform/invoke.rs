@@ -9,6 +9,7 @@ use cloudfunc_sandbox::{
     Error as SandboxError, Invocation, InvokeOptions, Limits, Outcome, SandboxSpec,
 };
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::{blocking, no_function, versioned, Platform, PlatformError, Result, Running};
 use crate::auth::Caller;
@@ -131,9 +132,7 @@ impl Platform {
         task.status = TaskStatus::Running;
         task.attempts = 1;
         task.started_at = Some(task.created_at);
-        let ran = execute(&self.inner.pool, &function, &version, &task, true).await;
-        let (completion, refused) = settle(&task, ran);
-        log_invocation(&task, &version, &completion);
+        let (completion, refused) = run(&self.inner.pool, &function, &version, &task, true).await;
         Ok((task, completion, refused))
     }
 
@@ -236,7 +235,7 @@ pub(super) fn request_for(function_id: &str, name: &str, version: &Version) -> (
 
 /// How a run ended, and whether its caller is refused: a call that found the function at its
 /// concurrency limit (or the server at its caps) ends as throttled.
-pub(super) fn settle(
+fn settle(
     task: &Task,
     ran: std::result::Result<Completion, PoolError>,
 ) -> (Completion, Option<PlatformError>) {
@@ -252,6 +251,26 @@ pub(super) fn settle(
         Err(PoolError::Unavailable(why)) => (failed(ErrorKind::SandboxFailure, &why), None),
         Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
     }
+}
+
+/// Runs `task` ([`execute`]) in a span of its own, then says how it ended, whether its caller
+/// is refused, and logs it.
+pub(super) async fn run(
+    pool: &Arc<Pool>,
+    function: &Function,
+    version: &Version,
+    task: &Task,
+    sync: bool,
+) -> (Completion, Option<PlatformError>) {
+    let span = tracing::info_span!("call", task_id = %task.task_id, function = %function.name);
+    async {
+        let ran = execute(pool, function, version, task, sync).await;
+        let ended = settle(task, ran);
+        log_invocation(task, version, &ended.0);
+        ended
+    }
+    .instrument(span)
+    .await
 }
 
 /// Runs one task in a sandbox from the pool and says how it ended. It waits for a sandbox
@@ -433,7 +452,7 @@ fn completion_of(
 }
 
 /// One line per invocation in the server's log, Lambda's REPORT line in spirit.
-pub(super) fn log_invocation(task: &Task, version: &Version, c: &Completion) {
+fn log_invocation(task: &Task, version: &Version, c: &Completion) {
     let untimed = TaskUsage::default();
     let usage = c.usage.as_ref().unwrap_or(&untimed);
     tracing::info!(

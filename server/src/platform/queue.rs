@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::invoke::{execute, failed, log_invocation, settle};
+use super::invoke::{failed, run};
 use super::{blocking, Platform, Result, Running};
 use crate::auth::Caller;
 use crate::model::{now_ms, Completion, ErrorKind, Mode, Task};
@@ -138,10 +138,7 @@ impl Platform {
         };
         let (completion, refused) = match (function, version) {
             (Some(function), Some(version)) if function.active => {
-                let ran = execute(&self.inner.pool, &function, &version, task, false).await;
-                let ended = settle(task, ran);
-                log_invocation(task, &version, &ended.0);
-                ended
+                run(&self.inner.pool, &function, &version, task, false).await
             }
             (_, version) => {
                 let why = if version.is_some() {

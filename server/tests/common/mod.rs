@@ -306,7 +306,11 @@ pub const HELLO_PY: &str =
     "def handler(event):\n    return f\"Hello {event.get('name', 'World')}!\"\n";
 
 /// A trial running `test`, a panic being its failure; ignored (reported as skipped) if `skip`.
-pub fn trial(name: &str, test: fn(), skip: bool) -> libtest_mimic::Trial {
+pub fn trial(
+    name: impl Into<String>,
+    test: impl FnOnce() + Send + std::panic::UnwindSafe + 'static,
+    skip: bool,
+) -> libtest_mimic::Trial {
     libtest_mimic::Trial::test(name, move || {
         std::panic::catch_unwind(test).map_err(|e| {
             libtest_mimic::Failed::from(
