@@ -54,3 +54,8 @@ pub use error::{error_chain, Error, Result};
 pub use outcome::{ExitKind, FunctionError, Invocation, Logs, Outcome, Usage};
 pub use precompile::Precompiled;
 pub use sandbox::{Exchanged, InvokeOptions, Sandbox, SandboxSpec, StemCell};
+
+/// The README's library example, compiled with this crate's doc tests so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeExample;

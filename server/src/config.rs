@@ -65,6 +65,24 @@ pub mod defaults {
     pub const KEEP_WARM_S: u64 = 60;
     /// Chart.js, where Debian's `libjs-chart.js` puts it.
     pub const CHART_JS: &str = "/usr/share/javascript/chart.js/chart.min.js";
+    /// Seconds from a request's first byte to its last header.
+    pub const HEADER_TIMEOUT_S: f64 = 10.0;
+    /// Seconds an idle keep-alive connection is kept.
+    pub const KEEP_ALIVE_S: f64 = 75.0;
+    /// Seconds a response may wait for its client to read it.
+    pub const WRITE_TIMEOUT_S: f64 = 30.0;
+    /// Seconds between two chunks of a request body.
+    pub const BODY_IDLE_TIMEOUT_S: f64 = 30.0;
+    /// Seconds for a whole request body.
+    pub const BODY_TIMEOUT_S: f64 = 300.0;
+    /// Connections one client address may hold.
+    pub const MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+    /// Connections at once.
+    pub const MAX_CONNECTIONS: usize = 16_384;
+    /// MiB of the data directory's disk kept free: below, new work is refused (507).
+    pub const MIN_FREE_MB: u64 = 256;
+    /// MiB the WAL may reach before a checkpoint waits for readers to cut it back.
+    pub const WAL_LIMIT_MB: u64 = 64;
 }
 
 /// `cloudfunc serve`'s flags; each has an embedded default.
@@ -138,6 +156,35 @@ pub struct ServeConfig {
     /// MiB the pool's sandboxes' memory limits may commit together (0: 4x the host's memory).
     #[arg(long, env = "CLOUDFUNC_POOL_MEMORY_MB", default_value_t = 0)]
     pub pool_memory_mb: u64,
+    /// Seconds from a request's first byte to its last header.
+    #[arg(long, default_value_t = defaults::HEADER_TIMEOUT_S)]
+    pub header_timeout_s: f64,
+    /// Seconds an idle keep-alive connection is kept.
+    #[arg(long, default_value_t = defaults::KEEP_ALIVE_S)]
+    pub keep_alive_s: f64,
+    /// Seconds a response may wait for its client to read it.
+    #[arg(long, default_value_t = defaults::WRITE_TIMEOUT_S)]
+    pub write_timeout_s: f64,
+    /// Seconds between two chunks of a request body (then 408).
+    #[arg(long, default_value_t = defaults::BODY_IDLE_TIMEOUT_S)]
+    pub body_idle_timeout_s: f64,
+    /// Seconds for a whole request body (then 408).
+    #[arg(long, default_value_t = defaults::BODY_TIMEOUT_S)]
+    pub body_timeout_s: f64,
+    /// Connections one client address may hold at once.
+    #[arg(long, env = "CLOUDFUNC_MAX_CONNECTIONS_PER_CLIENT", default_value_t = defaults::MAX_CONNECTIONS_PER_CLIENT)]
+    pub max_connections_per_client: usize,
+    /// Connections at once, all clients together.
+    #[arg(long, env = "CLOUDFUNC_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// MiB of the data directory's disk kept free: below, deploys, calls and async runs are
+    /// refused with 507 and the queue pauses (0: never refuse).
+    #[arg(long, env = "CLOUDFUNC_MIN_FREE_MB", default_value_t = defaults::MIN_FREE_MB)]
+    pub min_free_mb: u64,
+    /// MiB the database's write-ahead log may reach before a checkpoint waits for readers
+    /// to cut it back.
+    #[arg(long, env = "CLOUDFUNC_WAL_LIMIT_MB", default_value_t = defaults::WAL_LIMIT_MB)]
+    pub wal_limit_mb: u64,
 }
 
 /// Days as a retention period: `None` (forever) for 0.
@@ -167,7 +214,31 @@ impl ServeConfig {
             bail!("--workers must be at least 1");
         }
         self.retention()?;
+        self.http()?;
         Ok(())
+    }
+
+    /// The HTTP server's timeouts and connection caps.
+    pub fn http(&self) -> Result<crate::http::Limits> {
+        let secs = |flag: &str, s: f64| -> Result<Duration> {
+            if !s.is_finite() || s <= 0.0 || s > 86_400.0 {
+                bail!("--{flag} must be a number of seconds between 0 and 86400");
+            }
+            Ok(Duration::from_secs_f64(s))
+        };
+        if self.max_connections_per_client == 0 || self.max_connections == 0 {
+            bail!("--max-connections and --max-connections-per-client must be at least 1");
+        }
+        Ok(crate::http::Limits {
+            header_timeout: secs("header-timeout-s", self.header_timeout_s)?,
+            keep_alive_timeout: secs("keep-alive-s", self.keep_alive_s)?,
+            write_timeout: secs("write-timeout-s", self.write_timeout_s)?,
+            body_idle_timeout: secs("body-idle-timeout-s", self.body_idle_timeout_s)?,
+            body_timeout: secs("body-timeout-s", self.body_timeout_s)?,
+            max_connections_per_client: self.max_connections_per_client,
+            max_connections: self.max_connections,
+            ..crate::http::Limits::default()
+        })
     }
 
     /// Largest request body.
@@ -207,6 +278,7 @@ impl ServeConfig {
     pub fn platform(&self) -> PlatformConfig {
         let mut config = PlatformConfig::new(&self.data_dir);
         config.bounds.default_max_instances = self.concurrency;
+        config.min_free_bytes = self.min_free_mb.saturating_mul(1024 * 1024);
         config
     }
 }
@@ -229,6 +301,8 @@ impl PlatformConfig {
     /// Defaults with code under `data_dir/code`.
     pub fn new(data_dir: &std::path::Path) -> Self {
         PlatformConfig {
+            data_dir: data_dir.to_path_buf(),
+            min_free_bytes: defaults::MIN_FREE_MB * 1024 * 1024,
             code_dir: data_dir.join("code"),
             bounds: Bounds::default(),
             archive: ArchiveLimits::default(),

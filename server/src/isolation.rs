@@ -138,6 +138,16 @@ impl Engines {
         }
     }
 
+    /// Removes both engines' cgroup parents (and any sandbox cgroup a teardown gave up on,
+    /// its processes killed): at the end of a stop, when no sandbox is alive any more. An
+    /// engine does it too when its last clone goes, but a process can end before that.
+    pub fn release_cgroup_parents(&self) {
+        self.container.release_cgroup_parent();
+        if let Ok(gvisor) = &self.gvisor {
+            gvisor.release_cgroup_parent();
+        }
+    }
+
     /// What each level runs on, for the health report.
     pub fn describe(&self) -> Value {
         let level = |engine: Result<&Engine, String>| match engine {

@@ -78,7 +78,12 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let keys = load_keys(&config.data_dir, config.jwt_secret.as_deref())?;
     let store = Arc::new(
-        SqliteStore::open(&config.data_dir.join("cloudfunc.db")).context("opening the database")?,
+        SqliteStore::open_with(
+            &config.data_dir.join("cloudfunc.db"),
+            config.wal_limit_mb.max(1).saturating_mul(1024 * 1024),
+            std::time::Duration::from_millis(500),
+        )
+        .context("opening the database")?,
     );
     let engine_config = EngineConfig {
         state_dir: config.state_dir.clone(),
@@ -115,6 +120,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         platform: platform.clone(),
         keys,
         max_body_bytes: config.max_body_bytes(),
+        http: config.http()?,
         chart_js: config.chart_js.clone(),
     };
     if !config.chart_js.is_file() {
@@ -130,23 +136,22 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     println!("cloudfunc listening on http://{addr}");
     use std::io::Write;
     std::io::stdout().flush()?;
-    warp::serve(routes(state))
-        .incoming(listener)
-        .graceful(async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
+    let stop = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
                 }
             }
-        })
-        .run()
-        .await;
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    crate::http::serve(listener, routes(state.clone()), state.http, stop).await;
     platform.shutdown().await;
+    let engines = platform.engines().clone();
+    let _ = tokio::task::spawn_blocking(move || engines.release_cgroup_parents()).await;
     Ok(())
 }

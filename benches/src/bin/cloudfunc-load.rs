@@ -24,7 +24,9 @@ use cloudfunc_server::metrics::percentile;
 struct Spawned {
     child: Child,
     /// Removed when dropped, after the server is gone.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    /// Its cgroup parent.
+    parent: String,
 }
 
 impl Drop for Spawned {
@@ -100,7 +102,8 @@ fn spawn_server(workers: usize) -> Result<(Spawned, String, String)> {
         .args(["--tenant", "load", "token"])
         .output()?;
     let token = String::from_utf8(out.stdout)?.trim().to_string();
-    Ok((Spawned { child, _dir: dir }, url, token))
+    let parent = format!("cloudfunc-load-{}", std::process::id());
+    Ok((Spawned { child, dir, parent }, url, token))
 }
 
 struct Outcome {
@@ -280,7 +283,7 @@ fn backlog_row(agent: &ureq::Agent, url: &str, token: &str, window: Duration) ->
     let elapsed = started.elapsed().as_secs_f64();
     let dry = if depth()? == 0 { ">=" } else { "" };
     Ok(format!(
-        "queued tasks run, submits stopped ({queued} queued) | {} | {} | {dry}{:.0} | - | - | - | -",
+        "queued tasks run, submits stopped ({queued} queued) | {} | {} | {dry}{:.0} | - | - | - | - | -",
         after.0 - before.0,
         after.1 - before.1,
         (after.0 - before.0) as f64 / elapsed
@@ -361,6 +364,93 @@ fn wrk_ms(cell: &str) -> Result<f64> {
     })
 }
 
+/// Sync load from `clients` threads for `seconds`, and a row every 10 s of what the server
+/// holds: what a leak of memory, descriptors, WAL, sandboxes or cgroups would show.
+fn run_soak(
+    agent: &ureq::Agent,
+    server: &Spawned,
+    url: &str,
+    token: &str,
+    clients: usize,
+    seconds: u64,
+) -> Result<()> {
+    let pid = server.child.id();
+    let wal = server.dir.path().join("data/cloudfunc.db-wal");
+    let cgroups = CgroupFs::detect(Path::new(DEFAULT_CGROUP_ROOT))?;
+    let parent = format!("/{}", server.parent);
+    let sandbox_cgroups = || -> usize {
+        cgroups
+            .dirs(&parent)
+            .first()
+            .and_then(|d| std::fs::read_dir(d).ok())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let load = {
+        let (url, token) = (
+            format!("{url}/api/functions/hello_load/invoke"),
+            token.to_string(),
+        );
+        std::thread::spawn(move || run(&url, &token, clients, seconds, u64::MAX))
+    };
+    println!("Soak on {url}: {clients} clients, {seconds} s of sync calls.");
+    println!("| s | calls | calls/s | errors | RSS MiB | fds | WAL MiB | DB MiB | sandboxes | sandbox cgroups | records kept |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let started = Instant::now();
+    let mut last = (0u64, 0.0f64);
+    while !load.is_finished() {
+        std::thread::sleep(Duration::from_secs(10).min(Duration::from_secs(seconds.max(1))));
+        let h = get_json(agent, &format!("{url}/api/system/health"), token)?;
+        let (calls, errors) = function_calls(agent, url, token)?;
+        let now = started.elapsed().as_secs_f64();
+        let rate = (calls - last.0) as f64 / (now - last.1).max(0.001);
+        last = (calls, now);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss =
+            cloudfunc_server::metrics::proc_field(&status, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "| {now:.0} | {calls} | {rate:.0} | {errors} | {rss:.1} | {fds} | {:.1} | {:.1} | {} | {} | {} |",
+            mib(wal_bytes),
+            mib(h["storage"]["database_bytes"].as_u64().unwrap_or(0)),
+            h["pool"]["sandboxes"],
+            sandbox_cgroups(),
+            h["storage"]["records_kept"],
+        );
+    }
+    let r = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("the load threads panicked"))?;
+    println!(
+        "\n{} calls, {} errors, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
+        r.ok + r.errors,
+        r.errors,
+        r.ok as f64 / r.elapsed.as_secs_f64(),
+        percentile(&r.latencies, 50.0),
+        percentile(&r.latencies, 99.0)
+    );
+    Ok(())
+}
+
+/// The CPU time (user and system, all its threads) process `pid` has used so far, seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may hold spaces, in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(ticks as f64 / per_second as f64)
+}
+
 /// The p50, p90, p99 and max cells of a table row, from latencies in ms, sorted.
 fn latency_cells(sorted: &[f64]) -> String {
     format!(
@@ -403,6 +493,10 @@ struct Args {
     /// A token for --url.
     #[arg(long, requires = "url")]
     token: Option<String>,
+    /// Instead of the scenarios: sync load for this many seconds, reporting every 10 s the
+    /// server's memory, descriptors, WAL, sandboxes and cgroups (a spawned server only).
+    #[arg(long, conflicts_with_all = ["url", "only"])]
+    soak: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -415,6 +509,7 @@ fn main() -> Result<()> {
         queue_workers,
         url,
         token,
+        soak,
     } = <Args as clap::Parser>::parse();
     let mut spawned = None;
     let (url, token) = match (url, token) {
@@ -450,11 +545,15 @@ fn main() -> Result<()> {
         Ok(())
     };
     deploy("hello_load")?;
+    if let (Some(seconds), Some(server)) = (soak, spawned.as_ref()) {
+        return run_soak(&agent, server, &url, &token, clients, seconds);
+    }
     // A bound on memory (latencies are kept), far above what one host can serve.
     let bound = 50_000 * seconds;
     println!("Load on {url}: {clients} clients, {seconds} s per scenario (each bounded to {bound} requests).");
-    println!("| scenario | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| scenario | requests | errors | req/s | p50 ms | p90 ms | p99 ms | max ms | server CPU µs/req |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let server_pid = spawned.as_ref().map(|s| s.child.id());
     if first_calls > 0 {
         // First calls, one at a time, before the load below (whose queued async tasks would
         // still be running). Before each, a pause long enough for the pool to have a stem cell
@@ -496,7 +595,7 @@ fn main() -> Result<()> {
         ] {
             latencies.sort_by(f64::total_cmp);
             println!(
-                "| {scenario}, one at a time | {} | 0 | - | {} |",
+                "| {scenario}, one at a time | {} | 0 | - | {} | - |",
                 latencies.len(),
                 latency_cells(&latencies)
             );
@@ -517,9 +616,14 @@ fn main() -> Result<()> {
         if only.as_deref().is_some_and(|o| o != kind) {
             continue;
         }
+        let cpu_before = server_pid.and_then(cpu_seconds);
         let r = run(&format!("{url}{path}"), &token, clients, seconds, bound);
+        let cpu = match (cpu_before, server_pid.and_then(cpu_seconds)) {
+            (Some(a), Some(b)) if r.ok > 0 => format!("{:.0}", (b - a) * 1e6 / r.ok as f64),
+            _ => "-".into(),
+        };
         println!(
-            "| {name} | {} | {} | {:.0} | {} |",
+            "| {name} | {} | {} | {:.0} | {} | {cpu} |",
             r.ok + r.errors,
             r.errors,
             r.ok as f64 / r.elapsed.as_secs_f64(),
@@ -531,8 +635,8 @@ fn main() -> Result<()> {
         }
         if with_wrk && kind == "sync" {
             match wrk_row(&agent, &url, &token, path, clients, seconds)? {
-                Some(row) => println!("| {name} (wrk) | {row} |"),
-                None => println!("| {name} (wrk) | skipped: wrk is not installed | | | | | | |"),
+                Some(row) => println!("| {name} (wrk) | {row} | - |"),
+                None => println!("| {name} (wrk) | skipped: wrk is not installed | | | | | | | |"),
             }
         }
     }

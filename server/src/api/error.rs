@@ -78,6 +78,9 @@ impl From<PlatformError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "function_inactive", e.to_string())
             }
             PlatformError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            PlatformError::InsufficientStorage(m) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m)
+            }
             PlatformError::TooBusy {
                 message,
                 retry_after,

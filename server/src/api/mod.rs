@@ -39,6 +39,9 @@ pub struct AppState {
     pub max_body_bytes: u64,
     /// Chart.js, served to the dashboard.
     pub chart_js: std::path::PathBuf,
+    /// How long a request body may take (the rest of the client limits are the HTTP
+    /// server's).
+    pub http: crate::http::Limits,
 }
 
 /// Every route of the API.

@@ -254,14 +254,34 @@ impl Ctx {
     }
 }
 
-/// Reads `body` into memory, up to `limit` bytes.
-async fn read_body<S, B>(mut body: S, limit: u64) -> Result<Bytes, ApiError>
+/// Reads `body` into memory, up to `limit` bytes, within the body timeouts of `http`: 408
+/// when the client stops sending, or sends too slowly.
+async fn read_body<S, B>(
+    mut body: S,
+    limit: u64,
+    http: &crate::http::Limits,
+) -> Result<Bytes, ApiError>
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
     let mut out = BytesMut::new();
-    while let Some(chunk) = body.next().await {
+    let deadline = tokio::time::Instant::now() + http.body_timeout;
+    loop {
+        let wait = http
+            .body_idle_timeout
+            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        let chunk = match tokio::time::timeout(wait, body.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    "the request body did not arrive in time",
+                ))
+            }
+        };
         let mut chunk =
             chunk.map_err(|e| ApiError::bad_request(format!("the body could not be read: {e}")))?;
         if (out.len() + chunk.remaining()) as u64 > limit {
@@ -345,7 +365,7 @@ where
         if announced.is_some_and(|n| n > limit) {
             return too_large().reply();
         }
-        match read_body(body, limit).await {
+        match read_body(body, limit, &state.http).await {
             Ok(body) => body,
             Err(e) => return e.reply(),
         }

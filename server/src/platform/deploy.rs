@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use cloudfunc_sandbox::{Error as SandboxError, Sandbox};
 
 use super::invoke::request_for;
-use super::{blocking, Platform, PlatformError, Result, Settings};
+use super::{blocking, io_error, Platform, PlatformError, Result, Settings};
 use crate::archive::{self, ArchiveLimits};
 use crate::auth::Caller;
 use crate::model::{valid_name, Function, Version};
@@ -60,9 +60,9 @@ impl Staged {
     /// Moves the code to `dest`, its version's place.
     fn place(mut self, dest: &Path) -> Result<()> {
         if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| PlatformError::Internal(e.into()))?;
+            std::fs::create_dir_all(parent).map_err(io_error)?;
         }
-        std::fs::rename(&self.dir, dest).map_err(|e| PlatformError::Internal(e.into()))?;
+        std::fs::rename(&self.dir, dest).map_err(io_error)?;
         self.placed = true;
         Ok(())
     }
@@ -85,6 +85,7 @@ impl Platform {
         settings: Settings,
         code: Code,
     ) -> Result<(Function, Version)> {
+        self.require_space()?;
         // The code first, into a staging directory: its manifest may name the function.
         let staged = {
             let incoming = self.inner.config.code_dir.join(INCOMING);
@@ -297,9 +298,8 @@ impl Platform {
 
 fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| PlatformError::Internal(e.into()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| PlatformError::Internal(e.into()))?;
+    std::fs::create_dir_all(dir).map_err(io_error)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io_error)?;
     for (name, content) in files {
         let ok = !name.is_empty()
             && name.len() <= 128
@@ -314,9 +314,9 @@ fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
             )));
         }
         let path = dir.join(name);
-        std::fs::write(&path, content).map_err(|e| PlatformError::Internal(e.into()))?;
+        std::fs::write(&path, content).map_err(io_error)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| PlatformError::Internal(e.into()))?;
+            .map_err(io_error)?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ mod monitor;
 mod queue;
 mod retention;
 pub mod settings;
+pub mod space;
 #[cfg(test)]
 mod tests;
 
@@ -33,6 +34,7 @@ pub use deploy::Code;
 pub use invoke::execute;
 pub use retention::Retention;
 pub use settings::{guess_runtime, Bounds, Settings};
+pub use space::Space;
 
 /// Errors the platform reports; the HTTP layer maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,9 @@ pub enum PlatformError {
     /// A concurrent change won.
     #[error("{0}")]
     Conflict(String),
+    /// The data directory's disk is (nearly) full: nothing was done.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// At a concurrency or capacity limit: try again after the delay.
     #[error("{message}")]
     TooBusy {
@@ -63,10 +68,27 @@ pub enum PlatformError {
     Internal(#[source] anyhow::Error),
 }
 
+/// The answer when the disk refuses a write.
+fn no_space() -> PlatformError {
+    PlatformError::InsufficientStorage(
+        "the server's data directory is out of disk space: nothing was done; retry once space is freed".into(),
+    )
+}
+
+/// An I/O error as the platform reports it: a full disk is the client's to know of.
+pub(crate) fn io_error(e: std::io::Error) -> PlatformError {
+    if space::is_full(&e) {
+        no_space()
+    } else {
+        PlatformError::Internal(e.into())
+    }
+}
+
 impl From<StoreError> for PlatformError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => PlatformError::Conflict(e.to_string()),
+            StoreError::Full => no_space(),
             e => PlatformError::Internal(e.into()),
         }
     }
@@ -75,7 +97,7 @@ impl From<StoreError> for PlatformError {
 impl From<ArchiveError> for PlatformError {
     fn from(e: ArchiveError) -> Self {
         match e {
-            ArchiveError::Io(io) => PlatformError::Internal(io.into()),
+            ArchiveError::Io(io) => io_error(io),
             e => PlatformError::BadRequest(e.to_string()),
         }
     }
@@ -87,6 +109,10 @@ pub type Result<T> = std::result::Result<T, PlatformError>;
 /// Server-wide settings of the platform (see [`crate::config`] for where they come from).
 #[derive(Debug, Clone)]
 pub struct PlatformConfig {
+    /// The data directory, whose free space is watched.
+    pub data_dir: PathBuf,
+    /// Bytes of it kept free: below, new work is refused (0: never).
+    pub min_free_bytes: u64,
     /// Where code versions are stored.
     pub code_dir: PathBuf,
     /// Defaults and bounds of functions' settings.
@@ -120,6 +146,8 @@ struct Inner {
     started: Instant,
     /// The host's CPU jiffies (busy, total) when health was last read.
     cpu_sample: std::sync::Mutex<Option<(u64, u64)>>,
+    /// The data directory's free space.
+    space: Arc<Space>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -137,6 +165,10 @@ impl Platform {
     ) -> std::io::Result<Platform> {
         // Code a deploy had staged when the process last stopped belongs to no version.
         let _ = std::fs::remove_dir_all(config.code_dir.join(deploy::INCOMING));
+        let space = Arc::new(Space::new(&config.data_dir, config.min_free_bytes));
+        if tokio::runtime::Handle::try_current().is_ok() {
+            space.watch();
+        }
         Ok(Platform {
             inner: Arc::new(Inner {
                 recorder: Recorder::start(store.clone())?,
@@ -150,8 +182,25 @@ impl Platform {
                 wake: tokio::sync::Notify::new(),
                 started: Instant::now(),
                 cpu_sample: std::sync::Mutex::new(None),
+                space,
             }),
         })
+    }
+
+    /// Refuses new work that needs the disk while its free space is below the floor.
+    fn require_space(&self) -> Result<()> {
+        if self.inner.space.low() {
+            return Err(PlatformError::InsufficientStorage(format!(
+                "the server's data directory has less than {} MiB free: nothing was done; retry once space is freed",
+                self.inner.config.min_free_bytes >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// The data directory's free space.
+    pub fn space(&self) -> &Space {
+        &self.inner.space
     }
 
     /// The store.
@@ -194,7 +243,14 @@ impl Platform {
         }
         let pool = self.inner.pool.clone();
         let _ = blocking(move || pool.shutdown()).await;
-        self.inner.recorder.settle().await;
+        let lost = self.inner.recorder.close().await;
+        if lost > 0 {
+            tracing::error!(lost, "task records the store still refused were lost at the stop (each is in the log above)");
+        }
+        let store = self.inner.store.clone();
+        if let Ok(Err(e)) = blocking(move || store.close()).await {
+            tracing::warn!(error = %e, "closing the store failed");
+        }
     }
 
     async fn drain(&self, function_id: &str) {

@@ -71,17 +71,37 @@ impl Platform {
     /// memory.
     pub async fn health(&self) -> Result<Value> {
         let store = self.inner.store.clone();
-        let (queued, running) = blocking(move || -> Result<(u64, u64)> {
-            Ok((store.queue_depth()?, store.running()?))
+        let (queued, running, size) = blocking(move || -> Result<_> {
+            Ok((store.queue_depth()?, store.running()?, store.size()?))
         })
         .await??;
+        let space = self.inner.space.report();
+        let kept = self.inner.recorder.kept();
+        let (records_kept, records_lost) = (kept.len(), kept.lost());
+        // Degraded: new work is refused for want of disk, or records wait to be stored.
+        let status = if space.low || records_kept > 0 {
+            "degraded"
+        } else {
+            "ok"
+        };
         let running = running + self.sync_running();
         let pool = self.inner.pool.stats();
         let calls = pool.calls_cold + pool.calls_prewarmed + pool.calls_warm;
         let mut host = crate::metrics::host();
         host["cpu_busy_percent"] = json!(self.host_cpu_percent());
         Ok(json!({
-            "status": "ok",
+            "status": status,
+            "storage": {
+                "data_dir": self.inner.config.data_dir,
+                "free_bytes": space.free_bytes,
+                "total_bytes": space.total_bytes,
+                "min_free_bytes": space.min_free_bytes,
+                "low": space.low,
+                "database_bytes": size.database_bytes,
+                "wal_bytes": size.wal_bytes,
+                "records_kept": records_kept,
+                "records_lost": records_lost,
+            },
             "time": now_ms(),
             "uptime_s": self.inner.started.elapsed().as_secs_f64(),
             "queue_depth": queued,

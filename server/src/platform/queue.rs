@@ -22,6 +22,7 @@ impl Platform {
         version: Option<u32>,
         payload: Value,
     ) -> Result<Task> {
+        self.require_space()?;
         let (function, version) = self.runnable(caller, key, version).await?;
         let task = Task::queued(&function, version.version, Mode::Async, payload);
         self.inner
@@ -32,13 +33,14 @@ impl Platform {
         Ok(task)
     }
 
-    /// Runs a claimed queued `task` in a sandbox from the pool and stores how it ended.
-    /// Stores how a stored task ended.
+    /// Stores how a claimed task ended, behind: a write the store refuses for now is kept
+    /// and tried again until it is stored, so a full disk never leaves the task `running`
+    /// (reads find its end meanwhile).
     async fn end(&self, task_id: &str, completion: Completion) -> Result<()> {
         Ok(self
             .inner
             .recorder
-            .write(Write::Complete {
+            .write_behind(Write::Complete {
                 task_id: task_id.into(),
                 completion,
                 at: now_ms(),
@@ -77,6 +79,12 @@ impl Platform {
             let running = Running::enter(&self.inner.queue_running);
             if self.inner.stopping.load(Ordering::SeqCst) {
                 return;
+            }
+            if self.inner.space.low() {
+                // What it would run could not be recorded: the tasks wait, queued.
+                drop(running);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
             }
             let store = self.inner.store.clone();
             let claimed = blocking(move || store.claim_next()).await;

@@ -149,6 +149,10 @@ impl Pool {
             .name("cloudfunc-pool".into())
             .spawn(move || loop {
                 match pool.upgrade() {
+                    // After a shutdown the thread goes: holding the pool past the process's
+                    // last other reference would keep its engines (and their cgroup
+                    // parents) from being released.
+                    Some(p) if p.lock().closed => return,
                     Some(p) => p.tick(),
                     None => return,
                 }

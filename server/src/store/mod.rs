@@ -5,10 +5,14 @@
 //! transaction, so a task is on disk before its 202 is sent and survives `kill -9`. Writes of
 //! tasks come in batches ([`Write`], [`Recorder`]) so that many calls share one commit.
 
+#[cfg(test)]
+pub(crate) mod flaky;
 mod recorder;
+mod retry;
 pub mod sqlite;
 
 pub use recorder::Recorder;
+pub use retry::Retry;
 pub use sqlite::SqliteStore;
 
 use crate::model::{Completion, Function, Task, Version};
@@ -17,9 +21,17 @@ use crate::rollup::{Call, Stats};
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database failed.
+    /// The database failed, for a reason a retry would not change (a constraint, a bug).
     #[error("the database failed")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(#[source] rusqlite::Error),
+    /// The database's disk is full (or its quota spent): the same write may succeed once
+    /// space is freed.
+    #[error("the database's disk is full")]
+    Full,
+    /// The database cannot be written for now (an I/O error, a lock held too long): the same
+    /// write may succeed later.
+    #[error("the database is unavailable for now")]
+    Transient(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A stored JSON column is unreadable.
     #[error("a stored record is corrupt")]
     Corrupt(#[from] serde_json::Error),
@@ -32,6 +44,31 @@ pub enum StoreError {
     /// The database was written by a newer cloudfunc.
     #[error("the database's schema is version {found}, newer than this cloudfunc's {known}: upgrade cloudfunc")]
     NewerSchema { found: i64, known: i64 },
+}
+
+impl StoreError {
+    /// Whether the same write may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Full | StoreError::Transient(_))
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(C::DiskFull) => StoreError::Full,
+            Some(
+                C::SystemIoFailure
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::CannotOpen
+                | C::ReadOnly
+                | C::OutOfMemory,
+            ) => StoreError::Transient(Box::new(e)),
+            _ => StoreError::Sqlite(e),
+        }
+    }
 }
 
 /// A `Result` with [`StoreError`].
@@ -141,6 +178,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<Rollup>>;
     /// Removes rollups of `resolution` older than `before`; returns how many rows.
     fn prune_rollups(&self, resolution: i64, before: i64) -> Result<u64>;
+    /// How big the store's files are now.
+    fn size(&self) -> Result<StoreSize>;
+    /// At a graceful stop, after the last write: leaves everything durable and compact.
+    fn close(&self) -> Result<()>;
+}
+
+/// The store's files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreSize {
+    /// The database.
+    pub database_bytes: u64,
+    /// Its write-ahead log (0 where there is none).
+    pub wal_bytes: u64,
 }
 
 /// One rollup row: the calls of one function with one outcome in one bucket.

@@ -10,6 +10,9 @@
 //! caller need not wait for the disk (a finished sync call: its caller has the result); it
 //! waits for the commit only while more than [`BEHIND_LIMIT`] writes are queued. Readers
 //! call [`Recorder::settle`] first, so a read sees every write queued before it.
+//!
+//! A write behind that the store refuses for a reason that may pass (a full disk) is kept
+//! and tried again every second ([`Retry`]); reads find it there meanwhile.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use super::retry::{Retry, RETRY_EVERY};
 use super::{Result, Store, StoreError, Write};
 
 /// The most writes in one transaction.
@@ -85,6 +89,9 @@ pub struct Recorder {
     wakes: Arc<AtomicU64>,
     /// The recorder's thread, unparked for a message someone waits for.
     thread: std::thread::Thread,
+    /// Writes behind the store refused for now.
+    retry: Arc<Retry>,
+    store: Arc<dyn Store>,
 }
 
 impl Recorder {
@@ -97,14 +104,34 @@ impl Recorder {
         let committed = commits.clone();
         let wakes = Arc::new(AtomicU64::new(0));
         let woken = wakes.clone();
+        let retry = Arc::new(Retry::default());
+        let (kept, recording) = (retry.clone(), store.clone());
         let thread = std::thread::Builder::new()
             .name("cloudfunc-recorder".into())
             .spawn(move || {
-                while let Ok(first) = incoming.recv() {
-                    wakes.fetch_add(1, Ordering::Relaxed);
-                    let batch = gather(first, &incoming, &wakes);
-                    commit(store.as_ref(), batch, &counted);
-                    commits.fetch_add(1, Ordering::Relaxed);
+                let mut last_try = Instant::now();
+                loop {
+                    let next = if retry.is_empty() {
+                        incoming
+                            .recv()
+                            .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+                    } else {
+                        incoming.recv_timeout(RETRY_EVERY)
+                    };
+                    match next {
+                        Ok(first) => {
+                            wakes.fetch_add(1, Ordering::Relaxed);
+                            let batch = gather(first, &incoming, &wakes);
+                            commit(store.as_ref(), batch, &counted, &retry);
+                            commits.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    if !retry.is_empty() && last_try.elapsed() >= RETRY_EVERY {
+                        retry.attempt(store.as_ref());
+                        last_try = Instant::now();
+                    }
                 }
             })?
             .thread()
@@ -115,7 +142,27 @@ impl Recorder {
             commits: committed,
             wakes: woken,
             thread,
+            retry: kept,
+            store: recording,
         })
+    }
+
+    /// Writes behind that the store refused for now, kept for another try.
+    pub fn kept(&self) -> &Retry {
+        &self.retry
+    }
+
+    /// At a stop, once settled: tries the kept writes a last time and gives up on the rest
+    /// (each is logged); returns how many were given up.
+    pub async fn close(&self) -> usize {
+        self.settle().await;
+        let (retry, store) = (self.retry.clone(), self.store.clone());
+        tokio::task::spawn_blocking(move || {
+            retry.attempt(store.as_ref());
+            retry.give_up()
+        })
+        .await
+        .unwrap_or(0)
     }
 
     /// How many batches have been committed (or tried) so far.
@@ -157,7 +204,8 @@ impl Recorder {
     }
 
     /// Stores `write` without waiting for the disk, unless too many writes are queued already;
-    /// a write that then fails is reported on stderr.
+    /// a write the store then refuses for now is kept and tried again ([`Recorder::kept`]),
+    /// one refused for good is logged as lost.
     pub async fn write_behind(&self, write: Write) -> Result<()> {
         if self.pending.load(Ordering::SeqCst) >= BEHIND_LIMIT {
             return self.write(write).await;
@@ -183,8 +231,9 @@ fn gone() -> StoreError {
 }
 
 /// Commits the writes of a batch in one transaction, then answers its settles. Should the
-/// transaction fail, each write is tried alone, so that one bad write fails only its own.
-fn commit(store: &dyn Store, batch: Vec<Message>, pending: &AtomicUsize) {
+/// transaction fail, each write is tried alone, so that one bad write fails only its own. A
+/// write behind the store refuses for now is kept in `retry`.
+fn commit(store: &dyn Store, batch: Vec<Message>, pending: &AtomicUsize, retry: &Retry) {
     let mut writes = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
     let mut settles = Vec::new();
@@ -206,16 +255,17 @@ fn commit(store: &dyn Store, batch: Vec<Message>, pending: &AtomicUsize) {
             .collect()
     };
     pending.fetch_sub(writes.len(), Ordering::SeqCst);
-    for ((write, reply), result) in writes.iter().zip(replies).zip(results) {
-        match reply {
-            Some(reply) => {
+    for ((write, reply), result) in writes.into_iter().zip(replies).zip(results) {
+        match (reply, result) {
+            (Some(reply), result) => {
                 let _ = reply.send(result);
             }
-            None => {
-                if let Err(e) = result {
-                    tracing::error!(task_id = write.task_id(), error = %e, "recording a task failed");
-                }
+            (None, Ok(())) => {}
+            (None, Err(e)) if e.is_retryable() => {
+                tracing::warn!(task_id = write.task_id(), error = %e, "the store refused a task's record for now; kept to try again");
+                retry.keep(write);
             }
+            (None, Err(e)) => retry.give_up_on(&write, &e.to_string()),
         }
     }
     for reply in settles {
@@ -390,5 +440,54 @@ mod tests {
             let t = store.task(None, id).unwrap();
             assert_eq!(t.map(|t| t.status), Some(TaskStatus::Succeeded), "{id}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_behind_the_disk_refuses_are_kept_read_and_stored_once_it_has_room() {
+        use crate::store::flaky::Flaky;
+        let dir = tempfile::tempdir().unwrap();
+        let inner = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let (id, n) = inner.next_version("a", "f").unwrap();
+        let f = inner.add_version("a", &id, "f", &version(n)).unwrap();
+        let store = Arc::new(Flaky {
+            inner,
+            full: false.into(),
+        });
+        let recorder = Recorder::start(store.clone()).unwrap();
+        store.set_full(true);
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let (id, write) = finished(&f);
+            recorder.write_behind(write).await.unwrap();
+            ids.push(id);
+        }
+        // An awaited write is refused at once: its caller is told.
+        let (_, write) = finished(&f);
+        assert!(matches!(recorder.write(write).await, Err(StoreError::Full)));
+        recorder.settle().await;
+        assert_eq!(recorder.kept().len(), 5);
+        assert!(store.task(None, &ids[0]).unwrap().is_none());
+        assert!(matches!(
+            recorder.kept().find(&ids[0]),
+            Some(Write::Finished { .. })
+        ));
+        // Room again: the next round stores them.
+        store.set_full(false);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !recorder.kept().is_empty() {
+            assert!(Instant::now() < deadline, "kept writes were never stored");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for id in &ids {
+            assert!(store.task(None, id).unwrap().is_some(), "{id}");
+        }
+        assert_eq!(recorder.kept().lost(), 0);
+
+        // Still refused at the stop: given up, each counted (and logged).
+        store.set_full(true);
+        let (_, write) = finished(&f);
+        recorder.write_behind(write).await.unwrap();
+        assert_eq!(recorder.close().await, 1);
+        assert_eq!(recorder.kept().lost(), 1);
     }
 }

@@ -12,17 +12,19 @@ mod schema;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
+use parking_lot::{FairMutex, FairMutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Recovery, Result, Rollup, Store, Write};
+use super::{Recovery, Result, Rollup, Store, StoreSize, Write};
 use crate::model::{
     now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, Version,
 };
 use crate::rollup::Call;
-use checkpoint::Checkpointer;
+use checkpoint::{CheckpointStats, Checkpointer};
 use rows::{
     call_row, complete, conflict, finished, function_row, insert, task_row, CALL_COLS,
     FUNCTION_COLS, TASK_COLS,
@@ -32,6 +34,9 @@ use rows::{
 /// held back by its retry backoff lets younger ones pass.
 const CLAIM: &str = "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id LIMIT 1";
 
+/// A function's newest tasks, from the index of its tasks by age (no sort of them all).
+const RECENT: &str = "WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2";
+
 /// How many tasks are running now.
 const RUNNING: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'running'";
 
@@ -39,51 +44,92 @@ const RUNNING: &str = "SELECT COUNT(*) FROM tasks WHERE status = 'running'";
 /// during a commit), and a third checkpoints the WAL in the background.
 #[derive(Debug)]
 pub struct SqliteStore {
-    conn: Mutex<Connection>,
-    reader: Mutex<Connection>,
+    path: PathBuf,
+    /// The writer and the reader, shared with the checkpointer, which holds both while it
+    /// restarts the WAL.
+    conn: Arc<FairMutex<Connection>>,
+    reader: Arc<FairMutex<Connection>>,
+    checkpoints: Arc<CheckpointStats>,
     /// Dropped with the store, which stops the checkpointer.
     _checkpointer: Checkpointer,
 }
 
+/// The WAL's size limit by default.
+pub const WAL_LIMIT: u64 = 64 << 20;
+
 /// How often the WAL is copied back into the database, off the writers' path.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
 }
 
 impl SqliteStore {
-    /// Opens (creating) the database at `path`.
+    /// Opens (creating) the database at `path`, its WAL bounded to [`WAL_LIMIT`].
     pub fn open(path: &Path) -> Result<SqliteStore> {
+        SqliteStore::open_with(path, WAL_LIMIT, CHECKPOINT_EVERY)
+    }
+
+    /// Opens (creating) the database at `path`, checkpointing every `every` and restarting
+    /// the WAL once it passes `wal_limit` bytes.
+    pub fn open_with(path: &Path, wal_limit: u64, every: Duration) -> Result<SqliteStore> {
         let mut conn = connect(path)?;
         schema::migrate(&mut conn)?;
         // A commit never waits for a checkpoint (and its fsync); the checkpointer does them.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        // Once checkpointed, the WAL file is cut back to this size.
-        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+        // Once checkpointed (and restarted), the WAL file is cut back to this size.
+        conn.pragma_update(
+            None,
+            "journal_size_limit",
+            i64::try_from(wal_limit).unwrap_or(i64::MAX),
+        )?;
+        let checkpoints = Arc::new(CheckpointStats::default());
+        let conn = Arc::new(FairMutex::new(conn));
+        let reader = Arc::new(FairMutex::new(connect(path)?));
+        let checkpointer = Checkpointer::start(
+            connect(path)?,
+            reader.clone(),
+            conn.clone(),
+            wal_path(path),
+            every,
+            wal_limit,
+            checkpoints.clone(),
+        );
         Ok(SqliteStore {
-            conn: Mutex::new(conn),
-            reader: Mutex::new(connect(path)?),
-            _checkpointer: Checkpointer::start(connect(path)?, CHECKPOINT_EVERY),
+            path: path.to_path_buf(),
+            conn,
+            reader,
+            checkpoints,
+            _checkpointer: checkpointer,
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        lock(&self.conn)
+    /// WAL restarts the checkpointer forced because of its size.
+    pub fn wal_truncations(&self) -> u64 {
+        self.checkpoints
+            .truncations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
-        lock(&self.reader)
+    fn conn(&self) -> FairMutexGuard<'_, Connection> {
+        self.conn.lock()
+    }
+
+    fn reader(&self) -> FairMutexGuard<'_, Connection> {
+        self.reader.lock()
     }
 }
 
-fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The WAL file of the database at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
 }
 
 impl Store for SqliteStore {
@@ -273,9 +319,7 @@ impl Store for SqliteStore {
 
     fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>> {
         let conn = self.reader();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {TASK_COLS} FROM tasks WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2"
-        ))?;
+        let mut stmt = conn.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks {RECENT}"))?;
         let rows = stmt.query_map(params![function_id, limit], task_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -385,5 +429,20 @@ impl Store for SqliteStore {
 
     fn prune_rollups(&self, resolution: i64, before: i64) -> Result<u64> {
         Ok(rollups::prune(&self.conn(), resolution, before)?)
+    }
+
+    fn size(&self) -> Result<StoreSize> {
+        let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        Ok(StoreSize {
+            database_bytes: len(&self.path),
+            wal_bytes: len(&wal_path(&self.path)),
+        })
+    }
+
+    fn close(&self) -> Result<()> {
+        // Everything in the WAL into the database, and the WAL emptied.
+        self.conn()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
     }
 }

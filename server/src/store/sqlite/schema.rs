@@ -30,6 +30,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: rollups::SCHEMA,
         then: Some(|c| rollups::backfill(c).map(|_| ())),
     },
+    Migration {
+        what: "an index of each function's tasks by age, so its recent tasks are read without sorting them all",
+        sql: "CREATE INDEX IF NOT EXISTS tasks_recent ON tasks (function_id, created_at, id);",
+        then: None,
+    },
 ];
 
 /// The schema version this binary writes.

@@ -1,0 +1,101 @@
+//! A store for unit tests whose writes the disk "refuses" while told to: a real
+//! [`SqliteStore`] behind, every other call passed through. The full-disk tests with a real
+//! filesystem are in `tests/faults.rs`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::*;
+
+/// A [`SqliteStore`] whose writes fail with [`StoreError::Full`] while `full` is set.
+#[derive(Debug)]
+pub struct Flaky {
+    pub inner: SqliteStore,
+    pub full: AtomicBool,
+}
+
+impl Flaky {
+    /// Makes writes fail (or pass) from now on.
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::SeqCst);
+    }
+}
+
+impl Store for Flaky {
+    fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>> {
+        self.inner.function(tenant, key)
+    }
+    fn functions(&self, tenant: Option<&str>) -> Result<Vec<Function>> {
+        self.inner.functions(tenant)
+    }
+    fn next_version(&self, tenant: &str, name: &str) -> Result<(String, u32)> {
+        self.inner.next_version(tenant, name)
+    }
+    fn add_version(&self, t: &str, id: &str, n: &str, v: &Version) -> Result<Function> {
+        self.inner.add_version(t, id, n, v)
+    }
+    fn version(&self, function_id: &str, version: u32) -> Result<Option<Version>> {
+        self.inner.version(function_id, version)
+    }
+    fn versions(&self, function_id: &str) -> Result<Vec<Version>> {
+        self.inner.versions(function_id)
+    }
+    fn set_active(&self, function_id: &str, active: bool) -> Result<()> {
+        self.inner.set_active(function_id, active)
+    }
+    fn delete_function(&self, function_id: &str) -> Result<Vec<Version>> {
+        self.inner.delete_function(function_id)
+    }
+    fn write(&self, writes: &[Write]) -> Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(StoreError::Full);
+        }
+        self.inner.write(writes)
+    }
+    fn claim_next(&self) -> Result<Option<Task>> {
+        self.inner.claim_next()
+    }
+    fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {
+        self.inner.task(tenant, task_id)
+    }
+    fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>> {
+        self.inner.recent_tasks(function_id, limit)
+    }
+    fn queue_depth(&self) -> Result<u64> {
+        self.inner.queue_depth()
+    }
+    fn running(&self) -> Result<u64> {
+        self.inner.running()
+    }
+    fn recover(
+        &self,
+        retries_left: &dyn Fn(&Task) -> bool,
+        backoff_ms: &dyn Fn(u32) -> i64,
+    ) -> Result<Recovery> {
+        self.inner.recover(retries_left, backoff_ms)
+    }
+    fn calls(&self, t: Option<&str>, f: Option<&str>, since: i64, until: i64) -> Result<Vec<Call>> {
+        self.inner.calls(t, f, since, until)
+    }
+    fn prune(&self, before: i64) -> Result<u64> {
+        self.inner.prune(before)
+    }
+    fn rollups(
+        &self,
+        t: Option<&str>,
+        f: Option<&str>,
+        resolution: i64,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<Rollup>> {
+        self.inner.rollups(t, f, resolution, since, until)
+    }
+    fn prune_rollups(&self, resolution: i64, before: i64) -> Result<u64> {
+        self.inner.prune_rollups(resolution, before)
+    }
+    fn size(&self) -> Result<StoreSize> {
+        self.inner.size()
+    }
+    fn close(&self) -> Result<()> {
+        self.inner.close()
+    }
+}
