@@ -5,9 +5,10 @@
 //! [`nab`] holds the Numenta Anomaly Benchmark's file layout and a port of its scorer, with
 //! which the detector is measured (`cloudfunc-nab`).
 
+mod calibrate;
 mod detector;
-mod likelihood;
+pub mod experts;
 pub mod nab;
 pub mod stats;
 
-pub use detector::{Config, Detector};
+pub use detector::{Config, Detector, StateError};

@@ -55,20 +55,6 @@ impl Ewm {
     }
 }
 
-/// The upper tail of the standard normal distribution, P(Z > z) (Abramowitz and Stegun
-/// 7.1.26 through erfc; absolute error under 1.5e-7).
-pub fn normal_tail(z: f64) -> f64 {
-    if z < 0.0 {
-        return 1.0 - normal_tail(-z);
-    }
-    let x = z / std::f64::consts::SQRT_2;
-    let t = 1.0 / (1.0 + 0.327_591_1 * x);
-    let poly = t
-        * (0.254_829_592
-            + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
-    0.5 * poly * (-x * x).exp()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,13 +72,5 @@ mod tests {
             short.add(5.0);
         }
         assert!((short.mean() - 5.0).abs() < 1e-9 && short.var() < 1e-9);
-    }
-
-    #[test]
-    fn the_normal_tail_matches_known_values() {
-        assert!((normal_tail(0.0) - 0.5).abs() < 1e-7);
-        assert!((normal_tail(1.959_964) - 0.025).abs() < 1e-6);
-        assert!((normal_tail(-1.0) - 0.841_344_7).abs() < 1e-6);
-        assert!(normal_tail(8.0) < 1e-14);
     }
 }

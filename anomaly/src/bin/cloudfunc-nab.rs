@@ -88,7 +88,13 @@ fn main() -> Result<()> {
             for (f, d) in files.iter().zip(details(&files, profile, s.threshold)) {
                 println!(
                     "|   {} | {:.3} | {}/{} windows | first at {:?} of {:?} | {} false positives |",
-                    f.name, d.raw, d.detected, d.windows, d.first_detections, f.windows, d.false_positives
+                    f.name,
+                    d.raw,
+                    d.detected,
+                    d.windows,
+                    d.first_detections,
+                    f.windows,
+                    d.false_positives
                 );
             }
         }

@@ -155,17 +155,27 @@ pub fn read_windows(path: &Path) -> Result<Windows, NabError> {
 }
 
 /// A series' windows as row indices: the rows whose timestamps are the window's ends.
-pub fn window_rows(series: &Series, windows: &[(String, String)]) -> Result<Vec<(usize, usize)>, NabError> {
+pub fn window_rows(
+    series: &Series,
+    windows: &[(String, String)],
+) -> Result<Vec<(usize, usize)>, NabError> {
     let row = |ts: &str| -> Result<usize, NabError> {
         let seconds = parse_timestamp(ts).ok_or_else(|| {
-            format(Path::new(&series.name), format!("bad window timestamp {ts:?}"))
-        })?;
-        series.seconds.iter().position(|s| *s == seconds).ok_or_else(|| {
             format(
                 Path::new(&series.name),
-                format!("no row at the window's timestamp {ts}"),
+                format!("bad window timestamp {ts:?}"),
             )
-        })
+        })?;
+        series
+            .seconds
+            .iter()
+            .position(|s| *s == seconds)
+            .ok_or_else(|| {
+                format(
+                    Path::new(&series.name),
+                    format!("no row at the window's timestamp {ts}"),
+                )
+            })
     };
     let mut rows = windows
         .iter()
@@ -233,7 +243,10 @@ mod tests {
     #[test]
     fn timestamps_parse_to_epoch_seconds() {
         assert_eq!(parse_timestamp("1970-01-01 00:00:00"), Some(0));
-        assert_eq!(parse_timestamp("2014-04-10 07:15:00.000000"), Some(1_397_114_100));
+        assert_eq!(
+            parse_timestamp("2014-04-10 07:15:00.000000"),
+            Some(1_397_114_100)
+        );
         assert_eq!(parse_timestamp("2000-03-01 00:00:01"), Some(951_868_801));
         assert_eq!(parse_timestamp("2014-13-10 07:15:00"), None);
         assert_eq!(parse_timestamp("yesterday"), None);

@@ -178,10 +178,8 @@ pub fn sweep(files: &[FileScores], profile: Profile) -> Sweep {
     scored_windows.sort_unstable();
     scored_windows.dedup();
     // Windows whose rows all fell in the probation count for nothing, as in NAB.
-    let mut best_by_window: HashMap<usize, f64> = scored_windows
-        .iter()
-        .map(|w| (*w, -profile.fn_))
-        .collect();
+    let mut best_by_window: HashMap<usize, f64> =
+        scored_windows.iter().map(|w| (*w, -profile.fn_)).collect();
     let counted = best_by_window.len() as f64;
     let null = -profile.fn_ * counted;
     let perfect = profile.tp * counted;
@@ -352,13 +350,24 @@ mod tests {
         let s = sweep(&files, STANDARD);
         assert_eq!(s.threshold, 0.9);
         assert!((s.raw - tp).abs() < 1e-9, "{} vs {tp}", s.raw);
-        // Without the early false positive, taking the late one too costs its share only.
+        // When false positives cost nothing, the sweep goes down to flagging every row, and
+        // the window's first row makes it perfect.
         let mut scores = vec![0.0; 100];
         scores[45] = 0.9;
         scores[54] = 0.95;
-        let s = sweep(&[file(scores, vec![(40, 49)])], Profile { fp: 0.0, ..STANDARD });
-        assert!((s.raw - tp).abs() < 1e-9);
-        let with_cost = Profile { fp: 0.5, ..STANDARD };
+        let s = sweep(
+            &[file(scores, vec![(40, 49)])],
+            Profile {
+                fp: 0.0,
+                ..STANDARD
+            },
+        );
+        assert!((s.raw - 1.0).abs() < 1e-9, "{s:?}");
+        assert_eq!(s.threshold, 0.0);
+        let with_cost = Profile {
+            fp: 0.5,
+            ..STANDARD
+        };
         let mut scores = vec![0.0; 100];
         scores[45] = 0.6;
         scores[54] = 0.95;
