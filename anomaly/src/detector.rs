@@ -122,8 +122,13 @@ impl Detector {
     /// [0, 1]: 0 during the warm-up; higher the rarer the point. A value that is not finite
     /// is not learnt and scores 0.
     pub fn update(&mut self, time: i64, value: f64) -> f64 {
+        self.update_scores(time, value).reported
+    }
+
+    /// [`Detector::update`], with the point's score before inhibition too.
+    pub fn update_scores(&mut self, time: i64, value: f64) -> Scores {
         if !value.is_finite() {
-            return 0.0;
+            return Scores::default();
         }
         self.seen += 1;
         let raws = [
@@ -138,7 +143,7 @@ impl Detector {
             *s = -calibrator.update(raw).max(1e-300).log10();
         }
         if !self.is_warm() {
-            return 0.0;
+            return Scores::default();
         }
         // Two experts agreeing count for more than one alone; one alone can still carry it.
         surprise.sort_by(|a, b| b.total_cmp(a));
@@ -149,8 +154,20 @@ impl Detector {
             score * INHIBITED_SHARE
         };
         self.recent = (self.recent * INHIBITION_DECAY).max(score);
-        reported
+        Scores {
+            reported,
+            uninhibited: score,
+        }
     }
+}
+
+/// A point's scores.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scores {
+    /// The anomaly score: high at an anomaly's onset, inhibited at the points that follow.
+    pub reported: f64,
+    /// The score before inhibition: stays high while the series stays unusual.
+    pub uninhibited: f64,
 }
 
 /// A surprise (`-log10` of a probability) as a score in [0, 1], so that the order of very

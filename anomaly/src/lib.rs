@@ -11,4 +11,4 @@ pub mod experts;
 pub mod nab;
 pub mod stats;
 
-pub use detector::{Config, Detector, StateError};
+pub use detector::{Config, Detector, Scores, StateError};
