@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -181,6 +182,10 @@ pub struct ServeConfig {
     /// refused with 507 and the queue pauses (0: never refuse).
     #[arg(long, env = "CLOUDFUNC_MIN_FREE_MB", default_value_t = defaults::MIN_FREE_MB)]
     pub min_free_mb: u64,
+    /// The anomaly score (0 to 1) at which a series' minute opens an anomaly event; higher
+    /// reports fewer, larger anomalies.
+    #[arg(long, env = "CLOUDFUNC_ANOMALY_THRESHOLD", default_value_t = crate::anomalies::watcher::DEFAULT_THRESHOLD)]
+    pub anomaly_threshold: f64,
     /// MiB the database's write-ahead log may reach before a checkpoint waits for readers
     /// to cut it back.
     #[arg(long, env = "CLOUDFUNC_WAL_LIMIT_MB", default_value_t = defaults::WAL_LIMIT_MB)]
@@ -212,6 +217,9 @@ impl ServeConfig {
     pub fn validate(&self) -> Result<()> {
         if self.workers == 0 {
             bail!("--workers must be at least 1");
+        }
+        if !(self.anomaly_threshold > 0.0 && self.anomaly_threshold <= 1.0) {
+            bail!("--anomaly-threshold must be a score above 0 and at most 1");
         }
         self.retention()?;
         self.http()?;
@@ -279,6 +287,7 @@ impl ServeConfig {
         let mut config = PlatformConfig::new(&self.data_dir);
         config.bounds.default_max_instances = self.concurrency;
         config.min_free_bytes = self.min_free_mb.saturating_mul(1024 * 1024);
+        config.anomalies.threshold = self.anomaly_threshold;
         config
     }
 }
@@ -306,6 +315,8 @@ impl PlatformConfig {
             code_dir: data_dir.join("code"),
             bounds: Bounds::default(),
             archive: ArchiveLimits::default(),
+            clock: Arc::new(crate::wall::SystemWall),
+            anomalies: crate::anomalies::WatchConfig::default(),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod anomalies;
 pub mod api;
 pub mod archive;
 pub mod auth;
@@ -20,3 +21,4 @@ pub mod prometheus;
 pub mod rollup;
 pub mod serve;
 pub mod store;
+pub mod wall;

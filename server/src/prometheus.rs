@@ -151,6 +151,40 @@ pub fn render(rows: &[Rollup], system: Option<&System>) -> String {
     out
 }
 
+/// The latest anomaly score of each watched series: (tenant, function, series, score), the
+/// system's with an empty function.
+pub fn render_anomalies(scores: &[(String, String, crate::anomalies::Series, f64)]) -> String {
+    let mut out = String::new();
+    let (system, functions): (Vec<_>, Vec<_>) = scores.iter().partition(|s| s.1.is_empty());
+    family(
+        &mut out,
+        "cloudfunc_anomaly_score",
+        "gauge",
+        "The anomaly score (0 to 1) of a function's series in the last minute watched.",
+    );
+    for (tenant, function, series, score) in functions {
+        let l = labels(&[
+            ("tenant", tenant),
+            ("function", function),
+            ("series", series.name()),
+        ]);
+        let _ = writeln!(out, "cloudfunc_anomaly_score{l} {score}");
+    }
+    if !system.is_empty() {
+        family(
+            &mut out,
+            "cloudfunc_system_anomaly_score",
+            "gauge",
+            "The anomaly score (0 to 1) of a system series in the last minute watched.",
+        );
+        for (_, _, series, score) in system {
+            let l = labels(&[("series", series.name())]);
+            let _ = writeln!(out, "cloudfunc_system_anomaly_score{l} {score}");
+        }
+    }
+    out
+}
+
 fn render_system(out: &mut String, s: &System) {
     let gauge = |out: &mut String, name: &str, help: &str, value: String| {
         family(out, name, "gauge", help);

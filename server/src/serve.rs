@@ -13,6 +13,7 @@ use crate::isolation::{Engines, Isolation};
 use crate::platform::Platform;
 use crate::pool::{Pool, SystemClock};
 use crate::store::SqliteStore;
+use crate::wall::{SystemWall, WallClock};
 
 /// The secret file in a data directory.
 pub fn secret_path(data_dir: &Path) -> PathBuf {
@@ -69,8 +70,38 @@ fn raise_open_files_limit(max_sandboxes: usize) {
     }
 }
 
-/// Starts everything and serves until the process is stopped.
+/// Starts everything and serves until the process is stopped (SIGINT or SIGTERM).
 pub async fn serve(config: ServeConfig) -> Result<()> {
+    let stop = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    let listening = |addr, _: &Platform| {
+        println!("cloudfunc listening on http://{addr}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    };
+    run(config, Arc::new(SystemWall), listening, stop).await
+}
+
+/// Starts everything with time from `clock`, tells `listening` the address (and the
+/// platform) once it accepts connections, and serves until `stop` completes; then stops
+/// gracefully.
+pub async fn run(
+    config: ServeConfig,
+    clock: Arc<dyn WallClock>,
+    listening: impl FnOnce(std::net::SocketAddr, &Platform),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     config.validate()?;
     let retention = config.retention()?;
     raise_open_files_limit(config.max_sandboxes);
@@ -102,9 +133,15 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     }
     let pool = Arc::new(Pool::new(engines, config.pool(), Arc::new(SystemClock)));
     pool.start_housekeeping(std::time::Duration::from_millis(500));
+    let mut platform_config = config.platform();
+    platform_config.clock = clock;
     let platform =
-        Platform::new(store, pool, config.platform()).context("starting the task recorder")?;
+        Platform::new(store, pool, platform_config).context("starting the task recorder")?;
     platform.start_retention(retention);
+    platform
+        .start_anomalies()
+        .await
+        .context("restoring the anomaly detectors")?;
     let recovery = platform
         .start_queue(config.workers)
         .await
@@ -132,23 +169,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    println!("cloudfunc listening on http://{addr}");
-    use std::io::Write;
-    std::io::stdout().flush()?;
-    let stop = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    };
+    listening(listener.local_addr()?, &platform);
     crate::http::serve(listener, routes(state.clone()), state.http, stop).await;
     platform.shutdown().await;
     let engines = platform.engines().clone();

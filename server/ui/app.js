@@ -157,6 +157,68 @@ function summaryTiles(m) {
   ];
 }
 
+// ---- anomalies ----
+const SERIES_LABELS = {
+  invocations: "invocations", error_rate: "error rate", duration_p95: "duration p95",
+  cold_ratio: "cold-start ratio", peak_memory: "peak memory", calls: "all calls", queue_depth: "queue depth",
+};
+// Which chart shows each series, and which of its datasets the marker sits on.
+const SERIES_CHART = {
+  invocations: ["calls", 0], error_rate: ["errors", 0], duration_p95: ["latency", 1],
+  cold_ratio: ["starts", 1], peak_memory: ["resources", 1], calls: ["calls", 0],
+};
+
+function fmtValue(series, v) {
+  if (series === "error_rate" || series === "cold_ratio") return fmtPct(v);
+  if (series === "duration_p95") return fmtMs(v);
+  if (series === "peak_memory") return fmtBytes(v);
+  return String(Math.round(v * 100) / 100);
+}
+
+function anomalyRows(events, withFunction) {
+  return [
+    el("tr", {}, [...(withFunction ? ["Function"] : []), "Series", "Started", "Ended", "Peak score", "Value at peak"].map((h) => el("th", {}, h))),
+    ...events.map((e) => {
+      const peak = e.points.find((p) => p.minute === e.peak_at) || e.points[e.points.length - 1] || {};
+      return el("tr", { class: "anomaly", "data-event": e.id },
+        ...(withFunction ? [el("td", {}, e.function_id
+          ? el("a", { href: `#/functions/${encodeURIComponent(e.function)}` }, e.function)
+          : el("span", { class: "muted" }, "system"))] : []),
+        el("td", {}, SERIES_LABELS[e.series] || e.series),
+        el("td", {}, new Date(e.started).toLocaleString()),
+        el("td", {}, e.ended == null ? el("span", { class: "badge inactive" }, "ongoing") : new Date(e.ended).toLocaleString()),
+        el("td", { class: "num" }, e.peak_score.toFixed(2)),
+        el("td", { class: "num" }, peak.value == null ? "" : fmtValue(e.series, peak.value)),
+      );
+    }),
+  ];
+}
+
+// Marks each event's start on the chart of its series: a red triangle on the step that
+// holds it (the chart's data are per step, the event's minute falls in one).
+function markAnomalies(prefix, m, events) {
+  const t = m.series.t;
+  const step = m.step_ms;
+  for (const [series, [chart, dataset]] of Object.entries(SERIES_CHART)) {
+    const c = state.charts[`${prefix}-${chart}`];
+    if (!c) continue;
+    const marks = t.map(() => null);
+    for (const e of events.filter((e) => e.series === series)) {
+      const i = t.findIndex((start) => e.started >= start && e.started < start + step);
+      const base = c.data.datasets[dataset]?.data || [];
+      if (i >= 0) marks[i] = Number(base[i]) || 0;
+    }
+    c.data.datasets = c.data.datasets.filter((d) => d.label !== "anomaly");
+    if (marks.some((x) => x !== null)) {
+      c.data.datasets.push({
+        label: "anomaly", type: "line", data: marks, showLine: false, stack: "anomaly",
+        pointRadius: 7, pointStyle: "triangle", borderColor: "#c4320a", backgroundColor: "#c4320a",
+      });
+    }
+    c.update("none");
+  }
+}
+
 // ---- pages ----
 function rangeQuery() {
   return `range=${encodeURIComponent($("range").value)}`;
@@ -173,16 +235,20 @@ async function overview(first) {
         chartCard("sys-queue", "Queue depth and sandboxes (live samples)"),
         chartCard("sys-host", "Host CPU busy % and server memory (MiB)"),
       ),
+      el("h2", {}, "Anomalies"),
+      el("p", { id: "anomaly-summary", class: "muted" }),
+      el("table", { id: "anomalies" }),
       el("h2", {}, "Functions"),
       el("table", { id: "functions" }),
     );
   }
-  const [m, health, list] = await Promise.all([
+  const [m, health, list, anomalies] = await Promise.all([
     api(`/api/system/metrics?${rangeQuery()}`),
     fetch("/api/system/health").then((r) => r.json()),
     api("/api/functions"),
+    api(`/api/system/anomalies?${rangeQuery()}`),
   ]);
-  state.last = { metrics: m, health, functions: list.functions };
+  state.last = { metrics: m, health, functions: list.functions, anomalies };
   state.health.push(health);
   if (state.health.length > HEALTH_SAMPLES) state.health.shift();
 
@@ -208,6 +274,13 @@ async function overview(first) {
     { label: "host CPU %", data: state.health.map((h) => h.host.cpu_busy_percent ?? 0), yAxisID: "y" },
     { label: "server MiB", data: state.health.map((h) => h.process.resident_memory_bytes / 1048576), yAxisID: "y2" },
   ], { y: { suggestedMax: 100 }, y2: {} });
+
+  const events = anomalies.events;
+  $("anomaly-summary").textContent = events.length
+    ? `${events.length} in this range, ${anomalies.open} ongoing (score threshold ${anomalies.threshold})`
+    : "No anomaly in this range.";
+  renderIf($("anomalies"), events, () => (events.length ? anomalyRows(events, true) : []));
+  markAnomalies("sys", m, events.filter((e) => !e.function_id));
 
   renderIf($("functions"), list.functions, () => [
     el("tr", {}, ["Name", "Version", "Status", "Updated"].map((h) => el("th", {}, h))),
@@ -249,18 +322,22 @@ async function functionPage(name, first) {
         el("button", { id: "fn-toggle", type: "button", onclick: () => toggle(name) }, "…")),
       el("div", { class: "tiles", id: "summary" }),
       seriesCharts("fn"),
+      el("h2", {}, "Anomalies"),
+      el("p", { id: "fn-anomaly-status", class: "muted" }),
+      el("table", { id: "fn-anomalies" }),
       el("h2", {}, "Recent invocations"),
       el("table", { id: "invocations" }),
       el("h2", {}, "Versions"),
       el("table", { id: "versions" }),
     );
   }
-  const [f, m, tasks] = await Promise.all([
+  const [f, m, tasks, anomalies] = await Promise.all([
     api(`/api/functions/${key}`),
     api(`/api/functions/${key}/metrics?${rangeQuery()}`),
     api(`/api/functions/${key}/tasks?limit=50`),
+    api(`/api/functions/${key}/anomalies?${rangeQuery()}`),
   ]);
-  state.last = { function: f, metrics: m, tasks: tasks.tasks };
+  state.last = { function: f, metrics: m, tasks: tasks.tasks, anomalies };
   const status = $("fn-status");
   status.textContent = f.status;
   status.className = `badge ${f.status}`;
@@ -269,6 +346,12 @@ async function functionPage(name, first) {
   $("fn-toggle").textContent = f.active ? "Deactivate" : "Activate";
   $("summary").replaceChildren(...summaryTiles(m));
   drawSeries("fn", m);
+  const events = anomalies.events;
+  $("fn-anomaly-status").textContent = anomalies.status === "watching"
+    ? (events.length ? `${events.length} in this range, ${anomalies.open} ongoing.` : "Watched; no anomaly in this range.")
+    : anomalies.message;
+  renderIf($("fn-anomalies"), events, () => (events.length ? anomalyRows(events, false) : []));
+  markAnomalies("fn", m, events);
 
   // Keep rows whose logs are open: only add rows for tasks not shown yet, and refresh states.
   const table = $("invocations");
@@ -385,6 +468,7 @@ window.addEventListener("hashchange", () => state.token && start());
 // Tests and curious users can read what the page shows.
 window.cloudfunc = {
   state,
+  anomalyMarks: (id) => (state.charts[id]?.data.datasets.find((d) => d.label === "anomaly")?.data || []).filter((x) => x !== null).length,
   chartTotal: (id, dataset) => (state.charts[id]?.data.datasets[dataset ?? 0].data || []).reduce((a, b) => a + (Number(b) || 0), 0),
 };
 

@@ -3,11 +3,13 @@
 //! writes the OpenAPI document ([`openapi`]); [`routes`] builds the warp filter over it so
 //! that tests can drive it without a socket (`warp::test::request()`).
 //!
-//! Canonical routes live under `/api` (seed 000): [`functions`], [`tasks`], [`system`].
+//! Canonical routes live under `/api` (seed 000): [`functions`], [`tasks`], [`system`],
+//! [`anomalies`].
 //! Two other shapes of the same calls sit beside them: the `/functions` JSON API
 //! ([`functions_json`], `/execute/{id}`, `/metrics/...`) and the multipart upload API
 //! ([`upload`], a Python file and the function's name).
 
+pub mod anomalies;
 pub mod body;
 pub mod dashboard;
 mod error;
@@ -50,6 +52,7 @@ pub fn table() -> Table {
     routes.extend(system::routes());
     routes.extend(functions::routes());
     routes.extend(tasks::routes());
+    routes.extend(anomalies::routes());
     routes.extend(functions_json::routes());
     routes.extend(upload::routes());
     routes.extend(dashboard::routes());

@@ -142,6 +142,27 @@ fn components() -> Value {
             "TaskLogs": {"type": "object", "required": ["task_id", "status", "logs", "logs_truncated"], "properties": {"task_id": {"type": "string"}, "function": {"type": "string"}, "version": {"type": "integer"}, "status": {"type": "string"}, "logs": {"type": "string"}, "logs_truncated": {"type": "boolean"}}},
             "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "queue_depth": {"type": "integer"}, "uptime_s": {"type": "number"},
                 "pool": {"type": "object"}, "host": {"type": "object", "description": "CPU count, load, CPU busy % since the last health read, memory"}, "process": {"type": "object", "description": "the server's own resident memory and threads"}, "isolation": {"type": "object", "description": "The default isolation level, and per level whether it is available and on which runtime"}}},
+            "AnomalyEvent": {"type": "object", "required": ["id", "function_id", "series", "started", "peak_score", "points"], "properties": {
+                "id": {"type": "string"}, "tenant": {"type": "string"}, "function_id": {"type": "string", "description": "empty for the system's series"}, "function": {"type": "string"},
+                "series": {"type": "string", "enum": ["invocations", "error_rate", "duration_p95", "cold_ratio", "peak_memory", "calls", "queue_depth"]},
+                "started": {"type": "integer", "description": "the first anomalous minute, Unix ms"}, "ended": {"type": "integer", "nullable": true, "description": "null while it lasts"},
+                "peak_score": {"type": "number"}, "peak_at": {"type": "integer"},
+                "points": {"type": "array", "description": "minutes around it: some before, then each while it lasted", "items": {"type": "object", "properties": {"minute": {"type": "integer"}, "value": {"type": "number"}, "score": {"type": "number"}}}}
+            }},
+            "AnomalySeries": {"type": "object", "properties": {"series": {"type": "string"}, "status": {"type": "string", "enum": ["learning", "watching"]}, "points_seen": {"type": "integer"}, "points_needed": {"type": "integer"}, "last": {}, "open_event": {"type": "string", "nullable": true}}},
+            "Anomalies": {"type": "object", "required": ["function", "status", "threshold", "series", "events", "points"], "properties": {
+                "function": {"type": "string"}, "function_id": {"type": "string"},
+                "status": {"type": "string", "enum": ["no_data", "learning", "watching"], "description": "no_data and learning: too little data to score yet (message says how much)"},
+                "message": {"type": "string"}, "threshold": {"type": "number"}, "watched_through": {"type": "integer", "nullable": true}, "open": {"type": "integer"},
+                "series": {"type": "array", "items": schema("AnomalySeries")},
+                "events": {"type": "array", "items": schema("AnomalyEvent")},
+                "points": {"type": "object", "description": "per series, its scored minutes as [minute, value, score]", "additionalProperties": {"type": "array"}}
+            }},
+            "SystemAnomalies": {"type": "object", "required": ["threshold", "events"], "properties": {
+                "threshold": {"type": "number"}, "watched_through": {"type": "integer", "nullable": true}, "points_needed": {"type": "integer"}, "open": {"type": "integer"},
+                "series": {"description": "the system's series (admins only; null otherwise)"},
+                "events": {"type": "array", "items": schema("AnomalyEvent")}
+            }},
             "Outcome": {"type": "object", "required": ["task_id", "status"], "properties": {"output": {}, "error": {}, "task_id": {"type": "string"}, "status": {"type": "string"}}}
         }
     })

@@ -292,6 +292,7 @@ impl Platform {
         .await??;
         // After the deletion, so that no call can take a new sandbox for it meanwhile.
         self.drain(&function.id).await;
+        self.forget_anomalies(&function.id);
         Ok(function)
     }
 }

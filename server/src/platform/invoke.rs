@@ -14,7 +14,7 @@ use tracing::Instrument;
 use super::{blocking, no_function, versioned, Platform, PlatformError, Result, Running};
 use crate::auth::Caller;
 use crate::model::{
-    now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, TaskUsage, Version,
+    Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, TaskUsage, Version,
 };
 use crate::pool::{Key, Pool, PoolError, Request, Start};
 use crate::store::Write;
@@ -90,7 +90,7 @@ impl Platform {
         let (ended, refused) = tokio::spawn(async move {
             let _running = Running::enter(&this.inner.sync_running);
             let (task, completion, refused) = this.call(&caller, &key, version, payload).await?;
-            let at = now_ms();
+            let at = this.inner.config.clock.now_ms();
             let ended = task.clone().ended(completion.clone(), at);
             // The caller has its result: the record need not be on disk before the reply.
             this.inner

@@ -4,8 +4,10 @@
 //! One `impl Platform` spread over files by responsibility: [`settings`] (the settings table
 //! and its resolution), `deploy` (versions, activation, deletion), `invoke` (sync calls and
 //! the one path every call runs through), `queue` (async tasks and their workers),
-//! `retention`, `monitor` (metrics, health, Prometheus) and the [`Catalog`] of lookups.
+//! `retention`, `monitor` (metrics, health, Prometheus), `anomalies` (anomaly detection fed
+//! from the minute rollups) and the [`Catalog`] of lookups.
 
+mod anomalies;
 mod catalog;
 mod deploy;
 mod invoke;
@@ -28,6 +30,7 @@ use crate::isolation::Engines;
 use crate::model::Function;
 use crate::pool::Pool;
 use crate::store::{Recorder, Store, StoreError};
+use crate::wall::WallClock;
 
 pub use catalog::Catalog;
 pub use deploy::Code;
@@ -119,6 +122,11 @@ pub struct PlatformConfig {
     pub bounds: Bounds,
     /// Caps on uploaded archives.
     pub archive: ArchiveLimits,
+    /// Where wall-clock time comes from (calls' times, the minutes anomaly detection
+    /// watches).
+    pub clock: Arc<dyn WallClock>,
+    /// How anomalies are judged.
+    pub anomalies: crate::anomalies::WatchConfig,
 }
 
 /// The platform. Cheap to clone.
@@ -148,6 +156,8 @@ struct Inner {
     cpu_sample: std::sync::Mutex<Option<(u64, u64)>>,
     /// The data directory's free space.
     space: Arc<Space>,
+    /// Anomaly detection on the minute rollups.
+    anomalies: anomalies::Anomalies,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -178,6 +188,7 @@ impl Platform {
                 catalog: Catalog::default(),
                 store,
                 pool,
+                anomalies: anomalies::Anomalies::new(config.anomalies.clone()),
                 config,
                 wake: tokio::sync::Notify::new(),
                 started: Instant::now(),
@@ -243,6 +254,9 @@ impl Platform {
         }
         let pool = self.inner.pool.clone();
         let _ = blocking(move || pool.shutdown()).await;
+        if let Err(e) = self.save_detectors(true).await {
+            tracing::warn!(error = %e, "the anomaly detectors could not be saved; a restart replays the minutes since their last save");
+        }
         let lost = self.inner.recorder.close().await;
         if lost > 0 {
             tracing::error!(lost, "task records the store still refused were lost at the stop (each is in the log above)");

@@ -149,6 +149,10 @@ impl Platform {
                 host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
             }
         });
-        Ok(crate::prometheus::render(&rows, system.as_ref()))
+        let mut text = crate::prometheus::render(&rows, system.as_ref());
+        text.push_str(&crate::prometheus::render_anomalies(
+            &self.anomaly_scores(caller),
+        ));
+        Ok(text)
     }
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::invoke::{failed, run};
 use super::{blocking, Platform, Result, Running};
 use crate::auth::Caller;
-use crate::model::{now_ms, Completion, ErrorKind, Mode, Task};
+use crate::model::{Completion, ErrorKind, Mode, Task};
 use crate::store::Write;
 
 impl Platform {
@@ -43,7 +43,7 @@ impl Platform {
             .write_behind(Write::Complete {
                 task_id: task_id.into(),
                 completion,
-                at: now_ms(),
+                at: self.inner.config.clock.now_ms(),
             })
             .await?)
     }

@@ -44,6 +44,10 @@ impl Retention {
                 rollups += store.prune_rollups(resolution, cutoff(keep))?;
             }
         }
+        // Scored minutes (and closed anomaly events) go with the minute rollups they came from.
+        if let Some(keep) = self.minute_rollups {
+            rollups += store.prune_anomalies(cutoff(keep))?;
+        }
         Ok((tasks, rollups))
     }
 }

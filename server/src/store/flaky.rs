@@ -14,6 +14,13 @@ pub struct Flaky {
 }
 
 impl Flaky {
+    fn refuse(&self) -> Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(StoreError::Full);
+        }
+        Ok(())
+    }
+
     /// Makes writes fail (or pass) from now on.
     pub fn set_full(&self, full: bool) {
         self.full.store(full, Ordering::SeqCst);
@@ -46,9 +53,7 @@ impl Store for Flaky {
         self.inner.delete_function(function_id)
     }
     fn write(&self, writes: &[Write]) -> Result<()> {
-        if self.full.load(Ordering::SeqCst) {
-            return Err(StoreError::Full);
-        }
+        self.refuse()?;
         self.inner.write(writes)
     }
     fn claim_next(&self) -> Result<Option<Task>> {
@@ -97,5 +102,45 @@ impl Store for Flaky {
     }
     fn close(&self) -> Result<()> {
         self.inner.close()
+    }
+}
+
+impl AnomalyStore for Flaky {
+    fn anomaly_state(&self) -> Result<(Option<i64>, Vec<crate::anomalies::Saved>)> {
+        self.inner.anomaly_state()
+    }
+    fn save_anomaly_state(&self, through: i64, saved: &[crate::anomalies::Saved]) -> Result<()> {
+        self.refuse()?;
+        self.inner.save_anomaly_state(through, saved)
+    }
+    fn record_anomalies(
+        &self,
+        scored: &[(crate::anomalies::Key, String, crate::anomalies::Point)],
+        events: &[crate::anomalies::Event],
+    ) -> Result<()> {
+        self.refuse()?;
+        self.inner.record_anomalies(scored, events)
+    }
+    fn anomaly_events(
+        &self,
+        t: Option<&str>,
+        f: Option<&str>,
+        since: i64,
+        until: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::anomalies::Event>> {
+        self.inner.anomaly_events(t, f, since, until, limit)
+    }
+    fn anomaly_scores(
+        &self,
+        t: Option<&str>,
+        f: &str,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<(crate::anomalies::Series, crate::anomalies::Point)>> {
+        self.inner.anomaly_scores(t, f, since, until)
+    }
+    fn prune_anomalies(&self, before: i64) -> Result<u64> {
+        self.inner.prune_anomalies(before)
     }
 }

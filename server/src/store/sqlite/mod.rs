@@ -3,8 +3,10 @@
 //! so no call waits for an fsync.
 //!
 //! [`schema`] holds the versioned migrations, [`rows`] the mapping of records to rows,
-//! [`rollups`] the rollup tables and [`checkpoint`] the WAL's checkpointer.
+//! [`rollups`] the rollup tables, [`anomalies`] anomaly detection's tables and
+//! [`checkpoint`] the WAL's checkpointer.
 
+mod anomalies;
 mod checkpoint;
 mod rollups;
 mod rows;
@@ -19,7 +21,7 @@ use std::time::Duration;
 use parking_lot::{FairMutex, FairMutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Recovery, Result, Rollup, Store, StoreSize, Write};
+use super::{AnomalyStore, Recovery, Result, Rollup, Store, StoreSize, Write};
 use crate::model::{
     now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, Version,
 };
@@ -444,5 +446,48 @@ impl Store for SqliteStore {
         self.conn()
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(())
+    }
+}
+
+impl AnomalyStore for SqliteStore {
+    fn anomaly_state(&self) -> Result<(Option<i64>, Vec<crate::anomalies::Saved>)> {
+        anomalies::state(&self.reader())
+    }
+
+    fn save_anomaly_state(&self, through: i64, saved: &[crate::anomalies::Saved]) -> Result<()> {
+        anomalies::save_state(&mut self.conn(), through, saved)
+    }
+
+    fn record_anomalies(
+        &self,
+        scored: &[(crate::anomalies::Key, String, crate::anomalies::Point)],
+        events: &[crate::anomalies::Event],
+    ) -> Result<()> {
+        anomalies::record(&mut self.conn(), scored, events)
+    }
+
+    fn anomaly_events(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        since: i64,
+        until: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::anomalies::Event>> {
+        anomalies::events(&self.reader(), tenant, function_id, since, until, limit)
+    }
+
+    fn anomaly_scores(
+        &self,
+        tenant: Option<&str>,
+        function_id: &str,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<(crate::anomalies::Series, crate::anomalies::Point)>> {
+        anomalies::scores(&self.reader(), tenant, function_id, since, until)
+    }
+
+    fn prune_anomalies(&self, before: i64) -> Result<u64> {
+        anomalies::prune(&self.conn(), before)
     }
 }

@@ -5,7 +5,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::rollups;
+use super::{anomalies, rollups};
 use crate::store::{Result, StoreError};
 
 /// One step of the schema.
@@ -33,6 +33,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         what: "an index of each function's tasks by age, so its recent tasks are read without sorting them all",
         sql: "CREATE INDEX IF NOT EXISTS tasks_recent ON tasks (function_id, created_at, id);",
+        then: None,
+    },
+    Migration {
+        what: "anomaly detection: saved detectors, scored minutes and events",
+        sql: anomalies::SCHEMA,
         then: None,
     },
 ];
