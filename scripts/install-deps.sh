@@ -11,7 +11,7 @@ set -euo pipefail
 
 packages=(libseccomp-dev pkg-config make gcc libelf-dev zlib1g-dev python3 python3-venv nodejs runc crun runsc wrk ca-certificates curl libjs-chart.js)
 if [ "${1:-}" = "--test" ]; then
-  packages+=(chromium chromium-driver python3-prometheus-client)
+  packages+=(chromium chromium-driver python3-prometheus-client python3-aiosmtpd)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -186,6 +186,44 @@ pub struct ServeConfig {
     /// reports fewer, larger anomalies.
     #[arg(long, env = "CLOUDFUNC_ANOMALY_THRESHOLD", default_value_t = crate::anomalies::watcher::DEFAULT_THRESHOLD)]
     pub anomaly_threshold: f64,
+    /// How often alert rules are evaluated, milliseconds.
+    #[arg(long, env = "CLOUDFUNC_ALERT_INTERVAL_MS", default_value_t = 15_000)]
+    pub alert_interval_ms: u64,
+    /// Let webhooks go to loopback, private and link-local addresses (refused by default:
+    /// a tenant could otherwise reach the host's own services or cloud metadata).
+    #[arg(long, env = "CLOUDFUNC_ALERT_ALLOW_PRIVATE_TARGETS")]
+    pub alert_allow_private_targets: bool,
+    /// The SMTP server for email notifications: smtp://host:port (STARTTLS when offered),
+    /// smtp://host:port?tls=required, or smtps://host:port; user:password@ for auth.
+    #[arg(long, env = "CLOUDFUNC_SMTP_URL")]
+    pub smtp_url: Option<String>,
+    /// The From address of notification emails.
+    #[arg(
+        long,
+        env = "CLOUDFUNC_SMTP_FROM",
+        default_value = "cloudfunc <cloudfunc@localhost>"
+    )]
+    pub smtp_from: String,
+    /// The SMS provider's API (Twilio's REST shape).
+    #[arg(
+        long,
+        env = "CLOUDFUNC_SMS_URL",
+        default_value = "https://api.twilio.com"
+    )]
+    pub sms_url: String,
+    /// The SMS provider's account id.
+    #[arg(long, env = "CLOUDFUNC_SMS_ACCOUNT")]
+    pub sms_account: Option<String>,
+    /// The SMS provider's token (prefer the environment variable to the flag).
+    #[arg(long, env = "CLOUDFUNC_SMS_TOKEN", hide_env_values = true)]
+    pub sms_token: Option<String>,
+    /// The number SMS notifications are sent from (E.164).
+    #[arg(long, env = "CLOUDFUNC_SMS_FROM")]
+    pub sms_from: Option<String>,
+    /// The dashboard's address as users reach it, for links in notifications
+    /// (default: http:// and --listen).
+    #[arg(long, env = "CLOUDFUNC_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// MiB the database's write-ahead log may reach before a checkpoint waits for readers
     /// to cut it back.
     #[arg(long, env = "CLOUDFUNC_WAL_LIMIT_MB", default_value_t = defaults::WAL_LIMIT_MB)]
@@ -217,6 +255,17 @@ impl ServeConfig {
     pub fn validate(&self) -> Result<()> {
         if self.workers == 0 {
             bail!("--workers must be at least 1");
+        }
+        if let Some(url) = &self.smtp_url {
+            if let Err(e) = lettre::SmtpTransport::from_url(url) {
+                bail!("--smtp-url {url:?}: {e}");
+            }
+        }
+        if self.smtp_from.parse::<lettre::message::Mailbox>().is_err() {
+            bail!("--smtp-from {:?} is not an email address", self.smtp_from);
+        }
+        if url::Url::parse(&self.sms_url).is_err() {
+            bail!("--sms-url {:?} is not a URL", self.sms_url);
         }
         if !(self.anomaly_threshold > 0.0 && self.anomaly_threshold <= 1.0) {
             bail!("--anomaly-threshold must be a score above 0 and at most 1");
@@ -288,6 +337,22 @@ impl ServeConfig {
         config.bounds.default_max_instances = self.concurrency;
         config.min_free_bytes = self.min_free_mb.saturating_mul(1024 * 1024);
         config.anomalies.threshold = self.anomaly_threshold;
+        config.alerts = crate::platform::AlertConfig {
+            interval: Duration::from_millis(self.alert_interval_ms.max(100)),
+            channels: crate::alerts::deliver::ChannelConfig {
+                allow_private_targets: self.alert_allow_private_targets,
+                smtp_url: self.smtp_url.clone(),
+                smtp_from: self.smtp_from.clone(),
+                sms_url: self.sms_url.clone(),
+                sms_account: self.sms_account.clone(),
+                sms_token: self.sms_token.clone(),
+                sms_from: self.sms_from.clone(),
+                public_url: self
+                    .public_url
+                    .clone()
+                    .unwrap_or_else(|| format!("http://{}", self.listen)),
+            },
+        };
         config
     }
 }
@@ -317,6 +382,7 @@ impl PlatformConfig {
             archive: ArchiveLimits::default(),
             clock: Arc::new(crate::wall::SystemWall),
             anomalies: crate::anomalies::WatchConfig::default(),
+            alerts: crate::platform::AlertConfig::default(),
         }
     }
 }

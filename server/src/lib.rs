@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod anomalies;
 pub mod api;
 pub mod archive;

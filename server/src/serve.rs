@@ -142,6 +142,10 @@ pub async fn run(
         .start_anomalies()
         .await
         .context("restoring the anomaly detectors")?;
+    platform
+        .start_alerts()
+        .await
+        .context("restoring the alert rules' states")?;
     let recovery = platform
         .start_queue(config.workers)
         .await
@@ -152,6 +156,17 @@ pub async fn run(
             requeued = recovery.requeued.len(),
             "after a restart: tasks that were running were failed as interrupted or requeued"
         );
+        platform
+            .raise_system_event(
+                crate::alerts::Severity::Critical,
+                "crash_recovered",
+                format!(
+                    "cloudfunc restarted after an unclean stop: {} tasks that were running were ended as interrupted, {} requeued",
+                    recovery.interrupted.len(),
+                    recovery.requeued.len()
+                ),
+            )
+            .await;
     }
     let state = AppState {
         platform: platform.clone(),

@@ -2,8 +2,8 @@
 //! be moved by hand) runs real functions in real sandboxes through a simulated day, one
 //! minute of calls at a time. A function whose latency jumps and one whose error rate climbs
 //! get anomaly events within minutes; a steady one gets none all day. The events reach the
-//! API, `/metrics`, the alert hook and the dashboard (in headless Chromium), and the
-//! detectors survive a restart.
+//! API, `/metrics`, the alert hook, an alert rule on anomaly scores (a webhook) and the
+//! dashboard (in headless Chromium), and the detectors survive a restart.
 
 mod common;
 
@@ -15,6 +15,7 @@ use cloudfunc_server::anomalies::{Change, Event};
 use cloudfunc_server::serve::{load_keys, run, ServeConfig};
 use cloudfunc_server::wall::{ManualWall, WallClock};
 use common::browser::{self, Browser};
+use common::receiver::Receiver;
 use common::{request, zip, Reply};
 use libtest_mimic::Arguments;
 use serde_json::{json, Value};
@@ -68,6 +69,9 @@ impl InProcess {
         config.state_dir = dir.join("state");
         config.images_dir = dir.join("images");
         config.cgroup_parent = format!("cf-anomalies-{}", std::process::id());
+        // Alert rules on anomaly scores are evaluated often, and may call this machine.
+        config.alert_interval_ms = 100;
+        config.alert_allow_private_targets = true;
         let data_dir = config.data_dir.clone();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -160,6 +164,15 @@ impl Drop for InProcess {
     }
 }
 
+fn post(s: &InProcess, token: &str, path: &str, body: &Value) -> Reply {
+    request(
+        "POST",
+        &format!("{}{path}", s.url),
+        Some(token),
+        Some(("application/json", serde_json::to_vec(body).unwrap())),
+    )
+}
+
 fn deploy(s: &InProcess, token: &str, name: &str) {
     let r = request(
         "POST",
@@ -219,6 +232,22 @@ fn simulated_day() {
     for name in ["steady", "jumpy", "flaky"] {
         deploy(&s, &t, name);
     }
+    // An alert rule of the kind anomaly, and a webhook to hear it.
+    let hooks = Receiver::start();
+    let rule = post(
+        &s,
+        &t,
+        "/api/alerts/rules",
+        &json!({"name": "jumpy unusual", "function": "jumpy", "metric": "anomaly_score", "op": "above", "threshold": 0.2}),
+    );
+    assert_eq!(rule.status, 201, "{rule:?}");
+    let sub = post(
+        &s,
+        &t,
+        "/api/notifications/subscribe",
+        &json!({"channel": "webhook", "url": hooks.url("/hook")}),
+    );
+    assert_eq!(sub.status, 201, "{sub:?}");
     let started = Instant::now();
     for minute in 0..DAY {
         if minute > 0 {
@@ -243,6 +272,20 @@ fn simulated_day() {
                 "{b}"
             );
             assert!(b["events"].as_array().unwrap().is_empty());
+        }
+        if minute == JUMP + 2 {
+            // The clock stands still a moment: the rule sees the onset's score and fires.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !hooks.got("/hook").iter().any(|g| {
+                serde_json::from_slice::<Value>(&g.body).is_ok_and(|b| {
+                    b["type"] == "alert.firing"
+                        && b["rule"] == "jumpy unusual"
+                        && b["items"][0]["since"].as_i64() >= Some(t0 + JUMP * MINUTE)
+                })
+            }) {
+                assert!(Instant::now() < deadline, "the anomaly rule never fired");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         if minute == JUMP + WITHIN + 1 {
             let b = events_of(&s, &t, "jumpy", t0);

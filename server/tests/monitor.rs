@@ -443,6 +443,19 @@ fn dashboard() {
         "latency chart",
         "window.cloudfunc.chartTotal('sys-latency', 0) > 0",
     );
+    // An alert rule on the errors so far: listed, then firing on the function (rules are
+    // evaluated every 15 s by default).
+    let r = post_json(
+        s,
+        "/api/alerts/rules",
+        &t,
+        &json!({"name": "charted errors", "metric": "error_rate", "op": "above", "threshold": 0.1}),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    b.wait_for(
+        "the alert rule firing on the overview",
+        "[...document.querySelectorAll('#alerts tr.alert-rule')].some((r) => r.textContent.includes('charted errors') && r.textContent.includes('firing') && r.textContent.includes('charted'))",
+    );
     b.screenshot(&artifacts().join("overview.png"));
 
     // The function's page: its charts, its invocations with status, logs on demand.

@@ -235,6 +235,8 @@ async function overview(first) {
         chartCard("sys-queue", "Queue depth and sandboxes (live samples)"),
         chartCard("sys-host", "Host CPU busy % and server memory (MiB)"),
       ),
+      el("h2", {}, "Alerts"),
+      el("table", { id: "alerts" }),
       el("h2", {}, "Anomalies"),
       el("p", { id: "anomaly-summary", class: "muted" }),
       el("table", { id: "anomalies" }),
@@ -242,13 +244,14 @@ async function overview(first) {
       el("table", { id: "functions" }),
     );
   }
-  const [m, health, list, anomalies] = await Promise.all([
+  const [m, health, list, anomalies, alerts] = await Promise.all([
     api(`/api/system/metrics?${rangeQuery()}`),
     fetch("/api/system/health").then((r) => r.json()),
     api("/api/functions"),
     api(`/api/system/anomalies?${rangeQuery()}`),
+    api("/api/alerts/rules"),
   ]);
-  state.last = { metrics: m, health, functions: list.functions, anomalies };
+  state.last = { metrics: m, health, functions: list.functions, anomalies, alerts: alerts.rules };
   state.health.push(health);
   if (state.health.length > HEALTH_SAMPLES) state.health.shift();
 
@@ -274,6 +277,18 @@ async function overview(first) {
     { label: "host CPU %", data: state.health.map((h) => h.host.cpu_busy_percent ?? 0), yAxisID: "y" },
     { label: "server MiB", data: state.health.map((h) => h.process.resident_memory_bytes / 1048576), yAxisID: "y2" },
   ], { y: { suggestedMax: 100 }, y2: {} });
+
+  const names = Object.fromEntries(list.functions.map((f) => [f.id, f.name]));
+  renderIf($("alerts"), alerts.rules, () => (alerts.rules.length ? [
+    el("tr", {}, ["Rule", "Condition", "Severity", "State", "Firing on"].map((h) => el("th", {}, h))),
+    ...alerts.rules.map((r) => el("tr", { class: "alert-rule", "data-rule": r.id },
+      el("td", {}, r.name),
+      el("td", {}, `${r.metric}${r.error_kind ? `[${r.error_kind}]` : ""} ${r.op === "above" ? ">" : "<"} ${r.threshold} for ${r.for_s}s${r.function ? ` on ${r.function}` : ""}`),
+      el("td", {}, r.severity),
+      el("td", {}, el("span", { class: `badge alert-${r.state}` }, r.silenced ? `${r.state} (silenced)` : r.state)),
+      el("td", {}, (r.firing || []).map((id) => names[id] || (id ? id : "system")).join(", ")),
+    )),
+  ] : [el("tr", {}, el("td", { class: "muted" }, "No alert rules (POST /api/alerts/rules, or cloudfunc alerts create)."))]));
 
   const events = anomalies.events;
   $("anomaly-summary").textContent = events.length

@@ -4,11 +4,12 @@
 //! that tests can drive it without a socket (`warp::test::request()`).
 //!
 //! Canonical routes live under `/api` (seed 000): [`functions`], [`tasks`], [`system`],
-//! [`anomalies`].
+//! [`anomalies`], [`alerts`] (notifications and alert rules).
 //! Two other shapes of the same calls sit beside them: the `/functions` JSON API
 //! ([`functions_json`], `/execute/{id}`, `/metrics/...`) and the multipart upload API
 //! ([`upload`], a Python file and the function's name).
 
+pub mod alerts;
 pub mod anomalies;
 pub mod body;
 pub mod dashboard;
@@ -53,6 +54,7 @@ pub fn table() -> Table {
     routes.extend(functions::routes());
     routes.extend(tasks::routes());
     routes.extend(anomalies::routes());
+    routes.extend(alerts::routes());
     routes.extend(functions_json::routes());
     routes.extend(upload::routes());
     routes.extend(dashboard::routes());

@@ -106,7 +106,7 @@ pub fn settings_properties() -> Value {
 }
 
 fn components() -> Value {
-    json!({
+    let mut c = json!({
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
@@ -165,6 +165,49 @@ fn components() -> Value {
             }},
             "Outcome": {"type": "object", "required": ["task_id", "status"], "properties": {"output": {}, "error": {}, "task_id": {"type": "string"}, "status": {"type": "string"}}}
         }
+    });
+    if let (Some(schemas), Value::Object(more)) = (c["schemas"].as_object_mut(), alerting_schemas())
+    {
+        schemas.extend(more);
+    }
+    c
+}
+
+/// Alerting's schemas (a macro call of their own: one would be too deep).
+fn alerting_schemas() -> Value {
+    json!({
+            "AlertRuleSpec": {"type": "object", "required": ["name", "metric", "op", "threshold"], "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 100},
+                "function": {"type": "string", "description": "a function's name or id; absent: every function of the tenant (or the system, for queue metrics)"},
+                "metric": {"type": "string", "enum": ["error_rate", "errors", "duration_p50_ms", "duration_p95_ms", "duration_p99_ms", "cold_ratio", "invocations", "throttled", "anomaly_score", "queue_depth", "queue_age_s"]},
+                "error_kind": {"type": "string", "description": "with errors: only this kind (timeout, out_of_memory, crashed, ...)"},
+                "op": {"type": "string", "enum": ["above", "below"]}, "threshold": {"type": "number", "minimum": 0},
+                "for_s": {"type": "integer", "minimum": 0, "maximum": 604800, "description": "how long the condition must hold before firing"},
+                "severity": {"type": "string", "enum": ["info", "warning", "critical"]},
+                "renotify_s": {"type": "integer", "minimum": 0, "maximum": 604800}
+            }},
+            "AlertRule": {"type": "object", "required": ["id", "name", "metric", "state"], "properties": {
+                "id": {"type": "string"}, "tenant": {"type": "string"}, "name": {"type": "string"}, "metric": {"type": "string"}, "op": {"type": "string"}, "threshold": {"type": "number"},
+                "state": {"type": "string", "enum": ["ok", "pending", "firing"]}, "firing": {"type": "array", "items": {"type": "string"}}, "pending": {"type": "array", "items": {"type": "string"}},
+                "silenced": {"type": "boolean"}, "silenced_until": {"type": "integer", "nullable": true}
+            }},
+            "SubscriptionSpec": {"type": "object", "required": ["channel"], "properties": {
+                "channel": {"type": "string", "enum": ["webhook", "email", "sms"]},
+                "url": {"type": "string", "description": "webhook: http(s) URL"}, "format": {"type": "string", "enum": ["cloudfunc", "alertmanager"]},
+                "address": {"type": "string", "description": "email"}, "number": {"type": "string", "description": "sms: E.164, like +14155550123"},
+                "alerts": {"type": "object", "properties": {"rule": {"type": "string"}, "function": {"type": "string"}, "system_events": {"type": "boolean"}}},
+                "min_severity": {"type": "string", "enum": ["info", "warning", "critical"]}
+            }},
+            "Subscription": {"type": "object", "properties": {"id": {"type": "string"}, "tenant": {"type": "string"}, "channel": {"type": "string"}, "created_at": {"type": "integer"}}},
+            "Subscribed": {"type": "object", "required": ["status", "subscription_id"], "properties": {"status": {"type": "string"}, "subscription_id": {"type": "string"}, "secret": {"type": "string", "description": "webhooks only, shown once"}, "subscription": schema("Subscription")}},
+            "Delivery": {"type": "object", "properties": {"id": {"type": "string"}, "notification_id": {"type": "string"}, "channel": {"type": "string"}, "target": {"type": "string"},
+                "status": {"type": "string", "enum": ["pending", "sent", "failed"]}, "attempts": {"type": "integer"}, "last_error": {"type": "string", "nullable": true}, "summary": {"type": "string"}}},
+            "Notification": {"type": "object", "description": "the body of a cloudfunc webhook", "required": ["id", "type", "status", "summary", "items", "at"], "properties": {
+                "id": {"type": "string"}, "type": {"type": "string", "enum": ["alert.firing", "alert.resolved", "system.event"]}, "status": {"type": "string"},
+                "severity": {"type": "string"}, "rule_id": {"type": "string", "nullable": true}, "rule": {"type": "string", "nullable": true}, "condition": {"type": "string"}, "summary": {"type": "string"},
+                "items": {"type": "array", "items": {"type": "object", "properties": {"function": {"type": "string"}, "function_id": {"type": "string"}, "value": {"type": "number"}, "since": {"type": "integer"}}}},
+                "at": {"type": "integer"}, "dashboard": {"type": "string"}
+            }}
     })
 }
 

@@ -27,6 +27,7 @@ pub fn run(cli: &Cli) -> Result<bool> {
         Command::Activate { name } => set_active(&c, &out, name, true),
         Command::Deactivate { name } => set_active(&c, &out, name, false),
         Command::Delete { name } => delete(&c, &out, name),
+        Command::Alerts(a) => super::alerts::run(&c, &out, a),
         Command::Serve(_) | Command::Token { .. } | Command::Run(_) => {
             bail!("not a client command")
         }

@@ -2,6 +2,7 @@
 //! that needs no server (`run`), and the client commands, one function each in [`commands`],
 //! talking to a server through [`client`] and printing through [`render`].
 
+mod alerts;
 pub mod client;
 mod commands;
 mod deploy;
@@ -116,6 +117,9 @@ pub enum Command {
     Delete { name: String },
     /// Run the function in DIR locally, without a server, and print each record.
     Run(local::RunArgs),
+    /// Alert rules and notification subscriptions.
+    #[command(subcommand)]
+    Alerts(alerts::AlertsCommand),
 }
 
 /// Runs the command; `Ok(false)` when it ran but what it ran failed (exit code 1).

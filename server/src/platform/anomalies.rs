@@ -62,6 +62,11 @@ impl Anomalies {
     fn lock(&self) -> std::sync::MutexGuard<'_, Watch> {
         self.watch.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The latest score of every series: (key, tenant, function name, point).
+    pub(super) fn latest(&self) -> Vec<(Key, String, String, crate::anomalies::Point)> {
+        self.lock().watcher.latest()
+    }
 }
 
 impl Platform {

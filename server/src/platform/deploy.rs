@@ -272,6 +272,16 @@ impl Platform {
         blocking(move || store.set_active(&id, active)).await??;
         self.inner.catalog.invalidate();
         self.drain(&function.id).await;
+        if !active && function.active {
+            let summary = format!("{} was deactivated by {}", function.name, caller.tenant);
+            self.raise_function_event(
+                &function,
+                crate::alerts::Severity::Warning,
+                "deactivated",
+                summary,
+            )
+            .await;
+        }
         Ok(Function { active, ..function })
     }
 

@@ -5,8 +5,10 @@
 //! and its resolution), `deploy` (versions, activation, deletion), `invoke` (sync calls and
 //! the one path every call runs through), `queue` (async tasks and their workers),
 //! `retention`, `monitor` (metrics, health, Prometheus), `anomalies` (anomaly detection fed
-//! from the minute rollups) and the [`Catalog`] of lookups.
+//! from the minute rollups), `alerts` (rules, subscriptions, the outbox and its delivery) and
+//! the [`Catalog`] of lookups.
 
+mod alerts;
 mod anomalies;
 mod catalog;
 mod deploy;
@@ -32,6 +34,7 @@ use crate::pool::Pool;
 use crate::store::{Recorder, Store, StoreError};
 use crate::wall::WallClock;
 
+pub use alerts::{AlertConfig, Unsubscribe};
 pub use catalog::Catalog;
 pub use deploy::Code;
 pub use invoke::execute;
@@ -127,6 +130,8 @@ pub struct PlatformConfig {
     pub clock: Arc<dyn WallClock>,
     /// How anomalies are judged.
     pub anomalies: crate::anomalies::WatchConfig,
+    /// How alert rules are evaluated and notifications delivered.
+    pub alerts: AlertConfig,
 }
 
 /// The platform. Cheap to clone.
@@ -158,6 +163,8 @@ struct Inner {
     space: Arc<Space>,
     /// Anomaly detection on the minute rollups.
     anomalies: anomalies::Anomalies,
+    /// Alert rules, their evaluation and the notifications' delivery.
+    alerting: alerts::Alerting,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -189,6 +196,7 @@ impl Platform {
                 store,
                 pool,
                 anomalies: anomalies::Anomalies::new(config.anomalies.clone()),
+                alerting: alerts::Alerting::new(&config.alerts),
                 config,
                 wake: tokio::sync::Notify::new(),
                 started: Instant::now(),

@@ -144,3 +144,81 @@ impl AnomalyStore for Flaky {
         self.inner.prune_anomalies(before)
     }
 }
+
+impl AlertStore for Flaky {
+    fn put_rule(&self, rule: &crate::alerts::Rule) -> Result<()> {
+        self.refuse()?;
+        self.inner.put_rule(rule)
+    }
+    fn rules(&self, tenant: Option<&str>) -> Result<Vec<crate::alerts::Rule>> {
+        self.inner.rules(tenant)
+    }
+    fn delete_rule(&self, tenant: Option<&str>, id: &str) -> Result<bool> {
+        self.inner.delete_rule(tenant, id)
+    }
+    fn alert_phases(&self) -> Result<Vec<(String, String, crate::alerts::eval::Phase)>> {
+        self.inner.alert_phases()
+    }
+    fn save_alert_phases(
+        &self,
+        phases: &[(String, String, crate::alerts::eval::Phase)],
+    ) -> Result<()> {
+        self.refuse()?;
+        self.inner.save_alert_phases(phases)
+    }
+    fn put_subscription(&self, sub: &crate::alerts::Subscription) -> Result<()> {
+        self.refuse()?;
+        self.inner.put_subscription(sub)
+    }
+    fn subscriptions(&self, tenant: Option<&str>) -> Result<Vec<crate::alerts::Subscription>> {
+        self.inner.subscriptions(tenant)
+    }
+    fn delete_subscriptions(
+        &self,
+        tenant: Option<&str>,
+        id: Option<&str>,
+        target: Option<(&str, &str)>,
+    ) -> Result<u64> {
+        self.inner.delete_subscriptions(tenant, id, target)
+    }
+    fn enqueue(
+        &self,
+        n: &crate::alerts::Notification,
+        subs: &[crate::alerts::Subscription],
+    ) -> Result<Vec<crate::alerts::deliver::Delivery>> {
+        self.refuse()?;
+        self.inner.enqueue(n, subs)
+    }
+    fn due_deliveries(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> Result<
+        Vec<(
+            crate::alerts::deliver::Delivery,
+            crate::alerts::Notification,
+            crate::alerts::Subscription,
+        )>,
+    > {
+        self.inner.due_deliveries(now, limit)
+    }
+    fn record_attempt(
+        &self,
+        id: &str,
+        outcome: Attempt,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        self.inner.record_attempt(id, outcome, error, now)
+    }
+    fn deliveries(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<crate::alerts::deliver::Delivery>> {
+        self.inner.deliveries(tenant, limit)
+    }
+    fn oldest_queued_at(&self) -> Result<Option<i64>> {
+        self.inner.oldest_queued_at()
+    }
+}

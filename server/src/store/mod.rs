@@ -5,6 +5,7 @@
 //! transaction, so a task is on disk before its 202 is sent and survives `kill -9`. Writes of
 //! tasks come in batches ([`Write`], [`Recorder`]) so that many calls share one commit.
 
+mod alerts;
 mod anomalies;
 #[cfg(test)]
 pub(crate) mod flaky;
@@ -12,6 +13,7 @@ mod recorder;
 mod retry;
 pub mod sqlite;
 
+pub use alerts::{AlertStore, Attempt};
 pub use anomalies::AnomalyStore;
 pub use recorder::Recorder;
 pub use retry::Retry;
@@ -115,9 +117,9 @@ impl Write {
     }
 }
 
-/// Where functions, versions and tasks are kept (and anomaly detection's findings, through
-/// [`AnomalyStore`]). `tenant: None` means an admin, who sees all.
-pub trait Store: AnomalyStore + Send + Sync + std::fmt::Debug {
+/// Where functions, versions and tasks are kept (and anomaly detection's findings and
+/// alerting's rules and outbox, through [`AnomalyStore`] and [`AlertStore`]). `tenant: None` means an admin, who sees all.
+pub trait Store: AnomalyStore + AlertStore + Send + Sync + std::fmt::Debug {
     /// The function `key` (an id or a name) as `tenant` sees it.
     fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>>;
     /// Every function `tenant` sees, by name.

@@ -6,6 +6,7 @@
 //! [`rollups`] the rollup tables, [`anomalies`] anomaly detection's tables and
 //! [`checkpoint`] the WAL's checkpointer.
 
+mod alerts;
 mod anomalies;
 mod checkpoint;
 mod rollups;
@@ -21,7 +22,7 @@ use std::time::Duration;
 use parking_lot::{FairMutex, FairMutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{AnomalyStore, Recovery, Result, Rollup, Store, StoreSize, Write};
+use super::{AlertStore, AnomalyStore, Attempt, Recovery, Result, Rollup, Store, StoreSize, Write};
 use crate::model::{
     now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, Version,
 };
@@ -489,5 +490,96 @@ impl AnomalyStore for SqliteStore {
 
     fn prune_anomalies(&self, before: i64) -> Result<u64> {
         anomalies::prune(&self.conn(), before)
+    }
+}
+
+impl AlertStore for SqliteStore {
+    fn put_rule(&self, rule: &crate::alerts::Rule) -> Result<()> {
+        alerts::put_rule(&self.conn(), rule)
+    }
+
+    fn rules(&self, tenant: Option<&str>) -> Result<Vec<crate::alerts::Rule>> {
+        alerts::rules(&self.reader(), tenant)
+    }
+
+    fn delete_rule(&self, tenant: Option<&str>, id: &str) -> Result<bool> {
+        alerts::delete_rule(&mut self.conn(), tenant, id)
+    }
+
+    fn alert_phases(&self) -> Result<Vec<(String, String, crate::alerts::eval::Phase)>> {
+        alerts::phases(&self.reader())
+    }
+
+    fn save_alert_phases(
+        &self,
+        phases: &[(String, String, crate::alerts::eval::Phase)],
+    ) -> Result<()> {
+        alerts::save_phases(&mut self.conn(), phases)
+    }
+
+    fn put_subscription(&self, sub: &crate::alerts::Subscription) -> Result<()> {
+        alerts::put_subscription(&self.conn(), sub)
+    }
+
+    fn subscriptions(&self, tenant: Option<&str>) -> Result<Vec<crate::alerts::Subscription>> {
+        alerts::subscriptions(&self.reader(), tenant)
+    }
+
+    fn delete_subscriptions(
+        &self,
+        tenant: Option<&str>,
+        id: Option<&str>,
+        channel_target: Option<(&str, &str)>,
+    ) -> Result<u64> {
+        alerts::delete_subscriptions(&mut self.conn(), tenant, id, channel_target)
+    }
+
+    fn enqueue(
+        &self,
+        n: &crate::alerts::Notification,
+        subscriptions: &[crate::alerts::Subscription],
+    ) -> Result<Vec<crate::alerts::deliver::Delivery>> {
+        alerts::enqueue(&mut self.conn(), n, subscriptions)
+    }
+
+    fn due_deliveries(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> Result<
+        Vec<(
+            crate::alerts::deliver::Delivery,
+            crate::alerts::Notification,
+            crate::alerts::Subscription,
+        )>,
+    > {
+        alerts::due(&self.reader(), now, limit)
+    }
+
+    fn record_attempt(
+        &self,
+        delivery_id: &str,
+        outcome: Attempt,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        alerts::record_attempt(&self.conn(), delivery_id, outcome, error, now)
+    }
+
+    fn deliveries(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<crate::alerts::deliver::Delivery>> {
+        alerts::deliveries(&self.reader(), tenant, limit)
+    }
+
+    fn oldest_queued_at(&self) -> Result<Option<i64>> {
+        // The queue's own index holds the queued tasks in age order.
+        Ok(self.reader().query_row(
+            "SELECT MIN(created_at) FROM tasks WHERE status = 'queued'",
+            [],
+            |r| r.get(0),
+        )?)
     }
 }

@@ -5,7 +5,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{anomalies, rollups};
+use super::{alerts, anomalies, rollups};
 use crate::store::{Result, StoreError};
 
 /// One step of the schema.
@@ -38,6 +38,11 @@ const MIGRATIONS: &[Migration] = &[
     Migration {
         what: "anomaly detection: saved detectors, scored minutes and events",
         sql: anomalies::SCHEMA,
+        then: None,
+    },
+    Migration {
+        what: "alerting: rules and their phases, subscriptions, the notification outbox",
+        sql: alerts::SCHEMA,
         then: None,
     },
 ];

@@ -1,0 +1,545 @@
+//! Delivery: what a notification looks like on each channel, the webhook signature, the
+//! retry schedule, and the real senders (webhook and SMS over HTTP, email over SMTP). Senders
+//! sit behind [`Channels`] so the platform's logic can be tested with a fake beside the real
+//! tests.
+
+use std::net::{IpAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use super::model::{Channel, Notification, Status, Subscription, WebhookFormat};
+
+/// A delivery of one notification to one subscription, as the outbox keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The notification's id and the subscription's: receivers de-duplicate on it.
+    pub id: String,
+    pub notification_id: String,
+    pub subscription_id: String,
+    pub tenant: String,
+    pub channel: String,
+    pub target: String,
+    /// `pending`, `sent` or `failed` (given up).
+    pub status: String,
+    pub attempts: u32,
+    /// When it is next tried (Unix ms).
+    pub next_at: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+    pub summary: String,
+}
+
+/// Tries before a delivery is given up.
+pub const MOST_ATTEMPTS: u32 = 10;
+
+/// The wait before try `attempts + 1`: doubling from 1 s to at most 10 minutes, with up to
+/// a fifth of it as jitter (so receivers coming back are not hit all at once).
+pub fn backoff_ms(attempts: u32, jitter: f64) -> i64 {
+    let base = 1000i64
+        .saturating_mul(1i64 << attempts.min(20))
+        .min(600_000);
+    // At most a fifth of ten minutes: the cast is of a small non-negative number.
+    #[allow(clippy::cast_possible_truncation)]
+    let spread = (base as f64 * 0.2 * jitter.clamp(0.0, 1.0)) as i64;
+    base + spread
+}
+
+/// Why a try failed, and whether another may succeed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendError {
+    pub retry: bool,
+    pub message: String,
+}
+
+impl SendError {
+    fn retry(message: impl Into<String>) -> SendError {
+        SendError {
+            retry: true,
+            message: message.into(),
+        }
+    }
+
+    fn fatal(message: impl Into<String>) -> SendError {
+        SendError {
+            retry: false,
+            message: message.into(),
+        }
+    }
+}
+
+/// What delivers notifications.
+pub trait Channels: Send + Sync + std::fmt::Debug {
+    /// Sends `n` to `sub` as delivery `delivery_id` (the same id on every try).
+    fn send(
+        &self,
+        sub: &Subscription,
+        n: &Notification,
+        delivery_id: &str,
+    ) -> Result<(), SendError>;
+}
+
+/// How the senders reach the outside world.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelConfig {
+    /// Webhooks may go to loopback, private and link-local addresses (tests, private
+    /// networks). Off by default: those are refused, cloud metadata addresses included.
+    pub allow_private_targets: bool,
+    /// `smtp://host:port`, `smtps://...` or `smtp://...?tls=required`, with optional
+    /// `user:password@`; no email without it.
+    pub smtp_url: Option<String>,
+    pub smtp_from: String,
+    /// The SMS provider's base URL (Twilio's REST shape), account, token and sender.
+    pub sms_url: String,
+    pub sms_account: Option<String>,
+    pub sms_token: Option<String>,
+    pub sms_from: Option<String>,
+    /// Where the dashboard is, for links in messages.
+    pub public_url: String,
+}
+
+/// The real senders.
+#[derive(Debug)]
+pub struct RealChannels {
+    config: ChannelConfig,
+    http: ureq::Agent,
+}
+
+/// How long a receiver may take to answer, all in.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+impl RealChannels {
+    pub fn new(config: ChannelConfig) -> RealChannels {
+        let http = ureq::Agent::config_builder()
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_global(Some(TIMEOUT))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        RealChannels { config, http }
+    }
+
+    fn webhook(
+        &self,
+        sub: &Subscription,
+        url: &str,
+        format: WebhookFormat,
+        n: &Notification,
+        delivery_id: &str,
+    ) -> Result<(), SendError> {
+        check_target(url, self.config.allow_private_targets)?;
+        let body = match format {
+            WebhookFormat::Cloudfunc => cloudfunc_payload(n, &self.config.public_url),
+            WebhookFormat::Alertmanager => alertmanager_payload(n, &self.config.public_url),
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| SendError::fatal(e.to_string()))?;
+        let timestamp = n.at.max(crate::model::now_ms()) / 1000;
+        let signature = sign(&sub.secret, delivery_id, timestamp, &body)
+            .map_err(|e| SendError::fatal(e.to_string()))?;
+        let response = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("user-agent", "cloudfunc-alerts")
+            .header("webhook-id", delivery_id)
+            .header("webhook-timestamp", &timestamp.to_string())
+            .header("webhook-signature", &signature)
+            .send(&body[..])
+            .map_err(|e| SendError::retry(format!("{url}: {e}")))?;
+        status_outcome(response.status().as_u16(), url)
+    }
+
+    fn email(&self, address: &str, n: &Notification) -> Result<(), SendError> {
+        use lettre::Transport;
+        let url = self
+            .config
+            .smtp_url
+            .as_deref()
+            .ok_or_else(|| SendError::fatal("no SMTP server is configured (--smtp-url)"))?;
+        let transport = lettre::SmtpTransport::from_url(url)
+            .map_err(|e| SendError::fatal(format!("--smtp-url: {e}")))?
+            .timeout(Some(TIMEOUT))
+            .build();
+        let message = lettre::Message::builder()
+            .from(
+                self.config
+                    .smtp_from
+                    .parse()
+                    .map_err(|e| SendError::fatal(format!("--smtp-from: {e}")))?,
+            )
+            .to(address
+                .parse()
+                .map_err(|e| SendError::fatal(format!("{address}: {e}")))?)
+            .subject(n.headline())
+            .message_id(Some(format!("<{}@cloudfunc>", n.id)))
+            .header(lettre::message::header::ContentType::TEXT_PLAIN)
+            .body(email_text(n, &self.config.public_url))
+            .map_err(|e| SendError::fatal(e.to_string()))?;
+        transport.send(&message).map_err(|e| {
+            let permanent = e.is_permanent();
+            SendError {
+                retry: !permanent,
+                message: format!("SMTP: {e}"),
+            }
+        })?;
+        Ok(())
+    }
+
+    fn sms(&self, number: &str, n: &Notification) -> Result<(), SendError> {
+        let (Some(account), Some(token), Some(from)) = (
+            &self.config.sms_account,
+            &self.config.sms_token,
+            &self.config.sms_from,
+        ) else {
+            return Err(SendError::fatal(
+                "no SMS provider is configured (--sms-account, --sms-token, --sms-from)",
+            ));
+        };
+        let url = format!(
+            "{}/2010-04-01/Accounts/{account}/Messages.json",
+            self.config.sms_url.trim_end_matches('/')
+        );
+        let text = sms_text(n, &self.config.public_url);
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{account}:{token}"));
+        let form = [("To", number), ("From", from.as_str()), ("Body", &text)];
+        let response = self
+            .http
+            .post(&url)
+            .header("authorization", &format!("Basic {auth}"))
+            .send_form(form)
+            .map_err(|e| SendError::retry(format!("SMS provider: {e}")))?;
+        status_outcome(response.status().as_u16(), "the SMS provider")
+    }
+}
+
+impl Channels for RealChannels {
+    fn send(
+        &self,
+        sub: &Subscription,
+        n: &Notification,
+        delivery_id: &str,
+    ) -> Result<(), SendError> {
+        match &sub.spec.channel {
+            Channel::Webhook { url, format } => self.webhook(sub, url, *format, n, delivery_id),
+            Channel::Email { address } => self.email(address, n),
+            Channel::Sms { number } => self.sms(number, n),
+        }
+    }
+}
+
+/// A receiver's answer: 2xx delivered; 408, 429 and 5xx worth another try; the rest not
+/// (redirects are not followed).
+fn status_outcome(status: u16, what: &str) -> Result<(), SendError> {
+    match status {
+        200..=299 => Ok(()),
+        408 | 429 | 500..=599 => Err(SendError::retry(format!("{what} answered {status}"))),
+        _ => Err(SendError::fatal(format!("{what} answered {status}"))),
+    }
+}
+
+/// Refuses a webhook address that resolves to this host, a private network, a link-local
+/// (cloud metadata) or other special address, unless those are allowed.
+pub fn check_target(url: &str, allow_private: bool) -> Result<(), SendError> {
+    let parsed = url::Url::parse(url).map_err(|e| SendError::fatal(format!("{url}: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(SendError::fatal(format!("{url}: not http or https")));
+    }
+    if allow_private {
+        return Ok(());
+    }
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| SendError::fatal(format!("{url}: no host")))?;
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<IpAddr> = (host.trim_matches(['[', ']']), port)
+        .to_socket_addrs()
+        .map_err(|e| SendError::retry(format!("{host}: {e}")))?
+        .map(|a| a.ip())
+        .collect();
+    if let Some(ip) = addrs.iter().find(|ip| !is_public(ip)) {
+        return Err(SendError::fatal(format!(
+            "{host} is {ip}, a private, loopback or link-local address: refused (--alert-allow-private-targets allows it)"
+        )));
+    }
+    Ok(())
+}
+
+fn is_public(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                // Carrier-grade NAT, 100.64.0.0/10.
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || o[0] == 0)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(&IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                // Unique local fc00::/7 and link-local fe80::/10.
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// A new signing secret, in the Standard Webhooks form: `whsec_` and base64 of 32 bytes.
+pub fn new_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// The Standard Webhooks signature: `v1,` and base64 of HMAC-SHA256, keyed with the
+/// secret's bytes, over `id.timestamp.body`.
+pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Result<String, String> {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
+        .map_err(|e| format!("the signing secret is not base64: {e}"))?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).map_err(|e| e.to_string())?;
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    Ok(format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    ))
+}
+
+/// cloudfunc's webhook body.
+pub fn cloudfunc_payload(n: &Notification, public_url: &str) -> Value {
+    json!({
+        "id": n.id,
+        "type": match n.status {
+            Status::Firing => "alert.firing",
+            Status::Resolved => "alert.resolved",
+            Status::Event => "system.event",
+        },
+        "status": n.status,
+        "severity": n.severity,
+        "rule_id": n.rule_id,
+        "rule": n.rule,
+        "condition": n.condition,
+        "summary": n.summary,
+        "items": n.items,
+        "at": n.at,
+        "dashboard": dashboard_link(n, public_url),
+    })
+}
+
+/// Alertmanager's webhook body (version 4): one alert per item.
+pub fn alertmanager_payload(n: &Notification, public_url: &str) -> Value {
+    let status = if n.status == Status::Resolved {
+        "resolved"
+    } else {
+        "firing"
+    };
+    let rule = n.rule.clone().unwrap_or_else(|| n.condition.clone());
+    let alerts: Vec<Value> = n
+        .items
+        .iter()
+        .map(|i| {
+            json!({
+                "status": status,
+                "labels": {"alertname": rule, "function": i.function, "severity": n.severity},
+                "annotations": {"summary": n.summary, "value": i.value.to_string()},
+                "startsAt": rfc3339(i.since),
+                "endsAt": if n.status == Status::Resolved { rfc3339(n.at) } else { "0001-01-01T00:00:00Z".into() },
+                "generatorURL": dashboard_link(n, public_url),
+                "fingerprint": format!("{}:{}", n.rule_id.clone().unwrap_or_default(), i.function_id),
+            })
+        })
+        .collect();
+    json!({
+        "version": "4",
+        "groupKey": format!("{{}}:{{alertname=\"{rule}\"}}"),
+        "status": status,
+        "receiver": "cloudfunc",
+        "groupLabels": {"alertname": rule},
+        "commonLabels": {"alertname": rule, "severity": n.severity},
+        "commonAnnotations": {"summary": n.summary},
+        "externalURL": public_url,
+        "alerts": alerts,
+    })
+}
+
+fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since the epoch to a civil date (400-year eras of 146,097 days).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn dashboard_link(n: &Notification, public_url: &str) -> String {
+    let base = public_url.trim_end_matches('/');
+    match n.items.first() {
+        Some(i) if !i.function.is_empty() && n.items.len() == 1 => {
+            format!("{base}/#/functions/{}", i.function)
+        }
+        _ => format!("{base}/"),
+    }
+}
+
+/// An email's text.
+pub fn email_text(n: &Notification, public_url: &str) -> String {
+    let mut text = format!("{}\n\n", n.summary);
+    if !n.condition.is_empty() {
+        text.push_str(&format!("Condition: {}\n", n.condition));
+    }
+    text.push_str(&format!("Severity: {:?}\n", n.severity).to_lowercase());
+    for i in &n.items {
+        let who = if i.function.is_empty() {
+            "system"
+        } else {
+            &i.function
+        };
+        text.push_str(&format!(
+            "- {who}: {} (since {})\n",
+            i.value,
+            rfc3339(i.since)
+        ));
+    }
+    text.push_str(&format!(
+        "\n{}\nNotification {}\n",
+        dashboard_link(n, public_url),
+        n.id
+    ));
+    text
+}
+
+/// An SMS: one segment (160 plain characters, 70 otherwise), ending with the dashboard link.
+pub fn sms_text(n: &Notification, public_url: &str) -> String {
+    let link = dashboard_link(n, public_url);
+    let head = n.headline();
+    let limit: usize = if head.is_ascii() && link.is_ascii() {
+        160
+    } else {
+        70
+    };
+    let room = limit.saturating_sub(link.chars().count() + 1);
+    let mut text: String = head.chars().take(room).collect();
+    if text.chars().count() < head.chars().count() && room > 1 {
+        text = head.chars().take(room - 1).collect::<String>() + "…";
+    }
+    format!("{text} {link}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::model::{Item, Severity};
+
+    fn notification() -> Notification {
+        Notification {
+            id: "n1".into(),
+            tenant: "t".into(),
+            status: Status::Firing,
+            severity: Severity::Critical,
+            rule_id: Some("r1".into()),
+            rule: Some("errors".into()),
+            condition: "error_rate > 0.1 for 60s".into(),
+            summary: "errors: error_rate > 0.1 on hello".into(),
+            items: vec![Item {
+                function: "hello".into(),
+                function_id: "fn_1".into(),
+                value: 0.5,
+                since: 1_700_000_000_000,
+            }],
+            at: 1_700_000_060_000,
+        }
+    }
+
+    #[test]
+    fn the_signature_is_standard_webhooks() {
+        // The Standard Webhooks specification's own example.
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let body = br#"{"test": 2432232314}"#;
+        let sig = sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1_614_265_330, body).unwrap();
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert!(sign("whsec_%%%", "x", 1, b"").is_err());
+        assert!(new_secret().starts_with("whsec_"));
+    }
+
+    #[test]
+    fn retries_back_off_to_ten_minutes() {
+        assert_eq!(backoff_ms(0, 0.0), 1000);
+        assert_eq!(backoff_ms(3, 0.0), 8000);
+        assert_eq!(backoff_ms(30, 0.0), 600_000);
+        assert_eq!(backoff_ms(3, 1.0), 9600);
+    }
+
+    #[test]
+    fn private_and_metadata_targets_are_refused_unless_allowed() {
+        for url in [
+            "http://127.0.0.1:9/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://10.1.2.3/",
+            "http://[::1]:8080/",
+            "http://[fd00::1]/",
+            "http://100.64.0.1/",
+        ] {
+            let e = check_target(url, false).unwrap_err();
+            assert!(!e.retry, "{url}: {e:?}");
+            assert!(check_target(url, true).is_ok());
+        }
+        assert!(is_public(&"93.184.216.34".parse().unwrap()));
+        assert!(check_target("file:///etc/passwd", true).is_err());
+    }
+
+    #[test]
+    fn texts_fit_their_channel() {
+        let mut n = notification();
+        let sms = sms_text(&n, "http://cf.example:8080");
+        assert!(
+            sms.chars().count() <= 160 && sms.ends_with("/#/functions/hello"),
+            "{sms}"
+        );
+        n.summary = "x".repeat(500);
+        assert_eq!(sms_text(&n, "http://cf.example").chars().count(), 160);
+        n.summary = "é".repeat(500);
+        assert_eq!(sms_text(&n, "http://cf.example").chars().count(), 70);
+        let mail = email_text(&notification(), "http://cf.example");
+        assert!(
+            mail.contains("hello: 0.5 (since 2023-11-14T22:13:20Z)"),
+            "{mail}"
+        );
+        let am = alertmanager_payload(&notification(), "http://cf.example");
+        assert_eq!(am["version"], "4");
+        assert_eq!(am["alerts"][0]["labels"]["function"], "hello");
+        assert_eq!(am["alerts"][0]["startsAt"], "2023-11-14T22:13:20Z");
+        assert!(status_outcome(503, "x").unwrap_err().retry);
+        assert!(!status_outcome(302, "x").unwrap_err().retry);
+    }
+}
