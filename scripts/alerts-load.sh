@@ -11,8 +11,8 @@ trap 'kill $(cat "$WORK"/*/pid 2>/dev/null) 2>/dev/null || true; sleep 1; rm -rf
 
 start() { # name port
   mkdir -p "$WORK/$1"
-  CLOUDFUNC_LOG=info,cloudfunc_server::platform::alerts=debug "$BIN/cloudfunc" --data-dir "$WORK/$1/data" \
-    serve --listen "127.0.0.1:$2" --state-dir "$WORK/$1/state" --cgroup-parent "cf-alerts-load-$2" \
+  CLOUDFUNC_LOG=info,cloudfunc_server::platform::alerts=debug "$BIN/cloudfunc" --log-format json \
+    --data-dir "$WORK/$1/data" serve --listen "127.0.0.1:$2" --state-dir "$WORK/$1/state" --cgroup-parent "cf-alerts-load-$2" \
     >"$WORK/$1/out" 2>"$WORK/$1/log" &
   echo $! >"$WORK/$1/pid"
   for _ in $(seq 100); do curl -sf "127.0.0.1:$2/api/system/health" >/dev/null && return; sleep 0.2; done
@@ -45,4 +45,4 @@ for round in $(seq "$ROUNDS"); do
 done
 echo
 echo "evaluations of 100 rules over 1,000 functions (µs):"
-grep -o 'elapsed_us[^ ]*' "$WORK/rules/log" | tr -dc '0-9\n' | tail -5 | paste -sd' '
+grep -o '"elapsed_us":[0-9]*' "$WORK/rules/log" | cut -d: -f2 | tail -5 | paste -sd' '

@@ -351,6 +351,7 @@ impl ServeConfig {
                     .public_url
                     .clone()
                     .unwrap_or_else(|| format!("http://{}", self.listen)),
+                timeout: None,
             },
         };
         config

@@ -101,6 +101,8 @@ pub struct ChannelConfig {
     pub sms_from: Option<String>,
     /// Where the dashboard is, for links in messages.
     pub public_url: String,
+    /// How long a receiver may take to answer, all in (`None`: 10 s).
+    pub timeout: Option<Duration>,
 }
 
 /// The real senders.
@@ -110,14 +112,15 @@ pub struct RealChannels {
     http: ureq::Agent,
 }
 
-/// How long a receiver may take to answer, all in.
+/// How long a receiver may take to answer, all in, by default.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 impl RealChannels {
     pub fn new(config: ChannelConfig) -> RealChannels {
+        let timeout = config.timeout.unwrap_or(TIMEOUT);
         let http = ureq::Agent::config_builder()
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_global(Some(TIMEOUT))
+            .timeout_connect(Some(timeout.min(Duration::from_secs(5))))
+            .timeout_global(Some(timeout))
             .max_redirects(0)
             .http_status_as_error(false)
             .build()
@@ -164,7 +167,7 @@ impl RealChannels {
             .ok_or_else(|| SendError::fatal("no SMTP server is configured (--smtp-url)"))?;
         let transport = lettre::SmtpTransport::from_url(url)
             .map_err(|e| SendError::fatal(format!("--smtp-url: {e}")))?
-            .timeout(Some(TIMEOUT))
+            .timeout(Some(self.config.timeout.unwrap_or(TIMEOUT)))
             .build();
         let message = lettre::Message::builder()
             .from(
@@ -516,6 +519,84 @@ mod tests {
         }
         assert!(is_public(&"93.184.216.34".parse().unwrap()));
         assert!(check_target("file:///etc/passwd", true).is_err());
+    }
+
+    /// A receiver on loopback that reads the request, then does `then` with the socket.
+    fn receiver(then: fn(std::net::TcpStream)) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    let _ = std::io::Read::read(&mut &stream, &mut buf);
+                    then(stream);
+                });
+            }
+        });
+        url
+    }
+
+    fn subscription(url: &str) -> Subscription {
+        Subscription {
+            id: "sub_1".into(),
+            tenant: "t".into(),
+            spec: crate::alerts::SubscriptionSpec {
+                channel: Channel::Webhook {
+                    url: url.into(),
+                    format: WebhookFormat::Cloudfunc,
+                },
+                alerts: Default::default(),
+                min_severity: Severity::Info,
+            },
+            secret: new_secret(),
+            admin: false,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn hanging_redirecting_and_endless_receivers_hold_nothing() {
+        let channels = RealChannels::new(ChannelConfig {
+            allow_private_targets: true,
+            timeout: Some(Duration::from_millis(500)),
+            ..ChannelConfig::default()
+        });
+        let n = notification();
+        // Never answers: a retryable failure once the timeout has passed.
+        let hangs = receiver(|s| {
+            std::thread::sleep(Duration::from_secs(5));
+            drop(s);
+        });
+        let started = std::time::Instant::now();
+        let e = channels.send(&subscription(&hangs), &n, "d1").unwrap_err();
+        assert!(
+            e.retry && started.elapsed() < Duration::from_secs(3),
+            "{e:?}"
+        );
+        // A redirect is not followed, and not retried.
+        let redirects = receiver(|mut s| {
+            let _ = std::io::Write::write_all(
+                &mut s,
+                b"HTTP/1.1 302 Found\r\nlocation: http://169.254.169.254/\r\ncontent-length: 0\r\n\r\n",
+            );
+        });
+        let e = channels
+            .send(&subscription(&redirects), &n, "d2")
+            .unwrap_err();
+        assert!(!e.retry && e.message.contains("302"), "{e:?}");
+        // A gigabyte answer: delivered at its status line; the body is never read.
+        let endless = receiver(|mut s| {
+            let _ = std::io::Write::write_all(
+                &mut s,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n",
+            );
+            let chunk = vec![b'x'; 1 << 16];
+            while std::io::Write::write_all(&mut s, &chunk).is_ok() {}
+        });
+        let started = std::time::Instant::now();
+        channels.send(&subscription(&endless), &n, "d3").unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 
     #[test]

@@ -39,32 +39,49 @@ pub enum Transition {
     Resolved(Item),
 }
 
-/// Every rule's phase per subject (subjects in `ok` are absent).
+/// A subject that is pending or firing, with what it last showed.
+#[derive(Debug, Clone)]
+struct Tracked {
+    phase: Phase,
+    name: String,
+    value: f64,
+}
+
+/// Every rule's phase per subject (subjects in `ok` are absent). Keyed by rule, then subject,
+/// so that an evaluation looks subjects up without allocating: most are `ok` and cost a
+/// lookup.
 #[derive(Debug, Default)]
 pub struct Evaluator {
-    phases: HashMap<(String, String), Phase>,
-    /// The last value seen per rule and subject, for resolved notifications.
-    last: HashMap<(String, String), (String, f64)>,
+    rules: HashMap<String, HashMap<String, Tracked>>,
 }
 
 impl Evaluator {
     /// Starts from saved phases (after a restart, so that nothing fires twice).
     pub fn restore(phases: Vec<(String, String, Phase)>) -> Evaluator {
-        Evaluator {
-            phases: phases
-                .into_iter()
-                .map(|(rule, subject, phase)| ((rule, subject), phase))
-                .collect(),
-            last: HashMap::new(),
+        let mut e = Evaluator::default();
+        for (rule, subject, phase) in phases {
+            e.rules.entry(rule).or_default().insert(
+                subject,
+                Tracked {
+                    phase,
+                    name: String::new(),
+                    value: 0.0,
+                },
+            );
         }
+        e
     }
 
     /// Every phase, to save.
     pub fn phases(&self) -> Vec<(String, String, Phase)> {
         let mut all: Vec<_> = self
-            .phases
+            .rules
             .iter()
-            .map(|((r, s), p)| (r.clone(), s.clone(), *p))
+            .flat_map(|(r, subjects)| {
+                subjects
+                    .iter()
+                    .map(move |(s, t)| (r.clone(), s.clone(), t.phase))
+            })
             .collect();
         all.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         all
@@ -72,15 +89,12 @@ impl Evaluator {
 
     /// A rule's phase for a subject (`None`: ok).
     pub fn phase(&self, rule: &str, subject: &str) -> Option<Phase> {
-        self.phases
-            .get(&(rule.to_string(), subject.to_string()))
-            .copied()
+        self.rules.get(rule)?.get(subject).map(|t| t.phase)
     }
 
     /// Forgets a deleted rule.
     pub fn forget(&mut self, rule: &str) {
-        self.phases.retain(|(r, _), _| r != rule);
-        self.last.retain(|(r, _), _| r != rule);
+        self.rules.remove(rule);
     }
 
     /// Steps `rule` with what it observed at `now`: every subject it watched before and did
@@ -91,14 +105,11 @@ impl Evaluator {
         observations: &[Observation],
         now: i64,
     ) -> Vec<Transition> {
+        let for_ms = i64::try_from(rule.spec.for_s).unwrap_or(i64::MAX / 1000) * 1000;
+        let renotify_ms = i64::try_from(rule.spec.renotify_s).unwrap_or(0) * 1000;
+        let subjects = self.rules.entry(rule.id.clone()).or_default();
         let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
         for o in observations {
-            seen.insert(o.subject.clone());
-            let key = (rule.id.clone(), o.subject.clone());
-            if let Some(v) = o.value {
-                self.last.insert(key.clone(), (o.name.clone(), v));
-            }
             let holds = o.value.is_some_and(|v| rule.spec.holds(v));
             let item = |since| Item {
                 function: o.name.clone(),
@@ -106,71 +117,82 @@ impl Evaluator {
                 value: o.value.unwrap_or(0.0),
                 since,
             };
-            let for_ms = i64::try_from(rule.spec.for_s).unwrap_or(i64::MAX) * 1000;
-            let renotify_ms = i64::try_from(rule.spec.renotify_s).unwrap_or(0) * 1000;
-            match (self.phases.get(&key).copied(), holds) {
-                (None, true) if for_ms == 0 => {
-                    self.phases.insert(
-                        key,
+            match (subjects.get_mut(o.subject.as_str()), holds) {
+                (None, false) => {}
+                (None, true) => {
+                    let phase = if for_ms == 0 {
+                        out.push(Transition::Firing(item(now)));
                         Phase::Firing {
                             since: now,
                             notified_at: now,
+                        }
+                    } else {
+                        Phase::Pending { since: now }
+                    };
+                    subjects.insert(
+                        o.subject.clone(),
+                        Tracked {
+                            phase,
+                            name: o.name.clone(),
+                            value: o.value.unwrap_or(0.0),
                         },
                     );
-                    out.push(Transition::Firing(item(now)));
                 }
-                (None, true) => {
-                    self.phases.insert(key, Phase::Pending { since: now });
+                (Some(t), true) => {
+                    t.name.clone_from(&o.name);
+                    t.value = o.value.unwrap_or(t.value);
+                    match t.phase {
+                        Phase::Pending { since } if now - since >= for_ms => {
+                            t.phase = Phase::Firing {
+                                since,
+                                notified_at: now,
+                            };
+                            out.push(Transition::Firing(item(since)));
+                        }
+                        Phase::Firing { since, notified_at }
+                            if renotify_ms > 0 && now - notified_at >= renotify_ms =>
+                        {
+                            t.phase = Phase::Firing {
+                                since,
+                                notified_at: now,
+                            };
+                            out.push(Transition::Firing(item(since)));
+                        }
+                        _ => {}
+                    }
                 }
-                (Some(Phase::Pending { since }), true) if now - since >= for_ms => {
-                    self.phases.insert(
-                        key,
-                        Phase::Firing {
-                            since,
-                            notified_at: now,
-                        },
-                    );
-                    out.push(Transition::Firing(item(since)));
+                (Some(t), false) => {
+                    if let Phase::Firing { since, .. } = t.phase {
+                        out.push(Transition::Resolved(Item {
+                            value: o.value.unwrap_or(t.value),
+                            ..item(since)
+                        }));
+                    }
+                    subjects.remove(o.subject.as_str());
                 }
-                (Some(Phase::Firing { since, notified_at }), true)
-                    if renotify_ms > 0 && now - notified_at >= renotify_ms =>
-                {
-                    self.phases.insert(
-                        key,
-                        Phase::Firing {
-                            since,
-                            notified_at: now,
-                        },
-                    );
-                    out.push(Transition::Firing(item(since)));
-                }
-                (Some(Phase::Firing { since, .. }), false) => {
-                    self.phases.remove(&key);
-                    out.push(Transition::Resolved(item(since)));
-                }
-                (Some(Phase::Pending { .. }), false) => {
-                    self.phases.remove(&key);
-                }
-                _ => {}
             }
         }
         // Subjects no longer observed (a function deleted, or without data) stop holding.
-        let gone: Vec<(String, String)> = self
-            .phases
-            .keys()
-            .filter(|(r, s)| r == &rule.id && !seen.contains(s))
-            .cloned()
-            .collect();
-        for key in gone {
-            if let Some(Phase::Firing { since, .. }) = self.phases.remove(&key) {
-                let (name, value) = self.last.get(&key).cloned().unwrap_or_default();
-                out.push(Transition::Resolved(Item {
-                    function: name,
-                    function_id: key.1.clone(),
-                    value,
-                    since,
-                }));
-            }
+        if !subjects.is_empty() {
+            let seen: std::collections::HashSet<&str> =
+                observations.iter().map(|o| o.subject.as_str()).collect();
+            subjects.retain(|subject, t| {
+                if seen.contains(subject.as_str()) {
+                    return true;
+                }
+                if let Phase::Firing { since, .. } = t.phase {
+                    out.push(Transition::Resolved(Item {
+                        function: t.name.clone(),
+                        function_id: subject.clone(),
+                        value: t.value,
+                        since,
+                    }));
+                }
+                false
+            });
+        }
+        if subjects.is_empty() {
+            self.rules.remove(&rule.id);
         }
         out
     }
