@@ -9,6 +9,7 @@ pub mod anomalies;
 pub mod api;
 pub mod archive;
 pub mod auth;
+pub mod chains;
 pub mod cli;
 pub mod config;
 pub mod http;
