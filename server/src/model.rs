@@ -280,6 +280,9 @@ pub struct Task {
     pub started_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
+    /// The chain run it is a step of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_run: Option<String>,
 }
 
 /// How a task ended, to be stored.
@@ -315,6 +318,7 @@ impl Task {
             created_at: now_ms(),
             started_at: None,
             finished_at: None,
+            chain_run: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! that tests can drive it without a socket (`warp::test::request()`).
 //!
 //! Canonical routes live under `/api` (seed 000): [`functions`], [`tasks`], [`system`],
-//! [`anomalies`], [`alerts`] (notifications and alert rules).
+//! [`anomalies`], [`alerts`] (notifications and alert rules), [`chains`].
 //! Two other shapes of the same calls sit beside them: the `/functions` JSON API
 //! ([`functions_json`], `/execute/{id}`, `/metrics/...`) and the multipart upload API
 //! ([`upload`], a Python file and the function's name).
@@ -12,6 +12,7 @@
 pub mod alerts;
 pub mod anomalies;
 pub mod body;
+pub mod chains;
 pub mod dashboard;
 mod error;
 pub mod functions;
@@ -55,6 +56,7 @@ pub fn table() -> Table {
     routes.extend(tasks::routes());
     routes.extend(anomalies::routes());
     routes.extend(alerts::routes());
+    routes.extend(chains::routes());
     routes.extend(functions_json::routes());
     routes.extend(upload::routes());
     routes.extend(dashboard::routes());

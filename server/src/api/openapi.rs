@@ -170,6 +170,11 @@ fn components() -> Value {
     {
         schemas.extend(more);
     }
+    if let (Some(schemas), Value::Object(more)) =
+        (c["schemas"].as_object_mut(), super::chains::schemas())
+    {
+        schemas.extend(more);
+    }
     c
 }
 

@@ -635,3 +635,99 @@ fn target(s: &str, path: &str) -> Result<Target, DefinitionError> {
         version,
     })
 }
+
+/// `source` with every `chain` step replaced by a `sequence` of the named chain's steps
+/// (keeping its `retry` and `catch`), recursively. `load` gives a chain's definition by name
+/// (`None`: no such chain). A chain that names itself, directly or through others, is refused
+/// at the step that closes the cycle.
+pub fn expand_chains(
+    source: &Value,
+    own_name: &str,
+    load: &mut dyn FnMut(&str) -> Result<Option<Value>, String>,
+) -> Result<Value, DefinitionError> {
+    let mut out = source.clone();
+    let mut stack = vec![own_name.to_string()];
+    let mut budget = MAX_STEPS;
+    if let Some(steps) = out.get_mut("steps") {
+        expand_list(steps, "/steps", &mut stack, &mut budget, load)?;
+    }
+    Ok(out)
+}
+
+fn expand_list(
+    list: &mut Value,
+    path: &str,
+    stack: &mut Vec<String>,
+    budget: &mut usize,
+    load: &mut dyn FnMut(&str) -> Result<Option<Value>, String>,
+) -> Result<(), DefinitionError> {
+    match list {
+        Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand_step(item, &format!("{path}/{i}"), stack, budget, load)?;
+            }
+            Ok(())
+        }
+        one @ Value::Object(_) => expand_step(one, path, stack, budget, load),
+        _ => Ok(()),
+    }
+}
+
+fn expand_step(
+    step: &mut Value,
+    path: &str,
+    stack: &mut Vec<String>,
+    budget: &mut usize,
+    load: &mut dyn FnMut(&str) -> Result<Option<Value>, String>,
+) -> Result<(), DefinitionError> {
+    let Some(obj) = step.as_object_mut() else {
+        return Ok(());
+    };
+    if let Some(Value::String(name)) = obj.get("chain").cloned() {
+        if stack.contains(&name) {
+            return Err(bad(
+                &format!("{path}/chain"),
+                format!("a cycle: {} -> {name}", stack.join(" -> ")),
+            ));
+        }
+        *budget = budget.checked_sub(1).ok_or_else(|| {
+            bad(
+                path,
+                format!("the chains it names expand to more than {MAX_STEPS} steps"),
+            )
+        })?;
+        let sub = load(&name)
+            .map_err(|e| bad(&format!("{path}/chain"), e))?
+            .ok_or_else(|| bad(&format!("{path}/chain"), format!("no chain {name:?}")))?;
+        let mut steps = sub.get("steps").cloned().unwrap_or(Value::Null);
+        stack.push(name);
+        expand_list(&mut steps, &format!("{path}/chain"), stack, budget, load)?;
+        stack.pop();
+        obj.remove("chain");
+        obj.insert("sequence".into(), steps);
+    }
+    for key in ["sequence", "default", "catch"] {
+        if let Some(list) = obj.get_mut(key) {
+            expand_list(list, &format!("{path}/{key}"), stack, budget, load)?;
+        }
+    }
+    if let Some(Value::Array(branches)) = obj.get_mut("parallel") {
+        for (b, list) in branches.iter_mut().enumerate() {
+            expand_list(list, &format!("{path}/parallel/{b}"), stack, budget, load)?;
+        }
+    }
+    if let Some(Value::Array(rules)) = obj.get_mut("choice") {
+        for (r, rule) in rules.iter_mut().enumerate() {
+            if let Some(then) = rule.get_mut("then") {
+                expand_list(
+                    then,
+                    &format!("{path}/choice/{r}/then"),
+                    stack,
+                    budget,
+                    load,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -338,3 +338,45 @@ fn a_definition_lists_what_it_names() {
     );
     assert!(matches!(def.steps[1].kind, Kind::Parallel(_)));
 }
+
+#[test]
+fn named_chains_expand_in_place_and_cycles_are_refused() {
+    let mut chains: HashMap<&str, Value> = HashMap::new();
+    chains.insert("inner", json!({"steps": ["inc", {"chain": "deeper"}]}));
+    chains.insert("deeper", json!({"steps": ["echo"]}));
+    chains.insert("loop_a", json!({"steps": [{"chain": "loop_b"}]}));
+    chains.insert("loop_b", json!({"steps": ["inc", {"chain": "loop_a"}]}));
+    let mut load = |name: &str| Ok(chains.get(name).cloned());
+
+    let source = json!({"steps": [{"chain": "inner", "retry": {"attempts": 2}}, "len"]});
+    let expanded = super::definition::expand_chains(&source, "outer", &mut load).unwrap();
+    assert_eq!(
+        expanded["steps"][0],
+        json!({"sequence": ["inc", {"sequence": ["echo"]}], "retry": {"attempts": 2}})
+    );
+    parse(expanded);
+
+    let e = super::definition::expand_chains(
+        &json!({"steps": [{"chain": "loop_a"}]}),
+        "outer",
+        &mut load,
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "/steps/0/chain/0/chain/1/chain");
+    assert!(
+        e.message.contains("loop_a -> loop_b -> loop_a"),
+        "{}",
+        e.message
+    );
+
+    let e = super::definition::expand_chains(&json!({"steps": [{"chain": "me"}]}), "me", &mut load)
+        .unwrap_err();
+    assert!(e.message.contains("cycle"), "{}", e.message);
+    let e =
+        super::definition::expand_chains(&json!({"steps": [{"chain": "gone"}]}), "x", &mut load)
+            .unwrap_err();
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("/steps/0/chain", "no chain \"gone\"")
+    );
+}

@@ -5,12 +5,14 @@
 //! and its resolution), `deploy` (versions, activation, deletion), `invoke` (sync calls and
 //! the one path every call runs through), `queue` (async tasks and their workers),
 //! `retention`, `monitor` (metrics, health, Prometheus), `anomalies` (anomaly detection fed
-//! from the minute rollups), `alerts` (rules, subscriptions, the outbox and its delivery) and
-//! the [`Catalog`] of lookups.
+//! from the minute rollups), `alerts` (rules, subscriptions, the outbox and its delivery),
+//! `chains` and `chain_steps` (chains and their durable runs) and the [`Catalog`] of lookups.
 
 mod alerts;
 mod anomalies;
 mod catalog;
+mod chain_steps;
+mod chains;
 mod deploy;
 mod invoke;
 mod monitor;
@@ -36,6 +38,7 @@ use crate::wall::WallClock;
 
 pub use alerts::{AlertConfig, Unsubscribe};
 pub use catalog::Catalog;
+pub use chains::ChainSpec;
 pub use deploy::Code;
 pub use invoke::execute;
 pub use retention::Retention;
@@ -165,6 +168,8 @@ struct Inner {
     anomalies: anomalies::Anomalies,
     /// Alert rules, their evaluation and the notifications' delivery.
     alerting: alerts::Alerting,
+    /// Turns of the async chain runs driven at once.
+    chain_turns: Arc<tokio::sync::Semaphore>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -197,6 +202,7 @@ impl Platform {
                 pool,
                 anomalies: anomalies::Anomalies::new(config.anomalies.clone()),
                 alerting: alerts::Alerting::new(&config.alerts),
+                chain_turns: chains::turns(),
                 config,
                 wake: tokio::sync::Notify::new(),
                 started: Instant::now(),

@@ -65,6 +65,10 @@ impl Platform {
             )
         })
         .await??;
+        let resumed = self.resume_chains().await?;
+        if resumed > 0 {
+            tracing::info!(runs = resumed, "chain runs resumed");
+        }
         for _ in 0..workers.max(1) {
             let platform = self.clone();
             tokio::spawn(async move { platform.worker().await });

@@ -222,3 +222,37 @@ impl AlertStore for Flaky {
         self.inner.oldest_queued_at()
     }
 }
+
+impl crate::store::ChainStore for Flaky {
+    fn put_chain(&self, chain: &crate::chains::Chain) -> Result<crate::chains::Chain> {
+        self.refuse()?;
+        self.inner.put_chain(chain)
+    }
+    fn chain(&self, t: Option<&str>, key: &str) -> Result<Option<crate::chains::Chain>> {
+        self.inner.chain(t, key)
+    }
+    fn chains(&self, t: Option<&str>) -> Result<Vec<crate::chains::Chain>> {
+        self.inner.chains(t)
+    }
+    fn delete_chain(&self, id: &str) -> Result<bool> {
+        self.refuse()?;
+        self.inner.delete_chain(id)
+    }
+    fn save_run(&self, run: &crate::chains::ChainRun) -> Result<()> {
+        self.refuse()?;
+        self.inner.save_run(run)
+    }
+    fn save_step(&self, run_id: &str, step: &crate::chains::StepRecord) -> Result<()> {
+        self.refuse()?;
+        self.inner.save_step(run_id, step)
+    }
+    fn chain_run(&self, t: Option<&str>, id: &str) -> Result<Option<crate::chains::ChainRun>> {
+        self.inner.chain_run(t, id)
+    }
+    fn chain_runs(&self, chain_id: &str, limit: u32) -> Result<Vec<crate::chains::ChainRun>> {
+        self.inner.chain_runs(chain_id, limit)
+    }
+    fn unfinished_runs(&self) -> Result<Vec<crate::chains::ChainRun>> {
+        self.inner.unfinished_runs()
+    }
+}

@@ -7,6 +7,7 @@
 
 mod alerts;
 mod anomalies;
+mod chains;
 #[cfg(test)]
 pub(crate) mod flaky;
 mod recorder;
@@ -15,6 +16,7 @@ pub mod sqlite;
 
 pub use alerts::{AlertStore, Attempt};
 pub use anomalies::AnomalyStore;
+pub use chains::ChainStore;
 pub use recorder::Recorder;
 pub use retry::Retry;
 pub use sqlite::SqliteStore;
@@ -118,8 +120,9 @@ impl Write {
 }
 
 /// Where functions, versions and tasks are kept (and anomaly detection's findings and
-/// alerting's rules and outbox, through [`AnomalyStore`] and [`AlertStore`]). `tenant: None` means an admin, who sees all.
-pub trait Store: AnomalyStore + AlertStore + Send + Sync + std::fmt::Debug {
+/// alerting's rules and outbox, and chains and their runs, through [`AnomalyStore`],
+/// [`AlertStore`] and [`ChainStore`]). `tenant: None` means an admin, who sees all.
+pub trait Store: AnomalyStore + AlertStore + ChainStore + Send + Sync + std::fmt::Debug {
     /// The function `key` (an id or a name) as `tenant` sees it.
     fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>>;
     /// Every function `tenant` sees, by name.

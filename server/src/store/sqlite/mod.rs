@@ -8,6 +8,7 @@
 
 mod alerts;
 mod anomalies;
+mod chains;
 mod checkpoint;
 mod rollups;
 mod rows;
@@ -22,7 +23,10 @@ use std::time::Duration;
 use parking_lot::{FairMutex, FairMutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{AlertStore, AnomalyStore, Attempt, Recovery, Result, Rollup, Store, StoreSize, Write};
+use super::{
+    AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Store, StoreSize,
+    Write,
+};
 use crate::model::{
     now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, Version,
 };
@@ -581,5 +585,50 @@ impl AlertStore for SqliteStore {
             [],
             |r| r.get(0),
         )?)
+    }
+}
+
+impl ChainStore for SqliteStore {
+    fn put_chain(&self, chain: &crate::chains::Chain) -> Result<crate::chains::Chain> {
+        chains::put_chain(&self.conn(), chain).map_err(|e| match e {
+            super::StoreError::Sqlite(e) => rows::conflict(e),
+            e => e,
+        })
+    }
+
+    fn chain(&self, tenant: Option<&str>, key: &str) -> Result<Option<crate::chains::Chain>> {
+        chains::chain(&self.reader(), tenant, key)
+    }
+
+    fn chains(&self, tenant: Option<&str>) -> Result<Vec<crate::chains::Chain>> {
+        chains::chains(&self.reader(), tenant)
+    }
+
+    fn delete_chain(&self, id: &str) -> Result<bool> {
+        chains::delete_chain(&self.conn(), id)
+    }
+
+    fn save_run(&self, run: &crate::chains::ChainRun) -> Result<()> {
+        chains::save_run(&mut self.conn(), run)
+    }
+
+    fn save_step(&self, run_id: &str, step: &crate::chains::StepRecord) -> Result<()> {
+        chains::save_step(&self.conn(), run_id, step)
+    }
+
+    fn chain_run(
+        &self,
+        tenant: Option<&str>,
+        run_id: &str,
+    ) -> Result<Option<crate::chains::ChainRun>> {
+        chains::chain_run(&self.reader(), tenant, run_id)
+    }
+
+    fn chain_runs(&self, chain_id: &str, limit: u32) -> Result<Vec<crate::chains::ChainRun>> {
+        chains::chain_runs(&self.reader(), chain_id, limit)
+    }
+
+    fn unfinished_runs(&self) -> Result<Vec<crate::chains::ChainRun>> {
+        chains::unfinished_runs(&self.conn())
     }
 }

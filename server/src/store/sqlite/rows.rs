@@ -12,8 +12,8 @@ use crate::store::{Result, StoreError};
 /// Adds a new task.
 pub(super) fn insert(tx: &Connection, task: &Task) -> Result<()> {
     tx.prepare_cached(
-        "INSERT INTO tasks (id, tenant, function_id, function, version, mode, status, payload, attempts, created_at, started_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        "INSERT INTO tasks (id, tenant, function_id, function, version, mode, status, payload, attempts, created_at, started_at, chain_run)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?
     .execute(params![
         task.task_id,
@@ -26,7 +26,8 @@ pub(super) fn insert(tx: &Connection, task: &Task) -> Result<()> {
         serde_json::to_string(&task.payload)?,
         task.attempts,
         task.created_at,
-        task.started_at
+        task.started_at,
+        task.chain_run
     ])?;
     Ok(())
 }
@@ -107,7 +108,7 @@ pub(super) fn finished(
 ) -> Result<()> {
     let e = Ending::of(c, at)?;
     let payload = serde_json::to_string(&task.payload)?;
-    let opening: [&dyn ToSql; 10] = [
+    let opening: [&dyn ToSql; 11] = [
         &task.task_id,
         &task.tenant,
         &task.function_id,
@@ -118,11 +119,12 @@ pub(super) fn finished(
         &task.attempts,
         &task.created_at,
         &task.started_at,
+        &task.chain_run,
     ];
     tx.prepare_cached(&format!(
         "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at,
-             started_at, {ENDING_COLS})
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+             started_at, chain_run, {ENDING_COLS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
     ))?
     .execute(params_from_iter(opening.into_iter().chain(e.values())))?;
     let call = ended_call(c, at);
@@ -228,7 +230,7 @@ pub(super) fn call_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Call> {
     })
 }
 
-pub(super) const TASK_COLS: &str = "id, tenant, function_id, function, version, mode, status, payload, result, error, logs, logs_truncated, usage, attempts, created_at, started_at, finished_at";
+pub(super) const TASK_COLS: &str = "id, tenant, function_id, function, version, mode, status, payload, result, error, logs, logs_truncated, usage, attempts, created_at, started_at, finished_at, chain_run";
 
 pub(super) fn task_row(row: &Row<'_>) -> rusqlite::Result<Task> {
     let json = |i: usize| -> rusqlite::Result<Option<String>> { row.get(i) };
@@ -253,5 +255,6 @@ pub(super) fn task_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         created_at: row.get(14)?,
         started_at: row.get(15)?,
         finished_at: row.get(16)?,
+        chain_run: row.get(17)?,
     })
 }

@@ -5,7 +5,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{alerts, anomalies, rollups};
+use super::{alerts, anomalies, chains, rollups};
 use crate::store::{Result, StoreError};
 
 /// One step of the schema.
@@ -44,6 +44,11 @@ const MIGRATIONS: &[Migration] = &[
         what: "alerting: rules and their phases, subscriptions, the notification outbox",
         sql: alerts::SCHEMA,
         then: None,
+    },
+    Migration {
+        what: "chaining: chains, their runs and steps, and each task's run",
+        sql: chains::SCHEMA,
+        then: Some(chains::add_task_column),
     },
 ];
 

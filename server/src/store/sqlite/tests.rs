@@ -293,3 +293,99 @@ fn the_wal_stays_bounded_under_sustained_writes_and_reads() {
     );
     drop(store);
 }
+
+#[test]
+fn chains_runs_and_steps_round_trip_and_unfinished_runs_are_found() {
+    use crate::chains::{Chain, ChainRun, Failure, RunStatus, StepRecord};
+    let (dir, store, f) = alice_hello();
+    let chain = |def: serde_json::Value| Chain {
+        id: crate::model::new_id("chain"),
+        tenant: "alice".into(),
+        name: "pipe".into(),
+        definition: def,
+        created_at: 1,
+        updated_at: 2,
+    };
+    let first = store
+        .put_chain(&chain(serde_json::json!({"steps": ["hello"]})))
+        .unwrap();
+    // A redeploy by name keeps the id and the creation time, and takes the new definition.
+    let again = store
+        .put_chain(&chain(serde_json::json!({"steps": ["hello", "hello"]})))
+        .unwrap();
+    assert_eq!(
+        (again.id.as_str(), again.created_at),
+        (first.id.as_str(), 1)
+    );
+    assert_eq!(again.definition["steps"][1], "hello");
+    assert!(store.chain(Some("bob"), "pipe").unwrap().is_none());
+    assert_eq!(
+        store.chain(Some("alice"), &first.id).unwrap().unwrap().name,
+        "pipe"
+    );
+
+    let mut run = ChainRun {
+        run_id: crate::model::new_id("run"),
+        tenant: "alice".into(),
+        chain_id: first.id.clone(),
+        chain: "pipe".into(),
+        mode: Mode::Async,
+        status: RunStatus::Queued,
+        input: serde_json::json!({"x": 1}),
+        output: None,
+        error: None,
+        definition: again.definition.clone(),
+        deadline_at: None,
+        created_at: 10,
+        started_at: None,
+        finished_at: None,
+        steps: Vec::new(),
+    };
+    store.save_run(&run).unwrap();
+    let step = StepRecord {
+        path: "/steps/0".into(),
+        function: "hello".into(),
+        task_id: Some("task_1".into()),
+        status: TaskStatus::Running,
+        output: None,
+        error: None,
+        usage: None,
+        started_at: 11,
+        finished_at: None,
+    };
+    store.save_step(&run.run_id, &step).unwrap();
+    let open = store.unfinished_runs().unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].steps, vec![step.clone()]);
+    assert_eq!(open[0].definition, run.definition);
+
+    // Its task carries the run's id.
+    let mut t = task("alice", &f, Mode::Async);
+    t.chain_run = Some(run.run_id.clone());
+    insert(&store, &t);
+    assert_eq!(
+        store.task(None, &t.task_id).unwrap().unwrap().chain_run,
+        Some(run.run_id.clone())
+    );
+
+    run.status = RunStatus::Failed;
+    run.finished_at = Some(20);
+    run.error = Some(Failure::new("raised", "/steps/0", "no"));
+    run.steps = vec![StepRecord {
+        status: TaskStatus::Failed,
+        finished_at: Some(19),
+        ..step
+    }];
+    store.save_run(&run).unwrap();
+    assert!(store.unfinished_runs().unwrap().is_empty());
+    let read = store
+        .chain_run(Some("alice"), &run.run_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(read, run);
+    assert!(store.chain_run(Some("bob"), &run.run_id).unwrap().is_none());
+    assert_eq!(store.chain_runs(&first.id, 5).unwrap(), vec![run]);
+    assert!(store.delete_chain(&first.id).unwrap());
+    assert!(store.chain(None, "pipe").unwrap().is_none());
+    drop(dir);
+}

@@ -1,0 +1,291 @@
+//! The steps of a chain run, each an ordinary invocation of its function: resolved under the
+//! chain's tenant, run through the one call path (pool, limits, usage, the invocation log
+//! line), recorded as a task of the function with the run's id on it. A durable (async) run
+//! writes each step as it starts and as it ends; a step found already ended is not run again,
+//! and one found started but never ended (the process died under it) is `interrupted`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use super::invoke::run as run_call;
+use super::{blocking, Platform, PlatformError, Running};
+use crate::auth::Caller;
+use crate::chains::engine::{json_size, BoxFuture};
+use crate::chains::{ChainRun, Failure, StepRecord, Steps, Target};
+use crate::model::{Completion, ErrorKind, Mode, Task, TaskStatus};
+use crate::store::Write;
+
+/// Runs the calls of one chain run.
+#[derive(Debug, Clone)]
+pub(super) struct Exec {
+    inner: Arc<ExecInner>,
+}
+
+#[derive(Debug)]
+struct ExecInner {
+    platform: Platform,
+    run_id: String,
+    /// The chain's tenant: its steps may call only its functions.
+    caller: Caller,
+    mode: Mode,
+    /// Whether each step is stored as it starts and ends.
+    durable: bool,
+    /// Every step of the run so far, by path (those of an earlier process included).
+    steps: Mutex<HashMap<String, StepRecord>>,
+    /// Set when a step was refused because the server is stopping.
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Exec {
+    pub(super) fn new(platform: Platform, run: &ChainRun, durable: bool) -> Exec {
+        let steps = run
+            .steps
+            .iter()
+            .map(|s| (s.path.clone(), s.clone()))
+            .collect();
+        Exec {
+            inner: Arc::new(ExecInner {
+                platform,
+                run_id: run.run_id.clone(),
+                caller: Caller {
+                    tenant: run.tenant.clone(),
+                    admin: false,
+                },
+                mode: run.mode,
+                durable,
+                steps: Mutex::new(steps),
+                stopped: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Every step so far, in the order they started.
+    pub(super) fn records(&self) -> Vec<StepRecord> {
+        let mut steps: Vec<StepRecord> = self.lock().values().cloned().collect();
+        steps.sort_by(|a, b| (a.started_at, &a.path).cmp(&(b.started_at, &b.path)));
+        steps
+    }
+
+    /// Whether the run was left for the next start because the server is stopping.
+    pub(super) fn stopped(&self) -> bool {
+        self.inner.stopped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, StepRecord>> {
+        self.inner.steps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `step` (and, for a durable run, stores it before going on).
+    async fn note(&self, step: StepRecord) -> Result<(), Failure> {
+        self.lock().insert(step.path.clone(), step.clone());
+        if self.inner.durable {
+            let (store, id, path) = (
+                self.inner.platform.store(),
+                self.inner.run_id.clone(),
+                step.path.clone(),
+            );
+            let saved = blocking(move || store.save_step(&id, &step)).await;
+            if !matches!(saved, Ok(Ok(()))) {
+                tracing::error!(run_id = %self.inner.run_id, step = %path, error = ?saved, "a chain step could not be stored");
+                return Err(Failure::new(
+                    "sandbox_failure",
+                    &path,
+                    "the step could not be stored; the run stopped here",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What a step already known says, if it has ended; a step started by an earlier process
+    /// and never ended takes its task's end if that was stored, else ends `interrupted`.
+    async fn remembered(&self, path: &str) -> Option<Result<Value, Failure>> {
+        let known = self.lock().get(path).cloned()?;
+        if known.status.is_terminal() {
+            return Some(outcome(&known));
+        }
+        let stored = match &known.task_id {
+            Some(id) => {
+                let (store, id) = (self.inner.platform.store(), id.clone());
+                blocking(move || store.task(None, &id))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten()
+            }
+            None => None,
+        };
+        let mut ended = known;
+        match stored.filter(|t| t.status.is_terminal()) {
+            Some(task) => {
+                ended.status = task.status;
+                ended.output = task.result.clone();
+                ended.error = task.error.as_ref().map(|e| failure_of(path, e));
+                ended.usage = task.usage.clone();
+                ended.finished_at = task.finished_at;
+            }
+            None => {
+                ended.status = TaskStatus::Failed;
+                ended.error = Some(Failure::new(
+                    ErrorKind::Interrupted.as_str(),
+                    path,
+                    "the server stopped while this step ran; it was not run again",
+                ));
+                ended.finished_at = Some(self.inner.platform.inner.config.clock.now_ms());
+            }
+        }
+        if let Err(f) = self.note(ended.clone()).await {
+            return Some(Err(f));
+        }
+        Some(outcome(&ended))
+    }
+
+    async fn step(&self, path: String, target: Target, input: Value) -> Result<Value, Failure> {
+        if let Some(known) = self.remembered(&path).await {
+            return known;
+        }
+        let platform = &self.inner.platform;
+        if platform.stopping() {
+            self.inner
+                .stopped
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(Failure::new(
+                "interrupted",
+                &path,
+                "the server is stopping; the run resumes at its next start",
+            ));
+        }
+        let now = platform.inner.config.clock.now_ms();
+        let mut record = StepRecord {
+            path: path.clone(),
+            function: target.to_string(),
+            task_id: None,
+            status: TaskStatus::Failed,
+            output: None,
+            error: None,
+            usage: None,
+            started_at: now,
+            finished_at: Some(now),
+        };
+        let cap = platform.max_value_bytes();
+        let size = json_size(&input);
+        if size > cap {
+            record.error = Some(Failure::new(
+                "input_too_large",
+                &path,
+                format!("the input of step {path} is {size} bytes, over the {cap} byte cap"),
+            ));
+            self.note(record.clone()).await?;
+            return outcome(&record);
+        }
+        let name = target.to_string();
+        let found = platform.runnable(&self.inner.caller, &name, None).await;
+        let (function, version) = match found {
+            Ok(found) => found,
+            Err(e) => {
+                let why = match e {
+                    PlatformError::NotFound(_) => format!("function {name:?} no longer exists"),
+                    PlatformError::Inactive(_) => format!("function {name:?} is deactivated"),
+                    other => other.to_string(),
+                };
+                record.error = Some(Failure::new(
+                    ErrorKind::FunctionUnavailable.as_str(),
+                    &path,
+                    why,
+                ));
+                self.note(record.clone()).await?;
+                return outcome(&record);
+            }
+        };
+        let mut task = Task::queued(&function, version.version, self.inner.mode, input);
+        task.status = TaskStatus::Running;
+        task.attempts = 1;
+        task.started_at = Some(task.created_at);
+        task.chain_run = Some(self.inner.run_id.clone());
+        record.task_id = Some(task.task_id.clone());
+        record.status = TaskStatus::Running;
+        record.finished_at = None;
+        if self.inner.durable {
+            self.note(record.clone()).await?;
+        }
+        let sync = self.inner.mode == Mode::Sync;
+        let (completion, _throttled) =
+            run_call(&platform.inner.pool, &function, &version, &task, sync).await;
+        let at = platform.inner.config.clock.now_ms();
+        let ended = ended_record(record, &completion, at);
+        let _ = platform
+            .inner
+            .recorder
+            .write_behind(Write::Finished {
+                task: Box::new(task),
+                completion,
+                at,
+            })
+            .await;
+        self.note(ended.clone()).await?;
+        outcome(&ended)
+    }
+}
+
+impl Steps for Exec {
+    fn call<'a>(
+        &'a self,
+        path: String,
+        target: &'a Target,
+        input: Value,
+    ) -> BoxFuture<'a, Result<Value, Failure>> {
+        let (this, target) = (self.clone(), target.clone());
+        Box::pin(async move {
+            // A task of its own: a run's timeout (which drops the walk) does not cut a call
+            // short, and the call is still recorded. A durable run's calls are waited for by a
+            // graceful stop, as the queue's are.
+            let spawned = tokio::spawn(async move {
+                let _running = this
+                    .inner
+                    .durable
+                    .then(|| Running::enter(&this.inner.platform.inner.queue_running));
+                this.step(path.clone(), target, input).await
+            });
+            spawned.await.unwrap_or_else(|e| {
+                Err(Failure::new(
+                    "sandbox_failure",
+                    "",
+                    format!("the step's task failed: {e}"),
+                ))
+            })
+        })
+    }
+}
+
+fn failure_of(path: &str, e: &crate::model::TaskError) -> Failure {
+    Failure {
+        kind: e.kind.as_str().to_string(),
+        message: e.message.clone(),
+        step: path.to_string(),
+        error: serde_json::to_value(e).ok(),
+    }
+}
+
+fn ended_record(mut record: StepRecord, c: &Completion, at: i64) -> StepRecord {
+    record.status = c.status;
+    record.output = c.result.clone();
+    record.error = c.error.as_ref().map(|e| failure_of(&record.path, e));
+    record.usage = c.usage.clone();
+    record.finished_at = Some(at);
+    record
+}
+
+/// A step's end as the walk takes it.
+fn outcome(step: &StepRecord) -> Result<Value, Failure> {
+    match (step.status, &step.error) {
+        (TaskStatus::Succeeded, _) => Ok(step.output.clone().unwrap_or(Value::Null)),
+        (_, Some(f)) => Err(f.clone()),
+        (status, None) => Err(Failure::new(
+            status.as_str(),
+            &step.path,
+            format!("the step ended {}", status.as_str()),
+        )),
+    }
+}

@@ -1,0 +1,436 @@
+//! Chains end to end: a real server, real sandboxes, real SQLite. Sequences, data passed on
+//! exactly, parallel and map joins, choice, retry then catch, a step's and a run's timeout, a
+//! function deleted under a chain, tenancy and validation at deploy, async runs at the task
+//! status route, and a `kill -9` in the middle of a long async run.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{get, post_json, request, trial, Server};
+use libtest_mimic::Arguments;
+use serde_json::{json, Value};
+
+const ECHO: &str = "def handler(event):\n    return event\n";
+const INC: &str = "def handler(event):\n    return {'n': event['n'] + 1, 'trail': event.get('trail', []) + [event['n']]}\n";
+const DOUBLE: &str = "def handler(event):\n    return event * 2\n";
+const FAIL: &str = "def handler(event):\n    raise ValueError('no good: ' + str(event))\n";
+/// Fails on the first call in its sandbox, succeeds after (one sandbox: max_instances 1).
+const FLAKY: &str = "calls = [0]\ndef handler(event):\n    calls[0] += 1\n    if calls[0] == 1:\n        raise RuntimeError('first call fails')\n    return {'attempt': calls[0]}\n";
+const SLEEPY: &str = "import time\ndef handler(event):\n    time.sleep(event.get('sleep', 0.6) if isinstance(event, dict) else 0.6)\n    return event\n";
+const SLOW_INC: &str =
+    "import time\ndef handler(event):\n    time.sleep(0.5)\n    return event + 1\n";
+
+fn deploy_ok(s: &Server, t: &str, name: &str, code: &str, query: &str) {
+    let r = request(
+        "POST",
+        &format!("{}/api/functions/deploy?name={name}{query}", s.url),
+        Some(t),
+        Some(("application/zip", common::zip(&[("main.py", code)]))),
+    );
+    assert!(r.status == 201 || r.status == 200, "deploy {name}: {r:?}");
+}
+
+fn chain(s: &Server, t: &str, def: Value) -> common::Reply {
+    post_json(s, "/api/chains", t, &def)
+}
+
+fn chain_ok(s: &Server, t: &str, def: Value) {
+    let r = chain(s, t, def.clone());
+    assert_eq!(r.status, 201, "{def}: {r:?}");
+}
+
+fn invoke(s: &Server, t: &str, name: &str, input: Value) -> Value {
+    let r = post_json(s, &format!("/api/chains/{name}/invoke"), t, &input);
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body
+}
+
+fn wait_run(s: &Server, t: &str, run: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = get(s, &format!("/api/functions/{run}/status"), t);
+        if r.status == 200 && !matches!(r.body["status"].as_str(), Some("queued" | "running")) {
+            return r.body;
+        }
+        assert!(Instant::now() < deadline, "run {run} did not end: {r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn step_paths(run: &Value) -> Vec<String> {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["path"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn with_server(tag: &str, test: impl FnOnce(&Server, &str)) {
+    let s = Server::start(tag);
+    let t = s.token("acme", false);
+    test(&s, &t);
+    s.stop();
+    s.remove_files();
+}
+
+fn sequence_passes_data_exactly() {
+    with_server("seq", |s, t| {
+        deploy_ok(s, t, "inc", INC, "");
+        deploy_ok(s, t, "echo", ECHO, "");
+        chain_ok(
+            s,
+            t,
+            json!({"name": "three", "steps": ["inc", "inc", "inc"]}),
+        );
+        let run = invoke(s, t, "three", json!({"n": 1}));
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["output"], json!({"n": 4, "trail": [1, 2, 3]}));
+        assert_eq!(step_paths(&run), ["/steps/0", "/steps/1", "/steps/2"]);
+        // Every step is an ordinary task of its function, in its history, with the run's id.
+        let run_id = run["run_id"].as_str().unwrap();
+        for step in run["steps"].as_array().unwrap() {
+            assert_eq!(step["status"], "succeeded");
+            assert!(step["usage"]["duration_ms"].as_f64().unwrap() > 0.0);
+            let task = get(
+                s,
+                &format!("/api/tasks/{}", step["task_id"].as_str().unwrap()),
+                t,
+            );
+            assert_eq!(task.status, 200, "{task:?}");
+            assert_eq!(task.body["chain_run"], run_id);
+            assert_eq!(task.body["result"], step["output"]);
+        }
+        let history = get(s, "/api/functions/inc/tasks?limit=10", t);
+        let in_run = history.body["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|task| task["chain_run"] == run_id)
+            .count();
+        assert_eq!(in_run, 3);
+
+        // Unchanged through three steps: nesting, unicode, big and small numbers, nulls.
+        chain_ok(
+            s,
+            t,
+            json!({"name": "echoes", "steps": ["echo", "echo", "echo"]}),
+        );
+        let data = json!({"a": [1, 2.5, -3e-7, 9007199254740991u64, null, true], "s": "héllo ☃ \u{1F600}", "o": {"x": {"y": []}}});
+        let run = invoke(s, t, "echoes", data.clone());
+        assert_eq!(run["output"], data);
+        // The run reads the same afterwards, at every route that shows it.
+        let again = get(s, &format!("/api/chains/runs/{run_id}"), t);
+        assert_eq!(again.body["output"], json!({"n": 4, "trail": [1, 2, 3]}));
+        let listed = get(s, "/api/chains/three/runs", t);
+        assert_eq!(listed.body["runs"][0]["run_id"], run_id);
+    });
+}
+
+fn parallel_map_and_choice() {
+    with_server("par", |s, t| {
+        deploy_ok(s, t, "echo", ECHO, "");
+        deploy_ok(s, t, "double", DOUBLE, "&max_instances=8");
+        chain_ok(
+            s,
+            t,
+            json!({"name": "fan", "steps": [{"parallel": [["double"], ["double", "double"], ["echo"]]}]}),
+        );
+        let run = invoke(s, t, "fan", json!(3));
+        assert_eq!(run["output"], json!([6, 12, 3]), "{run}");
+
+        chain_ok(
+            s,
+            t,
+            json!({"name": "squares", "steps": [{"map": "double", "items": "/xs", "concurrency": 4}]}),
+        );
+        let xs: Vec<i64> = (0..40).collect();
+        let run = invoke(s, t, "squares", json!({"xs": xs}));
+        let want: Vec<i64> = xs.iter().map(|x| x * 2).collect();
+        assert_eq!(run["output"], json!(want), "results in element order");
+        assert_eq!(run["steps"].as_array().unwrap().len(), 40);
+        // Not an array where the map looks: a clear error at the step.
+        let bad = invoke(s, t, "squares", json!({"xs": 5}));
+        assert_eq!(bad["status"], "failed");
+        assert_eq!(bad["error"]["kind"], "bad_input");
+        assert_eq!(bad["error"]["step"], "/steps/0");
+
+        chain_ok(
+            s,
+            t,
+            json!({"name": "route", "steps": [{"choice": [
+            {"pointer": "/size", "greater_than": 100, "then": [{"function": "double", "catch": "echo"}]},
+            {"pointer": "/kind", "equals": "x", "then": ["echo"]}
+        ], "default": [{"parallel": [["echo"], ["echo"]]}]}]}),
+        );
+        let big = invoke(s, t, "route", json!({"size": 500}));
+        assert_eq!(step_paths(&big)[0], "/steps/0/choice/0/then/0");
+        // double({"size":..}) raises (dict * 2), the catch hands the error on.
+        assert_eq!(big["output"]["error"]["kind"], "raised", "{big}");
+        let x = invoke(s, t, "route", json!({"size": 1, "kind": "x"}));
+        assert_eq!(x["output"], json!({"size": 1, "kind": "x"}));
+        assert_eq!(step_paths(&x), ["/steps/0/choice/1/then/0"]);
+        let other = invoke(s, t, "route", json!({"size": 1}));
+        assert_eq!(other["output"], json!([{"size": 1}, {"size": 1}]));
+    });
+}
+
+fn retry_catch_and_timeouts() {
+    with_server("retry", |s, t| {
+        deploy_ok(s, t, "flaky", FLAKY, "&max_instances=1");
+        deploy_ok(s, t, "fail", FAIL, "");
+        deploy_ok(s, t, "echo", ECHO, "");
+        deploy_ok(s, t, "sleepy", SLEEPY, "&timeout=1");
+        chain_ok(
+            s,
+            t,
+            json!({"name": "again", "steps": [{"function": "flaky", "retry": {"attempts": 3, "backoff_ms": 10, "on": ["raised"]}}]}),
+        );
+        let run = invoke(s, t, "again", json!({}));
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["output"], json!({"attempt": 2}));
+        assert_eq!(step_paths(&run), ["/steps/0", "/steps/0@2"]);
+        assert_eq!(run["steps"][0]["error"]["kind"], "raised");
+
+        chain_ok(
+            s,
+            t,
+            json!({"name": "caught", "steps": [
+                {"function": "fail", "retry": {"attempts": 2, "backoff_ms": 1}, "catch": ["echo"]},
+                "echo"
+            ]}),
+        );
+        let run = invoke(s, t, "caught", json!({"v": 1}));
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["output"]["error"]["kind"], "raised");
+        assert_eq!(run["output"]["error"]["step"], "/steps/0@2");
+        assert_eq!(run["output"]["error"]["error"]["type"], "ValueError");
+        assert_eq!(run["output"]["input"], json!({"v": 1}));
+        assert_eq!(
+            step_paths(&run),
+            ["/steps/0", "/steps/0@2", "/steps/0/catch/0", "/steps/1"]
+        );
+
+        // A step past its function's timeout fails the run there.
+        chain_ok(
+            s,
+            t,
+            json!({"name": "stuck", "steps": ["echo", "sleepy", "echo"]}),
+        );
+        let run = invoke(s, t, "stuck", json!({"sleep": 3}));
+        assert_eq!(run["status"], "failed", "{run}");
+        assert_eq!(run["error"]["kind"], "timeout");
+        assert_eq!(run["error"]["step"], "/steps/1");
+        assert_eq!(run["steps"][1]["status"], "timeout");
+        assert_eq!(run["steps"].as_array().unwrap().len(), 2);
+
+        // The whole run's timeout.
+        chain_ok(
+            s,
+            t,
+            json!({"name": "bounded", "timeout_ms": 800, "steps": ["sleepy", "sleepy", "sleepy"]}),
+        );
+        let started = Instant::now();
+        let run = invoke(s, t, "bounded", json!({"sleep": 0.5}));
+        assert_eq!(run["status"], "timeout", "{run}");
+        assert_eq!(run["error"]["kind"], "run_timeout");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    });
+}
+
+fn deploy_checks_and_unavailable_functions() {
+    with_server("checks", |s, t| {
+        deploy_ok(s, t, "echo", ECHO, "");
+        deploy_ok(s, t, "victim", ECHO, "");
+        let other = s.token("globex", false);
+        deploy_ok(s, &other, "theirs", ECHO, "");
+
+        let refused = |def: Value, path: &str| {
+            let r = chain(s, t, def.clone());
+            assert_eq!(r.status, 400, "{def}: {r:?}");
+            let message = r.body["error"]["message"].as_str().unwrap().to_string();
+            assert!(message.contains(path), "{def}: {message} lacks {path}");
+        };
+        // Another tenant's function does not exist for this tenant.
+        refused(
+            json!({"name": "steal", "steps": ["echo", "theirs"]}),
+            "/steps/1",
+        );
+        refused(json!({"name": "v", "steps": ["echo@9"]}), "/steps/0");
+        refused(
+            json!({"name": "p", "steps": [{"choice": [{"pointer": "no-slash", "equals": 1, "then": "echo"}]}]}),
+            "/steps/0/choice/0/pointer",
+        );
+        let mut deep = json!("echo");
+        for _ in 0..12 {
+            deep = json!({"sequence": [deep]});
+        }
+        refused(
+            json!({"name": "deep", "steps": [deep]}),
+            "/steps/0/sequence/0",
+        );
+        chain_ok(s, t, json!({"name": "a", "steps": ["echo"]}));
+        chain_ok(s, t, json!({"name": "b", "steps": [{"chain": "a"}]}));
+        // Redeploying a so that it names b closes a cycle.
+        refused(
+            json!({"name": "a", "steps": [{"chain": "b"}]}),
+            "/steps/0/chain",
+        );
+        refused(json!({"name": "Bad Name", "steps": ["echo"]}), "chain name");
+        // The other tenant neither sees nor runs this tenant's chains.
+        assert_eq!(
+            post_json(s, "/api/chains/a/invoke", &other, &json!({})).status,
+            404
+        );
+        assert_eq!(get(s, "/api/chains", &other).body["chains"], json!([]));
+        // A chain naming a chain runs it inline.
+        let run = invoke(s, t, "b", json!({"k": 1}));
+        assert_eq!(run["output"], json!({"k": 1}));
+        assert_eq!(step_paths(&run), ["/steps/0/sequence/0"]);
+
+        chain_ok(
+            s,
+            t,
+            json!({"name": "doomed", "steps": ["echo", "victim", "echo"]}),
+        );
+        let r = request(
+            "DELETE",
+            &format!("{}/api/functions/victim", s.url),
+            Some(t),
+            None,
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        let run = invoke(s, t, "doomed", json!({}));
+        assert_eq!(run["status"], "failed");
+        assert_eq!(run["error"]["kind"], "function_unavailable");
+        assert_eq!(run["error"]["step"], "/steps/1");
+        assert!(run["error"]["message"].as_str().unwrap().contains("victim"));
+
+        let r = request(
+            "DELETE",
+            &format!("{}/api/chains/doomed", s.url),
+            Some(t),
+            None,
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(get(s, "/api/chains/doomed", t).status, 404);
+        // Its run stays readable.
+        let id = run["run_id"].as_str().unwrap();
+        assert_eq!(
+            get(s, &format!("/api/tasks/{id}"), t).body["status"],
+            "failed"
+        );
+    });
+}
+
+fn async_runs_survive_kill_9() {
+    let dir = std::env::temp_dir().join(format!("cloudfunc-chains-kill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut s = Server::start_in(&dir, "chkill", 0, &[]);
+    let t = s.token("acme", false);
+    deploy_ok(&s, &t, "slow_inc", SLOW_INC, "");
+    let step = json!({"function": "slow_inc", "retry": {"attempts": 2, "on": ["interrupted"]}});
+    chain_ok(&s, &t, json!({"name": "long", "steps": vec![step; 8]}));
+    let r = post_json(&s, "/api/chains/long/run", &t, &json!(0));
+    assert_eq!(r.status, 202, "{r:?}");
+    let run_id = r.body["run_id"].as_str().unwrap().to_string();
+    // Until three steps have ended, then the crash.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let run = get(&s, &format!("/api/chains/runs/{run_id}"), &t).body;
+        let done = run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["status"] == "succeeded")
+            .count();
+        if done >= 3 {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "{run}");
+        std::thread::sleep(Duration::from_millis(30));
+    };
+    s.kill9();
+    let s = Server::start_in(&dir, "chkill", 0, &[]);
+    let run = wait_run(&s, &t, &run_id, Duration::from_secs(90));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], json!(8));
+    // Steps that had ended are the same calls, not run again.
+    for old in before["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "succeeded")
+    {
+        let now = run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["path"] == old["path"])
+            .unwrap();
+        assert_eq!(now["task_id"], old["task_id"], "{}", old["path"]);
+    }
+    // Exactly one succeeded call per step of the chain, across both processes.
+    let succeeded: Vec<&Value> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "succeeded")
+        .collect();
+    assert_eq!(succeeded.len(), 8, "{run}");
+    let history = get(&s, "/api/functions/slow_inc/tasks?limit=100", &t);
+    let ran = history.body["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|task| task["chain_run"] == run_id.as_str() && task["status"] == "succeeded")
+        .count();
+    assert_eq!(ran, 8, "no step ran twice");
+    // A step cut by the crash, if there was one, is reported and retried.
+    for step in run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] != "succeeded")
+    {
+        assert_eq!(step["error"]["kind"], "interrupted", "{step}");
+    }
+    s.stop();
+    s.remove_files();
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: Vec<(&str, fn())> = vec![
+        (
+            "a_sequence_passes_data_on_exactly",
+            sequence_passes_data_exactly,
+        ),
+        ("parallel_map_and_choice", parallel_map_and_choice),
+        ("retry_then_catch_and_timeouts", retry_catch_and_timeouts),
+        (
+            "deploy_checks_and_unavailable_functions",
+            deploy_checks_and_unavailable_functions,
+        ),
+        ("async_runs_survive_kill_9", async_runs_survive_kill_9),
+    ];
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root (sandboxes need it)".to_string())
+    } else if !Path::new("/usr/bin/python3").exists() {
+        Some("/usr/bin/python3 is not installed".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = &why {
+        println!("SKIPPED {} chain tests: {why}", tests.len());
+    }
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| trial(name, f, why.is_some()))
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
