@@ -56,6 +56,12 @@ pub struct Version {
     /// Calls at once; past it sync calls queue briefly, then get 429.
     #[serde(default = "default_max_instances")]
     pub max_instances: u32,
+    /// Where an async run's result goes when it succeeds (a function, or `chain:NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_success: Option<String>,
+    /// Where an async run's error record goes when it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<String>,
     /// Where the code lives on disk (not shown to clients).
     #[serde(skip)]
     pub code_dir: String,

@@ -325,6 +325,95 @@ fn deploy_checks_and_unavailable_functions() {
     });
 }
 
+fn destinations_receive_async_results() {
+    with_server("dest", |s, t| {
+        deploy_ok(s, t, "sink", ECHO, "");
+        deploy_ok(s, t, "echo", ECHO, "");
+        chain_ok(s, t, json!({"name": "report", "steps": ["echo"]}));
+        // Destinations must exist, and not be the function itself.
+        for (query, what) in [
+            ("&on_success=nowhere", "nowhere"),
+            ("&on_failure=chain:absent", "absent"),
+            ("&on_success=src", "itself"),
+        ] {
+            let r = request(
+                "POST",
+                &format!("{}/api/functions/deploy?name=src{query}", s.url),
+                Some(t),
+                Some(("application/zip", common::zip(&[("main.py", INC)]))),
+            );
+            assert_eq!(r.status, 400, "{query}: {r:?}");
+            assert!(
+                r.body["error"]["message"].as_str().unwrap().contains(what),
+                "{r:?}"
+            );
+        }
+        deploy_ok(s, t, "src", INC, "&on_success=sink&on_failure=chain:report");
+
+        let ok = post_json(s, "/api/functions/src/run", t, &json!({"n": 1}));
+        assert_eq!(ok.status, 202);
+        let ok_id = ok.body["task_id"].as_str().unwrap().to_string();
+        let bad = post_json(s, "/api/functions/src/run", t, &json!({"no_n": 1}));
+        let bad_id = bad.body["task_id"].as_str().unwrap().to_string();
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let received = loop {
+            let tasks = get(s, "/api/functions/sink/tasks", t).body["tasks"].clone();
+            let hit = tasks
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|task| {
+                    task["payload"]["source"]["task_id"] == ok_id.as_str()
+                        && task["status"] == "succeeded"
+                })
+                .cloned();
+            if let Some(hit) = hit {
+                break hit;
+            }
+            assert!(Instant::now() < deadline, "{tasks}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(received["payload"]["result"], json!({"n": 2, "trail": [1]}));
+        assert_eq!(received["payload"]["payload"], json!({"n": 1}));
+        assert_eq!(received["payload"]["source"]["status"], "succeeded");
+
+        let failed = loop {
+            let runs = get(s, "/api/chains/report/runs", t).body["runs"].clone();
+            let hit = runs
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| {
+                    r["input"]["source"]["task_id"] == bad_id.as_str() && r["status"] == "succeeded"
+                })
+                .cloned();
+            if let Some(hit) = hit {
+                break hit;
+            }
+            assert!(Instant::now() < deadline, "{runs}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(failed["output"]["error"]["kind"], "raised");
+        assert_eq!(failed["output"]["error"]["type"], "KeyError");
+        // A sync call goes to no destination.
+        let before = get(s, "/api/functions/sink/tasks", t).body["tasks"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert_eq!(
+            post_json(s, "/api/functions/src/invoke", t, &json!({"n": 5})).status,
+            200
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let after = get(s, "/api/functions/sink/tasks", t).body["tasks"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert_eq!(before, after);
+    });
+}
+
 fn async_runs_survive_kill_9() {
     let dir = std::env::temp_dir().join(format!("cloudfunc-chains-kill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -415,6 +504,10 @@ fn main() {
         (
             "deploy_checks_and_unavailable_functions",
             deploy_checks_and_unavailable_functions,
+        ),
+        (
+            "destinations_receive_async_results",
+            destinations_receive_async_results,
         ),
         ("async_runs_survive_kill_9", async_runs_survive_kill_9),
     ];

@@ -101,7 +101,9 @@ pub fn settings_properties() -> Value {
         "isolation": {"type": "string", "enum": ["container", "gvisor"]},
         "keep_warm": {"type": "integer", "description": "seconds"},
         "min_instances": {"type": "integer"},
-        "max_instances": {"type": "integer"}
+        "max_instances": {"type": "integer"},
+        "on_success": {"type": "string", "description": "where an async run's result goes: a function, or chain:NAME (empty: nowhere)"},
+        "on_failure": {"type": "string", "description": "where an async run's error record goes: a function, or chain:NAME"}
     })
 }
 

@@ -181,6 +181,8 @@ impl Platform {
         let version = merged
             .resolve(new.number, &code_path, &config.bounds, self.engines())
             .map_err(cleanup)?;
+        super::destinations::check(self.inner.store.as_ref(), new.tenant, new.name, &version)
+            .map_err(cleanup)?;
         if fresh_code {
             self.precompile(&version, &code_path);
         }

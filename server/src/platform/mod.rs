@@ -14,6 +14,7 @@ mod catalog;
 mod chain_steps;
 mod chains;
 mod deploy;
+mod destinations;
 mod invoke;
 mod monitor;
 mod queue;

@@ -148,9 +148,9 @@ impl Platform {
                 .await??
             }
         };
-        let (completion, refused) = match (function, version) {
+        let (completion, refused) = match (function, &version) {
             (Some(function), Some(version)) if function.active => {
-                run(&self.inner.pool, &function, &version, task, false).await
+                run(&self.inner.pool, &function, version, task, false).await
             }
             (_, version) => {
                 let why = if version.is_some() {
@@ -161,7 +161,13 @@ impl Platform {
                 (failed(ErrorKind::FunctionUnavailable, why), None)
             }
         };
+        // The end is queued to the recorder before the destination's task, whose commit (which
+        // the submit waits for) therefore carries the end too.
+        let forwarded = version.as_ref().map(|_| completion.clone());
         self.end(&task.task_id, completion).await?;
+        if let (Some(version), Some(completion)) = (&version, forwarded) {
+            self.forward(task, version, &completion).await;
+        }
         match refused {
             Some(e) => Err(e),
             None => Ok(()),

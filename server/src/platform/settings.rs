@@ -153,6 +153,11 @@ settings! {
     min_instances: u32;
     /// Calls at once; past it sync calls queue briefly, then get 429.
     max_instances: u32;
+    /// Where an async run's result goes when it succeeds: a function of the same tenant, or
+    /// `chain:NAME` (empty: nowhere).
+    on_success: String;
+    /// Where an async run's error record goes when it fails (as `on_success`).
+    on_failure: String;
 }
 
 /// The server's defaults and bounds for settings a deploy leaves out or asks too much of.
@@ -297,7 +302,11 @@ impl Settings {
                 "instances: max_instances must be 1 to 1000, min_instances 0 to 100 and at most max_instances".into(),
             ));
         }
+        let on_success = destination(self.on_success, "on_success")?;
+        let on_failure = destination(self.on_failure, "on_failure")?;
         Ok(Version {
+            on_success,
+            on_failure,
             version: number,
             runtime,
             handler: self.handler,
@@ -313,6 +322,20 @@ impl Settings {
             code_dir: code_dir.to_string_lossy().into_owned(),
             created_at: now_ms(),
         })
+    }
+}
+
+/// A destination as given: a function's name or `chain:NAME`; empty means none.
+fn destination(given: Option<String>, key: &str) -> Result<Option<String>> {
+    let Some(d) = given.filter(|d| !d.is_empty()) else {
+        return Ok(None);
+    };
+    if crate::model::valid_name(d.strip_prefix("chain:").unwrap_or(&d)) {
+        Ok(Some(d))
+    } else {
+        Err(PlatformError::BadRequest(format!(
+            "{key} must name a function or chain:NAME, got {d:?}"
+        )))
     }
 }
 
@@ -407,6 +430,7 @@ mod tests {
             keep_warm: Some(9),
             min_instances: Some(1),
             max_instances: Some(3),
+            on_failure: Some("chain:report".into()),
             ..Settings::default()
         };
         let version = Version {
@@ -422,6 +446,8 @@ mod tests {
             keep_warm_s: 9,
             min_instances: 1,
             max_instances: 3,
+            on_success: None,
+            on_failure: Some("chain:report".into()),
             code_dir: "/code".into(),
             created_at: 1,
         };

@@ -21,6 +21,8 @@ pub(crate) fn version(n: u32) -> Version {
         keep_warm_s: 60,
         min_instances: 0,
         max_instances: 8,
+        on_success: None,
+        on_failure: None,
         code_dir: format!("/code/{n}"),
         created_at: now_ms(),
     }
