@@ -414,6 +414,73 @@ fn destinations_receive_async_results() {
     });
 }
 
+fn the_cli_deploys_a_chain_file_and_runs_it() {
+    with_server("cli", |s, t| {
+        deploy_ok(s, t, "inc", INC, "");
+        deploy_ok(s, t, "double", DOUBLE, "");
+        let dir = s.dir.join("pipeline");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("chain.toml"),
+            "name = \"pipeline\"\ntimeout_ms = 30000\nsteps = [\n  \"inc\",\n  { function = \"inc\", retry = { attempts = 2, on = [\"timeout\"] } },\n  { parallel = [[\"inc\"], [\"inc\", \"inc\"]] },\n]\n",
+        )
+        .unwrap();
+        let cli = |args: &[&str]| {
+            let out = s.cli("acme").args(args).output().unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        };
+        let (ok, text) = cli(&["chain", "deploy", dir.to_str().unwrap()]);
+        assert!(ok && text.contains("deployed chain pipeline"), "{text}");
+        let (ok, text) = cli(&["chain", "list"]);
+        assert!(
+            ok && text.contains("pipeline") && text.contains("3 steps"),
+            "{text}"
+        );
+        let (ok, text) = cli(&[
+            "--json",
+            "chain",
+            "invoke",
+            "pipeline",
+            "--data",
+            "{\"n\": 0}",
+        ]);
+        assert!(ok, "{text}");
+        let run: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(run["output"][1]["n"], 4, "{run}");
+        assert_eq!(run["output"][1]["trail"], json!([0, 1, 2, 3]));
+        let (ok, text) = cli(&["chain", "run", "pipeline", "--data", "{\"n\": 10}"]);
+        assert!(ok, "{text}");
+        let run_id = text.trim().to_string();
+        assert!(run_id.starts_with("run_"), "{text}");
+        wait_run(s, t, &run_id, Duration::from_secs(30));
+        let (ok, text) = cli(&["status", &run_id]);
+        assert!(
+            ok && text.contains("succeeded") && text.contains("/steps/2/parallel/1/1"),
+            "{text}"
+        );
+        let (ok, text) = cli(&["chain", "runs", "pipeline"]);
+        assert!(ok && text.contains(&run_id), "{text}");
+        // A JSON file by name, and a mistake reported with its step.
+        let bad = dir.join("bad.json");
+        std::fs::write(
+            &bad,
+            r#"{"name": "bad", "steps": ["inc", {"map": "nope"}]}"#,
+        )
+        .unwrap();
+        let (ok, text) = cli(&["chain", "deploy", bad.to_str().unwrap()]);
+        assert!(
+            !ok && text.contains("/steps/1") && text.contains("nope"),
+            "{text}"
+        );
+        let (ok, text) = cli(&["chain", "delete", "pipeline"]);
+        assert!(ok && text.contains("deleted"), "{text}");
+    });
+}
+
 fn async_runs_survive_kill_9() {
     let dir = std::env::temp_dir().join(format!("cloudfunc-chains-kill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -508,6 +575,10 @@ fn main() {
         (
             "destinations_receive_async_results",
             destinations_receive_async_results,
+        ),
+        (
+            "the_cli_deploys_a_chain_file_and_runs_it",
+            the_cli_deploys_a_chain_file_and_runs_it,
         ),
         ("async_runs_survive_kill_9", async_runs_survive_kill_9),
     ];

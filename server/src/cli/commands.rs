@@ -28,6 +28,7 @@ pub fn run(cli: &Cli) -> Result<bool> {
         Command::Deactivate { name } => set_active(&c, &out, name, false),
         Command::Delete { name } => delete(&c, &out, name),
         Command::Alerts(a) => super::alerts::run(&c, &out, a),
+        Command::Chain(a) => super::chains::run(&c, &out, a),
         Command::Serve(_) | Command::Token { .. } | Command::Run(_) => {
             bail!("not a client command")
         }
@@ -81,6 +82,10 @@ fn list(c: &Client, out: &Out) -> Result<bool> {
 }
 
 fn status(c: &Client, out: &Out, task: &str) -> Result<bool> {
+    if task.starts_with("run_") {
+        let run = super::chains::ChainCommand::Status { run: task.into() };
+        return super::chains::run(c, out, &run);
+    }
     let body = c.get(&format!("/api/tasks/{}", encode(task)))?.ok()?;
     out.print(body, render::task)?;
     Ok(true)

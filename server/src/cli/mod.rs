@@ -3,6 +3,7 @@
 //! talking to a server through [`client`] and printing through [`render`].
 
 mod alerts;
+mod chains;
 pub mod client;
 mod commands;
 mod deploy;
@@ -120,6 +121,9 @@ pub enum Command {
     /// Alert rules and notification subscriptions.
     #[command(subcommand)]
     Alerts(alerts::AlertsCommand),
+    /// Chains: functions run one after another (and in parallel, over lists, by condition).
+    #[command(subcommand)]
+    Chain(chains::ChainCommand),
 }
 
 /// Runs the command; `Ok(false)` when it ran but what it ran failed (exit code 1).
