@@ -4,6 +4,8 @@
 //! Every runner does the same whole cold start: create, send the init and one event, read the
 //! reply, tear down. Nothing is reused between runs.
 
+pub mod server;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

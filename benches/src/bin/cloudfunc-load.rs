@@ -11,100 +11,15 @@
 //! Without `--url` it starts `cloudfunc serve` from next to itself on a free loopback port, in
 //! a temporary directory, and stops it afterwards.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cloudfunc_benches::server::{spawn, Spawned};
 use cloudfunc_sandbox::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
 use cloudfunc_server::metrics::percentile;
-
-struct Spawned {
-    child: Child,
-    /// Removed when dropped, after the server is gone.
-    dir: tempfile::TempDir,
-    /// Its cgroup parent.
-    parent: String,
-}
-
-impl Drop for Spawned {
-    /// Stops the server as an operator would (SIGTERM: it settles its records, stops its
-    /// sandboxes and removes its cgroups); only one that hangs is killed, and then what it
-    /// leaves behind is removed here.
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            eprintln!("cloudfunc-load: the server did not stop within 30 s; killing it");
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            // The shims tear their containers down when the server goes; the parents stay.
-            std::thread::sleep(Duration::from_millis(500));
-            let parent = format!("/cloudfunc-load-{}", std::process::id());
-            if let Ok(cgroups) = CgroupFs::detect(Path::new(DEFAULT_CGROUP_ROOT)) {
-                for name in [parent.clone(), format!("{parent}-gvisor")] {
-                    for dir in cgroups.dirs(&name) {
-                        let _ = std::fs::remove_dir(dir);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Starts `cloudfunc serve` with `workers` queue workers.
-fn spawn_server(workers: usize) -> Result<(Spawned, String, String)> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("no directory")?.join("cloudfunc");
-    let dir = tempfile::Builder::new()
-        .prefix("cloudfunc-load-")
-        .tempdir()?;
-    let mut child = Command::new(&bin)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            &workers.to_string(),
-            "--concurrency",
-            "4",
-        ])
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--images-dir")
-        .arg(dir.path().join("images"))
-        .args([
-            "--cgroup-parent",
-            &format!("cloudfunc-load-{}", std::process::id()),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-    let url = line
-        .trim()
-        .strip_prefix("cloudfunc listening on ")
-        .context("the server did not start")?
-        .to_string();
-    let out = Command::new(&bin)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args(["--tenant", "load", "token"])
-        .output()?;
-    let token = String::from_utf8(out.stdout)?.trim().to_string();
-    let parent = format!("cloudfunc-load-{}", std::process::id());
-    Ok((Spawned { child, dir, parent }, url, token))
-}
 
 struct Outcome {
     ok: u64,
@@ -515,7 +430,11 @@ fn main() -> Result<()> {
     let (url, token) = match (url, token) {
         (Some(u), Some(t)) => (u, t),
         (None, None) => {
-            let (s, u, t) = spawn_server(queue_workers)?;
+            let workers = queue_workers.to_string();
+            let (s, u, t) = spawn(
+                "cloudfunc-load",
+                &["--workers", &workers, "--concurrency", "4"],
+            )?;
             spawned = Some(s);
             (u, t)
         }

@@ -181,7 +181,7 @@ impl Exec {
             return outcome(&record);
         }
         let name = target.to_string();
-        let found = platform.runnable(&self.inner.caller, &name, None).await;
+        let found = platform.lookup(&self.inner.caller, &name, None).await;
         let (function, version) = match found {
             Ok(found) => found,
             Err(e) => {

@@ -75,6 +75,23 @@ impl Platform {
         Some(Ok((function, version)))
     }
 
+    /// [`Platform::resolve`] from the catalog without leaving the async runtime when it
+    /// holds the answer (a blocking thread reads the store on a miss).
+    pub(super) async fn lookup(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+    ) -> Result<(Function, Version)> {
+        match self.resolve_held(caller, key, version) {
+            Some(found) => found,
+            None => {
+                let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
+                blocking(move || this.resolve(&caller, &key, version)).await?
+            }
+        }
+    }
+
     /// Runs a function now and returns its finished task. The task is stored once, when it
     /// has ended, behind the reply (reads settle the recorder first, so they still find it).
     pub async fn invoke(
@@ -122,13 +139,7 @@ impl Platform {
         payload: Value,
     ) -> Result<(Task, Completion, Option<PlatformError>)> {
         self.require_space()?;
-        let (function, version) = match self.resolve_held(caller, key, version) {
-            Some(found) => found?,
-            None => {
-                let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
-                blocking(move || this.resolve(&caller, &key, version)).await??
-            }
-        };
+        let (function, version) = self.lookup(caller, key, version).await?;
         let mut task = Task::queued(&function, version.version, Mode::Sync, payload);
         task.status = TaskStatus::Running;
         task.attempts = 1;
