@@ -8,6 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::browser::{self, artifacts, Browser};
 use common::{get, post_json, request, trial, Server};
 use libtest_mimic::Arguments;
 use serde_json::{json, Value};
@@ -481,6 +482,54 @@ fn the_cli_deploys_a_chain_file_and_runs_it() {
     });
 }
 
+fn the_dashboard_shows_runs_and_their_steps() {
+    with_server("dash", |s, t| {
+        deploy_ok(s, t, "inc", INC, "");
+        deploy_ok(s, t, "fail", FAIL, "");
+        chain_ok(
+            s,
+            t,
+            json!({"name": "shown", "steps": ["inc", {"parallel": [["inc"], ["inc"]]}]}),
+        );
+        chain_ok(s, t, json!({"name": "broken", "steps": ["inc", "fail"]}));
+        invoke(s, t, "shown", json!({"n": 1}));
+        invoke(s, t, "broken", json!({"n": 1}));
+        let b = Browser::start();
+        b.go(&format!("{}/?poll_ms=300", s.url));
+        b.wait_for("login form", "!document.getElementById('login').hidden");
+        b.type_into("#token", t);
+        b.click("#login-form button");
+        b.wait_for(
+            "chains on the overview",
+            "document.querySelectorAll('#chains tr.chain').length === 2",
+        );
+        b.js("location.hash = '#/chains/shown'; return null;");
+        b.wait_for(
+            "the run",
+            "document.querySelectorAll('#chain-runs tr.chain-run').length === 1",
+        );
+        b.wait_for(
+            "its three steps",
+            "document.querySelectorAll('#chain-runs tr.chain-step').length === 3",
+        );
+        b.wait_for(
+            "a parallel branch's step",
+            "document.getElementById('chain-runs').textContent.includes('/steps/1/parallel/1/0')",
+        );
+        b.wait_for(
+            "the definition",
+            "document.getElementById('chain-definition').textContent.includes('parallel')",
+        );
+        // A run started now appears on the next refresh.
+        let r = post_json(s, "/api/chains/shown/run", t, &json!({"n": 5}));
+        assert_eq!(r.status, 202);
+        b.wait_for("the async run", "[...document.querySelectorAll('#chain-runs tr.chain-run')].some((r) => r.textContent.includes('async') && r.textContent.includes('succeeded'))");
+        b.screenshot(&artifacts().join("chain.png"));
+        b.js("location.hash = '#/chains/broken'; return null;");
+        b.wait_for("the failed step", "document.querySelector('#chain-runs tr.chain-run .status-failed') && document.getElementById('chain-runs').textContent.includes('raised at /steps/1')");
+    });
+}
+
 fn async_runs_survive_kill_9() {
     let dir = std::env::temp_dir().join(format!("cloudfunc-chains-kill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -592,9 +641,18 @@ fn main() {
     if let Some(why) = &why {
         println!("SKIPPED {} chain tests: {why}", tests.len());
     }
-    let trials = tests
+    let mut trials: Vec<_> = tests
         .into_iter()
         .map(|(name, f)| trial(name, f, why.is_some()))
         .collect();
+    let no_browser = why.clone().or_else(browser::missing);
+    if let Some(missing) = &no_browser {
+        println!("SKIPPED the_dashboard_shows_runs_and_their_steps: {missing}");
+    }
+    trials.push(trial(
+        "the_dashboard_shows_runs_and_their_steps",
+        the_dashboard_shows_runs_and_their_steps,
+        no_browser.is_some(),
+    ));
     libtest_mimic::run(&args, trials).exit();
 }

@@ -1,4 +1,4 @@
-// cloudfunc's dashboard: a system overview and a page per function, drawn with Chart.js
+// cloudfunc's dashboard: a system overview, a page per function and per chain (chains.js), drawn with Chart.js
 // from the server's own API and refreshed every few seconds. No build step, no framework.
 "use strict";
 
@@ -242,16 +242,19 @@ async function overview(first) {
       el("table", { id: "anomalies" }),
       el("h2", {}, "Functions"),
       el("table", { id: "functions" }),
+      el("h2", {}, "Chains"),
+      el("table", { id: "chains" }),
     );
   }
-  const [m, health, list, anomalies, alerts] = await Promise.all([
+  const [m, health, list, anomalies, alerts, chains] = await Promise.all([
     api(`/api/system/metrics?${rangeQuery()}`),
     fetch("/api/system/health").then((r) => r.json()),
     api("/api/functions"),
     api(`/api/system/anomalies?${rangeQuery()}`),
     api("/api/alerts/rules"),
+    api("/api/chains"),
   ]);
-  state.last = { metrics: m, health, functions: list.functions, anomalies, alerts: alerts.rules };
+  state.last = { metrics: m, health, functions: list.functions, anomalies, alerts: alerts.rules, chains: chains.chains };
   state.health.push(health);
   if (state.health.length > HEALTH_SAMPLES) state.health.shift();
 
@@ -306,6 +309,7 @@ async function overview(first) {
       el("td", {}, new Date(f.updated_at).toLocaleString()),
     )),
   ]);
+  renderIf($("chains"), chains.chains, () => chainRows(chains.chains));
 }
 
 // Rebuilds `node`'s children only when `data` has changed, so that a poll never swaps out
@@ -418,14 +422,16 @@ async function toggle(name) {
 
 // ---- routing and the refresh loop ----
 function currentRoute() {
-  const m = location.hash.match(/^#\/functions\/([^/]+)$/);
-  return m ? { page: "function", name: decodeURIComponent(m[1]) } : { page: "overview" };
+  const m = location.hash.match(/^#\/(functions|chains)\/([^/]+)$/);
+  if (!m) return { page: "overview" };
+  return { page: m[1] === "chains" ? "chain" : "function", name: decodeURIComponent(m[2]) };
 }
 
 async function refresh(first) {
   const route = state.route;
   try {
     if (route.page === "function") await functionPage(route.name, first);
+    else if (route.page === "chain") await chainPage(route.name, first);
     else await overview(first);
     $("problem").hidden = true;
     $("live").classList.remove("stale");

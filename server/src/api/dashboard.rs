@@ -13,6 +13,7 @@ use super::ApiError;
 
 const INDEX: &str = include_str!("../../ui/index.html");
 const APP_JS: &str = include_str!("../../ui/app.js");
+const CHAINS_JS: &str = include_str!("../../ui/chains.js");
 const APP_CSS: &str = include_str!("../../ui/app.css");
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
@@ -69,6 +70,11 @@ pub fn routes() -> Vec<Route> {
             "/ui/app.js",
             |_| Box::pin(async { Ok(asset("text/javascript; charset=utf-8", APP_JS)) }),
             || op_text("The dashboard's script", "text/javascript", &[]),
+        ),
+        public(
+            "/ui/chains.js",
+            |_| Box::pin(async { Ok(asset("text/javascript; charset=utf-8", CHAINS_JS)) }),
+            || op_text("The dashboard's chain pages", "text/javascript", &[]),
         ),
         public(
             "/ui/app.css",
