@@ -602,6 +602,34 @@ fn async_runs_survive_kill_9() {
     {
         assert_eq!(step["error"]["kind"], "interrupted", "{step}");
     }
+
+    // A graceful stop lets the running step finish and leaves the rest to the next start:
+    // nothing is interrupted, nothing runs twice.
+    let plain = json!({"name": "long_plain", "steps": vec!["slow_inc"; 6]});
+    chain_ok(&s, &t, plain);
+    let r = post_json(&s, "/api/chains/long_plain/run", &t, &json!(100));
+    let run_id = r.body["run_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = |s: &Server| {
+        get(s, &format!("/api/chains/runs/{run_id}"), &t).body["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["status"] == "succeeded")
+            .count()
+    };
+    while done(&s) < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    s.stop();
+    drop(s);
+    let s = Server::start_in(&dir, "chkill", 0, &[]);
+    let run = wait_run(&s, &t, &run_id, Duration::from_secs(90));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], json!(106));
+    let want: Vec<String> = (0..6).map(|i| format!("/steps/{i}")).collect();
+    assert_eq!(step_paths(&run), want, "{run}");
     s.stop();
     s.remove_files();
     drop(s);
