@@ -75,10 +75,13 @@ impl Platform {
         };
         let payload = record(task, c);
         let sent = match target.strip_prefix("chain:") {
-            Some(chain) => self
-                .run_chain(&caller, chain, payload)
-                .await
-                .map(|r| r.run_id),
+            Some(chain) => {
+                // A run is stored beside the recorder: the source's end goes in first.
+                self.inner.recorder.settle().await;
+                self.run_chain(&caller, chain, payload)
+                    .await
+                    .map(|r| r.run_id)
+            }
             None => self
                 .submit(&caller, target, None, payload)
                 .await
