@@ -630,6 +630,36 @@ fn async_runs_survive_kill_9() {
     assert_eq!(run["output"], json!(106));
     let want: Vec<String> = (0..6).map(|i| format!("/steps/{i}")).collect();
     assert_eq!(step_paths(&run), want, "{run}");
+
+    // Without a step retry, a function's max_retries decides, as for a queued task: the step
+    // cut by the crash runs again, once, as its second attempt.
+    deploy_ok(&s, &t, "slow_again", SLOW_INC, "&max_retries=1");
+    chain_ok(
+        &s,
+        &t,
+        json!({"name": "long_again", "steps": vec!["slow_again"; 6]}),
+    );
+    let r = post_json(&s, "/api/chains/long_again/run", &t, &json!(0));
+    let run_id = r.body["run_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut s = s;
+    loop {
+        let run = get(&s, &format!("/api/chains/runs/{run_id}"), &t).body;
+        let steps = run["steps"].as_array().unwrap();
+        // Killed while the third step runs.
+        if steps.len() == 3 && steps[2]["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{run}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.kill9();
+    let s = Server::start_in(&dir, "chkill", 0, &[]);
+    let run = wait_run(&s, &t, &run_id, Duration::from_secs(90));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], json!(6));
+    assert_eq!(run["steps"][2]["attempts"], 2, "{run}");
+    assert_eq!(run["steps"][1]["attempts"], 1, "{run}");
     s.stop();
     s.remove_files();
     drop(s);

@@ -31,7 +31,9 @@ function runRows(runs) {
       el("td", { class: "num" }, r.duration_ms == null ? "" : fmtMs(r.duration_ms)),
       el("td", { class: "muted" }, outcome.slice(0, 160)),
     ));
-    for (const s of r.steps) {
+    // A map can have thousands of steps: the first ones, and how many more.
+    const SHOWN = 50;
+    for (const s of r.steps.slice(0, SHOWN)) {
       const ms = s.usage?.duration_ms;
       rows.push(el("tr", { class: "chain-step", "data-run": r.run_id },
         el("td", {}, el("code", {}, s.path)),
@@ -41,6 +43,10 @@ function runRows(runs) {
         el("td", { class: "num" }, ms == null ? "" : fmtMs(ms)),
         el("td", { class: "muted" }, (s.error ? `${s.error.kind}: ${s.error.message}` : JSON.stringify(s.output ?? null)).slice(0, 160)),
       ));
+    }
+    if (r.steps.length > SHOWN) {
+      rows.push(el("tr", { class: "chain-step" }, el("td", { colspan: "6", class: "muted" },
+        `… ${r.steps.length - SHOWN} more steps (GET /api/chains/runs/${r.run_id})`)));
     }
   }
   return rows;

@@ -16,6 +16,9 @@ use serde_json::{json, Value};
 
 use super::definition::{Kind, Retry, Step, Target};
 
+/// The most elements one map step runs over.
+pub const MAX_MAP_ELEMENTS: usize = 10_000;
+
 /// A boxed future (the walk is recursive).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -186,6 +189,16 @@ impl<'a> Walk<'a> {
                     concurrency,
                 } => {
                     let array = match items.as_deref().map_or(Some(&input), |p| input.pointer(p)) {
+                        Some(Value::Array(a)) if a.len() > MAX_MAP_ELEMENTS => {
+                            return Err(Failure::new(
+                                "bad_input",
+                                &path,
+                                format!(
+                                    "a map step takes at most {MAX_MAP_ELEMENTS} elements; this input has {}",
+                                    a.len()
+                                ),
+                            ))
+                        }
                         Some(Value::Array(a)) => a.clone(),
                         _ => {
                             return Err(Failure::new(

@@ -119,4 +119,12 @@ pub struct StepRecord {
     pub started_at: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<i64>,
+    /// Times its call was started: more than 1 when a crash interrupted it and its function's
+    /// `max_retries` let it run again, as the queue does with a task.
+    #[serde(default = "one")]
+    pub attempts: u32,
+}
+
+fn one() -> u32 {
+    1
 }

@@ -17,6 +17,14 @@ use crate::chains::{ChainRun, Failure, StepRecord, Steps, Target};
 use crate::model::{Completion, ErrorKind, Mode, Task, TaskStatus};
 use crate::store::Write;
 
+/// What an earlier process left of a step.
+enum Memory {
+    /// It ended: this is how.
+    Ended(Result<Value, Failure>),
+    /// It was cut short and may run again: as this attempt.
+    Again(u32),
+}
+
 /// Runs the calls of one chain run.
 #[derive(Debug, Clone)]
 pub(super) struct Exec {
@@ -100,11 +108,12 @@ impl Exec {
     }
 
     /// What a step already known says, if it has ended; a step started by an earlier process
-    /// and never ended takes its task's end if that was stored, else ends `interrupted`.
-    async fn remembered(&self, path: &str) -> Option<Result<Value, Failure>> {
+    /// and never ended takes its task's end if that was stored, else runs again if its
+    /// function's `max_retries` allows (as the queue does), else ends `interrupted`.
+    async fn remembered(&self, path: &str) -> Option<Memory> {
         let known = self.lock().get(path).cloned()?;
         if known.status.is_terminal() {
-            return Some(outcome(&known));
+            return Some(Memory::Ended(outcome(&known)));
         }
         let stored = match &known.task_id {
             Some(id) => {
@@ -127,6 +136,14 @@ impl Exec {
                 ended.finished_at = task.finished_at;
             }
             None => {
+                let platform = &self.inner.platform;
+                let retries = platform
+                    .lookup(&self.inner.caller, &ended.function, None)
+                    .await
+                    .map_or(0, |(_, v)| v.max_retries);
+                if ended.attempts <= retries {
+                    return Some(Memory::Again(ended.attempts + 1));
+                }
                 ended.status = TaskStatus::Failed;
                 ended.error = Some(Failure::new(
                     ErrorKind::Interrupted.as_str(),
@@ -137,15 +154,17 @@ impl Exec {
             }
         }
         if let Err(f) = self.note(ended.clone()).await {
-            return Some(Err(f));
+            return Some(Memory::Ended(Err(f)));
         }
-        Some(outcome(&ended))
+        Some(Memory::Ended(outcome(&ended)))
     }
 
     async fn step(&self, path: String, target: Target, input: Value) -> Result<Value, Failure> {
-        if let Some(known) = self.remembered(&path).await {
-            return known;
-        }
+        let attempts = match self.remembered(&path).await {
+            Some(Memory::Ended(known)) => return known,
+            Some(Memory::Again(n)) => n,
+            None => 1,
+        };
         let platform = &self.inner.platform;
         if platform.stopping() {
             self.inner
@@ -168,6 +187,7 @@ impl Exec {
             usage: None,
             started_at: now,
             finished_at: Some(now),
+            attempts,
         };
         let cap = platform.max_value_bytes();
         let size = json_size(&input);
@@ -201,7 +221,7 @@ impl Exec {
         };
         let mut task = Task::queued(&function, version.version, self.inner.mode, input);
         task.status = TaskStatus::Running;
-        task.attempts = 1;
+        task.attempts = attempts;
         task.started_at = Some(task.created_at);
         task.chain_run = Some(self.inner.run_id.clone());
         record.task_id = Some(task.task_id.clone());
