@@ -5,13 +5,15 @@
 # the HTTP load benchmark, and Chart.js for the dashboard (served from disk, never fetched by
 # the browser from elsewhere).
 # With --test, also what only the tests use: headless Chromium and its WebDriver for the
-# dashboard test, and the Prometheus project's Python client, whose parser reads /metrics.
+# dashboard test, the Prometheus project's Python client, whose parser reads /metrics, an SMTP
+# server for the email tests, and QEMU with two Debian kernels (downloaded and unpacked into
+# a cache, not installed) for the pure cgroup v2 VM (scripts/v2vm.sh).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 packages=(libseccomp-dev pkg-config make gcc libelf-dev zlib1g-dev python3 python3-venv nodejs runc crun runsc wrk ca-certificates curl libjs-chart.js)
 if [ "${1:-}" = "--test" ]; then
-  packages+=(chromium chromium-driver python3-prometheus-client python3-aiosmtpd)
+  packages+=(chromium chromium-driver python3-prometheus-client python3-aiosmtpd qemu-system-x86)
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -26,4 +28,9 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cloudfunc needs a Rust toolchain (cargo) of 1.85 or newer on PATH" >&2
   exit 1
+fi
+if [ "${1:-}" = "--test" ]; then
+  for kernel in stable newest; do
+    bash "$(dirname "$0")/v2vm.sh" --kernel "$kernel" --prepare
+  done
 fi

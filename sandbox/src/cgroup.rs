@@ -24,6 +24,17 @@ pub enum CgroupVersion {
     V2,
 }
 
+/// What a call's peak memory covers: the call alone (v1, whose high-water mark is reset
+/// before each call, and v2 on kernels whose `memory.peak` can be reset: 6.12 and later), or
+/// the sandbox's whole life so far (v2 on older kernels).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeakScope {
+    #[default]
+    Call,
+    Sandbox,
+}
+
 /// The controllers' locations on this host.
 #[derive(Debug, Clone)]
 pub struct CgroupFs {
@@ -54,8 +65,12 @@ pub struct CgroupSnapshot {
 pub trait UsageReader: Send + Sync + std::fmt::Debug {
     /// Current counters.
     fn snapshot(&self) -> io::Result<CgroupSnapshot>;
-    /// Starts a new peak-memory measurement, where the kernel allows it (v1).
+    /// Starts a new peak-memory measurement, where the kernel allows it.
     fn reset_peak(&self);
+    /// What the peak in the snapshots covers.
+    fn peak_scope(&self) -> PeakScope {
+        PeakScope::Call
+    }
 }
 
 impl CgroupFs {
@@ -149,6 +164,20 @@ impl CgroupFs {
         dirs
     }
 
+    /// Creates the cgroup at absolute `path` (and what is above it) where it is missing, in
+    /// every hierarchy; one that exists already, or that another creator makes meanwhile, is
+    /// fine.
+    pub fn create(&self, path: &str) -> io::Result<()> {
+        for dir in self.dirs(path) {
+            match fs::create_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Kills every process under the cgroup at absolute `path` and removes it with all its
     /// children. Only for our own parent: the caller passes `/<parent>/<id>` paths.
     pub fn remove_tree(&self, path: &str) -> io::Result<()> {
@@ -221,6 +250,10 @@ pub struct SandboxCgroup {
 #[derive(Debug)]
 struct Counters {
     files: Vec<fs::File>,
+    /// Whether the peak file can be reset (v1 always; v2 where `memory.peak` takes writes,
+    /// each resetting what later reads through the same open file report): cleared by the
+    /// first write the kernel refuses.
+    peak_resets: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -233,22 +266,42 @@ impl Counters {
                 .open(&path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
         };
-        let files = match cg.version {
-            CgroupVersion::V1 => vec![
-                open(&cg.cpu, "cpuacct.usage", false)?,
-                open(&cg.cpu, "cpuacct.usage_user", false)?,
-                open(&cg.cpu, "cpuacct.usage_sys", false)?,
-                open(&cg.memory, "memory.max_usage_in_bytes", true)?,
-                open(&cg.memory, "memory.oom_control", false)?,
-            ],
-            CgroupVersion::V2 => vec![
-                open(&cg.cpu, "cpu.stat", false)?,
-                open(&cg.memory, "memory.peak", false)
-                    .or_else(|_| open(&cg.memory, "memory.current", false))?,
-                open(&cg.memory, "memory.events", false)?,
-            ],
+        let (files, peak_resets) = match cg.version {
+            CgroupVersion::V1 => (
+                vec![
+                    open(&cg.cpu, "cpuacct.usage", false)?,
+                    open(&cg.cpu, "cpuacct.usage_user", false)?,
+                    open(&cg.cpu, "cpuacct.usage_sys", false)?,
+                    open(&cg.memory, "memory.max_usage_in_bytes", true)?,
+                    open(&cg.memory, "memory.oom_control", false)?,
+                ],
+                true,
+            ),
+            CgroupVersion::V2 => {
+                // Before 6.12 the kernel's memory.peak takes no writes: the file may not open
+                // for writing, or (as root) open and refuse the write.
+                let (peak, resets) = match open(&cg.memory, "memory.peak", true) {
+                    Ok(file) => (file, true),
+                    Err(_) => (
+                        open(&cg.memory, "memory.peak", false)
+                            .or_else(|_| open(&cg.memory, "memory.current", false))?,
+                        false,
+                    ),
+                };
+                (
+                    vec![
+                        open(&cg.cpu, "cpu.stat", false)?,
+                        peak,
+                        open(&cg.memory, "memory.events", false)?,
+                    ],
+                    resets,
+                )
+            }
         };
-        Ok(Counters { files })
+        Ok(Counters {
+            files,
+            peak_resets: std::sync::atomic::AtomicBool::new(peak_resets),
+        })
     }
 
     /// The whole text of counter file `i`, read from the start (the kernel writes it anew).
@@ -383,15 +436,43 @@ impl UsageReader for SandboxCgroup {
     }
 
     fn reset_peak(&self) {
-        if self.version == CgroupVersion::V1 {
-            // Writing 0 restarts the high-water mark; v2's memory.peak can only be reset per
-            // open file on recent kernels, so there the peak covers the sandbox's life.
-            // (Truncating is a no-op on the kernel's file; it keeps a fixture file exact.)
-            let _ = self.with_counters(|c| {
-                let peak = &c.files[3];
-                peak.set_len(0)?;
-                peak.write_at(b"0", 0).map(|_| ())
-            });
+        match self.version {
+            CgroupVersion::V1 => {
+                // Writing 0 restarts the high-water mark. (Truncating is a no-op on the
+                // kernel's file; it keeps a fixture file exact.)
+                let _ = self.with_counters(|c| {
+                    let peak = &c.files[3];
+                    peak.set_len(0)?;
+                    peak.write_at(b"0", 0).map(|_| ())
+                });
+            }
+            CgroupVersion::V2 => {
+                // Any write restarts the peak that reads through this open file report (the
+                // kernel keeps one per file); where it cannot, the peak is the sandbox's.
+                let _ = self.with_counters(|c| {
+                    use std::sync::atomic::Ordering;
+                    if c.peak_resets.load(Ordering::Relaxed)
+                        && c.files[1].write_at(b"reset\n", 0).is_err()
+                    {
+                        c.peak_resets.store(false, Ordering::Relaxed);
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
+
+    fn peak_scope(&self) -> PeakScope {
+        let resets = self
+            .counters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_none_or(|c| c.peak_resets.load(std::sync::atomic::Ordering::Relaxed));
+        if resets {
+            PeakScope::Call
+        } else {
+            PeakScope::Sandbox
         }
     }
 }

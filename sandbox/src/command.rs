@@ -99,6 +99,8 @@ impl Engine {
                 cpu_user: Duration::from_nanos(snap.cpu_user_ns),
                 cpu_system: Duration::from_nanos(snap.cpu_system_ns),
                 peak_memory_bytes: snap.memory_peak_bytes,
+                // A command's sandbox lives for the command alone.
+                peak_memory_scope: crate::cgroup::PeakScope::Call,
                 cold: true,
             },
         })

@@ -19,7 +19,7 @@ use cloudfunc_seccomp::{Dialect, Profile};
 use oci_spec::runtime::LinuxSeccomp;
 
 use crate::backend::{Backend, Container, Launch};
-use crate::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
+use crate::cgroup::{CgroupFs, CgroupVersion, DEFAULT_CGROUP_ROOT};
 use crate::error::{Error, Result};
 use crate::shim::CliRuntime;
 use crate::shim_backend::ShimBackend;
@@ -310,6 +310,13 @@ impl Engine {
             SeccompPolicy::DisabledUnsafe => None,
         };
         let sweep = sweep(&config, backend.as_ref(), &cgroups);
+        if cgroups.version() == CgroupVersion::V2 {
+            // On v2, libcontainer creates each missing component of a sandbox's cgroup path
+            // with a plain mkdir: two sandboxes created at once both find the parent missing,
+            // and the second fails. Made here once, it is never missing when they start.
+            let parent = format!("/{}", config.cgroup_parent);
+            cgroups.create(&parent).map_err(Error::Cgroup)?;
+        }
         Ok(Engine {
             inner: Arc::new(Inner {
                 config,

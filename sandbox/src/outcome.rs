@@ -80,8 +80,11 @@ pub struct Usage {
     /// The system part of it (tick-sampled by the kernel on cgroup v1).
     #[serde(with = "millis")]
     pub cpu_system: Duration,
-    /// Peak memory of the sandbox (v1: during the call; v2: over the sandbox's life).
+    /// Peak memory: during the call, or over the sandbox's life so far where the kernel
+    /// cannot reset it (v2 before 6.12); [`Usage::peak_memory_scope`] says which.
     pub peak_memory_bytes: u64,
+    /// What [`Usage::peak_memory_bytes`] covers.
+    pub peak_memory_scope: crate::cgroup::PeakScope,
     /// Whether this call started the sandbox.
     pub cold: bool,
 }

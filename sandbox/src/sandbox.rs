@@ -410,13 +410,14 @@ impl Sandbox {
             self.counters = after.as_ref().ok().copied();
         }
         let after = after.unwrap_or(before);
-        let usage = usage(
+        let mut usage = usage(
             &before,
             &after,
             duration,
             self.calls == 0,
             self.init_duration,
         );
+        usage.peak_memory_scope = self.cgroup.peak_scope();
         self.calls += 1;
         Invocation {
             outcome,
@@ -528,6 +529,7 @@ fn usage(
         cpu_user: Duration::from_nanos(after.cpu_user_ns.saturating_sub(before.cpu_user_ns)),
         cpu_system: Duration::from_nanos(after.cpu_system_ns.saturating_sub(before.cpu_system_ns)),
         peak_memory_bytes: after.memory_peak_bytes,
+        peak_memory_scope: crate::cgroup::PeakScope::Call,
         cold,
     }
 }

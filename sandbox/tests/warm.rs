@@ -34,6 +34,11 @@ pub fn cases() -> Vec<Case> {
         ));
     }
     cases.push(Case::new(
+        "python::peak_memory_is_per_call_where_the_kernel_can_reset_it",
+        needs(Runtime::Python),
+        peak_per_call,
+    ));
+    cases.push(Case::new(
         "python::hidden_children_are_gone_before_the_next_call",
         needs(Runtime::Python),
         hidden_children,
@@ -275,4 +280,52 @@ fn async_calls(runtime: Runtime) {
         call.outcome
     );
     assert!(!f.sandbox.is_alive());
+}
+
+/// The kernel's version as (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// A big call, then a small one in the same sandbox: where the peak can be reset (v1, and
+/// v2 from kernel 6.12) the small call reports its own small peak; elsewhere the record says
+/// the figure is the sandbox's, and it still holds the big call's.
+fn peak_per_call() {
+    use cloudfunc_sandbox::cgroup::{CgroupVersion, PeakScope};
+    let code = "def handler(event):\n    hog = bytearray(event['mib'] << 20)\n    for i in range(0, len(hog), 4096):\n        hog[i] = 1\n    return len(hog)\n";
+    let mut f = start(Runtime::Python, code);
+    let big = f.call(json!({"mib": 64}));
+    assert_eq!(result(&big.outcome), json!(64 << 20));
+    let small = f.call(json!({"mib": 1}));
+    assert_eq!(result(&small.outcome), json!(1 << 20));
+    let resettable = engine().cgroup_version() == CgroupVersion::V1 || kernel_version() >= (6, 12);
+    let (b, s) = (big.usage.peak_memory_bytes, small.usage.peak_memory_bytes);
+    assert!(b >= 64 * MIB, "big call's peak {b}");
+    let scope = if resettable {
+        PeakScope::Call
+    } else {
+        println!("this kernel cannot reset memory.peak: the peak is the sandbox's");
+        PeakScope::Sandbox
+    };
+    assert_eq!(small.usage.peak_memory_scope, scope);
+    if on_gvisor() {
+        // gVisor's kernel keeps the memory the big call freed, so even a reset peak starts
+        // from there.
+        assert!(s <= b + MIB, "{s} > {b}");
+    } else if resettable {
+        assert!(
+            s < b - 32 * MIB,
+            "the small call's peak {s} is not its own (big {b})"
+        );
+    } else {
+        assert!(
+            s >= b - MIB,
+            "the sandbox's peak {s} forgot the big call (big {b})"
+        );
+    }
 }

@@ -245,6 +245,11 @@ pub struct TaskUsage {
     pub init_duration_ms: f64,
     pub cpu_ms: f64,
     pub peak_memory_bytes: u64,
+    /// What the peak covers: `call`, or `sandbox` (its life so far) on cgroup v2 kernels
+    /// before 6.12, which cannot reset it between calls. Absent in records from before it
+    /// was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_scope: Option<cloudfunc_sandbox::cgroup::PeakScope>,
     pub cold: bool,
     /// How its sandbox came to be: `cold` (started for it), `prewarmed` (a pre-started
     /// sandbox bound to it) or `warm` (kept from an earlier call).

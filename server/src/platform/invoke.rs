@@ -386,6 +386,7 @@ fn completion_of(
         init_duration_ms: init.as_secs_f64() * 1000.0,
         cpu_ms: call.usage.cpu_time.as_secs_f64() * 1000.0,
         peak_memory_bytes: call.usage.peak_memory_bytes,
+        peak_memory_scope: Some(call.usage.peak_memory_scope),
         cold: start != Start::Warm,
         start: start.name().into(),
         backend: engine_name.to_string(),
