@@ -69,7 +69,16 @@ impl Server {
         let url = line
             .trim()
             .strip_prefix("cloudfunc listening on ")
-            .unwrap_or_else(|| panic!("server said {line:?}"))
+            .unwrap_or_else(|| {
+                // Why it did not start is in its log: the last lines go in the failure.
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let status = child.try_wait();
+                panic!(
+                    "server said {line:?} (exit: {status:?}); its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
             .to_string();
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
         Server {
