@@ -95,6 +95,20 @@ pub struct ServeConfig {
     /// The API's address.
     #[arg(long, env = "CLOUDFUNC_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
+    /// Serve HTTPS with this certificate chain (PEM; with --tls-key). Read again on SIGHUP.
+    #[arg(long, env = "CLOUDFUNC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "CLOUDFUNC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate for localhost made at start (written to
+    /// <data dir>/tls/self-signed.pem for clients' --ca-cert; its fingerprint is printed).
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub tls_self_signed: bool,
+    /// Serve plain HTTP on a non-loopback address without the warning: tokens and payloads
+    /// then cross the network in clear.
+    #[arg(long)]
+    pub insecure_http: bool,
     /// Container state.
     #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = defaults::STATE_DIR)]
     pub state_dir: PathBuf,
@@ -273,6 +287,28 @@ impl ServeConfig {
         self.retention()?;
         self.http()?;
         Ok(())
+    }
+
+    /// Whether the API is served over TLS.
+    pub fn tls_wanted(&self) -> bool {
+        self.tls_cert.is_some() || self.tls_self_signed
+    }
+
+    /// The API's TLS, if asked for.
+    pub fn tls(&self) -> Result<Option<crate::tls::Tls>> {
+        use anyhow::Context;
+        if self.tls_self_signed {
+            let path = self.data_dir.join("tls").join("self-signed.pem");
+            return Ok(Some(
+                crate::tls::Tls::self_signed(&path).context("--tls-self-signed")?,
+            ));
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(
+                crate::tls::Tls::from_files(cert, key).context("--tls-cert/--tls-key")?,
+            )),
+            _ => Ok(None),
+        }
     }
 
     /// The HTTP server's timeouts and connection caps.

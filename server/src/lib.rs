@@ -23,4 +23,5 @@ pub mod prometheus;
 pub mod rollup;
 pub mod serve;
 pub mod store;
+pub mod tls;
 pub mod wall;

@@ -85,8 +85,9 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
             }
         }
     };
-    let listening = |addr, _: &Platform| {
-        println!("cloudfunc listening on http://{addr}");
+    let scheme = if config.tls_wanted() { "https" } else { "http" };
+    let listening = move |addr, _: &Platform| {
+        println!("cloudfunc listening on {scheme}://{addr}");
         use std::io::Write;
         let _ = std::io::stdout().flush();
     };
@@ -181,13 +182,61 @@ pub async fn run(
             config.chart_js.display()
         );
     }
+    let tls = config.tls()?.map(Arc::new);
+    if tls.is_none() && !config.listen.ip().is_loopback() && !config.insecure_http {
+        let warning = format!(
+            "WARNING: serving plain HTTP on {}, which is not loopback: bearer tokens, code, payloads and results cross the network in clear. Serve HTTPS (--tls-cert/--tls-key, or --tls-self-signed) or pass --insecure-http to accept this.",
+            config.listen
+        );
+        tracing::warn!("{warning}");
+        eprintln!("{warning}");
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     listening(listener.local_addr()?, &platform);
-    crate::http::serve(listener, routes(state.clone()), state.http, stop).await;
+    if let Some(tls) = &tls {
+        // Whoever reads stdout may have stopped after the first line: not a reason to stop.
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(
+            out,
+            "TLS certificate SHA-256 fingerprint: {}",
+            tls.fingerprint()
+        );
+        let _ = out.flush();
+        tracing::info!(fingerprint = %tls.fingerprint(), "serving HTTPS (TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1)");
+        reload_on_sighup(tls.clone());
+    }
+    crate::http::serve(listener, routes(state.clone()), state.http, tls, stop).await;
     platform.shutdown().await;
     let engines = platform.engines().clone();
     let _ = tokio::task::spawn_blocking(move || engines.release_cgroup_parents()).await;
     Ok(())
+}
+
+/// Reads the TLS certificate and key again on each SIGHUP; a pair that does not load leaves
+/// the one in use.
+fn reload_on_sighup(tls: Arc<crate::tls::Tls>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("SIGHUP cannot be caught: the TLS certificate will not be reloaded");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let tls = tls.clone();
+            match tokio::task::spawn_blocking(move || tls.reload().map(|()| tls.fingerprint()))
+                .await
+            {
+                Ok(Ok(fingerprint)) => {
+                    tracing::info!(%fingerprint, "TLS certificate reloaded; new connections use it")
+                }
+                Ok(Err(e)) => tracing::error!(
+                    error = %crate::tls::chain(&e),
+                    "the TLS certificate could not be reloaded; the one in use stays"
+                ),
+                Err(e) => tracing::error!(error = %e, "reloading the TLS certificate failed"),
+            }
+        }
+    });
 }

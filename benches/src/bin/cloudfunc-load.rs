@@ -21,6 +21,13 @@ use cloudfunc_benches::server::{spawn, Spawned};
 use cloudfunc_sandbox::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
 use cloudfunc_server::metrics::percentile;
 
+/// How HTTPS servers are verified (`--ca-cert`), set once at start.
+static TLS: std::sync::OnceLock<ureq::tls::TlsConfig> = std::sync::OnceLock::new();
+
+fn tls() -> ureq::tls::TlsConfig {
+    TLS.get().cloned().unwrap_or_default()
+}
+
 struct Outcome {
     ok: u64,
     errors: u64,
@@ -47,6 +54,7 @@ fn run(url: &str, token: &str, clients: usize, seconds: u64, max_requests: u64) 
                 // Timeouts per phase, not global: with a global one, ureq resolves the
                 // address on a new thread for every request, which the timings would count.
                 let agent = ureq::Agent::config_builder()
+                    .tls_config(tls())
                     .http_status_as_error(false)
                     .timeout_connect(Some(Duration::from_secs(5)))
                     .timeout_recv_response(Some(Duration::from_secs(60)))
@@ -408,6 +416,9 @@ struct Args {
     /// A token for --url.
     #[arg(long, requires = "url")]
     token: Option<String>,
+    /// Trust this CA certificate (PEM) for an https:// --url.
+    #[arg(long, requires = "url")]
+    ca_cert: Option<std::path::PathBuf>,
     /// Instead of the scenarios: sync load for this many seconds, reporting every 10 s the
     /// server's memory, descriptors, WAL, sandboxes and cgroups (a spawned server only).
     #[arg(long, conflicts_with_all = ["url", "only"])]
@@ -424,8 +435,12 @@ fn main() -> Result<()> {
         queue_workers,
         url,
         token,
+        ca_cert,
         soak,
     } = <Args as clap::Parser>::parse();
+    let _ = TLS.set(cloudfunc_server::cli::client::tls_config(
+        ca_cert.as_deref(),
+    )?);
     let mut spawned = None;
     let (url, token) = match (url, token) {
         (Some(u), Some(t)) => (u, t),
@@ -446,6 +461,7 @@ fn main() -> Result<()> {
             .as_path(),
     )?;
     let agent = ureq::Agent::config_builder()
+        .tls_config(tls())
         .http_status_as_error(false)
         .build()
         .new_agent();

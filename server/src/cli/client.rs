@@ -41,7 +41,13 @@ impl Reply {
 impl Client {
     /// A client for `base` (e.g. `http://127.0.0.1:8080`) with `token`, or a token minted from
     /// the secret in `data_dir` for `tenant`.
-    pub fn new(base: &str, token: Option<String>, data_dir: &Path, tenant: &str) -> Result<Client> {
+    pub fn new(
+        base: &str,
+        token: Option<String>,
+        data_dir: &Path,
+        tenant: &str,
+        ca_cert: Option<&Path>,
+    ) -> Result<Client> {
         let token = match token {
             Some(t) => t,
             None => {
@@ -55,6 +61,7 @@ impl Client {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(15 * 60)))
+            .tls_config(tls_config(ca_cert)?)
             .build()
             .new_agent();
         Ok(Client {
@@ -152,4 +159,24 @@ pub fn encode(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Certificates are always verified; `ca_cert` (PEM, one or more certificates) is trusted
+/// instead of the web's roots when given.
+pub fn tls_config(ca_cert: Option<&Path>) -> Result<ureq::tls::TlsConfig> {
+    let mut builder = ureq::tls::TlsConfig::builder();
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if certs.is_empty() {
+            anyhow::bail!("{} holds no PEM certificate", path.display());
+        }
+        builder = builder.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+    }
+    Ok(builder.build())
 }

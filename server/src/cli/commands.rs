@@ -10,7 +10,13 @@ use crate::model::{Task, TaskStatus};
 
 /// Runs a client command against the server.
 pub fn run(cli: &Cli) -> Result<bool> {
-    let c = Client::new(&cli.url, cli.token.clone(), &cli.data_dir, &cli.tenant)?;
+    let c = Client::new(
+        &cli.url,
+        cli.token.clone(),
+        &cli.data_dir,
+        &cli.tenant,
+        cli.ca_cert.as_deref(),
+    )?;
     let out = Out { json: cli.json };
     match &cli.command {
         Command::Deploy(args) => super::deploy::deploy(&c, &out, args),

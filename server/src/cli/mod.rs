@@ -36,6 +36,10 @@ pub struct Cli {
         global = true
     )]
     pub url: String,
+    /// Trust this CA certificate (PEM) for an https:// server, as well as the usual roots'
+    /// (a server's --tls-self-signed writes its own to <data dir>/tls/self-signed.pem).
+    #[arg(long, env = "CLOUDFUNC_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
     /// A bearer token; by default one is minted from the local server's secret.
     #[arg(long, env = "CLOUDFUNC_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,

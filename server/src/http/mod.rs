@@ -99,12 +99,14 @@ fn admit(census: &Arc<Mutex<Census>>, client: IpAddr, limits: &Limits) -> Option
     })
 }
 
-/// Serves `routes` on `listener` until `stop` resolves; then stops accepting, lets the
-/// responses under way finish for up to `limits.drain_timeout`, and returns.
+/// Serves `routes` on `listener` (over TLS with `tls`) until `stop` resolves; then stops
+/// accepting, lets the responses under way finish for up to `limits.drain_timeout`, and
+/// returns. A TLS handshake must end within the header timeout.
 pub async fn serve(
     listener: TcpListener,
     routes: BoxedFilter<(warp::reply::Response,)>,
     limits: Limits,
+    tls: Option<Arc<crate::tls::Tls>>,
     stop: impl Future<Output = ()>,
 ) {
     let census = Arc::new(Mutex::new(Census::default()));
@@ -135,27 +137,35 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::default());
-        let io = TokioIo::new(TimedIo::new(
-            stream,
-            activity.clone(),
-            limits.header_timeout,
-            limits.write_timeout,
-        ));
-        let service = Service {
-            inner: warp::service(routes.clone()),
-            activity,
-        };
-        let service = hyper_util::service::TowerToHyperService::new(service);
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+        let (routes, builder, watcher) = (routes.clone(), builder.clone(), graceful.watcher());
+        match &tls {
+            None => {
+                tokio::spawn(async move {
+                    let io = stream;
+                    connection(io, routes, &builder, watcher, &limits, peer).await;
+                    drop(counted);
+                });
             }
-            drop(counted);
-        });
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                tokio::spawn(async move {
+                    let shaken =
+                        tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await;
+                    match shaken {
+                        Ok(Ok(io)) => {
+                            connection(io, routes, &builder, watcher, &limits, peer).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, error = %e, "TLS handshake failed")
+                        }
+                        Err(_) => {
+                            tracing::debug!(client = %peer, "TLS handshake timed out")
+                        }
+                    }
+                    drop(counted);
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
@@ -166,6 +176,35 @@ pub async fn serve(
             "connections still open after {:?}; stopping without them",
             limits.drain_timeout
         );
+    }
+}
+
+/// Serves one connection (plain or TLS) until it ends.
+async fn connection<I>(
+    io: I,
+    routes: BoxedFilter<(warp::reply::Response,)>,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    limits: &Limits,
+    peer: std::net::SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let io = TokioIo::new(TimedIo::new(
+        io,
+        activity.clone(),
+        limits.header_timeout,
+        limits.write_timeout,
+    ));
+    let service = Service {
+        inner: warp::service(routes),
+        activity,
+    };
+    let service = hyper_util::service::TowerToHyperService::new(service);
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
     }
 }
 

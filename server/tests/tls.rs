@@ -1,0 +1,268 @@
+//! HTTPS end to end: a real server with a certificate from files (HTTP/2 and HTTP/1.1, TLS
+//! 1.2 and newer only, reloaded on SIGHUP, a broken pair refused while the old one stays), the
+//! CLI trusting it with --ca-cert (and refusing it without), a self-signed certificate for
+//! local use, and the warning for plain HTTP off loopback.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{trial, Server, BIN};
+use libtest_mimic::Arguments;
+
+/// A certificate for localhost and 127.0.0.1: (certificate PEM, key PEM).
+fn certificate() -> (String, String) {
+    let made =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    (made.cert.pem(), made.key_pair.serialize_pem())
+}
+
+/// An agent that trusts only the certificate in `ca` (PEM).
+fn agent(ca: &Path) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .tls_config(cloudfunc_server::cli::client::tls_config(Some(ca)).unwrap())
+        .build()
+        .new_agent()
+}
+
+/// The health route's status through `agent`, or the error's text.
+fn health(agent: &ureq::Agent, url: &str) -> Result<u16, String> {
+    agent
+        .get(&format!("{url}/api/system/health"))
+        .call()
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn curl(args: &[&str]) -> Option<(bool, String)> {
+    let out = Command::new("curl").args(args).output().ok()?;
+    Some((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    ))
+}
+
+fn https_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_cert, a_key) = certificate();
+    let (cert, key) = (
+        write(dir.path(), "tls.pem", &a_cert),
+        write(dir.path(), "tls.key", &a_key),
+    );
+    let a_ca = write(dir.path(), "a.pem", &a_cert);
+    let s = Server::start_in(
+        dir.path(),
+        "tls",
+        0,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(s.url.starts_with("https://127.0.0.1:"), "{}", s.url);
+    assert_eq!(health(&agent(&a_ca), &s.url), Ok(200));
+    // Plain HTTP gets nothing from a TLS port.
+    let plain = s.url.replace("https://", "http://");
+    let answered = ureq::get(&format!("{plain}/api/system/health")).call();
+    assert!(answered.is_err(), "plain HTTP was answered: {answered:?}");
+
+    // The CLI verifies the certificate: refused without --ca-cert, trusted with it.
+    let out = s.cli("acme").arg("list").output().unwrap();
+    assert!(!out.status.success(), "an unknown CA was trusted");
+    let out = s
+        .cli("acme")
+        .args(["--ca-cert", a_ca.to_str().unwrap(), "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    match curl(&["--version"]) {
+        None => println!("SKIPPED the HTTP/2 and TLS-version checks: curl is not installed"),
+        Some(_) => {
+            let url = format!("{}/api/system/health", s.url);
+            let ca = a_ca.to_str().unwrap();
+            let (ok, text) = curl(&[
+                "-sS",
+                "--http2",
+                "--cacert",
+                ca,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version}",
+                &url,
+            ])
+            .unwrap();
+            assert!(ok && text.trim() == "2", "HTTP/2 over TLS: {text}");
+            let (ok, text) = curl(&[
+                "-sS",
+                "--http1.1",
+                "--cacert",
+                ca,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version}",
+                &url,
+            ])
+            .unwrap();
+            assert!(ok && text.trim() == "1.1", "HTTP/1.1 over TLS: {text}");
+            let (ok, text) =
+                curl(&["-sS", "--tlsv1.0", "--tls-max", "1.1", "--cacert", ca, &url]).unwrap();
+            assert!(!ok, "TLS 1.1 was accepted: {text}");
+        }
+    }
+
+    // A new pair in the same files, then SIGHUP: new connections get it.
+    let (b_cert, b_key) = certificate();
+    let b_ca = write(dir.path(), "b.pem", &b_cert);
+    write(dir.path(), "tls.pem", &b_cert);
+    write(dir.path(), "tls.key", &b_key);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(s.child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&agent(&b_ca), &s.url) != Ok(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not taken"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        health(&agent(&a_ca), &s.url).is_err(),
+        "the old certificate is still served"
+    );
+
+    // A broken pair is refused at the reload; the one in use stays.
+    write(dir.path(), "tls.key", "not a key");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+        if log.contains("could not be reloaded") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no word of the failed reload: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(health(&agent(&b_ca), &s.url), Ok(200));
+    s.stop();
+    s.remove_files();
+}
+
+fn self_signed_for_local_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path(), "tlsself", 0, &["--tls-self-signed"]);
+    let ca = dir.path().join("data/tls/self-signed.pem");
+    assert!(ca.is_file());
+    assert_eq!(health(&agent(&ca), &s.url), Ok(200));
+    let localhost = s.url.replace("127.0.0.1", "localhost");
+    assert_eq!(health(&agent(&ca), &localhost), Ok(200));
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let fingerprint = log
+        .lines()
+        .find_map(|l| l.split("\"fingerprint\":\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no fingerprint in the log: {log}"));
+    assert_eq!(fingerprint.len(), 32 * 3 - 1, "{fingerprint}");
+    s.stop();
+    s.remove_files();
+}
+
+/// Starts a server on all addresses with `extra`, returns what it wrote to stderr by the time
+/// it listened.
+fn stderr_of_open_server(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--cgroup-parent",
+            "cf-tls-open",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--images-dir")
+        .arg(dir.path().join("images"))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("cloudfunc listening on http://0.0.0.0:"),
+        "{line}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn plain_http_off_loopback_warns() {
+    let warned = stderr_of_open_server(&[]);
+    assert!(
+        warned.contains("WARNING: serving plain HTTP on 0.0.0.0"),
+        "{warned}"
+    );
+    let quiet = stderr_of_open_server(&["--insecure-http"]);
+    assert!(!quiet.contains("WARNING: serving plain HTTP"), "{quiet}");
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: Vec<(&str, fn())> = vec![
+        ("https_from_files_reloaded_on_sighup", https_from_files),
+        (
+            "a_self_signed_certificate_for_local_use",
+            self_signed_for_local_use,
+        ),
+        (
+            "plain_http_off_loopback_warns",
+            plain_http_off_loopback_warns,
+        ),
+    ];
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root (the server starts sandboxes)".to_string())
+    } else {
+        None
+    };
+    if let Some(why) = &why {
+        println!("SKIPPED {} TLS tests: {why}", tests.len());
+    }
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| trial(name, f, why.is_some()))
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
