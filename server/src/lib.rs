@@ -12,6 +12,7 @@ pub mod auth;
 pub mod chains;
 pub mod cli;
 pub mod config;
+pub mod datadir;
 pub mod http;
 pub mod isolation;
 pub mod logging;

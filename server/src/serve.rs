@@ -106,12 +106,15 @@ pub async fn run(
     config.validate()?;
     let retention = config.retention()?;
     raise_open_files_limit(config.max_sandboxes);
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let tightened = crate::datadir::secure(&config.data_dir)
+        .with_context(|| format!("making {} private", config.data_dir.display()))?;
+    for what in tightened {
+        tracing::warn!(%what, "a mode in the data directory let other users in; tightened");
+    }
     let keys = load_keys(&config.data_dir, config.jwt_secret.as_deref())?;
     let store = Arc::new(
         SqliteStore::open_with(
-            &config.data_dir.join("cloudfunc.db"),
+            &config.data_dir.join(crate::datadir::DATABASE),
             config.wal_limit_mb.max(1).saturating_mul(1024 * 1024),
             std::time::Duration::from_millis(500),
         )

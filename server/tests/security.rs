@@ -1,7 +1,8 @@
-//! HTTPS end to end: a real server with a certificate from files (HTTP/2 and HTTP/1.1, TLS
-//! 1.2 and newer only, reloaded on SIGHUP, a broken pair refused while the old one stays), the
-//! CLI trusting it with --ca-cert (and refusing it without), a self-signed certificate for
-//! local use, and the warning for plain HTTP off loopback.
+//! The platform's own security, end to end on a real server: HTTPS with a certificate from
+//! files (HTTP/2 and HTTP/1.1, TLS 1.2 and newer only, reloaded on SIGHUP, a broken pair
+//! refused while the old one stays), the CLI trusting it with --ca-cert (and refusing it
+//! without), a self-signed certificate for local use, the warning for plain HTTP off loopback,
+//! and a data directory no other local user can read.
 
 mod common;
 
@@ -239,6 +240,72 @@ fn plain_http_off_loopback_warns() {
     assert!(!quiet.contains("WARNING: serving plain HTTP"), "{quiet}");
 }
 
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn the_data_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Reachable by anyone down to the data directory, as /var/lib is.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Server::start_in(dir.path(), "modes", 0, &[]);
+    let t = s.token("acme", false);
+    assert_eq!(
+        common::deploy(&s, &t, "hello", &[("function.py", common::HELLO_PY)]).status,
+        201
+    );
+    let canary = "canary-8d3f0a";
+    let r = common::post_json(
+        &s,
+        "/api/functions/hello/invoke",
+        &t,
+        &serde_json::json!({"name": canary}),
+    );
+    assert_eq!(r.status, 200);
+    let data = dir.path().join("data");
+    assert_eq!(mode(&data), 0o700);
+    for file in [
+        "cloudfunc.db",
+        "cloudfunc.db-wal",
+        "cloudfunc.db-shm",
+        "jwt.secret",
+    ] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+    // Another local user reads none of it.
+    for file in ["cloudfunc.db", "cloudfunc.db-wal", "jwt.secret"] {
+        let out = Command::new("cat")
+            .arg(data.join(file))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "uid 65534 read {file}");
+    }
+    s.stop();
+    drop(s);
+    // Loosened by hand: tightened at the next start, and said so.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        data.join("cloudfunc.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let s = Server::start_in(dir.path(), "modes", 0, &[]);
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("cloudfunc.db")), 0o600);
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        log.contains("tightened") && log.contains("755 -> 700"),
+        "{log}"
+    );
+    s.stop();
+    s.remove_files();
+}
+
 fn main() {
     let args = Arguments::from_args();
     let tests: Vec<(&str, fn())> = vec![
@@ -251,6 +318,10 @@ fn main() {
             "plain_http_off_loopback_warns",
             plain_http_off_loopback_warns,
         ),
+        (
+            "the_data_directory_is_private",
+            the_data_directory_is_private,
+        ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {
         Some("not running as root (the server starts sandboxes)".to_string())
@@ -258,7 +329,7 @@ fn main() {
         None
     };
     if let Some(why) = &why {
-        println!("SKIPPED {} TLS tests: {why}", tests.len());
+        println!("SKIPPED {} security tests: {why}", tests.len());
     }
     let trials = tests
         .into_iter()
