@@ -82,6 +82,15 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 16_384;
     /// MiB of the data directory's disk kept free: below, new work is refused (507).
     pub const MIN_FREE_MB: u64 = 256;
+    /// Deploys per minute a tenant may make (floods of deploys, each compiling in a sandbox,
+    /// are the cheapest way to load a server).
+    pub const DEPLOYS_PER_MINUTE: f64 = 300.0;
+    /// Deploys at once above that.
+    pub const DEPLOY_BURST: f64 = 50.0;
+    /// Functions per tenant.
+    pub const MAX_FUNCTIONS_PER_TENANT: u32 = 1000;
+    /// MiB of stored code per tenant.
+    pub const MAX_CODE_MB_PER_TENANT: u64 = 1024;
     /// MiB the WAL may reach before a checkpoint waits for readers to cut it back.
     pub const WAL_LIMIT_MB: u64 = 64;
 }
@@ -109,6 +118,25 @@ pub struct ServeConfig {
     /// then cross the network in clear.
     #[arg(long)]
     pub insecure_http: bool,
+    /// Invocations (sync, async, chain runs) per second per tenant (0: unlimited). Admin
+    /// tokens are not limited.
+    #[arg(long, env = "CLOUDFUNC_INVOCATIONS_PER_SECOND", default_value_t = 0.0)]
+    pub invocations_per_second: f64,
+    /// Invocations a tenant may make at once above its rate (default: twice the rate).
+    #[arg(long)]
+    pub invocation_burst: Option<f64>,
+    /// Deploys per minute per tenant (0: unlimited).
+    #[arg(long, env = "CLOUDFUNC_DEPLOYS_PER_MINUTE", default_value_t = defaults::DEPLOYS_PER_MINUTE)]
+    pub deploys_per_minute: f64,
+    /// Deploys a tenant may make at once above its rate.
+    #[arg(long, default_value_t = defaults::DEPLOY_BURST)]
+    pub deploy_burst: f64,
+    /// Functions a tenant may have.
+    #[arg(long, env = "CLOUDFUNC_MAX_FUNCTIONS_PER_TENANT", default_value_t = defaults::MAX_FUNCTIONS_PER_TENANT)]
+    pub max_functions_per_tenant: u32,
+    /// MiB of code (every version kept) a tenant may store.
+    #[arg(long, env = "CLOUDFUNC_MAX_CODE_MB_PER_TENANT", default_value_t = defaults::MAX_CODE_MB_PER_TENANT)]
+    pub max_code_mb_per_tenant: u64,
     /// Container state.
     #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = defaults::STATE_DIR)]
     pub state_dir: PathBuf,
@@ -390,6 +418,22 @@ impl ServeConfig {
                 timeout: None,
             },
         };
+        let rate = |per_second: f64, burst: f64| {
+            (per_second > 0.0).then_some(crate::ratelimit::Limit {
+                per_second,
+                burst: burst.max(1.0),
+            })
+        };
+        config.quotas = crate::platform::Quotas {
+            invocations: rate(
+                self.invocations_per_second,
+                self.invocation_burst
+                    .unwrap_or((self.invocations_per_second * 2.0).ceil()),
+            ),
+            deploys: rate(self.deploys_per_minute / 60.0, self.deploy_burst),
+            max_functions: self.max_functions_per_tenant,
+            max_code_bytes: self.max_code_mb_per_tenant.saturating_mul(1 << 20),
+        };
         config
     }
 }
@@ -420,6 +464,7 @@ impl PlatformConfig {
             clock: Arc::new(crate::wall::SystemWall),
             anomalies: crate::anomalies::WatchConfig::default(),
             alerts: crate::platform::AlertConfig::default(),
+            quotas: crate::platform::Quotas::default(),
         }
     }
 }

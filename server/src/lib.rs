@@ -21,6 +21,7 @@ pub mod model;
 pub mod platform;
 pub mod pool;
 pub mod prometheus;
+pub mod ratelimit;
 pub mod rollup;
 pub mod serve;
 pub mod store;

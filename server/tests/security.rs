@@ -306,6 +306,96 @@ fn the_data_directory_is_private() {
     s.remove_files();
 }
 
+fn rate_limits_and_quotas() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        "quotas",
+        0,
+        &[
+            "--invocations-per-second",
+            "1",
+            "--invocation-burst",
+            "2",
+            "--deploys-per-minute",
+            "60",
+            "--deploy-burst",
+            "2",
+            "--max-functions-per-tenant",
+            "3",
+            "--max-code-mb-per-tenant",
+            "1",
+        ],
+    );
+    let (a, b) = (s.token("tenant-a", false), s.token("tenant-b", false));
+    let admin = s.token("ops", true);
+    let deploy =
+        |t: &str, name: &str| common::deploy(&s, t, name, &[("function.py", common::HELLO_PY)]);
+    let retry_after = |r: &common::Reply| {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == "retry-after")
+            .map(|(_, v)| v.parse::<u64>().unwrap())
+    };
+    assert_eq!(deploy(&a, "f1").status, 201);
+    assert_eq!(deploy(&a, "f2").status, 201);
+    let r = deploy(&a, "f3");
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(retry_after(&r).is_some_and(|s| s >= 1), "{r:?}");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("deploy rate"));
+    // Another tenant has its own bucket.
+    assert_eq!(deploy(&b, "g1").status, 201);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(deploy(&a, "f3").status, 201);
+    std::thread::sleep(Duration::from_millis(1100));
+    // A fourth function passes the cap of three; a new version of one does not.
+    let r = deploy(&a, "f4");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.body["error"]["code"], "quota_exceeded");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(deploy(&a, "f1").status, 201);
+    // More code than the tenant's 1 MiB: refused, and nothing of it stored.
+    std::thread::sleep(Duration::from_millis(1100));
+    let big = "x".repeat(2 << 20);
+    let r = common::deploy(
+        &s,
+        &b,
+        "huge",
+        &[("function.py", common::HELLO_PY), ("blob.txt", &big)],
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("MiB"),
+        "{r:?}"
+    );
+    assert_eq!(common::get(&s, "/api/functions/huge", &b).status, 404);
+    // Invocations: a burst of two, then the rate; per tenant; admins are not limited.
+    let call = |t: &str, name: &str| {
+        common::post_json(
+            &s,
+            &format!("/api/functions/{name}/invoke"),
+            t,
+            &serde_json::json!({}),
+        )
+    };
+    assert_eq!(call(&a, "f1").status, 200);
+    assert_eq!(call(&a, "f1").status, 200);
+    let r = call(&a, "f1");
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(retry_after(&r).is_some());
+    assert_eq!(call(&b, "g1").status, 200);
+    for _ in 0..5 {
+        assert_eq!(call(&admin, "f1").status, 200);
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(call(&a, "f1").status, 200);
+    s.stop();
+    s.remove_files();
+}
+
 fn main() {
     let args = Arguments::from_args();
     let tests: Vec<(&str, fn())> = vec![
@@ -322,6 +412,7 @@ fn main() {
             "the_data_directory_is_private",
             the_data_directory_is_private,
         ),
+        ("rate_limits_and_quotas", rate_limits_and_quotas),
     ];
     let why = if !nix::unistd::geteuid().is_root() {
         Some("not running as root (the server starts sandboxes)".to_string())

@@ -81,6 +81,9 @@ impl From<PlatformError> for ApiError {
             PlatformError::InsufficientStorage(m) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m)
             }
+            PlatformError::QuotaExceeded(m) => {
+                ApiError::new(StatusCode::FORBIDDEN, "quota_exceeded", m)
+            }
             PlatformError::TooBusy {
                 message,
                 retry_after,

@@ -1,7 +1,7 @@
 //! The OpenAPI 3.0 document, served at `/api/openapi.json`, written from the route table:
 //! each route's own operation, plus the error responses every route of its kind can give
-//! (401 behind a token, 400, 408 and 413 with a body, 400 with path parameters, 507 for a
-//! change), and the shared schemas.
+//! (401 behind a token, 400, 408 and 413 with a body, 400 with path parameters, 507, 429 and
+//! 403 for a change), and the shared schemas.
 
 use serde_json::{json, Map, Value};
 
@@ -235,8 +235,10 @@ pub fn document(table: &Table) -> Value {
             common.extend(["400", "408", "413"]);
         }
         if route.access == Access::Token && route.method != warp::http::Method::GET {
-            // A change the disk has no room for (or a floor it is below) is refused.
-            common.push("507");
+            // A change the disk has no room for (or a floor it is below) is refused; a
+            // tenant over its invocation or deploy rate is told when to come back, and one
+            // at its cap on functions or code is refused.
+            common.extend(["507", "429", "403"]);
         }
         if route.path.contains('{') {
             // A path segment that is not UTF-8 once percent-decoded.

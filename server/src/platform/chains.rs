@@ -206,6 +206,7 @@ impl Platform {
     /// Runs a chain while the caller waits and returns the ended run (stored before this
     /// returns). Should the caller go away, the run still ends and is stored.
     pub async fn invoke_chain(&self, caller: &Caller, key: &str, input: Value) -> Result<ChainRun> {
+        self.admit_invocation(caller)?;
         let run = self.new_run(caller, key, input, Mode::Sync).await?;
         let this = self.clone();
         tokio::spawn(async move {
@@ -220,6 +221,18 @@ impl Platform {
 
     /// Queues a run of a chain; it is on disk when this returns, and runs at once.
     pub async fn run_chain(&self, caller: &Caller, key: &str, input: Value) -> Result<ChainRun> {
+        self.admit_invocation(caller)?;
+        self.start_run(caller, key, input).await
+    }
+
+    /// [`Platform::run_chain`] without the caller's rate: for what the platform starts itself
+    /// (a destination's record).
+    pub(super) async fn start_run(
+        &self,
+        caller: &Caller,
+        key: &str,
+        input: Value,
+    ) -> Result<ChainRun> {
         let run = self.new_run(caller, key, input, Mode::Async).await?;
         let (store, saved) = (self.store(), run.clone());
         blocking(move || store.save_run(&saved)).await??;

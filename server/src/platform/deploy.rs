@@ -86,6 +86,7 @@ impl Platform {
         code: Code,
     ) -> Result<(Function, Version)> {
         self.require_space()?;
+        self.admit_deploy(caller)?;
         // The code first, into a staging directory: its manifest may name the function.
         let staged = {
             let incoming = self.inner.config.code_dir.join(INCOMING);
@@ -109,6 +110,13 @@ impl Platform {
             return Err(PlatformError::BadRequest(format!(
                 "invalid function name {name:?}: use 1-64 of a-z, 0-9, '_' and '-'"
             )));
+        }
+        let adding = staged
+            .as_ref()
+            .map_or(0, |s| super::quotas::tree_bytes(&s.dir));
+        {
+            let (this, caller, name) = (self.clone(), caller.clone(), name.clone());
+            blocking(move || this.check_storage(&caller, &name, adding)).await??;
         }
         let store = self.inner.store.clone();
         let tenant = caller.tenant.clone();

@@ -78,12 +78,12 @@ impl Platform {
             Some(chain) => {
                 // A run is stored beside the recorder: the source's end goes in first.
                 self.inner.recorder.settle().await;
-                self.run_chain(&caller, chain, payload)
+                self.start_run(&caller, chain, payload)
                     .await
                     .map(|r| r.run_id)
             }
             None => self
-                .submit(&caller, target, None, payload)
+                .queue_task(&caller, target, None, payload)
                 .await
                 .map(|t| t.task_id),
         };

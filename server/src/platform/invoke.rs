@@ -101,6 +101,7 @@ impl Platform {
         version: Option<u32>,
         payload: Value,
     ) -> Result<Task> {
+        self.admit_invocation(caller)?;
         let (this, caller, key) = (self.clone(), caller.clone(), key.to_string());
         // A task of its own: should the caller go away mid-call, the call still ends, its
         // sandbox goes back to the pool, and it is recorded.

@@ -18,6 +18,7 @@ mod destinations;
 mod invoke;
 mod monitor;
 mod queue;
+mod quotas;
 mod retention;
 pub mod settings;
 pub mod space;
@@ -42,6 +43,7 @@ pub use catalog::Catalog;
 pub use chains::ChainSpec;
 pub use deploy::Code;
 pub use invoke::execute;
+pub use quotas::Quotas;
 pub use retention::Retention;
 pub use settings::{guess_runtime, Bounds, Settings};
 pub use space::Space;
@@ -64,6 +66,9 @@ pub enum PlatformError {
     /// A concurrent change won.
     #[error("{0}")]
     Conflict(String),
+    /// A tenant's cap on functions or stored code would be passed.
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// The data directory's disk is (nearly) full: nothing was done.
     #[error("{0}")]
     InsufficientStorage(String),
@@ -136,6 +141,8 @@ pub struct PlatformConfig {
     pub anomalies: crate::anomalies::WatchConfig,
     /// How alert rules are evaluated and notifications delivered.
     pub alerts: AlertConfig,
+    /// Abuse limits per tenant.
+    pub quotas: Quotas,
 }
 
 /// The platform. Cheap to clone.
@@ -171,6 +178,8 @@ struct Inner {
     alerting: alerts::Alerting,
     /// Turns of the async chain runs driven at once.
     chain_turns: Arc<tokio::sync::Semaphore>,
+    /// The tenants' invocation and deploy rates.
+    rates: quotas::Rates,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -204,6 +213,7 @@ impl Platform {
                 anomalies: anomalies::Anomalies::new(config.anomalies.clone()),
                 alerting: alerts::Alerting::new(&config.alerts),
                 chain_turns: chains::turns(),
+                rates: quotas::Rates::new(&config.quotas),
                 config,
                 wake: tokio::sync::Notify::new(),
                 started: Instant::now(),

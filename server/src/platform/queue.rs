@@ -22,6 +22,19 @@ impl Platform {
         version: Option<u32>,
         payload: Value,
     ) -> Result<Task> {
+        self.admit_invocation(caller)?;
+        self.queue_task(caller, key, version, payload).await
+    }
+
+    /// [`Platform::submit`] without the caller's rate: for what the platform queues itself
+    /// (a destination's record).
+    pub(super) async fn queue_task(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+        payload: Value,
+    ) -> Result<Task> {
         self.require_space()?;
         let (function, version) = self.runnable(caller, key, version).await?;
         let task = Task::queued(&function, version.version, Mode::Async, payload);
