@@ -51,7 +51,9 @@ pub enum AuthError {
     Missing,
     #[error("the token is malformed")]
     Malformed,
-    #[error("the token's algorithm must be HS256")]
+    #[error(
+        "the token's algorithm must be HS256 (or RS256 or ES256 with --jwks-file or --jwks-url)"
+    )]
     Algorithm,
     #[error("the token's signature is wrong")]
     Signature,
@@ -61,6 +63,22 @@ pub enum AuthError {
     Expired,
     #[error("the token's subject (tenant) is empty or invalid")]
     Subject,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token's issuer (iss) is not the one this server trusts")]
+    Issuer,
+    #[error("the token's audience (aud) does not name this server")]
+    Audience,
+    #[error("the token's signing key (kid) is not in the key set; retry in a moment if it was just rotated")]
+    UnknownKey,
+}
+
+/// Whether `tenant` is a usable tenant name (a token's subject).
+pub fn valid_tenant(tenant: &str) -> bool {
+    (1..=128).contains(&tenant.len())
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.@".contains(c))
 }
 
 /// Signs and verifies tokens with one secret.
@@ -171,11 +189,7 @@ impl Keys {
             .get("sub")
             .and_then(|s| s.as_str())
             .unwrap_or_default();
-        let valid_sub = (1..=128).contains(&sub.len())
-            && sub
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.@".contains(c));
-        if !valid_sub {
+        if !valid_tenant(sub) {
             return Err(AuthError::Subject);
         }
         Ok(Caller {

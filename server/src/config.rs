@@ -118,6 +118,22 @@ pub struct ServeConfig {
     /// then cross the network in clear.
     #[arg(long)]
     pub insecure_http: bool,
+    /// Also take RS256/ES256 tokens signed by the keys of this JWKS document (https, or
+    /// http on loopback): read at start, every ten minutes, and for an unknown key id.
+    #[arg(long, env = "CLOUDFUNC_JWKS_URL", conflicts_with = "jwks_file")]
+    pub jwks_url: Option<String>,
+    /// Also take RS256/ES256 tokens signed by the keys of this JWKS file.
+    #[arg(long, env = "CLOUDFUNC_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// The issuer (iss) JWKS-signed tokens must name.
+    #[arg(long, env = "CLOUDFUNC_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// A value JWKS-signed tokens' audience (aud) must hold.
+    #[arg(long, env = "CLOUDFUNC_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The claim of JWKS-signed tokens that names the tenant.
+    #[arg(long, env = "CLOUDFUNC_JWT_TENANT_CLAIM", default_value = "sub")]
+    pub jwt_tenant_claim: String,
     /// Invocations (sync, async, chain runs) per second per tenant (0: unlimited). Admin
     /// tokens are not limited.
     #[arg(long, env = "CLOUDFUNC_INVOCATIONS_PER_SECOND", default_value_t = 0.0)]
@@ -315,6 +331,24 @@ impl ServeConfig {
         self.retention()?;
         self.http()?;
         Ok(())
+    }
+
+    /// The identity provider's key set, if one is configured (read now).
+    pub fn jwks(&self) -> Result<Option<std::sync::Arc<crate::jwks::Jwks>>> {
+        use anyhow::Context;
+        if self.jwks_url.is_none() && self.jwks_file.is_none() {
+            return Ok(None);
+        }
+        let config = crate::jwks::JwksConfig {
+            url: self.jwks_url.clone(),
+            file: self.jwks_file.clone(),
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            tenant_claim: self.jwt_tenant_claim.clone(),
+        };
+        Ok(Some(
+            crate::jwks::Jwks::load(config).context("loading the JWKS")?,
+        ))
     }
 
     /// Whether the API is served over TLS.

@@ -15,6 +15,7 @@ pub mod config;
 pub mod datadir;
 pub mod http;
 pub mod isolation;
+pub mod jwks;
 pub mod logging;
 pub mod metrics;
 pub mod model;

@@ -172,9 +172,17 @@ pub async fn run(
             )
             .await;
     }
+    let jwks = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || config.jwks()).await??
+    };
+    if let Some(jwks) = &jwks {
+        jwks.refresh_periodically();
+    }
     let state = AppState {
         platform: platform.clone(),
         keys,
+        jwks,
         max_body_bytes: config.max_body_bytes(),
         http: config.http()?,
         chart_js: config.chart_js.clone(),

@@ -396,6 +396,139 @@ fn rate_limits_and_quotas() {
     s.remove_files();
 }
 
+/// An ES256 key: (its JWK under `kid`, a signer of tokens).
+fn es256(kid: &str) -> (serde_json::Value, impl Fn(serde_json::Value) -> String) {
+    use base64::Engine;
+    use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING as ALG};
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ALG, &rng).unwrap();
+    let key = EcdsaKeyPair::from_pkcs8(&ALG, pkcs8.as_ref(), &rng).unwrap();
+    let point = key.public_key().as_ref().to_vec();
+    let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "x": b64(&point[1..33]), "y": b64(&point[33..])});
+    let kid = kid.to_string();
+    let sign = move |claims: serde_json::Value| {
+        let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": kid});
+        let input = format!(
+            "{}.{}",
+            b64(&serde_json::to_vec(&header).unwrap()),
+            b64(&serde_json::to_vec(&claims).unwrap())
+        );
+        let sig = key
+            .sign(&ring::rand::SystemRandom::new(), input.as_bytes())
+            .unwrap();
+        format!("{input}.{}", b64(sig.as_ref()))
+    };
+    (jwk, sign)
+}
+
+fn tokens_from_an_identity_provider() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let (jwk1, sign1) = es256("k1");
+    let keys = dir.path().join("idp");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::write(keys.join("jwks.json"), json!({"keys": [jwk1]}).to_string()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut idp = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&keys)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/jwks.json");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ureq::get(&url).call().is_err() {
+        assert!(Instant::now() < deadline, "the key server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = Server::start_in(
+        dir.path(),
+        "jwks",
+        0,
+        &[
+            "--jwks-url",
+            &url,
+            "--jwt-issuer",
+            "https://id.test/",
+            "--jwt-audience",
+            "cloudfunc",
+            "--jwt-tenant-claim",
+            "org",
+        ],
+    );
+    let exp = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    )
+    .unwrap()
+        + 300;
+    let claims = |org: &str, iss: &str| json!({"iss": iss, "aud": "cloudfunc", "org": org, "sub": "user-1", "exp": exp});
+    let good = sign1(claims("acme", "https://id.test/"));
+    assert_eq!(
+        common::deploy(&s, &good, "hello", &[("function.py", common::HELLO_PY)]).status,
+        201
+    );
+    // The tenant is the org claim: the built-in token of tenant acme sees the same function.
+    let builtin = s.token("acme", false);
+    assert_eq!(
+        common::get(&s, "/api/functions/hello", &builtin).status,
+        200
+    );
+    assert_eq!(
+        common::get(&s, "/api/functions/hello", &s.token("user-1", false)).status,
+        404
+    );
+    let r = common::get(
+        &s,
+        "/api/functions/hello",
+        &sign1(claims("acme", "https://evil.test/")),
+    );
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("issuer"),
+        "{r:?}"
+    );
+    // A rotated key: unknown at first, taken once the set is read again.
+    let (jwk2, sign2) = es256("k2");
+    std::fs::write(keys.join("jwks.json"), json!({"keys": [jwk2]}).to_string()).unwrap();
+    let rotated = sign2(claims("acme", "https://id.test/"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = common::get(&s, "/api/functions/hello", &rotated);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 401);
+        assert!(
+            Instant::now() < deadline,
+            "the rotated key was never taken: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = idp.kill();
+    let _ = idp.wait();
+    s.stop();
+    s.remove_files();
+}
+
 fn main() {
     let args = Arguments::from_args();
     let tests: Vec<(&str, fn())> = vec![
@@ -413,6 +546,10 @@ fn main() {
             the_data_directory_is_private,
         ),
         ("rate_limits_and_quotas", rate_limits_and_quotas),
+        (
+            "tokens_from_an_identity_provider",
+            tokens_from_an_identity_provider,
+        ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {
         Some("not running as root (the server starts sandboxes)".to_string())

@@ -39,6 +39,8 @@ pub use router::{Access, Ctx, Route, Table};
 pub struct AppState {
     pub platform: Platform,
     pub keys: Keys,
+    /// An identity provider's keys, for RS256 and ES256 tokens.
+    pub jwks: Option<Arc<crate::jwks::Jwks>>,
     /// Largest request body (archives included).
     pub max_body_bytes: u64,
     /// Chart.js, served to the dashboard.

@@ -396,8 +396,12 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, AuthErr
                 .or_else(|| h.strip_prefix("bearer "))
         })
         .ok_or(AuthError::Missing)?;
-    let now = crate::model::now_ms() / 1000;
-    state.keys.verify(token.trim(), now)
+    let (token, now) = (token.trim(), crate::model::now_ms() / 1000);
+    // Each algorithm is checked only against keys of its own kind.
+    match (crate::jwks::algorithm(token).as_deref(), &state.jwks) {
+        (Some("RS256" | "ES256"), Some(jwks)) => jwks.verify(token, now),
+        _ => state.keys.verify(token, now),
+    }
 }
 
 /// `body` as JSON with `status`.
