@@ -13,6 +13,7 @@ pub mod chains;
 pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod fuzzing;
 pub mod http;
 pub mod isolation;
 pub mod jwks;

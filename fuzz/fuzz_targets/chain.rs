@@ -1,0 +1,7 @@
+//! A chain's definition and its expansion.
+//! The body is shared with the stable replay (`server/tests/fuzz_replay.rs`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| cloudfunc_server::fuzzing::chain(data));
