@@ -92,6 +92,11 @@ pub struct ChainRun {
     pub steps: Vec<StepRecord>,
 }
 
+/// `steps` in the order they started.
+pub fn in_order(steps: &mut [StepRecord]) {
+    steps.sort_by(|a, b| (a.seq, a.started_at, &a.path).cmp(&(b.seq, b.started_at, &b.path)));
+}
+
 impl ChainRun {
     /// Milliseconds from start to end, once ended.
     pub fn duration_ms(&self) -> Option<i64> {
@@ -123,6 +128,9 @@ pub struct StepRecord {
     /// `max_retries` let it run again, as the queue does with a task.
     #[serde(default = "one")]
     pub attempts: u32,
+    /// Its place in the order the run's steps started (a millisecond holds several).
+    #[serde(default)]
+    pub seq: u64,
 }
 
 fn one() -> u32 {

@@ -44,15 +44,18 @@ struct ExecInner {
     steps: Mutex<HashMap<String, StepRecord>>,
     /// Set when a step was refused because the server is stopping.
     stopped: std::sync::atomic::AtomicBool,
+    /// The next step's place in the order of starts.
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Exec {
     pub(super) fn new(platform: Platform, run: &ChainRun, durable: bool) -> Exec {
-        let steps = run
+        let steps: HashMap<String, StepRecord> = run
             .steps
             .iter()
             .map(|s| (s.path.clone(), s.clone()))
             .collect();
+        let next_seq = steps.values().map(|s| s.seq + 1).max().unwrap_or(0);
         Exec {
             inner: Arc::new(ExecInner {
                 platform,
@@ -65,6 +68,7 @@ impl Exec {
                 durable,
                 steps: Mutex::new(steps),
                 stopped: std::sync::atomic::AtomicBool::new(false),
+                next_seq: std::sync::atomic::AtomicU64::new(next_seq),
             }),
         }
     }
@@ -72,7 +76,7 @@ impl Exec {
     /// Every step so far, in the order they started.
     pub(super) fn records(&self) -> Vec<StepRecord> {
         let mut steps: Vec<StepRecord> = self.lock().values().cloned().collect();
-        steps.sort_by(|a, b| (a.started_at, &a.path).cmp(&(b.started_at, &b.path)));
+        crate::chains::model::in_order(&mut steps);
         steps
     }
 
@@ -188,6 +192,10 @@ impl Exec {
             started_at: now,
             finished_at: Some(now),
             attempts,
+            seq: self
+                .inner
+                .next_seq
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst),
         };
         let cap = platform.max_value_bytes();
         let size = json_size(&input);

@@ -216,6 +216,7 @@ fn complete(conn: &Connection, raw: RawRun) -> Result<ChainRun> {
         .iter()
         .map(|b| serde_json::from_str(b))
         .collect::<std::result::Result<_, _>>()?;
+    crate::chains::model::in_order(&mut run.steps);
     Ok(run)
 }
 

@@ -355,6 +355,7 @@ fn chains_runs_and_steps_round_trip_and_unfinished_runs_are_found() {
         started_at: 11,
         finished_at: None,
         attempts: 1,
+        seq: 0,
     };
     store.save_step(&run.run_id, &step).unwrap();
     let open = store.unfinished_runs().unwrap();
