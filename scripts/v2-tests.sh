@@ -37,19 +37,29 @@ newest=(
 expected=$((${#stable[@]} + ${#newest[@]}))
 
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$log.try"' EXIT
 status=0
 for kernel in stable newest; do
   if [ "$kernel" = stable ]; then cmds=("${stable[@]}"); else cmds=("${newest[@]}"); fi
+  # QEMU's multi-threaded emulation can miss the 6.12 kernel's live code patching across
+  # vCPUs (an int3 oops, seen once): that kernel's two short runs get one vCPU.
+  cpus=2
+  [ "$kernel" = newest ] && cpus=1
   script=""
   for c in "${cmds[@]}"; do script+="$c; "; done
-  echo "== cgroup v2 VM ($kernel kernel): ${#cmds[@]} test runs"
-  # The console's carriage returns and the firmware's escape sequences are dropped.
-  if ! bash scripts/v2vm.sh --kernel "$kernel" --timeout 1800 -- sh -c "$script exit 0" 2>&1 |
-    tr -d '\r' | sed -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' | tee -a "$log"; then
-    echo "v2: the $kernel kernel's VM gave no result" >&2
-    status=1
-  fi
+  for try in 1 2; do
+    echo "== cgroup v2 VM ($kernel kernel, $cpus vCPUs): ${#cmds[@]} test runs"
+    # The console's carriage returns and the firmware's escape sequences are dropped.
+    bash scripts/v2vm.sh --kernel "$kernel" --cpus "$cpus" --timeout 1800 -- sh -c "$script exit 0" 2>&1 |
+      tr -d '\r' | sed -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' | tee "$log.try" || true
+    # A guest that died under emulation (no result for some run) is booted once more; a
+    # test that failed is not retried.
+    if [ "$(grep -c '^test result:' "$log.try")" -ge "${#cmds[@]}" ] || [ "$try" = 2 ]; then
+      cat "$log.try" >>"$log"
+      break
+    fi
+    echo "v2: the $kernel kernel's VM gave no result for every run; booting it once more"
+  done
 done
 awk -v want="$expected" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } runs++ }
      END { printf "v2: %d passed, %d failed (%d of %d test runs reported)\n", p, f, runs, want; exit (f > 0 || runs < want) }' "$log" || status=1
