@@ -34,3 +34,9 @@ if [ "${1:-}" = "--test" ]; then
     bash "$(dirname "$0")/v2vm.sh" --kernel "$kernel" --prepare
   done
 fi
+if [ "${1:-}" = "--test" ] && ! cargo deny --version >/dev/null 2>&1; then
+  # The dependency policy check (deny.toml); built from crates.io, a few minutes once.
+  echo "installing cargo-deny"
+  cargo install --locked --quiet cargo-deny@0.20.2
+fi
+
