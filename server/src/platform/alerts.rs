@@ -1,7 +1,6 @@
-//! Alerting in the platform: rules and subscriptions checked and stored, rules evaluated on
-//! the live minute rollups every few seconds (off the call path), system events raised where
-//! they happen, and every notification written to the outbox before a delivery loop sends
-//! it, with retries, so that a restart or `kill -9` loses nothing.
+//! Alerting in the platform: rules and subscriptions checked and stored, and rules evaluated
+//! on the live minute rollups every few seconds (off the call path); their notifications,
+//! and the events raised where they happen, go through the outbox ([`super::outbox`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,17 +10,17 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::outbox::event;
 use super::{blocking, Platform, PlatformError, Result};
-use crate::alerts::deliver::{backoff_ms, ChannelConfig, Channels, RealChannels, MOST_ATTEMPTS};
+use crate::alerts::deliver::{ChannelConfig, Channels, RealChannels};
 use crate::alerts::eval::{Evaluator, Observation, Phase, Transition};
 use crate::alerts::{
-    Channel, Item, Metric, Notification, Rule, RuleSpec, Severity, Status, Subscription,
-    SubscriptionSpec,
+    Channel, Metric, Notification, Rule, RuleSpec, Severity, Status, Subscription, SubscriptionSpec,
 };
 use crate::auth::Caller;
 use crate::model::{new_id, Function};
 use crate::rollup::{bucket_start, Stats};
-use crate::store::{Attempt, Store};
+use crate::store::Store;
 
 /// How alerting runs.
 #[derive(Debug, Clone)]
@@ -41,16 +40,14 @@ impl Default for AlertConfig {
     }
 }
 
-/// Deliveries tried at once.
-const SENDS_AT_ONCE: usize = 8;
-
 /// Alerting's part of the platform.
 #[derive(Debug)]
 pub(super) struct Alerting {
     evaluator: Mutex<Evaluator>,
-    channels: Arc<dyn Channels>,
+    /// How notifications reach receivers (the outbox's delivery loop sends through them).
+    pub(super) channels: Arc<dyn Channels>,
     /// Wakes the delivery loop when something was queued.
-    queued: tokio::sync::Notify,
+    pub(super) queued: tokio::sync::Notify,
     /// Per function: whether its calls in the last evaluation all succeeded (for the first
     /// failure after success).
     healthy: Mutex<HashMap<String, bool>>,
@@ -116,23 +113,7 @@ impl Platform {
                 }
             }
         });
-        let this = self.clone();
-        tokio::spawn(async move {
-            while !this.inner.stopping.load(Ordering::SeqCst) {
-                match this.deliver_due().await {
-                    Ok(n) if n > 0 => continue,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "delivering notifications failed; retrying")
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = this.inner.alerting.queued.notified() => {}
-                    _ = this.inner.wake.notified() => {}
-                }
-            }
-        });
+        self.start_delivery();
         Ok(())
     }
 
@@ -445,7 +426,7 @@ impl Platform {
             if failures > 0 && was == Some(true) {
                 out.push(event(
                     &f.tenant,
-                    f,
+                    Some(f),
                     Severity::Warning,
                     "first_failure",
                     format!(
@@ -484,7 +465,9 @@ impl Platform {
                     "the data directory's disk has room again: new work is accepted".to_string(),
                 )
             };
-            out.push(system_event(
+            out.push(event(
+                "",
+                None,
                 severity,
                 "disk_low",
                 summary,
@@ -511,7 +494,9 @@ impl Platform {
             != failing
             && failing
         {
-            out.push(system_event(
+            out.push(event(
+                "",
+                None,
                 Severity::Critical,
                 "sandbox_failures",
                 format!("{failed} calls in the last minute could not get a sandbox started"),
@@ -520,108 +505,6 @@ impl Platform {
             ));
         }
         out
-    }
-
-    /// A system event about the whole server (admins subscribed to system events hear it).
-    pub async fn raise_system_event(&self, severity: Severity, kind: &str, summary: String) {
-        let n = system_event(
-            severity,
-            kind,
-            summary,
-            0.0,
-            self.inner.config.clock.now_ms(),
-        );
-        let (this, store) = (self.clone(), self.inner.store.clone());
-        let done = blocking(move || this.enqueue(store.as_ref(), &n)).await;
-        if !matches!(done, Ok(Ok(()))) {
-            tracing::error!(kind, "a system event could not be queued for delivery");
-        }
-    }
-
-    /// A function's event (its tenant's subscribers to system events hear it).
-    pub(super) async fn raise_function_event(
-        &self,
-        f: &Function,
-        severity: Severity,
-        kind: &str,
-        summary: String,
-    ) {
-        let n = event(
-            &f.tenant,
-            f,
-            severity,
-            kind,
-            summary,
-            0.0,
-            self.inner.config.clock.now_ms(),
-        );
-        let (this, store) = (self.clone(), self.inner.store.clone());
-        let done = blocking(move || this.enqueue(store.as_ref(), &n)).await;
-        if !matches!(done, Ok(Ok(()))) {
-            tracing::error!(kind, "a function event could not be queued for delivery");
-        }
-    }
-
-    /// Writes a notification and a delivery to each subscription that wants it.
-    fn enqueue(&self, store: &dyn Store, n: &Notification) -> Result<()> {
-        let subs: Vec<Subscription> = store
-            .subscriptions(None)?
-            .into_iter()
-            .filter(|s| n.is_for(s))
-            .collect();
-        tracing::info!(
-            notification = %n.id,
-            status = ?n.status,
-            subscribers = subs.len(),
-            "{}",
-            n.summary
-        );
-        if subs.is_empty() {
-            return Ok(());
-        }
-        store.enqueue(n, &subs)?;
-        self.inner.alerting.queued.notify_one();
-        Ok(())
-    }
-
-    // ---- delivery ----
-
-    /// Sends what is due, a few at a time; returns how many were tried.
-    async fn deliver_due(&self) -> Result<usize> {
-        let now = crate::model::now_ms();
-        let store = self.inner.store.clone();
-        let due = blocking(move || store.due_deliveries(now, 64)).await??;
-        let tried = due.len();
-        let mut running = tokio::task::JoinSet::new();
-        for (delivery, n, sub) in due {
-            while running.len() >= SENDS_AT_ONCE {
-                running.join_next().await;
-            }
-            let (channels, store) = (
-                self.inner.alerting.channels.clone(),
-                self.inner.store.clone(),
-            );
-            running.spawn_blocking(move || {
-                let outcome = channels.send(&sub, &n, &delivery.id);
-                let now = crate::model::now_ms();
-                let (attempt, error) = match outcome {
-                    Ok(()) => (Attempt::Sent, None),
-                    Err(e) if !e.retry || delivery.attempts + 1 >= MOST_ATTEMPTS => {
-                        tracing::warn!(delivery = %delivery.id, error = %e.message, "a notification was given up");
-                        (Attempt::Failed, Some(e.message))
-                    }
-                    Err(e) => {
-                        let wait = backoff_ms(delivery.attempts, rand::random::<f64>());
-                        (Attempt::Retry(now + wait), Some(e.message))
-                    }
-                };
-                if let Err(e) = store.record_attempt(&delivery.id, attempt, error.as_deref(), now) {
-                    tracing::error!(delivery = %delivery.id, error = %e, "a delivery's outcome could not be stored; it will be sent again");
-                }
-            });
-        }
-        while running.join_next().await.is_some() {}
-        Ok(tried)
     }
 }
 
@@ -748,58 +631,4 @@ fn group(rule: &Rule, transitions: Vec<Transition>, now: i64) -> Vec<Notificatio
         });
     }
     out
-}
-
-fn event(
-    tenant: &str,
-    f: &Function,
-    severity: Severity,
-    kind: &str,
-    summary: String,
-    value: f64,
-    now: i64,
-) -> Notification {
-    Notification {
-        id: new_id("ntf"),
-        tenant: tenant.to_string(),
-        status: Status::Event,
-        severity,
-        rule_id: None,
-        rule: None,
-        condition: kind.to_string(),
-        summary,
-        items: vec![Item {
-            function: f.name.clone(),
-            function_id: f.id.clone(),
-            value,
-            since: now,
-        }],
-        at: now,
-    }
-}
-
-fn system_event(
-    severity: Severity,
-    kind: &str,
-    summary: String,
-    value: f64,
-    now: i64,
-) -> Notification {
-    Notification {
-        id: new_id("ntf"),
-        tenant: String::new(),
-        status: Status::Event,
-        severity,
-        rule_id: None,
-        rule: None,
-        condition: kind.to_string(),
-        summary,
-        items: vec![Item {
-            function: String::new(),
-            function_id: String::new(),
-            value,
-            since: now,
-        }],
-        at: now,
-    }
 }

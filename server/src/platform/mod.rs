@@ -5,7 +5,7 @@
 //! and its resolution), `deploy` (versions, activation, deletion), `invoke` (sync calls and
 //! the one path every call runs through), `queue` (async tasks and their workers),
 //! `retention`, `monitor` (metrics, health, Prometheus), `anomalies` (anomaly detection fed
-//! from the minute rollups), `alerts` (rules, subscriptions, the outbox and its delivery),
+//! from the minute rollups), `alerts` (rules and subscriptions), `outbox` (notifications and their delivery),
 //! `chains` and `chain_steps` (chains and their durable runs) and the [`Catalog`] of lookups.
 
 mod alerts;
@@ -17,6 +17,7 @@ mod deploy;
 mod destinations;
 mod invoke;
 mod monitor;
+mod outbox;
 mod queue;
 mod quotas;
 mod retention;
