@@ -86,11 +86,6 @@ impl Jwks {
         }))
     }
 
-    /// Keys from a JWKS document's text (for tests and files).
-    fn parse(text: &str) -> Result<Vec<Key>, JwksError> {
-        parse(text)
-    }
-
     /// Reads the set again; on failure the set in use stays.
     pub fn refresh(&self) -> Result<usize, JwksError> {
         *self.fetched.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
@@ -113,7 +108,7 @@ impl Jwks {
                 match tokio::task::spawn_blocking(move || t.refresh()).await {
                     Ok(Ok(n)) => tracing::debug!(keys = n, "JWKS refreshed"),
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %crate::tls::chain(&e), "the JWKS could not be refreshed; the keys in use stay")
+                        tracing::warn!(error = %cloudfunc_sandbox::error_chain(&e), "the JWKS could not be refreshed; the keys in use stay")
                     }
                     Err(_) => {}
                 }
@@ -178,7 +173,7 @@ impl Jwks {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn_blocking(move || {
                 if let Err(e) = this.refresh() {
-                    tracing::warn!(error = %crate::tls::chain(&e), "the JWKS could not be read again for an unknown key id");
+                    tracing::warn!(error = %cloudfunc_sandbox::error_chain(&e), "the JWKS could not be read again for an unknown key id");
                 }
             });
         }
@@ -293,7 +288,7 @@ fn read(config: &JwksConfig) -> Result<Vec<Key>, JwksError> {
         (None, Some(url)) => fetch(url)?,
         (None, None) => return Err(JwksError::Invalid("no --jwks-file or --jwks-url".into())),
     };
-    let keys = Jwks::parse(&text)?;
+    let keys = parse(&text)?;
     if keys.is_empty() {
         return Err(JwksError::Invalid(
             "it holds no RSA or P-256 signing key".into(),

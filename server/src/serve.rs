@@ -243,7 +243,7 @@ fn reload_on_sighup(tls: Arc<crate::tls::Tls>) {
                     tracing::info!(%fingerprint, "TLS certificate reloaded; new connections use it")
                 }
                 Ok(Err(e)) => tracing::error!(
-                    error = %crate::tls::chain(&e),
+                    error = %cloudfunc_sandbox::error_chain(&e),
                     "the TLS certificate could not be reloaded; the one in use stays"
                 ),
                 Err(e) => tracing::error!(error = %e, "reloading the TLS certificate failed"),

@@ -141,8 +141,7 @@ pub async fn serve(
         match &tls {
             None => {
                 tokio::spawn(async move {
-                    let io = stream;
-                    connection(io, routes, &builder, watcher, &limits, peer).await;
+                    connection(stream, routes, &builder, watcher, &limits, peer).await;
                     drop(counted);
                 });
             }

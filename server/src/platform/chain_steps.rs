@@ -269,17 +269,18 @@ impl Steps for Exec {
             // A task of its own: a run's timeout (which drops the walk) does not cut a call
             // short, and the call is still recorded. A durable run's calls are waited for by a
             // graceful stop, as the queue's are.
+            let at = path.clone();
             let spawned = tokio::spawn(async move {
                 let _running = this
                     .inner
                     .durable
                     .then(|| Running::enter(&this.inner.platform.inner.queue_running));
-                this.step(path.clone(), target, input).await
+                this.step(path, target, input).await
             });
             spawned.await.unwrap_or_else(|e| {
                 Err(Failure::new(
                     "sandbox_failure",
-                    "",
+                    &at,
                     format!("the step's task failed: {e}"),
                 ))
             })

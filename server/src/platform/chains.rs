@@ -67,14 +67,11 @@ impl Platform {
                 spec.name
             )));
         }
-        let mut source = Value::Object(spec.definition);
-        let parsed = parse(&{
-            let mut with_name = source.clone();
-            with_name["name"] = Value::String(spec.name.clone());
-            with_name
-        })?;
+        // The name is the spec's own field: the definition is the rest.
+        let source = Value::Object(spec.definition);
+        let parsed = parse(&source)?;
         let (store, tenant, name) = (self.store(), caller.tenant.clone(), spec.name.clone());
-        let catalog = self.clone();
+        let clock = self.inner.config.clock.clone();
         let chain = blocking(move || -> Result<Chain> {
             for (path, target) in parsed.functions() {
                 let function = store
@@ -96,10 +93,7 @@ impl Platform {
             }
             let full = expanded(store.as_ref(), &tenant, &name, &source)?;
             parse(&full)?;
-            if let Some(obj) = source.as_object_mut() {
-                obj.remove("name");
-            }
-            let now = catalog.inner.config.clock.now_ms();
+            let now = clock.now_ms();
             Ok(store.put_chain(&Chain {
                 id: new_id("chain"),
                 tenant,
@@ -345,7 +339,7 @@ impl Platform {
     }
 }
 
-/// Keeps the type in use where the semaphore is built.
+/// The turns of async runs: [`RUNS_AT_ONCE`] of them.
 pub(super) fn turns() -> Arc<tokio::sync::Semaphore> {
     Arc::new(tokio::sync::Semaphore::new(RUNS_AT_ONCE))
 }
