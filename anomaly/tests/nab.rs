@@ -71,25 +71,7 @@ fn normalized(table: &str, profile: &str) -> Result<f64, Failed> {
 
 /// A row's timestamp as NAB writes it, `i` five-minute steps after 2014-05-13 16:53:20 UTC.
 fn stamp(i: i64) -> String {
-    let t = 1_400_000_000i64 + i * 300;
-    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
-    // Days since the epoch to a civil date (the proleptic Gregorian calendar in eras of 400
-    // years, each of 146,097 days).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    cloudfunc_anomaly::nab::format_timestamp(1_400_000_000i64 + i * 300)
 }
 
 /// Two series of a made-up category, one with a labelled jump, in NAB's layout; the results

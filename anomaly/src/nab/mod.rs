@@ -85,6 +85,28 @@ pub fn parse_timestamp(text: &str) -> Option<i64> {
     Some(days * 86_400 + h * 3600 + min * 60 + s)
 }
 
+/// A timestamp as NAB writes it, `YYYY-MM-DD HH:MM:SS`, of seconds since the epoch: the
+/// inverse of [`parse_timestamp`].
+pub fn format_timestamp(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // The civil date of a day count (the same algorithm, backwards).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Reads one CSV of `timestamp,value` rows (a header first).
 pub fn read_series(path: &Path, name: &str) -> Result<Series, NabError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
@@ -250,5 +272,17 @@ mod tests {
         assert_eq!(parse_timestamp("2000-03-01 00:00:01"), Some(951_868_801));
         assert_eq!(parse_timestamp("2014-13-10 07:15:00"), None);
         assert_eq!(parse_timestamp("yesterday"), None);
+    }
+
+    #[test]
+    fn formatting_is_the_inverse_of_parsing() {
+        assert_eq!(format_timestamp(1_397_114_100), "2014-04-10 07:15:00");
+        for secs in [0, 951_868_801, 1_400_000_000, 4_107_542_399, -86_401] {
+            assert_eq!(
+                parse_timestamp(&format_timestamp(secs)),
+                Some(secs),
+                "{secs}"
+            );
+        }
     }
 }
