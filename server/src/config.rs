@@ -165,6 +165,15 @@ pub struct ServeConfig {
     /// HS256 secret; refused if weak. Default: generated into the data directory.
     #[arg(long, env = "CLOUDFUNC_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// The master key(s) that wrap the data keys (`cfk1:...`, the first wraps; several,
+    /// comma-separated, while a rotation is finished at start). Default: the key file
+    /// master.key in the data directory, made on first start.
+    #[arg(long, env = "CLOUDFUNC_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Write new records in plaintext (to measure what encryption costs): sealed records
+    /// are still read, and secrets are always sealed.
+    #[arg(long)]
+    pub no_encryption_at_rest: bool,
     /// Queue workers.
     #[arg(long, env = "CLOUDFUNC_WORKERS", default_value_t = defaults::WORKERS)]
     pub workers: usize,
@@ -432,6 +441,9 @@ impl ServeConfig {
     /// The platform's configuration.
     pub fn platform(&self) -> PlatformConfig {
         let mut config = PlatformConfig::new(&self.data_dir);
+        // Extracted code is plaintext: it lives in the state directory, outside the data
+        // directory, rebuilt from the sealed archives after a restart.
+        config.code_dir = self.state_dir.join("code");
         config.bounds.default_max_instances = self.concurrency;
         config.min_free_bytes = self.min_free_mb.saturating_mul(1024 * 1024);
         config.anomalies.threshold = self.anomaly_threshold;
@@ -514,7 +526,10 @@ mod tests {
         assert_eq!(c.listen.to_string(), defaults::LISTEN);
         assert_eq!(c.pool().max_sandboxes, PoolConfig::default().max_sandboxes);
         assert_eq!(c.platform().bounds, Bounds::default());
-        assert_eq!(c.platform().code_dir, PathBuf::from("/d/code"));
+        assert_eq!(
+            c.platform().code_dir,
+            PathBuf::from(defaults::STATE_DIR).join("code")
+        );
         c.validate().unwrap();
     }
 }

@@ -40,6 +40,20 @@ pub fn secure(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(tightened)
 }
 
+/// Creates `dir` 0700 if missing, and makes it 0700 if it is not.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut tightened = Vec::new();
+    tighten(dir, 0o700, &mut tightened)?;
+    for what in tightened {
+        tracing::warn!(%what, "the state directory let other users in; tightened");
+    }
+    Ok(())
+}
+
 /// Sets `path` to `mode` if it grants anything to the group or others.
 fn tighten(path: &Path, mode: u32, tightened: &mut Vec<String>) -> std::io::Result<()> {
     let was = std::fs::metadata(path)?.permissions().mode() & 0o7777;

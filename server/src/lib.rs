@@ -29,3 +29,5 @@ pub mod serve;
 pub mod store;
 pub mod tls;
 pub mod wall;
+
+pub use cloudfunc_atrest as atrest;

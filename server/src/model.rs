@@ -62,11 +62,28 @@ pub struct Version {
     /// Where an async run's error record goes when it fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failure: Option<String>,
+    /// Names of the tenant's secrets put in the function's environment at load.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    /// Their values, filled in by the platform when it loads the version (never stored with
+    /// it, never serialised, never printed).
+    #[serde(skip)]
+    pub secret_env: SecretEnv,
     /// Where the code lives on disk (not shown to clients).
     #[serde(skip)]
     pub code_dir: String,
     /// Unix milliseconds.
     pub created_at: i64,
+}
+
+/// Secret values for a function's environment: shown as their names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretEnv(pub std::sync::Arc<std::collections::BTreeMap<String, String>>);
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
 }
 
 /// Where a task stands.

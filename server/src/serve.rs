@@ -111,12 +111,18 @@ pub async fn run(
     for what in tightened {
         tracing::warn!(%what, "a mode in the data directory let other users in; tightened");
     }
+    // The state directory holds the extracted code and the sandboxes' bundles (whose
+    // config.json carries each function's environment, secrets included): the server's own.
+    crate::datadir::private_dir(&config.state_dir)
+        .with_context(|| format!("making {} private", config.state_dir.display()))?;
     let keys = load_keys(&config.data_dir, config.jwt_secret.as_deref())?;
     let store = Arc::new(
         SqliteStore::open_with(
             &config.data_dir.join(crate::datadir::DATABASE),
             config.wal_limit_mb.max(1).saturating_mul(1024 * 1024),
             std::time::Duration::from_millis(500),
+            crate::atrest::KeySource::of(&config.data_dir, config.master_key.clone()),
+            !config.no_encryption_at_rest,
         )
         .context("opening the database")?,
     );
@@ -141,6 +147,13 @@ pub async fn run(
     platform_config.clock = clock;
     let platform =
         Platform::new(store, pool, platform_config).context("starting the task recorder")?;
+    let restored = platform
+        .restore_code()
+        .await
+        .context("restoring the functions' code from the store")?;
+    if !restored.missing.is_empty() {
+        tracing::error!(versions = ?restored.missing, "versions whose code is stored nowhere: their calls will fail");
+    }
     platform.start_retention(retention);
     platform
         .start_anomalies()

@@ -386,7 +386,7 @@ fn canonical_lifecycle() {
     );
     assert_eq!(get(s, &format!("/api/functions/{id}"), &t).status, 404);
     assert!(
-        !s.dir.join("data/code").join(&id).exists(),
+        !s.dir.join("state/code").join(&id).exists(),
         "code removed with the function"
     );
 }
@@ -1369,7 +1369,7 @@ fn deploy_compiles() {
         assert_eq!(r.status, 201, "{r:?}");
         let id = r.body["id"].as_str().unwrap();
         // Each version's code directory holds its compiled modules.
-        let code = s.dir.join("data/code").join(id).join(version.to_string());
+        let code = s.dir.join("state/code").join(id).join(version.to_string());
         let cached = |dir: &str| -> Vec<String> {
             let mut names: Vec<String> = std::fs::read_dir(code.join(dir))
                 .map(|d| {

@@ -91,6 +91,12 @@ impl From<PlatformError> for ApiError {
                 retry_after: Some(retry_after.as_secs().max(1)),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_busy", message)
             },
+            PlatformError::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", m),
+            PlatformError::Damaged(m) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "record_damaged",
+                format!("{m}; it is not served (the rest of the data is unaffected)"),
+            ),
             PlatformError::Internal(cause) => {
                 tracing::error!(cause = format!("{cause:#}"), "internal error");
                 ApiError::new(

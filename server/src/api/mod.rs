@@ -19,6 +19,7 @@ pub mod functions;
 pub mod functions_json;
 pub mod openapi;
 pub mod router;
+mod secrets;
 pub mod system;
 pub mod tasks;
 pub mod upload;
@@ -59,6 +60,7 @@ pub fn table() -> Table {
     routes.extend(anomalies::routes());
     routes.extend(alerts::routes());
     routes.extend(chains::routes());
+    routes.extend(secrets::routes());
     routes.extend(functions_json::routes());
     routes.extend(upload::routes());
     routes.extend(dashboard::routes());

@@ -172,10 +172,10 @@ fn components() -> Value {
     {
         schemas.extend(more);
     }
-    if let (Some(schemas), Value::Object(more)) =
-        (c["schemas"].as_object_mut(), super::chains::schemas())
-    {
-        schemas.extend(more);
+    for more in [super::chains::schemas(), super::secrets::schemas()] {
+        if let (Some(schemas), Value::Object(more)) = (c["schemas"].as_object_mut(), more) {
+            schemas.extend(more);
+        }
     }
     c
 }

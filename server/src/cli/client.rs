@@ -48,6 +48,17 @@ impl Client {
         tenant: &str,
         ca_cert: Option<&Path>,
     ) -> Result<Client> {
+        Client::with(base, token, data_dir, (tenant, false), ca_cert)
+    }
+
+    /// [`Client::new`], minting an admin token when `admin` (and none is given).
+    pub fn with(
+        base: &str,
+        token: Option<String>,
+        data_dir: &Path,
+        (tenant, admin): (&str, bool),
+        ca_cert: Option<&Path>,
+    ) -> Result<Client> {
         let token = match token {
             Some(t) => t,
             None => {
@@ -55,7 +66,7 @@ impl Client {
                 let secret = std::fs::read(&path).with_context(|| {
                     format!("no token given (--token or CLOUDFUNC_TOKEN) and cannot read the local server's secret {}", path.display())
                 })?;
-                Keys::new(&secret)?.mint(tenant, false, 3600)
+                Keys::new(&secret)?.mint(tenant, admin, 3600)
             }
         };
         let agent = ureq::Agent::config_builder()
@@ -116,6 +127,20 @@ impl Client {
                 .put(&url)
                 .header("authorization", &format!("Bearer {}", self.token))
                 .send_empty(),
+            &url,
+        )
+    }
+
+    /// PUT `path` with a JSON body.
+    pub fn put_json(&self, path: &str, body: &Value) -> Result<Reply> {
+        let url = format!("{}{path}", self.base);
+        let text = serde_json::to_string(body)?;
+        Self::finish(
+            self.agent
+                .put(&url)
+                .header("authorization", &format!("Bearer {}", self.token))
+                .header("content-type", "application/json")
+                .send(text.as_bytes()),
             &url,
         )
     }

@@ -10,11 +10,13 @@ use crate::model::{Task, TaskStatus};
 
 /// Runs a client command against the server.
 pub fn run(cli: &Cli) -> Result<bool> {
-    let c = Client::new(
+    // The keys are the operator's: a token minted here for them is an admin's.
+    let admin = matches!(cli.command, Command::Keys(_));
+    let c = Client::with(
         &cli.url,
         cli.token.clone(),
         &cli.data_dir,
-        &cli.tenant,
+        (&cli.tenant, admin),
         cli.ca_cert.as_deref(),
     )?;
     let out = Out { json: cli.json };
@@ -35,6 +37,8 @@ pub fn run(cli: &Cli) -> Result<bool> {
         Command::Delete { name } => delete(&c, &out, name),
         Command::Alerts(a) => super::alerts::run(&c, &out, a),
         Command::Chain(a) => super::chains::run(&c, &out, a),
+        Command::Secrets(a) => super::secrets::secrets(&c, &out, a),
+        Command::Keys(a) => super::secrets::keys(&c, &out, a),
         Command::Serve(_) | Command::Token { .. } | Command::Run(_) => {
             bail!("not a client command")
         }

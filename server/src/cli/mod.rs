@@ -9,6 +9,7 @@ mod commands;
 mod deploy;
 mod local;
 pub mod render;
+mod secrets;
 
 use std::path::PathBuf;
 
@@ -128,6 +129,12 @@ pub enum Command {
     /// Chains: functions run one after another (and in parallel, over lists, by condition).
     #[command(subcommand)]
     Chain(chains::ChainCommand),
+    /// Secrets: values put in the environment of the functions that name them.
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCommand),
+    /// Encryption at rest (admin): the keys' status, master-key rotation, re-encryption.
+    #[command(subcommand)]
+    Keys(secrets::KeysCommand),
 }
 
 /// Runs the command; `Ok(false)` when it ran but what it ran failed (exit code 1).

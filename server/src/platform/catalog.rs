@@ -63,7 +63,13 @@ impl Catalog {
         self.cached(
             (function_id.to_string(), number),
             |s| &mut s.versions,
-            || store.version(function_id, number),
+            || {
+                let mut found = store.version(function_id, number)?;
+                if let Some(v) = &mut found {
+                    super::secrets::fill_of(store, function_id, v)?;
+                }
+                Ok(found)
+            },
         )
     }
 

@@ -93,12 +93,13 @@ impl Exec {
     async fn note(&self, step: StepRecord) -> Result<(), Failure> {
         self.lock().insert(step.path.clone(), step.clone());
         if self.inner.durable {
-            let (store, id, path) = (
+            let (store, tenant, id, path) = (
                 self.inner.platform.store(),
+                self.inner.caller.tenant.clone(),
                 self.inner.run_id.clone(),
                 step.path.clone(),
             );
-            let saved = blocking(move || store.save_step(&id, &step)).await;
+            let saved = blocking(move || store.save_step(&tenant, &id, &step)).await;
             if !matches!(saved, Ok(Ok(()))) {
                 tracing::error!(run_id = %self.inner.run_id, step = %path, error = ?saved, "a chain step could not be stored");
                 return Err(Failure::new(

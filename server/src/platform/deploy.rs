@@ -186,12 +186,18 @@ impl Platform {
             .map(Settings::of_version)
             .unwrap_or_default();
         let merged = from_previous.overlay(manifest).overlay(settings);
-        let version = merged
+        let mut version = merged
             .resolve(new.number, &code_path, &config.bounds, self.engines())
             .map_err(cleanup)?;
         super::destinations::check(self.inner.store.as_ref(), new.tenant, new.name, &version)
             .map_err(cleanup)?;
+        super::secrets::fill(self.inner.store.as_ref(), new.tenant, &mut version)
+            .map_err(|e| cleanup(e.into()))?;
+        super::secrets::missing(&version).map_err(cleanup)?;
         if fresh_code {
+            let key = super::code::code_key(new.function_id, new.number);
+            self.archive_code(new.tenant, &key, &code_path)
+                .map_err(cleanup)?;
             self.precompile(&version, &code_path);
         }
         let loaded = self
@@ -225,7 +231,7 @@ impl Platform {
     /// Compiles new code once, in a sandbox of its function's isolation, so that its cold
     /// starts do not (see [`cloudfunc_sandbox::Engine::precompile`]). A failure costs only that: the function
     /// compiles its code at each cold start, as it would have anyway.
-    fn precompile(&self, version: &Version, code_dir: &Path) {
+    pub(super) fn precompile(&self, version: &Version, code_dir: &Path) {
         let runtime = version.runtime;
         let done = self
             .engine(version.isolation)

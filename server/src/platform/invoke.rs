@@ -53,6 +53,7 @@ impl Platform {
             .ok_or_else(|| {
                 PlatformError::NotFound(format!("function {key:?} has no version {number}"))
             })?;
+        super::secrets::missing(&version)?;
         Ok((function, version))
     }
 
@@ -71,6 +72,9 @@ impl Platform {
         let (function, version) = self.inner.catalog.held(caller.scope(), key, version)?;
         if !function.active {
             return Some(Err(PlatformError::Inactive(function.name.clone())));
+        }
+        if let Err(e) = super::secrets::missing(&version) {
+            return Some(Err(e));
         }
         Some(Ok((function, version)))
     }
@@ -190,6 +194,13 @@ fn spec_for(name: &str, version: &Version) -> SandboxSpec {
     let mut spec = SandboxSpec::new(version.runtime, &version.code_dir);
     spec.handler = version.handler.clone();
     spec.env = version.env.clone();
+    spec.env.extend(
+        version
+            .secret_env
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
     spec.function_name = name.to_string();
     spec.function_version = version.version.to_string();
     spec.limits = Limits {

@@ -13,6 +13,7 @@ mod anomalies;
 mod catalog;
 mod chain_steps;
 mod chains;
+mod code;
 mod deploy;
 mod destinations;
 mod invoke;
@@ -21,6 +22,7 @@ mod outbox;
 mod queue;
 mod quotas;
 mod retention;
+pub mod secrets;
 pub mod settings;
 pub mod space;
 #[cfg(test)]
@@ -42,6 +44,7 @@ use crate::wall::WallClock;
 pub use alerts::{AlertConfig, Unsubscribe};
 pub use catalog::Catalog;
 pub use chains::ChainSpec;
+pub use code::Restored;
 pub use deploy::Code;
 pub use invoke::execute;
 pub use quotas::Quotas;
@@ -79,6 +82,12 @@ pub enum PlatformError {
         message: String,
         retry_after: Duration,
     },
+    /// Only an admin may do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A stored record failed its integrity check: reported for that record, not served.
+    #[error("{0}")]
+    Damaged(String),
     /// Our fault; logged with its cause, shown without it.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -105,6 +114,10 @@ impl From<StoreError> for PlatformError {
         match e {
             StoreError::Conflict => PlatformError::Conflict(e.to_string()),
             StoreError::Full => no_space(),
+            StoreError::Damaged(m) => {
+                tracing::error!(record = %m, "a sealed record failed its integrity check");
+                PlatformError::Damaged(m)
+            }
             e => PlatformError::Internal(e.into()),
         }
     }
@@ -198,6 +211,14 @@ impl Platform {
     ) -> std::io::Result<Platform> {
         // Code a deploy had staged when the process last stopped belongs to no version.
         let _ = std::fs::remove_dir_all(config.code_dir.join(deploy::INCOMING));
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.code_dir)?;
+            std::fs::set_permissions(&config.code_dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let space = Arc::new(Space::new(&config.data_dir, config.min_free_bytes));
         if tokio::runtime::Handle::try_current().is_ok() {
             space.watch();

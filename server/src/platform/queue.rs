@@ -49,12 +49,13 @@ impl Platform {
     /// Stores how a claimed task ended, behind: a write the store refuses for now is kept
     /// and tried again until it is stored, so a full disk never leaves the task `running`
     /// (reads find its end meanwhile).
-    async fn end(&self, task_id: &str, completion: Completion) -> Result<()> {
+    async fn end(&self, task: &Task, completion: Completion) -> Result<()> {
         Ok(self
             .inner
             .recorder
             .write_behind(Write::Complete {
-                task_id: task_id.into(),
+                task_id: task.task_id.clone(),
+                tenant: task.tenant.clone(),
                 completion,
                 at: self.inner.config.clock.now_ms(),
             })
@@ -130,7 +131,7 @@ impl Platform {
                     ErrorKind::SandboxFailure,
                     "the platform could not run this task",
                 );
-                if let Err(e) = self.end(&task.task_id, completion).await {
+                if let Err(e) = self.end(&task, completion).await {
                     tracing::error!(task_id = %task.task_id, error = ?e, "the task's end was not stored");
                 }
             }
@@ -177,7 +178,7 @@ impl Platform {
         // The end is queued to the recorder before the destination's task, whose commit (which
         // the submit waits for) therefore carries the end too.
         let forwarded = version.as_ref().map(|_| completion.clone());
-        self.end(&task.task_id, completion).await?;
+        self.end(task, completion).await?;
         if let (Some(version), Some(completion)) = (&version, forwarded) {
             self.forward(task, version, &completion).await;
         }

@@ -53,6 +53,22 @@ impl FromField for BTreeMap<String, String> {
     }
 }
 
+impl FromField for Vec<String> {
+    fn from_field(key: &str, value: &str) -> std::result::Result<Self, String> {
+        let value = value.trim();
+        if value.starts_with('[') {
+            return serde_json::from_str(value)
+                .map_err(|_| format!("{key} must be a JSON array of names, like [\"DB_PASSWORD\"], or names separated by commas"));
+        }
+        Ok(value
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect())
+    }
+}
+
 impl FromField for Runtime {
     fn from_field(_: &str, value: &str) -> std::result::Result<Self, String> {
         value.parse::<Runtime>().map_err(|e| e.to_string())
@@ -143,6 +159,8 @@ settings! {
     cpu: u32 ["cpu_millicores"];
     /// Environment variables the function sees.
     env: BTreeMap<String, String>;
+    /// Names of the tenant's secrets (`cloudfunc secrets set`) put in its environment.
+    secrets: Vec<String>;
     /// Retries of an async task interrupted by a crash (0: at most once).
     max_retries: u32;
     /// `container` or `gvisor`.
@@ -274,6 +292,17 @@ impl Settings {
                 "environment variable name {key:?} is not [A-Za-z_][A-Za-z0-9_]*"
             )));
         }
+        let secrets = self.secrets.unwrap_or_default();
+        if let Some(name) = secrets.iter().find(|n| !valid_env_name(n)) {
+            return Err(bad(format!(
+                "secret name {name:?} is not [A-Za-z_][A-Za-z0-9_]* (a secret is put in the environment under its name)"
+            )));
+        }
+        if let Some(name) = secrets.iter().find(|n| env.contains_key(*n)) {
+            return Err(bad(format!(
+                "{name} is both in env and in secrets: keep it in one"
+            )));
+        }
         if let Some(h) = &self.handler {
             let ok = !h.is_empty()
                 && h.len() <= 128
@@ -314,6 +343,8 @@ impl Settings {
             memory_mb,
             cpu_millicores: cpu,
             env,
+            secrets,
+            secret_env: Default::default(),
             max_retries: self.max_retries.unwrap_or(0).min(10),
             isolation,
             keep_warm_s,
@@ -431,6 +462,7 @@ mod tests {
             min_instances: Some(1),
             max_instances: Some(3),
             on_failure: Some("chain:report".into()),
+            secrets: Some(vec!["DB_PASSWORD".into()]),
             ..Settings::default()
         };
         let version = Version {
@@ -441,6 +473,8 @@ mod tests {
             memory_mb: 64,
             cpu_millicores: 250,
             env: settings.env.clone().unwrap(),
+            secrets: settings.secrets.clone().unwrap(),
+            secret_env: Default::default(),
             max_retries: 2,
             isolation: Isolation::Container,
             keep_warm_s: 9,

@@ -17,8 +17,8 @@ pub trait ChainStore {
     fn delete_chain(&self, id: &str) -> Result<bool>;
     /// Writes a run and every step it carries, in one transaction.
     fn save_run(&self, run: &ChainRun) -> Result<()>;
-    /// Writes one step of a run (as it starts, and again as it ends).
-    fn save_step(&self, run_id: &str, step: &StepRecord) -> Result<()>;
+    /// Writes one step of `tenant`'s run (as it starts, and again as it ends).
+    fn save_step(&self, tenant: &str, run_id: &str, step: &StepRecord) -> Result<()>;
     /// A run, with its steps, as `tenant` sees it.
     fn chain_run(&self, tenant: Option<&str>, run_id: &str) -> Result<Option<ChainRun>>;
     /// A chain's newest runs, with their steps, newest first.

@@ -242,9 +242,9 @@ impl crate::store::ChainStore for Flaky {
         self.refuse()?;
         self.inner.save_run(run)
     }
-    fn save_step(&self, run_id: &str, step: &crate::chains::StepRecord) -> Result<()> {
+    fn save_step(&self, t: &str, run_id: &str, step: &crate::chains::StepRecord) -> Result<()> {
         self.refuse()?;
-        self.inner.save_step(run_id, step)
+        self.inner.save_step(t, run_id, step)
     }
     fn chain_run(&self, t: Option<&str>, id: &str) -> Result<Option<crate::chains::ChainRun>> {
         self.inner.chain_run(t, id)
@@ -254,5 +254,57 @@ impl crate::store::ChainStore for Flaky {
     }
     fn unfinished_runs(&self) -> Result<Vec<crate::chains::ChainRun>> {
         self.inner.unfinished_runs()
+    }
+}
+
+impl super::SealedStore for Flaky {
+    fn put_code(&self, tenant: &str, path: &str, archive: &[u8]) -> Result<()> {
+        self.refuse()?;
+        self.inner.put_code(tenant, path, archive)
+    }
+    fn code(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        self.inner.code(path)
+    }
+    fn set_code_dir(&self, function_id: &str, version: u32, code_dir: &str) -> Result<()> {
+        self.refuse()?;
+        self.inner.set_code_dir(function_id, version, code_dir)
+    }
+    fn code_bytes(&self, tenant: &str) -> Result<u64> {
+        self.inner.code_bytes(tenant)
+    }
+    fn set_secret(&self, tenant: &str, name: &str, value: &str) -> Result<()> {
+        self.refuse()?;
+        self.inner.set_secret(tenant, name, value)
+    }
+    fn delete_secret(&self, tenant: &str, name: &str) -> Result<bool> {
+        self.refuse()?;
+        self.inner.delete_secret(tenant, name)
+    }
+    fn secret_names(&self, tenant: &str) -> Result<Vec<super::SecretInfo>> {
+        self.inner.secret_names(tenant)
+    }
+    fn secrets(
+        &self,
+        tenant: &str,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>> {
+        self.inner.secrets(tenant, names)
+    }
+    fn data_keys(&self) -> Result<Vec<super::KeyInfo>> {
+        self.inner.data_keys()
+    }
+    fn master_key(&self) -> String {
+        self.inner.master_key()
+    }
+    fn sealing(&self) -> bool {
+        self.inner.sealing()
+    }
+    fn rotate_master_key(&self) -> Result<String> {
+        self.refuse()?;
+        self.inner.rotate_master_key()
+    }
+    fn reencrypt(&self, tenant: Option<&str>) -> Result<super::Reencrypted> {
+        self.refuse()?;
+        self.inner.reencrypt(tenant)
     }
 }

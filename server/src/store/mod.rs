@@ -12,6 +12,7 @@ mod chains;
 pub(crate) mod flaky;
 mod recorder;
 mod retry;
+pub mod sealed;
 pub mod sqlite;
 
 pub use alerts::{AlertStore, Attempt};
@@ -19,6 +20,7 @@ pub use anomalies::AnomalyStore;
 pub use chains::ChainStore;
 pub use recorder::Recorder;
 pub use retry::Retry;
+pub use sealed::{KeyInfo, Reencrypted, SealedStore, SecretInfo};
 pub use sqlite::SqliteStore;
 
 use crate::model::{Completion, Function, Task, Version};
@@ -50,6 +52,12 @@ pub enum StoreError {
     /// The database was written by a newer cloudfunc.
     #[error("the database's schema is version {found}, newer than this cloudfunc's {known}: upgrade cloudfunc")]
     NewerSchema { found: i64, known: i64 },
+    /// A sealed record failed to open (tampered with, or damaged on disk): not served.
+    #[error("{0}")]
+    Damaged(String),
+    /// The master key or the data keys are wrong or missing.
+    #[error(transparent)]
+    Keys(#[from] crate::atrest::AtRestError),
 }
 
 impl StoreError {
@@ -62,6 +70,9 @@ impl StoreError {
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         use rusqlite::ErrorCode as C;
+        if let Some(damaged) = sqlite::damaged(&e) {
+            return damaged;
+        }
         match e.sqlite_error_code() {
             Some(C::DiskFull) => StoreError::Full,
             Some(
@@ -97,6 +108,8 @@ pub enum Write {
     /// How a stored task ended, as of `at` (Unix ms).
     Complete {
         task_id: String,
+        /// Whose task it is (its records are sealed with this tenant's key).
+        tenant: String,
         completion: Completion,
         at: i64,
     },
@@ -109,6 +122,15 @@ pub enum Write {
 }
 
 impl Write {
+    /// Whose task it is.
+    pub fn tenant(&self) -> &str {
+        match self {
+            Write::Insert(task) => &task.tenant,
+            Write::Finished { task, .. } => &task.tenant,
+            Write::Complete { tenant, .. } => tenant,
+        }
+    }
+
     /// The task written.
     pub fn task_id(&self) -> &str {
         match self {
@@ -120,9 +142,11 @@ impl Write {
 }
 
 /// Where functions, versions and tasks are kept (and anomaly detection's findings and
-/// alerting's rules and outbox, and chains and their runs, through [`AnomalyStore`],
-/// [`AlertStore`] and [`ChainStore`]). `tenant: None` means an admin, who sees all.
-pub trait Store: AnomalyStore + AlertStore + ChainStore + Send + Sync + std::fmt::Debug {
+/// alerting's rules and outbox, chains and their runs, and code archives, secrets and keys,
+/// through [`AnomalyStore`], [`AlertStore`], [`ChainStore`] and [`SealedStore`]). `tenant: None` means an admin, who sees all.
+pub trait Store:
+    AnomalyStore + AlertStore + ChainStore + SealedStore + Send + Sync + std::fmt::Debug
+{
     /// The function `key` (an id or a name) as `tenant` sees it.
     fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>>;
     /// Every function `tenant` sees, by name.
@@ -143,7 +167,8 @@ pub trait Store: AnomalyStore + AlertStore + ChainStore + Send + Sync + std::fmt
     fn versions(&self, function_id: &str) -> Result<Vec<Version>>;
     /// Activates or deactivates.
     fn set_active(&self, function_id: &str, active: bool) -> Result<()>;
-    /// Deletes a function and its versions; returns the versions (their code is the caller's).
+    /// Deletes a function, its versions and their code archives; returns the versions (their
+    /// extracted code is the caller's).
     fn delete_function(&self, function_id: &str) -> Result<Vec<Version>>;
     /// Applies `writes` in order, in one transaction: all of them or none. A finished task
     /// is added to its rollups once, however often its end is stored.

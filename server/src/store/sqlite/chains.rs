@@ -3,6 +3,8 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use super::sealed::{opened, place, step_row, Seal};
+use crate::atrest::Sealer;
 use crate::chains::{Chain, ChainRun, RunStatus, StepRecord};
 use crate::model::Mode;
 use crate::store::Result;
@@ -127,9 +129,10 @@ pub(super) fn delete_chain(conn: &Connection, id: &str) -> Result<bool> {
     Ok(conn.execute("DELETE FROM chains WHERE id = ?1", params![id])? > 0)
 }
 
-pub(super) fn save_run(conn: &mut Connection, run: &ChainRun) -> Result<()> {
+pub(super) fn save_run(conn: &mut Connection, run: &ChainRun, seal: Seal<'_>) -> Result<()> {
     let tx = conn.transaction()?;
     let json = |v: &Option<serde_json::Value>| v.as_ref().map(serde_json::to_string).transpose();
+    let id = &run.run_id;
     tx.prepare_cached(&format!(
         "INSERT OR REPLACE INTO chain_runs ({RUN_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
     ))?
@@ -140,9 +143,13 @@ pub(super) fn save_run(conn: &mut Connection, run: &ChainRun) -> Result<()> {
         run.chain,
         run.mode.as_str(),
         run.status.as_str(),
-        serde_json::to_string(&run.input)?,
-        json(&run.output)?,
-        run.error.as_ref().map(serde_json::to_string).transpose()?,
+        seal.text(place::RUN_INPUT, id, serde_json::to_string(&run.input)?),
+        seal.opt(place::RUN_OUTPUT, id, json(&run.output)?),
+        seal.opt(
+            place::RUN_ERROR,
+            id,
+            run.error.as_ref().map(serde_json::to_string).transpose()?
+        ),
         serde_json::to_string(&run.definition)?,
         run.deadline_at,
         run.created_at,
@@ -150,20 +157,29 @@ pub(super) fn save_run(conn: &mut Connection, run: &ChainRun) -> Result<()> {
         run.finished_at
     ])?;
     for step in &run.steps {
-        save_step(&tx, &run.run_id, step)?;
+        save_step(&tx, &run.run_id, step, seal)?;
     }
     tx.commit()?;
     Ok(())
 }
 
-pub(super) fn save_step(conn: &Connection, run_id: &str, step: &StepRecord) -> Result<()> {
+pub(super) fn save_step(
+    conn: &Connection,
+    run_id: &str,
+    step: &StepRecord,
+    seal: Seal<'_>,
+) -> Result<()> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO chain_steps (run_id, path, body, started_at) VALUES (?1, ?2, ?3, ?4)",
     )?
     .execute(params![
         run_id,
         step.path,
-        serde_json::to_string(step)?,
+        seal.text(
+            place::STEP,
+            &step_row(run_id, &step.path),
+            serde_json::to_string(step)?
+        ),
         step.started_at
     ])?;
     Ok(())
@@ -171,7 +187,11 @@ pub(super) fn save_step(conn: &Connection, run_id: &str, step: &StepRecord) -> R
 
 type RawRun = (ChainRun, String, Option<String>, Option<String>, String);
 
-fn run_row(r: &Row<'_>) -> rusqlite::Result<RawRun> {
+fn run_row(sealer: &Sealer, r: &Row<'_>) -> rusqlite::Result<RawRun> {
+    let id: String = r.get(0)?;
+    let sealed = |i: usize, column: &'static str| {
+        opened(sealer, r, i, column, &id, || format!("chain run {id}"))
+    };
     let mode: String = r.get(4)?;
     let status: String = r.get(5)?;
     Ok((
@@ -192,25 +212,32 @@ fn run_row(r: &Row<'_>) -> rusqlite::Result<RawRun> {
             finished_at: r.get(13)?,
             steps: Vec::new(),
         },
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
+        sealed(6, place::RUN_INPUT)?.unwrap_or_default(),
+        sealed(7, place::RUN_OUTPUT)?,
+        sealed(8, place::RUN_ERROR)?,
         r.get(9)?,
     ))
 }
 
 /// A run row with its JSON columns read and its steps, in the order they started.
-fn complete(conn: &Connection, raw: RawRun) -> Result<ChainRun> {
+fn complete(conn: &Connection, sealer: &Sealer, raw: RawRun) -> Result<ChainRun> {
     let (mut run, input, output, error, definition) = raw;
     run.input = serde_json::from_str(&input)?;
     run.output = output.map(|o| serde_json::from_str(&o)).transpose()?;
     run.error = error.map(|e| serde_json::from_str(&e)).transpose()?;
     run.definition = serde_json::from_str(&definition)?;
     let mut stmt = conn.prepare_cached(
-        "SELECT body FROM chain_steps WHERE run_id = ?1 ORDER BY started_at, path",
+        "SELECT body, path FROM chain_steps WHERE run_id = ?1 ORDER BY started_at, path",
     )?;
+    let run_id = run.run_id.clone();
     let bodies = stmt
-        .query_map(params![run.run_id], |r| r.get::<_, String>(0))?
+        .query_map(params![run.run_id], |r| {
+            let path: String = r.get(1)?;
+            let body = opened(sealer, r, 0, place::STEP, &step_row(&run_id, &path), || {
+                format!("step {path} of chain run {run_id}")
+            })?;
+            Ok(body.unwrap_or_default())
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     run.steps = bodies
         .iter()
@@ -222,6 +249,7 @@ fn complete(conn: &Connection, raw: RawRun) -> Result<ChainRun> {
 
 pub(super) fn chain_run(
     conn: &Connection,
+    sealer: &Sealer,
     tenant: Option<&str>,
     run_id: &str,
 ) -> Result<Option<ChainRun>> {
@@ -229,30 +257,44 @@ pub(super) fn chain_run(
         .prepare_cached(&format!(
             "SELECT {RUN_COLS} FROM chain_runs WHERE (?1 IS NULL OR tenant = ?1) AND id = ?2"
         ))?
-        .query_row(params![tenant, run_id], run_row)
+        .query_row(params![tenant, run_id], |r| run_row(sealer, r))
         .optional()?;
-    raw.map(|r| complete(conn, r)).transpose()
+    raw.map(|r| complete(conn, sealer, r)).transpose()
 }
 
-fn runs_where(conn: &Connection, sql: &str, p: &[&dyn rusqlite::ToSql]) -> Result<Vec<ChainRun>> {
+fn runs_where(
+    conn: &Connection,
+    sealer: &Sealer,
+    sql: &str,
+    p: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<ChainRun>> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {RUN_COLS} FROM chain_runs {sql}"))?;
     let raws = stmt
-        .query_map(p, run_row)?
+        .query_map(p, |r| run_row(sealer, r))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    raws.into_iter().map(|r| complete(conn, r)).collect()
+    raws.into_iter()
+        .map(|r| complete(conn, sealer, r))
+        .collect()
 }
 
-pub(super) fn chain_runs(conn: &Connection, chain_id: &str, limit: u32) -> Result<Vec<ChainRun>> {
+pub(super) fn chain_runs(
+    conn: &Connection,
+    sealer: &Sealer,
+    chain_id: &str,
+    limit: u32,
+) -> Result<Vec<ChainRun>> {
     runs_where(
         conn,
+        sealer,
         "WHERE chain_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2",
         &[&chain_id, &limit],
     )
 }
 
-pub(super) fn unfinished_runs(conn: &Connection) -> Result<Vec<ChainRun>> {
+pub(super) fn unfinished_runs(conn: &Connection, sealer: &Sealer) -> Result<Vec<ChainRun>> {
     runs_where(
         conn,
+        sealer,
         "WHERE status IN ('queued', 'running') ORDER BY created_at, id",
         &[],
     )

@@ -13,6 +13,7 @@ mod checkpoint;
 mod rollups;
 mod rows;
 mod schema;
+mod sealed;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -24,9 +25,10 @@ use parking_lot::{FairMutex, FairMutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Store, StoreSize,
-    Write,
+    AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Store, StoreError,
+    StoreSize, Write,
 };
+use crate::atrest::{KeySource, Sealer};
 use crate::model::{
     now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, Version,
 };
@@ -36,6 +38,7 @@ use rows::{
     call_row, complete, conflict, finished, function_row, insert, task_row, CALL_COLS,
     FUNCTION_COLS, TASK_COLS,
 };
+pub(crate) use sealed::damaged;
 
 /// The oldest queued task that is due at `?1`: first come, first served, except that a task
 /// held back by its retry backoff lets younger ones pass.
@@ -57,6 +60,8 @@ pub struct SqliteStore {
     conn: Arc<FairMutex<Connection>>,
     reader: Arc<FairMutex<Connection>>,
     checkpoints: Arc<CheckpointStats>,
+    /// Seals and opens tenant data with the tenants' data keys.
+    sealer: Arc<Sealer>,
     /// Dropped with the store, which stops the checkpointer.
     _checkpointer: Checkpointer,
 }
@@ -77,16 +82,33 @@ fn connect(path: &Path) -> Result<Connection> {
 }
 
 impl SqliteStore {
-    /// Opens (creating) the database at `path`, its WAL bounded to [`WAL_LIMIT`].
+    /// Opens (creating) the database at `path`, its WAL bounded to [`WAL_LIMIT`], sealing
+    /// with the master key in the file beside it (`<path>.key`, made if missing).
     pub fn open(path: &Path) -> Result<SqliteStore> {
-        SqliteStore::open_with(path, WAL_LIMIT, CHECKPOINT_EVERY)
+        let mut key = path.as_os_str().to_owned();
+        key.push(".key");
+        SqliteStore::open_with(
+            path,
+            WAL_LIMIT,
+            CHECKPOINT_EVERY,
+            KeySource::File(key.into()),
+            true,
+        )
     }
 
     /// Opens (creating) the database at `path`, checkpointing every `every` and restarting
-    /// the WAL once it passes `wal_limit` bytes.
-    pub fn open_with(path: &Path, wal_limit: u64, every: Duration) -> Result<SqliteStore> {
+    /// the WAL once it passes `wal_limit` bytes, with the master keys from `keys`; `seal:
+    /// false` writes new records in plaintext (sealed ones are still read).
+    pub fn open_with(
+        path: &Path,
+        wal_limit: u64,
+        every: Duration,
+        keys: KeySource,
+        seal: bool,
+    ) -> Result<SqliteStore> {
         let mut conn = connect(path)?;
         schema::migrate(&mut conn)?;
+        let sealer = Arc::new(sealed::sealer(&mut conn, keys, seal)?);
         // A commit never waits for a checkpoint (and its fsync); the checkpointer does them.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         // Once checkpointed (and restarted), the WAL file is cut back to this size.
@@ -112,6 +134,7 @@ impl SqliteStore {
             conn,
             reader,
             checkpoints,
+            sealer,
             _checkpointer: checkpointer,
         })
     }
@@ -129,6 +152,33 @@ impl SqliteStore {
 
     fn reader(&self) -> FairMutexGuard<'_, Connection> {
         self.reader.lock()
+    }
+}
+
+impl SqliteStore {
+    /// A version from its row (settings, code_dir, version).
+    fn version_row(
+        &self,
+        function_id: &str,
+        r: &rusqlite::Row<'_>,
+    ) -> rusqlite::Result<Result<Version>> {
+        let number: u32 = r.get(2)?;
+        let settings = sealed::opened(
+            &self.sealer,
+            r,
+            0,
+            sealed::place::SETTINGS,
+            &sealed::version_row(function_id, number),
+            || format!("version {number} of {function_id}"),
+        )?
+        .unwrap_or_default();
+        let code_dir: String = r.get(1)?;
+        Ok(serde_json::from_str::<Version>(&settings)
+            .map(|mut v| {
+                v.code_dir = code_dir;
+                v
+            })
+            .map_err(StoreError::from))
     }
 }
 
@@ -189,6 +239,7 @@ impl Store for SqliteStore {
         name: &str,
         version: &Version,
     ) -> Result<Function> {
+        let key = self.tenant_key(tenant)?;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now = now_ms();
@@ -198,7 +249,11 @@ impl Store for SqliteStore {
             params![function_id, tenant, name, version.version, now],
         )
         .map_err(conflict)?;
-        let settings = serde_json::to_string(version)?;
+        let settings = self.seal_for(&key).text(
+            sealed::place::SETTINGS,
+            &sealed::version_row(function_id, version.version),
+            serde_json::to_string(version)?,
+        );
         tx.execute(
             "INSERT INTO versions (function_id, version, settings, code_dir, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![function_id, version.version, settings, version.code_dir, version.created_at],
@@ -214,38 +269,26 @@ impl Store for SqliteStore {
     }
 
     fn version(&self, function_id: &str, version: u32) -> Result<Option<Version>> {
-        let row: Option<(String, String)> = self
-            .reader()
+        self.reader()
             .prepare_cached(
-                "SELECT settings, code_dir FROM versions WHERE function_id = ?1 AND version = ?2",
+                "SELECT settings, code_dir, version FROM versions WHERE function_id = ?1 AND version = ?2",
             )?
             .query_row(params![function_id, version], |r| {
-                Ok((r.get(0)?, r.get(1)?))
+                self.version_row(function_id, r)
             })
-            .optional()?;
-        row.map(|(settings, code_dir)| {
-            let mut v: Version = serde_json::from_str(&settings)?;
-            v.code_dir = code_dir;
-            Ok(v)
-        })
-        .transpose()
+            .optional()?
+            .transpose()
     }
 
     fn versions(&self, function_id: &str) -> Result<Vec<Version>> {
         let conn = self.reader();
         let mut stmt = conn.prepare(
-            "SELECT settings, code_dir FROM versions WHERE function_id = ?1 ORDER BY version",
+            "SELECT settings, code_dir, version FROM versions WHERE function_id = ?1 ORDER BY version",
         )?;
-        let rows: Vec<(String, String)> = stmt
-            .query_map(params![function_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        let rows: Vec<Result<Version>> = stmt
+            .query_map(params![function_id], |r| self.version_row(function_id, r))?
             .collect::<rusqlite::Result<_>>()?;
-        rows.into_iter()
-            .map(|(settings, code_dir)| {
-                let mut v: Version = serde_json::from_str(&settings)?;
-                v.code_dir = code_dir;
-                Ok(v)
-            })
-            .collect()
+        rows.into_iter().collect()
     }
 
     fn set_active(&self, function_id: &str, active: bool) -> Result<()> {
@@ -264,29 +307,51 @@ impl Store for SqliteStore {
             "DELETE FROM versions WHERE function_id = ?1",
             params![function_id],
         )?;
+        tx.execute(
+            "DELETE FROM code_archives WHERE path >= ?1 || '/' AND path < ?1 || '0'",
+            params![function_id],
+        )?;
         tx.execute("DELETE FROM functions WHERE id = ?1", params![function_id])?;
         tx.commit()?;
         Ok(versions)
     }
 
     fn write(&self, writes: &[Write]) -> Result<()> {
+        // Each tenant's key before the writer is taken: a first key is stored on its own.
+        let mut keys: Vec<(&str, Option<Arc<crate::atrest::DataKey>>)> = Vec::new();
+        for w in writes {
+            if !keys.iter().any(|(t, _)| *t == w.tenant()) {
+                keys.push((w.tenant(), self.tenant_key(w.tenant())?));
+            }
+        }
+        let seal = |tenant: &str| {
+            let key = keys
+                .iter()
+                .find(|(t, _)| *t == tenant)
+                .and_then(|(_, k)| k.as_deref());
+            sealed::Seal {
+                sealer: &self.sealer,
+                key,
+            }
+        };
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         // The calls' rollups, added up over the batch and written once per row.
         let mut ended = rollups::Pending::default();
         for w in writes {
             match w {
-                Write::Insert(task) => insert(&tx, task)?,
+                Write::Insert(task) => insert(&tx, task, seal(&task.tenant))?,
                 Write::Complete {
                     task_id,
+                    tenant,
                     completion,
                     at,
-                } => complete(&tx, task_id, completion, *at, &mut ended)?,
+                } => complete(&tx, task_id, completion, *at, &mut ended, seal(tenant))?,
                 Write::Finished {
                     task,
                     completion,
                     at,
-                } => finished(&tx, task, completion, *at, &mut ended)?,
+                } => finished(&tx, task, completion, *at, &mut ended, seal(&task.tenant))?,
             }
         }
         ended.flush(&tx)?;
@@ -309,7 +374,7 @@ impl Store for SqliteStore {
         .execute(params![id, now])?;
         let task = tx
             .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
-            .query_row(params![id], task_row)?;
+            .query_row(params![id], |r| task_row(&self.sealer, r))?;
         tx.commit()?;
         Ok(Some(task))
     }
@@ -320,14 +385,14 @@ impl Store for SqliteStore {
         Ok(self
             .reader()
             .prepare_cached(&sql)?
-            .query_row(params![tenant, task_id], task_row)
+            .query_row(params![tenant, task_id], |r| task_row(&self.sealer, r))
             .optional()?)
     }
 
     fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>> {
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks {RECENT}"))?;
-        let rows = stmt.query_map(params![function_id, limit], task_row)?;
+        let rows = stmt.query_map(params![function_id, limit], |r| task_row(&self.sealer, r))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -353,7 +418,7 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare(&format!(
                 "SELECT {TASK_COLS} FROM tasks WHERE status = 'running'"
             ))?;
-            let rows = stmt.query_map([], task_row)?;
+            let rows = stmt.query_map([], |r| task_row(&self.sealer, r))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
         let mut report = Recovery::default();
@@ -380,6 +445,7 @@ impl Store for SqliteStore {
                 };
                 self.write(&[Write::Complete {
                     task_id: task.task_id.clone(),
+                    tenant: task.tenant.clone(),
                     completion,
                     at: now_ms(),
                 }])?;
@@ -609,11 +675,18 @@ impl ChainStore for SqliteStore {
     }
 
     fn save_run(&self, run: &crate::chains::ChainRun) -> Result<()> {
-        chains::save_run(&mut self.conn(), run)
+        let key = self.tenant_key(&run.tenant)?;
+        chains::save_run(&mut self.conn(), run, self.seal_for(&key))
     }
 
-    fn save_step(&self, run_id: &str, step: &crate::chains::StepRecord) -> Result<()> {
-        chains::save_step(&self.conn(), run_id, step)
+    fn save_step(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        step: &crate::chains::StepRecord,
+    ) -> Result<()> {
+        let key = self.tenant_key(tenant)?;
+        chains::save_step(&self.conn(), run_id, step, self.seal_for(&key))
     }
 
     fn chain_run(
@@ -621,14 +694,14 @@ impl ChainStore for SqliteStore {
         tenant: Option<&str>,
         run_id: &str,
     ) -> Result<Option<crate::chains::ChainRun>> {
-        chains::chain_run(&self.reader(), tenant, run_id)
+        chains::chain_run(&self.reader(), &self.sealer, tenant, run_id)
     }
 
     fn chain_runs(&self, chain_id: &str, limit: u32) -> Result<Vec<crate::chains::ChainRun>> {
-        chains::chain_runs(&self.reader(), chain_id, limit)
+        chains::chain_runs(&self.reader(), &self.sealer, chain_id, limit)
     }
 
     fn unfinished_runs(&self) -> Result<Vec<crate::chains::ChainRun>> {
-        chains::unfinished_runs(&self.conn())
+        chains::unfinished_runs(&self.conn(), &self.sealer)
     }
 }

@@ -379,6 +379,7 @@ mod tests {
                 batch.push(Write::Insert(task));
                 batch.push(Write::Complete {
                     task_id,
+                    tenant: function.tenant.clone(),
                     completion: c,
                     at: T0 + offset,
                 });
@@ -524,6 +525,7 @@ mod tests {
         store
             .write(&[Write::Complete {
                 task_id: task.task_id.clone(),
+                tenant: task.tenant.clone(),
                 completion: c.clone(),
                 at: T0 + 10,
             }])
@@ -532,6 +534,7 @@ mod tests {
         store
             .write(&[Write::Complete {
                 task_id: task.task_id.clone(),
+                tenant: task.tenant.clone(),
                 completion: c.clone(),
                 at: T0 + 10,
             }])

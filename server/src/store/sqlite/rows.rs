@@ -5,12 +5,14 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToS
 use serde_json::Value;
 
 use super::rollups;
+use super::sealed::{opened, place, Seal};
+use crate::atrest::Sealer;
 use crate::model::{Completion, Function, Mode, Task, TaskError, TaskStatus, TaskUsage};
 use crate::rollup::Call;
 use crate::store::{Result, StoreError};
 
 /// Adds a new task.
-pub(super) fn insert(tx: &Connection, task: &Task) -> Result<()> {
+pub(super) fn insert(tx: &Connection, task: &Task, seal: Seal<'_>) -> Result<()> {
     tx.prepare_cached(
         "INSERT INTO tasks (id, tenant, function_id, function, version, mode, status, payload, attempts, created_at, started_at, chain_run)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -23,7 +25,7 @@ pub(super) fn insert(tx: &Connection, task: &Task) -> Result<()> {
         task.version,
         task.mode.as_str(),
         task.status.as_str(),
-        serde_json::to_string(&task.payload)?,
+        seal.text(place::PAYLOAD, &task.task_id, serde_json::to_string(&task.payload)?),
         task.attempts,
         task.created_at,
         task.started_at,
@@ -43,12 +45,12 @@ pub(super) const SET_ENDING: &str = "UPDATE tasks SET status = ?2, result = ?3, 
      finished_at = ?13 WHERE id = ?1";
 
 /// A task's ending as column values.
-struct Ending<'a> {
+struct Ending {
     status: &'static str,
-    result: Option<String>,
-    error: Option<String>,
+    result: rusqlite::types::Value,
+    error: rusqlite::types::Value,
     error_kind: Option<&'static str>,
-    logs: &'a str,
+    logs: rusqlite::types::Value,
     logs_truncated: bool,
     usage: Option<String>,
     duration_ms: Option<f64>,
@@ -58,15 +60,29 @@ struct Ending<'a> {
     finished_at: i64,
 }
 
-impl<'a> Ending<'a> {
-    fn of(c: &'a Completion, finished_at: i64) -> Result<Ending<'a>> {
+impl Ending {
+    /// The ending of task `id`, its data sealed by `seal`.
+    fn of(c: &Completion, finished_at: i64, id: &str, seal: Seal<'_>) -> Result<Ending> {
         let usage = c.usage.as_ref();
+        let logs = if c.logs.is_empty() {
+            rusqlite::types::Value::Text(String::new())
+        } else {
+            seal.text(place::LOGS, id, c.logs.clone())
+        };
         Ok(Ending {
             status: c.status.as_str(),
-            result: c.result.as_ref().map(serde_json::to_string).transpose()?,
-            error: c.error.as_ref().map(serde_json::to_string).transpose()?,
+            result: seal.opt(
+                place::RESULT,
+                id,
+                c.result.as_ref().map(serde_json::to_string).transpose()?,
+            ),
+            error: seal.opt(
+                place::ERROR,
+                id,
+                c.error.as_ref().map(serde_json::to_string).transpose()?,
+            ),
             error_kind: c.error.as_ref().map(|e| e.kind.as_str()),
-            logs: &c.logs,
+            logs,
             logs_truncated: c.logs_truncated,
             usage: usage.map(serde_json::to_string).transpose()?,
             duration_ms: usage.map(|u| u.duration_ms),
@@ -105,9 +121,14 @@ pub(super) fn finished(
     c: &Completion,
     at: i64,
     rollups: &mut rollups::Pending,
+    seal: Seal<'_>,
 ) -> Result<()> {
-    let e = Ending::of(c, at)?;
-    let payload = serde_json::to_string(&task.payload)?;
+    let e = Ending::of(c, at, &task.task_id, seal)?;
+    let payload = seal.text(
+        place::PAYLOAD,
+        &task.task_id,
+        serde_json::to_string(&task.payload)?,
+    );
     let opening: [&dyn ToSql; 11] = [
         &task.task_id,
         &task.tenant,
@@ -139,8 +160,9 @@ pub(super) fn complete(
     c: &Completion,
     at: i64,
     rollups: &mut rollups::Pending,
+    seal: Seal<'_>,
 ) -> Result<()> {
-    let e = Ending::of(c, at)?;
+    let e = Ending::of(c, at, task_id, seal)?;
     let id: [&dyn ToSql; 1] = [&task_id];
     let values = || params_from_iter(id.into_iter().chain(e.values()));
     let opened: Option<(String, String, String, Call)> = tx
@@ -232,29 +254,33 @@ pub(super) fn call_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Call> {
 
 pub(super) const TASK_COLS: &str = "id, tenant, function_id, function, version, mode, status, payload, result, error, logs, logs_truncated, usage, attempts, created_at, started_at, finished_at, chain_run";
 
-pub(super) fn task_row(row: &Row<'_>) -> rusqlite::Result<Task> {
-    let json = |i: usize| -> rusqlite::Result<Option<String>> { row.get(i) };
+pub(super) fn task_row(sealer: &Sealer, row: &Row<'_>) -> rusqlite::Result<Task> {
+    let id: String = row.get(0)?;
+    let sealed = |i: usize, column: &'static str| {
+        opened(sealer, row, i, column, &id, || format!("task {id}"))
+    };
     let parse = |text: Option<String>| text.and_then(|t| serde_json::from_str::<Value>(&t).ok());
     let status: String = row.get(6)?;
     let mode: String = row.get(5)?;
+    let usage: Option<String> = row.get(12)?;
     Ok(Task {
-        task_id: row.get(0)?,
+        payload: parse(sealed(7, place::PAYLOAD)?).unwrap_or(Value::Null),
+        result: parse(sealed(8, place::RESULT)?),
+        error: sealed(9, place::ERROR)?.and_then(|t| serde_json::from_str::<TaskError>(&t).ok()),
+        logs: sealed(10, place::LOGS)?.unwrap_or_default(),
         tenant: row.get(1)?,
         function_id: row.get(2)?,
         function: row.get(3)?,
         version: row.get(4)?,
         mode: Mode::parse(&mode).unwrap_or(Mode::Async),
         status: TaskStatus::parse(&status).unwrap_or(TaskStatus::Failed),
-        payload: parse(json(7)?).unwrap_or(Value::Null),
-        result: parse(json(8)?),
-        error: json(9)?.and_then(|t| serde_json::from_str::<TaskError>(&t).ok()),
-        logs: row.get(10)?,
         logs_truncated: row.get(11)?,
-        usage: json(12)?.and_then(|t| serde_json::from_str::<TaskUsage>(&t).ok()),
+        usage: usage.and_then(|t| serde_json::from_str::<TaskUsage>(&t).ok()),
         attempts: row.get(13)?,
         created_at: row.get(14)?,
         started_at: row.get(15)?,
         finished_at: row.get(16)?,
         chain_run: row.get(17)?,
+        task_id: id,
     })
 }

@@ -5,7 +5,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{alerts, anomalies, chains, rollups};
+use super::{alerts, anomalies, chains, rollups, sealed};
 use crate::store::{Result, StoreError};
 
 /// One step of the schema.
@@ -49,6 +49,11 @@ const MIGRATIONS: &[Migration] = &[
         what: "chaining: chains, their runs and steps, and each task's run",
         sql: chains::SCHEMA,
         then: Some(chains::add_task_column),
+    },
+    Migration {
+        what: "encryption at rest: wrapped data keys, sealed code archives and secrets",
+        sql: sealed::SCHEMA,
+        then: None,
     },
 ];
 

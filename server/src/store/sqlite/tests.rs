@@ -16,6 +16,8 @@ pub(crate) fn version(n: u32) -> Version {
         memory_mb: 128,
         cpu_millicores: 1000,
         env: Default::default(),
+        secrets: Vec::new(),
+        secret_env: Default::default(),
         max_retries: 0,
         isolation: Isolation::Container,
         keep_warm_s: 60,
@@ -201,6 +203,7 @@ fn an_ended_task_reads_back_the_same_whichever_way_it_was_stored() {
     store
         .write(&[Write::Complete {
             task_id: started.task_id.clone(),
+            tenant: started.tenant.clone(),
             completion: ending.clone(),
             at,
         }])
@@ -238,7 +241,16 @@ fn the_wal_stays_bounded_under_sustained_writes_and_reads() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let limit = 1 << 20;
-    let store = Arc::new(SqliteStore::open_with(&path, limit, Duration::from_millis(20)).unwrap());
+    let store = Arc::new(
+        SqliteStore::open_with(
+            &path,
+            limit,
+            Duration::from_millis(20),
+            crate::atrest::KeySource::Ephemeral,
+            true,
+        )
+        .unwrap(),
+    );
     let (id, n) = store.next_version("a", "f").unwrap();
     let f = store.add_version("a", &id, "f", &version(n)).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -357,7 +369,7 @@ fn chains_runs_and_steps_round_trip_and_unfinished_runs_are_found() {
         attempts: 1,
         seq: 0,
     };
-    store.save_step(&run.run_id, &step).unwrap();
+    store.save_step(&run.tenant, &run.run_id, &step).unwrap();
     let open = store.unfinished_runs().unwrap();
     assert_eq!(open.len(), 1);
     assert_eq!(open[0].steps, vec![step.clone()]);
