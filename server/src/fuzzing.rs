@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("reply_frames", reply_frames),
     ("control_messages", control_messages),
     ("seccomp_profile", seccomp_profile),
+    ("sealed", sealed),
 ];
 
 /// An uploaded ZIP, extracted under the default limits into a scratch directory.
@@ -77,6 +78,31 @@ pub fn token(data: &[u8]) {
     let _ = crate::jwks::verify_with_set(text, r#"{"keys": []}"#, 1_800_000_000);
     // The same text as a key set.
     let _ = crate::jwks::verify_with_set("e30.e30.AA", text, 1_800_000_000);
+}
+
+/// What encryption at rest reads back: a stored record (sealed, or plaintext from before),
+/// and a master key's text (the key file, the variable). A record either opens to what was
+/// sealed or is refused; nothing panics.
+pub fn sealed(data: &[u8]) {
+    use crate::atrest::{Keyring, MasterKey, Sealer};
+    static SEALER: OnceLock<(Sealer, std::sync::Arc<crate::atrest::DataKey>)> = OnceLock::new();
+    let (sealer, key) = SEALER.get_or_init(|| {
+        let sealer = Sealer::new(Keyring::of(MasterKey::generate()), true);
+        let (key, _) = sealer.make_key("fuzz");
+        sealer.install(key.clone());
+        (sealer, key)
+    });
+    let _ = sealer.open(data, ("tasks.payload", "tsk_fuzz"));
+    let sealed = sealer.seal(key, ("tasks.payload", "tsk_fuzz"), data);
+    assert_eq!(
+        sealer.open(&sealed, ("tasks.payload", "tsk_fuzz")).unwrap(),
+        data
+    );
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(k) = MasterKey::parse(text) {
+            assert_eq!(MasterKey::parse(&k.encode()).unwrap().id(), k.id());
+        }
+    }
 }
 
 /// A chain's definition, and its expansion when every chain it names is itself.

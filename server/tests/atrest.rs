@@ -565,6 +565,10 @@ fn main() {
             "secrets_reach_functions_and_changes_apply",
             secrets_reach_functions_and_changes_apply,
         ),
+        (
+            "code_from_before_archives_is_archived_and_moved",
+            code_from_before_archives_is_archived_and_moved,
+        ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {
         Some("not running as root (the server starts sandboxes)".to_string())
