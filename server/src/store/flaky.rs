@@ -56,9 +56,10 @@ impl Store for Flaky {
         self.refuse()?;
         self.inner.write(writes)
     }
-    fn claim_next(&self) -> Result<Option<Task>> {
-        self.inner.claim_next()
+    fn claim(&self, limit: usize) -> Result<Vec<Task>> {
+        self.inner.claim(limit)
     }
+
     fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {
         self.inner.task(tenant, task_id)
     }

@@ -173,8 +173,14 @@ pub trait Store:
     /// Applies `writes` in order, in one transaction: all of them or none. A finished task
     /// is added to its rollups once, however often its end is stored.
     fn write(&self, writes: &[Write]) -> Result<()>;
+    /// Takes the `limit` oldest runnable queued tasks and marks them running, in one
+    /// transaction; oldest first.
+    fn claim(&self, limit: usize) -> Result<Vec<Task>>;
     /// Takes the oldest runnable queued task and marks it running.
-    fn claim_next(&self) -> Result<Option<Task>>;
+    fn claim_next(&self) -> Result<Option<Task>> {
+        Ok(self.claim(1)?.into_iter().next())
+    }
+
     /// A task as `tenant` sees it.
     fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>>;
     /// Recent tasks of a function, newest first.

@@ -40,9 +40,10 @@ use rows::{
 };
 pub(crate) use sealed::damaged;
 
-/// The oldest queued task that is due at `?1`: first come, first served, except that a task
-/// held back by its retry backoff lets younger ones pass.
-const CLAIM: &str = "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id LIMIT 1";
+/// The `?2` oldest queued tasks that are due at `?1`: first come, first served, except that a
+/// task held back by its retry backoff lets younger ones pass. (Selected, then updated by id:
+/// one `UPDATE ... WHERE id IN (SELECT ...)` measured 3x slower.)
+const CLAIM: &str = "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id LIMIT ?2";
 
 /// A function's newest tasks, from the index of its tasks by age (no sort of them all).
 const RECENT: &str = "WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2";
@@ -359,24 +360,64 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn claim_next(&self) -> Result<Option<Task>> {
+    fn claim(&self, limit: usize) -> Result<Vec<Task>> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now = now_ms();
-        let id: Option<String> = tx
-            .prepare_cached(CLAIM)?
-            .query_row(params![now], |r| r.get(0))
-            .optional()?;
-        let Some(id) = id else { return Ok(None) };
-        tx.prepare_cached(
-            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
-        )?
-        .execute(params![id, now])?;
-        let task = tx
-            .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
-            .query_row(params![id], |r| task_row(&self.sealer, r))?;
+        let limit = limit.max(1);
+        let mut tasks = Vec::with_capacity(limit);
+        let mut ended = rollups::Pending::default();
+        // Again while a damaged record took a place (it is failed, so not selected twice).
+        let mut skipped = true;
+        while skipped && tasks.len() < limit {
+            skipped = false;
+            let ids: Vec<String> = {
+                let mut stmt = tx.prepare_cached(CLAIM)?;
+                let rows =
+                    stmt.query_map(params![now, (limit - tasks.len()) as i64], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for id in ids {
+                tx.prepare_cached(
+                "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![id, now])?;
+                let read = tx
+                    .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
+                    .query_row(params![id], |r| task_row(&self.sealer, r));
+                match read.map_err(StoreError::from) {
+                    Ok(task) => tasks.push(task),
+                    // A record that fails its integrity check is never run: it ends failed, saying
+                    // why, and the queue goes on.
+                    Err(StoreError::Damaged(why)) => {
+                        tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
+                        let completion = Completion {
+                        status: TaskStatus::Failed,
+                        result: None,
+                        error: Some(TaskError {
+                            kind: ErrorKind::SandboxFailure,
+                            error_type: String::new(),
+                            message: "this task's stored record failed its integrity check (tampered with, or damaged on disk); it was not run".into(),
+                            traceback: String::new(),
+                        }),
+                        logs: String::new(),
+                        logs_truncated: false,
+                        usage: None,
+                    };
+                        let plain = sealed::Seal {
+                            sealer: &self.sealer,
+                            key: None,
+                        };
+                        complete(&tx, &id, &completion, now, &mut ended, plain)?;
+                        skipped = true;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        ended.flush(&tx)?;
         tx.commit()?;
-        Ok(Some(task))
+        Ok(tasks)
     }
 
     fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {

@@ -151,7 +151,7 @@ fn the_oldest_due_task_is_claimed_first_and_the_backlog_is_never_sorted() {
             .unwrap();
         steps.join("; ")
     };
-    let claim = plan(CLAIM, &[&0]);
+    let claim = plan(CLAIM, &[&0, &1]);
     assert!(
         claim.contains("INDEX tasks_queued") && !claim.contains("TEMP B-TREE"),
         "the claim sorts the queue: {claim}"
@@ -404,4 +404,60 @@ fn chains_runs_and_steps_round_trip_and_unfinished_runs_are_found() {
     assert!(store.delete_chain(&first.id).unwrap());
     assert!(store.chain(None, "pipe").unwrap().is_none());
     drop(dir);
+}
+
+/// Tenant data is sealed on disk, a flipped byte is reported for its record only, and a
+/// queued task whose record is damaged is failed (saying why) instead of stalling the queue.
+#[test]
+fn sealed_records_are_reported_when_damaged_and_the_queue_goes_on() {
+    let (dir, store, f) = alice_hello();
+    let mut damaged = task("alice", &f, Mode::Async);
+    damaged.payload = serde_json::json!({"canary": "payload-canary-5be1"});
+    let healthy = task("alice", &f, Mode::Async);
+    insert(&store, &damaged);
+    insert(&store, &healthy);
+    store.close().unwrap();
+    let raw = rusqlite::Connection::open(dir.path().join("db")).unwrap();
+    let mut blob: Vec<u8> = raw
+        .query_row(
+            "SELECT payload FROM tasks WHERE id = ?1",
+            [&damaged.task_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!blob.windows(6).any(|w| w == b"canary"), "sealed on disk");
+    let last = blob.len() - 1;
+    blob[last] ^= 0x80;
+    raw.execute(
+        "UPDATE tasks SET payload = ?2 WHERE id = ?1",
+        rusqlite::params![damaged.task_id, blob],
+    )
+    .unwrap();
+
+    match store.task(None, &damaged.task_id) {
+        Err(StoreError::Damaged(why)) => {
+            assert!(
+                why.contains(&damaged.task_id) && why.contains("payload"),
+                "{why}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let claimed = store.claim_next().unwrap().unwrap();
+    assert_eq!(
+        claimed.task_id, healthy.task_id,
+        "the damaged task is skipped"
+    );
+    let failed: (String, String) = raw
+        .query_row(
+            "SELECT status, error_kind FROM tasks WHERE id = ?1",
+            [&damaged.task_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        failed,
+        ("failed".to_string(), "sandbox_failure".to_string())
+    );
+    assert!(store.claim_next().unwrap().is_none());
 }
