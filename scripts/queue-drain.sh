@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The queue's run rate on its own: a backlog of async tasks is built by a server with one
+# queue worker (cloudfunc-load's async submissions), the server is stopped, and a server with
+# WORKERS queue workers is started on the same data directory: the rate at which it drains
+# the backlog (queue depth from the health route, once a second) is the run rate, with no
+# submissions competing for the CPU: backlog / time until it is empty (or what went in 30 s). Run as root after
+# `cargo build --release -p cloudfunc-server -p cloudfunc-benches`.
+set -euo pipefail
+BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
+WORKERS=${WORKERS:-"4 8 16"}
+SUBMIT_SECONDS=${SUBMIT_SECONDS:-20}
+WORK=$(mktemp -d /var/tmp/cf-queue-drain.XXXXXX)
+PORT=18095
+trap 'kill $(cat "$WORK/pid" 2>/dev/null) 2>/dev/null || true; sleep 1; rm -rf "$WORK"' EXIT
+
+start() { # workers
+  "$BIN/cloudfunc" --data-dir "$WORK/data" serve --listen "127.0.0.1:$PORT" --state-dir "$WORK/state" \
+    --cgroup-parent cf-queue-drain --workers "$1" >"$WORK/out" 2>>"$WORK/log" &
+  echo $! >"$WORK/pid"
+  for _ in $(seq 150); do curl -sf "127.0.0.1:$PORT/api/system/health" >/dev/null && return; sleep 0.2; done
+  echo "the server did not start" >&2
+  exit 1
+}
+stop() {
+  kill -TERM "$(cat "$WORK/pid")"
+  while kill -0 "$(cat "$WORK/pid")" 2>/dev/null; do sleep 0.2; done
+}
+depth() { curl -sf "127.0.0.1:$PORT/api/system/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["queue_depth"])'; }
+
+echo "| queue workers | backlog | run | seconds | tasks run/s |"
+echo "|---|---|---|---|---|"
+for w in $WORKERS; do
+  start 1
+  T=$("$BIN/cloudfunc" --data-dir "$WORK/data" --tenant bench token)
+  "$BIN/cloudfunc-load" --url "http://127.0.0.1:$PORT" --token "$T" --clients 16 --seconds "$SUBMIT_SECONDS" \
+    --first-calls 0 --only async >/dev/null
+  stop
+  start "$w"
+  before=$(depth)
+  t0=$(date +%s.%N)
+  after=$before
+  while [ "$after" != 0 ] && python3 -c "import sys; sys.exit(0 if $(date +%s.%N) - $t0 < 30 else 1)"; do
+    sleep 0.2
+    after=$(depth)
+  done
+  t1=$(date +%s.%N)
+  stop
+  read -r secs rate < <(python3 -c "d = $t1 - $t0; print(round(d, 1), round(($before - $after) / d))")
+  echo "| $w | $before | $((before - after)) | $secs | $rate |"
+  # Whatever is left is run out before the next round's backlog.
+  start 16
+  while [ "$(depth)" != 0 ]; do sleep 1; done
+  stop
+done
