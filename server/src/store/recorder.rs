@@ -122,8 +122,7 @@ impl Recorder {
                         Ok(first) => {
                             wakes.fetch_add(1, Ordering::Relaxed);
                             let batch = gather(first, &incoming, &wakes);
-                            commit(store.as_ref(), batch, &counted, &retry);
-                            commits.fetch_add(1, Ordering::Relaxed);
+                            commit(store.as_ref(), batch, (&counted, &commits), &retry);
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -232,8 +231,14 @@ fn gone() -> StoreError {
 
 /// Commits the writes of a batch in one transaction, then answers its settles. Should the
 /// transaction fail, each write is tried alone, so that one bad write fails only its own. A
-/// write behind the store refuses for now is kept in `retry`.
-fn commit(store: &dyn Store, batch: Vec<Message>, pending: &AtomicUsize, retry: &Retry) {
+/// write behind the store refuses for now is kept in `retry`. The commit is counted before
+/// its writes leave `pending`: whoever sees nothing pending sees the commit counted.
+fn commit(
+    store: &dyn Store,
+    batch: Vec<Message>,
+    (pending, commits): (&AtomicUsize, &AtomicU64),
+    retry: &Retry,
+) {
     let mut writes = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
     let mut settles = Vec::new();
@@ -254,6 +259,7 @@ fn commit(store: &dyn Store, batch: Vec<Message>, pending: &AtomicUsize, retry: 
             .map(|write| store.write(std::slice::from_ref(write)))
             .collect()
     };
+    commits.fetch_add(1, Ordering::Relaxed);
     pending.fetch_sub(writes.len(), Ordering::SeqCst);
     for ((write, reply), result) in writes.into_iter().zip(replies).zip(results) {
         match (reply, result) {

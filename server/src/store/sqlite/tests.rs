@@ -414,6 +414,8 @@ fn sealed_records_are_reported_when_damaged_and_the_queue_goes_on() {
     let mut damaged = task("alice", &f, Mode::Async);
     damaged.payload = serde_json::json!({"canary": "payload-canary-5be1"});
     let healthy = task("alice", &f, Mode::Async);
+    // The damaged one is the older: the claim meets it first.
+    damaged.created_at = healthy.created_at - 1;
     insert(&store, &damaged);
     insert(&store, &healthy);
     store.close().unwrap();
