@@ -14,14 +14,7 @@ pub const DATABASE: &str = "cloudfunc.db";
 /// Creates `dir` (0700) and an empty database file (0600) if missing, and tightens what is
 /// looser. Returns what it tightened, one line each, for the log.
 pub fn secure(dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut tightened = Vec::new();
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    tighten(dir, 0o700, &mut tightened)?;
+    let mut tightened = private_dir(dir)?;
     let db = dir.join(DATABASE);
     if !db.exists() {
         std::fs::OpenOptions::new()
@@ -40,18 +33,16 @@ pub fn secure(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(tightened)
 }
 
-/// Creates `dir` 0700 if missing, and makes it 0700 if it is not.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+/// Creates `dir` (0700) if missing, and tightens it if it lets the group or others in.
+/// Returns what it tightened, for the log.
+pub fn private_dir(dir: &Path) -> std::io::Result<Vec<String>> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let mut tightened = Vec::new();
     tighten(dir, 0o700, &mut tightened)?;
-    for what in tightened {
-        tracing::warn!(%what, "the state directory let other users in; tightened");
-    }
-    Ok(())
+    Ok(tightened)
 }
 
 /// Sets `path` to `mode` if it grants anything to the group or others.

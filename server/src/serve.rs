@@ -113,8 +113,11 @@ pub async fn run(
     }
     // The state directory holds the extracted code and the sandboxes' bundles (whose
     // config.json carries each function's environment, secrets included): the server's own.
-    crate::datadir::private_dir(&config.state_dir)
+    let tightened = crate::datadir::private_dir(&config.state_dir)
         .with_context(|| format!("making {} private", config.state_dir.display()))?;
+    for what in tightened {
+        tracing::warn!(%what, "the state directory let other users in; tightened");
+    }
     let keys = load_keys(&config.data_dir, config.jwt_secret.as_deref())?;
     let store = Arc::new(
         SqliteStore::open_with(

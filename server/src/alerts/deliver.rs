@@ -384,25 +384,11 @@ pub fn alertmanager_payload(n: &Notification, public_url: &str) -> Value {
     })
 }
 
+/// Unix ms as RFC 3339 in UTC (whole seconds): NAB's `YYYY-MM-DD HH:MM:SS`, which the
+/// anomaly crate already writes, with its `T` and `Z`.
 fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Days since the epoch to a civil date (400-year eras of 146,097 days).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let civil = cloudfunc_anomaly::nab::format_timestamp(ms.div_euclid(1000));
+    format!("{}Z", civil.replacen(' ', "T", 1))
 }
 
 fn dashboard_link(n: &Notification, public_url: &str) -> String {

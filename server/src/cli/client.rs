@@ -135,13 +135,11 @@ impl Client {
     pub fn put_json(&self, path: &str, body: &Value) -> Result<Reply> {
         let url = format!("{}{path}", self.base);
         let text = serde_json::to_string(body)?;
-        Self::finish(
-            self.agent
-                .put(&url)
-                .header("authorization", &format!("Bearer {}", self.token))
-                .header("content-type", "application/json")
-                .send(text.as_bytes()),
+        self.send(
+            self.agent.put(&url),
             &url,
+            "application/json",
+            text.as_bytes(),
         )
     }
 
@@ -149,26 +147,34 @@ impl Client {
     pub fn post_json(&self, path: &str, body: &Value) -> Result<Reply> {
         let url = format!("{}{path}", self.base);
         let text = serde_json::to_string(body)?;
-        Self::finish(
-            self.agent
-                .post(&url)
-                .header("authorization", &format!("Bearer {}", self.token))
-                .header("content-type", "application/json")
-                .send(text.as_bytes()),
+        self.send(
+            self.agent.post(&url),
             &url,
+            "application/json",
+            text.as_bytes(),
         )
     }
 
     /// POST `path` with a ZIP body.
     pub fn post_zip(&self, path: &str, zip: &[u8]) -> Result<Reply> {
         let url = format!("{}{path}", self.base);
+        self.send(self.agent.post(&url), &url, "application/zip", zip)
+    }
+
+    /// Sends `request` (to `url`) with the token and a body of `content_type`.
+    fn send(
+        &self,
+        request: ureq::RequestBuilder<ureq::typestate::WithBody>,
+        url: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Reply> {
         Self::finish(
-            self.agent
-                .post(&url)
+            request
                 .header("authorization", &format!("Bearer {}", self.token))
-                .header("content-type", "application/zip")
-                .send(zip),
-            &url,
+                .header("content-type", content_type)
+                .send(body),
+            url,
         )
     }
 }

@@ -68,6 +68,8 @@ impl Platform {
                     continue;
                 };
                 let target = code_dir.join(&key);
+                // Whether the archive is known to be stored (read or written just now).
+                let mut stored = false;
                 if !target.is_dir() {
                     let zip = match store.code(&key)? {
                         Some(zip) => zip,
@@ -89,12 +91,13 @@ impl Platform {
                     self.extract_to(&zip, &target)?;
                     self.precompile(&version, &target);
                     report.extracted += 1;
+                    stored = true;
                 }
                 let at = target.to_string_lossy();
                 if version.code_dir != at {
                     store.set_code_dir(&function.id, version.version, &at)?;
                     let old = PathBuf::from(&version.code_dir);
-                    if old.is_dir() && store.code(&key)?.is_some() {
+                    if old.is_dir() && (stored || store.code(&key)?.is_some()) {
                         let _ = std::fs::remove_dir_all(&old);
                     }
                 }

@@ -211,13 +211,9 @@ impl Platform {
     ) -> std::io::Result<Platform> {
         // Code a deploy had staged when the process last stopped belongs to no version.
         let _ = std::fs::remove_dir_all(config.code_dir.join(deploy::INCOMING));
-        {
-            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&config.code_dir)?;
-            std::fs::set_permissions(&config.code_dir, std::fs::Permissions::from_mode(0o700))?;
+        // Extracted code is plaintext: only the server reads it.
+        for what in crate::datadir::private_dir(&config.code_dir)? {
+            tracing::warn!(%what, "the code directory let other users in; tightened");
         }
         let space = Arc::new(Space::new(&config.data_dir, config.min_free_bytes));
         if tokio::runtime::Handle::try_current().is_ok() {

@@ -73,11 +73,7 @@ pub(super) fn missing(version: &Version) -> Result<()> {
 }
 
 fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if ok {
+    if name.len() <= 128 && super::settings::valid_env_name(name) {
         Ok(())
     } else {
         Err(PlatformError::BadRequest(format!(

@@ -371,7 +371,7 @@ fn destination(given: Option<String>, key: &str) -> Result<Option<String>> {
 }
 
 /// Whether `key` is a usable environment variable name.
-fn valid_env_name(key: &str) -> bool {
+pub(super) fn valid_env_name(key: &str) -> bool {
     !key.is_empty()
         && !key.starts_with(|c: char| c.is_ascii_digit())
         && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')

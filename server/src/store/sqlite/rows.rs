@@ -67,7 +67,7 @@ impl Ending {
         let logs = if c.logs.is_empty() {
             rusqlite::types::Value::Text(String::new())
         } else {
-            seal.text(place::LOGS, id, c.logs.clone())
+            seal.text(place::LOGS, id, c.logs.as_str())
         };
         Ok(Ending {
             status: c.status.as_str(),

@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS secrets (
 );
 "#;
 
+impl From<Damaged> for StoreError {
+    fn from(d: Damaged) -> Self {
+        StoreError::Damaged(d.to_string())
+    }
+}
+
 /// A record whose sealed column did not open: reported for that record, never served.
 #[derive(Debug, thiserror::Error)]
 #[error("{record}'s {column} cannot be read: {source}")]
@@ -53,8 +59,6 @@ pub struct Damaged {
 
 /// A sealed column of a table: how its rows are found by tenant and keyed.
 struct Sealed {
-    table: &'static str,
-    column: &'static str,
     /// `table.column`, as records' places name it.
     place: &'static str,
     /// The row's key columns; the record's place is their values joined by `@`.
@@ -63,81 +67,66 @@ struct Sealed {
     of_tenant: &'static str,
 }
 
+impl Sealed {
+    /// The table and the column of [`Sealed::place`].
+    fn table_column(&self) -> (&'static str, &'static str) {
+        self.place.split_once('.').expect("a place is table.column")
+    }
+}
+
 /// Every sealed column.
 const SEALED: &[Sealed] = &[
     Sealed {
-        table: "tasks",
-        column: "payload",
         place: place::PAYLOAD,
         keys: &["id"],
         of_tenant: "tenant = ?1",
     },
     Sealed {
-        table: "tasks",
-        column: "result",
         place: place::RESULT,
         keys: &["id"],
         of_tenant: "tenant = ?1",
     },
     Sealed {
-        table: "tasks",
-        column: "error",
         place: place::ERROR,
         keys: &["id"],
         of_tenant: "tenant = ?1",
     },
     Sealed {
-        table: "tasks",
-        column: "logs",
         place: place::LOGS,
         keys: &["id"],
         of_tenant: "tenant = ?1",
     },
     Sealed {
-        table: "versions",
-        column: "settings",
         place: place::SETTINGS,
         keys: &["function_id", "version"],
         of_tenant: "function_id IN (SELECT id FROM functions WHERE tenant = ?1)",
     },
     Sealed {
-        table: "chain_runs",
-        column: "input",
         place: place::RUN_INPUT,
         keys: &["id"],
         of_tenant: "tenant = ?1",
     },
     Sealed {
-        table: "chain_runs",
-        column: "output",
         place: place::RUN_OUTPUT,
         keys: &["id"],
         of_tenant: "tenant = ?1",
     },
     Sealed {
-        table: "chain_runs",
-        column: "error",
         place: place::RUN_ERROR,
         keys: &["id"],
         of_tenant: "tenant = ?1",
     },
     Sealed {
-        table: "chain_steps",
-        column: "body",
         place: place::STEP,
         keys: &["run_id", "path"],
         of_tenant: "run_id IN (SELECT id FROM chain_runs WHERE tenant = ?1)",
     },
     Sealed {
-        table: "code_archives",
-        column: "archive",
         place: place::CODE,
         keys: &["path"],
         of_tenant: "tenant = ?1",
     },
     Sealed {
-        table: "secrets",
-        column: "value",
         place: place::SECRET,
         keys: &["tenant", "name"],
         of_tenant: "tenant = ?1",
@@ -167,11 +156,16 @@ pub(super) struct Seal<'a> {
 }
 
 impl Seal<'_> {
-    /// `text` as the value to store at `place`.
-    pub fn text(&self, column: &str, row: &str, text: String) -> Value {
+    /// `text` as the value to store at `place` (borrowed text is copied only when it is
+    /// stored as plaintext).
+    pub fn text(&self, column: &str, row: &str, text: impl AsRef<str> + Into<String>) -> Value {
         match self.key {
-            Some(key) => Value::Blob(self.sealer.seal(key, (column, row), text.as_bytes())),
-            None => Value::Text(text),
+            Some(key) => Value::Blob(self.sealer.seal(
+                key,
+                (column, row),
+                text.as_ref().as_bytes(),
+            )),
+            None => Value::Text(text.into()),
         }
     }
 
@@ -283,15 +277,20 @@ impl SqliteStore {
         if !self.sealer.seals() {
             return Ok(None);
         }
+        self.sealing_key(tenant).map(Some)
+    }
+
+    /// The key that seals `tenant`'s records, made and committed on its first need, whether
+    /// sealing is on or not. Must not be called while holding the writer.
+    fn sealing_key(&self, tenant: &str) -> Result<Arc<DataKey>> {
         if let Some(key) = self.sealer.current(tenant) {
-            return Ok(Some(key));
+            return Ok(key);
         }
         let conn = self.conn();
-        if let Some(key) = self.sealer.current(tenant) {
-            return Ok(Some(key));
+        match self.sealer.current(tenant) {
+            Some(key) => Ok(key),
+            None => self.new_data_key(&conn, tenant),
         }
-        let key = self.new_data_key(&conn, tenant)?;
-        Ok(Some(key))
     }
 
     /// Makes, stores and installs a new sealing key for `tenant`; the writer is held.
@@ -315,6 +314,7 @@ impl SqliteStore {
 
     /// Seals every record of `tenant` in `spec` with `key` again, in batches; returns how many.
     fn reseal(&self, spec: &Sealed, tenant: &str, key: &Arc<DataKey>) -> Result<u64> {
+        let (table, col) = spec.table_column();
         let keys = spec.keys.join(", ");
         let tuple = format!("({keys})");
         let marks: Vec<String> = (0..spec.keys.len())
@@ -329,8 +329,6 @@ impl SqliteStore {
             let rows: Vec<(Vec<Value>, Value)> = {
                 let sql = format!(
                     "SELECT {keys}, {col} FROM {table} WHERE {of} AND {col} IS NOT NULL {cont} ORDER BY {keys} LIMIT 500",
-                    col = spec.column,
-                    table = spec.table,
                     of = spec.of_tenant,
                     cont = if last.is_some() { format!("AND {tuple} > {after}") } else { String::new() },
                 );
@@ -353,25 +351,21 @@ impl SqliteStore {
             };
             let next = final_keys.clone();
             let column = spec.place;
-            let set = format!(
-                "UPDATE {} SET {} = ?1 WHERE {tuple} = {after}",
-                spec.table, spec.column
-            );
+            let set = format!("UPDATE {table} SET {col} = ?1 WHERE {tuple} = {after}");
             for (ks, value) in &rows {
                 let row = place_of(ks);
                 let plain: Vec<u8> = match value {
                     Value::Text(t) if t.is_empty() => continue,
                     Value::Text(t) => t.clone().into_bytes(),
-                    Value::Blob(b) => self.sealer.open(b, (column, &row)).map_err(|source| {
-                        StoreError::Damaged(
-                            Damaged {
-                                record: format!("{} {row}", spec.table),
+                    Value::Blob(b) => {
+                        self.sealer
+                            .open(b, (column, &row))
+                            .map_err(|source| Damaged {
+                                record: format!("{table} {row}"),
                                 column,
                                 source,
-                            }
-                            .to_string(),
-                        )
-                    })?,
+                            })?
+                    }
                     _ => continue,
                 };
                 let sealed = Value::Blob(self.sealer.seal(key, (column, &row), &plain));
@@ -388,10 +382,9 @@ impl SqliteStore {
 
     /// Whether any record of `spec` still names data key `id`.
     fn names_key(&self, spec: &Sealed, id: u32) -> Result<bool> {
+        let (table, c) = spec.table_column();
         let sql = format!(
-            "SELECT EXISTS (SELECT 1 FROM {} WHERE typeof({c}) = 'blob' AND substr({c}, 3, 4) = ?1)",
-            spec.table,
-            c = spec.column
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE typeof({c}) = 'blob' AND substr({c}, 3, 4) = ?1)"
         );
         Ok(self
             .conn()
@@ -458,14 +451,11 @@ impl SealedStore for SqliteStore {
                     return Ok(b);
                 }
                 self.sealer.open(&b, (place::CODE, path)).map_err(|source| {
-                    StoreError::Damaged(
-                        Damaged {
-                            record: format!("the code of {path}"),
-                            column: place::CODE,
-                            source,
-                        }
-                        .to_string(),
-                    )
+                    StoreError::from(Damaged {
+                        record: format!("the code of {path}"),
+                        column: place::CODE,
+                        source,
+                    })
                 })
             })
             .transpose()
@@ -490,16 +480,7 @@ impl SealedStore for SqliteStore {
 
     fn set_secret(&self, tenant: &str, name: &str, value: &str) -> Result<()> {
         // A secret is sealed even with sealing off: it has no plaintext form.
-        let key = match self.tenant_key(tenant)? {
-            Some(k) => k,
-            None => {
-                let conn = self.conn();
-                match self.sealer.current(tenant) {
-                    Some(k) => k,
-                    None => self.new_data_key(&conn, tenant)?,
-                }
-            }
-        };
+        let key = self.sealing_key(tenant)?;
         let sealed = self.sealer.seal(
             &key,
             (place::SECRET, &secret_row(tenant, name)),
