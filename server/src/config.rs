@@ -98,7 +98,7 @@ pub mod defaults {
 /// `cloudfunc serve`'s flags; each has an embedded default.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
-    /// The server's data directory (database, code, JWT secret).
+    /// The server's data directory (database with the sealed code, JWT secret, master key).
     #[arg(skip = PathBuf::from(defaults::DATA_DIR))]
     pub data_dir: PathBuf,
     /// The API's address.
