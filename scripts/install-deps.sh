@@ -6,14 +6,15 @@
 # the browser from elsewhere).
 # With --test, also what only the tests use: headless Chromium and its WebDriver for the
 # dashboard test, the Prometheus project's Python client, whose parser reads /metrics, an SMTP
-# server for the email tests, and QEMU with two Debian kernels (downloaded and unpacked into
+# server for the email tests, PostgreSQL (the tests start clusters of their own, never the
+# package's), and QEMU with two Debian kernels (downloaded and unpacked into
 # a cache, not installed) for the pure cgroup v2 VM (scripts/v2vm.sh).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 packages=(libseccomp-dev pkg-config make gcc libelf-dev zlib1g-dev python3 python3-venv nodejs runc crun runsc wrk ca-certificates curl libjs-chart.js)
 if [ "${1:-}" = "--test" ]; then
-  packages+=(chromium chromium-driver python3-prometheus-client python3-aiosmtpd qemu-system-x86)
+  packages+=(chromium chromium-driver python3-prometheus-client python3-aiosmtpd postgresql qemu-system-x86)
 fi
 missing=()
 for p in "${packages[@]}"; do

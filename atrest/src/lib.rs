@@ -17,7 +17,7 @@ pub mod master;
 mod sealer;
 
 pub use master::{KeySource, Keyring, MasterKey};
-pub use sealer::{DataKey, Sealer, WrappedKey};
+pub use sealer::{is_sealed, DataKey, Sealer, WrappedKey};
 
 /// What can go wrong with keys and sealed records.
 #[derive(Debug, thiserror::Error)]

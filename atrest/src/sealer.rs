@@ -256,6 +256,12 @@ impl Sealer {
     }
 }
 
+/// Whether `bytes` are in the sealed format (plaintext UTF-8 never is: its first byte cannot
+/// be followed by the format's second).
+pub fn is_sealed(bytes: &[u8]) -> bool {
+    bytes.starts_with(&MAGIC)
+}
+
 /// The data key a sealed record names.
 pub fn key_of(sealed: &[u8]) -> Result<u32, AtRestError> {
     if sealed.len() < HEADER + TAG {

@@ -324,6 +324,25 @@ pub struct Completion {
     pub usage: Option<TaskUsage>,
 }
 
+impl Completion {
+    /// A failure of `kind` before (or instead of) any result: no output, no usage.
+    pub fn failed(kind: ErrorKind, message: &str) -> Completion {
+        Completion {
+            status: TaskStatus::Failed,
+            result: None,
+            error: Some(TaskError {
+                kind,
+                error_type: String::new(),
+                message: message.into(),
+                traceback: String::new(),
+            }),
+            logs: String::new(),
+            logs_truncated: false,
+            usage: None,
+        }
+    }
+}
+
 impl Task {
     /// A new queued task of `version` of `function`; it belongs to the function's tenant,
     /// also when an admin submits it.

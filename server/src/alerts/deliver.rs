@@ -35,6 +35,28 @@ pub struct Delivery {
     pub summary: String,
 }
 
+impl Delivery {
+    /// The delivery of `n` to `sub`, not tried yet: its id is the two ids, so enqueuing the
+    /// same notification again makes no second one.
+    pub fn pending(n: &Notification, sub: &Subscription) -> Delivery {
+        Delivery {
+            id: format!("{}.{}", n.id, sub.id),
+            notification_id: n.id.clone(),
+            subscription_id: sub.id.clone(),
+            tenant: sub.tenant.clone(),
+            channel: sub.spec.channel.kind().into(),
+            target: sub.spec.channel.target().into(),
+            status: "pending".into(),
+            attempts: 0,
+            next_at: n.at,
+            last_error: None,
+            created_at: n.at,
+            finished_at: None,
+            summary: n.summary.clone(),
+        }
+    }
+}
+
 /// Tries before a delivery is given up.
 pub const MOST_ATTEMPTS: u32 = 10;
 

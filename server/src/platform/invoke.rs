@@ -211,22 +211,6 @@ fn spec_for(name: &str, version: &Version) -> SandboxSpec {
     spec
 }
 
-pub(super) fn failed(kind: ErrorKind, message: &str) -> Completion {
-    Completion {
-        status: TaskStatus::Failed,
-        result: None,
-        error: Some(TaskError {
-            kind,
-            error_type: String::new(),
-            message: message.into(),
-            traceback: String::new(),
-        }),
-        logs: String::new(),
-        logs_truncated: false,
-        usage: None,
-    }
-}
-
 /// How a task ends when its sandbox does not start.
 pub(super) fn start_failure(task: &Task, e: SandboxError) -> Completion {
     match e {
@@ -249,7 +233,7 @@ pub(super) fn start_failure(task: &Task, e: SandboxError) -> Completion {
                 error = %cloudfunc_sandbox::error_chain(&e),
                 "the sandbox could not start"
             );
-            failed(
+            Completion::failed(
                 ErrorKind::SandboxFailure,
                 "the sandbox could not be started",
             )
@@ -283,13 +267,15 @@ fn settle(
     match ran {
         Ok(completion) => (completion, None),
         Err(e @ (PoolError::Busy { retry_after, .. } | PoolError::Full { retry_after })) => (
-            failed(ErrorKind::Throttled, &e.to_string()),
+            Completion::failed(ErrorKind::Throttled, &e.to_string()),
             Some(PlatformError::TooBusy {
                 message: e.to_string(),
                 retry_after,
             }),
         ),
-        Err(PoolError::Unavailable(why)) => (failed(ErrorKind::SandboxFailure, &why), None),
+        Err(PoolError::Unavailable(why)) => {
+            (Completion::failed(ErrorKind::SandboxFailure, &why), None)
+        }
         Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
     }
 }
@@ -382,7 +368,7 @@ fn completion_of(
                 error = %cloudfunc_sandbox::error_chain(&e),
                 "the call failed in its sandbox"
             );
-            return failed(
+            return Completion::failed(
                 ErrorKind::SandboxFailure,
                 "the sandbox failed during the call",
             );

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::invoke::{failed, run};
+use super::invoke::run;
 use super::{blocking, Platform, Result, Running};
 use crate::auth::Caller;
 use crate::model::{Completion, ErrorKind, Mode, Task};
@@ -127,7 +127,7 @@ impl Platform {
             };
             if let Err(e) = self.run_claimed(&task).await {
                 tracing::error!(task_id = %task.task_id, error = ?e, "the task could not be run");
-                let completion = failed(
+                let completion = Completion::failed(
                     ErrorKind::SandboxFailure,
                     "the platform could not run this task",
                 );
@@ -172,7 +172,10 @@ impl Platform {
                 } else {
                     "the function was deleted before this task ran"
                 };
-                (failed(ErrorKind::FunctionUnavailable, why), None)
+                (
+                    Completion::failed(ErrorKind::FunctionUnavailable, why),
+                    None,
+                )
             }
         };
         // The end is queued to the recorder before the destination's task, whose commit (which

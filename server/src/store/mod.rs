@@ -1,8 +1,9 @@
 //! Storage of functions, versions and tasks.
 //!
-//! [`Store`] is the seam where another database (PostgreSQL, for several nodes) plugs in;
-//! [`SqliteStore`] (in [`sqlite`]) is the embedded one: one file, WAL, every write in a
-//! transaction, so a task is on disk before its 202 is sent and survives `kill -9`. Writes of
+//! [`Store`] is the seam between the platform and its database: [`SqliteStore`] (in
+//! [`sqlite`]) is the embedded default, one file, WAL, every write in a transaction, so a task
+//! is on disk before its 202 is sent and survives `kill -9`; [`PgStore`] (in [`postgres`]) keeps
+//! the same records in a PostgreSQL server, which several nodes can share. Writes of
 //! tasks come in batches ([`Write`], [`Recorder`]) so that many calls share one commit.
 
 mod alerts;
@@ -10,7 +11,9 @@ mod anomalies;
 mod chains;
 #[cfg(test)]
 pub(crate) mod flaky;
+pub mod postgres;
 mod recorder;
+pub(crate) mod records;
 mod retry;
 pub mod sealed;
 pub mod sqlite;
@@ -18,6 +21,7 @@ pub mod sqlite;
 pub use alerts::{AlertStore, Attempt};
 pub use anomalies::AnomalyStore;
 pub use chains::ChainStore;
+pub use postgres::PgStore;
 pub use recorder::Recorder;
 pub use retry::Retry;
 pub use sealed::{KeyInfo, Reencrypted, SealedStore, SecretInfo};
@@ -32,6 +36,9 @@ pub enum StoreError {
     /// The database failed, for a reason a retry would not change (a constraint, a bug).
     #[error("the database failed")]
     Sqlite(#[source] rusqlite::Error),
+    /// PostgreSQL failed, for a reason a retry would not change.
+    #[error("the database failed: {0}")]
+    Postgres(#[source] ::postgres::Error),
     /// The database's disk is full (or its quota spent): the same write may succeed once
     /// space is freed.
     #[error("the database's disk is full")]

@@ -231,21 +231,7 @@ pub(super) fn enqueue(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7, ?7, ?8)",
         )?;
         for sub in subscriptions {
-            let d = Delivery {
-                id: format!("{}.{}", n.id, sub.id),
-                notification_id: n.id.clone(),
-                subscription_id: sub.id.clone(),
-                tenant: sub.tenant.clone(),
-                channel: sub.spec.channel.kind().into(),
-                target: sub.spec.channel.target().into(),
-                status: "pending".into(),
-                attempts: 0,
-                next_at: n.at,
-                last_error: None,
-                created_at: n.at,
-                finished_at: None,
-                summary: n.summary.clone(),
-            };
+            let d = Delivery::pending(n, sub);
             put.execute(params![
                 d.id,
                 d.notification_id,

@@ -3,10 +3,11 @@
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::sealed::{opened, place, step_row, Seal};
+use super::sealed::{opened, Seal};
 use crate::atrest::Sealer;
 use crate::chains::{Chain, ChainRun, RunStatus, StepRecord};
 use crate::model::Mode;
+use crate::store::records::{place, step_row};
 use crate::store::Result;
 
 pub(super) const SCHEMA: &str = r#"

@@ -24,14 +24,13 @@ use std::time::Duration;
 use parking_lot::{FairMutex, FairMutexGuard};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::records::{damaged_ending, interrupted_ending, place, version_row, Pending, TenantKeys};
 use super::{
     AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Store, StoreError,
     StoreSize, Write,
 };
 use crate::atrest::{KeySource, Sealer};
-use crate::model::{
-    now_ms, Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, Version,
-};
+use crate::model::{now_ms, Function, Mode, Task, Version};
 use crate::rollup::Call;
 use checkpoint::{CheckpointStats, Checkpointer};
 use rows::{
@@ -168,8 +167,8 @@ impl SqliteStore {
             &self.sealer,
             r,
             0,
-            sealed::place::SETTINGS,
-            &sealed::version_row(function_id, number),
+            place::SETTINGS,
+            &version_row(function_id, number),
             || format!("version {number} of {function_id}"),
         )?
         .unwrap_or_default();
@@ -251,8 +250,8 @@ impl Store for SqliteStore {
         )
         .map_err(conflict)?;
         let settings = self.seal_for(&key).text(
-            sealed::place::SETTINGS,
-            &sealed::version_row(function_id, version.version),
+            place::SETTINGS,
+            &version_row(function_id, version.version),
             serde_json::to_string(version)?,
         );
         tx.execute(
@@ -318,27 +317,15 @@ impl Store for SqliteStore {
     }
 
     fn write(&self, writes: &[Write]) -> Result<()> {
-        // Each tenant's key before the writer is taken: a first key is stored on its own.
-        let mut keys: Vec<(&str, Option<Arc<crate::atrest::DataKey>>)> = Vec::new();
-        for w in writes {
-            if !keys.iter().any(|(t, _)| *t == w.tenant()) {
-                keys.push((w.tenant(), self.tenant_key(w.tenant())?));
-            }
-        }
-        let seal = |tenant: &str| {
-            let key = keys
-                .iter()
-                .find(|(t, _)| *t == tenant)
-                .and_then(|(_, k)| k.as_deref());
-            sealed::Seal {
-                sealer: &self.sealer,
-                key,
-            }
+        let keys = TenantKeys::of(writes, |tenant| self.tenant_key(tenant))?;
+        let seal = |tenant: &str| sealed::Seal {
+            sealer: &self.sealer,
+            key: keys.get(tenant),
         };
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         // The calls' rollups, added up over the batch and written once per row.
-        let mut ended = rollups::Pending::default();
+        let mut ended = Pending::default();
         for w in writes {
             match w {
                 Write::Insert(task) => insert(&tx, task, seal(&task.tenant))?,
@@ -366,7 +353,7 @@ impl Store for SqliteStore {
         let now = now_ms();
         let limit = limit.max(1);
         let mut tasks = Vec::with_capacity(limit);
-        let mut ended = rollups::Pending::default();
+        let mut ended = Pending::default();
         // Again while a damaged record took a place (it is failed, so not selected twice).
         let mut skipped = true;
         while skipped && tasks.len() < limit {
@@ -391,19 +378,7 @@ impl Store for SqliteStore {
                     // why, and the queue goes on.
                     Err(StoreError::Damaged(why)) => {
                         tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
-                        let completion = Completion {
-                        status: TaskStatus::Failed,
-                        result: None,
-                        error: Some(TaskError {
-                            kind: ErrorKind::SandboxFailure,
-                            error_type: String::new(),
-                            message: "this task's stored record failed its integrity check (tampered with, or damaged on disk); it was not run".into(),
-                            traceback: String::new(),
-                        }),
-                        logs: String::new(),
-                        logs_truncated: false,
-                        usage: None,
-                    };
+                        let completion = damaged_ending();
                         let plain = sealed::Seal {
                             sealer: &self.sealer,
                             key: None,
@@ -471,19 +446,7 @@ impl Store for SqliteStore {
                 )?;
                 report.requeued.push(task.task_id);
             } else {
-                let completion = Completion {
-                    status: TaskStatus::Failed,
-                    result: None,
-                    error: Some(TaskError {
-                        kind: ErrorKind::Interrupted,
-                        error_type: String::new(),
-                        message: "the server stopped while this task was running; it was not retried (at most once)".into(),
-                        traceback: String::new(),
-                    }),
-                    logs: String::new(),
-                    logs_truncated: false,
-                    usage: None,
-                };
+                let completion = interrupted_ending();
                 self.write(&[Write::Complete {
                     task_id: task.task_id.clone(),
                     tenant: task.tenant.clone(),

@@ -2,11 +2,10 @@
 //! outcome and bucket, with its duration histogram in a side table. A finished call is added
 //! in the transaction that stores it, so the rollups never miss or double-count one.
 
-use std::collections::HashMap;
-
 use rusqlite::{params, Connection};
 
-use crate::rollup::{bucket_start, Call, Stats, RESOLUTIONS};
+use crate::rollup::{Call, Stats};
+use crate::store::records::{u64_of, Pending};
 use crate::store::Rollup;
 
 pub(super) const SCHEMA: &str = r#"
@@ -43,91 +42,7 @@ CREATE TABLE IF NOT EXISTS rollup_bins (
 CREATE INDEX IF NOT EXISTS rollup_bins_time ON rollup_bins (resolution, start);
 "#;
 
-fn i64_of(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn u64_of(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
-/// One rollup row's worth of calls, added up before it is written.
-#[derive(Debug, Default)]
-struct RowSum {
-    tenant: String,
-    function: String,
-    count: i64,
-    timed: i64,
-    cold: i64,
-    duration_sum: f64,
-    duration_max: f64,
-    init_sum: f64,
-    cpu_sum: f64,
-    cpu_max: f64,
-    memory_sum: f64,
-    memory_max: i64,
-}
-
-/// A rollup row's key: resolution, function id, outcome and bucket start.
-type RowKey = (i64, String, String, i64);
-
-/// Calls added up per rollup row and per histogram bin, so that a transaction of many calls
-/// writes each row once: a batch of a busy function's calls otherwise upserted the same six
-/// rows once per call.
-#[derive(Debug, Default)]
-pub(super) struct Pending {
-    rows: HashMap<RowKey, RowSum>,
-    /// By the row's key and the bin: the tenant and the count.
-    bins: HashMap<(RowKey, i64), (String, i64)>,
-}
-
 impl Pending {
-    /// Adds `call` of a function to its minute, hour and day rows.
-    pub(super) fn add(&mut self, tenant: &str, function_id: &str, function: &str, call: &Call) {
-        // An untimed call (refused, or failed before a sandbox) adds to the count only.
-        let t = |x: f64| if call.timed { x } else { 0.0 };
-        let memory_max = if call.timed {
-            i64_of(call.peak_memory_bytes)
-        } else {
-            0
-        };
-        for resolution in RESOLUTIONS {
-            let start = bucket_start(call.at, resolution);
-            let key = (
-                resolution,
-                function_id.to_string(),
-                call.outcome.clone(),
-                start,
-            );
-            if call.timed {
-                let b = i64::try_from(crate::rollup::bin(call.duration_ms)).unwrap_or(i64::MAX);
-                self.bins
-                    .entry((key.clone(), b))
-                    .or_insert_with(|| (tenant.to_string(), 0))
-                    .1 += 1;
-            }
-            let row = self.rows.entry(key).or_insert_with(|| RowSum {
-                tenant: tenant.to_string(),
-                function: function.to_string(),
-                ..RowSum::default()
-            });
-            // The latest name of the function wins, as in the table.
-            if row.function != function {
-                row.function = function.to_string();
-            }
-            row.count += 1;
-            row.timed += i64::from(call.timed);
-            row.cold += i64::from(call.timed && call.cold);
-            row.duration_sum += t(call.duration_ms);
-            row.duration_max = row.duration_max.max(t(call.duration_ms));
-            row.init_sum += t(call.init_ms);
-            row.cpu_sum += t(call.cpu_ms);
-            row.cpu_max = row.cpu_max.max(t(call.cpu_ms));
-            row.memory_sum += t(call.peak_memory_bytes as f64);
-            row.memory_max = row.memory_max.max(memory_max);
-        }
-    }
-
     /// Adds what was gathered to the tables, one statement per row and bin.
     pub(super) fn flush(self, conn: &Connection) -> rusqlite::Result<()> {
         let mut upsert_row = conn.prepare_cached(
@@ -312,14 +227,10 @@ pub(super) fn backfill(conn: &Connection) -> rusqlite::Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
-
-    use crate::model::{now_ms, Completion, Function, Mode, TaskError, TaskStatus, TaskUsage};
-    use crate::rollup::{bin, bucket_start, resolution_for, series, Call, Stats};
+    use crate::model::{Completion, Function, Mode, TaskError, TaskStatus, TaskUsage};
     use crate::store::{SqliteStore, Store, Write};
 
     const OUTCOMES: [&str; 4] = ["succeeded", "raised", "timeout", "throttled"];
-    const STEPS: [i64; 5] = [60_000, 300_000, 3_600_000, 7_200_000, 86_400_000];
     const T0: i64 = 1_700_000_000_000;
 
     /// One generated call: function, outcome, offset from T0, cold, duration, cpu, memory.
@@ -396,177 +307,6 @@ mod tests {
             }
         }
         (dir, store, functions)
-    }
-
-    /// Raw calls grouped per step, as the rollups should have them.
-    fn expected(raw: &[Call], first: i64, until: i64, step: i64) -> Vec<(i64, Stats)> {
-        let rows: Vec<(i64, Stats)> = raw
-            .iter()
-            .map(|c| {
-                let mut s = Stats::default();
-                s.add(c);
-                (c.at, s)
-            })
-            .collect();
-        series(rows.iter().map(|(t, s)| (*t, s)), first, until, step)
-    }
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
-    }
-
-    fn check(
-        store: &SqliteStore,
-        tenant: Option<&str>,
-        fid: Option<&str>,
-        since: i64,
-        until: i64,
-        step: i64,
-    ) {
-        let resolution = resolution_for(step).unwrap();
-        let first = bucket_start(since, step);
-        let rows: Vec<(i64, Stats)> = store
-            .rollups(tenant, fid, resolution, first, until)
-            .unwrap()
-            .into_iter()
-            .map(|r| (r.start, r.stats))
-            .collect();
-        let got = series(rows.iter().map(|(t, s)| (*t, s)), since, until, step);
-        // Rollup rows that start before `until` hold calls up to the end of their bucket.
-        let raw_end = bucket_start(until - 1, resolution) + resolution;
-        let raw = store.calls(tenant, fid, first, raw_end).unwrap();
-        let want = expected(&raw, since, until, step);
-        assert_eq!(got.len(), want.len());
-        for ((t, g), (_, w)) in got.iter().zip(&want) {
-            let at = format!("step at {t} ({tenant:?} {fid:?} step {step})");
-            assert_eq!(
-                (g.count, g.timed, g.cold, &g.errors_by_kind, &g.bins),
-                (w.count, w.timed, w.cold, &w.errors_by_kind, &w.bins),
-                "{at}"
-            );
-            assert_eq!(
-                (g.duration_max, g.cpu_max, g.memory_max),
-                (w.duration_max, w.cpu_max, w.memory_max),
-                "{at}"
-            );
-            for (a, b) in [
-                (g.duration_sum, w.duration_sum),
-                (g.init_sum, w.init_sum),
-                (g.cpu_sum, w.cpu_sum),
-                (g.memory_sum, w.memory_sum),
-            ] {
-                assert!(close(a, b), "{at}: {a} vs {b}");
-            }
-            // Percentiles from the histogram land in the bin of the exact nearest-rank value.
-            let mut durations: Vec<f64> = raw
-                .iter()
-                .filter(|c| c.timed && bucket_start(c.at, step) == *t && c.at < raw_end)
-                .map(|c| c.duration_ms)
-                .collect();
-            durations.sort_by(f64::total_cmp);
-            for p in [50.0, 95.0, 99.0] {
-                let exact = crate::metrics::percentile(&durations, p);
-                if !durations.is_empty() {
-                    assert_eq!(
-                        bin(g.percentile(p)),
-                        bin(exact),
-                        "{at}: p{p} {} vs {exact}",
-                        g.percentile(p)
-                    );
-                }
-            }
-        }
-    }
-
-    fn call() -> impl Strategy<Value = Gen> {
-        (
-            0..3usize,
-            0..OUTCOMES.len(),
-            0..3 * 86_400_000i64,
-            any::<bool>(),
-            -3.0..6.5f64,
-            0.0..1000.0f64,
-            0..1u64 << 32,
-        )
-            .prop_map(|(f, o, at, cold, exp, cpu, mem)| (f, o, at, cold, 10f64.powf(exp), cpu, mem))
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-
-        #[test]
-        fn rollups_match_raw_records(
-            calls in prop::collection::vec(call(), 0..120),
-            from in 0..3 * 86_400_000i64,
-            span in 1..2 * 86_400_000i64,
-            step in 0..STEPS.len(),
-        ) {
-            let (_dir, store, functions) = store_with(&calls);
-            let step = STEPS[step];
-            let (since, until) = (T0 + from, T0 + from + span);
-            if (until - bucket_start(since, step)) / step > 3_000 {
-                return Ok(());
-            }
-            check(&store, None, None, since, until, step);
-            check(&store, Some("a"), None, since, until, step);
-            check(&store, Some("b"), None, since, until, step);
-            check(&store, None, Some(&functions[1].id), since, until, step);
-            check(&store, Some("b"), Some(&functions[1].id), since, until, step);
-        }
-    }
-
-    #[test]
-    fn a_task_counts_once_and_survives_the_pruning_of_raw_records() {
-        let (_dir, store, functions) = store_with(&[(0, 0, 0, true, 12.0, 3.0, 1 << 20)]);
-        let f = &functions[0];
-        let task = crate::store::sqlite::tests::task(&f.tenant, f, Mode::Sync);
-        crate::store::sqlite::tests::insert(&store, &task);
-        let c = completion("raised", false, 2.0, 1.0, 10);
-        store
-            .write(&[Write::Complete {
-                task_id: task.task_id.clone(),
-                tenant: task.tenant.clone(),
-                completion: c.clone(),
-                at: T0 + 10,
-            }])
-            .unwrap();
-        // Storing the same ending again (a retried write) adds nothing.
-        store
-            .write(&[Write::Complete {
-                task_id: task.task_id.clone(),
-                tenant: task.tenant.clone(),
-                completion: c.clone(),
-                at: T0 + 10,
-            }])
-            .unwrap();
-        assert_eq!(store.prune(now_ms() + 1).unwrap(), 2);
-        assert!(store.calls(None, None, 0, i64::MAX).unwrap().is_empty());
-        for resolution in crate::rollup::RESOLUTIONS {
-            let rows = store
-                .rollups(Some("a"), None, resolution, 0, i64::MAX)
-                .unwrap();
-            let mut total = Stats::default();
-            rows.iter().for_each(|r| total.merge(&r.stats));
-            assert_eq!(
-                (total.count, total.cold, total.errors()),
-                (2, 1, 1),
-                "{resolution}"
-            );
-            assert_eq!(total.duration_max, 12.0);
-            assert_eq!(rows[0].function, "one");
-        }
-        assert_eq!(store.prune_rollups(60_000, T0 + 3_600_000).unwrap(), 2);
-        assert!(store
-            .rollups(None, None, 60_000, 0, i64::MAX)
-            .unwrap()
-            .is_empty());
-        assert_eq!(
-            store
-                .rollups(None, None, 3_600_000, 0, i64::MAX)
-                .unwrap()
-                .len(),
-            2
-        );
     }
 
     #[test]

@@ -4,11 +4,11 @@
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToSql};
 use serde_json::Value;
 
-use super::rollups;
-use super::sealed::{opened, place, Seal};
+use super::sealed::{opened, Seal};
 use crate::atrest::Sealer;
 use crate::model::{Completion, Function, Mode, Task, TaskError, TaskStatus, TaskUsage};
 use crate::rollup::Call;
+use crate::store::records::{ended_call, place, Pending};
 use crate::store::{Result, StoreError};
 
 /// Adds a new task.
@@ -120,7 +120,7 @@ pub(super) fn finished(
     task: &Task,
     c: &Completion,
     at: i64,
-    rollups: &mut rollups::Pending,
+    rollups: &mut Pending,
     seal: Seal<'_>,
 ) -> Result<()> {
     let e = Ending::of(c, at, &task.task_id, seal)?;
@@ -159,7 +159,7 @@ pub(super) fn complete(
     task_id: &str,
     c: &Completion,
     at: i64,
-    rollups: &mut rollups::Pending,
+    rollups: &mut Pending,
     seal: Seal<'_>,
 ) -> Result<()> {
     let e = Ending::of(c, at, task_id, seal)?;
@@ -216,27 +216,6 @@ pub(super) fn function_row(row: &Row<'_>) -> rusqlite::Result<Function> {
 pub(super) const CALL_COLS: &str = "CASE WHEN status = 'succeeded' THEN 'succeeded' ELSE COALESCE(error_kind, status) END,
     finished_at, usage IS NOT NULL, COALESCE(cold, 0), COALESCE(duration_ms, 0),
     COALESCE(json_extract(usage, '$.init_duration_ms'), 0), COALESCE(cpu_ms, 0), COALESCE(peak_memory_bytes, 0)";
-
-/// What [`CALL_COLS`] reads from a stored ending, from the ending itself.
-pub(super) fn ended_call(c: &Completion, at: i64) -> Call {
-    let usage = c.usage.as_ref();
-    let outcome = match (c.status, &c.error) {
-        (TaskStatus::Succeeded, _) => "succeeded".to_string(),
-        (_, Some(e)) => e.kind.as_str().to_string(),
-        (status, None) => status.as_str().to_string(),
-    };
-    Call {
-        outcome,
-        at,
-        timed: usage.is_some(),
-        cold: usage.is_some_and(|u| u.cold),
-        duration_ms: usage.map_or(0.0, |u| u.duration_ms),
-        init_ms: usage.map_or(0.0, |u| u.init_duration_ms),
-        cpu_ms: usage.map_or(0.0, |u| u.cpu_ms),
-        // As stored: the column is a signed integer.
-        peak_memory_bytes: usage.map_or(0, |u| u.peak_memory_bytes.min(i64::MAX as u64)),
-    }
-}
 
 pub(super) fn call_row(row: &Row<'_>, first: usize) -> rusqlite::Result<Call> {
     let peak: i64 = row.get(first + 7)?;

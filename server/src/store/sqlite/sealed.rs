@@ -12,6 +12,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use super::SqliteStore;
 use crate::atrest::{AtRestError, DataKey, KeySource, Keyring, Sealer, WrappedKey};
 use crate::model::now_ms;
+use crate::store::records::{place, secret_row, Damaged, SealedColumn, SEALED};
 use crate::store::sealed::{KeyInfo, Reencrypted, SealedStore, SecretInfo};
 use crate::store::{Result, StoreError};
 
@@ -40,113 +41,6 @@ CREATE TABLE IF NOT EXISTS secrets (
     PRIMARY KEY (tenant, name)
 );
 "#;
-
-impl From<Damaged> for StoreError {
-    fn from(d: Damaged) -> Self {
-        StoreError::Damaged(d.to_string())
-    }
-}
-
-/// A record whose sealed column did not open: reported for that record, never served.
-#[derive(Debug, thiserror::Error)]
-#[error("{record}'s {column} cannot be read: {source}")]
-pub struct Damaged {
-    pub record: String,
-    pub column: &'static str,
-    #[source]
-    pub source: AtRestError,
-}
-
-/// A sealed column of a table: how its rows are found by tenant and keyed.
-struct Sealed {
-    /// `table.column`, as records' places name it.
-    place: &'static str,
-    /// The row's key columns; the record's place is their values joined by `@`.
-    keys: &'static [&'static str],
-    /// Rows of tenant `?1`.
-    of_tenant: &'static str,
-}
-
-impl Sealed {
-    /// The table and the column of [`Sealed::place`].
-    fn table_column(&self) -> (&'static str, &'static str) {
-        self.place.split_once('.').expect("a place is table.column")
-    }
-}
-
-/// Every sealed column.
-const SEALED: &[Sealed] = &[
-    Sealed {
-        place: place::PAYLOAD,
-        keys: &["id"],
-        of_tenant: "tenant = ?1",
-    },
-    Sealed {
-        place: place::RESULT,
-        keys: &["id"],
-        of_tenant: "tenant = ?1",
-    },
-    Sealed {
-        place: place::ERROR,
-        keys: &["id"],
-        of_tenant: "tenant = ?1",
-    },
-    Sealed {
-        place: place::LOGS,
-        keys: &["id"],
-        of_tenant: "tenant = ?1",
-    },
-    Sealed {
-        place: place::SETTINGS,
-        keys: &["function_id", "version"],
-        of_tenant: "function_id IN (SELECT id FROM functions WHERE tenant = ?1)",
-    },
-    Sealed {
-        place: place::RUN_INPUT,
-        keys: &["id"],
-        of_tenant: "tenant = ?1",
-    },
-    Sealed {
-        place: place::RUN_OUTPUT,
-        keys: &["id"],
-        of_tenant: "tenant = ?1",
-    },
-    Sealed {
-        place: place::RUN_ERROR,
-        keys: &["id"],
-        of_tenant: "tenant = ?1",
-    },
-    Sealed {
-        place: place::STEP,
-        keys: &["run_id", "path"],
-        of_tenant: "run_id IN (SELECT id FROM chain_runs WHERE tenant = ?1)",
-    },
-    Sealed {
-        place: place::CODE,
-        keys: &["path"],
-        of_tenant: "tenant = ?1",
-    },
-    Sealed {
-        place: place::SECRET,
-        keys: &["tenant", "name"],
-        of_tenant: "tenant = ?1",
-    },
-];
-
-/// The column names as the sealed records' places name them.
-pub(super) mod place {
-    pub const PAYLOAD: &str = "tasks.payload";
-    pub const RESULT: &str = "tasks.result";
-    pub const ERROR: &str = "tasks.error";
-    pub const LOGS: &str = "tasks.logs";
-    pub const SETTINGS: &str = "versions.settings";
-    pub const RUN_INPUT: &str = "chain_runs.input";
-    pub const RUN_OUTPUT: &str = "chain_runs.output";
-    pub const RUN_ERROR: &str = "chain_runs.error";
-    pub const STEP: &str = "chain_steps.body";
-    pub const CODE: &str = "code_archives.archive";
-    pub const SECRET: &str = "secrets.value";
-}
 
 /// Seals with one tenant's key, or writes plaintext when sealing is off.
 #[derive(Clone, Copy)]
@@ -313,7 +207,7 @@ impl SqliteStore {
     }
 
     /// Seals every record of `tenant` in `spec` with `key` again, in batches; returns how many.
-    fn reseal(&self, spec: &Sealed, tenant: &str, key: &Arc<DataKey>) -> Result<u64> {
+    fn reseal(&self, spec: &SealedColumn, tenant: &str, key: &Arc<DataKey>) -> Result<u64> {
         let (table, col) = spec.table_column();
         let keys = spec.keys.join(", ");
         let tuple = format!("({keys})");
@@ -329,7 +223,7 @@ impl SqliteStore {
             let rows: Vec<(Vec<Value>, Value)> = {
                 let sql = format!(
                     "SELECT {keys}, {col} FROM {table} WHERE {of} AND {col} IS NOT NULL {cont} ORDER BY {keys} LIMIT 500",
-                    of = spec.of_tenant,
+                    of = spec.of_tenant("?1"),
                     cont = if last.is_some() { format!("AND {tuple} > {after}") } else { String::new() },
                 );
                 let mut stmt = tx.prepare(&sql)?;
@@ -381,7 +275,7 @@ impl SqliteStore {
     }
 
     /// Whether any record of `spec` still names data key `id`.
-    fn names_key(&self, spec: &Sealed, id: u32) -> Result<bool> {
+    fn names_key(&self, spec: &SealedColumn, id: u32) -> Result<bool> {
         let (table, c) = spec.table_column();
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {table} WHERE typeof({c}) = 'blob' AND substr({c}, 3, 4) = ?1)"
@@ -404,21 +298,6 @@ fn place_of(keys: &[Value]) -> String {
         })
         .collect();
     parts.join("@")
-}
-
-/// The place row of a version's settings.
-pub(super) fn version_row(function_id: &str, version: u32) -> String {
-    format!("{function_id}@{version}")
-}
-
-/// The place row of a chain step.
-pub(super) fn step_row(run_id: &str, path: &str) -> String {
-    format!("{run_id}@{path}")
-}
-
-/// The place row of a secret.
-fn secret_row(tenant: &str, name: &str) -> String {
-    format!("{tenant}@{name}")
 }
 
 impl SealedStore for SqliteStore {

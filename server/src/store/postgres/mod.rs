@@ -1,0 +1,707 @@
+//! The store on a PostgreSQL server (`serve --database postgres://...`): the same records as
+//! the SQLite store, in one database that several nodes can share. Every write is a
+//! transaction committed before it is acknowledged; the queue is claimed with
+//! `FOR UPDATE SKIP LOCKED`, so nodes claiming together never take the same task and never
+//! wait on each other's claims.
+//!
+//! [`pool`] holds the connections, [`schema`] the versioned migrations, [`rows`] the mapping
+//! of records to rows, and [`rollups`], [`alerts`], [`anomalies`], [`chains`] and [`sealed`]
+//! their tables.
+
+mod alerts;
+mod anomalies;
+mod chains;
+mod pool;
+mod rollups;
+mod rows;
+mod schema;
+mod sealed;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::records::{damaged_ending, interrupted_ending, place, version_row, Pending, TenantKeys};
+use super::{
+    AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Store, StoreError,
+    StoreSize, Write,
+};
+use crate::atrest::{KeySource, Sealer};
+use crate::model::{now_ms, Function, Mode, Task, Version};
+use crate::rollup::Call;
+use pool::Pool;
+use rows::{
+    call_row, complete, conflict, finished, function_row, insert, task_row, CALL_COLS,
+    FUNCTION_COLS, TASK_COLS,
+};
+pub use schema::VERSION as SCHEMA_VERSION;
+
+/// The store on PostgreSQL.
+#[derive(Debug)]
+pub struct PgStore {
+    pool: Pool,
+    /// Seals and opens tenant data with the tenants' data keys.
+    sealer: Arc<Sealer>,
+    /// Held while this node makes a data key, so it makes one per tenant.
+    key_lock: Mutex<()>,
+}
+
+/// Connections each node opens at most, by default.
+pub const CONNECTIONS: usize = 16;
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        use postgres::error::SqlState as S;
+        match e.code() {
+            Some(c) if *c == S::DISK_FULL || *c == S::OUT_OF_MEMORY => StoreError::Full,
+            Some(c)
+                if *c == S::T_R_SERIALIZATION_FAILURE
+                    || *c == S::T_R_DEADLOCK_DETECTED
+                    || *c == S::LOCK_NOT_AVAILABLE
+                    || *c == S::ADMIN_SHUTDOWN
+                    || *c == S::CRASH_SHUTDOWN
+                    || *c == S::CANNOT_CONNECT_NOW
+                    || *c == S::TOO_MANY_CONNECTIONS
+                    || *c == S::READ_ONLY_SQL_TRANSACTION
+                    || *c == S::QUERY_CANCELED =>
+            {
+                StoreError::Transient(Box::new(e))
+            }
+            Some(_) => StoreError::Postgres(e),
+            // No server error: the connection failed or closed, which a retry may mend.
+            None => StoreError::Transient(Box::new(e)),
+        }
+    }
+}
+
+/// `url` with its password (if any) replaced, for messages.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => url
+            .split_whitespace()
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a `postgres://` URL or `key=value` pairs), brings
+    /// its schema up to date (refusing a newer one), and loads the data keys with the master
+    /// keys from `keys`; `seal: false` writes new records in plaintext.
+    pub fn open(url: &str, keys: KeySource, seal: bool, connections: usize) -> Result<PgStore> {
+        let mut config = postgres::Config::from_str(url).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "the database address {} is not a PostgreSQL URL: {e}",
+                redacted(url)
+            ))
+        })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("cloudfunc");
+        }
+        let pool = Pool::new(config, connections);
+        let mut conn = pool.get()?;
+        schema::migrate(&mut conn)?;
+        let sealer = Arc::new(sealed::sealer(&mut conn, keys, seal)?);
+        drop(conn);
+        Ok(PgStore {
+            pool,
+            sealer,
+            key_lock: Mutex::new(()),
+        })
+    }
+
+    /// A version from its row (settings, code_dir, version).
+    fn version_row(&self, function_id: &str, r: &postgres::Row) -> Result<Version> {
+        let number = rows::u32_of(r.try_get(2)?);
+        let settings = self
+            .opened(
+                r.try_get(0)?,
+                place::SETTINGS,
+                &version_row(function_id, number),
+                || format!("version {number} of {function_id}"),
+            )?
+            .unwrap_or_default();
+        let mut v: Version = serde_json::from_str(&settings)?;
+        v.code_dir = r.try_get(1)?;
+        Ok(v)
+    }
+}
+
+/// The `$3` oldest queued tasks due at `$1`, marked running as of `$2`, skipping those
+/// another claim holds: nodes claiming together take different tasks without waiting.
+const CLAIM: &str = "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $2
+     WHERE id IN (SELECT id FROM tasks WHERE status = 'queued' AND not_before <= $1
+                  ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)";
+
+impl Store for PgStore {
+    fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>> {
+        // An id wins over a name, should one tenant's name equal another function's id.
+        let mut conn = self.pool.get()?;
+        for by in ["id", "name"] {
+            let found = conn.query_opt(
+                &format!(
+                    "SELECT {FUNCTION_COLS} FROM functions WHERE {by} = $2 AND ($1::TEXT IS NULL OR tenant = $1)
+                     ORDER BY tenant LIMIT 1"
+                ),
+                &[&tenant, &key],
+            )?;
+            if let Some(r) = found {
+                return function_row(&r).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    fn functions(&self, tenant: Option<&str>) -> Result<Vec<Function>> {
+        self.pool
+            .get()?
+            .query(
+                &format!("SELECT {FUNCTION_COLS} FROM functions WHERE ($1::TEXT IS NULL OR tenant = $1) ORDER BY name, tenant"),
+                &[&tenant],
+            )?
+            .iter()
+            .map(function_row)
+            .collect()
+    }
+
+    fn next_version(&self, tenant: &str, name: &str) -> Result<(String, u32)> {
+        let found = self.pool.get()?.query_opt(
+            "SELECT f.id, COALESCE((SELECT MAX(version) FROM versions WHERE function_id = f.id), 0)
+             FROM functions f WHERE tenant = $1 AND name = $2",
+            &[&tenant, &name],
+        )?;
+        Ok(match found {
+            Some(r) => (r.try_get(0)?, rows::u32_of(r.try_get(1)?) + 1),
+            None => (crate::model::new_id("fn"), 1),
+        })
+    }
+
+    fn add_version(
+        &self,
+        tenant: &str,
+        function_id: &str,
+        name: &str,
+        version: &Version,
+    ) -> Result<Function> {
+        let key = self.tenant_key(tenant)?;
+        let settings = self.seal_for(&key).text(
+            place::SETTINGS,
+            &version_row(function_id, version.version),
+            &serde_json::to_string(version)?,
+        );
+        let number = i64::from(version.version);
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO functions (id, tenant, name, version, active, created_at, updated_at) VALUES ($1, $2, $3, $4, true, $5, $5)
+             ON CONFLICT (id) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+            &[&function_id, &tenant, &name, &number, &now],
+        )
+        .map_err(conflict)?;
+        tx.execute(
+            "INSERT INTO versions (function_id, version, settings, code_dir, created_at) VALUES ($1, $2, $3, $4, $5)",
+            &[&function_id, &number, &settings, &version.code_dir, &version.created_at],
+        )
+        .map_err(conflict)?;
+        let row = tx.query_one(
+            &format!("SELECT {FUNCTION_COLS} FROM functions WHERE id = $1"),
+            &[&function_id],
+        )?;
+        tx.commit().map_err(conflict)?;
+        function_row(&row)
+    }
+
+    fn version(&self, function_id: &str, version: u32) -> Result<Option<Version>> {
+        self.pool
+            .get()?
+            .query_opt(
+                "SELECT settings, code_dir, version FROM versions WHERE function_id = $1 AND version = $2",
+                &[&function_id, &i64::from(version)],
+            )?
+            .map(|r| self.version_row(function_id, &r))
+            .transpose()
+    }
+
+    fn versions(&self, function_id: &str) -> Result<Vec<Version>> {
+        self.pool
+            .get()?
+            .query(
+                "SELECT settings, code_dir, version FROM versions WHERE function_id = $1 ORDER BY version",
+                &[&function_id],
+            )?
+            .iter()
+            .map(|r| self.version_row(function_id, r))
+            .collect()
+    }
+
+    fn set_active(&self, function_id: &str, active: bool) -> Result<()> {
+        self.pool.get()?.execute(
+            "UPDATE functions SET active = $2, updated_at = $3 WHERE id = $1",
+            &[&function_id, &active, &now_ms()],
+        )?;
+        Ok(())
+    }
+
+    fn delete_function(&self, function_id: &str) -> Result<Vec<Version>> {
+        let versions = self.versions(function_id)?;
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        tx.execute(
+            "DELETE FROM versions WHERE function_id = $1",
+            &[&function_id],
+        )?;
+        tx.execute(
+            "DELETE FROM code_archives WHERE path >= $1 || '/' AND path < $1 || '0'",
+            &[&function_id],
+        )?;
+        tx.execute("DELETE FROM functions WHERE id = $1", &[&function_id])?;
+        tx.commit()?;
+        Ok(versions)
+    }
+
+    fn write(&self, writes: &[Write]) -> Result<()> {
+        let keys = TenantKeys::of(writes, |tenant| self.tenant_key(tenant))?;
+        let seal = |tenant: &str| sealed::Seal {
+            sealer: &self.sealer,
+            key: keys.get(tenant),
+        };
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        let mut ended = Pending::default();
+        for w in writes {
+            match w {
+                Write::Insert(task) => insert(&mut tx, task, seal(&task.tenant))?,
+                Write::Complete {
+                    task_id,
+                    tenant,
+                    completion,
+                    at,
+                } => complete(&mut tx, task_id, completion, *at, &mut ended, seal(tenant))?,
+                Write::Finished {
+                    task,
+                    completion,
+                    at,
+                } => finished(
+                    &mut tx,
+                    task,
+                    completion,
+                    *at,
+                    &mut ended,
+                    seal(&task.tenant),
+                )?,
+            }
+        }
+        rollups::flush(&mut tx, ended)?;
+        tx.commit()
+    }
+
+    fn claim(&self, limit: usize) -> Result<Vec<Task>> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        let now = now_ms();
+        let limit = limit.max(1);
+        let mut tasks = Vec::with_capacity(limit);
+        let mut ended = Pending::default();
+        // Again while a damaged record took a place (it is failed, so not claimed twice).
+        let mut skipped = true;
+        while skipped && tasks.len() < limit {
+            skipped = false;
+            let want = i64::try_from(limit - tasks.len()).unwrap_or(i64::MAX);
+            let rows = tx.query(
+                &format!("{CLAIM} RETURNING {TASK_COLS}"),
+                &[&now, &now, &want],
+            )?;
+            let mut claimed = Vec::with_capacity(rows.len());
+            for r in &rows {
+                match task_row(self, r) {
+                    Ok(task) => claimed.push(task),
+                    // A record that fails its integrity check is never run: it ends failed,
+                    // saying why, and the queue goes on.
+                    Err(StoreError::Damaged(why)) => {
+                        let id: String = r.try_get(0)?;
+                        tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
+                        let plain = sealed::Seal {
+                            sealer: &self.sealer,
+                            key: None,
+                        };
+                        complete(&mut tx, &id, &damaged_ending(), now, &mut ended, plain)?;
+                        skipped = true;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            claimed.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
+            tasks.extend(claimed);
+        }
+        rollups::flush(&mut tx, ended)?;
+        tx.commit()?;
+        Ok(tasks)
+    }
+
+    fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {
+        self.pool
+            .get()?
+            .query_opt(
+                &format!("SELECT {TASK_COLS} FROM tasks WHERE ($1::TEXT IS NULL OR tenant = $1) AND id = $2"),
+                &[&tenant, &task_id],
+            )?
+            .map(|r| task_row(self, &r))
+            .transpose()
+    }
+
+    fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>> {
+        self.pool
+            .get()?
+            .query(
+                &format!("SELECT {TASK_COLS} FROM tasks WHERE function_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"),
+                &[&function_id, &i64::from(limit)],
+            )?
+            .iter()
+            .map(|r| task_row(self, r))
+            .collect()
+    }
+
+    fn queue_depth(&self) -> Result<u64> {
+        let n: i64 = self
+            .pool
+            .get()?
+            .query_one("SELECT COUNT(*) FROM tasks WHERE status = 'queued'", &[])?
+            .try_get(0)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn running(&self) -> Result<u64> {
+        let n: i64 = self
+            .pool
+            .get()?
+            .query_one("SELECT COUNT(*) FROM tasks WHERE status = 'running'", &[])?
+            .try_get(0)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    fn recover(
+        &self,
+        retries_left: &dyn Fn(&Task) -> bool,
+        backoff_ms: &dyn Fn(u32) -> i64,
+    ) -> Result<Recovery> {
+        let running: Vec<Task> = self
+            .pool
+            .get()?
+            .query(
+                &format!("SELECT {TASK_COLS} FROM tasks WHERE status = 'running'"),
+                &[],
+            )?
+            .iter()
+            .map(|r| task_row(self, r))
+            .collect::<Result<_>>()?;
+        let mut report = Recovery::default();
+        for task in running {
+            if task.mode == Mode::Async && retries_left(&task) {
+                self.pool.get()?.execute(
+                    "UPDATE tasks SET status = 'queued', not_before = $2 WHERE id = $1",
+                    &[&task.task_id, &(now_ms() + backoff_ms(task.attempts))],
+                )?;
+                report.requeued.push(task.task_id);
+            } else {
+                let completion = interrupted_ending();
+                self.write(&[Write::Complete {
+                    task_id: task.task_id.clone(),
+                    tenant: task.tenant.clone(),
+                    completion,
+                    at: now_ms(),
+                }])?;
+                report.interrupted.push(task.task_id);
+            }
+        }
+        Ok(report)
+    }
+
+    fn calls(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<Call>> {
+        self.pool
+            .get()?
+            .query(
+                &format!(
+                    "SELECT {CALL_COLS} FROM tasks
+                     WHERE finished_at >= $1 AND finished_at < $2 AND ($3::TEXT IS NULL OR tenant = $3) AND ($4::TEXT IS NULL OR function_id = $4)
+                     ORDER BY finished_at"
+                ),
+                &[&since, &until, &tenant, &function_id],
+            )?
+            .iter()
+            .map(|r| call_row(r, 0))
+            .collect()
+    }
+
+    fn prune(&self, before: i64) -> Result<u64> {
+        self.pool.get()?.execute(
+            "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < $1",
+            &[&before],
+        )
+    }
+
+    fn rollups(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        resolution: i64,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<Rollup>> {
+        rollups::read(
+            &mut *self.pool.get()?,
+            tenant,
+            function_id,
+            resolution,
+            since,
+            until,
+        )
+    }
+
+    fn prune_rollups(&self, resolution: i64, before: i64) -> Result<u64> {
+        rollups::prune(&mut *self.pool.get()?, resolution, before)
+    }
+
+    fn size(&self) -> Result<StoreSize> {
+        let n: i64 = self
+            .pool
+            .get()?
+            .query_one("SELECT pg_database_size(current_database())", &[])?
+            .try_get(0)?;
+        Ok(StoreSize {
+            database_bytes: u64::try_from(n).unwrap_or(0),
+            wal_bytes: 0,
+        })
+    }
+
+    fn close(&self) -> Result<()> {
+        // Every write was committed when it was made; the server keeps its own WAL.
+        Ok(())
+    }
+}
+
+impl AnomalyStore for PgStore {
+    fn anomaly_state(&self) -> Result<(Option<i64>, Vec<crate::anomalies::Saved>)> {
+        anomalies::state(&mut *self.pool.get()?)
+    }
+
+    fn save_anomaly_state(&self, through: i64, saved: &[crate::anomalies::Saved]) -> Result<()> {
+        anomalies::save_state(&mut *self.pool.get()?, through, saved)
+    }
+
+    fn record_anomalies(
+        &self,
+        scored: &[(crate::anomalies::Key, String, crate::anomalies::Point)],
+        events: &[crate::anomalies::Event],
+    ) -> Result<()> {
+        anomalies::record(&mut *self.pool.get()?, scored, events)
+    }
+
+    fn anomaly_events(
+        &self,
+        tenant: Option<&str>,
+        function_id: Option<&str>,
+        since: i64,
+        until: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::anomalies::Event>> {
+        anomalies::events(
+            &mut *self.pool.get()?,
+            tenant,
+            function_id,
+            since,
+            until,
+            limit,
+        )
+    }
+
+    fn anomaly_scores(
+        &self,
+        tenant: Option<&str>,
+        function_id: &str,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<(crate::anomalies::Series, crate::anomalies::Point)>> {
+        anomalies::scores(&mut *self.pool.get()?, tenant, function_id, since, until)
+    }
+
+    fn prune_anomalies(&self, before: i64) -> Result<u64> {
+        anomalies::prune(&mut *self.pool.get()?, before)
+    }
+}
+
+impl AlertStore for PgStore {
+    fn put_rule(&self, rule: &crate::alerts::Rule) -> Result<()> {
+        alerts::put_rule(&mut *self.pool.get()?, rule)
+    }
+
+    fn rules(&self, tenant: Option<&str>) -> Result<Vec<crate::alerts::Rule>> {
+        alerts::rules(&mut *self.pool.get()?, tenant)
+    }
+
+    fn delete_rule(&self, tenant: Option<&str>, id: &str) -> Result<bool> {
+        alerts::delete_rule(&mut *self.pool.get()?, tenant, id)
+    }
+
+    fn alert_phases(&self) -> Result<Vec<(String, String, crate::alerts::eval::Phase)>> {
+        alerts::phases(&mut *self.pool.get()?)
+    }
+
+    fn save_alert_phases(
+        &self,
+        phases: &[(String, String, crate::alerts::eval::Phase)],
+    ) -> Result<()> {
+        alerts::save_phases(&mut *self.pool.get()?, phases)
+    }
+
+    fn put_subscription(&self, sub: &crate::alerts::Subscription) -> Result<()> {
+        alerts::put_subscription(&mut *self.pool.get()?, sub)
+    }
+
+    fn subscriptions(&self, tenant: Option<&str>) -> Result<Vec<crate::alerts::Subscription>> {
+        alerts::subscriptions(&mut *self.pool.get()?, tenant)
+    }
+
+    fn delete_subscriptions(
+        &self,
+        tenant: Option<&str>,
+        id: Option<&str>,
+        channel_target: Option<(&str, &str)>,
+    ) -> Result<u64> {
+        alerts::delete_subscriptions(&mut *self.pool.get()?, tenant, id, channel_target)
+    }
+
+    fn enqueue(
+        &self,
+        n: &crate::alerts::Notification,
+        subscriptions: &[crate::alerts::Subscription],
+    ) -> Result<Vec<crate::alerts::deliver::Delivery>> {
+        alerts::enqueue(&mut *self.pool.get()?, n, subscriptions)
+    }
+
+    fn due_deliveries(
+        &self,
+        now: i64,
+        limit: u32,
+    ) -> Result<
+        Vec<(
+            crate::alerts::deliver::Delivery,
+            crate::alerts::Notification,
+            crate::alerts::Subscription,
+        )>,
+    > {
+        alerts::due(&mut *self.pool.get()?, now, limit)
+    }
+
+    fn record_attempt(
+        &self,
+        delivery_id: &str,
+        outcome: Attempt,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        alerts::record_attempt(&mut *self.pool.get()?, delivery_id, outcome, error, now)
+    }
+
+    fn deliveries(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<crate::alerts::deliver::Delivery>> {
+        alerts::deliveries(&mut *self.pool.get()?, tenant, limit)
+    }
+
+    fn oldest_queued_at(&self) -> Result<Option<i64>> {
+        Ok(self
+            .pool
+            .get()?
+            .query_one(
+                "SELECT MIN(created_at) FROM tasks WHERE status = 'queued'",
+                &[],
+            )?
+            .try_get(0)?)
+    }
+}
+
+impl ChainStore for PgStore {
+    fn put_chain(&self, chain: &crate::chains::Chain) -> Result<crate::chains::Chain> {
+        chains::put_chain(&mut *self.pool.get()?, chain).map_err(conflict)
+    }
+
+    fn chain(&self, tenant: Option<&str>, key: &str) -> Result<Option<crate::chains::Chain>> {
+        chains::chain(&mut *self.pool.get()?, tenant, key)
+    }
+
+    fn chains(&self, tenant: Option<&str>) -> Result<Vec<crate::chains::Chain>> {
+        chains::chains(&mut *self.pool.get()?, tenant)
+    }
+
+    fn delete_chain(&self, id: &str) -> Result<bool> {
+        chains::delete_chain(&mut *self.pool.get()?, id)
+    }
+
+    fn save_run(&self, run: &crate::chains::ChainRun) -> Result<()> {
+        let key = self.tenant_key(&run.tenant)?;
+        chains::save_run(&mut *self.pool.get()?, run, self.seal_for(&key))
+    }
+
+    fn save_step(
+        &self,
+        tenant: &str,
+        run_id: &str,
+        step: &crate::chains::StepRecord,
+    ) -> Result<()> {
+        let key = self.tenant_key(tenant)?;
+        chains::save_step(&mut *self.pool.get()?, run_id, step, self.seal_for(&key))
+    }
+
+    fn chain_run(
+        &self,
+        tenant: Option<&str>,
+        run_id: &str,
+    ) -> Result<Option<crate::chains::ChainRun>> {
+        Ok(self
+            .runs_where(
+                "WHERE ($1::TEXT IS NULL OR tenant = $1) AND id = $2",
+                &[&tenant, &run_id],
+            )?
+            .pop())
+    }
+
+    fn chain_runs(&self, chain_id: &str, limit: u32) -> Result<Vec<crate::chains::ChainRun>> {
+        self.runs_where(
+            "WHERE chain_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+            &[&chain_id, &i64::from(limit)],
+        )
+    }
+
+    fn unfinished_runs(&self) -> Result<Vec<crate::chains::ChainRun>> {
+        self.runs_where(
+            "WHERE status IN ('queued', 'running') ORDER BY created_at, id",
+            &[],
+        )
+    }
+}

@@ -1,0 +1,153 @@
+//! The rollup tables on PostgreSQL ([`crate::rollup`]), written in the transaction that
+//! stores the calls, as on SQLite. Rows are upserted in key order, so that two nodes' batches
+//! touching the same rows wait for each other instead of deadlocking.
+
+use super::pool::{Conn, Tx};
+use crate::rollup::Stats;
+use crate::store::records::{u64_of, Pending};
+use crate::store::{Result, Rollup};
+
+/// Adds what was gathered to the tables, one statement per row and bin.
+pub(super) fn flush(tx: &mut Tx<'_>, pending: Pending) -> Result<()> {
+    let mut rows: Vec<_> = pending.rows.into_iter().collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((resolution, function_id, outcome, start), r) in &rows {
+        tx.execute(
+            "INSERT INTO rollups (resolution, function_id, outcome, start, tenant, function, count, timed, cold,
+                 duration_sum, duration_max, init_sum, cpu_sum, cpu_max, memory_sum, memory_max)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+             ON CONFLICT (resolution, function_id, outcome, start) DO UPDATE SET
+                 count = rollups.count + excluded.count, timed = rollups.timed + excluded.timed,
+                 cold = rollups.cold + excluded.cold,
+                 duration_sum = rollups.duration_sum + excluded.duration_sum,
+                 duration_max = GREATEST(rollups.duration_max, excluded.duration_max),
+                 init_sum = rollups.init_sum + excluded.init_sum,
+                 cpu_sum = rollups.cpu_sum + excluded.cpu_sum,
+                 cpu_max = GREATEST(rollups.cpu_max, excluded.cpu_max),
+                 memory_sum = rollups.memory_sum + excluded.memory_sum,
+                 memory_max = GREATEST(rollups.memory_max, excluded.memory_max),
+                 function = excluded.function",
+            &[
+                resolution,
+                function_id,
+                outcome,
+                start,
+                &r.tenant,
+                &r.function,
+                &r.count,
+                &r.timed,
+                &r.cold,
+                &r.duration_sum,
+                &r.duration_max,
+                &r.init_sum,
+                &r.cpu_sum,
+                &r.cpu_max,
+                &r.memory_sum,
+                &r.memory_max,
+            ],
+        )?;
+    }
+    let mut bins: Vec<_> = pending.bins.into_iter().collect();
+    bins.sort_by(|a, b| a.0.cmp(&b.0));
+    for (((resolution, function_id, outcome, start), bin), (tenant, count)) in &bins {
+        tx.execute(
+            "INSERT INTO rollup_bins (resolution, function_id, outcome, start, bin, tenant, count)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (resolution, function_id, outcome, start, bin) DO UPDATE SET
+                 count = rollup_bins.count + excluded.count",
+            &[resolution, function_id, outcome, start, bin, tenant, count],
+        )?;
+    }
+    Ok(())
+}
+
+/// Rollup rows of one resolution in `[since, until)`, for a tenant (or all) and a function
+/// (or all), with their histograms.
+pub(super) fn read(
+    conn: &mut Conn,
+    tenant: Option<&str>,
+    function_id: Option<&str>,
+    resolution: i64,
+    since: i64,
+    until: i64,
+) -> Result<Vec<Rollup>> {
+    let rows = conn.query(
+        "SELECT start, tenant, function_id, function, outcome, count, timed, cold, duration_sum, duration_max,
+                init_sum, cpu_sum, cpu_max, memory_sum, memory_max
+         FROM rollups
+         WHERE resolution = $1 AND start >= $2 AND start < $3 AND ($4::TEXT IS NULL OR tenant = $4) AND ($5::TEXT IS NULL OR function_id = $5)
+         ORDER BY start, function_id, outcome",
+        &[&resolution, &since, &until, &tenant, &function_id],
+    )?;
+    let mut out: Vec<Rollup> = rows
+        .iter()
+        .map(|r| {
+            let outcome: String = r.try_get(4)?;
+            let count = u64_of(r.try_get(5)?);
+            let mut stats = Stats {
+                count,
+                timed: u64_of(r.try_get(6)?),
+                cold: u64_of(r.try_get(7)?),
+                duration_sum: r.try_get(8)?,
+                duration_max: r.try_get(9)?,
+                init_sum: r.try_get(10)?,
+                cpu_sum: r.try_get(11)?,
+                cpu_max: r.try_get(12)?,
+                memory_sum: r.try_get(13)?,
+                memory_max: u64_of(r.try_get(14)?),
+                ..Stats::default()
+            };
+            if outcome != "succeeded" {
+                stats.errors_by_kind.insert(outcome.clone(), count);
+            }
+            Ok(Rollup {
+                start: r.try_get(0)?,
+                tenant: r.try_get(1)?,
+                function_id: r.try_get(2)?,
+                function: r.try_get(3)?,
+                outcome,
+                stats,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let bins = conn.query(
+        "SELECT start, function_id, outcome, bin, count FROM rollup_bins
+         WHERE resolution = $1 AND start >= $2 AND start < $3 AND ($4::TEXT IS NULL OR tenant = $4) AND ($5::TEXT IS NULL OR function_id = $5)",
+        &[&resolution, &since, &until, &tenant, &function_id],
+    )?;
+    for r in &bins {
+        let (start, fid, outcome, b, n): (i64, String, String, i64, i64) = (
+            r.try_get(0)?,
+            r.try_get(1)?,
+            r.try_get(2)?,
+            r.try_get(3)?,
+            r.try_get(4)?,
+        );
+        let at = out.binary_search_by(|row| {
+            (row.start, row.function_id.as_str(), row.outcome.as_str()).cmp(&(
+                start,
+                fid.as_str(),
+                outcome.as_str(),
+            ))
+        });
+        if let (Ok(i), Ok(b)) = (at, usize::try_from(b)) {
+            out[i].stats.bins.insert(b, u64_of(n));
+        }
+    }
+    Ok(out)
+}
+
+/// Removes rollups of `resolution` that start before `before`; returns how many rows.
+pub(super) fn prune(conn: &mut Conn, resolution: i64, before: i64) -> Result<u64> {
+    let mut tx = conn.transaction()?;
+    let n = tx.execute(
+        "DELETE FROM rollups WHERE resolution = $1 AND start < $2",
+        &[&resolution, &before],
+    )?;
+    tx.execute(
+        "DELETE FROM rollup_bins WHERE resolution = $1 AND start < $2",
+        &[&resolution, &before],
+    )?;
+    tx.commit()?;
+    Ok(n)
+}

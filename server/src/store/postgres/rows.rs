@@ -1,0 +1,278 @@
+//! Records as rows: functions and tasks, and how a task's start and end are written.
+
+use postgres::types::ToSql;
+use postgres::Row;
+use serde_json::Value;
+
+use super::pool::Tx;
+use super::sealed::Seal;
+use super::PgStore;
+use crate::model::{Completion, Function, Mode, Task, TaskError, TaskStatus, TaskUsage};
+use crate::rollup::Call;
+use crate::store::records::{ended_call, place, Pending};
+use crate::store::{Result, StoreError};
+
+/// A number stored as BIGINT that the model keeps as `u32`.
+pub(super) fn u32_of(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Adds a new task.
+pub(super) fn insert(tx: &mut Tx<'_>, task: &Task, seal: Seal<'_>) -> Result<()> {
+    tx.execute(
+        "INSERT INTO tasks (id, tenant, function_id, function, version, mode, status, payload, attempts, created_at, started_at, chain_run)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        &[
+            &task.task_id,
+            &task.tenant,
+            &task.function_id,
+            &task.function,
+            &i64::from(task.version),
+            &task.mode.as_str(),
+            &task.status.as_str(),
+            &seal.text(place::PAYLOAD, &task.task_id, &serde_json::to_string(&task.payload)?),
+            &i64::from(task.attempts),
+            &task.created_at,
+            &task.started_at,
+            &task.chain_run,
+        ],
+    )?;
+    Ok(())
+}
+
+/// The columns of a task's ending, in [`Ending::values`]'s order.
+const ENDING_COLS: &str =
+    "status, result, error, error_kind, logs, logs_truncated, usage, duration_ms,
+     cpu_ms, peak_memory_bytes, cold, finished_at";
+
+/// The `SET` of a task's ending; `$1` is its id.
+const SET_ENDING: &str = "UPDATE tasks SET status = $2, result = $3, error = $4, error_kind = $5, logs = $6,
+     logs_truncated = $7, usage = $8, duration_ms = $9, cpu_ms = $10, peak_memory_bytes = $11, cold = $12,
+     finished_at = $13 WHERE id = $1";
+
+/// A task's ending as column values.
+struct Ending {
+    status: &'static str,
+    result: Option<Vec<u8>>,
+    error: Option<Vec<u8>>,
+    error_kind: Option<&'static str>,
+    logs: Vec<u8>,
+    logs_truncated: bool,
+    usage: Option<String>,
+    duration_ms: Option<f64>,
+    cpu_ms: Option<f64>,
+    peak_memory_bytes: Option<i64>,
+    cold: Option<bool>,
+    finished_at: i64,
+}
+
+impl Ending {
+    /// The ending of task `id`, its data sealed by `seal`.
+    fn of(c: &Completion, finished_at: i64, id: &str, seal: Seal<'_>) -> Result<Ending> {
+        let usage = c.usage.as_ref();
+        let json = |v: Option<String>, column| v.map(|t| seal.text(column, id, &t));
+        Ok(Ending {
+            status: c.status.as_str(),
+            result: json(
+                c.result.as_ref().map(serde_json::to_string).transpose()?,
+                place::RESULT,
+            ),
+            error: json(
+                c.error.as_ref().map(serde_json::to_string).transpose()?,
+                place::ERROR,
+            ),
+            error_kind: c.error.as_ref().map(|e| e.kind.as_str()),
+            logs: if c.logs.is_empty() {
+                Vec::new()
+            } else {
+                seal.text(place::LOGS, id, &c.logs)
+            },
+            logs_truncated: c.logs_truncated,
+            usage: usage.map(serde_json::to_string).transpose()?,
+            duration_ms: usage.map(|u| u.duration_ms),
+            cpu_ms: usage.map(|u| u.cpu_ms),
+            peak_memory_bytes: usage
+                .map(|u| i64::try_from(u.peak_memory_bytes).unwrap_or(i64::MAX)),
+            cold: usage.map(|u| u.cold),
+            finished_at,
+        })
+    }
+
+    /// The values of [`ENDING_COLS`] (and of `SET_ENDING`'s `$2` to `$13`), in order.
+    fn values(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.status,
+            &self.result,
+            &self.error,
+            &self.error_kind,
+            &self.logs,
+            &self.logs_truncated,
+            &self.usage,
+            &self.duration_ms,
+            &self.cpu_ms,
+            &self.peak_memory_bytes,
+            &self.cold,
+            &self.finished_at,
+        ]
+    }
+}
+
+/// Stores a task that has already ended (a sync call) in one insert, and adds it to the
+/// rollups to be written.
+pub(super) fn finished(
+    tx: &mut Tx<'_>,
+    task: &Task,
+    c: &Completion,
+    at: i64,
+    rollups: &mut Pending,
+    seal: Seal<'_>,
+) -> Result<()> {
+    let e = Ending::of(c, at, &task.task_id, seal)?;
+    let payload = seal.text(
+        place::PAYLOAD,
+        &task.task_id,
+        &serde_json::to_string(&task.payload)?,
+    );
+    let (version, attempts) = (i64::from(task.version), i64::from(task.attempts));
+    let mode = task.mode.as_str();
+    let opening: [&(dyn ToSql + Sync); 11] = [
+        &task.task_id,
+        &task.tenant,
+        &task.function_id,
+        &task.function,
+        &version,
+        &mode,
+        &payload,
+        &attempts,
+        &task.created_at,
+        &task.started_at,
+        &task.chain_run,
+    ];
+    let values: Vec<&(dyn ToSql + Sync)> = opening.into_iter().chain(e.values()).collect();
+    tx.execute(
+        &format!(
+            "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at,
+                 started_at, chain_run, {ENDING_COLS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+        ),
+        &values,
+    )?;
+    rollups.add(
+        &task.tenant,
+        &task.function_id,
+        &task.function,
+        &ended_call(c, at),
+    );
+    Ok(())
+}
+
+/// Stores how a task ended; adds it to the rollups to be written only if it was still open.
+pub(super) fn complete(
+    tx: &mut Tx<'_>,
+    task_id: &str,
+    c: &Completion,
+    at: i64,
+    rollups: &mut Pending,
+    seal: Seal<'_>,
+) -> Result<()> {
+    let e = Ending::of(c, at, task_id, seal)?;
+    let id: [&(dyn ToSql + Sync); 1] = [&task_id];
+    let values: Vec<&(dyn ToSql + Sync)> = id.into_iter().chain(e.values()).collect();
+    let opened = tx.query_opt(
+        &format!(
+            "{SET_ENDING} AND finished_at IS NULL RETURNING tenant, function_id, function, {CALL_COLS}"
+        ),
+        &values,
+    )?;
+    match opened {
+        Some(r) => {
+            let (tenant, function_id, function): (String, String, String) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            rollups.add(&tenant, &function_id, &function, &call_row(&r, 3)?);
+        }
+        // Already finished (its end stored again): the row takes the new ending, and the
+        // rollups keep counting the task once.
+        None => {
+            tx.execute(SET_ENDING, &values)?;
+        }
+    }
+    Ok(())
+}
+
+/// A uniqueness violation means a concurrent deploy took the same name or version.
+pub(super) fn conflict(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Postgres(pe)
+            if pe.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
+            StoreError::Conflict
+        }
+        e => e,
+    }
+}
+
+pub(super) const FUNCTION_COLS: &str = "id, tenant, name, version, active, created_at, updated_at";
+
+pub(super) fn function_row(row: &Row) -> Result<Function> {
+    Ok(Function {
+        id: row.try_get(0)?,
+        tenant: row.try_get(1)?,
+        name: row.try_get(2)?,
+        version: u32_of(row.try_get(3)?),
+        active: row.try_get(4)?,
+        created_at: row.try_get(5)?,
+        updated_at: row.try_get(6)?,
+    })
+}
+
+/// A finished task as a rollup call; read by [`call_row`].
+pub(super) const CALL_COLS: &str = "CASE WHEN status = 'succeeded' THEN 'succeeded' ELSE COALESCE(error_kind, status) END,
+    finished_at, usage IS NOT NULL, COALESCE(cold, false), COALESCE(duration_ms, 0),
+    COALESCE((usage::jsonb ->> 'init_duration_ms')::double precision, 0), COALESCE(cpu_ms, 0), COALESCE(peak_memory_bytes, 0)";
+
+pub(super) fn call_row(row: &Row, first: usize) -> Result<Call> {
+    let peak: i64 = row.try_get(first + 7)?;
+    Ok(Call {
+        outcome: row.try_get(first)?,
+        at: row.try_get(first + 1)?,
+        timed: row.try_get(first + 2)?,
+        cold: row.try_get(first + 3)?,
+        duration_ms: row.try_get(first + 4)?,
+        init_ms: row.try_get(first + 5)?,
+        cpu_ms: row.try_get(first + 6)?,
+        peak_memory_bytes: u64::try_from(peak).unwrap_or(0),
+    })
+}
+
+pub(super) const TASK_COLS: &str = "id, tenant, function_id, function, version, mode, status, payload, result, error, logs, logs_truncated, usage, attempts, created_at, started_at, finished_at, chain_run";
+
+pub(super) fn task_row(store: &PgStore, row: &Row) -> Result<Task> {
+    let id: String = row.try_get(0)?;
+    let sealed = |i: usize, column: &'static str| -> Result<Option<String>> {
+        store.opened(row.try_get(i)?, column, &id, || format!("task {id}"))
+    };
+    let parse = |text: Option<String>| text.and_then(|t| serde_json::from_str::<Value>(&t).ok());
+    let status: String = row.try_get(6)?;
+    let mode: String = row.try_get(5)?;
+    let usage: Option<String> = row.try_get(12)?;
+    Ok(Task {
+        payload: parse(sealed(7, place::PAYLOAD)?).unwrap_or(Value::Null),
+        result: parse(sealed(8, place::RESULT)?),
+        error: sealed(9, place::ERROR)?.and_then(|t| serde_json::from_str::<TaskError>(&t).ok()),
+        logs: sealed(10, place::LOGS)?.unwrap_or_default(),
+        tenant: row.try_get(1)?,
+        function_id: row.try_get(2)?,
+        function: row.try_get(3)?,
+        version: u32_of(row.try_get(4)?),
+        mode: Mode::parse(&mode).unwrap_or(Mode::Async),
+        status: TaskStatus::parse(&status).unwrap_or(TaskStatus::Failed),
+        logs_truncated: row.try_get(11)?,
+        usage: usage.and_then(|t| serde_json::from_str::<TaskUsage>(&t).ok()),
+        attempts: u32_of(row.try_get(13)?),
+        created_at: row.try_get(14)?,
+        started_at: row.try_get(15)?,
+        finished_at: row.try_get(16)?,
+        chain_run: row.try_get(17)?,
+        task_id: id,
+    })
+}

@@ -1,0 +1,197 @@
+//! A real PostgreSQL server for the tests: a cluster made by `initdb` in a temporary
+//! directory, listening on a Unix socket there only, run as the `postgres` user when the
+//! tests run as root (PostgreSQL refuses root), stopped and removed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A running cluster.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// The user it runs as when the tests are root.
+    run_as: Option<String>,
+    port: u16,
+    databases: AtomicU32,
+}
+
+/// The directory of PostgreSQL's programs: `CLOUDFUNC_PG_BIN`, else Debian's newest
+/// `/usr/lib/postgresql/N/bin`, else wherever `pg_ctl` is on the PATH.
+fn bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("CLOUDFUNC_PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Some(bin);
+    }
+    std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .find(|d| d.join("pg_ctl").exists() && d.join("initdb").exists())
+    })
+}
+
+impl Postgres {
+    /// Why PostgreSQL cannot be started here, if it cannot.
+    pub fn unavailable() -> Option<String> {
+        let Some(bin) = bin_dir() else {
+            return Some("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or on the PATH; apt-get install postgresql)".into());
+        };
+        if nix::unistd::geteuid().is_root()
+            && nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            return Some(format!(
+                "the tests run as root and there is no postgres user to run {} as",
+                bin.display()
+            ));
+        }
+        None
+    }
+
+    /// Makes and starts a cluster; panics saying why if it cannot.
+    pub fn start() -> Postgres {
+        let bin = bin_dir().expect("PostgreSQL is installed");
+        let dir = tempfile::Builder::new()
+            .prefix("cfpg")
+            .tempdir()
+            .expect("a temporary directory");
+        let run_as = nix::unistd::geteuid()
+            .is_root()
+            .then(|| "postgres".to_string());
+        if let Some(user) = &run_as {
+            let u = nix::unistd::User::from_name(user).unwrap().unwrap();
+            nix::unistd::chown(dir.path(), Some(u.uid), Some(u.gid)).unwrap();
+        }
+        // Any port: only the socket's file name carries it, in a directory of our own.
+        let port = 5432;
+        let pg = Postgres {
+            dir,
+            bin,
+            run_as,
+            port,
+            databases: AtomicU32::new(0),
+        };
+        let data = pg.dir.path().join("data");
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let options = format!(
+            "-k {} -p {port} -c listen_addresses='' -c max_connections=200 -c fsync=off -c synchronous_commit=off",
+            pg.dir.path().display()
+        );
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                pg.dir.path().join("log").to_str().unwrap(),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        );
+        pg
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self.output(program, args);
+        assert!(
+            out.status.success(),
+            "{program} failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    fn output(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let exe = self.bin.join(program);
+        let mut cmd = match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()))
+    }
+
+    /// The connection string of database `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={name}",
+            self.dir.path().display(),
+            self.port
+        )
+    }
+
+    /// A new, empty database; returns its connection string.
+    pub fn database(&self) -> String {
+        let name = format!("t{}", self.databases.fetch_add(1, Ordering::SeqCst));
+        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+            .expect("connecting to the test cluster");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("creating a database");
+        self.url(&name)
+    }
+
+    /// Its directory (the socket and the log are there).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let stopped = self.output(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+        if !stopped.status.success() {
+            eprintln!(
+                "stopping the test PostgreSQL failed: {}",
+                String::from_utf8_lossy(&stopped.stderr)
+            );
+        }
+    }
+}
