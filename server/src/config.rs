@@ -291,8 +291,21 @@ pub struct ServeConfig {
     /// (default: http:// and --listen).
     #[arg(long, env = "CLOUDFUNC_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// MiB the database's write-ahead log may reach before a checkpoint waits for readers
-    /// to cut it back.
+    /// Where the records are kept: `sqlite` (a file in the data directory) or a PostgreSQL
+    /// server (`postgres://user:password@host:port/database`, or `host=... dbname=...`),
+    /// which several nodes may share.
+    #[arg(
+        long,
+        env = "CLOUDFUNC_DATABASE_URL",
+        default_value = "sqlite",
+        hide_env_values = true
+    )]
+    pub database: String,
+    /// Connections to PostgreSQL this node opens at most.
+    #[arg(long, env = "CLOUDFUNC_DATABASE_CONNECTIONS", default_value_t = crate::store::postgres::CONNECTIONS)]
+    pub database_connections: usize,
+    /// MiB the SQLite database's write-ahead log may reach before a checkpoint waits for
+    /// readers to cut it back.
     #[arg(long, env = "CLOUDFUNC_WAL_LIMIT_MB", default_value_t = defaults::WAL_LIMIT_MB)]
     pub wal_limit_mb: u64,
 }
@@ -323,6 +336,15 @@ impl ServeConfig {
         if self.workers == 0 {
             bail!("--workers must be at least 1");
         }
+        if self.postgres().is_none() && self.database != "sqlite" {
+            bail!(
+                "--database {:?} is neither sqlite nor a PostgreSQL address (postgres://user:password@host/database, or host=... dbname=...)",
+                crate::store::postgres::redacted(&self.database)
+            );
+        }
+        if self.database_connections == 0 {
+            bail!("--database-connections must be at least 1");
+        }
         if let Some(url) = &self.smtp_url {
             if let Err(e) = lettre::SmtpTransport::from_url(url) {
                 bail!("--smtp-url {url:?}: {e}");
@@ -340,6 +362,14 @@ impl ServeConfig {
         self.retention()?;
         self.http()?;
         Ok(())
+    }
+
+    /// The PostgreSQL server's address, when the records are kept there.
+    pub fn postgres(&self) -> Option<&str> {
+        let d = self.database.trim();
+        let url = d.starts_with("postgres://") || d.starts_with("postgresql://");
+        let pairs = d.contains('=') && (d.contains("host=") || d.contains("dbname="));
+        (url || pairs).then_some(d)
     }
 
     /// The identity provider's key set, if one is configured (read now).

@@ -12,7 +12,7 @@ pub use crate::config::ServeConfig;
 use crate::isolation::{Engines, Isolation};
 use crate::platform::Platform;
 use crate::pool::{Pool, SystemClock};
-use crate::store::SqliteStore;
+use crate::store::{PgStore, SqliteStore, Store};
 use crate::wall::{SystemWall, WallClock};
 
 /// The secret file in a data directory.
@@ -43,6 +43,35 @@ pub fn load_keys(data_dir: &Path, configured: Option<&str>) -> Result<Keys> {
     }
     let secret = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     Keys::new(&secret).with_context(|| format!("the secret in {} is too weak", path.display()))
+}
+
+/// The store `config` names: the SQLite file in the data directory, or PostgreSQL.
+fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>> {
+    let keys = crate::atrest::KeySource::of(&config.data_dir, config.master_key.clone());
+    let seal = !config.no_encryption_at_rest;
+    Ok(match config.postgres() {
+        Some(url) => {
+            let store =
+                PgStore::open(url, keys, seal, config.database_connections).with_context(|| {
+                    format!(
+                        "opening the PostgreSQL database {}",
+                        crate::store::postgres::redacted(url)
+                    )
+                })?;
+            tracing::info!(database = %crate::store::postgres::redacted(url), "records kept in PostgreSQL");
+            Arc::new(store)
+        }
+        None => Arc::new(
+            SqliteStore::open_with(
+                &config.data_dir.join(crate::datadir::DATABASE),
+                config.wal_limit_mb.max(1).saturating_mul(1024 * 1024),
+                std::time::Duration::from_millis(500),
+                keys,
+                seal,
+            )
+            .context("opening the database")?,
+        ),
+    })
 }
 
 /// Descriptors the server holds per kept sandbox: its three pipes, its cgroup's counter
@@ -119,16 +148,11 @@ pub async fn run(
         tracing::warn!(%what, "the state directory let other users in; tightened");
     }
     let keys = load_keys(&config.data_dir, config.jwt_secret.as_deref())?;
-    let store = Arc::new(
-        SqliteStore::open_with(
-            &config.data_dir.join(crate::datadir::DATABASE),
-            config.wal_limit_mb.max(1).saturating_mul(1024 * 1024),
-            std::time::Duration::from_millis(500),
-            crate::atrest::KeySource::of(&config.data_dir, config.master_key.clone()),
-            !config.no_encryption_at_rest,
-        )
-        .context("opening the database")?,
-    );
+    // Connecting to PostgreSQL blocks (its client runs a runtime of its own).
+    let store = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || open_store(&config)).await??
+    };
     let engine_config = EngineConfig {
         state_dir: config.state_dir.clone(),
         images_dir: config.images_dir.clone(),

@@ -59,7 +59,9 @@ fn main() {
         .into_iter()
         .map(|(name, f)| trial(name, f, why.is_some()))
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    let conclusion = libtest_mimic::run(&args, trials);
+    common::postgres::stop_shared();
+    conclusion.exit();
 }
 
 /// Debian's aiosmtpd writing what it receives to a maildir.

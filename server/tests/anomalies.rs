@@ -48,7 +48,9 @@ fn main() {
         println!("SKIPPED {name}: {why}");
     }
     let trial = common::trial(name, simulated_day, skip.is_some());
-    libtest_mimic::run(&args, vec![trial]).exit();
+    let conclusion = libtest_mimic::run(&args, vec![trial]);
+    common::postgres::stop_shared();
+    conclusion.exit();
 }
 
 /// A server running in this process on its own thread and runtime.

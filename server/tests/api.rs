@@ -63,7 +63,10 @@ fn main() {
             graceful_stop,
         ),
     ];
-    let why = missing();
+    let mut why = missing();
+    if common::postgres::wanted() && why.is_none() {
+        why = common::postgres::Postgres::unavailable();
+    }
     if let Some(why) = &why {
         println!("SKIPPED {} api tests: {why}", tests.len());
     }
@@ -84,6 +87,7 @@ fn main() {
         server.stop();
         server.remove_files();
     }
+    common::postgres::stop_shared();
     conclusion.exit();
 }
 

@@ -712,5 +712,7 @@ fn main() {
         the_dashboard_shows_runs_and_their_steps,
         no_browser.is_some(),
     ));
-    libtest_mimic::run(&args, trials).exit();
+    let conclusion = libtest_mimic::run(&args, trials);
+    common::postgres::stop_shared();
+    conclusion.exit();
 }

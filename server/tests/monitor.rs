@@ -79,6 +79,7 @@ fn main() {
         server.stop();
         server.remove_files();
     }
+    common::postgres::stop_shared();
     conclusion.exit();
 }
 

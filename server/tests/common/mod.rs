@@ -58,6 +58,7 @@ impl Server {
             .arg(dir.join("images"))
             .arg("--cgroup-parent")
             .arg(&parent)
+            .args(postgres::server_args(dir))
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)
@@ -82,6 +83,13 @@ impl Server {
             })
             .to_string();
         let port = url.rsplit(':').next().unwrap().parse().unwrap();
+        if postgres::wanted() {
+            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+            assert!(
+                log.contains("records kept in PostgreSQL"),
+                "the server was to keep its records in PostgreSQL"
+            );
+        }
         Server {
             child,
             url,

@@ -195,3 +195,49 @@ impl Drop for Postgres {
         }
     }
 }
+
+/// The cluster the servers of a test binary share when `CLOUDFUNC_TEST_STORE=postgres` (the
+/// API suite run again on PostgreSQL); `None` otherwise.
+static SHARED: std::sync::OnceLock<Postgres> = std::sync::OnceLock::new();
+
+/// Whether this run keeps the servers' records in PostgreSQL.
+pub fn wanted() -> bool {
+    std::env::var("CLOUDFUNC_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// The `--database` flag for a server on `dir`: its own database in the shared cluster (the
+/// same one when it restarts on `dir`), or nothing when the run uses SQLite.
+pub fn server_args(dir: &Path) -> Vec<String> {
+    if !wanted() {
+        return Vec::new();
+    }
+    let remembered = dir.join("database.url");
+    let url = match std::fs::read_to_string(&remembered) {
+        Ok(url) => url,
+        Err(_) => {
+            let url = SHARED.get_or_init(Postgres::start).database();
+            std::fs::write(&remembered, &url).unwrap();
+            url
+        }
+    };
+    vec!["--database".into(), url]
+}
+
+/// Stops the shared cluster, if one was started (statics are never dropped).
+pub fn stop_shared() {
+    if let Some(pg) = SHARED.get() {
+        let data = pg.dir.path().join("data");
+        let _ = pg.output(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+        let _ = std::fs::remove_dir_all(pg.dir.path());
+    }
+}
