@@ -301,6 +301,14 @@ pub struct ServeConfig {
         hide_env_values = true
     )]
     pub database: String,
+    /// This node's id among those sharing a PostgreSQL database: stable across its restarts
+    /// (a restart ends what it left running at once). Default: the host's name.
+    #[arg(long, env = "CLOUDFUNC_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Seconds a node that stopped heartbeating keeps its running tasks before another node
+    /// ends them (requeued where their function allows retries, else failed `interrupted`).
+    #[arg(long, env = "CLOUDFUNC_NODE_LEASE_S", default_value_t = 15)]
+    pub node_lease_s: u64,
     /// Connections to PostgreSQL this node opens at most.
     #[arg(long, env = "CLOUDFUNC_DATABASE_CONNECTIONS", default_value_t = crate::store::postgres::CONNECTIONS)]
     pub database_connections: usize,
@@ -342,8 +350,11 @@ impl ServeConfig {
                 crate::store::postgres::redacted(&self.database)
             );
         }
-        if self.database_connections == 0 {
-            bail!("--database-connections must be at least 1");
+        if self.database_connections < 2 {
+            bail!("--database-connections must be at least 2");
+        }
+        if self.node_lease_s == 0 {
+            bail!("--node-lease-s must be at least 1");
         }
         if let Some(url) = &self.smtp_url {
             if let Err(e) = lettre::SmtpTransport::from_url(url) {

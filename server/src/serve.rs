@@ -51,8 +51,14 @@ fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>> {
     let seal = !config.no_encryption_at_rest;
     Ok(match config.postgres() {
         Some(url) => {
-            let store =
-                PgStore::open(url, keys, seal, config.database_connections).with_context(|| {
+            let node = config
+                .node_id
+                .clone()
+                .unwrap_or_else(crate::store::postgres::default_node_id);
+            let lease = i64::try_from(config.node_lease_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let store = PgStore::open(url, keys, seal, config.database_connections)
+                .map(|s| s.for_node(node, lease))
+                .with_context(|| {
                     format!(
                         "opening the PostgreSQL database {}",
                         crate::store::postgres::redacted(url)
@@ -133,6 +139,7 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     config.validate()?;
+    let scheme = if config.tls_wanted() { "https" } else { "http" };
     let retention = config.retention()?;
     raise_open_files_limit(config.max_sandboxes);
     let tightened = crate::datadir::secure(&config.data_dir)
@@ -190,6 +197,17 @@ pub async fn run(
         .start_alerts()
         .await
         .context("restoring the alert rules' states")?;
+    platform
+        .start_cluster(crate::platform::NodeConfig {
+            address: config
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("{scheme}://{}", config.listen)),
+            lease: std::time::Duration::from_secs(config.node_lease_s),
+            check_every: std::time::Duration::from_secs(5),
+        })
+        .await
+        .context("joining the other nodes")?;
     let recovery = platform
         .start_queue(config.workers)
         .await
@@ -245,7 +263,11 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    listening(listener.local_addr()?, &platform);
+    let bound = listener.local_addr()?;
+    if config.public_url.is_none() {
+        platform.set_node_address(format!("{scheme}://{bound}"));
+    }
+    listening(bound, &platform);
     if let Some(tls) = &tls {
         // Whoever reads stdout may have stopped after the first line: not a reason to stop.
         use std::io::Write;

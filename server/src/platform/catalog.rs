@@ -53,12 +53,14 @@ impl Catalog {
         )
     }
 
-    /// Version `number` of function `function_id`, through `store` on a miss.
+    /// Version `number` of function `function_id`, through `store` on a miss, made ready to
+    /// run here by `localize` (its code in this node's directory).
     pub fn version(
         &self,
         store: &dyn Store,
         function_id: &str,
         number: u32,
+        localize: impl FnOnce(&mut Version) -> Result<()>,
     ) -> Result<Option<Version>> {
         self.cached(
             (function_id.to_string(), number),
@@ -67,6 +69,7 @@ impl Catalog {
                 let mut found = store.version(function_id, number)?;
                 if let Some(v) = &mut found {
                     super::secrets::fill_of(store, function_id, v)?;
+                    localize(v)?;
                 }
                 Ok(found)
             },
@@ -192,7 +195,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(f.version, 2);
-        assert_eq!(catalog.version(&store, &id, 2).unwrap().unwrap().version, 2);
+        assert_eq!(
+            catalog
+                .version(&store, &id, 2, |_| Ok(()))
+                .unwrap()
+                .unwrap()
+                .version,
+            2
+        );
 
         store.delete_function(&id).unwrap();
         catalog.invalidate();
@@ -200,7 +210,10 @@ mod tests {
             .function(&store, Some("alice"), "hello")
             .unwrap()
             .is_none());
-        assert!(catalog.version(&store, &id, 2).unwrap().is_none());
+        assert!(catalog
+            .version(&store, &id, 2, |_| Ok(()))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

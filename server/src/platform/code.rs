@@ -114,6 +114,38 @@ impl Platform {
         Ok(report)
     }
 
+    /// Points `version` at its code in this node's code directory, extracting it from its
+    /// stored archive first where this node has not yet (a version another node deployed).
+    /// The archive is sealed, so what is extracted is what was deployed.
+    pub(super) fn local_code(
+        &self,
+        version: &mut crate::model::Version,
+    ) -> crate::store::Result<()> {
+        use crate::store::StoreError;
+        let Some(key) = key_of(Path::new(&version.code_dir)) else {
+            return Ok(());
+        };
+        let target = self.inner.config.code_dir.join(&key);
+        if !target.is_dir() {
+            let zip = self.inner.store.code(&key)?.ok_or_else(|| {
+                StoreError::Unavailable(format!("no code is stored for version {key}"))
+            })?;
+            // Another call may have extracted it meanwhile: that copy serves.
+            if let Err(e) = self.extract_to(&zip, &target) {
+                if !target.is_dir() {
+                    return Err(StoreError::Unavailable(format!(
+                        "the code of version {key} could not be extracted here: {e}"
+                    )));
+                }
+            } else {
+                self.precompile(version, &target);
+                tracing::info!(version = %key, "code extracted from the store for this node");
+            }
+        }
+        version.code_dir = target.to_string_lossy().into_owned();
+        Ok(())
+    }
+
     /// Extracts our own archive to `target`, whole or not at all.
     fn extract_to(&self, zip: &[u8], target: &Path) -> Result<()> {
         let staging = self

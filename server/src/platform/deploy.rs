@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use cloudfunc_sandbox::{Error as SandboxError, Sandbox};
 
+use super::cluster::Change;
 use super::invoke::request_for;
 use super::{blocking, io_error, Platform, PlatformError, Result, Settings};
 use crate::archive::{self, ArchiveLimits};
@@ -225,6 +226,7 @@ impl Platform {
         if let Some(lease) = loaded {
             pool.keep(lease, drained);
         }
+        self.tell_blocking(Change::Function(new.function_id.to_string()));
         Ok((function, version))
     }
 
@@ -288,6 +290,7 @@ impl Platform {
         blocking(move || store.set_active(&id, active)).await??;
         self.inner.catalog.invalidate();
         self.drain(&function.id).await;
+        self.tell(Change::Function(function.id.clone())).await;
         if !active && function.active {
             let summary = format!("{} was deactivated by {}", function.name, caller.tenant);
             self.raise_function_event(
@@ -318,6 +321,7 @@ impl Platform {
         .await??;
         // After the deletion, so that no call can take a new sandbox for it meanwhile.
         self.drain(&function.id).await;
+        self.tell(Change::Function(function.id.clone())).await;
         self.forget_anomalies(&function.id);
         Ok(function)
     }

@@ -49,7 +49,7 @@ impl Platform {
         }
         let number = version.unwrap_or(function.version);
         let version = catalog
-            .version(store, &function.id, number)?
+            .version(store, &function.id, number, |v| self.local_code(v))?
             .ok_or_else(|| {
                 PlatformError::NotFound(format!("function {key:?} has no version {number}"))
             })?;

@@ -13,6 +13,7 @@ mod anomalies;
 mod catalog;
 mod chain_steps;
 mod chains;
+mod cluster;
 mod code;
 mod deploy;
 mod destinations;
@@ -25,6 +26,8 @@ mod retention;
 pub mod secrets;
 pub mod settings;
 pub mod space;
+
+pub use cluster::NodeConfig;
 #[cfg(test)]
 mod tests;
 
@@ -194,6 +197,8 @@ struct Inner {
     chain_turns: Arc<tokio::sync::Semaphore>,
     /// The tenants' invocation and deploy rates.
     rates: quotas::Rates,
+    /// This node among the others sharing the store.
+    membership: cluster::Membership,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -232,6 +237,7 @@ impl Platform {
                 alerting: alerts::Alerting::new(&config.alerts),
                 chain_turns: chains::turns(),
                 rates: quotas::Rates::new(&config.quotas),
+                membership: cluster::Membership::default(),
                 config,
                 wake: tokio::sync::Notify::new(),
                 started: Instant::now(),
@@ -295,6 +301,7 @@ impl Platform {
         while self.inner.queue_running.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.leave_cluster().await;
         let pool = self.inner.pool.clone();
         let _ = blocking(move || pool.shutdown()).await;
         if let Err(e) = self.save_detectors(true).await {

@@ -89,7 +89,9 @@ impl Platform {
         let calls = pool.calls_cold + pool.calls_prewarmed + pool.calls_warm;
         let mut host = crate::metrics::host();
         host["cpu_busy_percent"] = json!(self.host_cpu_percent());
+        let cluster = self.cluster_health().await;
         Ok(json!({
+            "cluster": cluster,
             "status": status,
             "storage": {
                 "data_dir": self.inner.config.data_dir,

@@ -154,7 +154,8 @@ impl Platform {
                     let (store, catalog) = (this.inner.store.as_ref(), &this.inner.catalog);
                     let function = catalog.function(store, None, &t.function_id)?;
                     let version = match &function {
-                        Some(_) => catalog.version(store, &t.function_id, t.version)?,
+                        Some(_) => catalog
+                            .version(store, &t.function_id, t.version, |v| this.local_code(v))?,
                         None => None,
                     };
                     Ok((function, version))

@@ -138,8 +138,20 @@ impl Platform {
     }
 
     /// Forgets the versions held with the old value and drains the warm sandboxes of the
-    /// tenant's functions that name `name`.
+    /// tenant's functions that name `name`, here and on the other nodes.
     async fn secret_changed(&self, tenant: &str, name: &str) -> Result<()> {
+        self.drain_users_of(tenant, name).await?;
+        self.tell(super::cluster::Change::Secret {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+        })
+        .await;
+        Ok(())
+    }
+
+    /// Forgets the versions held and drains the warm sandboxes of `tenant`'s functions that
+    /// name secret `name`.
+    pub(super) async fn drain_users_of(&self, tenant: &str, name: &str) -> Result<()> {
         self.inner.catalog.invalidate();
         let (store, tenant, name) = (self.store(), tenant.to_string(), name.to_string());
         let users = blocking(move || -> crate::store::Result<Vec<String>> {

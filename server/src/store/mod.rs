@@ -9,6 +9,7 @@
 mod alerts;
 mod anomalies;
 mod chains;
+pub mod cluster;
 #[cfg(test)]
 pub(crate) mod flaky;
 pub mod postgres;
@@ -21,6 +22,7 @@ pub mod sqlite;
 pub use alerts::{AlertStore, Attempt};
 pub use anomalies::AnomalyStore;
 pub use chains::ChainStore;
+pub use cluster::{ClusterStore, NodeInfo, Signal};
 pub use postgres::PgStore;
 pub use recorder::Recorder;
 pub use retry::Retry;
@@ -224,6 +226,11 @@ pub trait Store:
     ) -> Result<Vec<Rollup>>;
     /// Removes rollups of `resolution` older than `before`; returns how many rows.
     fn prune_rollups(&self, resolution: i64, before: i64) -> Result<u64>;
+    /// This node's part in a cluster of nodes sharing the store; `None` where a node is
+    /// alone (SQLite).
+    fn cluster(&self) -> Option<&dyn ClusterStore> {
+        None
+    }
     /// How big the store's files are now.
     fn size(&self) -> Result<StoreSize>;
     /// At a graceful stop, after the last write: leaves everything durable and compact.

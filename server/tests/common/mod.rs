@@ -58,7 +58,11 @@ impl Server {
             .arg(dir.join("images"))
             .arg("--cgroup-parent")
             .arg(&parent)
-            .args(postgres::server_args(dir))
+            .args(if extra.contains(&"--database") {
+                Vec::new()
+            } else {
+                postgres::server_args(dir)
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)

@@ -11,6 +11,7 @@
 mod alerts;
 mod anomalies;
 mod chains;
+mod cluster;
 mod pool;
 mod rollups;
 mod rows;
@@ -23,13 +24,13 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::records::{damaged_ending, interrupted_ending, place, version_row, Pending, TenantKeys};
+use super::records::{damaged_ending, place, version_row, Pending, TenantKeys};
 use super::{
-    AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Store, StoreError,
-    StoreSize, Write,
+    AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Signal, Store,
+    StoreError, StoreSize, Write,
 };
 use crate::atrest::{KeySource, Sealer};
-use crate::model::{now_ms, Function, Mode, Task, Version};
+use crate::model::{now_ms, Function, Task, Version};
 use crate::rollup::Call;
 use pool::Pool;
 use rows::{
@@ -41,11 +42,26 @@ pub use schema::VERSION as SCHEMA_VERSION;
 /// The store on PostgreSQL.
 #[derive(Debug)]
 pub struct PgStore {
-    pool: Pool,
+    pool: Arc<Pool>,
+    /// This node: its claims carry it, and a restart ends its own running tasks at once.
+    node_id: String,
+    /// How long a node that stopped heartbeating keeps its running tasks.
+    lease_ms: i64,
     /// Seals and opens tenant data with the tenants' data keys.
     sealer: Arc<Sealer>,
     /// Held while this node makes a data key, so it makes one per tenant.
     key_lock: Mutex<()>,
+}
+
+/// How long a silent node keeps its running tasks, by default.
+pub const LEASE_MS: i64 = 15_000;
+
+/// This host's name: a node's id unless one is given.
+pub fn default_node_id() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "cloudfunc".into())
 }
 
 /// Connections each node opens at most, by default.
@@ -115,16 +131,26 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("cloudfunc");
         }
-        let pool = Pool::new(config, connections);
+        let pool = Arc::new(Pool::new(config, connections.max(2)));
         let mut conn = pool.get()?;
         schema::migrate(&mut conn)?;
         let sealer = Arc::new(sealed::sealer(&mut conn, keys, seal)?);
         drop(conn);
         Ok(PgStore {
             pool,
+            node_id: default_node_id(),
+            lease_ms: LEASE_MS,
             sealer,
             key_lock: Mutex::new(()),
         })
+    }
+
+    /// The store as node `id` sees it, whose running tasks another node ends once it has
+    /// not heartbeated for `lease_ms`.
+    pub fn for_node(mut self, id: String, lease_ms: i64) -> PgStore {
+        self.node_id = id;
+        self.lease_ms = lease_ms;
+        self
     }
 
     /// A version from its row (settings, code_dir, version).
@@ -146,7 +172,8 @@ impl PgStore {
 
 /// The `$3` oldest queued tasks due at `$1`, marked running as of `$2`, skipping those
 /// another claim holds: nodes claiming together take different tasks without waiting.
-const CLAIM: &str = "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $2
+const CLAIM: &str =
+    "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $2, node = $4
      WHERE id IN (SELECT id FROM tasks WHERE status = 'queued' AND not_before <= $1
                   ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)";
 
@@ -310,6 +337,16 @@ impl Store for PgStore {
             }
         }
         rollups::flush(&mut tx, ended)?;
+        // Idle workers on every node hear of queued tasks at the commit (not before).
+        if writes
+            .iter()
+            .any(|w| matches!(w, Write::Insert(t) if t.status == crate::model::TaskStatus::Queued))
+        {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&cluster::CHANNEL, &Signal::Queued.encode()],
+            )?;
+        }
         tx.commit()
     }
 
@@ -327,7 +364,7 @@ impl Store for PgStore {
             let want = i64::try_from(limit - tasks.len()).unwrap_or(i64::MAX);
             let rows = tx.query(
                 &format!("{CLAIM} RETURNING {TASK_COLS}"),
-                &[&now, &now, &want],
+                &[&now, &now, &want, &self.node_id],
             )?;
             let mut claimed = Vec::with_capacity(rows.len());
             for r in &rows {
@@ -402,36 +439,11 @@ impl Store for PgStore {
         retries_left: &dyn Fn(&Task) -> bool,
         backoff_ms: &dyn Fn(u32) -> i64,
     ) -> Result<Recovery> {
-        let running: Vec<Task> = self
-            .pool
-            .get()?
-            .query(
-                &format!("SELECT {TASK_COLS} FROM tasks WHERE status = 'running'"),
-                &[],
-            )?
-            .iter()
-            .map(|r| task_row(self, r))
-            .collect::<Result<_>>()?;
-        let mut report = Recovery::default();
-        for task in running {
-            if task.mode == Mode::Async && retries_left(&task) {
-                self.pool.get()?.execute(
-                    "UPDATE tasks SET status = 'queued', not_before = $2 WHERE id = $1",
-                    &[&task.task_id, &(now_ms() + backoff_ms(task.attempts))],
-                )?;
-                report.requeued.push(task.task_id);
-            } else {
-                let completion = interrupted_ending();
-                self.write(&[Write::Complete {
-                    task_id: task.task_id.clone(),
-                    tenant: task.tenant.clone(),
-                    completion,
-                    at: now_ms(),
-                }])?;
-                report.interrupted.push(task.task_id);
-            }
-        }
-        Ok(report)
+        self.recover_running(retries_left, backoff_ms)
+    }
+
+    fn cluster(&self) -> Option<&dyn crate::store::ClusterStore> {
+        Some(self)
     }
 
     fn calls(

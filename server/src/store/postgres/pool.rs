@@ -66,6 +66,16 @@ macro_rules! runs {
 impl Conn {
     runs!(client);
 
+    /// Statements sent as they are (no parameters, several allowed).
+    pub fn batch(&mut self, sql: &str) -> Result<()> {
+        Ok(self.client.batch_execute(sql)?)
+    }
+
+    /// The client, for its notifications.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
     /// A transaction on this connection.
     pub fn transaction(&mut self) -> Result<Tx<'_>> {
         Ok(Tx {

@@ -19,10 +19,27 @@ struct Migration {
 }
 
 /// The migrations, in order; the schema's version is how many have been applied.
-const MIGRATIONS: &[Migration] = &[Migration {
-    what: "functions, versions, tasks, rollups, anomaly detection, alerting, chaining, sealed code, secrets and keys",
-    sql: BASE,
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        what: "functions, versions, tasks, rollups, anomaly detection, alerting, chaining, sealed code, secrets and keys",
+        sql: BASE,
+    },
+    Migration {
+        what: "several nodes: each node's row and heartbeat, and the node running each task",
+        sql: NODES,
+    },
+];
+
+const NODES: &str = r#"
+CREATE TABLE nodes (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    address TEXT NOT NULL,
+    started_at BIGINT NOT NULL,
+    heartbeat_at BIGINT NOT NULL,
+    version TEXT NOT NULL
+);
+ALTER TABLE tasks ADD COLUMN node TEXT COLLATE "C";
+"#;
 
 /// The schema version this binary writes.
 pub const VERSION: i64 = MIGRATIONS.len() as i64;

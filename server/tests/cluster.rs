@@ -1,0 +1,349 @@
+//! Three `cloudfunc serve` nodes on one machine sharing one PostgreSQL database (a cluster the
+//! test starts and removes): each with its own port, data and state directories, the same
+//! JWT secret and master key. What one node changes the others see at once; async tasks
+//! submitted to all three run exactly once between them; a node killed in the middle of a
+//! backlog loses nothing: what it was running ends `interrupted` once its lease lapses, and
+//! the others drain the rest.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::postgres::Postgres;
+use common::*;
+use libtest_mimic::Arguments;
+use serde_json::{json, Value};
+
+/// A node's lease: short, so a dead node's tasks are ended within the test.
+const LEASE_S: &str = "2";
+
+/// The nodes of one test: each in a directory of its own under `root`.
+struct Nodes {
+    tag: String,
+    root: PathBuf,
+    url: String,
+    nodes: Vec<Server>,
+}
+
+impl Nodes {
+    /// Starts `n` nodes on a fresh database; the first makes the secret and master key, the
+    /// others are given copies (as a deployment hands them out).
+    fn start(pg: &Postgres, tag: &str, n: usize, extra: &[&str]) -> Nodes {
+        let root = std::env::temp_dir().join(format!(
+            "cloudfunc-cluster-{tag}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let url = pg.database();
+        let mut nodes = Nodes {
+            tag: tag.to_string(),
+            root,
+            url,
+            nodes: Vec::new(),
+        };
+        for i in 0..n {
+            let dir = nodes.dir(i);
+            std::fs::create_dir_all(dir.join("data")).unwrap();
+            if i > 0 {
+                for file in ["jwt.secret", "master.key"] {
+                    std::fs::copy(
+                        nodes.dir(0).join("data").join(file),
+                        dir.join("data").join(file),
+                    )
+                    .unwrap();
+                }
+            }
+            let server = nodes.launch(i, extra);
+            nodes.nodes.push(server);
+        }
+        nodes
+    }
+
+    fn dir(&self, i: usize) -> PathBuf {
+        self.root.join(format!("node{i}"))
+    }
+
+    fn launch(&self, i: usize, extra: &[&str]) -> Server {
+        let id = format!("node{i}");
+        let mut args = vec![
+            "--database",
+            &self.url,
+            "--node-id",
+            &id,
+            "--node-lease-s",
+            LEASE_S,
+        ];
+        args.extend_from_slice(extra);
+        // Each node's sandboxes under a cgroup parent of its own.
+        Server::start_in(&self.dir(i), &format!("{}{i}", self.tag), 0, &args)
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for s in &self.nodes {
+            s.stop();
+            s.remove_files();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+const V1: &str = "def handler(e):\n    return 'v1'\n";
+const V2: &str = "def handler(e):\n    return 'v2'\n";
+
+fn invoke(s: &Server, token: &str, name: &str) -> Reply {
+    post_json(
+        s,
+        &format!("/api/functions/{name}/invoke"),
+        token,
+        &json!({}),
+    )
+}
+
+fn changes_on_one_node_are_seen_by_the_others(pg: &Postgres) {
+    let cluster = Nodes::start(pg, "coherence", 3, &[]);
+    let [a, b, c] = &cluster.nodes[..] else {
+        unreachable!()
+    };
+    let t = a.token("team", false);
+    assert_eq!(deploy(a, &t, "hello", &[("function.py", V1)]).status, 201);
+    // Deployed through A, run through B and C: each node fetches the code from the store.
+    for s in [b, c] {
+        let r = invoke(s, &t, "hello");
+        assert_eq!(
+            (r.status, &r.body["result"]),
+            (200, &json!("v1")),
+            "{}",
+            r.body
+        );
+    }
+    let fid = invoke(b, &t, "hello").body["function_id"]
+        .as_str()
+        .map(String::from)
+        .unwrap_or_else(|| {
+            get(b, "/api/functions/hello", &t).body["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        });
+    assert!(
+        cluster
+            .dir(1)
+            .join("state/code")
+            .join(&fid)
+            .join("1")
+            .is_dir(),
+        "B runs its own copy of the code"
+    );
+    // A new version deployed on A: B's very next call runs it (B held v1, warm).
+    assert_eq!(deploy(a, &t, "hello", &[("function.py", V2)]).status, 201);
+    let r = invoke(b, &t, "hello");
+    assert_eq!(r.body["result"], "v2", "{}", r.body);
+    // Deactivated on C: refused on A at once; activated again, served again.
+    let r = post_json(c, "/api/functions/hello/deactivate", &t, &json!({}));
+    assert!(r.status < 300, "{}", r.body);
+    let r = invoke(a, &t, "hello");
+    assert!(
+        r.status >= 400,
+        "a deactivated function ran on another node: {}",
+        r.body
+    );
+    let r = post_json(c, "/api/functions/hello/activate", &t, &json!({}));
+    assert!(r.status < 300, "{}", r.body);
+    assert_eq!(invoke(a, &t, "hello").body["result"], "v2");
+    // Every node sees the three.
+    let admin = a.token("ops", true);
+    let health = get(b, "/api/system/health", &admin).body;
+    let nodes: Vec<(&str, bool)> = health["cluster"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap(), n["alive"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        nodes,
+        [("node0", true), ("node1", true), ("node2", true)],
+        "{health}"
+    );
+    assert_eq!(health["cluster"]["node"], "node1");
+}
+
+const SLEEPER: &str = "import time\ndef handler(e):\n    time.sleep(e['s'])\n    return e['n']\n";
+
+/// The task ids each node's log says it ran.
+fn ran(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("server.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == "invocation")
+        .filter_map(|v| v["task_id"].as_str().map(String::from))
+        .collect()
+}
+
+fn tasks_run_once_and_a_killed_node_loses_none(pg: &Postgres) {
+    let mut cluster = Nodes::start(pg, "backlog", 3, &["--workers", "2"]);
+    let t = cluster.nodes[0].token("team", false);
+    assert_eq!(
+        deploy(
+            &cluster.nodes[0],
+            &t,
+            "sleeper",
+            &[("function.py", SLEEPER)]
+        )
+        .status,
+        201
+    );
+    // A backlog submitted to all three nodes in turn.
+    let submit = |s: &Server, n: usize, secs: f64| -> String {
+        let r = post_json(
+            s,
+            "/api/functions/sleeper/run",
+            &t,
+            &json!({"n": n, "s": secs}),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+        r.body["task_id"].as_str().unwrap().to_string()
+    };
+    let mut tasks: Vec<String> = (0..90)
+        .map(|n| submit(&cluster.nodes[n % 3], n, 0.15))
+        .collect();
+    // Once the third node runs some of them, it dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ran(&cluster.dir(2)).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the third node never ran a task; its log ends: {}",
+            std::fs::read_to_string(cluster.dir(2).join("server.log"))
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.nodes[2].kill9();
+    let killed = cluster.nodes.remove(2);
+    // More, to the survivors, while the dead node's lease runs.
+    tasks.extend((90..100).map(|n| submit(&cluster.nodes[n % 2], n, 0.05)));
+    let mut ended: HashMap<String, Value> = HashMap::new();
+    for id in &tasks {
+        let done = wait_task(&cluster.nodes[0], &t, id, Duration::from_secs(120));
+        assert_eq!(done["attempts"], 1, "run more than once: {done}");
+        ended.insert(id.clone(), done);
+    }
+    let mut db = ::postgres::Client::connect(&cluster.url, ::postgres::NoTls).unwrap();
+    let interrupted: HashSet<&String> = ended
+        .iter()
+        .filter(|(_, d)| d["status"] != "succeeded")
+        .map(|(id, d)| {
+            let node: Option<String> = db
+                .query_one("SELECT node FROM tasks WHERE id = $1", &[id])
+                .unwrap()
+                .get(0);
+            let warnings: Vec<String> = (0..3)
+                .flat_map(|i| {
+                    std::fs::read_to_string(cluster.root.join(format!("node{i}/server.log")))
+                        .unwrap_or_default()
+                        .lines()
+                        .filter(|l| !l.contains("\"INFO\""))
+                        .map(|l| format!("node{i}: {l}"))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            assert_eq!(
+                d["error"]["kind"],
+                "interrupted",
+                "{d} on {node:?}; warnings:\n{}",
+                warnings.join("\n")
+            );
+            id
+        })
+        .collect();
+    // Those interrupted were the dead node's, at most one per worker of it.
+    assert!(interrupted.len() <= 2, "{interrupted:?}");
+    for id in &interrupted {
+        let node: Option<String> = db
+            .query_one("SELECT node FROM tasks WHERE id = $1", &[id])
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            node.as_deref(),
+            Some("node2"),
+            "{id} was not the dead node's"
+        );
+    }
+    // Every task that succeeded ran on exactly one node, and every node took part.
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    let mut per_node = Vec::new();
+    for dir in [cluster.dir(0), cluster.dir(1), killed.dir.clone()] {
+        let ids = ran(&dir);
+        per_node.push(ids.len());
+        for id in ids {
+            *runs.entry(id).or_default() += 1;
+        }
+    }
+    for (id, d) in &ended {
+        if d["status"] == "succeeded" {
+            assert_eq!(runs.get(id), Some(&1), "{id} ran {:?} times", runs.get(id));
+            assert_eq!(d["result"], d["payload"]["n"]);
+        }
+    }
+    assert!(
+        per_node.iter().all(|n| *n > 0),
+        "a node ran nothing: {per_node:?}"
+    );
+    println!(
+        "{} tasks: ran per node {per_node:?}, {} interrupted on the killed node",
+        ended.len(),
+        interrupted.len()
+    );
+    drop(killed);
+}
+
+/// A test of a running cluster.
+type Test = fn(&Postgres);
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: Vec<(&str, Test)> = vec![
+        (
+            "changes_on_one_node_are_seen_by_the_others",
+            changes_on_one_node_are_seen_by_the_others,
+        ),
+        (
+            "tasks_run_once_and_a_killed_node_loses_none",
+            tasks_run_once_and_a_killed_node_loses_none,
+        ),
+    ];
+    let why = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root (sandboxes)".to_string())
+    } else if !Path::new("/usr/bin/python3").exists() {
+        Some("/usr/bin/python3 is not installed".to_string())
+    } else {
+        Postgres::unavailable()
+    };
+    if let Some(why) = &why {
+        println!("SKIPPED {} cluster tests: {why}", tests.len());
+    }
+    let pg = std::sync::Arc::new(std::sync::OnceLock::new());
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| {
+            let pg = pg.clone();
+            trial(
+                name,
+                move || f(pg.get_or_init(Postgres::start)),
+                why.is_some(),
+            )
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(pg);
+    conclusion.exit();
+}
