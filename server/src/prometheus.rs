@@ -30,6 +30,9 @@ pub struct System {
     pub resident_memory_bytes: u64,
     pub host_memory_total_bytes: u64,
     pub host_memory_available_bytes: u64,
+    /// This node's id where several share the store: the series of this process (its pool,
+    /// memory, uptime) carry it as a `node` label; the queue's are the cluster's.
+    pub node: Option<String>,
 }
 
 /// A label value with `\`, `"` and newlines escaped.
@@ -186,20 +189,31 @@ pub fn render_anomalies(scores: &[(String, String, crate::anomalies::Series, f64
 }
 
 fn render_system(out: &mut String, s: &System) {
+    // The node's label, after any other.
+    let node: Vec<(&str, &str)> = s.node.iter().map(|n| ("node", n.as_str())).collect();
+    let of_node = |pairs: &[(&str, &str)]| -> String {
+        let all: Vec<(&str, &str)> = pairs.iter().chain(&node).copied().collect();
+        if all.is_empty() {
+            String::new()
+        } else {
+            labels(&all)
+        }
+    };
     let gauge = |out: &mut String, name: &str, help: &str, value: String| {
         family(out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {value}");
+        let _ = writeln!(out, "{name}{} {value}", of_node(&[]));
     };
-    gauge(
+    family(
         out,
         "cloudfunc_queue_depth",
-        "Async tasks waiting in the queue.",
-        s.queue_depth.to_string(),
+        "gauge",
+        "Async tasks waiting in the queue (of the whole cluster).",
     );
+    let _ = writeln!(out, "cloudfunc_queue_depth {}", s.queue_depth);
     gauge(
         out,
         "cloudfunc_tasks_running",
-        "Tasks running now.",
+        "Tasks running now: the cluster's async tasks and this node's sync calls.",
         s.tasks_running.to_string(),
     );
     family(
@@ -216,7 +230,7 @@ fn render_system(out: &mut String, s: &System) {
         let _ = writeln!(
             out,
             "cloudfunc_pool_sandboxes{} {n}",
-            labels(&[("state", state)])
+            of_node(&[("state", state)])
         );
     }
     gauge(
@@ -245,7 +259,7 @@ fn render_system(out: &mut String, s: &System) {
         let _ = writeln!(
             out,
             "cloudfunc_pool_calls_total{} {n}",
-            labels(&[("start", start)])
+            of_node(&[("start", start)])
         );
     }
     family(
@@ -262,7 +276,7 @@ fn render_system(out: &mut String, s: &System) {
         let _ = writeln!(
             out,
             "cloudfunc_pool_removed_total{} {n}",
-            labels(&[("reason", reason)])
+            of_node(&[("reason", reason)])
         );
     }
     family(
@@ -275,7 +289,7 @@ fn render_system(out: &mut String, s: &System) {
         let _ = writeln!(
             out,
             "cloudfunc_sandbox_starts_total{} {n}",
-            labels(&[("backend", backend)])
+            of_node(&[("backend", backend)])
         );
     }
     gauge(
@@ -368,5 +382,32 @@ mod tests {
     fn label_values_are_escaped() {
         let text = render(&[row("t", "a\"b\\c", "succeeded", &[1.0])], None);
         assert!(text.contains("function=\"a\\\"b\\\\c\""), "{text}");
+    }
+
+    #[test]
+    fn a_node_labels_its_own_series_and_not_the_queue() {
+        let system = |node: Option<&str>| System {
+            pool: PoolStats::default(),
+            queue_depth: 7,
+            tasks_running: 1,
+            uptime_s: 2.0,
+            resident_memory_bytes: 3,
+            host_memory_total_bytes: 4,
+            host_memory_available_bytes: 5,
+            node: node.map(String::from),
+        };
+        let text = render(&[], Some(&system(Some("n1"))));
+        assert!(text.contains("cloudfunc_queue_depth 7\n"), "{text}");
+        assert!(
+            text.contains("cloudfunc_uptime_seconds{node=\"n1\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cloudfunc_pool_calls_total{start=\"warm\",node=\"n1\"} 0"),
+            "{text}"
+        );
+        let alone = render(&[], Some(&system(None)));
+        assert!(alone.contains("cloudfunc_uptime_seconds 2\n"), "{alone}");
+        assert!(!alone.contains("node="), "{alone}");
     }
 }

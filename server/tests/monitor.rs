@@ -444,6 +444,14 @@ fn dashboard() {
         "latency chart",
         "window.cloudfunc.chartTotal('sys-latency', 0) > 0",
     );
+    // On a shared store, the node tile counts the nodes (this one alone here); on SQLite a
+    // node is alone and there is no tile.
+    let nodes = if common::postgres::wanted() {
+        "document.getElementById('tile-nodes').textContent === '1 of 1'"
+    } else {
+        "document.getElementById('tile-nodes') === null"
+    };
+    b.wait_for("the nodes tile", nodes);
     // An alert rule on the errors so far: listed, then firing on the function (rules are
     // evaluated every 15 s by default).
     let r = post_json(

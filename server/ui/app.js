@@ -145,6 +145,16 @@ function tile(label, value, id) {
   return el("div", { class: "tile" }, el("div", { class: "label" }, label), el("div", { class: "value", id: id || "" }, value));
 }
 
+/** Nodes sharing the store: how many are alive, each listed on hover. */
+function nodesTile(cluster) {
+  const alive = cluster.nodes.filter((n) => n.alive).length;
+  const t = tile("Nodes alive", `${alive} of ${cluster.nodes.length}`, "tile-nodes");
+  t.title = cluster.nodes
+    .map((n) => `${n.id}${n.id === cluster.node ? " (this one)" : ""}: ${n.alive ? "alive" : "silent"}, ${n.address}`)
+    .join("\n");
+  return t;
+}
+
 function summaryTiles(m) {
   const d = m.duration_ms;
   return [
@@ -262,6 +272,7 @@ async function overview(first) {
   $("summary").replaceChildren(
     ...summaryTiles(m),
     tile("Queue depth", health.queue_depth, "tile-queue"),
+    ...(health.cluster?.nodes ? [nodesTile(health.cluster)] : []),
     tile("Warm sandboxes", `${pool.warm ?? 0} (${pool.idle ?? 0} idle)`, "tile-warm"),
     tile("Pre-warmed", pool.prewarmed ?? 0),
     tile("Host CPU", health.host.cpu_busy_percent == null ? "…" : `${health.host.cpu_busy_percent.toFixed(0)} %`),

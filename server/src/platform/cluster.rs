@@ -36,7 +36,14 @@ pub(super) struct Membership {
     /// The nodes that have acknowledged each change this node signalled, by token.
     acks: parking_lot::Mutex<HashMap<String, HashSet<String>>>,
     acked: parking_lot::Condvar,
+    /// Tokens of changes this node made whose signal it has not heard back yet: it took
+    /// them in when it made them (a deploy keeps a sandbox warm, which its own signal must
+    /// not drain).
+    own: parking_lot::Mutex<std::collections::VecDeque<String>>,
 }
+
+/// Own tokens remembered at most (a signal lost on the way leaves one behind).
+const OWN_KEPT: usize = 1024;
 
 /// How long a change waits for the other nodes to take it in before its caller is answered
 /// anyway (a node that does not ack in time is either dying, and will be reaped, or catches
@@ -156,6 +163,13 @@ impl Platform {
         };
         let m = &self.inner.membership;
         m.acks.lock().insert(token.clone(), HashSet::new());
+        {
+            let mut own = m.own.lock();
+            if own.len() >= OWN_KEPT {
+                own.pop_front();
+            }
+            own.push_back(token.clone());
+        }
         if let Err(e) = c.signal(&signal) {
             m.acks.lock().remove(&token);
             tracing::warn!(error = %e, "the other nodes could not be signalled; they find the change by their checks");
@@ -177,9 +191,27 @@ impl Platform {
         acks.remove(&token);
     }
 
+    /// Whether `token` is of a change this node made (forgetting it: it is heard once).
+    fn own(&self, token: &str) -> bool {
+        let mut own = self.inner.membership.own.lock();
+        match own.iter().position(|t| t == token) {
+            Some(i) => {
+                own.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
     async fn hear(self, mut signals: tokio::sync::mpsc::UnboundedReceiver<Signal>) {
         while let Some(signal) = signals.recv().await {
             let token = match signal {
+                Signal::Catalog { token, .. } | Signal::Secret { token, .. }
+                    if self.own(&token) =>
+                {
+                    self.note_stamp().await;
+                    continue;
+                }
                 Signal::Queued => {
                     self.inner.wake.notify_waiters();
                     continue;

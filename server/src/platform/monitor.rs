@@ -149,6 +149,7 @@ impl Platform {
                 resident_memory_bytes: process["resident_memory_bytes"].as_u64().unwrap_or(0),
                 host_memory_total_bytes: crate::metrics::meminfo_bytes("MemTotal:"),
                 host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
+                node: self.node_id(),
             }
         });
         let mut text = crate::prometheus::render(&rows, system.as_ref());
