@@ -22,14 +22,16 @@ const LEASE_S: &str = "2";
 /// The nodes of one test: each in a directory of its own under `root`.
 struct Nodes {
     tag: String,
+    /// The master key every node is given, as `cloudfunc keys generate` made it.
+    master_key: String,
     root: PathBuf,
     url: String,
     nodes: Vec<Server>,
 }
 
 impl Nodes {
-    /// Starts `n` nodes on a fresh database; the first makes the secret and master key, the
-    /// others are given copies (as a deployment hands them out).
+    /// Starts `n` nodes on a fresh database with one generated master key; the first makes
+    /// the JWT secret, the others are given copies (as a deployment hands them out).
     fn start(pg: &Postgres, tag: &str, n: usize, extra: &[&str]) -> Nodes {
         let root = std::env::temp_dir().join(format!(
             "cloudfunc-cluster-{tag}-{}-{:x}",
@@ -37,7 +39,18 @@ impl Nodes {
             rand::random::<u32>()
         ));
         let url = pg.database();
+        let generated = std::process::Command::new(BIN)
+            .args(["keys", "generate"])
+            .output()
+            .unwrap();
+        assert!(generated.status.success());
+        let master_key = String::from_utf8(generated.stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+        assert!(master_key.starts_with("cfk1:"), "{master_key}");
         let mut nodes = Nodes {
+            master_key,
             tag: tag.to_string(),
             root,
             url,
@@ -47,13 +60,11 @@ impl Nodes {
             let dir = nodes.dir(i);
             std::fs::create_dir_all(dir.join("data")).unwrap();
             if i > 0 {
-                for file in ["jwt.secret", "master.key"] {
-                    std::fs::copy(
-                        nodes.dir(0).join("data").join(file),
-                        dir.join("data").join(file),
-                    )
-                    .unwrap();
-                }
+                std::fs::copy(
+                    nodes.dir(0).join("data/jwt.secret"),
+                    dir.join("data/jwt.secret"),
+                )
+                .unwrap();
             }
             let server = nodes.launch(i, extra);
             nodes.nodes.push(server);
@@ -74,6 +85,8 @@ impl Nodes {
             &id,
             "--node-lease-s",
             LEASE_S,
+            "--master-key",
+            &self.master_key,
         ];
         args.extend_from_slice(extra);
         // Each node's sandboxes under a cgroup parent of its own.

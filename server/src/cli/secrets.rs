@@ -34,6 +34,9 @@ pub enum KeysCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Print a new master key (`cfk1:...`), for CLOUDFUNC_MASTER_KEY on several nodes; no
+    /// server is asked.
+    Generate,
 }
 
 /// Runs a `secrets` command.
@@ -110,6 +113,10 @@ fn key_text(v: &Value) -> String {
 /// Runs a `keys` command.
 pub fn keys(c: &Client, out: &Out, command: &KeysCommand) -> Result<bool> {
     let reply = match command {
+        KeysCommand::Generate => {
+            println!("{}", crate::atrest::MasterKey::generate().encode());
+            return Ok(true);
+        }
         KeysCommand::Status => c.get("/api/system/keys")?.ok()?,
         KeysCommand::Rotate => c.post_json("/api/system/keys/rotate", &json!({}))?.ok()?,
         KeysCommand::Reencrypt { tenant } => {
