@@ -4,18 +4,21 @@
 # WORKERS queue workers is started on the same data directory: the rate at which it drains
 # the backlog (queue depth from the health route, once a second) is the run rate, with no
 # submissions competing for the CPU: backlog / time until it is empty (or what went in 30 s). Run as root after
-# `cargo build --release -p cloudfunc-server -p cloudfunc-benches`.
+# `cargo build --release -p cloudfunc-server -p cloudfunc-benches`. DATABASE=<PostgreSQL URL>
+# keeps the records there instead of in SQLite (the database is emptied first).
 set -euo pipefail
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 WORKERS=${WORKERS:-"4 8 16"}
 SUBMIT_SECONDS=${SUBMIT_SECONDS:-20}
 WORK=$(mktemp -d /var/tmp/cf-queue-drain.XXXXXX)
+DB_FLAGS=()
+if [ -n "${DATABASE:-}" ]; then DB_FLAGS=(--database "$DATABASE"); fi
 PORT=18095
 trap 'kill $(cat "$WORK/pid" 2>/dev/null) 2>/dev/null || true; sleep 1; rm -rf "$WORK"' EXIT
 
 start() { # workers
   "$BIN/cloudfunc" --data-dir "$WORK/data" serve --listen "127.0.0.1:$PORT" --state-dir "$WORK/state" \
-    --cgroup-parent cf-queue-drain --workers "$1" >"$WORK/out" 2>>"$WORK/log" &
+    --cgroup-parent cf-queue-drain --workers "$1" "${DB_FLAGS[@]}" >"$WORK/out" 2>>"$WORK/log" &
   echo $! >"$WORK/pid"
   for _ in $(seq 150); do curl -sf "127.0.0.1:$PORT/api/system/health" >/dev/null && return; sleep 0.2; done
   echo "the server did not start" >&2

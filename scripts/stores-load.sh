@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# SQLite versus PostgreSQL as the store, side by side: warm sync calls/s and async tasks/s of
-# two release servers, one on the SQLite file (the default) and one on a PostgreSQL cluster
+# SQLite versus PostgreSQL as the store, side by side: warm sync calls/s and async submits/s
+# of two release servers, one on the SQLite file (the default) and one on a PostgreSQL cluster
 # this script makes (initdb in a temporary directory, durable defaults: fsync and synchronous
 # commits on, reached over its Unix socket), alternating rounds of cloudfunc-load against
-# each. Run as root after `cargo build --release -p cloudfunc-server -p cloudfunc-benches`.
+# each; then the queue's run rate on each (scripts/queue-drain.sh: a backlog drained by
+# WORKERS workers with nothing submitting). Run as root after
+# `cargo build --release -p cloudfunc-server -p cloudfunc-benches`.
 set -euo pipefail
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 ROUNDS=${ROUNDS:-3}
@@ -40,7 +42,7 @@ start sqlite 18096
 start postgres 18097 --database "$URL"
 T_SQLITE=$("$BIN/cloudfunc" --data-dir "$WORK/sqlite/data" --tenant bench token)
 T_PG=$("$BIN/cloudfunc" --data-dir "$WORK/postgres/data" --tenant bench token)
-echo "| round | store | sync calls/s (16 clients) | async tasks run/s |"
+echo "| round | store | sync calls/s (16 clients) | async submits/s (16 clients, 202 once committed) |"
 echo "|---|---|---|---|"
 for round in $(seq "$ROUNDS"); do
   for side in sqlite postgres; do
@@ -48,7 +50,22 @@ for round in $(seq "$ROUNDS"); do
     sync=$("$BIN/cloudfunc-load" --url "$url" --token "$t" --clients 16 --seconds "$SECONDS_EACH" --first-calls 0 --only sync \
       | awk -F'|' '/^\| sync/ {gsub(/ /, "", $5); print $5}')
     async=$("$BIN/cloudfunc-load" --url "$url" --token "$t" --clients 16 --seconds "$SECONDS_EACH" --first-calls 0 --only async \
-      | awk -F'|' '/^\| queued tasks run/ {gsub(/ /, "", $5); print $5}')
+      | awk -F'|' '/^\| async submit/ {gsub(/ /, "", $5); print $5}')
     echo "| $round | $side | $sync | $async |"
   done
+done
+kill $(cat "$WORK"/*/pid) 2>/dev/null || true
+sleep 2
+runuser -u postgres -- "$PG/psql" -h "$WORK/pg" -U postgres -qc "CREATE DATABASE drain"
+echo
+echo "The queue's run rate, $WORKERS workers, nothing submitting:"
+for side in sqlite postgres; do
+  echo
+  echo "$side:"
+  if [ "$side" = sqlite ]; then
+    WORKERS=$WORKERS SUBMIT_SECONDS=$SECONDS_EACH bash "$(dirname "$0")/queue-drain.sh"
+  else
+    DATABASE="host=$WORK/pg user=postgres dbname=drain" WORKERS=$WORKERS SUBMIT_SECONDS=$SECONDS_EACH \
+      bash "$(dirname "$0")/queue-drain.sh"
+  fi
 done
