@@ -313,9 +313,19 @@ impl Store for PgStore {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction()?;
         let mut ended = Pending::default();
+        // In order, each run of inserts (or of finished tasks) in one statement.
+        let mut inserts: Vec<(&Task, sealed::Seal<'_>)> = Vec::new();
+        let mut finishes: Vec<(&Task, &crate::model::Completion, i64, sealed::Seal<'_>)> =
+            Vec::new();
         for w in writes {
+            if !matches!(w, Write::Insert(_)) {
+                insert(&mut tx, &std::mem::take(&mut inserts))?;
+            }
+            if !matches!(w, Write::Finished { .. }) {
+                finished(&mut tx, &std::mem::take(&mut finishes), &mut ended)?;
+            }
             match w {
-                Write::Insert(task) => insert(&mut tx, task, seal(&task.tenant))?,
+                Write::Insert(task) => inserts.push((task, seal(&task.tenant))),
                 Write::Complete {
                     task_id,
                     tenant,
@@ -326,16 +336,11 @@ impl Store for PgStore {
                     task,
                     completion,
                     at,
-                } => finished(
-                    &mut tx,
-                    task,
-                    completion,
-                    *at,
-                    &mut ended,
-                    seal(&task.tenant),
-                )?,
+                } => finishes.push((task, completion, *at, seal(&task.tenant))),
             }
         }
+        insert(&mut tx, &inserts)?;
+        finished(&mut tx, &finishes, &mut ended)?;
         rollups::flush(&mut tx, ended)?;
         // Idle workers on every node hear of queued tasks at the commit (not before).
         if writes

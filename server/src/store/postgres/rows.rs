@@ -17,27 +17,73 @@ pub(super) fn u32_of(n: i64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-/// Adds a new task.
-pub(super) fn insert(tx: &mut Tx<'_>, task: &Task, seal: Seal<'_>) -> Result<()> {
+/// Adds new tasks, all in one statement (one round trip, however many).
+pub(super) fn insert(tx: &mut Tx<'_>, tasks: &[(&Task, Seal<'_>)]) -> Result<()> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let mut c = Openings::default();
+    for (task, seal) in tasks {
+        c.push(task, *seal)?;
+    }
+    let status: Vec<&str> = tasks.iter().map(|(t, _)| t.status.as_str()).collect();
     tx.execute(
-        "INSERT INTO tasks (id, tenant, function_id, function, version, mode, status, payload, attempts, created_at, started_at, chain_run)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at, started_at, chain_run, status)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[],
+                              $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[])",
         &[
-            &task.task_id,
-            &task.tenant,
-            &task.function_id,
-            &task.function,
-            &i64::from(task.version),
-            &task.mode.as_str(),
-            &task.status.as_str(),
-            &seal.text(place::PAYLOAD, &task.task_id, &serde_json::to_string(&task.payload)?),
-            &i64::from(task.attempts),
-            &task.created_at,
-            &task.started_at,
-            &task.chain_run,
+            &c.id,
+            &c.tenant,
+            &c.function_id,
+            &c.function,
+            &c.version,
+            &c.mode,
+            &c.payload,
+            &c.attempts,
+            &c.created_at,
+            &c.started_at,
+            &c.chain_run,
+            &status,
         ],
     )?;
     Ok(())
+}
+
+/// The columns of tasks as they started, one array per column.
+#[derive(Default)]
+struct Openings<'a> {
+    id: Vec<&'a str>,
+    tenant: Vec<&'a str>,
+    function_id: Vec<&'a str>,
+    function: Vec<&'a str>,
+    version: Vec<i64>,
+    mode: Vec<&'static str>,
+    payload: Vec<Vec<u8>>,
+    attempts: Vec<i64>,
+    created_at: Vec<i64>,
+    started_at: Vec<Option<i64>>,
+    chain_run: Vec<Option<&'a str>>,
+}
+
+impl<'a> Openings<'a> {
+    fn push(&mut self, task: &'a Task, seal: Seal<'_>) -> Result<()> {
+        self.id.push(&task.task_id);
+        self.tenant.push(&task.tenant);
+        self.function_id.push(&task.function_id);
+        self.function.push(&task.function);
+        self.version.push(i64::from(task.version));
+        self.mode.push(task.mode.as_str());
+        self.payload.push(seal.text(
+            place::PAYLOAD,
+            &task.task_id,
+            &serde_json::to_string(&task.payload)?,
+        ));
+        self.attempts.push(i64::from(task.attempts));
+        self.created_at.push(task.created_at);
+        self.started_at.push(task.started_at);
+        self.chain_run.push(task.chain_run.as_deref());
+        Ok(())
+    }
 }
 
 /// The columns of a task's ending, in [`Ending::values`]'s order.
@@ -117,53 +163,97 @@ impl Ending {
     }
 }
 
-/// Stores a task that has already ended (a sync call) in one insert, and adds it to the
-/// rollups to be written.
+/// Stores tasks that have already ended (sync calls), all in one statement, and adds them
+/// to the rollups to be written.
 pub(super) fn finished(
     tx: &mut Tx<'_>,
-    task: &Task,
-    c: &Completion,
-    at: i64,
+    ended: &[(&Task, &Completion, i64, Seal<'_>)],
     rollups: &mut Pending,
-    seal: Seal<'_>,
 ) -> Result<()> {
-    let e = Ending::of(c, at, &task.task_id, seal)?;
-    let payload = seal.text(
-        place::PAYLOAD,
-        &task.task_id,
-        &serde_json::to_string(&task.payload)?,
-    );
-    let (version, attempts) = (i64::from(task.version), i64::from(task.attempts));
-    let mode = task.mode.as_str();
-    let opening: [&(dyn ToSql + Sync); 11] = [
-        &task.task_id,
-        &task.tenant,
-        &task.function_id,
-        &task.function,
-        &version,
-        &mode,
-        &payload,
-        &attempts,
-        &task.created_at,
-        &task.started_at,
-        &task.chain_run,
-    ];
-    let values: Vec<&(dyn ToSql + Sync)> = opening.into_iter().chain(e.values()).collect();
+    if ended.is_empty() {
+        return Ok(());
+    }
+    let mut o = Openings::default();
+    let mut e = Endings::default();
+    for (task, c, at, seal) in ended {
+        o.push(task, *seal)?;
+        e.push(Ending::of(c, *at, &task.task_id, *seal)?);
+        rollups.add(
+            &task.tenant,
+            &task.function_id,
+            &task.function,
+            &ended_call(c, *at),
+        );
+    }
     tx.execute(
         &format!(
             "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at,
                  started_at, chain_run, {ENDING_COLS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[],
+                 $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::bytea[], $14::bytea[], $15::text[],
+                 $16::bytea[], $17::bool[], $18::text[], $19::float8[], $20::float8[], $21::int8[], $22::bool[], $23::int8[])"
         ),
-        &values,
+        &[
+            &o.id,
+            &o.tenant,
+            &o.function_id,
+            &o.function,
+            &o.version,
+            &o.mode,
+            &o.payload,
+            &o.attempts,
+            &o.created_at,
+            &o.started_at,
+            &o.chain_run,
+            &e.status,
+            &e.result,
+            &e.error,
+            &e.error_kind,
+            &e.logs,
+            &e.logs_truncated,
+            &e.usage,
+            &e.duration_ms,
+            &e.cpu_ms,
+            &e.peak_memory_bytes,
+            &e.cold,
+            &e.finished_at,
+        ],
     )?;
-    rollups.add(
-        &task.tenant,
-        &task.function_id,
-        &task.function,
-        &ended_call(c, at),
-    );
     Ok(())
+}
+
+/// The columns of [`ENDING_COLS`], one array per column.
+#[derive(Default)]
+struct Endings {
+    status: Vec<&'static str>,
+    result: Vec<Option<Vec<u8>>>,
+    error: Vec<Option<Vec<u8>>>,
+    error_kind: Vec<Option<&'static str>>,
+    logs: Vec<Vec<u8>>,
+    logs_truncated: Vec<bool>,
+    usage: Vec<Option<String>>,
+    duration_ms: Vec<Option<f64>>,
+    cpu_ms: Vec<Option<f64>>,
+    peak_memory_bytes: Vec<Option<i64>>,
+    cold: Vec<Option<bool>>,
+    finished_at: Vec<i64>,
+}
+
+impl Endings {
+    fn push(&mut self, e: Ending) {
+        self.status.push(e.status);
+        self.result.push(e.result);
+        self.error.push(e.error);
+        self.error_kind.push(e.error_kind);
+        self.logs.push(e.logs);
+        self.logs_truncated.push(e.logs_truncated);
+        self.usage.push(e.usage);
+        self.duration_ms.push(e.duration_ms);
+        self.cpu_ms.push(e.cpu_ms);
+        self.peak_memory_bytes.push(e.peak_memory_bytes);
+        self.cold.push(e.cold);
+        self.finished_at.push(e.finished_at);
+    }
 }
 
 /// Stores how a task ended; adds it to the rollups to be written only if it was still open.
