@@ -173,8 +173,9 @@ impl Postgres {
     }
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
+impl Postgres {
+    /// Stops the server at once (the data goes with the directory).
+    fn stop(&self) {
         let data = self.dir.path().join("data");
         let stopped = self.output(
             "pg_ctl",
@@ -193,6 +194,12 @@ impl Drop for Postgres {
                 String::from_utf8_lossy(&stopped.stderr)
             );
         }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -226,18 +233,7 @@ pub fn server_args(dir: &Path) -> Vec<String> {
 /// Stops the shared cluster, if one was started (statics are never dropped).
 pub fn stop_shared() {
     if let Some(pg) = SHARED.get() {
-        let data = pg.dir.path().join("data");
-        let _ = pg.output(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        pg.stop();
         let _ = std::fs::remove_dir_all(pg.dir.path());
     }
 }
