@@ -984,6 +984,52 @@ fn a_task_counts_once_and_survives_the_pruning_of_raw_records(place: &Place) {
     );
 }
 
+/// Endings stored several to a batch: each task counts once in the rollups, whether the
+/// batch ends it once, twice, or after an earlier batch already did; the last ending stays.
+fn endings_in_one_batch_count_once(place: &Place) {
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let tasks: Vec<Task> = (0..4).map(|_| task("alice", &f, Mode::Async)).collect();
+    store
+        .write(&tasks.iter().cloned().map(Write::Insert).collect::<Vec<_>>())
+        .unwrap();
+    let end = |t: &Task, c: Completion| Write::Complete {
+        task_id: t.task_id.clone(),
+        tenant: t.tenant.clone(),
+        completion: c,
+        at: T0,
+    };
+    let ok = completion("succeeded", false, 1.0, 1.0, 1);
+    let raised = completion("raised", false, 2.0, 1.0, 1);
+    // Two open tasks in one batch.
+    store
+        .write(&[end(&tasks[0], ok.clone()), end(&tasks[1], ok.clone())])
+        .unwrap();
+    // One already ended beside one open, then one ended twice in a batch.
+    store
+        .write(&[end(&tasks[1], raised.clone()), end(&tasks[2], ok.clone())])
+        .unwrap();
+    store
+        .write(&[end(&tasks[3], ok.clone()), end(&tasks[3], raised.clone())])
+        .unwrap();
+    let day = store
+        .rollups(Some("alice"), None, 86_400_000, 0, i64::MAX)
+        .unwrap();
+    let mut total = Stats::default();
+    day.iter().for_each(|r| total.merge(&r.stats));
+    assert_eq!(total.count, 4, "{day:?}");
+    for (t, status) in [
+        (&tasks[0], TaskStatus::Succeeded),
+        (&tasks[1], TaskStatus::Failed),
+        (&tasks[2], TaskStatus::Succeeded),
+        (&tasks[3], TaskStatus::Failed),
+    ] {
+        let read = store.task(None, &t.task_id).unwrap().unwrap();
+        assert_eq!(read.status, status, "{}", t.task_id);
+        assert_eq!(read.finished_at, Some(T0));
+    }
+}
+
 type Test = fn(&Place);
 
 const TESTS: &[(&str, Test)] = &[
@@ -1024,6 +1070,10 @@ const TESTS: &[(&str, Test)] = &[
         concurrent_claims_take_each_task_once,
     ),
     ("a_newer_schema_is_refused", a_newer_schema_is_refused),
+    (
+        "endings_in_one_batch_count_once",
+        endings_in_one_batch_count_once,
+    ),
     (
         "a_task_counts_once_and_survives_the_pruning_of_raw_records",
         a_task_counts_once_and_survives_the_pruning_of_raw_records,

@@ -34,8 +34,8 @@ use crate::model::{now_ms, Function, Task, Version};
 use crate::rollup::Call;
 use pool::Pool;
 use rows::{
-    call_row, complete, conflict, finished, function_row, insert, task_row, CALL_COLS,
-    FUNCTION_COLS, TASK_COLS,
+    call_row, complete, complete_all, conflict, finished, function_row, insert, task_row,
+    CALL_COLS, FUNCTION_COLS, TASK_COLS,
 };
 pub use schema::VERSION as SCHEMA_VERSION;
 
@@ -313,9 +313,11 @@ impl Store for PgStore {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction()?;
         let mut ended = Pending::default();
-        // In order, each run of inserts (or of finished tasks) in one statement.
+        // In order, each run of inserts (of finished tasks, of endings) in one statement.
         let mut inserts: Vec<(&Task, sealed::Seal<'_>)> = Vec::new();
         let mut finishes: Vec<(&Task, &crate::model::Completion, i64, sealed::Seal<'_>)> =
+            Vec::new();
+        let mut completes: Vec<(&str, &crate::model::Completion, i64, sealed::Seal<'_>)> =
             Vec::new();
         for w in writes {
             if !matches!(w, Write::Insert(_)) {
@@ -324,6 +326,9 @@ impl Store for PgStore {
             if !matches!(w, Write::Finished { .. }) {
                 finished(&mut tx, &std::mem::take(&mut finishes), &mut ended)?;
             }
+            if !matches!(w, Write::Complete { .. }) {
+                complete_all(&mut tx, &std::mem::take(&mut completes), &mut ended)?;
+            }
             match w {
                 Write::Insert(task) => inserts.push((task, seal(&task.tenant))),
                 Write::Complete {
@@ -331,7 +336,7 @@ impl Store for PgStore {
                     tenant,
                     completion,
                     at,
-                } => complete(&mut tx, task_id, completion, *at, &mut ended, seal(tenant))?,
+                } => completes.push((task_id, completion, *at, seal(tenant))),
                 Write::Finished {
                     task,
                     completion,
@@ -341,6 +346,7 @@ impl Store for PgStore {
         }
         insert(&mut tx, &inserts)?;
         finished(&mut tx, &finishes, &mut ended)?;
+        complete_all(&mut tx, &completes, &mut ended)?;
         rollups::flush(&mut tx, ended)?;
         // Idle workers on every node hear of queued tasks at the commit (not before).
         if writes

@@ -289,6 +289,72 @@ pub(super) fn complete(
     Ok(())
 }
 
+/// Stores how several tasks ended, in one statement for those still open (each added to the
+/// rollups once), then one by one for any already finished (their end stored again: the row
+/// takes the new ending, the rollups keep counting it once). A batch naming one task twice
+/// is stored one by one, in order.
+pub(super) fn complete_all(
+    tx: &mut Tx<'_>,
+    ends: &[(&str, &Completion, i64, Seal<'_>)],
+    rollups: &mut Pending,
+) -> Result<()> {
+    let distinct: std::collections::HashSet<&str> = ends.iter().map(|(id, ..)| *id).collect();
+    if ends.len() < 2 || distinct.len() < ends.len() {
+        for (id, c, at, seal) in ends {
+            complete(tx, id, c, *at, rollups, *seal)?;
+        }
+        return Ok(());
+    }
+    let ids: Vec<&str> = ends.iter().map(|(id, ..)| *id).collect();
+    let mut e = Endings::default();
+    for (id, c, at, seal) in ends {
+        e.push(Ending::of(c, *at, id, *seal)?);
+    }
+    // The new values under names of their own, so that the columns RETURNING reads are
+    // the row's.
+    let rows = tx.query(
+        &format!(
+            "UPDATE tasks SET status = u_status, result = u_result, error = u_error, error_kind = u_error_kind,
+                 logs = u_logs, logs_truncated = u_logs_truncated, usage = u_usage, duration_ms = u_duration_ms,
+                 cpu_ms = u_cpu_ms, peak_memory_bytes = u_peak_memory_bytes, cold = u_cold, finished_at = u_finished_at
+             FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], $6::bytea[], $7::bool[],
+                 $8::text[], $9::float8[], $10::float8[], $11::int8[], $12::bool[], $13::int8[])
+                 AS u(u_id, u_status, u_result, u_error, u_error_kind, u_logs, u_logs_truncated, u_usage,
+                      u_duration_ms, u_cpu_ms, u_peak_memory_bytes, u_cold, u_finished_at)
+             WHERE id = u_id AND finished_at IS NULL
+             RETURNING id, tenant, function_id, function, {CALL_COLS}"
+        ),
+        &[
+            &ids,
+            &e.status,
+            &e.result,
+            &e.error,
+            &e.error_kind,
+            &e.logs,
+            &e.logs_truncated,
+            &e.usage,
+            &e.duration_ms,
+            &e.cpu_ms,
+            &e.peak_memory_bytes,
+            &e.cold,
+            &e.finished_at,
+        ],
+    )?;
+    let mut opened = std::collections::HashSet::with_capacity(rows.len());
+    for r in &rows {
+        let (id, tenant, function_id, function): (&str, &str, &str, &str) =
+            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+        rollups.add(tenant, function_id, function, &call_row(r, 4)?);
+        opened.insert(id.to_string());
+    }
+    for (id, c, at, seal) in ends {
+        if !opened.contains(*id) {
+            complete(tx, id, c, *at, rollups, *seal)?;
+        }
+    }
+    Ok(())
+}
+
 /// A uniqueness violation means a concurrent deploy took the same name or version.
 pub(super) fn conflict(e: StoreError) -> StoreError {
     match e {
