@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{blocking, Platform, Result};
-use crate::model::{now_ms, Task};
-use crate::store::{NodeInfo, Signal, Store};
+use crate::model::now_ms;
+use crate::store::{NodeInfo, Signal};
 
 /// How this node takes part.
 #[derive(Debug, Clone)]
@@ -54,20 +54,6 @@ const ACK_WAIT: Duration = Duration::from_secs(2);
 pub(super) enum Change {
     Function(String),
     Secret { tenant: String, name: String },
-}
-
-/// Whether a task may be run again, from its version's retries.
-fn retries_left(store: &dyn Store, task: &Task) -> bool {
-    store
-        .version(&task.function_id, task.version)
-        .ok()
-        .flatten()
-        .is_some_and(|v| task.attempts <= v.max_retries)
-}
-
-/// The wait before a requeued task's next try.
-pub(super) fn backoff_ms(attempts: u32) -> i64 {
-    500 * (1i64 << attempts.min(8))
 }
 
 impl Platform {
@@ -302,7 +288,11 @@ impl Platform {
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let reaped = blocking(move || {
             let c = store.cluster()?;
-            Some(c.reap(lease_ms, &|t| retries_left(store.as_ref(), t), &backoff_ms))
+            Some(c.reap(
+                lease_ms,
+                &|t| super::queue::retries_left(store.as_ref(), t),
+                &super::queue::backoff_ms,
+            ))
         })
         .await;
         match reaped {

@@ -11,7 +11,22 @@ use super::invoke::run;
 use super::{blocking, Platform, Result, Running};
 use crate::auth::Caller;
 use crate::model::{Completion, ErrorKind, Mode, Task};
-use crate::store::Write;
+use crate::store::{Store, Write};
+
+/// Whether a task that was running when its node stopped may be run again, from its
+/// version's retries.
+pub(super) fn retries_left(store: &dyn Store, task: &Task) -> bool {
+    store
+        .version(&task.function_id, task.version)
+        .ok()
+        .flatten()
+        .is_some_and(|v| task.attempts <= v.max_retries)
+}
+
+/// The wait before a requeued task's next try.
+pub(super) fn backoff_ms(attempts: u32) -> i64 {
+    500 * (1i64 << attempts.min(8))
+}
 
 impl Platform {
     /// Queues a function run; the task is on disk when this returns.
@@ -66,16 +81,9 @@ impl Platform {
     pub async fn start_queue(&self, workers: usize) -> Result<crate::store::Recovery> {
         let store = self.inner.store.clone();
         let report = blocking(move || {
-            let versions = store.clone();
             store.recover(
-                &|task: &Task| {
-                    versions
-                        .version(&task.function_id, task.version)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|v| task.attempts <= v.max_retries)
-                },
-                &|attempts| 500 * (1i64 << attempts.min(8)),
+                &|task: &Task| retries_left(store.as_ref(), task),
+                &backoff_ms,
             )
         })
         .await??;

@@ -94,6 +94,13 @@ impl PgStore {
     }
 }
 
+/// A connection of its own, listening on the nodes' channel.
+fn listening(pool: &super::pool::Pool) -> Result<super::pool::Conn> {
+    let mut c = pool.connect()?;
+    c.batch(&format!("LISTEN {CHANNEL}"))?;
+    Ok(c)
+}
+
 fn node_row(r: &postgres::Row) -> Result<NodeInfo> {
     Ok(NodeInfo {
         id: r.try_get(0)?,
@@ -175,10 +182,7 @@ impl ClusterStore for PgStore {
     fn listen(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<Signal>> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         // The first connection now, so that a signal sent after this returns is heard.
-        let first = self.pool.connect().and_then(|mut c| {
-            c.batch(&format!("LISTEN {CHANNEL}"))?;
-            Ok(c)
-        })?;
+        let first = listening(&self.pool)?;
         let pool = self.pool.clone();
         std::thread::Builder::new()
             .name("cloudfunc-listen".into())
@@ -187,12 +191,7 @@ impl ClusterStore for PgStore {
                 while !tx.is_closed() {
                     let Some(c) = conn.as_mut() else {
                         std::thread::sleep(Duration::from_secs(1));
-                        conn = pool
-                            .connect()
-                            .and_then(|mut c| {
-                                c.batch(&format!("LISTEN {CHANNEL}"))?;
-                                Ok(c)
-                            })
+                        conn = listening(&pool)
                             .map_err(|e| tracing::warn!(error = %e, "listening for other nodes' signals: reconnecting"))
                             .ok();
                         continue;

@@ -31,20 +31,10 @@ pub(super) fn insert(tx: &mut Tx<'_>, tasks: &[(&Task, Seal<'_>)]) -> Result<()>
         "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at, started_at, chain_run, status)
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[],
                               $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[])",
-        &[
-            &c.id,
-            &c.tenant,
-            &c.function_id,
-            &c.function,
-            &c.version,
-            &c.mode,
-            &c.payload,
-            &c.attempts,
-            &c.created_at,
-            &c.started_at,
-            &c.chain_run,
-            &status,
-        ],
+        &c.params()
+            .into_iter()
+            .chain([&status as &(dyn ToSql + Sync)])
+            .collect::<Vec<_>>(),
     )?;
     Ok(())
 }
@@ -66,6 +56,23 @@ struct Openings<'a> {
 }
 
 impl<'a> Openings<'a> {
+    /// The arrays, in the order of the columns the inserts name first.
+    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
+        [
+            &self.id,
+            &self.tenant,
+            &self.function_id,
+            &self.function,
+            &self.version,
+            &self.mode,
+            &self.payload,
+            &self.attempts,
+            &self.created_at,
+            &self.started_at,
+            &self.chain_run,
+        ]
+    }
+
     fn push(&mut self, task: &'a Task, seal: Seal<'_>) -> Result<()> {
         self.id.push(&task.task_id);
         self.tenant.push(&task.tenant);
@@ -193,31 +200,10 @@ pub(super) fn finished(
                  $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::bytea[], $14::bytea[], $15::text[],
                  $16::bytea[], $17::bool[], $18::text[], $19::float8[], $20::float8[], $21::int8[], $22::bool[], $23::int8[])"
         ),
-        &[
-            &o.id,
-            &o.tenant,
-            &o.function_id,
-            &o.function,
-            &o.version,
-            &o.mode,
-            &o.payload,
-            &o.attempts,
-            &o.created_at,
-            &o.started_at,
-            &o.chain_run,
-            &e.status,
-            &e.result,
-            &e.error,
-            &e.error_kind,
-            &e.logs,
-            &e.logs_truncated,
-            &e.usage,
-            &e.duration_ms,
-            &e.cpu_ms,
-            &e.peak_memory_bytes,
-            &e.cold,
-            &e.finished_at,
-        ],
+        &o.params()
+            .into_iter()
+            .chain(e.params())
+            .collect::<Vec<_>>(),
     )?;
     Ok(())
 }
@@ -240,6 +226,24 @@ struct Endings {
 }
 
 impl Endings {
+    /// The arrays, in [`ENDING_COLS`]'s order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
+        [
+            &self.status,
+            &self.result,
+            &self.error,
+            &self.error_kind,
+            &self.logs,
+            &self.logs_truncated,
+            &self.usage,
+            &self.duration_ms,
+            &self.cpu_ms,
+            &self.peak_memory_bytes,
+            &self.cold,
+            &self.finished_at,
+        ]
+    }
+
     fn push(&mut self, e: Ending) {
         self.status.push(e.status);
         self.result.push(e.result);
@@ -324,21 +328,10 @@ pub(super) fn complete_all(
              WHERE id = u_id AND finished_at IS NULL
              RETURNING id, tenant, function_id, function, {CALL_COLS}"
         ),
-        &[
-            &ids,
-            &e.status,
-            &e.result,
-            &e.error,
-            &e.error_kind,
-            &e.logs,
-            &e.logs_truncated,
-            &e.usage,
-            &e.duration_ms,
-            &e.cpu_ms,
-            &e.peak_memory_bytes,
-            &e.cold,
-            &e.finished_at,
-        ],
+        &[&ids as &(dyn ToSql + Sync)]
+            .into_iter()
+            .chain(e.params())
+            .collect::<Vec<_>>(),
     )?;
     let mut opened = std::collections::HashSet::with_capacity(rows.len());
     for r in &rows {
