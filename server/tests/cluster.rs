@@ -319,6 +319,49 @@ fn tasks_run_once_and_a_killed_node_loses_none(pg: &Postgres) {
     drop(killed);
 }
 
+/// A node that cannot start after it has opened the database (here: a copy of the program
+/// with no shim beside it) exits saying why, closing its connections, rather than panicking
+/// on the way out.
+fn a_node_that_cannot_start_says_why(pg: &Postgres) {
+    let dir = std::env::temp_dir().join(format!(
+        "cloudfunc-cluster-nostart-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lone = dir.join("cloudfunc");
+    std::fs::copy(BIN, &lone).unwrap();
+    let out = std::process::Command::new(&lone)
+        .env_remove("CLOUDFUNC_SHIM")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &pg.database(),
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--images-dir")
+        .arg(dir.join("images"))
+        .args([
+            "--cgroup-parent",
+            &format!("cf-nostart-{}", std::process::id()),
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("cannot find the cloudfunc-shim"),
+        "{stderr}"
+    );
+}
+
 /// A test of a running cluster.
 type Test = fn(&Postgres);
 
@@ -332,6 +375,10 @@ fn main() {
         (
             "tasks_run_once_and_a_killed_node_loses_none",
             tasks_run_once_and_a_killed_node_loses_none,
+        ),
+        (
+            "a_node_that_cannot_start_says_why",
+            a_node_that_cannot_start_says_why,
         ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {

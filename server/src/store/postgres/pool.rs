@@ -187,6 +187,20 @@ impl Pool {
     }
 }
 
+impl Drop for Pool {
+    /// Closing a connection blocks on its own runtime, which panics on an async worker
+    /// thread (where a store is dropped on an error path of the server's start): there, the
+    /// idle connections are closed on a thread of their own.
+    fn drop(&mut self) {
+        let conns = std::mem::take(&mut self.idle.get_mut().conns);
+        if !conns.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::Builder::new()
+                .name("cloudfunc-pg-close".into())
+                .spawn(move || drop(conns));
+        }
+    }
+}
+
 /// A connection lent by the pool, given back when dropped (closed instead if it broke).
 pub(super) struct Lent<'a> {
     pool: &'a Pool,
