@@ -1030,6 +1030,48 @@ fn endings_in_one_batch_count_once(place: &Place) {
     }
 }
 
+/// A batch mixing submissions and endings means what it says in order: an ending after its
+/// task's insert in the same batch ends it, and an ending before the insert of its task finds
+/// nothing to end (the task stays queued), however the store groups the statements.
+fn a_batch_of_inserts_and_endings_keeps_its_order(place: &Place) {
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let t: Vec<Task> = (0..5).map(|_| task("alice", &f, Mode::Async)).collect();
+    store
+        .write(&[Write::Insert(t[0].clone()), Write::Insert(t[1].clone())])
+        .unwrap();
+    let end = |t: &Task| Write::Complete {
+        task_id: t.task_id.clone(),
+        tenant: t.tenant.clone(),
+        completion: completion("succeeded", false, 1.0, 1.0, 1),
+        at: T0,
+    };
+    store
+        .write(&[
+            Write::Insert(t[2].clone()),
+            end(&t[0]),
+            Write::Insert(t[3].clone()),
+            end(&t[1]),
+            end(&t[2]),
+        ])
+        .unwrap();
+    store
+        .write(&[end(&t[4]), Write::Insert(t[4].clone())])
+        .unwrap();
+    let status = |t: &Task| store.task(None, &t.task_id).unwrap().unwrap().status;
+    assert_eq!(
+        t.iter().map(status).collect::<Vec<_>>(),
+        [
+            TaskStatus::Succeeded,
+            TaskStatus::Succeeded,
+            TaskStatus::Succeeded,
+            TaskStatus::Queued,
+            TaskStatus::Queued
+        ]
+    );
+    assert_eq!(store.queue_depth().unwrap(), 2);
+}
+
 type Test = fn(&Place);
 
 const TESTS: &[(&str, Test)] = &[
@@ -1073,6 +1115,10 @@ const TESTS: &[(&str, Test)] = &[
     (
         "endings_in_one_batch_count_once",
         endings_in_one_batch_count_once,
+    ),
+    (
+        "a_batch_of_inserts_and_endings_keeps_its_order",
+        a_batch_of_inserts_and_endings_keeps_its_order,
     ),
     (
         "a_task_counts_once_and_survives_the_pruning_of_raw_records",
