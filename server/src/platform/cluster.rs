@@ -199,7 +199,7 @@ impl Platform {
                     continue;
                 }
                 Signal::Queued => {
-                    self.inner.wake.notify_waiters();
+                    self.inner.queued.notify_one();
                     continue;
                 }
                 Signal::Ack { token, node } => {
@@ -304,7 +304,7 @@ impl Platform {
                     requeued = report.requeued.len(),
                     "tasks of a node that stopped heartbeating were ended as interrupted or requeued"
                 );
-                self.inner.wake.notify_waiters();
+                self.inner.queued.notify_one();
             }
             Ok(Some(Err(e))) => {
                 tracing::warn!(error = %e, "the tasks of silent nodes could not be ended")

@@ -177,13 +177,17 @@ struct Inner {
     recorder: Recorder,
     /// Sync calls under way (they are stored when they end).
     sync_running: AtomicU64,
-    /// Queue workers between a claim and the stored end of what they claimed.
+    /// Tasks between their claim and their stored end, and the claim under way.
     queue_running: AtomicU64,
     /// Set at shutdown: the queue workers claim nothing more.
     stopping: std::sync::atomic::AtomicBool,
     pool: Arc<Pool>,
     config: PlatformConfig,
+    /// Wakes every background loop at shutdown.
     wake: tokio::sync::Notify,
+    /// Wakes the queue's claimer: tasks were queued (here or on another node), or the stop
+    /// began. Its own, so that a submission never spends its wake-up on another loop.
+    queued: tokio::sync::Notify,
     started: Instant,
     /// The host's CPU jiffies (busy, total) when health was last read.
     cpu_sample: std::sync::Mutex<Option<(u64, u64)>>,
@@ -240,6 +244,7 @@ impl Platform {
                 membership: cluster::Membership::default(),
                 config,
                 wake: tokio::sync::Notify::new(),
+                queued: tokio::sync::Notify::new(),
                 started: Instant::now(),
                 cpu_sample: std::sync::Mutex::new(None),
                 space,
@@ -297,6 +302,7 @@ impl Platform {
     pub async fn shutdown(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.inner.wake.notify_waiters();
+        self.inner.queued.notify_one();
         let deadline = Instant::now() + QUEUE_GRACE;
         while self.inner.queue_running.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -3,9 +3,11 @@
 //! tasks a crash left running are ended `interrupted` or requeued.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::invoke::run;
 use super::{blocking, Platform, Result, Running};
@@ -57,7 +59,7 @@ impl Platform {
             .recorder
             .write(Write::Insert(task.clone()))
             .await?;
-        self.inner.wake.notify_one();
+        self.inner.queued.notify_one();
         Ok(task)
     }
 
@@ -77,7 +79,8 @@ impl Platform {
             .await?)
     }
 
-    /// Crash recovery, then `workers` queue workers until the process ends.
+    /// Crash recovery, then the queue's claimer, which runs at most `workers` tasks at once,
+    /// until the process ends.
     pub async fn start_queue(&self, workers: usize) -> Result<crate::store::Recovery> {
         let store = self.inner.store.clone();
         let report = blocking(move || {
@@ -91,57 +94,75 @@ impl Platform {
         if resumed > 0 {
             tracing::info!(runs = resumed, "chain runs resumed");
         }
-        for _ in 0..workers.max(1) {
-            let platform = self.clone();
-            tokio::spawn(async move { platform.worker().await });
-        }
+        let platform = self.clone();
+        let slots = Arc::new(Semaphore::new(workers.max(1)));
+        tokio::spawn(async move { platform.claimer(slots).await });
         Ok(report)
     }
 
-    async fn worker(self) {
+    /// Claims tasks for the free worker slots, all that are free in one transaction (one
+    /// commit, and on PostgreSQL one round trip, for as many tasks as workers came free while
+    /// the last claim was under way), and runs each claimed task in a slot of its own.
+    async fn claimer(self, slots: Arc<Semaphore>) {
         loop {
+            let Ok(first) = slots.clone().acquire_owned().await else {
+                return;
+            };
             // Counted before the flag is read, and the flag is set before shutdown reads the
             // count: a claim either is waited for or does not happen.
-            let running = Running::enter(&self.inner.queue_running);
+            let claiming = Running::enter(&self.inner.queue_running);
             if self.inner.stopping.load(Ordering::SeqCst) {
                 return;
             }
             if self.inner.space.low() {
                 // What it would run could not be recorded: the tasks wait, queued.
-                drop(running);
+                drop((claiming, first));
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
+            let mut free = vec![first];
+            free.extend(std::iter::from_fn(|| {
+                slots.clone().try_acquire_owned().ok()
+            }));
             let store = self.inner.store.clone();
-            let claimed = blocking(move || store.claim_next()).await;
-            let task = match claimed {
-                Ok(Ok(Some(task))) => task,
-                Ok(Ok(None)) => {
+            let want = free.len();
+            let claimed = blocking(move || store.claim(want)).await;
+            match claimed {
+                Ok(Ok(tasks)) if !tasks.is_empty() => {
+                    for (task, slot) in tasks.into_iter().zip(free) {
+                        let held = Held::enter(&self, slot);
+                        tokio::spawn(async move { held.platform.run_task(&task).await });
+                    }
+                    drop(claiming);
+                }
+                Ok(Ok(_)) => {
                     // Nothing held while idle: a stop need not wait for this wait.
-                    drop(running);
+                    drop((claiming, free));
                     let _ = tokio::time::timeout(
                         Duration::from_millis(250),
-                        self.inner.wake.notified(),
+                        self.inner.queued.notified(),
                     )
                     .await;
-                    continue;
                 }
                 other => {
-                    drop(running);
-                    tracing::error!(error = ?other, "a queue worker could not claim a task");
+                    drop((claiming, free));
+                    tracing::error!(error = ?other, "the queue could not claim tasks");
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
                 }
-            };
-            if let Err(e) = self.run_claimed(&task).await {
-                tracing::error!(task_id = %task.task_id, error = ?e, "the task could not be run");
-                let completion = Completion::failed(
-                    ErrorKind::SandboxFailure,
-                    "the platform could not run this task",
-                );
-                if let Err(e) = self.end(&task, completion).await {
-                    tracing::error!(task_id = %task.task_id, error = ?e, "the task's end was not stored");
-                }
+            }
+        }
+    }
+
+    /// Runs a claimed task; should the platform fail to, the task ends failed, saying so.
+    async fn run_task(&self, task: &Task) {
+        if let Err(e) = self.run_claimed(task).await {
+            tracing::error!(task_id = %task.task_id, error = ?e, "the task could not be run");
+            let completion = Completion::failed(
+                ErrorKind::SandboxFailure,
+                "the platform could not run this task",
+            );
+            if let Err(e) = self.end(task, completion).await {
+                tracing::error!(task_id = %task.task_id, error = ?e, "the task's end was not stored");
             }
         }
     }
@@ -198,5 +219,31 @@ impl Platform {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// A claimed task's hold on the queue until it has run: a worker slot, and a place in the
+/// count of running tasks a graceful stop waits for.
+struct Held {
+    platform: Platform,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Held {
+    fn enter(platform: &Platform, slot: OwnedSemaphorePermit) -> Held {
+        platform.inner.queue_running.fetch_add(1, Ordering::SeqCst);
+        Held {
+            platform: platform.clone(),
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.platform
+            .inner
+            .queue_running
+            .fetch_sub(1, Ordering::SeqCst);
     }
 }
