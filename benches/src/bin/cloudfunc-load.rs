@@ -3,11 +3,13 @@
 //! requests per second and latency percentiles.
 //!
 //! Usage (as root): `cloudfunc-load [--clients N] [--seconds S] [--first-calls N]
-//! [--only sync|async] [--wrk] [--queue-workers N] [--url URL --token T]`.
+//! [--only sync|async] [--wrk] [--floor] [--queue-workers N] [--url URL --token T]`.
 //! After the async submits it times how fast the queue workers (`--queue-workers`, 2, the
 //! server's `--workers`) run the backlog they left.
 //! `--wrk` also runs the sync load through `wrk` (when it is installed), against the same
 //! server in the same run: a client that costs the shared cores less than these threads.
+//! `--floor` sends the same sync requests to `cloudfunc-floor` (warp answering with a fixed
+//! body) and prints the server's CPU per warm call as a multiple of that floor's.
 //! Without `--url` it starts `cloudfunc serve` from next to itself on a free loopback port, in
 //! a temporary directory, and stops it afterwards.
 
@@ -364,6 +366,62 @@ fn run_soak(
     Ok(())
 }
 
+/// `cloudfunc-floor`, started from next to this program, stopped when dropped.
+struct Floor(std::process::Child);
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The sync load against the HTTP floor: the cells of its row (requests to CPU per request)
+/// and its CPU per request in µs.
+fn floor_row(clients: usize, seconds: u64, bound: u64) -> Result<(String, Option<f64>)> {
+    use std::io::BufRead;
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("no directory")?
+        .join("cloudfunc-floor");
+    let mut floor = Floor(
+        Command::new(&bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?,
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(floor.0.stdout.take().context("no stdout")?).read_line(&mut line)?;
+    let url = line
+        .trim()
+        .strip_prefix("floor listening on ")
+        .context("the floor did not start")?
+        .to_string();
+    let pid = floor.0.id();
+    let before = cpu_seconds(pid);
+    let r = run(
+        &format!("{url}/api/functions/hello_load/invoke"),
+        "floor",
+        clients,
+        seconds,
+        bound,
+    );
+    let cpu = match (before, cpu_seconds(pid)) {
+        (Some(a), Some(b)) if r.ok > 0 => Some((b - a) * 1e6 / r.ok as f64),
+        _ => None,
+    };
+    let row = format!(
+        "{} | {} | {:.0} | {} | {}",
+        r.ok + r.errors,
+        r.errors,
+        r.ok as f64 / r.elapsed.as_secs_f64(),
+        latency_cells(&r.latencies),
+        cpu.map_or("-".into(), |c| format!("{c:.0}"))
+    );
+    Ok((row, cpu))
+}
+
 /// The CPU time (user and system, all its threads) process `pid` has used so far, seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -407,6 +465,11 @@ struct Args {
     /// Also run the sync load through wrk, against the same server in the same run.
     #[arg(long)]
     wrk: bool,
+    /// Also send the same sync requests, from the same clients, to the HTTP floor
+    /// (`cloudfunc-floor`: warp answering with a fixed body), and print the server's CPU per
+    /// warm call as a multiple of the floor's.
+    #[arg(long)]
+    floor: bool,
     /// The spawned server's queue workers.
     #[arg(long, default_value_t = 2)]
     queue_workers: usize,
@@ -432,6 +495,7 @@ fn main() -> Result<()> {
         first_calls,
         only,
         wrk: with_wrk,
+        floor: with_floor,
         queue_workers,
         url,
         token,
@@ -564,6 +628,20 @@ fn main() -> Result<()> {
             r.ok as f64 / r.elapsed.as_secs_f64(),
             latency_cells(&r.latencies)
         );
+        let server_cpu = match (cpu_before, server_pid.and_then(cpu_seconds)) {
+            (Some(a), Some(b)) if r.ok > 0 => Some((b - a) * 1e6 / r.ok as f64),
+            _ => None,
+        };
+        if with_floor && kind == "sync" {
+            let (row, floor_cpu) = floor_row(clients, seconds, bound)?;
+            println!("| HTTP floor: warp, a fixed reply (same requests) | {row} |");
+            if let (Some(server), Some(floor)) = (server_cpu, floor_cpu) {
+                println!(
+                    "| server CPU per warm call / the floor's | {:.1}x ({server:.0} / {floor:.0} µs) | | | | | | | |",
+                    server / floor
+                );
+            }
+        }
         if kind == "async" {
             let window = Duration::from_secs(seconds.clamp(1, 10));
             println!("| {} |", backlog_row(&agent, &url, &token, window)?);
