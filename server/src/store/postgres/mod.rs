@@ -186,11 +186,14 @@ fn by_kind_is_same(writes: &[&Write]) -> bool {
 }
 
 /// The `$3` oldest queued tasks due at `$1`, marked running as of `$2`, skipping those
-/// another claim holds: nodes claiming together take different tasks without waiting.
+/// another claim holds: nodes claiming together take different tasks without waiting. The
+/// ids are selected once, as an array (`= ANY(ARRAY(...))`), rather than joined (`IN
+/// (...)`): PostgreSQL plans each claim anew, and the join's plan cost it about twice the
+/// time (0.36 against 0.15-0.2 ms, `EXPLAIN (ANALYZE, SUMMARY)`).
 const CLAIM: &str =
     "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $2, node = $4
-     WHERE id IN (SELECT id FROM tasks WHERE status = 'queued' AND not_before <= $1
-                  ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)";
+     WHERE id = ANY(ARRAY(SELECT id FROM tasks WHERE status = 'queued' AND not_before <= $1
+                          ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED))";
 
 impl Store for PgStore {
     fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>> {
