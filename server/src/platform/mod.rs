@@ -176,9 +176,9 @@ struct Inner {
     /// Writes of tasks, committed in groups.
     recorder: Recorder,
     /// Sync calls under way (they are stored when they end).
-    sync_running: AtomicU64,
+    sync_running: Arc<AtomicU64>,
     /// Tasks between their claim and their stored end, and the claim under way.
-    queue_running: AtomicU64,
+    queue_running: Arc<AtomicU64>,
     /// Set at shutdown: the queue workers claim nothing more.
     stopping: std::sync::atomic::AtomicBool,
     pool: Arc<Pool>,
@@ -231,8 +231,8 @@ impl Platform {
         Ok(Platform {
             inner: Arc::new(Inner {
                 recorder: Recorder::start(store.clone())?,
-                sync_running: AtomicU64::new(0),
-                queue_running: AtomicU64::new(0),
+                sync_running: Arc::default(),
+                queue_running: Arc::default(),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 catalog: Catalog::default(),
                 store,
@@ -357,17 +357,17 @@ fn no_function(key: &str) -> PlatformError {
     PlatformError::NotFound(format!("no function {key:?}"))
 }
 
-/// Counts a call under way while it lives.
-struct Running<'a>(&'a AtomicU64);
+/// Counts a call under way while it lives; owned, so it can travel with a spawned task.
+struct Running(Arc<AtomicU64>);
 
-impl<'a> Running<'a> {
-    fn enter(count: &'a AtomicU64) -> Running<'a> {
+impl Running {
+    fn enter(count: &Arc<AtomicU64>) -> Running {
         count.fetch_add(1, Ordering::SeqCst);
-        Running(count)
+        Running(count.clone())
     }
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }

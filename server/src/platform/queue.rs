@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::invoke::run;
 use super::{blocking, Platform, Result, Running};
@@ -129,9 +129,15 @@ impl Platform {
             let claimed = blocking(move || store.claim(want)).await;
             match claimed {
                 Ok(Ok(tasks)) if !tasks.is_empty() => {
+                    // Each task holds its slot, and is counted for a graceful stop, until it
+                    // has run; counted before the claim's own count is dropped.
                     for (task, slot) in tasks.into_iter().zip(free) {
-                        let held = Held::enter(&self, slot);
-                        tokio::spawn(async move { held.platform.run_task(&task).await });
+                        let (this, running) =
+                            (self.clone(), Running::enter(&self.inner.queue_running));
+                        tokio::spawn(async move {
+                            this.run_task(&task).await;
+                            drop((running, slot));
+                        });
                     }
                     drop(claiming);
                 }
@@ -219,31 +225,5 @@ impl Platform {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-}
-
-/// A claimed task's hold on the queue until it has run: a worker slot, and a place in the
-/// count of running tasks a graceful stop waits for.
-struct Held {
-    platform: Platform,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl Held {
-    fn enter(platform: &Platform, slot: OwnedSemaphorePermit) -> Held {
-        platform.inner.queue_running.fetch_add(1, Ordering::SeqCst);
-        Held {
-            platform: platform.clone(),
-            _slot: slot,
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.platform
-            .inner
-            .queue_running
-            .fetch_sub(1, Ordering::SeqCst);
     }
 }
