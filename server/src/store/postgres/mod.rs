@@ -170,21 +170,6 @@ impl PgStore {
     }
 }
 
-/// Whether applying `writes` kind by kind (the new tasks, then the finished ones, then the
-/// endings) stores what applying them in order would: unless an ending comes before a write
-/// that adds the same task, which in order would find no row to end.
-fn by_kind_is_same(writes: &[&Write]) -> bool {
-    let mut ended = std::collections::HashSet::new();
-    writes.iter().all(|w| match w {
-        Write::Complete { task_id, .. } => {
-            ended.insert(task_id.as_str());
-            true
-        }
-        Write::Insert(task) => !ended.contains(task.task_id.as_str()),
-        Write::Finished { task, .. } => !ended.contains(task.task_id.as_str()),
-    })
-}
-
 /// The `$3` oldest queued tasks due at `$1`, marked running as of `$2`, skipping those
 /// another claim holds: nodes claiming together take different tasks without waiting. The
 /// ids are selected once, as an array (`= ANY(ARRAY(...))`), rather than joined (`IN
@@ -331,17 +316,8 @@ impl Store for PgStore {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction()?;
         let mut ended = Pending::default();
-        // Each run of inserts (of finished tasks, of endings) in one statement; kind by kind
-        // where that changes nothing, so a batch of submissions and endings takes three
-        // statements rather than one per alternation.
-        let mut writes: Vec<&Write> = writes.iter().collect();
-        if by_kind_is_same(&writes) {
-            writes.sort_by_key(|w| match w {
-                Write::Insert(_) => 0,
-                Write::Finished { .. } => 1,
-                Write::Complete { .. } => 2,
-            });
-        }
+        // Each run of inserts (of finished tasks, of endings) in one statement.
+        let writes = rows::statement_order(writes);
         let mut inserts: Vec<(&Task, sealed::Seal<'_>)> = Vec::new();
         let mut finishes: Vec<(&Task, &crate::model::Completion, i64, sealed::Seal<'_>)> =
             Vec::new();

@@ -10,11 +10,36 @@ use super::PgStore;
 use crate::model::{Completion, Function, Mode, Task, TaskError, TaskStatus, TaskUsage};
 use crate::rollup::Call;
 use crate::store::records::{ended_call, place, Pending};
-use crate::store::{Result, StoreError};
+use crate::store::{Result, StoreError, Write};
 
 /// A number stored as BIGINT that the model keeps as `u32`.
 pub(super) fn u32_of(n: i64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// `writes` in the order they are stored in: kind by kind (the new tasks, then the finished
+/// ones, then the endings), so that a batch of submissions and endings takes three statements
+/// rather than one per alternation; as they came where that would change what is stored (an
+/// ending before a write that adds the same task, which in order finds no row to end).
+pub(super) fn statement_order(writes: &[Write]) -> Vec<&Write> {
+    let mut ended = std::collections::HashSet::new();
+    let by_kind_is_same = writes.iter().all(|w| match w {
+        Write::Complete { task_id, .. } => {
+            ended.insert(task_id.as_str());
+            true
+        }
+        Write::Insert(task) => !ended.contains(task.task_id.as_str()),
+        Write::Finished { task, .. } => !ended.contains(task.task_id.as_str()),
+    });
+    let mut ordered: Vec<&Write> = writes.iter().collect();
+    if by_kind_is_same {
+        ordered.sort_by_key(|w| match w {
+            Write::Insert(_) => 0,
+            Write::Finished { .. } => 1,
+            Write::Complete { .. } => 2,
+        });
+    }
+    ordered
 }
 
 /// Adds new tasks, all in one statement (one round trip, however many).
