@@ -407,19 +407,29 @@ fn floor_row(clients: usize, seconds: u64, bound: u64) -> Result<(String, Option
         seconds,
         bound,
     );
-    let cpu = match (before, cpu_seconds(pid)) {
+    let cpu = cpu_per_request(before, cpu_seconds(pid), &r);
+    let row = outcome_cells(&r, cpu);
+    Ok((row, cpu))
+}
+
+/// A process's CPU µs per answered request, from its CPU seconds before and after a load.
+fn cpu_per_request(before: Option<f64>, after: Option<f64>, r: &Outcome) -> Option<f64> {
+    match (before, after) {
         (Some(a), Some(b)) if r.ok > 0 => Some((b - a) * 1e6 / r.ok as f64),
         _ => None,
-    };
-    let row = format!(
+    }
+}
+
+/// A load's cells from requests to CPU µs per request.
+fn outcome_cells(r: &Outcome, cpu: Option<f64>) -> String {
+    format!(
         "{} | {} | {:.0} | {} | {}",
         r.ok + r.errors,
         r.errors,
         r.ok as f64 / r.elapsed.as_secs_f64(),
         latency_cells(&r.latencies),
         cpu.map_or("-".into(), |c| format!("{c:.0}"))
-    );
-    Ok((row, cpu))
+    )
 }
 
 /// The CPU time (user and system, all its threads) process `pid` has used so far, seconds.
@@ -617,21 +627,8 @@ fn main() -> Result<()> {
         }
         let cpu_before = server_pid.and_then(cpu_seconds);
         let r = run(&format!("{url}{path}"), &token, clients, seconds, bound);
-        let cpu = match (cpu_before, server_pid.and_then(cpu_seconds)) {
-            (Some(a), Some(b)) if r.ok > 0 => format!("{:.0}", (b - a) * 1e6 / r.ok as f64),
-            _ => "-".into(),
-        };
-        println!(
-            "| {name} | {} | {} | {:.0} | {} | {cpu} |",
-            r.ok + r.errors,
-            r.errors,
-            r.ok as f64 / r.elapsed.as_secs_f64(),
-            latency_cells(&r.latencies)
-        );
-        let server_cpu = match (cpu_before, server_pid.and_then(cpu_seconds)) {
-            (Some(a), Some(b)) if r.ok > 0 => Some((b - a) * 1e6 / r.ok as f64),
-            _ => None,
-        };
+        let server_cpu = cpu_per_request(cpu_before, server_pid.and_then(cpu_seconds), &r);
+        println!("| {name} | {} |", outcome_cells(&r, server_cpu));
         if with_floor && kind == "sync" {
             let (row, floor_cpu) = floor_row(clients, seconds, bound)?;
             println!("| HTTP floor: warp, a fixed reply (same requests) | {row} |");
