@@ -1072,6 +1072,57 @@ fn a_batch_of_inserts_and_endings_keeps_its_order(place: &Place) {
     assert_eq!(store.queue_depth().unwrap(), 2);
 }
 
+/// The queue's claim carries the ends of the tasks that ran before it: the writes come first
+/// (an insert in the same batch can be claimed), and a write that fails takes the claim
+/// with it (nothing claimed, nothing written).
+fn a_claim_commits_with_the_writes_before_it(place: &Place) {
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let t: Vec<Task> = (0..3)
+        .map(|i| {
+            let mut t = task("alice", &f, Mode::Async);
+            t.created_at = 1_000 + i;
+            t
+        })
+        .collect();
+    insert(store.as_ref(), &t[0]);
+    let first = store.claim(1).unwrap();
+    assert_eq!(first.len(), 1);
+    let end = Write::Complete {
+        task_id: t[0].task_id.clone(),
+        tenant: "alice".into(),
+        completion: completion("succeeded", false, 1.0, 1.0, 1),
+        at: T0,
+    };
+    let claimed = store
+        .write_and_claim(&[end, Write::Insert(t[1].clone())], 4)
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|t| &t.task_id).collect::<Vec<_>>(),
+        [&t[1].task_id],
+        "the insert before the claim is claimed"
+    );
+    let status = |t: &Task| store.task(None, &t.task_id).unwrap().unwrap().status;
+    assert_eq!(status(&t[0]), TaskStatus::Succeeded);
+    assert_eq!(status(&t[1]), TaskStatus::Running);
+
+    // The same id again fails the batch: t[2]'s insert and the claim go with it.
+    let refused = store.write_and_claim(
+        &[Write::Insert(t[2].clone()), Write::Insert(t[1].clone())],
+        4,
+    );
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(store.task(None, &t[2].task_id).unwrap().is_none());
+    assert_eq!(status(&t[1]), TaskStatus::Running);
+    // A limit of 0 writes and claims nothing.
+    assert!(store
+        .write_and_claim(&[Write::Insert(t[2].clone())], 0)
+        .unwrap()
+        .is_empty());
+    assert_eq!(status(&t[2]), TaskStatus::Queued);
+    assert_eq!(store.running().unwrap(), 1);
+}
+
 type Test = fn(&Place);
 
 const TESTS: &[(&str, Test)] = &[
@@ -1119,6 +1170,10 @@ const TESTS: &[(&str, Test)] = &[
     (
         "a_batch_of_inserts_and_endings_keeps_its_order",
         a_batch_of_inserts_and_endings_keeps_its_order,
+    ),
+    (
+        "a_claim_commits_with_the_writes_before_it",
+        a_claim_commits_with_the_writes_before_it,
     ),
     (
         "a_task_counts_once_and_survives_the_pruning_of_raw_records",

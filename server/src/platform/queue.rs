@@ -124,11 +124,11 @@ impl Platform {
             free.extend(std::iter::from_fn(|| {
                 slots.clone().try_acquire_owned().ok()
             }));
-            let store = self.inner.store.clone();
-            let want = free.len();
-            let claimed = blocking(move || store.claim(want)).await;
+            // Through the recorder: the ends of the tasks that gave these slots back are
+            // committed with the claim that reuses them.
+            let claimed = self.inner.recorder.claim(free.len()).await;
             match claimed {
-                Ok(Ok(tasks)) if !tasks.is_empty() => {
+                Ok(tasks) if !tasks.is_empty() => {
                     // Each task holds its slot, and is counted for a graceful stop, until it
                     // has run; counted before the claim's own count is dropped.
                     for (task, slot) in tasks.into_iter().zip(free) {
@@ -141,7 +141,7 @@ impl Platform {
                     }
                     drop(claiming);
                 }
-                Ok(Ok(_)) => {
+                Ok(_) => {
                     // Nothing held while idle: a stop need not wait for this wait.
                     drop((claiming, free));
                     let _ = tokio::time::timeout(
@@ -150,9 +150,9 @@ impl Platform {
                     )
                     .await;
                 }
-                other => {
+                Err(e) => {
                     drop((claiming, free));
-                    tracing::error!(error = ?other, "the queue could not claim tasks");
+                    tracing::error!(error = %e, "the queue could not claim tasks");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

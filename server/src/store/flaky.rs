@@ -52,12 +52,11 @@ impl Store for Flaky {
     fn delete_function(&self, function_id: &str) -> Result<Vec<Version>> {
         self.inner.delete_function(function_id)
     }
-    fn write(&self, writes: &[Write]) -> Result<()> {
-        self.refuse()?;
-        self.inner.write(writes)
-    }
-    fn claim(&self, limit: usize) -> Result<Vec<Task>> {
-        self.inner.claim(limit)
+    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>> {
+        if !writes.is_empty() {
+            self.refuse()?;
+        }
+        self.inner.write_and_claim(writes, limit)
     }
 
     fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {

@@ -179,12 +179,23 @@ pub trait Store:
     /// Deletes a function, its versions and their code archives; returns the versions (their
     /// extracted code is the caller's).
     fn delete_function(&self, function_id: &str) -> Result<Vec<Version>>;
-    /// Applies `writes` in order, in one transaction: all of them or none. A finished task
-    /// is added to its rollups once, however often its end is stored.
-    fn write(&self, writes: &[Write]) -> Result<()>;
-    /// Takes the `limit` oldest runnable queued tasks and marks them running, in one
-    /// transaction; oldest first.
-    fn claim(&self, limit: usize) -> Result<Vec<Task>>;
+    /// Applies `writes` in order, then takes up to `limit` of the oldest runnable queued tasks
+    /// and marks them running (none where `limit` is 0), all in one transaction: all of it or
+    /// none. A finished task is added to its rollups once, however often its end is stored.
+    /// Returns the tasks taken, oldest first.
+    ///
+    /// The queue claims with the ends of the tasks that ran before: an end is durable no
+    /// later than the claim that reuses its task's worker slot.
+    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>>;
+    /// Applies `writes` in order, in one transaction: all of them or none.
+    fn write(&self, writes: &[Write]) -> Result<()> {
+        self.write_and_claim(writes, 0).map(drop)
+    }
+    /// Takes the `limit` (at least one) oldest runnable queued tasks and marks them running,
+    /// in one transaction; oldest first.
+    fn claim(&self, limit: usize) -> Result<Vec<Task>> {
+        self.write_and_claim(&[], limit.max(1))
+    }
     /// Takes the oldest runnable queued task and marks it running.
     fn claim_next(&self) -> Result<Option<Task>> {
         Ok(self.claim(1)?.into_iter().next())

@@ -13,6 +13,11 @@
 //!
 //! A write behind that the store refuses for a reason that may pass (a full disk) is kept
 //! and tried again every second ([`Retry`]); reads find it there meanwhile.
+//!
+//! The queue claims through the recorder too ([`Recorder::claim`]): the claim is committed in
+//! the transaction of the writes queued before it, so the end of a task that ran, queued
+//! before its worker slot was given back, is durable no later than the claim that reuses the
+//! slot. A node that dies leaves at most one task `running` per worker slot.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -23,6 +28,7 @@ use tokio::sync::oneshot;
 
 use super::retry::{Retry, RETRY_EVERY};
 use super::{Result, Store, StoreError, Write};
+use crate::model::Task;
 
 /// The most writes in one transaction.
 pub const MAX_BATCH: usize = 512;
@@ -43,6 +49,8 @@ enum Message {
     Write(Box<Write>, Option<oneshot::Sender<Result<()>>>),
     /// Answered once everything queued before it is committed (or has failed).
     Settle(oneshot::Sender<()>),
+    /// Up to this many queued tasks to claim once everything queued before is committed.
+    Claim(usize, oneshot::Sender<Result<Vec<Task>>>),
 }
 
 impl Message {
@@ -212,6 +220,18 @@ impl Recorder {
         self.send(write, None)
     }
 
+    /// Claims up to `limit` (at least one) of the oldest runnable queued tasks, in the
+    /// transaction that commits every write queued before this call (where that transaction
+    /// fails, the writes are tried as usual and the claim alone after them).
+    pub async fn claim(&self, limit: usize) -> Result<Vec<Task>> {
+        let (reply, claimed) = oneshot::channel();
+        self.queue
+            .send(Message::Claim(limit.max(1), reply))
+            .map_err(|_| gone())?;
+        self.thread.unpark();
+        claimed.await.map_err(|_| gone())?
+    }
+
     /// Returns once every write queued before this call is committed (or has failed).
     pub async fn settle(&self) {
         if self.pending.load(Ordering::SeqCst) == 0 {
@@ -229,10 +249,11 @@ fn gone() -> StoreError {
     StoreError::Unavailable("the recorder has stopped".into())
 }
 
-/// Commits the writes of a batch in one transaction, then answers its settles. Should the
-/// transaction fail, each write is tried alone, so that one bad write fails only its own. A
-/// write behind the store refuses for now is kept in `retry`. The commit is counted before
-/// its writes leave `pending`: whoever sees nothing pending sees the commit counted.
+/// Commits the writes of a batch in one transaction, with the batch's claim if it has one,
+/// then answers its settles. Should the transaction fail, each write is tried alone, so that
+/// one bad write fails only its own, and the claim after them. A write behind the store
+/// refuses for now is kept in `retry`. The commit is counted before its writes leave
+/// `pending`: whoever sees nothing pending sees the commit counted.
 fn commit(
     store: &dyn Store,
     batch: Vec<Message>,
@@ -242,6 +263,7 @@ fn commit(
     let mut writes = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
     let mut settles = Vec::new();
+    let mut claims = Vec::new();
     for message in batch {
         match message {
             Message::Write(write, reply) => {
@@ -249,9 +271,23 @@ fn commit(
                 replies.push(reply);
             }
             Message::Settle(reply) => settles.push(reply),
+            Message::Claim(limit, reply) => claims.push((limit, reply)),
         }
     }
-    let results: Vec<Result<()>> = if writes.len() > 1 && store.write(&writes).is_ok() {
+    // The first claim shares the writes' transaction; one without writes has no other try.
+    let mut claimed = None;
+    let together = match claims.first() {
+        Some(&(limit, _)) => {
+            let tried = store.write_and_claim(&writes, limit);
+            let ok = tried.is_ok();
+            if ok || writes.is_empty() {
+                claimed = Some(tried);
+            }
+            ok
+        }
+        None => writes.len() > 1 && store.write(&writes).is_ok(),
+    };
+    let results: Vec<Result<()>> = if together {
         writes.iter().map(|_| Ok(())).collect()
     } else {
         writes
@@ -273,6 +309,10 @@ fn commit(
             }
             (None, Err(e)) => retry.give_up_on(&write, &e.to_string()),
         }
+    }
+    for (limit, reply) in claims {
+        let tasks = claimed.take().unwrap_or_else(|| store.claim(limit));
+        let _ = reply.send(tasks);
     }
     for reply in settles {
         let _ = reply.send(());
@@ -358,6 +398,54 @@ mod tests {
             at: crate::model::now_ms(),
         };
         (id, write)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_commits_the_writes_queued_before_it_and_a_bad_one_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
+        let (id, n) = store.next_version("a", "f").unwrap();
+        let f = store.add_version("a", &id, "f", &version(n)).unwrap();
+        let recorder = Recorder::start(store.clone()).unwrap();
+        let queued: Vec<_> = (0..3)
+            .map(|i| {
+                let mut t = task("a", &f, Mode::Async);
+                t.created_at = 1_000 + i;
+                t
+            })
+            .collect();
+        for t in &queued {
+            recorder.write(Write::Insert(t.clone())).await.unwrap();
+        }
+        let ran = recorder.claim(1).await.unwrap().remove(0);
+        assert_eq!(ran.task_id, queued[0].task_id);
+        // Its end behind (lingering), then the claim that reuses its slot: the end is on
+        // disk once the claim returns.
+        let end = Write::Complete {
+            task_id: ran.task_id.clone(),
+            tenant: "a".into(),
+            completion: ending(),
+            at: crate::model::now_ms(),
+        };
+        recorder.write_behind(end).await.unwrap();
+        let next = recorder.claim(1).await.unwrap();
+        assert_eq!(next[0].task_id, queued[1].task_id);
+        let ended = store.task(None, &ran.task_id).unwrap().unwrap();
+        assert_eq!(ended.status, TaskStatus::Succeeded);
+
+        // A write that can never be stored (the same id again), queued before a claim: it is
+        // given up alone, and the claim still takes the last task.
+        recorder
+            .write_behind(Write::Insert(queued[0].clone()))
+            .await
+            .unwrap();
+        let last = recorder.claim(5).await.unwrap();
+        assert_eq!(
+            last.iter().map(|t| &t.task_id).collect::<Vec<_>>(),
+            [&queued[2].task_id]
+        );
+        assert_eq!(recorder.kept().lost(), 1);
+        assert!(recorder.claim(5).await.unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

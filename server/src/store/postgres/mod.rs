@@ -32,7 +32,7 @@ use super::{
 use crate::atrest::{KeySource, Sealer};
 use crate::model::{now_ms, Function, Task, Version};
 use crate::rollup::Call;
-use pool::Pool;
+use pool::{Pool, Tx};
 use rows::{
     call_row, complete, complete_all, conflict, finished, function_row, insert, task_row,
     CALL_COLS, FUNCTION_COLS, TASK_COLS,
@@ -167,6 +167,46 @@ impl PgStore {
         let mut v: Version = serde_json::from_str(&settings)?;
         v.code_dir = r.try_get(1)?;
         Ok(v)
+    }
+
+    /// Takes up to `limit` of the oldest runnable queued tasks in `tx` for this node and marks
+    /// them running; a damaged record found on the way is failed (its ending added to
+    /// `ended`), not taken.
+    fn claim_in(&self, tx: &mut Tx<'_>, limit: usize, ended: &mut Pending) -> Result<Vec<Task>> {
+        let now = now_ms();
+        let mut tasks = Vec::with_capacity(limit);
+        // Again while a damaged record took a place (it is failed, so not claimed twice).
+        let mut skipped = true;
+        while skipped && tasks.len() < limit {
+            skipped = false;
+            let want = i64::try_from(limit - tasks.len()).unwrap_or(i64::MAX);
+            let rows = tx.query(
+                &format!("{CLAIM} RETURNING {TASK_COLS}"),
+                &[&now, &now, &want, &self.node_id],
+            )?;
+            let mut claimed = Vec::with_capacity(rows.len());
+            for r in &rows {
+                match task_row(self, r) {
+                    Ok(task) => claimed.push(task),
+                    // A record that fails its integrity check is never run: it ends failed,
+                    // saying why, and the queue goes on.
+                    Err(StoreError::Damaged(why)) => {
+                        let id: String = r.try_get(0)?;
+                        tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
+                        let plain = sealed::Seal {
+                            sealer: &self.sealer,
+                            key: None,
+                        };
+                        complete(tx, &id, &damaged_ending(), now, ended, plain)?;
+                        skipped = true;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            claimed.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
+            tasks.extend(claimed);
+        }
+        Ok(tasks)
     }
 }
 
@@ -307,7 +347,7 @@ impl Store for PgStore {
         Ok(versions)
     }
 
-    fn write(&self, writes: &[Write]) -> Result<()> {
+    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>> {
         let keys = TenantKeys::of(writes, |tenant| self.tenant_key(tenant))?;
         let seal = |tenant: &str| sealed::Seal {
             sealer: &self.sealer,
@@ -351,6 +391,7 @@ impl Store for PgStore {
         insert(&mut tx, &inserts)?;
         finished(&mut tx, &finishes, &mut ended)?;
         complete_all(&mut tx, &completes, &mut ended)?;
+        let tasks = self.claim_in(&mut tx, limit, &mut ended)?;
         rollups::flush(&mut tx, ended)?;
         // Idle workers on every node hear of queued tasks at the commit (not before).
         if writes
@@ -362,48 +403,6 @@ impl Store for PgStore {
                 &[&cluster::CHANNEL, &Signal::Queued.encode()],
             )?;
         }
-        tx.commit()
-    }
-
-    fn claim(&self, limit: usize) -> Result<Vec<Task>> {
-        let mut conn = self.pool.get()?;
-        let mut tx = conn.transaction()?;
-        let now = now_ms();
-        let limit = limit.max(1);
-        let mut tasks = Vec::with_capacity(limit);
-        let mut ended = Pending::default();
-        // Again while a damaged record took a place (it is failed, so not claimed twice).
-        let mut skipped = true;
-        while skipped && tasks.len() < limit {
-            skipped = false;
-            let want = i64::try_from(limit - tasks.len()).unwrap_or(i64::MAX);
-            let rows = tx.query(
-                &format!("{CLAIM} RETURNING {TASK_COLS}"),
-                &[&now, &now, &want, &self.node_id],
-            )?;
-            let mut claimed = Vec::with_capacity(rows.len());
-            for r in &rows {
-                match task_row(self, r) {
-                    Ok(task) => claimed.push(task),
-                    // A record that fails its integrity check is never run: it ends failed,
-                    // saying why, and the queue goes on.
-                    Err(StoreError::Damaged(why)) => {
-                        let id: String = r.try_get(0)?;
-                        tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
-                        let plain = sealed::Seal {
-                            sealer: &self.sealer,
-                            key: None,
-                        };
-                        complete(&mut tx, &id, &damaged_ending(), now, &mut ended, plain)?;
-                        skipped = true;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            claimed.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
-            tasks.extend(claimed);
-        }
-        rollups::flush(&mut tx, ended)?;
         tx.commit()?;
         Ok(tasks)
     }

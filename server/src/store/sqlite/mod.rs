@@ -180,6 +180,56 @@ impl SqliteStore {
             })
             .map_err(StoreError::from))
     }
+
+    /// Takes up to `limit` of the oldest runnable queued tasks in `tx` and marks them running;
+    /// a damaged record found on the way is failed (its ending added to `ended`), not taken.
+    fn claim_in(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        limit: usize,
+        ended: &mut Pending,
+    ) -> Result<Vec<Task>> {
+        let now = now_ms();
+        let mut tasks = Vec::with_capacity(limit);
+        // Each id marked running and read back in one statement.
+        let take = format!(
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 \
+             WHERE id = ?1 RETURNING {TASK_COLS}"
+        );
+        // Again while a damaged record took a place (it is failed, so not selected twice).
+        let mut skipped = true;
+        while skipped && tasks.len() < limit {
+            skipped = false;
+            let ids: Vec<String> = {
+                let mut stmt = tx.prepare_cached(CLAIM)?;
+                let rows =
+                    stmt.query_map(params![now, (limit - tasks.len()) as i64], |r| r.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for id in ids {
+                let read = tx
+                    .prepare_cached(&take)?
+                    .query_row(params![id, now], |r| task_row(&self.sealer, r));
+                match read.map_err(StoreError::from) {
+                    Ok(task) => tasks.push(task),
+                    // A record that fails its integrity check is never run: it ends failed, saying
+                    // why, and the queue goes on.
+                    Err(StoreError::Damaged(why)) => {
+                        tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
+                        let completion = damaged_ending();
+                        let plain = sealed::Seal {
+                            sealer: &self.sealer,
+                            key: None,
+                        };
+                        complete(tx, &id, &completion, now, ended, plain)?;
+                        skipped = true;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(tasks)
+    }
 }
 
 /// The WAL file of the database at `path`.
@@ -316,7 +366,7 @@ impl Store for SqliteStore {
         Ok(versions)
     }
 
-    fn write(&self, writes: &[Write]) -> Result<()> {
+    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>> {
         let keys = TenantKeys::of(writes, |tenant| self.tenant_key(tenant))?;
         let seal = |tenant: &str| sealed::Seal {
             sealer: &self.sealer,
@@ -342,54 +392,7 @@ impl Store for SqliteStore {
                 } => finished(&tx, task, completion, *at, &mut ended, seal(&task.tenant))?,
             }
         }
-        ended.flush(&tx)?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn claim(&self, limit: usize) -> Result<Vec<Task>> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let now = now_ms();
-        let limit = limit.max(1);
-        let mut tasks = Vec::with_capacity(limit);
-        let mut ended = Pending::default();
-        // Again while a damaged record took a place (it is failed, so not selected twice).
-        let mut skipped = true;
-        while skipped && tasks.len() < limit {
-            skipped = false;
-            let ids: Vec<String> = {
-                let mut stmt = tx.prepare_cached(CLAIM)?;
-                let rows =
-                    stmt.query_map(params![now, (limit - tasks.len()) as i64], |r| r.get(0))?;
-                rows.collect::<rusqlite::Result<_>>()?
-            };
-            for id in ids {
-                tx.prepare_cached(
-                "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 WHERE id = ?1",
-            )?
-            .execute(params![id, now])?;
-                let read = tx
-                    .prepare_cached(&format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1"))?
-                    .query_row(params![id], |r| task_row(&self.sealer, r));
-                match read.map_err(StoreError::from) {
-                    Ok(task) => tasks.push(task),
-                    // A record that fails its integrity check is never run: it ends failed, saying
-                    // why, and the queue goes on.
-                    Err(StoreError::Damaged(why)) => {
-                        tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
-                        let completion = damaged_ending();
-                        let plain = sealed::Seal {
-                            sealer: &self.sealer,
-                            key: None,
-                        };
-                        complete(&tx, &id, &completion, now, &mut ended, plain)?;
-                        skipped = true;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+        let tasks = self.claim_in(&tx, limit, &mut ended)?;
         ended.flush(&tx)?;
         tx.commit()?;
         Ok(tasks)
