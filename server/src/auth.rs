@@ -84,7 +84,8 @@ pub fn valid_tenant(tenant: &str) -> bool {
 /// Signs and verifies tokens with one secret.
 #[derive(Clone)]
 pub struct Keys {
-    secret: Vec<u8>,
+    /// HMAC keyed with the secret once (its padded key hashed), cloned for each token.
+    keyed: HmacSha256,
 }
 
 impl std::fmt::Debug for Keys {
@@ -110,7 +111,7 @@ impl Keys {
             return Err(WeakSecret);
         }
         Ok(Keys {
-            secret: trimmed.to_vec(),
+            keyed: HmacSha256::new_from_slice(trimmed).expect("HMAC takes keys of any length"),
         })
     }
 
@@ -121,7 +122,7 @@ impl Keys {
     }
 
     fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length")
+        self.keyed.clone()
     }
 
     /// Signs `claims`.
