@@ -8,6 +8,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use cloudfunc_server::cli::{self, Cli};
 
+/// mimalloc instead of glibc's malloc: a warm call allocates and frees from several threads
+/// (HTTP, pool, recorder), and glibc's arenas spent about 11 % of the server's CPU on it
+/// under 16 clients.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cloudfunc_server::logging::init(cli.log_format);
