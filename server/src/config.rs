@@ -301,6 +301,11 @@ pub struct ServeConfig {
         hide_env_values = true
     )]
     pub database: String,
+    /// A PEM file of the CA that signed the PostgreSQL server's certificate: connections then
+    /// use TLS, the certificate verified against it (`sslmode=require` in the address alone
+    /// verifies against the public web roots).
+    #[arg(long, env = "CLOUDFUNC_DATABASE_CA")]
+    pub database_ca: Option<std::path::PathBuf>,
     /// This node's id among those sharing a PostgreSQL database: stable across its restarts
     /// (a restart ends what it left running at once). Default: the host's name.
     #[arg(long, env = "CLOUDFUNC_NODE_ID")]
@@ -349,6 +354,9 @@ impl ServeConfig {
                 "--database {:?} is neither sqlite nor a PostgreSQL address (postgres://user:password@host/database, or host=... dbname=...)",
                 crate::store::postgres::redacted(&self.database)
             );
+        }
+        if self.database_ca.is_some() && self.postgres().is_none() {
+            bail!("--database-ca is for a PostgreSQL --database; SQLite is a local file");
         }
         if self.database_connections < 2 {
             bail!("--database-connections must be at least 2");
@@ -571,6 +579,16 @@ mod tests {
             c.platform().code_dir,
             PathBuf::from(defaults::STATE_DIR).join("code")
         );
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_database_ca_needs_postgresql() {
+        let mut c = ServeConfig::with_defaults("/d".into());
+        c.database_ca = Some("/ca.pem".into());
+        let refused = c.validate().unwrap_err().to_string();
+        assert!(refused.contains("--database-ca"), "{refused}");
+        c.database = "postgres://db.example/cloudfunc".into();
         c.validate().unwrap();
     }
 }

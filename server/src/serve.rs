@@ -56,14 +56,20 @@ fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>> {
                 .clone()
                 .unwrap_or_else(crate::store::postgres::default_node_id);
             let lease = i64::try_from(config.node_lease_s.saturating_mul(1000)).unwrap_or(i64::MAX);
-            let store = PgStore::open(url, keys, seal, config.database_connections)
-                .map(|s| s.for_node(node, lease))
-                .with_context(|| {
-                    format!(
-                        "opening the PostgreSQL database {}",
-                        crate::store::postgres::redacted(url)
-                    )
-                })?;
+            let store = PgStore::open(
+                url,
+                config.database_ca.as_deref(),
+                keys,
+                seal,
+                config.database_connections,
+            )
+            .map(|s| s.for_node(node, lease))
+            .with_context(|| {
+                format!(
+                    "opening the PostgreSQL database {}",
+                    crate::store::postgres::redacted(url)
+                )
+            })?;
             tracing::info!(database = %crate::store::postgres::redacted(url), "records kept in PostgreSQL");
             Arc::new(store)
         }

@@ -58,7 +58,7 @@ impl Place {
     /// The store (again, for a reopening).
     fn try_open(&self) -> Result<Arc<dyn Store>, StoreError> {
         Ok(match &self.url {
-            Some(url) => Arc::new(PgStore::open(url, self.key(), true, 8)?),
+            Some(url) => Arc::new(PgStore::open(url, None, self.key(), true, 8)?),
             None => Arc::new(SqliteStore::open_with(
                 &self.db(),
                 64 << 20,
@@ -1123,6 +1123,61 @@ fn a_claim_commits_with_the_writes_before_it(place: &Place) {
     assert_eq!(store.running().unwrap(), 1);
 }
 
+/// TLS to PostgreSQL: with the server's CA the store connects encrypted (the server says so);
+/// without it, or to a name the certificate does not carry, the certificate is refused; and
+/// the server here takes no plaintext over TCP, so the connections cannot have been plain.
+fn tls_to_postgres_is_verified() {
+    // The error and its causes, as `serve` prints them.
+    let why = |e: StoreError| {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
+    };
+    let (pg, ca) = Postgres::start_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let key = || KeySource::File(dir.path().join("master.key"));
+    let open = |url: &str, ca: Option<&std::path::Path>| PgStore::open(url, ca, key(), true, 2);
+
+    let store = open(&pg.tcp_url("postgres", ""), Some(&ca)).unwrap();
+    deploy(&store, "alice", "hello");
+    let mut admin = ::postgres::Client::connect(&pg.url("postgres"), ::postgres::NoTls).unwrap();
+    let encrypted: i64 = admin
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'cloudfunc' AND s.ssl",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "no encrypted connection of the store");
+    drop(store);
+
+    // sslmode=require alone verifies against the public roots, which did not sign this one.
+    let refused = why(open(&pg.tcp_url("postgres", "sslmode=require"), None).unwrap_err());
+    assert!(refused.contains("certificate"), "{refused}");
+    // The right CA, the wrong name: the certificate is for localhost.
+    let url = pg
+        .tcp_url("postgres", "")
+        .replace("host=localhost", "host=127.0.0.1");
+    let refused = why(open(&url, Some(&ca)).unwrap_err());
+    assert!(refused.contains("certificate"), "{refused}");
+    // Plaintext over TCP is refused by this server: what connected above was TLS.
+    let plain = why(open(&pg.tcp_url("postgres", "sslmode=disable"), None).unwrap_err());
+    assert!(plain.contains("pg_hba.conf"), "{plain}");
+    // A CA file that is not one says so.
+    std::fs::write(dir.path().join("bad.pem"), "not a certificate").unwrap();
+    let bad = open(
+        &pg.tcp_url("postgres", ""),
+        Some(&dir.path().join("bad.pem")),
+    )
+    .unwrap_err();
+    assert!(bad.to_string().contains("bad.pem"), "{bad}");
+}
+
 type Test = fn(&Place);
 
 const TESTS: &[(&str, Test)] = &[
@@ -1221,6 +1276,11 @@ fn main() {
             why.is_some(),
         ));
     }
+    trials.push(trial(
+        "postgres::tls_to_postgres_is_verified",
+        tls_to_postgres_is_verified,
+        why.is_some(),
+    ));
     let conclusion = libtest_mimic::run(&args, trials);
     drop(pg);
     conclusion.exit();

@@ -64,6 +64,23 @@ impl Postgres {
 
     /// Makes and starts a cluster; panics saying why if it cannot.
     pub fn start() -> Postgres {
+        Postgres::start_with(None)
+    }
+
+    /// A cluster that also listens on 127.0.0.1, where it takes TLS connections only, with a
+    /// self-signed certificate for `localhost`; returns it and the certificate's PEM file (the
+    /// CA a client must trust).
+    pub fn start_tls() -> (Postgres, PathBuf) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let pg = Postgres::start_with(Some(port));
+        let ca = pg.dir.path().join("ca.pem");
+        (pg, ca)
+    }
+
+    fn start_with(tcp_port: Option<u16>) -> Postgres {
         let bin = bin_dir().expect("PostgreSQL is installed");
         let dir = tempfile::Builder::new()
             .prefix("cfpg")
@@ -76,8 +93,9 @@ impl Postgres {
             let u = nix::unistd::User::from_name(user).unwrap().unwrap();
             nix::unistd::chown(dir.path(), Some(u.uid), Some(u.gid)).unwrap();
         }
-        // Any port: only the socket's file name carries it, in a directory of our own.
-        let port = 5432;
+        // Any port where only the Unix socket listens: its file name carries it, in a
+        // directory of our own.
+        let port = tcp_port.unwrap_or(5432);
         let pg = Postgres {
             dir,
             bin,
@@ -100,8 +118,15 @@ impl Postgres {
                 "--no-sync",
             ],
         );
+        let listen = match tcp_port {
+            Some(_) => {
+                pg.serve_tls(&data);
+                "-c listen_addresses=127.0.0.1 -c ssl=on"
+            }
+            None => "-c listen_addresses=''",
+        };
         let options = format!(
-            "-k {} -p {port} -c listen_addresses='' -c max_connections=200 -c fsync=off -c synchronous_commit=off",
+            "-k {} -p {port} {listen} -c max_connections=200 -c fsync=off -c synchronous_commit=off",
             pg.dir.path().display()
         );
         pg.run(
@@ -118,6 +143,40 @@ impl Postgres {
             ],
         );
         pg
+    }
+
+    /// A certificate for `localhost` and its key in the data directory, and a `pg_hba.conf`
+    /// that takes TCP connections over TLS only.
+    fn serve_tls(&self, data: &Path) {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("a self-signed certificate");
+        let files = [
+            ("server.crt", made.cert.pem()),
+            ("server.key", made.key_pair.serialize_pem()),
+            (
+                "pg_hba.conf",
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n".to_string(),
+            ),
+        ];
+        for (name, text) in files {
+            let path = data.join(name);
+            std::fs::write(&path, text).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some(user) = &self.run_as {
+                let u = nix::unistd::User::from_name(user).unwrap().unwrap();
+                nix::unistd::chown(&path, Some(u.uid), Some(u.gid)).unwrap();
+            }
+        }
+        std::fs::write(self.dir.path().join("ca.pem"), made.cert.pem()).unwrap();
+    }
+
+    /// The address of database `name` over TCP, by the name the certificate carries.
+    pub fn tcp_url(&self, name: &str, more: &str) -> String {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={} user=postgres dbname={name} {more}",
+            self.port
+        )
     }
 
     fn run(&self, program: &str, args: &[&str]) {

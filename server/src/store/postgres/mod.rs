@@ -17,6 +17,7 @@ mod rollups;
 mod rows;
 mod schema;
 mod sealed;
+mod tls;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -117,8 +118,16 @@ pub fn redacted(url: &str) -> String {
 impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL or `key=value` pairs), brings
     /// its schema up to date (refusing a newer one), and loads the data keys with the master
-    /// keys from `keys`; `seal: false` writes new records in plaintext.
-    pub fn open(url: &str, keys: KeySource, seal: bool, connections: usize) -> Result<PgStore> {
+    /// keys from `keys`; `seal: false` writes new records in plaintext. Connections use TLS
+    /// where `url` says `sslmode=require` or `ca` (a PEM file of the server's CA) is given,
+    /// the server's certificate verified (see the `tls` module).
+    pub fn open(
+        url: &str,
+        ca: Option<&std::path::Path>,
+        keys: KeySource,
+        seal: bool,
+        connections: usize,
+    ) -> Result<PgStore> {
         let mut config = postgres::Config::from_str(url).map_err(|e| {
             StoreError::Unavailable(format!(
                 "the database address {} is not a PostgreSQL URL: {e}",
@@ -131,7 +140,8 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("cloudfunc");
         }
-        let pool = Arc::new(Pool::new(config, connections.max(2)));
+        let tls = tls::connector(&mut config, ca)?;
+        let pool = Arc::new(Pool::new(config, tls, connections.max(2)));
         let mut conn = pool.get()?;
         schema::migrate(&mut conn)?;
         let sealer = Arc::new(sealed::sealer(&mut conn, keys, seal)?);

@@ -8,6 +8,8 @@ use parking_lot::{Condvar, Mutex};
 use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls, Row, Statement};
 
+use super::tls::Connector;
+
 use crate::store::{Result, StoreError};
 
 /// Query parameters.
@@ -107,6 +109,8 @@ impl Tx<'_> {
 /// A bounded pool of connections to one database.
 pub(super) struct Pool {
     config: postgres::Config,
+    /// TLS for every connection, where the address asks for it.
+    tls: Option<Connector>,
     idle: Mutex<Idle>,
     freed: Condvar,
     max: usize,
@@ -128,9 +132,11 @@ impl std::fmt::Debug for Pool {
 const WAIT: Duration = Duration::from_secs(10);
 
 impl Pool {
-    pub fn new(config: postgres::Config, max: usize) -> Pool {
+    /// Up to `max` connections to `config`'s server, through `tls` where it is given.
+    pub fn new(config: postgres::Config, tls: Option<Connector>, max: usize) -> Pool {
         Pool {
             config,
+            tls,
             idle: Mutex::new(Idle {
                 conns: Vec::new(),
                 open: 0,
@@ -143,7 +149,10 @@ impl Pool {
     /// A new connection, outside the pool (for listening).
     pub fn connect(&self) -> Result<Conn> {
         Ok(Conn {
-            client: self.config.connect(NoTls)?,
+            client: match &self.tls {
+                Some(tls) => self.config.connect(tls.clone())?,
+                None => self.config.connect(NoTls)?,
+            },
             prepared: Prepared::default(),
         })
     }
