@@ -120,13 +120,23 @@ impl Platform {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
-            let mut free = vec![first];
-            free.extend(std::iter::from_fn(|| {
-                slots.clone().try_acquire_owned().ok()
-            }));
             // Through the recorder: the ends of the tasks that gave these slots back are
-            // committed with the claim that reuses them.
-            let claimed = self.inner.recorder.claim(free.len()).await;
+            // committed with the claim that reuses them. The slots are counted when the
+            // recorder comes to the claim, so those freed while it waited its turn join it.
+            let taken = Arc::new(parking_lot::Mutex::new(vec![first]));
+            let (counting, free_slots) = (taken.clone(), slots.clone());
+            let claimed = self
+                .inner
+                .recorder
+                .claim_with(Box::new(move || {
+                    let mut held = counting.lock();
+                    held.extend(std::iter::from_fn(|| {
+                        free_slots.clone().try_acquire_owned().ok()
+                    }));
+                    held.len()
+                }))
+                .await;
+            let free = std::mem::take(&mut *taken.lock());
             match claimed {
                 Ok(tasks) if !tasks.is_empty() => {
                     // Each task holds its slot, and is counted for a graceful stop, until it

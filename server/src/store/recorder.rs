@@ -49,8 +49,47 @@ enum Message {
     Write(Box<Write>, Option<oneshot::Sender<Result<()>>>),
     /// Answered once everything queued before it is committed (or has failed).
     Settle(oneshot::Sender<()>),
-    /// Up to this many queued tasks to claim once everything queued before is committed.
-    Claim(usize, oneshot::Sender<Result<Vec<Task>>>),
+    /// Queued tasks to claim once everything queued before is committed: as many as the
+    /// limit says, asked on the recorder's thread just before the transaction.
+    Claim(ClaimLimit, oneshot::Sender<Result<Vec<Task>>>),
+}
+
+/// How many tasks a claim takes, decided as late as can be: worker slots given back while the
+/// claim waited for its turn are filled by it too (each slot's end was queued before the
+/// slot was given back, so it is in the claim's transaction: [`take_claims`]).
+pub type ClaimLimit = Box<dyn FnOnce() -> usize + Send>;
+
+/// Takes the claims out of `batch`, deciding each one's limit, and then the messages queued
+/// meanwhile into `batch`: whatever a limit counted was given back after its end was queued,
+/// so the end is in the batch. Again while that brings claims in.
+fn take_claims(
+    batch: &mut Vec<Message>,
+    incoming: &mpsc::Receiver<Message>,
+) -> Vec<(usize, oneshot::Sender<Result<Vec<Task>>>)> {
+    let mut claims = Vec::new();
+    let mut undecided: Vec<Message> = Vec::new();
+    let mut rest = Vec::with_capacity(batch.len());
+    for m in batch.drain(..) {
+        match m {
+            Message::Claim(..) => undecided.push(m),
+            other => rest.push(other),
+        }
+    }
+    while !undecided.is_empty() {
+        for m in undecided.drain(..) {
+            if let Message::Claim(limit, reply) = m {
+                claims.push((limit().max(1), reply));
+            }
+        }
+        for m in incoming.try_iter() {
+            match m {
+                Message::Claim(..) => undecided.push(m),
+                other => rest.push(other),
+            }
+        }
+    }
+    *batch = rest;
+    claims
 }
 
 impl Message {
@@ -129,8 +168,9 @@ impl Recorder {
                     match next {
                         Ok(first) => {
                             wakes.fetch_add(1, Ordering::Relaxed);
-                            let batch = gather(first, &incoming, &wakes);
-                            commit(store.as_ref(), batch, (&counted, &commits), &retry);
+                            let mut batch = gather(first, &incoming, &wakes);
+                            let claims = take_claims(&mut batch, &incoming);
+                            commit(store.as_ref(), batch, claims, (&counted, &commits), &retry);
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -224,9 +264,15 @@ impl Recorder {
     /// transaction that commits every write queued before this call (where that transaction
     /// fails, the writes are tried as usual and the claim alone after them).
     pub async fn claim(&self, limit: usize) -> Result<Vec<Task>> {
+        self.claim_with(Box::new(move || limit)).await
+    }
+
+    /// [`Recorder::claim`] of as many tasks as `limit` says when the recorder's thread comes
+    /// to the claim (at least one).
+    pub async fn claim_with(&self, limit: ClaimLimit) -> Result<Vec<Task>> {
         let (reply, claimed) = oneshot::channel();
         self.queue
-            .send(Message::Claim(limit.max(1), reply))
+            .send(Message::Claim(limit, reply))
             .map_err(|_| gone())?;
         self.thread.unpark();
         claimed.await.map_err(|_| gone())?
@@ -257,13 +303,13 @@ fn gone() -> StoreError {
 fn commit(
     store: &dyn Store,
     batch: Vec<Message>,
+    claims: Vec<(usize, oneshot::Sender<Result<Vec<Task>>>)>,
     (pending, commits): (&AtomicUsize, &AtomicU64),
     retry: &Retry,
 ) {
     let mut writes = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
     let mut settles = Vec::new();
-    let mut claims = Vec::new();
     for message in batch {
         match message {
             Message::Write(write, reply) => {
@@ -271,7 +317,8 @@ fn commit(
                 replies.push(reply);
             }
             Message::Settle(reply) => settles.push(reply),
-            Message::Claim(limit, reply) => claims.push((limit, reply)),
+            // Taken out before (take_claims).
+            Message::Claim(..) => unreachable!("claims are taken out of the batch first"),
         }
     }
     // The first claim shares the writes' transaction; one without writes has no other try.
@@ -446,6 +493,34 @@ mod tests {
         );
         assert_eq!(recorder.kept().lost(), 1);
         assert!(recorder.claim(5).await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_claims_limit_is_decided_late_and_takes_in_what_was_queued_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let (id, n) = store.next_version("a", "f").unwrap();
+        let f = store.add_version("a", &id, "f", &version(n)).unwrap();
+        let (queue, incoming) = mpsc::channel();
+        let (reply, _claimed) = oneshot::channel();
+        // As a task does: its end queued, then its slot given back, which the limit counts.
+        let late = queue.clone();
+        let (_, end) = finished(&f);
+        let limit: ClaimLimit = Box::new(move || {
+            late.send(Message::Write(Box::new(end), None)).unwrap();
+            2
+        });
+        let mut batch = vec![Message::Claim(limit, reply)];
+        let claims = take_claims(&mut batch, &incoming);
+        assert_eq!(
+            claims.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            [2],
+            "decided on the recorder's thread"
+        );
+        assert!(
+            matches!(batch.as_slice(), [Message::Write(..)]),
+            "the end queued before the slot came free is in the claim's batch"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
