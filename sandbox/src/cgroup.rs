@@ -254,7 +254,7 @@ struct Counters {
     /// each resetting what later reads through the same open file report): cleared by the
     /// first write the kernel refuses.
     peak_resets: std::sync::atomic::AtomicBool,
-    /// Whether a reset must truncate the peak file first: a plain file (a test's fixture) with
+    /// Whether a v1 reset must truncate the peak file first: a plain file (a test's fixture) with
     /// a figure in it. The kernel's files report no size and ignore truncation, which cost a
     /// system call on every warm call.
     peak_truncates: bool,
@@ -302,12 +302,9 @@ impl Counters {
                 )
             }
         };
-        let peak = &files[if cg.version == CgroupVersion::V1 {
-            3
-        } else {
-            1
-        }];
-        let peak_truncates = peak.metadata().is_ok_and(|m| m.len() > 0);
+        // Only v1's reset writes over the figure (v2's resets through its open file).
+        let peak_truncates =
+            cg.version == CgroupVersion::V1 && files[3].metadata().is_ok_and(|m| m.len() > 0);
         Ok(Counters {
             files,
             peak_resets: std::sync::atomic::AtomicBool::new(peak_resets),

@@ -172,6 +172,17 @@ fn task(tenant: &str, f: &Function, mode: Mode) -> Task {
     task
 }
 
+/// `n` async tasks of alice's `f`, each created a millisecond after the one before.
+fn in_order(f: &Function, n: i64) -> Vec<Task> {
+    (0..n)
+        .map(|i| {
+            let mut t = task("alice", f, Mode::Async);
+            t.created_at = 1_000 + i;
+            t
+        })
+        .collect()
+}
+
 fn insert(store: &dyn Store, task: &Task) {
     store.write(&[Write::Insert(task.clone())]).unwrap();
 }
@@ -265,13 +276,7 @@ fn versions_tenants_and_the_queue(place: &Place) {
 fn the_oldest_due_task_is_claimed_first(place: &Place) {
     let store = place.open();
     let f = deploy(store.as_ref(), "alice", "hello");
-    let tasks: Vec<Task> = (0..4)
-        .map(|i| {
-            let mut t = task("alice", &f, Mode::Async);
-            t.created_at = 1_000 + i;
-            t
-        })
-        .collect();
+    let tasks = in_order(&f, 4);
     for t in tasks.iter().rev() {
         insert(store.as_ref(), t);
     }
@@ -1078,13 +1083,7 @@ fn a_batch_of_inserts_and_endings_keeps_its_order(place: &Place) {
 fn a_claim_commits_with_the_writes_before_it(place: &Place) {
     let store = place.open();
     let f = deploy(store.as_ref(), "alice", "hello");
-    let t: Vec<Task> = (0..3)
-        .map(|i| {
-            let mut t = task("alice", &f, Mode::Async);
-            t.created_at = 1_000 + i;
-            t
-        })
-        .collect();
+    let t = in_order(&f, 3);
     insert(store.as_ref(), &t[0]);
     let first = store.claim(1).unwrap();
     assert_eq!(first.len(), 1);
