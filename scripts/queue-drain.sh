@@ -8,7 +8,7 @@
 # keeps the records there instead of in SQLite (the database is emptied first).
 set -euo pipefail
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
-WORKERS=${WORKERS:-"4 8 16"}
+WORKERS=${WORKERS:-"4 16 64"}
 SUBMIT_SECONDS=${SUBMIT_SECONDS:-20}
 WORK=$(mktemp -d /var/tmp/cf-queue-drain.XXXXXX)
 DB_FLAGS=()

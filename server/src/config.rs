@@ -30,8 +30,10 @@ pub mod defaults {
     pub const CGROUP_PARENT: &str = "cloudfunc";
     /// gVisor's runtime.
     pub const RUNSC: &str = "/usr/bin/runsc";
-    /// Queue workers.
-    pub const WORKERS: usize = 4;
+    /// Queue worker slots. A slot's cycle includes the commit that ends its task and claims
+    /// the next, so the run rate grows with the slots while the store's round trips, not the
+    /// CPU, bound it; a function's own calls at once stay capped by its `max_instances`.
+    pub const WORKERS: usize = 16;
     /// A function's calls at once when it sets no `max_instances`.
     pub const MAX_INSTANCES: u32 = 8;
     /// Largest request body, MiB.

@@ -4,8 +4,8 @@
 //!
 //! Usage (as root): `cloudfunc-load [--clients N] [--seconds S] [--first-calls N]
 //! [--only sync|async] [--wrk] [--floor] [--queue-workers N] [--url URL --token T]`.
-//! After the async submits it times how fast the queue workers (`--queue-workers`, 2, the
-//! server's `--workers`) run the backlog they left.
+//! After the async submits it times how fast the queue workers (`--queue-workers`, by default
+//! the server's default `--workers`) run the backlog they left.
 //! `--wrk` also runs the sync load through `wrk` (when it is installed), against the same
 //! server in the same run: a client that costs the shared cores less than these threads.
 //! `--floor` sends the same sync requests to `cloudfunc-floor` (warp answering with a fixed
@@ -481,7 +481,7 @@ struct Args {
     #[arg(long)]
     floor: bool,
     /// The spawned server's queue workers.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = cloudfunc_server::config::defaults::WORKERS)]
     queue_workers: usize,
     /// A running server instead of a spawned one (with --token).
     #[arg(long, requires = "token")]
