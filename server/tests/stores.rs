@@ -1113,6 +1113,21 @@ fn a_claim_commits_with_the_writes_before_it(place: &Place) {
     assert!(refused.is_err(), "{refused:?}");
     assert!(store.task(None, &t[2].task_id).unwrap().is_none());
     assert_eq!(status(&t[1]), TaskStatus::Running);
+    // So does a statement failing behind one that succeeded (on PostgreSQL, sent together).
+    let refused = store.write_and_claim(
+        &[
+            Write::Insert(t[2].clone()),
+            Write::Finished {
+                task: Box::new(t[1].clone()),
+                completion: completion("succeeded", false, 1.0, 1.0, 1),
+                at: T0,
+            },
+        ],
+        4,
+    );
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(store.task(None, &t[2].task_id).unwrap().is_none());
+    assert_eq!(status(&t[1]), TaskStatus::Running);
     // A limit of 0 writes and claims nothing.
     assert!(store
         .write_and_claim(&[Write::Insert(t[2].clone())], 0)

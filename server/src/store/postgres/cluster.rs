@@ -85,8 +85,7 @@ impl PgStore {
                 report.interrupted.push(task.task_id);
             }
         }
-        super::rollups::flush(&mut tx, ended)?;
-        tx.commit()?;
+        super::rollups::commit(tx, ended, Vec::new())?;
         if !report.requeued.is_empty() {
             self.signal(&Signal::Queued)?;
         }
@@ -95,9 +94,9 @@ impl PgStore {
 }
 
 /// A connection of its own, listening on the nodes' channel.
-fn listening(pool: &super::pool::Pool) -> Result<super::pool::Conn> {
-    let mut c = pool.connect()?;
-    c.batch(&format!("LISTEN {CHANNEL}"))?;
+fn listening(pool: &super::pool::Pool) -> Result<postgres::Client> {
+    let mut c = pool.listener()?;
+    c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
     Ok(c)
 }
 
@@ -198,7 +197,7 @@ impl ClusterStore for PgStore {
                     };
                     let mut broken = false;
                     {
-                        let mut heard = c.client().notifications();
+                        let mut heard = c.notifications();
                         let mut batch = heard.timeout_iter(Duration::from_millis(500));
                         loop {
                             match batch.next() {
@@ -216,7 +215,7 @@ impl ClusterStore for PgStore {
                             }
                         }
                     }
-                    if broken || c.client().is_closed() {
+                    if broken || c.is_closed() {
                         conn = None;
                     }
                 }

@@ -33,10 +33,11 @@ use super::{
 use crate::atrest::{KeySource, Sealer};
 use crate::model::{now_ms, Function, Task, Version};
 use crate::rollup::Call;
-use pool::{Pool, Tx};
+use pool::{Pool, Queued, Tx};
+use postgres::types::ToSql;
 use rows::{
-    call_row, complete, complete_all, conflict, finished, function_row, insert, task_row,
-    CALL_COLS, FUNCTION_COLS, TASK_COLS,
+    call_row, complete, conflict, function_row, task_row, End, Flight, CALL_COLS, FUNCTION_COLS,
+    TASK_COLS,
 };
 pub use schema::VERSION as SCHEMA_VERSION;
 
@@ -128,7 +129,7 @@ impl PgStore {
         seal: bool,
         connections: usize,
     ) -> Result<PgStore> {
-        let mut config = postgres::Config::from_str(url).map_err(|e| {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
             StoreError::Unavailable(format!(
                 "the database address {} is not a PostgreSQL URL: {e}",
                 redacted(url)
@@ -188,35 +189,59 @@ impl PgStore {
         // Again while a damaged record took a place (it is failed, so not claimed twice).
         let mut skipped = true;
         while skipped && tasks.len() < limit {
-            skipped = false;
-            let want = i64::try_from(limit - tasks.len()).unwrap_or(i64::MAX);
-            let rows = tx.query(
-                &format!("{CLAIM} RETURNING {TASK_COLS}"),
-                &[&now, &now, &want, &self.node_id],
-            )?;
-            let mut claimed = Vec::with_capacity(rows.len());
-            for r in &rows {
-                match task_row(self, r) {
-                    Ok(task) => claimed.push(task),
-                    // A record that fails its integrity check is never run: it ends failed,
-                    // saying why, and the queue goes on.
-                    Err(StoreError::Damaged(why)) => {
-                        let id: String = r.try_get(0)?;
-                        tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
-                        let plain = sealed::Seal {
-                            sealer: &self.sealer,
-                            key: None,
-                        };
-                        complete(tx, &id, &damaged_ending(), now, ended, plain)?;
-                        skipped = true;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            claimed.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
+            let step = self.claim_step(now, limit - tasks.len());
+            let params: Vec<&(dyn ToSql + Sync)> = step.params.iter().map(|p| &**p as _).collect();
+            let rows = tx.query(&step.sql, &params)?;
+            let claimed;
+            (claimed, skipped) = self.claimed(tx, &rows, now, ended)?;
             tasks.extend(claimed);
         }
         Ok(tasks)
+    }
+
+    /// The claim of up to `want` tasks due at `now`, as a statement made ahead.
+    fn claim_step(&self, now: i64, want: usize) -> Queued<'static> {
+        Queued {
+            sql: format!("{CLAIM} RETURNING {TASK_COLS}"),
+            params: vec![
+                Box::new(now) as Box<dyn ToSql + Sync>,
+                Box::new(now),
+                Box::new(i64::try_from(want).unwrap_or(i64::MAX)),
+                Box::new(self.node_id.clone()),
+            ],
+        }
+    }
+
+    /// The tasks of a claim's `rows`, oldest first, and whether a damaged record was among
+    /// them: such a record is never run; it ends failed, saying why (its ending added to
+    /// `ended`), and the queue goes on.
+    fn claimed(
+        &self,
+        tx: &mut Tx<'_>,
+        rows: &[postgres::Row],
+        now: i64,
+        ended: &mut Pending,
+    ) -> Result<(Vec<Task>, bool)> {
+        let mut skipped = false;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for r in rows {
+            match task_row(self, r) {
+                Ok(task) => claimed.push(task),
+                Err(StoreError::Damaged(why)) => {
+                    let id: String = r.try_get(0)?;
+                    tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
+                    let plain = sealed::Seal {
+                        sealer: &self.sealer,
+                        key: None,
+                    };
+                    complete(tx, &id, &damaged_ending(), now, ended, plain)?;
+                    skipped = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        claimed.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
+        Ok((claimed, skipped))
     }
 }
 
@@ -366,22 +391,23 @@ impl Store for PgStore {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction()?;
         let mut ended = Pending::default();
-        // Each run of inserts (of finished tasks, of endings) in one statement.
+        // Each run of inserts (of finished tasks, of endings) in one statement, and all of
+        // them and the claim sent at once: with the rollups and the commit, two round trips.
+        let mut flight = Flight::default();
         let writes = rows::statement_order(writes);
         let mut inserts: Vec<(&Task, sealed::Seal<'_>)> = Vec::new();
         let mut finishes: Vec<(&Task, &crate::model::Completion, i64, sealed::Seal<'_>)> =
             Vec::new();
-        let mut completes: Vec<(&str, &crate::model::Completion, i64, sealed::Seal<'_>)> =
-            Vec::new();
+        let mut completes: Vec<End<'_>> = Vec::new();
         for w in writes.iter().copied() {
             if !matches!(w, Write::Insert(_)) {
-                insert(&mut tx, &std::mem::take(&mut inserts))?;
+                flight.inserts(&mut tx, &std::mem::take(&mut inserts), &mut ended)?;
             }
             if !matches!(w, Write::Finished { .. }) {
-                finished(&mut tx, &std::mem::take(&mut finishes), &mut ended)?;
+                flight.finished(&mut tx, &std::mem::take(&mut finishes), &mut ended)?;
             }
             if !matches!(w, Write::Complete { .. }) {
-                complete_all(&mut tx, &std::mem::take(&mut completes), &mut ended)?;
+                flight.completes(&mut tx, std::mem::take(&mut completes), &mut ended)?;
             }
             match w {
                 Write::Insert(task) => inserts.push((task, seal(&task.tenant))),
@@ -398,22 +424,34 @@ impl Store for PgStore {
                 } => finishes.push((task, completion, *at, seal(&task.tenant))),
             }
         }
-        insert(&mut tx, &inserts)?;
-        finished(&mut tx, &finishes, &mut ended)?;
-        complete_all(&mut tx, &completes, &mut ended)?;
-        let tasks = self.claim_in(&mut tx, limit, &mut ended)?;
-        rollups::flush(&mut tx, ended)?;
+        flight.inserts(&mut tx, &inserts, &mut ended)?;
+        flight.finished(&mut tx, &finishes, &mut ended)?;
+        flight.completes(&mut tx, completes, &mut ended)?;
+        let now = now_ms();
+        if limit > 0 {
+            flight.claim(self.claim_step(now, limit));
+        }
+        let rows = flight.send(&mut tx, &mut ended)?.unwrap_or_default();
+        let (mut tasks, skipped) = self.claimed(&mut tx, &rows, now, &mut ended)?;
+        if skipped && tasks.len() < limit {
+            let more = self.claim_in(&mut tx, limit - tasks.len(), &mut ended)?;
+            tasks.extend(more);
+        }
         // Idle workers on every node hear of queued tasks at the commit (not before).
+        let mut also = Vec::new();
         if writes
             .iter()
             .any(|w| matches!(w, Write::Insert(t) if t.status == crate::model::TaskStatus::Queued))
         {
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&cluster::CHANNEL, &Signal::Queued.encode()],
-            )?;
+            also.push(Queued {
+                sql: "SELECT pg_notify($1, $2)".to_string(),
+                params: vec![
+                    Box::new(cluster::CHANNEL) as Box<dyn ToSql + Sync>,
+                    Box::new(Signal::Queued.encode()),
+                ],
+            });
         }
-        tx.commit()?;
+        rollups::commit(tx, ended, also)?;
         Ok(tasks)
     }
 

@@ -2,86 +2,103 @@
 //! stores the calls, as on SQLite. Rows are upserted in key order, so that two nodes' batches
 //! touching the same rows wait for each other instead of deadlocking.
 
-use super::pool::{Conn, Tx};
+use postgres::types::ToSql;
+
+use super::pool::{Conn, Queued, Tx};
 use crate::rollup::Stats;
-use crate::store::records::{u64_of, Pending};
+use crate::store::records::{u64_of, Pending, RowKey, RowSum};
 use crate::store::{Result, Rollup};
 
-/// Adds what was gathered to the tables: one statement for the rows and one for the bins
-/// (however many), in key order.
-pub(super) fn flush(tx: &mut Tx<'_>, pending: Pending) -> Result<()> {
-    if pending.rows.is_empty() {
-        return Ok(());
+/// Adds what was gathered to the tables (one statement for the rows and one for the bins,
+/// however many, in key order), runs `also`, and commits: all sent at once.
+pub(super) fn commit(tx: Tx<'_>, pending: Pending, also: Vec<Queued<'_>>) -> Result<()> {
+    let mut steps = Vec::with_capacity(also.len() + 2);
+    if !pending.rows.is_empty() {
+        let mut rows: Vec<_> = pending.rows.into_iter().collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let col = |f: fn(&RowSum) -> f64| -> Box<dyn ToSql + Sync> {
+            Box::new(rows.iter().map(|(_, r)| f(r)).collect::<Vec<f64>>())
+        };
+        let int = |f: fn(&RowSum) -> i64| -> Box<dyn ToSql + Sync> {
+            Box::new(rows.iter().map(|(_, r)| f(r)).collect::<Vec<i64>>())
+        };
+        let key = |f: fn(&RowKey) -> i64| -> Box<dyn ToSql + Sync> {
+            Box::new(rows.iter().map(|(k, _)| f(k)).collect::<Vec<i64>>())
+        };
+        let text = |f: fn(&(RowKey, RowSum)) -> &str| -> Box<dyn ToSql + Sync> {
+            Box::new(
+                rows.iter()
+                    .map(|r| f(r).to_string())
+                    .collect::<Vec<String>>(),
+            )
+        };
+        steps.push(Queued {
+            sql: "INSERT INTO rollups (resolution, function_id, outcome, start, tenant, function, count, timed, cold,
+                     duration_sum, duration_max, init_sum, cpu_sum, cpu_max, memory_sum, memory_max)
+                 SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::int8[],
+                     $8::int8[], $9::int8[], $10::float8[], $11::float8[], $12::float8[], $13::float8[], $14::float8[],
+                     $15::float8[], $16::int8[])
+                 ON CONFLICT (resolution, function_id, outcome, start) DO UPDATE SET
+                     count = rollups.count + excluded.count, timed = rollups.timed + excluded.timed,
+                     cold = rollups.cold + excluded.cold,
+                     duration_sum = rollups.duration_sum + excluded.duration_sum,
+                     duration_max = GREATEST(rollups.duration_max, excluded.duration_max),
+                     init_sum = rollups.init_sum + excluded.init_sum,
+                     cpu_sum = rollups.cpu_sum + excluded.cpu_sum,
+                     cpu_max = GREATEST(rollups.cpu_max, excluded.cpu_max),
+                     memory_sum = rollups.memory_sum + excluded.memory_sum,
+                     memory_max = GREATEST(rollups.memory_max, excluded.memory_max),
+                     function = excluded.function"
+                .to_string(),
+            params: vec![
+                key(|k| k.0),
+                text(|(k, _)| &k.1),
+                text(|(k, _)| &k.2),
+                key(|k| k.3),
+                text(|(_, r)| &r.tenant),
+                text(|(_, r)| &r.function),
+                int(|r| r.count),
+                int(|r| r.timed),
+                int(|r| r.cold),
+                col(|r| r.duration_sum),
+                col(|r| r.duration_max),
+                col(|r| r.init_sum),
+                col(|r| r.cpu_sum),
+                col(|r| r.cpu_max),
+                col(|r| r.memory_sum),
+                int(|r| r.memory_max),
+            ],
+        });
     }
-    let mut rows: Vec<_> = pending.rows.into_iter().collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    let col = |f: fn(&crate::store::records::RowSum) -> f64| -> Vec<f64> {
-        rows.iter().map(|(_, r)| f(r)).collect()
-    };
-    let int = |f: fn(&crate::store::records::RowSum) -> i64| -> Vec<i64> {
-        rows.iter().map(|(_, r)| f(r)).collect()
-    };
-    let resolution: Vec<i64> = rows.iter().map(|(k, _)| k.0).collect();
-    let function_id: Vec<&str> = rows.iter().map(|(k, _)| k.1.as_str()).collect();
-    let outcome: Vec<&str> = rows.iter().map(|(k, _)| k.2.as_str()).collect();
-    let start: Vec<i64> = rows.iter().map(|(k, _)| k.3).collect();
-    let tenant: Vec<&str> = rows.iter().map(|(_, r)| r.tenant.as_str()).collect();
-    let function: Vec<&str> = rows.iter().map(|(_, r)| r.function.as_str()).collect();
-    tx.execute(
-        "INSERT INTO rollups (resolution, function_id, outcome, start, tenant, function, count, timed, cold,
-             duration_sum, duration_max, init_sum, cpu_sum, cpu_max, memory_sum, memory_max)
-         SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::int8[],
-             $8::int8[], $9::int8[], $10::float8[], $11::float8[], $12::float8[], $13::float8[], $14::float8[],
-             $15::float8[], $16::int8[])
-         ON CONFLICT (resolution, function_id, outcome, start) DO UPDATE SET
-             count = rollups.count + excluded.count, timed = rollups.timed + excluded.timed,
-             cold = rollups.cold + excluded.cold,
-             duration_sum = rollups.duration_sum + excluded.duration_sum,
-             duration_max = GREATEST(rollups.duration_max, excluded.duration_max),
-             init_sum = rollups.init_sum + excluded.init_sum,
-             cpu_sum = rollups.cpu_sum + excluded.cpu_sum,
-             cpu_max = GREATEST(rollups.cpu_max, excluded.cpu_max),
-             memory_sum = rollups.memory_sum + excluded.memory_sum,
-             memory_max = GREATEST(rollups.memory_max, excluded.memory_max),
-             function = excluded.function",
-        &[
-            &resolution,
-            &function_id,
-            &outcome,
-            &start,
-            &tenant,
-            &function,
-            &int(|r| r.count),
-            &int(|r| r.timed),
-            &int(|r| r.cold),
-            &col(|r| r.duration_sum),
-            &col(|r| r.duration_max),
-            &col(|r| r.init_sum),
-            &col(|r| r.cpu_sum),
-            &col(|r| r.cpu_max),
-            &col(|r| r.memory_sum),
-            &int(|r| r.memory_max),
-        ],
-    )?;
-    if pending.bins.is_empty() {
-        return Ok(());
+    if !pending.bins.is_empty() {
+        let mut bins: Vec<_> = pending.bins.into_iter().collect();
+        bins.sort_by(|a, b| a.0.cmp(&b.0));
+        let resolution: Vec<i64> = bins.iter().map(|((k, _), _)| k.0).collect();
+        let function_id: Vec<String> = bins.iter().map(|((k, _), _)| k.1.clone()).collect();
+        let outcome: Vec<String> = bins.iter().map(|((k, _), _)| k.2.clone()).collect();
+        let start: Vec<i64> = bins.iter().map(|((k, _), _)| k.3).collect();
+        let bin: Vec<i64> = bins.iter().map(|((_, b), _)| *b).collect();
+        let count: Vec<i64> = bins.iter().map(|(_, (_, n))| *n).collect();
+        let tenant: Vec<String> = bins.into_iter().map(|(_, (t, _))| t).collect();
+        steps.push(Queued {
+            sql: "INSERT INTO rollup_bins (resolution, function_id, outcome, start, bin, tenant, count)
+                 SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::int8[])
+                 ON CONFLICT (resolution, function_id, outcome, start, bin) DO UPDATE SET
+                     count = rollup_bins.count + excluded.count"
+                .to_string(),
+            params: vec![
+                Box::new(resolution),
+                Box::new(function_id),
+                Box::new(outcome),
+                Box::new(start),
+                Box::new(bin),
+                Box::new(tenant),
+                Box::new(count),
+            ],
+        });
     }
-    let mut bins: Vec<_> = pending.bins.into_iter().collect();
-    bins.sort_by(|a, b| a.0.cmp(&b.0));
-    let resolution: Vec<i64> = bins.iter().map(|((k, _), _)| k.0).collect();
-    let function_id: Vec<&str> = bins.iter().map(|((k, _), _)| k.1.as_str()).collect();
-    let outcome: Vec<&str> = bins.iter().map(|((k, _), _)| k.2.as_str()).collect();
-    let start: Vec<i64> = bins.iter().map(|((k, _), _)| k.3).collect();
-    let bin: Vec<i64> = bins.iter().map(|((_, b), _)| *b).collect();
-    let tenant: Vec<&str> = bins.iter().map(|(_, (t, _))| t.as_str()).collect();
-    let count: Vec<i64> = bins.iter().map(|(_, (_, n))| *n).collect();
-    tx.execute(
-        "INSERT INTO rollup_bins (resolution, function_id, outcome, start, bin, tenant, count)
-         SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::int8[])
-         ON CONFLICT (resolution, function_id, outcome, start, bin) DO UPDATE SET
-             count = rollup_bins.count + excluded.count",
-        &[&resolution, &function_id, &outcome, &start, &bin, &tenant, &count],
-    )?;
+    steps.extend(also);
+    tx.commit_after(&steps)?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use postgres::types::ToSql;
 use postgres::Row;
 use serde_json::Value;
 
-use super::pool::Tx;
+use super::pool::{Queued, Tx};
 use super::sealed::Seal;
 use super::PgStore;
 use crate::model::{Completion, Function, Mode, Task, TaskError, TaskStatus, TaskUsage};
@@ -42,28 +42,6 @@ pub(super) fn statement_order(writes: &[Write]) -> Vec<&Write> {
     ordered
 }
 
-/// Adds new tasks, all in one statement (one round trip, however many).
-pub(super) fn insert(tx: &mut Tx<'_>, tasks: &[(&Task, Seal<'_>)]) -> Result<()> {
-    if tasks.is_empty() {
-        return Ok(());
-    }
-    let mut c = Openings::default();
-    for (task, seal) in tasks {
-        c.push(task, *seal)?;
-    }
-    let status: Vec<&str> = tasks.iter().map(|(t, _)| t.status.as_str()).collect();
-    tx.execute(
-        "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at, started_at, chain_run, status)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[],
-                              $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[])",
-        &c.params()
-            .into_iter()
-            .chain([&status as &(dyn ToSql + Sync)])
-            .collect::<Vec<_>>(),
-    )?;
-    Ok(())
-}
-
 /// The columns of tasks as they started, one array per column.
 #[derive(Default)]
 struct Openings<'a> {
@@ -82,19 +60,19 @@ struct Openings<'a> {
 
 impl<'a> Openings<'a> {
     /// The arrays, in the order of the columns the inserts name first.
-    fn params(&self) -> [&(dyn ToSql + Sync); 11] {
-        [
-            &self.id,
-            &self.tenant,
-            &self.function_id,
-            &self.function,
-            &self.version,
-            &self.mode,
-            &self.payload,
-            &self.attempts,
-            &self.created_at,
-            &self.started_at,
-            &self.chain_run,
+    fn into_params(self) -> Vec<Box<dyn ToSql + Sync + 'a>> {
+        vec![
+            Box::new(self.id),
+            Box::new(self.tenant),
+            Box::new(self.function_id),
+            Box::new(self.function),
+            Box::new(self.version),
+            Box::new(self.mode),
+            Box::new(self.payload),
+            Box::new(self.attempts),
+            Box::new(self.created_at),
+            Box::new(self.started_at),
+            Box::new(self.chain_run),
         ]
     }
 
@@ -195,44 +173,6 @@ impl Ending {
     }
 }
 
-/// Stores tasks that have already ended (sync calls), all in one statement, and adds them
-/// to the rollups to be written.
-pub(super) fn finished(
-    tx: &mut Tx<'_>,
-    ended: &[(&Task, &Completion, i64, Seal<'_>)],
-    rollups: &mut Pending,
-) -> Result<()> {
-    if ended.is_empty() {
-        return Ok(());
-    }
-    let mut o = Openings::default();
-    let mut e = Endings::default();
-    for (task, c, at, seal) in ended {
-        o.push(task, *seal)?;
-        e.push(Ending::of(c, *at, &task.task_id, *seal)?);
-        rollups.add(
-            &task.tenant,
-            &task.function_id,
-            &task.function,
-            &ended_call(c, *at),
-        );
-    }
-    tx.execute(
-        &format!(
-            "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at,
-                 started_at, chain_run, {ENDING_COLS})
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[],
-                 $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::bytea[], $14::bytea[], $15::text[],
-                 $16::bytea[], $17::bool[], $18::text[], $19::float8[], $20::float8[], $21::int8[], $22::bool[], $23::int8[])"
-        ),
-        &o.params()
-            .into_iter()
-            .chain(e.params())
-            .collect::<Vec<_>>(),
-    )?;
-    Ok(())
-}
-
 /// The columns of [`ENDING_COLS`], one array per column.
 #[derive(Default)]
 struct Endings {
@@ -252,20 +192,20 @@ struct Endings {
 
 impl Endings {
     /// The arrays, in [`ENDING_COLS`]'s order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 12] {
-        [
-            &self.status,
-            &self.result,
-            &self.error,
-            &self.error_kind,
-            &self.logs,
-            &self.logs_truncated,
-            &self.usage,
-            &self.duration_ms,
-            &self.cpu_ms,
-            &self.peak_memory_bytes,
-            &self.cold,
-            &self.finished_at,
+    fn into_params(self) -> Vec<Box<dyn ToSql + Sync>> {
+        vec![
+            Box::new(self.status),
+            Box::new(self.result),
+            Box::new(self.error),
+            Box::new(self.error_kind),
+            Box::new(self.logs),
+            Box::new(self.logs_truncated),
+            Box::new(self.usage),
+            Box::new(self.duration_ms),
+            Box::new(self.cpu_ms),
+            Box::new(self.peak_memory_bytes),
+            Box::new(self.cold),
+            Box::new(self.finished_at),
         ]
     }
 
@@ -318,59 +258,211 @@ pub(super) fn complete(
     Ok(())
 }
 
-/// Stores how several tasks ended, in one statement for those still open (each added to the
-/// rollups once), then one by one for any already finished (their end stored again: the row
-/// takes the new ending, the rollups keep counting it once). A batch naming one task twice
-/// is stored one by one, in order.
-pub(super) fn complete_all(
-    tx: &mut Tx<'_>,
-    ends: &[(&str, &Completion, i64, Seal<'_>)],
-    rollups: &mut Pending,
-) -> Result<()> {
-    let distinct: std::collections::HashSet<&str> = ends.iter().map(|(id, ..)| *id).collect();
-    if ends.len() < 2 || distinct.len() < ends.len() {
-        for (id, c, at, seal) in ends {
-            complete(tx, id, c, *at, rollups, *seal)?;
+/// Writes of one batch made ahead and sent at once (see [`Tx::pipeline`]): each run of
+/// new tasks, of finished tasks, of endings in one statement, then a claim if one is added.
+#[derive(Default)]
+pub(super) struct Flight<'w> {
+    steps: Vec<Queued<'w>>,
+    /// Per step, the endings it stores if they are still open: its rows say which were.
+    ends: Vec<Vec<End<'w>>>,
+    /// Which step is the claim.
+    claim: Option<usize>,
+    /// The tasks those endings name. An ending re-stored after the rows come back must not
+    /// pass a later insert of its task made ahead with it (in order, it found no row), so
+    /// such an insert waits for them.
+    ending: std::collections::HashSet<&'w str>,
+}
+
+/// A task's ending to store: its id, how it ended, when, and its seal.
+pub(super) type End<'w> = (&'w str, &'w Completion, i64, Seal<'w>);
+
+impl<'w> Flight<'w> {
+    fn push(&mut self, step: Queued<'w>, ends: Vec<End<'w>>) {
+        self.steps.push(step);
+        self.ends.push(ends);
+    }
+
+    /// Sends what was made so far if it ends one of `tasks` (see `ending`).
+    fn before_adding(
+        &mut self,
+        tx: &mut Tx<'_>,
+        mut tasks: impl Iterator<Item = &'w Task>,
+        rollups: &mut Pending,
+    ) -> Result<()> {
+        if tasks.any(|t| self.ending.contains(t.task_id.as_str())) {
+            self.send(tx, rollups)?;
         }
-        return Ok(());
+        Ok(())
     }
-    let ids: Vec<&str> = ends.iter().map(|(id, ..)| *id).collect();
-    let mut e = Endings::default();
-    for (id, c, at, seal) in ends {
-        e.push(Ending::of(c, *at, id, *seal)?);
+
+    /// Adds new tasks (queued or running), in one statement.
+    pub fn inserts(
+        &mut self,
+        tx: &mut Tx<'_>,
+        tasks: &[(&'w Task, Seal<'_>)],
+        rollups: &mut Pending,
+    ) -> Result<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        self.before_adding(tx, tasks.iter().map(|(t, _)| *t), rollups)?;
+        let mut c = Openings::default();
+        for (task, seal) in tasks {
+            c.push(task, *seal)?;
+        }
+        let status: Vec<&str> = tasks.iter().map(|(t, _)| t.status.as_str()).collect();
+        let mut params = c.into_params();
+        params.push(Box::new(status));
+        self.push(
+            Queued {
+                sql: "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at, started_at, chain_run, status)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[],
+                                          $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[])"
+                    .to_string(),
+                params,
+            },
+            Vec::new(),
+        );
+        Ok(())
     }
-    // The new values under names of their own, so that the columns RETURNING reads are
-    // the row's.
-    let rows = tx.query(
-        &format!(
-            "UPDATE tasks SET status = u_status, result = u_result, error = u_error, error_kind = u_error_kind,
-                 logs = u_logs, logs_truncated = u_logs_truncated, usage = u_usage, duration_ms = u_duration_ms,
-                 cpu_ms = u_cpu_ms, peak_memory_bytes = u_peak_memory_bytes, cold = u_cold, finished_at = u_finished_at
-             FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], $6::bytea[], $7::bool[],
-                 $8::text[], $9::float8[], $10::float8[], $11::int8[], $12::bool[], $13::int8[])
-                 AS u(u_id, u_status, u_result, u_error, u_error_kind, u_logs, u_logs_truncated, u_usage,
-                      u_duration_ms, u_cpu_ms, u_peak_memory_bytes, u_cold, u_finished_at)
-             WHERE id = u_id AND finished_at IS NULL
-             RETURNING id, tenant, function_id, function, {CALL_COLS}"
-        ),
-        &[&ids as &(dyn ToSql + Sync)]
+
+    /// Adds tasks that have already ended (sync calls), in one statement, and adds them to
+    /// the rollups to be written.
+    pub fn finished(
+        &mut self,
+        tx: &mut Tx<'_>,
+        ended: &[(&'w Task, &Completion, i64, Seal<'_>)],
+        rollups: &mut Pending,
+    ) -> Result<()> {
+        if ended.is_empty() {
+            return Ok(());
+        }
+        self.before_adding(tx, ended.iter().map(|(t, ..)| *t), rollups)?;
+        let mut o = Openings::default();
+        let mut e = Endings::default();
+        for (task, c, at, seal) in ended {
+            o.push(task, *seal)?;
+            e.push(Ending::of(c, *at, &task.task_id, *seal)?);
+            rollups.add(
+                &task.tenant,
+                &task.function_id,
+                &task.function,
+                &ended_call(c, *at),
+            );
+        }
+        let mut params = o.into_params();
+        params.extend(e.into_params());
+        self.push(
+            Queued {
+                sql: format!(
+                    "INSERT INTO tasks (id, tenant, function_id, function, version, mode, payload, attempts, created_at,
+                         started_at, chain_run, {ENDING_COLS})
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[],
+                         $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::text[], $13::bytea[], $14::bytea[], $15::text[],
+                         $16::bytea[], $17::bool[], $18::text[], $19::float8[], $20::float8[], $21::int8[], $22::bool[], $23::int8[])"
+                ),
+                params,
+            },
+            Vec::new(),
+        );
+        Ok(())
+    }
+
+    /// Stores how several tasks ended: in one statement for those still open (added to the
+    /// rollups once, when the rows come back), and once those are known, one by one for any
+    /// already finished (their end stored again: the row takes the new ending, the rollups
+    /// keep counting it once). A run naming one task twice is stored one by one, in order,
+    /// after what was made ahead of it is sent.
+    pub fn completes(
+        &mut self,
+        tx: &mut Tx<'_>,
+        ends: Vec<End<'w>>,
+        rollups: &mut Pending,
+    ) -> Result<()> {
+        let distinct: std::collections::HashSet<&str> = ends.iter().map(|(id, ..)| *id).collect();
+        if distinct.len() < ends.len() {
+            self.send(tx, rollups)?;
+            for (id, c, at, seal) in ends {
+                complete(tx, id, c, at, rollups, seal)?;
+            }
+            return Ok(());
+        }
+        if ends.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = ends.iter().map(|(id, ..)| *id).collect();
+        self.ending.extend(&ids);
+        let mut e = Endings::default();
+        for (id, c, at, seal) in &ends {
+            e.push(Ending::of(c, *at, id, *seal)?);
+        }
+        let mut params: Vec<Box<dyn ToSql + Sync + 'w>> = vec![Box::new(ids)];
+        params.extend(e.into_params());
+        // The new values under names of their own, so that the columns RETURNING reads are
+        // the row's.
+        self.push(
+            Queued {
+                sql: format!(
+                    "UPDATE tasks SET status = u_status, result = u_result, error = u_error, error_kind = u_error_kind,
+                         logs = u_logs, logs_truncated = u_logs_truncated, usage = u_usage, duration_ms = u_duration_ms,
+                         cpu_ms = u_cpu_ms, peak_memory_bytes = u_peak_memory_bytes, cold = u_cold, finished_at = u_finished_at
+                     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], $6::bytea[], $7::bool[],
+                         $8::text[], $9::float8[], $10::float8[], $11::int8[], $12::bool[], $13::int8[])
+                         AS u(u_id, u_status, u_result, u_error, u_error_kind, u_logs, u_logs_truncated, u_usage,
+                              u_duration_ms, u_cpu_ms, u_peak_memory_bytes, u_cold, u_finished_at)
+                     WHERE id = u_id AND finished_at IS NULL
+                     RETURNING id, tenant, function_id, function, {CALL_COLS}"
+                ),
+                params,
+            },
+            ends,
+        );
+        Ok(())
+    }
+
+    /// Adds the claim: its rows are the claimed tasks.
+    pub fn claim(&mut self, step: Queued<'w>) {
+        self.claim = Some(self.steps.len());
+        self.push(step, Vec::new());
+    }
+
+    /// Sends what was made so far, at once, and takes in the endings' rows (see
+    /// [`Flight::completes`]); returns the claim's rows, if it was sent.
+    pub fn send(&mut self, tx: &mut Tx<'_>, rollups: &mut Pending) -> Result<Option<Vec<Row>>> {
+        if self.steps.is_empty() {
+            return Ok(None);
+        }
+        self.ending.clear();
+        let answers = tx.pipeline(&std::mem::take(&mut self.steps))?;
+        let mut claimed = None;
+        for (i, (rows, ends)) in answers
             .into_iter()
-            .chain(e.params())
-            .collect::<Vec<_>>(),
-    )?;
-    let mut opened = std::collections::HashSet::with_capacity(rows.len());
-    for r in &rows {
-        let (id, tenant, function_id, function): (&str, &str, &str, &str) =
-            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
-        rollups.add(tenant, function_id, function, &call_row(r, 4)?);
-        opened.insert(id.to_string());
-    }
-    for (id, c, at, seal) in ends {
-        if !opened.contains(*id) {
-            complete(tx, id, c, *at, rollups, *seal)?;
+            .zip(std::mem::take(&mut self.ends))
+            .enumerate()
+        {
+            if self.claim == Some(i) {
+                claimed = Some(rows);
+                continue;
+            }
+            if ends.is_empty() {
+                continue;
+            }
+            let mut opened = std::collections::HashSet::with_capacity(rows.len());
+            for r in &rows {
+                let (id, tenant, function_id, function): (&str, &str, &str, &str) =
+                    (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+                rollups.add(tenant, function_id, function, &call_row(r, 4)?);
+                opened.insert(id.to_string());
+            }
+            for (id, c, at, seal) in ends {
+                if !opened.contains(id) {
+                    complete(tx, id, c, at, rollups, seal)?;
+                }
+            }
         }
+        self.claim = None;
+        Ok(claimed)
     }
-    Ok(())
 }
 
 /// A uniqueness violation means a concurrent deploy took the same name or version.

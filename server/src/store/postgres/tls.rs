@@ -34,7 +34,7 @@ impl std::fmt::Debug for Connector {
 /// The connector `config` asks for: TLS where it requires it or `ca` is given (then
 /// required, verified against `ca`), `None` for plaintext.
 pub(super) fn connector(
-    config: &mut postgres::Config,
+    config: &mut tokio_postgres::Config,
     ca: Option<&Path>,
 ) -> Result<Option<Connector>> {
     if ca.is_some() {
