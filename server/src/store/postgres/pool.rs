@@ -160,13 +160,14 @@ impl Conn {
         Ok(answer?)
     }
 
-    /// Sends `lead`, `steps` and `tail` at once and waits for every answer: the rows of
-    /// each step, or the first error in the order sent.
+    /// Sends `lead`, `steps` and, if `commit`, a `COMMIT` (a `ROLLBACK` should a step fail
+    /// unsent) at once, and waits for every answer: the rows of each step, or the first
+    /// error in the order sent.
     fn flight(
         &mut self,
         lead: Option<&str>,
         steps: &[Queued<'_>],
-        tail: Option<&str>,
+        commit: bool,
     ) -> Result<Vec<Vec<Row>>> {
         let statements = steps
             .iter()
@@ -191,10 +192,8 @@ impl Conn {
         for (params, statement) in params.iter().zip(&statements) {
             requests.push(Box::pin(client.query(statement, params)));
         }
-        let tail = |unsent: bool| match tail {
-            Some("COMMIT") if unsent => Some(simple("ROLLBACK")),
-            t => t.map(simple),
-        };
+        let tail =
+            |unsent: bool| commit.then(|| simple(if unsent { "ROLLBACK" } else { "COMMIT" }));
         let mut answers = self.runtime.block_on(in_order(requests, tail)).into_iter();
         if lead.is_some() {
             answers.next().expect("the lead's answer")?;
@@ -348,7 +347,7 @@ impl Tx<'_> {
     /// the transaction: the steps after it change nothing, and nothing is committed).
     pub fn pipeline(&mut self, steps: &[Queued<'_>]) -> Result<Vec<Vec<Row>>> {
         let lead = self.lead();
-        self.conn.flight(lead, steps, None)
+        self.conn.flight(lead, steps, false)
     }
 
     /// Runs `steps` and commits, at once: the rows of each step, or the first error (the
@@ -358,7 +357,7 @@ impl Tx<'_> {
         // A step that fails aborts the transaction, and the server takes the COMMIT sent
         // behind it as a ROLLBACK: nothing is left to roll back.
         self.open = false;
-        self.conn.flight(lead, steps, Some("COMMIT"))
+        self.conn.flight(lead, steps, true)
     }
 
     pub fn commit(mut self) -> Result<()> {
