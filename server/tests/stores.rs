@@ -301,6 +301,44 @@ fn the_oldest_due_task_is_claimed_first(place: &Place) {
     assert!(claimed(1).is_empty());
 }
 
+/// A task queued again behind younger ones already claimed (as when another node requeues a
+/// dead node's task) is claimed within a second: on PostgreSQL a node's claims start past the
+/// last task it claimed, and scan from the oldest again at least every second.
+fn a_task_requeued_behind_the_claims_is_claimed_within_a_second(place: &Place) {
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let tasks = in_order(&f, 4);
+    for t in &tasks {
+        insert(store.as_ref(), t);
+    }
+    let claimed = |n| -> Vec<String> {
+        store
+            .claim(n)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect()
+    };
+    let ids =
+        |i: &[usize]| -> Vec<String> { i.iter().map(|&i| tasks[i].task_id.clone()).collect() };
+    assert_eq!(claimed(2), ids(&[0, 1]));
+    place.raw(
+        "UPDATE tasks SET status = 'queued' WHERE id = ?1",
+        &[&tasks[0].task_id],
+    );
+    let mut next = claimed(1);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    next.extend(claimed(1));
+    next.sort();
+    let mut want = ids(&[0, 2]);
+    want.sort();
+    assert_eq!(
+        next, want,
+        "the requeued task and the next one, one of them within a second"
+    );
+    assert_eq!(claimed(5), ids(&[3]));
+}
+
 fn failed(kind: ErrorKind) -> Completion {
     Completion {
         status: TaskStatus::Failed,
@@ -1202,6 +1240,10 @@ const TESTS: &[(&str, Test)] = &[
     (
         "the_oldest_due_task_is_claimed_first",
         the_oldest_due_task_is_claimed_first,
+    ),
+    (
+        "a_task_requeued_behind_the_claims_is_claimed_within_a_second",
+        a_task_requeued_behind_the_claims_is_claimed_within_a_second,
     ),
     (
         "an_ended_task_reads_back_the_same_whichever_way_it_was_stored",

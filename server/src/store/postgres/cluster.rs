@@ -87,6 +87,8 @@ impl PgStore {
         }
         super::rollups::commit(tx, ended, Vec::new())?;
         if !report.requeued.is_empty() {
+            // They keep their place in the queue, behind where this node's claims start.
+            self.floor.lock().reset();
             self.signal(&Signal::Queued)?;
         }
         Ok(report)

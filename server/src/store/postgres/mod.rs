@@ -12,6 +12,7 @@ mod alerts;
 mod anomalies;
 mod chains;
 mod cluster;
+mod floor;
 mod pool;
 mod rollups;
 mod rows;
@@ -53,6 +54,8 @@ pub struct PgStore {
     sealer: Arc<Sealer>,
     /// Held while this node makes a data key, so it makes one per tenant.
     key_lock: Mutex<()>,
+    /// Where this node's next claim starts.
+    floor: Mutex<floor::Floor>,
 }
 
 /// How long a silent node keeps its running tasks, by default.
@@ -153,6 +156,7 @@ impl PgStore {
             lease_ms: LEASE_MS,
             sealer,
             key_lock: Mutex::new(()),
+            floor: Mutex::default(),
         })
     }
 
@@ -193,14 +197,16 @@ impl PgStore {
             let params: Vec<&(dyn ToSql + Sync)> = step.params.iter().map(|p| &**p as _).collect();
             let rows = tx.query(&step.sql, &params)?;
             let claimed;
-            (claimed, skipped) = self.claimed(tx, &rows, now, ended)?;
+            (claimed, skipped) = self.claimed(tx, &rows, limit - tasks.len(), now, ended)?;
             tasks.extend(claimed);
         }
         Ok(tasks)
     }
 
-    /// The claim of up to `want` tasks due at `now`, as a statement made ahead.
+    /// The claim of up to `want` tasks due at `now`, as a statement made ahead; it starts
+    /// past this node's floor.
     fn claim_step(&self, now: i64, want: usize) -> Queued<'static> {
+        let (past_at, past_id) = self.floor.lock().start();
         Queued {
             sql: format!("{CLAIM} RETURNING {TASK_COLS}"),
             params: vec![
@@ -208,20 +214,28 @@ impl PgStore {
                 Box::new(now),
                 Box::new(i64::try_from(want).unwrap_or(i64::MAX)),
                 Box::new(self.node_id.clone()),
+                Box::new(past_at),
+                Box::new(past_id),
             ],
         }
     }
 
-    /// The tasks of a claim's `rows`, oldest first, and whether a damaged record was among
-    /// them: such a record is never run; it ends failed, saying why (its ending added to
-    /// `ended`), and the queue goes on.
+    /// The tasks of a claim of `wanted`'s `rows`, oldest first, and whether a damaged record
+    /// was among them: such a record is never run; it ends failed, saying why (its ending
+    /// added to `ended`), and the queue goes on. The floor moves past them.
     fn claimed(
         &self,
         tx: &mut Tx<'_>,
         rows: &[postgres::Row],
+        wanted: usize,
         now: i64,
         ended: &mut Pending,
     ) -> Result<(Vec<Task>, bool)> {
+        let keys = rows
+            .iter()
+            .map(|r| Ok((r.try_get(14)?, r.try_get(0)?)))
+            .collect::<Result<Vec<(i64, String)>>>()?;
+        self.floor.lock().claimed(keys.into_iter(), wanted);
         let mut skipped = false;
         let mut claimed = Vec::with_capacity(rows.len());
         for r in rows {
@@ -245,14 +259,16 @@ impl PgStore {
     }
 }
 
-/// The `$3` oldest queued tasks due at `$1`, marked running as of `$2`, skipping those
-/// another claim holds: nodes claiming together take different tasks without waiting. The
+/// The `$3` oldest queued tasks due at `$1` past the key (`$5`, `$6`) (see [`floor`]), marked
+/// running as of `$2`, skipping those another claim holds: nodes claiming together take
+/// different tasks without waiting. The
 /// ids are selected once, as an array (`= ANY(ARRAY(...))`), rather than joined (`IN
 /// (...)`): PostgreSQL plans each claim anew, and the join's plan cost it about twice the
 /// time (0.36 against 0.15-0.2 ms, `EXPLAIN (ANALYZE, SUMMARY)`).
 const CLAIM: &str =
     "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $2, node = $4
      WHERE id = ANY(ARRAY(SELECT id FROM tasks WHERE status = 'queued' AND not_before <= $1
+                          AND (created_at, id) > ($5, $6)
                           ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED))";
 
 impl Store for PgStore {
@@ -432,7 +448,7 @@ impl Store for PgStore {
             flight.claim(self.claim_step(now, limit));
         }
         let rows = flight.send(&mut tx, &mut ended)?.unwrap_or_default();
-        let (mut tasks, skipped) = self.claimed(&mut tx, &rows, now, &mut ended)?;
+        let (mut tasks, skipped) = self.claimed(&mut tx, &rows, limit, now, &mut ended)?;
         if skipped && tasks.len() < limit {
             let more = self.claim_in(&mut tx, limit - tasks.len(), &mut ended)?;
             tasks.extend(more);
