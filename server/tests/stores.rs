@@ -1292,11 +1292,58 @@ const TESTS: &[(&str, Test)] = &[
     ),
 ];
 
+/// PostgreSQL restarting under the store: the connections the store holds break, a call that
+/// meets a broken one fails with the reason (at most one failure per connection), and the
+/// store is whole again without being reopened, nothing committed lost.
+fn the_store_outlives_a_database_restart() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let connections = 3;
+    let store = PgStore::open(
+        &pg.database(),
+        None,
+        KeySource::File(dir.path().join("master.key")),
+        true,
+        connections,
+    )
+    .unwrap();
+    let f = deploy(&store, "alice", "hello");
+    let tasks = in_order(&f, 2);
+    insert(&store, &tasks[0]);
+    // Every connection of the pool open and idle.
+    std::thread::scope(|s| {
+        for _ in 0..connections {
+            s.spawn(|| store.queue_depth().unwrap());
+        }
+    });
+    pg.restart();
+    let mut failures = Vec::new();
+    let found = loop {
+        match store.task(None, &tasks[0].task_id) {
+            Ok(found) => break found,
+            Err(e) => failures.push(e.to_string()),
+        }
+        assert!(failures.len() <= connections, "{failures:?}");
+    };
+    assert_eq!(found.unwrap().status, TaskStatus::Queued);
+    insert(&store, &tasks[1]);
+    let claimed: Vec<String> = store
+        .claim(5)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(
+        claimed,
+        [tasks[0].task_id.clone(), tasks[1].task_id.clone()]
+    );
+}
+
 fn main() {
     let args = Arguments::from_args();
     let why = Postgres::unavailable();
     if let Some(why) = &why {
-        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 1);
+        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 3);
     }
     // One cluster for the whole run, each test in a database of its own; started only when
     // a PostgreSQL test is selected.
@@ -1335,6 +1382,11 @@ fn main() {
     trials.push(trial(
         "postgres::tls_to_postgres_is_verified",
         tls_to_postgres_is_verified,
+        why.is_some(),
+    ));
+    trials.push(trial(
+        "postgres::the_store_outlives_a_database_restart",
+        the_store_outlives_a_database_restart,
         why.is_some(),
     ));
     let conclusion = libtest_mimic::run(&args, trials);

@@ -233,6 +233,30 @@ impl Postgres {
 }
 
 impl Postgres {
+    /// Restarts the server (a fast shutdown: every connection is closed), with the options
+    /// it started with.
+    pub fn restart(&self) {
+        let data = self.dir.path().join("data");
+        let restarted = self.output(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                self.dir.path().join("log").to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "restart",
+            ],
+        );
+        assert!(
+            restarted.status.success(),
+            "restarting the test PostgreSQL: {}",
+            String::from_utf8_lossy(&restarted.stderr)
+        );
+    }
+
     /// Stops the server at once (the data goes with the directory).
     fn stop(&self) {
         let data = self.dir.path().join("data");
