@@ -49,8 +49,12 @@ impl Floor {
     }
 
     /// Takes in what a claim of `wanted` got: the keys of the tasks it took (damaged ones
-    /// too); fewer than it wanted and the next claim scans from the oldest entry.
+    /// too); fewer than it wanted and the next claim scans from the oldest entry. No claim
+    /// (`wanted` 0) leaves the floor where it is.
     pub fn claimed(&mut self, keys: impl Iterator<Item = (i64, String)>, wanted: usize) {
+        if wanted == 0 {
+            return;
+        }
         let mut got = 0;
         let mut last = None;
         for key in keys {
@@ -85,6 +89,8 @@ mod tests {
         f.claimed([key(9, "x")].into_iter(), 2);
         assert_eq!(f.start(), key(i64::MIN, ""), "fewer than wanted: rescan");
         f.claimed([key(9, "x")].into_iter(), 1);
+        f.claimed(std::iter::empty(), 0);
+        assert_eq!(f.start(), key(9, "x"), "no claim leaves it");
         f.reset();
         assert_eq!(f.start(), key(i64::MIN, ""), "after a requeue: rescan");
     }
