@@ -85,7 +85,7 @@ impl PgStore {
                 report.interrupted.push(task.task_id);
             }
         }
-        super::rollups::commit(tx, ended, Vec::new())?;
+        super::rollups::commit(tx, Vec::new(), ended, Vec::new())?;
         if !report.requeued.is_empty() {
             // They keep their place in the queue, behind where this node's claims start.
             self.floor.lock().reset();

@@ -408,7 +408,8 @@ impl Store for PgStore {
         let mut tx = conn.transaction()?;
         let mut ended = Pending::default();
         // Each run of inserts (of finished tasks, of endings) in one statement, and all of
-        // them and the claim sent at once: with the rollups and the commit, two round trips.
+        // them and the claim sent at once, then the rollups and the commit: two round trips,
+        // or one where nothing needs an answer first (submissions, sync calls' records).
         let mut flight = Flight::default();
         let writes = rows::statement_order(writes);
         let mut inserts: Vec<(&Task, sealed::Seal<'_>)> = Vec::new();
@@ -447,11 +448,15 @@ impl Store for PgStore {
         if limit > 0 {
             flight.claim(self.claim_step(now, limit));
         }
-        let rows = flight.send(&mut tx, &mut ended)?.unwrap_or_default();
-        let (mut tasks, skipped) = self.claimed(&mut tx, &rows, limit, now, &mut ended)?;
-        if skipped && tasks.len() < limit {
-            let more = self.claim_in(&mut tx, limit - tasks.len(), &mut ended)?;
-            tasks.extend(more);
+        let mut tasks = Vec::new();
+        if flight.needs_answers() {
+            let rows = flight.send(&mut tx, &mut ended)?.unwrap_or_default();
+            let skipped;
+            (tasks, skipped) = self.claimed(&mut tx, &rows, limit, now, &mut ended)?;
+            if skipped && tasks.len() < limit {
+                let more = self.claim_in(&mut tx, limit - tasks.len(), &mut ended)?;
+                tasks.extend(more);
+            }
         }
         // Idle workers on every node hear of queued tasks at the commit (not before).
         let mut also = Vec::new();
@@ -467,7 +472,7 @@ impl Store for PgStore {
                 ],
             });
         }
-        rollups::commit(tx, ended, also)?;
+        rollups::commit(tx, flight.into_steps(), ended, also)?;
         Ok(tasks)
     }
 

@@ -9,10 +9,15 @@ use crate::rollup::Stats;
 use crate::store::records::{u64_of, Pending, RowKey, RowSum};
 use crate::store::{Result, Rollup};
 
-/// Adds what was gathered to the tables (one statement for the rows and one for the bins,
-/// however many, in key order), runs `also`, and commits: all sent at once.
-pub(super) fn commit(tx: Tx<'_>, pending: Pending, also: Vec<Queued<'_>>) -> Result<()> {
-    let mut steps = Vec::with_capacity(also.len() + 2);
+/// Runs `before`, adds what was gathered to the tables (one statement for the rows and one
+/// for the bins, however many, in key order), runs `after`, and commits: all sent at once.
+pub(super) fn commit<'a>(
+    tx: Tx<'_>,
+    before: Vec<Queued<'a>>,
+    pending: Pending,
+    after: Vec<Queued<'a>>,
+) -> Result<()> {
+    let mut steps = before;
     if !pending.rows.is_empty() {
         let mut rows: Vec<_> = pending.rows.into_iter().collect();
         rows.sort_by(|a, b| a.0.cmp(&b.0));
@@ -97,7 +102,7 @@ pub(super) fn commit(tx: Tx<'_>, pending: Pending, also: Vec<Queued<'_>>) -> Res
             ],
         });
     }
-    steps.extend(also);
+    steps.extend(after);
     tx.commit_after(&steps)?;
     Ok(())
 }

@@ -420,6 +420,17 @@ impl<'w> Flight<'w> {
         Ok(())
     }
 
+    /// Whether a statement made so far must be answered before the transaction goes on
+    /// (the endings', the claim's); otherwise they can leave with the commit.
+    pub fn needs_answers(&self) -> bool {
+        self.claim.is_some() || self.ends.iter().any(|e| !e.is_empty())
+    }
+
+    /// The statements made so far, to send with the commit.
+    pub fn into_steps(self) -> Vec<Queued<'w>> {
+        self.steps
+    }
+
     /// Adds the claim: its rows are the claimed tasks.
     pub fn claim(&mut self, step: Queued<'w>) {
         self.claim = Some(self.steps.len());
