@@ -191,6 +191,9 @@ struct Inner {
     started: Instant,
     /// The host's CPU jiffies (busy, total) when health was last read.
     cpu_sample: std::sync::Mutex<Option<(u64, u64)>>,
+    /// The store's figures health reported last, and when they were read (see
+    /// `monitor::HEALTH_FIGURES_FOR`).
+    health_figures: tokio::sync::Mutex<Option<monitor::StoreFigures>>,
     /// The data directory's free space.
     space: Arc<Space>,
     /// Anomaly detection on the minute rollups.
@@ -247,6 +250,7 @@ impl Platform {
                 queued: tokio::sync::Notify::new(),
                 started: Instant::now(),
                 cpu_sample: std::sync::Mutex::new(None),
+                health_figures: tokio::sync::Mutex::new(None),
                 space,
             }),
         })

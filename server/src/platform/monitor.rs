@@ -1,6 +1,8 @@
 //! What the platform reports about itself: metrics over ranges, health, and the Prometheus
 //! exposition.
 
+use std::time::{Duration, Instant};
+
 use serde_json::{json, Value};
 
 use super::{blocking, Platform, PlatformError, Result};
@@ -8,7 +10,45 @@ use crate::auth::Caller;
 use crate::isolation::Isolation;
 use crate::model::now_ms;
 
+/// How long health reuses the store's figures it read. Health takes no token, and each read
+/// of the queue's depth counts the queued tasks (milliseconds on PostgreSQL under a backlog):
+/// callers at once share one read, and reads come at most this often however many call.
+pub const HEALTH_FIGURES_FOR: Duration = Duration::from_millis(100);
+
+/// The queue's depth, the tasks running and the store's size, as read at `at`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StoreFigures {
+    at: Instant,
+    queued: u64,
+    running: u64,
+    size: crate::store::StoreSize,
+}
+
 impl Platform {
+    /// The store's figures for health: the last ones read if younger than
+    /// [`HEALTH_FIGURES_FOR`], else read now (callers meanwhile wait for this read).
+    async fn health_figures(&self) -> Result<StoreFigures> {
+        let mut last = self.inner.health_figures.lock().await;
+        if let Some(f) = *last {
+            if f.at.elapsed() < HEALTH_FIGURES_FOR {
+                return Ok(f);
+            }
+        }
+        let store = self.inner.store.clone();
+        let (queued, running, size) = blocking(move || -> Result<_> {
+            Ok((store.queue_depth()?, store.running()?, store.size()?))
+        })
+        .await??;
+        let read = StoreFigures {
+            at: Instant::now(),
+            queued,
+            running,
+            size,
+        };
+        *last = Some(read);
+        Ok(read)
+    }
+
     /// Invocation counts, error rate, duration percentiles, CPU and memory over a range, and
     /// the same per `step` (default: one that gives at most 360 points), from the rollups.
     pub async fn metrics(
@@ -70,11 +110,12 @@ impl Platform {
     /// Status, uptime, queue depth, the pool, host load, CPU and memory, and the server's own
     /// memory.
     pub async fn health(&self) -> Result<Value> {
-        let store = self.inner.store.clone();
-        let (queued, running, size) = blocking(move || -> Result<_> {
-            Ok((store.queue_depth()?, store.running()?, store.size()?))
-        })
-        .await??;
+        let StoreFigures {
+            queued,
+            running,
+            size,
+            ..
+        } = self.health_figures().await?;
         let space = self.inner.space.report();
         let kept = self.inner.recorder.kept();
         let (records_kept, records_lost) = (kept.len(), kept.lost());

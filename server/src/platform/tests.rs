@@ -334,3 +334,51 @@ async fn the_code_s_manifest_names_the_function_when_the_deploy_does_not() {
         ("explicit", 32)
     );
 }
+
+/// Health takes no token, so a crowd of callers must not each read the store: callers at once
+/// share one read, and the figures are read again only once they are older than
+/// `HEALTH_FIGURES_FOR`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reads_the_store_once_for_callers_at_once() {
+    use crate::store::flaky::Flaky;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = cloudfunc_sandbox::fake::engine(dir.path(), "platform-health").unwrap();
+    let engines = Engines::from_parts(
+        engine,
+        Err("gVisor is not part of these tests".into()),
+        Isolation::Container,
+    );
+    let pool = Arc::new(Pool::new(
+        engines,
+        quiet(),
+        Arc::new(ManualClock::default()),
+    ));
+    let store = Arc::new(Flaky {
+        inner: SqliteStore::open(&dir.path().join("db")).unwrap(),
+        full: false.into(),
+        depth_reads: 0.into(),
+    });
+    let platform = Platform::new(store.clone(), pool, PlatformConfig::new(dir.path())).unwrap();
+    let crowd: Vec<_> = (0..32)
+        .map(|_| {
+            let p = platform.clone();
+            tokio::spawn(async move { p.health().await.unwrap()["queue_depth"].as_u64() })
+        })
+        .collect();
+    for c in crowd {
+        assert_eq!(c.await.unwrap(), Some(0));
+    }
+    let reads = store.depth_reads.load(Ordering::SeqCst);
+    assert!(
+        reads <= 2,
+        "32 callers at once read the store {reads} times"
+    );
+    tokio::time::sleep(super::monitor::HEALTH_FIGURES_FOR * 2).await;
+    platform.health().await.unwrap();
+    assert_eq!(
+        store.depth_reads.load(Ordering::SeqCst),
+        reads + 1,
+        "older figures are read again"
+    );
+}

@@ -1,8 +1,8 @@
 //! A store for unit tests whose writes the disk "refuses" while told to: a real
-//! [`SqliteStore`] behind, every other call passed through. The full-disk tests with a real
-//! filesystem are in `tests/faults.rs`.
+//! [`SqliteStore`] behind, every other call passed through (the reads of the queue's depth
+//! counted). The full-disk tests with a real filesystem are in `tests/faults.rs`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::*;
 
@@ -11,6 +11,8 @@ use super::*;
 pub struct Flaky {
     pub inner: SqliteStore,
     pub full: AtomicBool,
+    /// How many times the queue's depth was read.
+    pub depth_reads: AtomicU64,
 }
 
 impl Flaky {
@@ -66,6 +68,7 @@ impl Store for Flaky {
         self.inner.recent_tasks(function_id, limit)
     }
     fn queue_depth(&self) -> Result<u64> {
+        self.depth_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.queue_depth()
     }
     fn running(&self) -> Result<u64> {

@@ -621,6 +621,7 @@ mod tests {
         let store = Arc::new(Flaky {
             inner,
             full: false.into(),
+            depth_reads: 0.into(),
         });
         let recorder = Recorder::start(store.clone()).unwrap();
         store.set_full(true);
