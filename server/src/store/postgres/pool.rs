@@ -279,6 +279,16 @@ impl Conn {
     fn is_closed(&self) -> bool {
         self.client().is_closed()
     }
+
+    /// Whether the connection is still open, once the driver has read what came while it
+    /// was idle (an end of the socket, for one): a turn of its runtime, no round trip.
+    fn alive(&mut self) -> bool {
+        self.runtime.block_on(async {
+            tokio::task::yield_now().await;
+            tokio::task::yield_now().await;
+        });
+        !self.is_closed()
+    }
 }
 
 impl Drop for Conn {
@@ -440,11 +450,20 @@ impl Pool {
     pub fn get(&self) -> Result<Lent<'_>> {
         let mut idle = self.idle.lock();
         loop {
-            if let Some(conn) = idle.conns.pop() {
-                return Ok(Lent {
-                    pool: self,
-                    conn: Some(conn),
-                });
+            if let Some(mut conn) = idle.conns.pop() {
+                drop(idle);
+                if conn.alive() {
+                    return Ok(Lent {
+                        pool: self,
+                        conn: Some(conn),
+                    });
+                }
+                // Closed while idle (the server restarted, something between dropped it):
+                // closed here instead of failing its next call.
+                drop(conn);
+                idle = self.idle.lock();
+                idle.open -= 1;
+                continue;
             }
             if idle.open < self.max {
                 idle.open += 1;
