@@ -34,7 +34,7 @@ pub(super) struct Queued<'a> {
 type Answer = std::result::Result<Vec<Row>, postgres::Error>;
 
 /// A request, sent when the future is first polled; resolves to its answer.
-type Request<'a> = Pin<Box<dyn Future<Output = Answer> + 'a>>;
+type Request<'a, A = Answer> = Pin<Box<dyn Future<Output = A> + 'a>>;
 
 /// One connection, the runtime that drives it, and the statements prepared on it.
 pub(super) struct Conn {
@@ -51,11 +51,12 @@ pub(super) struct Conn {
 /// parameters do not fit the statement), so they leave together and in order, and the
 /// server answers them in that order; `tail` is told whether one failed unsent (a `COMMIT`
 /// must not follow a transaction missing a statement).
-async fn in_order<'c>(
-    mut requests: Vec<Request<'c>>,
-    tail: impl FnOnce(bool) -> Option<Request<'c>>,
-) -> Vec<Answer> {
-    let mut answers: Vec<Option<Answer>> = requests.iter().map(|_| None).collect();
+async fn in_order<'c, T, E>(
+    mut requests: Vec<Request<'c, std::result::Result<T, E>>>,
+    tail: impl FnOnce(bool) -> Option<Request<'c, std::result::Result<T, E>>>,
+) -> Vec<std::result::Result<T, E>> {
+    let mut answers: Vec<Option<std::result::Result<T, E>>> =
+        requests.iter().map(|_| None).collect();
     let mut tail = Some(tail);
     std::future::poll_fn(|cx| {
         let mut waiting = false;
@@ -539,5 +540,75 @@ impl Drop for Lent<'_> {
         }
         drop(idle);
         self.pool.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A request that notes when it is sent (its first poll) in `sent`, then answers `Ok(n)`
+    /// at its next poll; or, `unsent`, fails at its first poll without being sent.
+    fn request<'a>(
+        n: u32,
+        sent: &'a RefCell<Vec<u32>>,
+        unsent: bool,
+    ) -> Request<'a, std::result::Result<u32, u32>> {
+        let mut polled = false;
+        Box::pin(std::future::poll_fn(move |cx| {
+            if unsent {
+                return Poll::Ready(Err(n));
+            }
+            if polled {
+                return Poll::Ready(Ok(n));
+            }
+            polled = true;
+            sent.borrow_mut().push(n);
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }))
+    }
+
+    #[tokio::test]
+    async fn requests_leave_in_order_before_the_tail_and_all_are_answered() {
+        let sent = RefCell::new(Vec::new());
+        let told = RefCell::new(None);
+        let answers = in_order(
+            vec![request(1, &sent, false), request(2, &sent, false)],
+            |unsent| {
+                *told.borrow_mut() = Some(unsent);
+                Some(request(9, &sent, false))
+            },
+        )
+        .await;
+        assert_eq!(*sent.borrow(), [1, 2, 9], "sent in order, the tail last");
+        assert_eq!(*told.borrow(), Some(false));
+        assert_eq!(answers, [Ok(1), Ok(2), Ok(9)]);
+    }
+
+    #[tokio::test]
+    async fn the_tail_hears_of_a_request_that_failed_unsent() {
+        let sent = RefCell::new(Vec::new());
+        let told = RefCell::new(None);
+        let answers = in_order(
+            vec![
+                request(1, &sent, false),
+                request(2, &sent, true),
+                request(3, &sent, false),
+            ],
+            |unsent| {
+                *told.borrow_mut() = Some(unsent);
+                None
+            },
+        )
+        .await;
+        assert_eq!(
+            *told.borrow(),
+            Some(true),
+            "a COMMIT would become a ROLLBACK"
+        );
+        assert_eq!(*sent.borrow(), [1, 3]);
+        assert_eq!(answers, [Ok(1), Err(2), Ok(3)]);
     }
 }
