@@ -183,6 +183,16 @@ fn in_order(f: &Function, n: i64) -> Vec<Task> {
         .collect()
 }
 
+/// The ids of up to `n` tasks `store` claims.
+fn claimed_ids(store: &dyn Store, n: usize) -> Vec<String> {
+    store
+        .claim(n)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect()
+}
+
 fn insert(store: &dyn Store, task: &Task) {
     store.write(&[Write::Insert(task.clone())]).unwrap();
 }
@@ -285,14 +295,7 @@ fn the_oldest_due_task_is_claimed_first(place: &Place) {
         "UPDATE tasks SET not_before = 9999999999999 WHERE id = ?1",
         &[&tasks[0].task_id],
     );
-    let claimed = |n| -> Vec<String> {
-        store
-            .claim(n)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.task_id)
-            .collect()
-    };
+    let claimed = |n| claimed_ids(store.as_ref(), n);
     assert_eq!(claimed(1), [tasks[1].task_id.clone()]);
     assert_eq!(
         claimed(5),
@@ -311,14 +314,7 @@ fn a_task_requeued_behind_the_claims_is_claimed_within_a_second(place: &Place) {
     for t in &tasks {
         insert(store.as_ref(), t);
     }
-    let claimed = |n| -> Vec<String> {
-        store
-            .claim(n)
-            .unwrap()
-            .into_iter()
-            .map(|t| t.task_id)
-            .collect()
-    };
+    let claimed = |n| claimed_ids(store.as_ref(), n);
     let ids =
         |i: &[usize]| -> Vec<String> { i.iter().map(|&i| tasks[i].task_id.clone()).collect() };
     assert_eq!(claimed(2), ids(&[0, 1]));
@@ -1320,14 +1316,8 @@ fn the_store_outlives_a_database_restart() {
     let found = store.task(None, &tasks[0].task_id).unwrap();
     assert_eq!(found.unwrap().status, TaskStatus::Queued);
     insert(&store, &tasks[1]);
-    let claimed: Vec<String> = store
-        .claim(5)
-        .unwrap()
-        .into_iter()
-        .map(|t| t.task_id)
-        .collect();
     assert_eq!(
-        claimed,
+        claimed_ids(&store, 5),
         [tasks[0].task_id.clone(), tasks[1].task_id.clone()]
     );
 }

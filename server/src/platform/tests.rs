@@ -19,17 +19,26 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
-fn fixture(pool: PoolConfig) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = cloudfunc_sandbox::fake::engine(dir.path(), "platform-test").unwrap();
+/// A platform on the fake backend in `dir`, over `store`.
+fn platform_on(
+    dir: &std::path::Path,
+    store: Arc<dyn crate::store::Store>,
+    pool: PoolConfig,
+) -> Platform {
+    let engine = cloudfunc_sandbox::fake::engine(dir, "platform-test").unwrap();
     let engines = Engines::from_parts(
         engine,
         Err("gVisor is not part of these tests".into()),
         Isolation::Container,
     );
     let pool = Arc::new(Pool::new(engines, pool, Arc::new(ManualClock::default())));
+    Platform::new(store, pool, PlatformConfig::new(dir)).unwrap()
+}
+
+fn fixture(pool: PoolConfig) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
-    let platform = Platform::new(store.clone(), pool, PlatformConfig::new(dir.path())).unwrap();
+    let platform = platform_on(dir.path(), store.clone(), pool);
     Fixture {
         platform,
         store,
@@ -343,23 +352,12 @@ async fn health_reads_the_store_once_for_callers_at_once() {
     use crate::store::flaky::Flaky;
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let engine = cloudfunc_sandbox::fake::engine(dir.path(), "platform-health").unwrap();
-    let engines = Engines::from_parts(
-        engine,
-        Err("gVisor is not part of these tests".into()),
-        Isolation::Container,
-    );
-    let pool = Arc::new(Pool::new(
-        engines,
-        quiet(),
-        Arc::new(ManualClock::default()),
-    ));
     let store = Arc::new(Flaky {
         inner: SqliteStore::open(&dir.path().join("db")).unwrap(),
         full: false.into(),
         depth_reads: 0.into(),
     });
-    let platform = Platform::new(store.clone(), pool, PlatformConfig::new(dir.path())).unwrap();
+    let platform = platform_on(dir.path(), store.clone(), quiet());
     let crowd: Vec<_> = (0..32)
         .map(|_| {
             let p = platform.clone();

@@ -233,23 +233,29 @@ impl Postgres {
 }
 
 impl Postgres {
-    /// Restarts the server (a fast shutdown: every connection is closed), with the options
-    /// it started with.
-    pub fn restart(&self) {
-        let data = self.dir.path().join("data");
-        let restarted = self.output(
+    /// `pg_ctl <verb>` on the cluster, shutting down in `mode` and waiting for it; the
+    /// server a restart starts logs to the cluster's log (so it holds no pipe of ours).
+    fn ctl(&self, verb: &str, mode: &str) -> std::process::Output {
+        let (data, log) = (self.dir.path().join("data"), self.dir.path().join("log"));
+        self.output(
             "pg_ctl",
             &[
                 "-D",
                 data.to_str().unwrap(),
                 "-l",
-                self.dir.path().join("log").to_str().unwrap(),
+                log.to_str().unwrap(),
                 "-m",
-                "fast",
+                mode,
                 "-w",
-                "restart",
+                verb,
             ],
-        );
+        )
+    }
+
+    /// Restarts the server (a fast shutdown: every connection is closed), with the options
+    /// it started with.
+    pub fn restart(&self) {
+        let restarted = self.ctl("restart", "fast");
         assert!(
             restarted.status.success(),
             "restarting the test PostgreSQL: {}",
@@ -259,18 +265,7 @@ impl Postgres {
 
     /// Stops the server at once (the data goes with the directory).
     fn stop(&self) {
-        let data = self.dir.path().join("data");
-        let stopped = self.output(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        let stopped = self.ctl("stop", "immediate");
         if !stopped.status.success() {
             eprintln!(
                 "stopping the test PostgreSQL failed: {}",
