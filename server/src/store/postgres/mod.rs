@@ -11,6 +11,7 @@
 mod alerts;
 mod anomalies;
 mod chains;
+mod claims;
 mod cluster;
 mod floor;
 mod pool;
@@ -26,7 +27,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::records::{damaged_ending, place, version_row, Pending, TenantKeys};
+use super::records::{place, version_row, Pending, TenantKeys};
 use super::{
     AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Signal, Store,
     StoreError, StoreSize, Write,
@@ -34,11 +35,10 @@ use super::{
 use crate::atrest::{KeySource, Sealer};
 use crate::model::{now_ms, Function, Task, Version};
 use crate::rollup::Call;
-use pool::{Pool, Queued, Tx};
+use pool::{Pool, Queued};
 use postgres::types::ToSql;
 use rows::{
-    call_row, complete, conflict, function_row, task_row, End, Flight, CALL_COLS, FUNCTION_COLS,
-    TASK_COLS,
+    call_row, conflict, function_row, task_row, End, Flight, CALL_COLS, FUNCTION_COLS, TASK_COLS,
 };
 pub use schema::VERSION as SCHEMA_VERSION;
 
@@ -183,93 +183,7 @@ impl PgStore {
         v.code_dir = r.try_get(1)?;
         Ok(v)
     }
-
-    /// Takes up to `limit` of the oldest runnable queued tasks in `tx` for this node and marks
-    /// them running; a damaged record found on the way is failed (its ending added to
-    /// `ended`), not taken.
-    fn claim_in(&self, tx: &mut Tx<'_>, limit: usize, ended: &mut Pending) -> Result<Vec<Task>> {
-        let now = now_ms();
-        let mut tasks = Vec::with_capacity(limit);
-        // Again while a damaged record took a place (it is failed, so not claimed twice).
-        let mut skipped = true;
-        while skipped && tasks.len() < limit {
-            let step = self.claim_step(now, limit - tasks.len());
-            let params: Vec<&(dyn ToSql + Sync)> = step.params.iter().map(|p| &**p as _).collect();
-            let rows = tx.query(&step.sql, &params)?;
-            let claimed;
-            (claimed, skipped) = self.claimed(tx, &rows, limit - tasks.len(), now, ended)?;
-            tasks.extend(claimed);
-        }
-        Ok(tasks)
-    }
-
-    /// The claim of up to `want` tasks due at `now`, as a statement made ahead; it starts
-    /// past this node's floor.
-    fn claim_step(&self, now: i64, want: usize) -> Queued<'static> {
-        let (past_at, past_id) = self.floor.lock().start();
-        Queued {
-            sql: format!("{CLAIM} RETURNING {TASK_COLS}"),
-            params: vec![
-                Box::new(now) as Box<dyn ToSql + Sync>,
-                Box::new(now),
-                Box::new(i64::try_from(want).unwrap_or(i64::MAX)),
-                Box::new(self.node_id.clone()),
-                Box::new(past_at),
-                Box::new(past_id),
-            ],
-        }
-    }
-
-    /// The tasks of a claim of `wanted`'s `rows`, oldest first, and whether a damaged record
-    /// was among them: such a record is never run; it ends failed, saying why (its ending
-    /// added to `ended`), and the queue goes on. The floor moves past them.
-    fn claimed(
-        &self,
-        tx: &mut Tx<'_>,
-        rows: &[postgres::Row],
-        wanted: usize,
-        now: i64,
-        ended: &mut Pending,
-    ) -> Result<(Vec<Task>, bool)> {
-        let keys = rows
-            .iter()
-            .map(|r| Ok((r.try_get(14)?, r.try_get(0)?)))
-            .collect::<Result<Vec<(i64, String)>>>()?;
-        self.floor.lock().claimed(keys.into_iter(), wanted);
-        let mut skipped = false;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for r in rows {
-            match task_row(self, r) {
-                Ok(task) => claimed.push(task),
-                Err(StoreError::Damaged(why)) => {
-                    let id: String = r.try_get(0)?;
-                    tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
-                    let plain = sealed::Seal {
-                        sealer: &self.sealer,
-                        key: None,
-                    };
-                    complete(tx, &id, &damaged_ending(), now, ended, plain)?;
-                    skipped = true;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        claimed.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
-        Ok((claimed, skipped))
-    }
 }
-
-/// The `$3` oldest queued tasks due at `$1` past the key (`$5`, `$6`) (see [`floor`]), marked
-/// running as of `$2`, skipping those another claim holds: nodes claiming together take
-/// different tasks without waiting. The
-/// ids are selected once, as an array (`= ANY(ARRAY(...))`), rather than joined (`IN
-/// (...)`): PostgreSQL plans each claim anew, and the join's plan cost it about twice the
-/// time (0.36 against 0.15-0.2 ms, `EXPLAIN (ANALYZE, SUMMARY)`).
-const CLAIM: &str =
-    "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $2, node = $4
-     WHERE id = ANY(ARRAY(SELECT id FROM tasks WHERE status = 'queued' AND not_before <= $1
-                          AND (created_at, id) > ($5, $6)
-                          ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED))";
 
 impl Store for PgStore {
     fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>> {
