@@ -238,16 +238,45 @@ pub(crate) struct Pending {
     pub(crate) bins: HashMap<(RowKey, i64), (String, i64)>,
 }
 
+/// What one call adds to each of its rollup rows (its minute, hour and day) and, when timed,
+/// to which histogram bin. An untimed call (refused, or failed before a sandbox) adds to the
+/// count only.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Share {
+    pub(crate) timed: bool,
+    pub(crate) cold: bool,
+    pub(crate) duration: f64,
+    pub(crate) init: f64,
+    pub(crate) cpu: f64,
+    pub(crate) memory: i64,
+    pub(crate) bin: Option<i64>,
+}
+
+impl Share {
+    pub(crate) fn of(call: &Call) -> Share {
+        let t = |x: f64| if call.timed { x } else { 0.0 };
+        Share {
+            timed: call.timed,
+            cold: call.timed && call.cold,
+            duration: t(call.duration_ms),
+            init: t(call.init_ms),
+            cpu: t(call.cpu_ms),
+            memory: if call.timed {
+                i64_of(call.peak_memory_bytes)
+            } else {
+                0
+            },
+            bin: call
+                .timed
+                .then(|| i64::try_from(crate::rollup::bin(call.duration_ms)).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
 impl Pending {
     /// Adds `call` of a function to its minute, hour and day rows.
     pub(crate) fn add(&mut self, tenant: &str, function_id: &str, function: &str, call: &Call) {
-        // An untimed call (refused, or failed before a sandbox) adds to the count only.
-        let t = |x: f64| if call.timed { x } else { 0.0 };
-        let memory_max = if call.timed {
-            i64_of(call.peak_memory_bytes)
-        } else {
-            0
-        };
+        let share = Share::of(call);
         for resolution in RESOLUTIONS {
             let start = bucket_start(call.at, resolution);
             let key = (
@@ -256,8 +285,7 @@ impl Pending {
                 call.outcome.clone(),
                 start,
             );
-            if call.timed {
-                let b = i64::try_from(crate::rollup::bin(call.duration_ms)).unwrap_or(i64::MAX);
+            if let Some(b) = share.bin {
                 self.bins
                     .entry((key.clone(), b))
                     .or_insert_with(|| (tenant.to_string(), 0))
@@ -273,15 +301,15 @@ impl Pending {
                 row.function = function.to_string();
             }
             row.count += 1;
-            row.timed += i64::from(call.timed);
-            row.cold += i64::from(call.timed && call.cold);
-            row.duration_sum += t(call.duration_ms);
-            row.duration_max = row.duration_max.max(t(call.duration_ms));
-            row.init_sum += t(call.init_ms);
-            row.cpu_sum += t(call.cpu_ms);
-            row.cpu_max = row.cpu_max.max(t(call.cpu_ms));
-            row.memory_sum += t(call.peak_memory_bytes as f64);
-            row.memory_max = row.memory_max.max(memory_max);
+            row.timed += i64::from(share.timed);
+            row.cold += i64::from(share.cold);
+            row.duration_sum += share.duration;
+            row.duration_max = row.duration_max.max(share.duration);
+            row.init_sum += share.init;
+            row.cpu_sum += share.cpu;
+            row.cpu_max = row.cpu_max.max(share.cpu);
+            row.memory_sum += share.memory as f64;
+            row.memory_max = row.memory_max.max(share.memory);
         }
     }
 }

@@ -9,6 +9,33 @@ use crate::rollup::Stats;
 use crate::store::records::{u64_of, Pending, RowKey, RowSum};
 use crate::store::{Result, Rollup};
 
+/// The columns of a rollup row, as inserted.
+pub(super) const ROW_COLUMNS: &str =
+    "resolution, function_id, outcome, start, tenant, function, count, timed,
+    cold, duration_sum, duration_max, init_sum, cpu_sum, cpu_max, memory_sum, memory_max";
+
+/// A row inserted again adds to the one there.
+pub(super) const ON_ROW: &str =
+    "ON CONFLICT (resolution, function_id, outcome, start) DO UPDATE SET
+    count = rollups.count + excluded.count, timed = rollups.timed + excluded.timed,
+    cold = rollups.cold + excluded.cold,
+    duration_sum = rollups.duration_sum + excluded.duration_sum,
+    duration_max = GREATEST(rollups.duration_max, excluded.duration_max),
+    init_sum = rollups.init_sum + excluded.init_sum,
+    cpu_sum = rollups.cpu_sum + excluded.cpu_sum,
+    cpu_max = GREATEST(rollups.cpu_max, excluded.cpu_max),
+    memory_sum = rollups.memory_sum + excluded.memory_sum,
+    memory_max = GREATEST(rollups.memory_max, excluded.memory_max),
+    function = excluded.function";
+
+/// The columns of a histogram bin, as inserted.
+pub(super) const BIN_COLUMNS: &str = "resolution, function_id, outcome, start, bin, tenant, count";
+
+/// A bin inserted again adds to the one there.
+pub(super) const ON_BIN: &str =
+    "ON CONFLICT (resolution, function_id, outcome, start, bin) DO UPDATE SET
+    count = rollup_bins.count + excluded.count";
+
 /// Runs `before`, adds what was gathered to the tables (one statement for the rows and one
 /// for the bins, however many, in key order), runs `after`, and commits: all sent at once.
 pub(super) fn commit<'a>(
@@ -38,23 +65,13 @@ pub(super) fn commit<'a>(
             )
         };
         steps.push(Queued {
-            sql: "INSERT INTO rollups (resolution, function_id, outcome, start, tenant, function, count, timed, cold,
-                     duration_sum, duration_max, init_sum, cpu_sum, cpu_max, memory_sum, memory_max)
+            sql: format!(
+                "INSERT INTO rollups ({ROW_COLUMNS})
                  SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::int8[],
                      $8::int8[], $9::int8[], $10::float8[], $11::float8[], $12::float8[], $13::float8[], $14::float8[],
                      $15::float8[], $16::int8[])
-                 ON CONFLICT (resolution, function_id, outcome, start) DO UPDATE SET
-                     count = rollups.count + excluded.count, timed = rollups.timed + excluded.timed,
-                     cold = rollups.cold + excluded.cold,
-                     duration_sum = rollups.duration_sum + excluded.duration_sum,
-                     duration_max = GREATEST(rollups.duration_max, excluded.duration_max),
-                     init_sum = rollups.init_sum + excluded.init_sum,
-                     cpu_sum = rollups.cpu_sum + excluded.cpu_sum,
-                     cpu_max = GREATEST(rollups.cpu_max, excluded.cpu_max),
-                     memory_sum = rollups.memory_sum + excluded.memory_sum,
-                     memory_max = GREATEST(rollups.memory_max, excluded.memory_max),
-                     function = excluded.function"
-                .to_string(),
+                 {ON_ROW}"
+            ),
             params: vec![
                 key(|k| k.0),
                 text(|(k, _)| &k.1),
@@ -86,11 +103,11 @@ pub(super) fn commit<'a>(
         let count: Vec<i64> = bins.iter().map(|(_, (_, n))| *n).collect();
         let tenant: Vec<String> = bins.into_iter().map(|(_, (t, _))| t).collect();
         steps.push(Queued {
-            sql: "INSERT INTO rollup_bins (resolution, function_id, outcome, start, bin, tenant, count)
+            sql: format!(
+                "INSERT INTO rollup_bins ({BIN_COLUMNS})
                  SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::int8[])
-                 ON CONFLICT (resolution, function_id, outcome, start, bin) DO UPDATE SET
-                     count = rollup_bins.count + excluded.count"
-                .to_string(),
+                 {ON_BIN}"
+            ),
             params: vec![
                 Box::new(resolution),
                 Box::new(function_id),
