@@ -1322,11 +1322,65 @@ fn the_store_outlives_a_database_restart() {
     );
 }
 
+/// An ending that waits on another transaction ending the same task (another node's recovery
+/// interrupting it) is stored once that one commits, and the task is counted once: by the
+/// transaction that ended it first.
+fn an_ending_behind_another_is_stored_and_counted_once(pg: &Postgres) {
+    let place = Place::postgres(pg);
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let t = task("alice", &f, Mode::Async);
+    insert(store.as_ref(), &t);
+    assert_eq!(
+        claimed_ids(store.as_ref(), 1),
+        std::slice::from_ref(&t.task_id)
+    );
+
+    let mut other =
+        postgres::Client::connect(place.url.as_deref().unwrap(), postgres::NoTls).unwrap();
+    let mut first = other.transaction().unwrap();
+    first
+        .execute(
+            "UPDATE tasks SET status = 'interrupted', error_kind = 'interrupted', finished_at = $2 WHERE id = $1",
+            &[&t.task_id, &T0],
+        )
+        .unwrap();
+    let writer = {
+        let (store, id) = (store.clone(), t.task_id.clone());
+        std::thread::spawn(move || {
+            store.write(&[Write::Complete {
+                task_id: id,
+                tenant: "alice".into(),
+                completion: completion("succeeded", false, 3.0, 1.0, 1),
+                at: T0 + 1,
+            }])
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!writer.is_finished(), "the ending waits for the row");
+    first.commit().unwrap();
+    writer.join().unwrap().unwrap();
+
+    let read = store.task(None, &t.task_id).unwrap().unwrap();
+    assert_eq!(
+        (read.status, read.finished_at),
+        (TaskStatus::Succeeded, Some(T0 + 1)),
+        "the later ending takes the row"
+    );
+    let day = store
+        .rollups(Some("alice"), None, 86_400_000, 0, i64::MAX)
+        .unwrap();
+    assert!(
+        day.iter().all(|r| r.stats.count == 0),
+        "counted by the transaction that ended it first (here none): {day:?}"
+    );
+}
+
 fn main() {
     let args = Arguments::from_args();
     let why = Postgres::unavailable();
     if let Some(why) = &why {
-        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 3);
+        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 4);
     }
     // One cluster for the whole run, each test in a database of its own; started only when
     // a PostgreSQL test is selected.
@@ -1358,6 +1412,16 @@ fn main() {
             move || {
                 let pg = pg.get_or_init(Postgres::start);
                 rollups_match_raw_records(&|| Place::postgres(pg))
+            },
+            why.is_some(),
+        ));
+    }
+    {
+        let pg = pg.clone();
+        trials.push(trial(
+            "postgres::an_ending_behind_another_is_stored_and_counted_once",
+            move || {
+                an_ending_behind_another_is_stored_and_counted_once(pg.get_or_init(Postgres::start))
             },
             why.is_some(),
         ));

@@ -63,12 +63,24 @@ impl PgStore {
         now: i64,
         ended: &mut Pending,
     ) -> Result<(Vec<Task>, bool)> {
+        let (claimed, damaged) = self.claimed_rows(rows, wanted)?;
+        self.fail_damaged(tx, &damaged, now, ended)?;
+        Ok((claimed, !damaged.is_empty()))
+    }
+
+    /// The tasks of a claim of `wanted`'s `rows`, oldest first, and the ids of the damaged
+    /// records among them (see [`PgStore::fail_damaged`]). The floor moves past them all.
+    pub(super) fn claimed_rows(
+        &self,
+        rows: &[postgres::Row],
+        wanted: usize,
+    ) -> Result<(Vec<Task>, Vec<String>)> {
         let keys = rows
             .iter()
             .map(|r| Ok((r.try_get(14)?, r.try_get(0)?)))
             .collect::<Result<Vec<(i64, String)>>>()?;
         self.floor.lock().claimed(keys.into_iter(), wanted);
-        let mut skipped = false;
+        let mut damaged = Vec::new();
         let mut claimed = Vec::with_capacity(rows.len());
         for r in rows {
             match task_row(self, r) {
@@ -76,18 +88,32 @@ impl PgStore {
                 Err(StoreError::Damaged(why)) => {
                     let id: String = r.try_get(0)?;
                     tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
-                    let plain = sealed::Seal {
-                        sealer: &self.sealer,
-                        key: None,
-                    };
-                    complete(tx, &id, &damaged_ending(), now, ended, plain)?;
-                    skipped = true;
+                    damaged.push(id);
                 }
                 Err(e) => return Err(e),
             }
         }
         claimed.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
-        Ok((claimed, skipped))
+        Ok((claimed, damaged))
+    }
+
+    /// Ends claimed tasks whose records are damaged as failed, saying why, in `tx` (their
+    /// endings added to `ended`): such a record is never run, and the queue goes on.
+    pub(super) fn fail_damaged(
+        &self,
+        tx: &mut Tx<'_>,
+        damaged: &[String],
+        now: i64,
+        ended: &mut Pending,
+    ) -> Result<()> {
+        let plain = sealed::Seal {
+            sealer: &self.sealer,
+            key: None,
+        };
+        for id in damaged {
+            complete(tx, id, &damaged_ending(), now, ended, plain)?;
+        }
+        Ok(())
     }
 }
 

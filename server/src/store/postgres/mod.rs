@@ -13,6 +13,7 @@ mod anomalies;
 mod chains;
 mod claims;
 mod cluster;
+mod ends;
 mod floor;
 mod pool;
 mod rollups;
@@ -318,14 +319,17 @@ impl Store for PgStore {
             sealer: &self.sealer,
             key: keys.get(tenant),
         };
-        let mut conn = self.pool.get()?;
-        let mut tx = conn.transaction()?;
-        let mut ended = Pending::default();
         // Each run of inserts (of finished tasks, of endings) in one statement, and all of
         // them and the claim sent at once, then the rollups and the commit: two round trips,
         // or one where nothing needs an answer first (submissions, sync calls' records).
-        let mut flight = Flight::default();
         let writes = rows::statement_order(writes);
+        if ends::fits(&writes, limit) {
+            return self.write_and_claim_at_once(&writes, limit, seal);
+        }
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction()?;
+        let mut ended = Pending::default();
+        let mut flight = Flight::default();
         let mut inserts: Vec<(&Task, sealed::Seal<'_>)> = Vec::new();
         let mut finishes: Vec<(&Task, &crate::model::Completion, i64, sealed::Seal<'_>)> =
             Vec::new();
@@ -372,19 +376,12 @@ impl Store for PgStore {
                 tasks.extend(more);
             }
         }
-        // Idle workers on every node hear of queued tasks at the commit (not before).
         let mut also = Vec::new();
         if writes
             .iter()
             .any(|w| matches!(w, Write::Insert(t) if t.status == crate::model::TaskStatus::Queued))
         {
-            also.push(Queued {
-                sql: "SELECT pg_notify($1, $2)".to_string(),
-                params: vec![
-                    Box::new(cluster::CHANNEL) as Box<dyn ToSql + Sync>,
-                    Box::new(Signal::Queued.encode()),
-                ],
-            });
+            also.push(notify_queued());
         }
         rollups::commit(tx, flight.into_steps(), ended, also)?;
         Ok(tasks)
@@ -712,5 +709,16 @@ impl ChainStore for PgStore {
             "WHERE status IN ('queued', 'running') ORDER BY created_at, id",
             &[],
         )
+    }
+}
+
+/// Tells idle workers on every node that tasks were queued, at the commit (not before).
+fn notify_queued() -> Queued<'static> {
+    Queued {
+        sql: "SELECT pg_notify($1, $2)".to_string(),
+        params: vec![
+            Box::new(cluster::CHANNEL) as Box<dyn ToSql + Sync>,
+            Box::new(Signal::Queued.encode()),
+        ],
     }
 }

@@ -106,8 +106,20 @@ const SET_ENDING: &str = "UPDATE tasks SET status = $2, result = $3, error = $4,
      logs_truncated = $7, usage = $8, duration_ms = $9, cpu_ms = $10, peak_memory_bytes = $11, cold = $12,
      finished_at = $13 WHERE id = $1";
 
+/// The `SET` and `FROM` of an `UPDATE tasks` storing endings: `$1` their tasks' ids, `$2` to
+/// `$13` the arrays of [`Endings::into_params`], each row of them named `u`. The new values
+/// go under names of their own, so that the columns RETURNING reads are the row's.
+pub(super) const SET_ENDINGS: &str = "SET status = u_status, result = u_result, error = u_error,
+     error_kind = u_error_kind, logs = u_logs, logs_truncated = u_logs_truncated, usage = u_usage,
+     duration_ms = u_duration_ms, cpu_ms = u_cpu_ms, peak_memory_bytes = u_peak_memory_bytes, cold = u_cold,
+     finished_at = u_finished_at
+     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], $6::bytea[], $7::bool[],
+         $8::text[], $9::float8[], $10::float8[], $11::int8[], $12::bool[], $13::int8[])
+         AS u(u_id, u_status, u_result, u_error, u_error_kind, u_logs, u_logs_truncated, u_usage,
+              u_duration_ms, u_cpu_ms, u_peak_memory_bytes, u_cold, u_finished_at)";
+
 /// A task's ending as column values.
-struct Ending {
+pub(super) struct Ending {
     status: &'static str,
     result: Option<Vec<u8>>,
     error: Option<Vec<u8>>,
@@ -124,7 +136,7 @@ struct Ending {
 
 impl Ending {
     /// The ending of task `id`, its data sealed by `seal`.
-    fn of(c: &Completion, finished_at: i64, id: &str, seal: Seal<'_>) -> Result<Ending> {
+    pub(super) fn of(c: &Completion, finished_at: i64, id: &str, seal: Seal<'_>) -> Result<Ending> {
         let usage = c.usage.as_ref();
         let json = |v: Option<String>, column| v.map(|t| seal.text(column, id, &t));
         Ok(Ending {
@@ -175,7 +187,7 @@ impl Ending {
 
 /// The columns of [`ENDING_COLS`], one array per column.
 #[derive(Default)]
-struct Endings {
+pub(super) struct Endings {
     status: Vec<&'static str>,
     result: Vec<Option<Vec<u8>>>,
     error: Vec<Option<Vec<u8>>>,
@@ -192,7 +204,7 @@ struct Endings {
 
 impl Endings {
     /// The arrays, in [`ENDING_COLS`]'s order.
-    fn into_params(self) -> Vec<Box<dyn ToSql + Sync>> {
+    pub(super) fn into_params(self) -> Vec<Box<dyn ToSql + Sync>> {
         vec![
             Box::new(self.status),
             Box::new(self.result),
@@ -209,7 +221,7 @@ impl Endings {
         ]
     }
 
-    fn push(&mut self, e: Ending) {
+    pub(super) fn push(&mut self, e: Ending) {
         self.status.push(e.status);
         self.result.push(e.result);
         self.error.push(e.error);
@@ -398,19 +410,10 @@ impl<'w> Flight<'w> {
         }
         let mut params: Vec<Box<dyn ToSql + Sync + 'w>> = vec![Box::new(ids)];
         params.extend(e.into_params());
-        // The new values under names of their own, so that the columns RETURNING reads are
-        // the row's.
         self.push(
             Queued {
                 sql: format!(
-                    "UPDATE tasks SET status = u_status, result = u_result, error = u_error, error_kind = u_error_kind,
-                         logs = u_logs, logs_truncated = u_logs_truncated, usage = u_usage, duration_ms = u_duration_ms,
-                         cpu_ms = u_cpu_ms, peak_memory_bytes = u_peak_memory_bytes, cold = u_cold, finished_at = u_finished_at
-                     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], $6::bytea[], $7::bool[],
-                         $8::text[], $9::float8[], $10::float8[], $11::int8[], $12::bool[], $13::int8[])
-                         AS u(u_id, u_status, u_result, u_error, u_error_kind, u_logs, u_logs_truncated, u_usage,
-                              u_duration_ms, u_cpu_ms, u_peak_memory_bytes, u_cold, u_finished_at)
-                     WHERE id = u_id AND finished_at IS NULL
+                    "UPDATE tasks {SET_ENDINGS} WHERE id = u_id AND finished_at IS NULL
                      RETURNING id, tenant, function_id, function, {CALL_COLS}"
                 ),
                 params,
