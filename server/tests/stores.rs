@@ -1376,11 +1376,89 @@ fn an_ending_behind_another_is_stored_and_counted_once(pg: &Postgres) {
     );
 }
 
+/// A queue batch reads the tasks it writes and claims by key, however its statements were
+/// planned: a connection keeps them prepared, and plans made while the table was empty (a new
+/// database, before PostgreSQL analysed it) must not scan the whole table once it has grown.
+fn queue_batches_never_scan_the_tasks_table(pg: &Postgres) {
+    let place = Place::postgres(pg);
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let end = |id: String| Write::Complete {
+        task_id: id,
+        tenant: "alice".into(),
+        completion: completion("succeeded", false, 3.0, 1.0, 1),
+        at: now_ms(),
+    };
+    // Planned while the table holds two tasks: one claimed, then ended as the other is.
+    insert(store.as_ref(), &task("alice", &f, Mode::Async));
+    insert(store.as_ref(), &task("alice", &f, Mode::Async));
+    let first = claimed_ids(store.as_ref(), 1);
+    let mut running: Vec<String> = store
+        .write_and_claim(&first.into_iter().map(end).collect::<Vec<_>>(), 1)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(running.len(), 1);
+    let mut updates = 3;
+    const GROWN: i64 = 3_000;
+    let now = now_ms();
+    let backlog: Vec<Write> = (0..GROWN)
+        .map(|i| {
+            let mut t = task("alice", &f, Mode::Async);
+            t.created_at = now + i;
+            Write::Insert(t)
+        })
+        .collect();
+    store.write(&backlog).unwrap();
+    for _ in 0..10 {
+        let ends: Vec<Write> = running.drain(..).map(end).collect();
+        running = store
+            .write_and_claim(&ends, 8)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        assert_eq!(running.len(), 8);
+        updates += ends.len() + running.len();
+    }
+    // A closed connection reports what it read.
+    drop(store);
+    let mut db = postgres::Client::connect(place.url.as_deref().unwrap(), postgres::NoTls).unwrap();
+    let updates = i64::try_from(updates).unwrap();
+    let read = |db: &mut postgres::Client| -> (i64, i64) {
+        let row = db
+            .query_one(
+                "SELECT n_tup_upd, seq_tup_read FROM pg_stat_user_tables WHERE relname = 'tasks'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let mut seen = read(&mut db);
+    for _ in 0..100 {
+        if seen.0 >= updates {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        seen = read(&mut db);
+    }
+    assert!(
+        seen.0 >= updates,
+        "the batches' updates are reported: {seen:?}"
+    );
+    assert!(
+        seen.1 < GROWN,
+        "no batch read the grown table whole: {} rows read by scans",
+        seen.1
+    );
+}
+
 fn main() {
     let args = Arguments::from_args();
     let why = Postgres::unavailable();
     if let Some(why) = &why {
-        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 4);
+        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 5);
     }
     // One cluster for the whole run, each test in a database of its own; started only when
     // a PostgreSQL test is selected.
@@ -1423,6 +1501,14 @@ fn main() {
             move || {
                 an_ending_behind_another_is_stored_and_counted_once(pg.get_or_init(Postgres::start))
             },
+            why.is_some(),
+        ));
+    }
+    {
+        let pg = pg.clone();
+        trials.push(trial(
+            "postgres::queue_batches_never_scan_the_tasks_table",
+            move || queue_batches_never_scan_the_tasks_table(pg.get_or_init(Postgres::start)),
             why.is_some(),
         ));
     }

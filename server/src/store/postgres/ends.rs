@@ -175,6 +175,19 @@ fn plan_cache(mode: &'static str) -> Queued<'static> {
     }
 }
 
+/// Has the rest of a transaction that writes and claims tasks read them by key or through an
+/// index, never by a scan of the table: each of its statements names a few tasks (or the
+/// oldest queued ones, which an index holds), however large the table. A connection keeps
+/// its statements prepared, and their plans made while the table was small (a new database,
+/// before PostgreSQL has analysed it) scanned it whole at each batch as it grew: the
+/// endings' statement took 6 ms instead of 0.3, the claim 1.2 instead of 0.25.
+pub(super) fn by_key() -> Queued<'static> {
+    Queued {
+        sql: "SELECT set_config('enable_seqscan', 'off', true)".to_string(),
+        params: Vec::new(),
+    }
+}
+
 impl PgStore {
     /// [`crate::store::Store::write_and_claim`] of `writes` that [`fits`] (in the order they
     /// are stored in), in one round trip: the new tasks, the finished ones, the endings with
@@ -209,6 +222,7 @@ impl PgStore {
         // The flight sends nothing ahead here: it holds no endings that a later insert of
         // the same task would have to wait for. Its rollups are this module's to write.
         let mut flight = Flight::default();
+        flight.lead(by_key());
         let mut counted_here = Pending::default();
         flight.inserts(&mut tx, &inserts, &mut counted_here)?;
         flight.finished(&mut tx, &finishes, &mut counted_here)?;

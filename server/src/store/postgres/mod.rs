@@ -330,6 +330,7 @@ impl Store for PgStore {
         let mut tx = conn.transaction()?;
         let mut ended = Pending::default();
         let mut flight = Flight::default();
+        flight.lead(ends::by_key());
         let mut inserts: Vec<(&Task, sealed::Seal<'_>)> = Vec::new();
         let mut finishes: Vec<(&Task, &crate::model::Completion, i64, sealed::Seal<'_>)> =
             Vec::new();

@@ -434,6 +434,11 @@ impl<'w> Flight<'w> {
         self.steps
     }
 
+    /// Adds a statement whose rows no one reads (a setting), before what is added next.
+    pub fn lead(&mut self, step: Queued<'w>) {
+        self.push(step, Vec::new());
+    }
+
     /// Adds the claim: its rows are the claimed tasks.
     pub fn claim(&mut self, step: Queued<'w>) {
         self.claim = Some(self.steps.len());
