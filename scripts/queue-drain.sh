@@ -4,20 +4,26 @@
 # WORKERS queue workers is started on the same data directory: the rate at which it drains
 # the backlog (queue depth from the health route, once a second) is the run rate, with no
 # submissions competing for the CPU: backlog / time until it is empty (or what went in 30 s). Run as root after
-# `cargo build --release -p cloudfunc-server -p cloudfunc-benches`. DATABASE=<PostgreSQL URL>
+# `cargo build --release -p cloudfunc-server -p cloudfunc-benches -p cloudfunc-sandbox`. DATABASE=<PostgreSQL URL>
 # keeps the records there instead of in SQLite (the database is emptied first).
 set -euo pipefail
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
+# The binaries that build the backlog (by default the same): one fixed builder gives two
+# binaries compared side by side backlogs of the same size.
+BUILD_BIN=${BUILD_BIN:-$BIN}
 WORKERS=${WORKERS:-"4 16 64"}
 SUBMIT_SECONDS=${SUBMIT_SECONDS:-20}
 WORK=$(mktemp -d /var/tmp/cf-queue-drain.XXXXXX)
 DB_FLAGS=()
-if [ -n "${DATABASE:-}" ]; then DB_FLAGS=(--database "$DATABASE"); fi
+if [ -n "${DATABASE:-}" ]; then
+  DB_FLAGS=(--database "$DATABASE")
+  PGOPTIONS=--client-min-messages=warning psql "$DATABASE" -qc 'DROP SCHEMA public CASCADE; CREATE SCHEMA public' >/dev/null
+fi
 PORT=18095
 trap 'kill $(cat "$WORK/pid" 2>/dev/null) 2>/dev/null || true; sleep 1; rm -rf "$WORK"' EXIT
 
-start() { # workers
-  "$BIN/cloudfunc" --data-dir "$WORK/data" serve --listen "127.0.0.1:$PORT" --state-dir "$WORK/state" \
+start() { # workers [binaries]
+  "${2:-$BIN}/cloudfunc" --data-dir "$WORK/data" serve --listen "127.0.0.1:$PORT" --state-dir "$WORK/state" \
     --cgroup-parent cf-queue-drain --workers "$1" "${DB_FLAGS[@]}" >"$WORK/out" 2>>"$WORK/log" &
   echo $! >"$WORK/pid"
   for _ in $(seq 150); do curl -sf "127.0.0.1:$PORT/api/system/health" >/dev/null && return; sleep 0.2; done
@@ -33,9 +39,9 @@ depth() { curl -sf "127.0.0.1:$PORT/api/system/health" | python3 -c 'import json
 echo "| queue workers | backlog | run | seconds | tasks run/s |"
 echo "|---|---|---|---|---|"
 for w in $WORKERS; do
-  start 1
-  T=$("$BIN/cloudfunc" --data-dir "$WORK/data" --tenant bench token)
-  "$BIN/cloudfunc-load" --url "http://127.0.0.1:$PORT" --token "$T" --clients 16 --seconds "$SUBMIT_SECONDS" \
+  start 1 "$BUILD_BIN"
+  T=$("$BUILD_BIN/cloudfunc" --data-dir "$WORK/data" --tenant bench token)
+  "$BUILD_BIN/cloudfunc-load" --url "http://127.0.0.1:$PORT" --token "$T" --clients 16 --seconds "$SUBMIT_SECONDS" \
     --first-calls 0 --only async >/dev/null
   stop
   start "$w"
