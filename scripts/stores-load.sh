@@ -5,7 +5,7 @@
 # commits on, reached over its Unix socket), alternating rounds of cloudfunc-load against
 # each; then the queue's run rate on each (scripts/queue-drain.sh: a backlog drained by
 # WORKERS workers with nothing submitting). Run as root after
-# `cargo build --release -p cloudfunc-server -p cloudfunc-benches`.
+# `cargo build --release -p cloudfunc-server -p cloudfunc-benches -p cloudfunc-sandbox`.
 set -euo pipefail
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 ROUNDS=${ROUNDS:-3}
