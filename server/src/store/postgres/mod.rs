@@ -15,6 +15,7 @@ mod claims;
 mod cluster;
 mod ends;
 mod floor;
+mod growth;
 mod pool;
 mod rollups;
 mod rows;
@@ -57,6 +58,8 @@ pub struct PgStore {
     key_lock: Mutex<()>,
     /// Where this node's next claim starts.
     floor: Mutex<floor::Floor>,
+    /// The tasks this node has added, to analyse a young table as it grows.
+    growth: growth::Growth,
 }
 
 /// How long a silent node keeps its running tasks, by default.
@@ -158,6 +161,7 @@ impl PgStore {
             sealer,
             key_lock: Mutex::new(()),
             floor: Mutex::default(),
+            growth: growth::Growth::default(),
         })
     }
 
@@ -323,8 +327,14 @@ impl Store for PgStore {
         // them and the claim sent at once, then the rollups and the commit: two round trips,
         // or one where nothing needs an answer first (submissions, sync calls' records).
         let writes = rows::statement_order(writes);
+        let rows_added = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Insert(_) | Write::Finished { .. }))
+            .count();
         if ends::fits(&writes, limit) {
-            return self.write_and_claim_at_once(&writes, limit, seal);
+            let claimed = self.write_and_claim_at_once(&writes, limit, seal)?;
+            self.growth.added(rows_added, &self.pool);
+            return Ok(claimed);
         }
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction()?;
@@ -385,6 +395,7 @@ impl Store for PgStore {
             also.push(notify_queued());
         }
         rollups::commit(tx, flight.into_steps(), ended, also)?;
+        self.growth.added(rows_added, &self.pool);
         Ok(tasks)
     }
 
