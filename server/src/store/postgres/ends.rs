@@ -14,10 +14,10 @@ use postgres::types::ToSql;
 
 use super::pool::Queued;
 use super::rollups::{self, BIN_COLUMNS, ON_BIN, ON_ROW, ROW_COLUMNS};
-use super::rows::{End, Ending, Endings, Flight, SET_ENDINGS};
+use super::rows::{ending_params, kind_rank, End, Flight, SET_ENDINGS};
 use super::sealed::Seal;
 use super::{notify_queued, PgStore};
-use crate::model::{now_ms, Completion, Task, TaskStatus};
+use crate::model::{now_ms, Completion, Task};
 use crate::rollup::{bucket_start, Call, RESOLUTIONS};
 use crate::store::records::{ended_call, Pending, Share};
 use crate::store::{Result, Write};
@@ -28,13 +28,10 @@ use crate::store::{Result, Write};
 /// costs PostgreSQL less), and its endings come last, after every new and finished task, and
 /// name each task once.
 pub(super) fn fits(writes: &[&Write], limit: usize) -> bool {
-    let rank = |w: &Write| match w {
-        Write::Insert(_) => 0,
-        Write::Finished { .. } => 1,
-        Write::Complete { .. } => 2,
-    };
     let mut ids = std::collections::HashSet::new();
-    writes.windows(2).all(|w| rank(w[0]) <= rank(w[1]))
+    writes
+        .windows(2)
+        .all(|w| kind_rank(w[0]) <= kind_rank(w[1]))
         && writes.iter().all(|w| match w {
             Write::Complete { task_id, .. } => ids.insert(task_id.as_str()),
             _ => true,
@@ -112,18 +109,14 @@ pub(super) fn statement<'w>(
     ends: &[End<'w>],
     finished: &[(&'w Task, &'w Completion, i64)],
 ) -> Result<Queued<'w>> {
-    let mut e = Endings::default();
     let mut calls = Calls::default();
     for (task, c, at) in finished {
         calls.add(&task.task_id, Some(task), &ended_call(c, *at));
     }
-    for (id, c, at, seal) in ends {
-        e.push(Ending::of(c, *at, id, *seal)?);
+    for (id, c, at, _) in ends {
         calls.add(id, None, &ended_call(c, *at));
     }
-    let ids: Vec<&str> = ends.iter().map(|(id, ..)| *id).collect();
-    let mut params: Vec<Box<dyn ToSql + Sync + 'w>> = vec![Box::new(ids)];
-    params.extend(e.into_params());
+    let mut params = ending_params(ends)?;
     params.extend(calls.into_params());
     // The rows are read once each: `opened` sees them as the statement started, `again` takes
     // the others (a row another transaction finished meanwhile is re-read by id and ended
@@ -240,9 +233,7 @@ impl PgStore {
             steps.push(self.claim_step(now, limit));
             steps.len() - 1
         });
-        if inserts.iter().any(|(t, _)| t.status == TaskStatus::Queued) {
-            steps.push(notify_queued());
-        }
+        steps.extend(notify_queued(writes));
         let mut answers = tx.commit_after(&steps)?;
         let Some(claim) = claim else {
             return Ok(Vec::new());

@@ -387,13 +387,7 @@ impl Store for PgStore {
                 tasks.extend(more);
             }
         }
-        let mut also = Vec::new();
-        if writes
-            .iter()
-            .any(|w| matches!(w, Write::Insert(t) if t.status == crate::model::TaskStatus::Queued))
-        {
-            also.push(notify_queued());
-        }
+        let also = notify_queued(&writes).into_iter().collect();
         rollups::commit(tx, flight.into_steps(), ended, also)?;
         self.growth.added(rows_added, &self.pool);
         Ok(tasks)
@@ -724,13 +718,17 @@ impl ChainStore for PgStore {
     }
 }
 
-/// Tells idle workers on every node that tasks were queued, at the commit (not before).
-fn notify_queued() -> Queued<'static> {
-    Queued {
-        sql: "SELECT pg_notify($1, $2)".to_string(),
-        params: vec![
-            Box::new(cluster::CHANNEL) as Box<dyn ToSql + Sync>,
-            Box::new(Signal::Queued.encode()),
-        ],
-    }
+/// Where `writes` queue tasks, tells idle workers on every node so, at the commit (not
+/// before).
+fn notify_queued(writes: &[&Write]) -> Option<Queued<'static>> {
+    writes
+        .iter()
+        .any(|w| matches!(w, Write::Insert(t) if t.status == crate::model::TaskStatus::Queued))
+        .then(|| Queued {
+            sql: "SELECT pg_notify($1, $2)".to_string(),
+            params: vec![
+                Box::new(cluster::CHANNEL) as Box<dyn ToSql + Sync>,
+                Box::new(Signal::Queued.encode()),
+            ],
+        })
 }

@@ -33,13 +33,19 @@ pub(super) fn statement_order(writes: &[Write]) -> Vec<&Write> {
     });
     let mut ordered: Vec<&Write> = writes.iter().collect();
     if by_kind_is_same {
-        ordered.sort_by_key(|w| match w {
-            Write::Insert(_) => 0,
-            Write::Finished { .. } => 1,
-            Write::Complete { .. } => 2,
-        });
+        ordered.sort_by_key(|w| kind_rank(w));
     }
     ordered
+}
+
+/// Where a write's kind comes in [`statement_order`]: the new tasks, the finished ones, the
+/// endings.
+pub(super) fn kind_rank(w: &Write) -> u8 {
+    match w {
+        Write::Insert(_) => 0,
+        Write::Finished { .. } => 1,
+        Write::Complete { .. } => 2,
+    }
 }
 
 /// The columns of tasks as they started, one array per column.
@@ -118,8 +124,20 @@ pub(super) const SET_ENDINGS: &str = "SET status = u_status, result = u_result, 
          AS u(u_id, u_status, u_result, u_error, u_error_kind, u_logs, u_logs_truncated, u_usage,
               u_duration_ms, u_cpu_ms, u_peak_memory_bytes, u_cold, u_finished_at)";
 
+/// The parameters of [`SET_ENDINGS`] storing `ends`: their ids, then their columns.
+pub(super) fn ending_params<'w>(ends: &[End<'w>]) -> Result<Vec<Box<dyn ToSql + Sync + 'w>>> {
+    let mut e = Endings::default();
+    for (id, c, at, seal) in ends {
+        e.push(Ending::of(c, *at, id, *seal)?);
+    }
+    let ids: Vec<&str> = ends.iter().map(|(id, ..)| *id).collect();
+    let mut params: Vec<Box<dyn ToSql + Sync + 'w>> = vec![Box::new(ids)];
+    params.extend(e.into_params());
+    Ok(params)
+}
+
 /// A task's ending as column values.
-pub(super) struct Ending {
+struct Ending {
     status: &'static str,
     result: Option<Vec<u8>>,
     error: Option<Vec<u8>>,
@@ -136,7 +154,7 @@ pub(super) struct Ending {
 
 impl Ending {
     /// The ending of task `id`, its data sealed by `seal`.
-    pub(super) fn of(c: &Completion, finished_at: i64, id: &str, seal: Seal<'_>) -> Result<Ending> {
+    fn of(c: &Completion, finished_at: i64, id: &str, seal: Seal<'_>) -> Result<Ending> {
         let usage = c.usage.as_ref();
         let json = |v: Option<String>, column| v.map(|t| seal.text(column, id, &t));
         Ok(Ending {
@@ -187,7 +205,7 @@ impl Ending {
 
 /// The columns of [`ENDING_COLS`], one array per column.
 #[derive(Default)]
-pub(super) struct Endings {
+struct Endings {
     status: Vec<&'static str>,
     result: Vec<Option<Vec<u8>>>,
     error: Vec<Option<Vec<u8>>>,
@@ -204,7 +222,7 @@ pub(super) struct Endings {
 
 impl Endings {
     /// The arrays, in [`ENDING_COLS`]'s order.
-    pub(super) fn into_params(self) -> Vec<Box<dyn ToSql + Sync>> {
+    fn into_params(self) -> Vec<Box<dyn ToSql + Sync>> {
         vec![
             Box::new(self.status),
             Box::new(self.result),
@@ -221,7 +239,7 @@ impl Endings {
         ]
     }
 
-    pub(super) fn push(&mut self, e: Ending) {
+    fn push(&mut self, e: Ending) {
         self.status.push(e.status);
         self.result.push(e.result);
         self.error.push(e.error);
@@ -402,14 +420,8 @@ impl<'w> Flight<'w> {
         if ends.is_empty() {
             return Ok(());
         }
-        let ids: Vec<&str> = ends.iter().map(|(id, ..)| *id).collect();
-        self.ending.extend(&ids);
-        let mut e = Endings::default();
-        for (id, c, at, seal) in &ends {
-            e.push(Ending::of(c, *at, id, *seal)?);
-        }
-        let mut params: Vec<Box<dyn ToSql + Sync + 'w>> = vec![Box::new(ids)];
-        params.extend(e.into_params());
+        self.ending.extend(ends.iter().map(|(id, ..)| *id));
+        let params = ending_params(&ends)?;
         self.push(
             Queued {
                 sql: format!(
