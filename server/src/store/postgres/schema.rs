@@ -32,7 +32,19 @@ const MIGRATIONS: &[Migration] = &[
         what: "the index of finished tasks holds finished tasks only",
         sql: FINISHED_ONLY,
     },
+    Migration {
+        what: "the index of a function's calls by end time holds finished tasks only",
+        sql: FUNCTION_FINISHED_ONLY,
+    },
 ];
+
+/// The index of a function's calls by end time serves the calls of a time range (the only
+/// read that uses it, `finished_at >= $1 AND finished_at < $2`): the entries of open tasks
+/// were never read, and each submission and each claim wrote one.
+const FUNCTION_FINISHED_ONLY: &str = r#"
+DROP INDEX tasks_function;
+CREATE INDEX tasks_function ON tasks (function_id, finished_at) WHERE finished_at IS NOT NULL;
+"#;
 
 /// Queued and running tasks (`finished_at` NULL) left the index of finished tasks, which serves
 /// the pruning and the calls of a time range: each submission and claim wrote an entry in it
