@@ -274,6 +274,21 @@ impl Share {
 }
 
 impl Pending {
+    /// Adds the calls of the finished tasks (sync calls) among `writes`.
+    pub(crate) fn finished(&mut self, writes: &[&Write]) {
+        for w in writes {
+            if let Write::Finished {
+                task,
+                completion,
+                at,
+            } = w
+            {
+                let call = ended_call(completion, *at);
+                self.add(&task.tenant, &task.function_id, &task.function, &call);
+            }
+        }
+    }
+
     /// Adds `call` of a function to its minute, hour and day rows.
     pub(crate) fn add(&mut self, tenant: &str, function_id: &str, function: &str, call: &Call) {
         let share = Share::of(call);

@@ -212,13 +212,15 @@ impl PgStore {
                 } => ends.push((task_id.as_str(), completion, *at, seal(tenant))),
             }
         }
-        // The flight sends nothing ahead here: it holds no endings that a later insert of
-        // the same task would have to wait for. Its rollups are this module's to write.
+        // The flight sends nothing ahead here (it holds no endings that a later insert of
+        // the same task would have to wait for), so no rollups come back to `unsent`: the
+        // calls are added up by the endings' statement.
         let mut flight = Flight::default();
         flight.lead(by_key());
-        let mut counted_here = Pending::default();
-        flight.inserts(&mut tx, &inserts, &mut counted_here)?;
-        flight.finished(&mut tx, &finishes, &mut counted_here)?;
+        let mut unsent = Pending::default();
+        flight.inserts(&mut tx, &inserts, &mut unsent)?;
+        flight.finished(&mut tx, &finishes, &mut unsent)?;
+        debug_assert!(unsent.rows.is_empty());
         let finished: Vec<_> = finishes.iter().map(|(t, c, at, _)| (*t, *c, *at)).collect();
         let mut steps = flight.into_steps();
         if !ends.is_empty() || !finished.is_empty() {

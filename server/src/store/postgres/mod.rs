@@ -339,6 +339,7 @@ impl Store for PgStore {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction()?;
         let mut ended = Pending::default();
+        ended.finished(&writes);
         let mut flight = Flight::default();
         flight.lead(ends::by_key());
         let mut inserts: Vec<(&Task, sealed::Seal<'_>)> = Vec::new();

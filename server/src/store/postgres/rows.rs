@@ -9,7 +9,7 @@ use super::sealed::Seal;
 use super::PgStore;
 use crate::model::{Completion, Function, Mode, Task, TaskError, TaskStatus, TaskUsage};
 use crate::rollup::Call;
-use crate::store::records::{ended_call, place, Pending};
+use crate::store::records::{place, Pending};
 use crate::store::{Result, StoreError, Write};
 
 /// A number stored as BIGINT that the model keeps as `u32`.
@@ -356,8 +356,9 @@ impl<'w> Flight<'w> {
         Ok(())
     }
 
-    /// Adds tasks that have already ended (sync calls), in one statement, and adds them to
-    /// the rollups to be written.
+    /// Adds tasks that have already ended (sync calls), in one statement. Their calls are the
+    /// caller's to count: the client-side rollups ([`Pending::finished`]) or the endings'
+    /// statement (`ends`), which adds them up in PostgreSQL.
     pub fn finished(
         &mut self,
         tx: &mut Tx<'_>,
@@ -373,12 +374,6 @@ impl<'w> Flight<'w> {
         for (task, c, at, seal) in ended {
             o.push(task, *seal)?;
             e.push(Ending::of(c, *at, &task.task_id, *seal)?);
-            rollups.add(
-                &task.tenant,
-                &task.function_id,
-                &task.function,
-                &ended_call(c, *at),
-            );
         }
         let mut params = o.into_params();
         params.extend(e.into_params());
