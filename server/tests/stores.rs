@@ -1475,11 +1475,61 @@ fn queue_batches_never_scan_the_tasks_table(pg: &Postgres) {
     );
 }
 
+/// Queued and running tasks write nothing into the indexes of finished tasks (by end time,
+/// and by function and end time): their one reader asks for a range of end times, and each
+/// submission and claim wrote an entry there for nothing (migrations 3 and 4).
+fn open_tasks_stay_out_of_the_finished_tasks_indexes(pg: &Postgres) {
+    let place = Place::postgres(pg);
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    const OPEN: usize = 5_000;
+    let backlog: Vec<Write> = (0..OPEN)
+        .map(|_| Write::Insert(task("alice", &f, Mode::Async)))
+        .collect();
+    store.write(&backlog).unwrap();
+    assert_eq!(store.claim(OPEN / 2).unwrap().len(), OPEN / 2);
+    let mut db = postgres::Client::connect(place.url.as_deref().unwrap(), postgres::NoTls).unwrap();
+    let size = |db: &mut postgres::Client, index: &str| -> i64 {
+        db.query_one("SELECT pg_relation_size($1::text::regclass)", &[&index])
+            .unwrap()
+            .get(0)
+    };
+    // An entry per task version would take well over 100 KiB here (the primary key, for
+    // scale); an empty B-tree is its metapage and a root page.
+    let pkey = size(&mut db, "tasks_pkey");
+    assert!(
+        pkey > 100 * 1024,
+        "the primary key holds the tasks: {pkey} bytes"
+    );
+    for index in ["tasks_finished", "tasks_function"] {
+        let bytes = size(&mut db, index);
+        assert!(
+            bytes <= 16 * 1024,
+            "{index} holds open tasks: {bytes} bytes"
+        );
+    }
+    // And the calls of a range still come from finished tasks, by function or not.
+    let ended = store.claim(1).unwrap().remove(0);
+    let at = now_ms();
+    store
+        .write(&[Write::Complete {
+            task_id: ended.task_id.clone(),
+            tenant: "alice".into(),
+            completion: completion("succeeded", false, 3.0, 1.0, 1),
+            at,
+        }])
+        .unwrap();
+    for function in [Some(f.id.as_str()), None] {
+        let calls = store.calls(None, function, at - 1, at + 1).unwrap();
+        assert_eq!(calls.len(), 1, "the finished task's call, for {function:?}");
+    }
+}
+
 fn main() {
     let args = Arguments::from_args();
     let why = Postgres::unavailable();
     if let Some(why) = &why {
-        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 5);
+        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 6);
     }
     // One cluster for the whole run, each test in a database of its own; started only when
     // a PostgreSQL test is selected.
@@ -1530,6 +1580,16 @@ fn main() {
         trials.push(trial(
             "postgres::queue_batches_never_scan_the_tasks_table",
             move || queue_batches_never_scan_the_tasks_table(pg.get_or_init(Postgres::start)),
+            why.is_some(),
+        ));
+    }
+    {
+        let pg = pg.clone();
+        trials.push(trial(
+            "postgres::open_tasks_stay_out_of_the_finished_tasks_indexes",
+            move || {
+                open_tasks_stay_out_of_the_finished_tasks_indexes(pg.get_or_init(Postgres::start))
+            },
             why.is_some(),
         ));
     }
