@@ -1525,11 +1525,33 @@ fn open_tasks_stay_out_of_the_finished_tasks_indexes(pg: &Postgres) {
     }
 }
 
+/// A PostgreSQL test on the run's cluster.
+type ClusterTest = fn(&Postgres);
+
+/// PostgreSQL's own tests, each on the run's cluster (in a database of its own).
+const ON_THE_CLUSTER: &[(&str, ClusterTest)] = &[
+    (
+        "an_ending_behind_another_is_stored_and_counted_once",
+        an_ending_behind_another_is_stored_and_counted_once,
+    ),
+    (
+        "queue_batches_never_scan_the_tasks_table",
+        queue_batches_never_scan_the_tasks_table,
+    ),
+    (
+        "open_tasks_stay_out_of_the_finished_tasks_indexes",
+        open_tasks_stay_out_of_the_finished_tasks_indexes,
+    ),
+];
+
 fn main() {
     let args = Arguments::from_args();
     let why = Postgres::unavailable();
     if let Some(why) = &why {
-        println!("SKIPPED {} PostgreSQL store tests: {why}", TESTS.len() + 6);
+        // Each of TESTS, then the rollups' property test, ON_THE_CLUSTER, and the two that
+        // start servers of their own.
+        let n = TESTS.len() + 1 + ON_THE_CLUSTER.len() + 2;
+        println!("SKIPPED {n} PostgreSQL store tests: {why}");
     }
     // One cluster for the whole run, each test in a database of its own; started only when
     // a PostgreSQL test is selected.
@@ -1565,31 +1587,11 @@ fn main() {
             why.is_some(),
         ));
     }
-    {
-        let pg = pg.clone();
+    for (name, test) in ON_THE_CLUSTER {
+        let (test, pg) = (*test, pg.clone());
         trials.push(trial(
-            "postgres::an_ending_behind_another_is_stored_and_counted_once",
-            move || {
-                an_ending_behind_another_is_stored_and_counted_once(pg.get_or_init(Postgres::start))
-            },
-            why.is_some(),
-        ));
-    }
-    {
-        let pg = pg.clone();
-        trials.push(trial(
-            "postgres::queue_batches_never_scan_the_tasks_table",
-            move || queue_batches_never_scan_the_tasks_table(pg.get_or_init(Postgres::start)),
-            why.is_some(),
-        ));
-    }
-    {
-        let pg = pg.clone();
-        trials.push(trial(
-            "postgres::open_tasks_stay_out_of_the_finished_tasks_indexes",
-            move || {
-                open_tasks_stay_out_of_the_finished_tasks_indexes(pg.get_or_init(Postgres::start))
-            },
+            format!("postgres::{name}"),
+            move || test(pg.get_or_init(Postgres::start)),
             why.is_some(),
         ));
     }
