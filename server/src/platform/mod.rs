@@ -191,8 +191,8 @@ struct Inner {
     started: Instant,
     /// The host's CPU jiffies (busy, total) when health was last read.
     cpu_sample: std::sync::Mutex<Option<(u64, u64)>>,
-    /// The store's figures health reported last, and when they were read (see
-    /// `monitor::HEALTH_FIGURES_FOR`).
+    /// The store's figures health and the exposition reported last, when they were read and
+    /// how long that took (see `monitor::health_figures_reused_for`).
     health_figures: tokio::sync::Mutex<Option<monitor::StoreFigures>>,
     /// The data directory's free space.
     space: Arc<Space>,

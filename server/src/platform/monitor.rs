@@ -10,37 +10,52 @@ use crate::auth::Caller;
 use crate::isolation::Isolation;
 use crate::model::now_ms;
 
-/// How long health reuses the store's figures it read. Health takes no token, and each read
-/// of the queue's depth counts the queued tasks (milliseconds on PostgreSQL under a backlog):
-/// callers at once share one read, and reads come at most this often however many call.
+/// How long health reuses the store's figures it read, at least. Health takes no token, and
+/// each read of the queue's depth counts the queued tasks: callers at once share one read, and
+/// reads come at most this often however many call.
 pub const HEALTH_FIGURES_FOR: Duration = Duration::from_millis(100);
 
-/// The queue's depth, the tasks running and the store's size, as read at `at`.
+/// How long health reuses its figures at most, however slow they were to read.
+pub const HEALTH_FIGURES_AT_MOST: Duration = Duration::from_secs(5);
+
+/// How long figures that took `took` to read are reused: fifty times their read, so that
+/// counting a deep queue (15 ms for 60,000 queued tasks on PostgreSQL, growing with the
+/// backlog) costs the store at most 2 % of one connection's time however often a balancer
+/// checks health, between [`HEALTH_FIGURES_FOR`] and [`HEALTH_FIGURES_AT_MOST`].
+pub fn health_figures_reused_for(took: Duration) -> Duration {
+    (took * 50).clamp(HEALTH_FIGURES_FOR, HEALTH_FIGURES_AT_MOST)
+}
+
+/// The queue's depth, the tasks running and the store's size, as read at `at` in `took`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct StoreFigures {
     at: Instant,
+    took: Duration,
     queued: u64,
     running: u64,
     size: crate::store::StoreSize,
 }
 
 impl Platform {
-    /// The store's figures for health: the last ones read if younger than
-    /// [`HEALTH_FIGURES_FOR`], else read now (callers meanwhile wait for this read).
+    /// The store's figures for health and the Prometheus exposition: the last ones read if
+    /// younger than [`health_figures_reused_for`] their read, else read now (callers meanwhile
+    /// wait for this read).
     async fn health_figures(&self) -> Result<StoreFigures> {
         let mut last = self.inner.health_figures.lock().await;
         if let Some(f) = *last {
-            if f.at.elapsed() < HEALTH_FIGURES_FOR {
+            if f.at.elapsed() < health_figures_reused_for(f.took) {
                 return Ok(f);
             }
         }
         let store = self.inner.store.clone();
+        let start = Instant::now();
         let (queued, running, size) = blocking(move || -> Result<_> {
             Ok((store.queue_depth()?, store.running()?, store.size()?))
         })
         .await??;
         let read = StoreFigures {
             at: Instant::now(),
+            took: start.elapsed(),
             queued,
             running,
             size,
@@ -168,31 +183,32 @@ impl Platform {
     pub async fn prometheus(&self, caller: &Caller) -> Result<String> {
         let (store, scope) = (self.settled_store().await, caller.scope().map(String::from));
         let day = crate::rollup::RESOLUTIONS[2];
-        let admin = caller.admin;
-        let (rows, counts) = blocking(move || -> Result<_> {
-            let rows = store.rollups(scope.as_deref(), None, day, i64::MIN, i64::MAX)?;
-            let counts = if admin {
-                Some((store.queue_depth()?, store.running()?))
-            } else {
-                None
-            };
-            Ok((rows, counts))
-        })
-        .await??;
-        let system = counts.map(|(queue_depth, tasks_running)| {
-            let tasks_running = tasks_running + self.sync_running();
-            let process = crate::metrics::process();
-            crate::prometheus::System {
-                pool: self.inner.pool.stats(),
-                queue_depth,
-                tasks_running,
-                uptime_s: self.inner.started.elapsed().as_secs_f64(),
-                resident_memory_bytes: process["resident_memory_bytes"].as_u64().unwrap_or(0),
-                host_memory_total_bytes: crate::metrics::meminfo_bytes("MemTotal:"),
-                host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
-                node: self.node_id(),
-            }
-        });
+        let rows = blocking(move || store.rollups(scope.as_deref(), None, day, i64::MIN, i64::MAX))
+            .await??;
+        let counts = match caller.admin {
+            true => Some(self.health_figures().await?),
+            false => None,
+        };
+        let system = counts.map(
+            |StoreFigures {
+                 queued: queue_depth,
+                 running: tasks_running,
+                 ..
+             }| {
+                let tasks_running = tasks_running + self.sync_running();
+                let process = crate::metrics::process();
+                crate::prometheus::System {
+                    pool: self.inner.pool.stats(),
+                    queue_depth,
+                    tasks_running,
+                    uptime_s: self.inner.started.elapsed().as_secs_f64(),
+                    resident_memory_bytes: process["resident_memory_bytes"].as_u64().unwrap_or(0),
+                    host_memory_total_bytes: crate::metrics::meminfo_bytes("MemTotal:"),
+                    host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
+                    node: self.node_id(),
+                }
+            },
+        );
         let mut text = crate::prometheus::render(&rows, system.as_ref());
         text.push_str(&crate::prometheus::render_anomalies(
             &self.anomaly_scores(caller),

@@ -344,6 +344,21 @@ async fn the_code_s_manifest_names_the_function_when_the_deploy_does_not() {
     );
 }
 
+/// Figures that were slow to read (a deep queue counted on PostgreSQL) are reused longer, so
+/// that a balancer checking health often costs the store a bounded share of its time.
+#[test]
+fn slow_health_figures_are_reused_longer() {
+    use super::monitor::{health_figures_reused_for as reuse, HEALTH_FIGURES_AT_MOST};
+    let ms = Duration::from_millis;
+    assert_eq!(reuse(Duration::ZERO), super::monitor::HEALTH_FIGURES_FOR);
+    assert_eq!(reuse(ms(1)), super::monitor::HEALTH_FIGURES_FOR);
+    assert_eq!(reuse(ms(15)), ms(750));
+    assert_eq!(reuse(ms(200)), HEALTH_FIGURES_AT_MOST);
+    for took in [0, 3, 15, 60, 99] {
+        assert!(ms(took).as_secs_f64() / reuse(ms(took)).as_secs_f64() <= 0.02);
+    }
+}
+
 /// Health takes no token, so a crowd of callers must not each read the store: callers at once
 /// share one read, and the figures are read again only once they are older than
 /// `HEALTH_FIGURES_FOR`.
