@@ -195,11 +195,11 @@ impl SqliteStore {
         }
         let now = now_ms();
         let mut tasks = Vec::with_capacity(limit);
-        // Each id marked running and read back in one statement.
-        let take = format!(
-            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = ?2 \
-             WHERE id = ?1 RETURNING {TASK_COLS}"
-        );
+        // Each id marked running, then read back by key (not with `RETURNING`, whose
+        // temporary table SQLite makes and drops at each run).
+        const TAKE: &str = "UPDATE tasks SET status = 'running', attempts = attempts + 1, \
+                            started_at = ?2 WHERE id = ?1";
+        let read_back = format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1");
         // Again while a damaged record took a place (it is failed, so not selected twice).
         let mut skipped = true;
         while skipped && tasks.len() < limit {
@@ -211,9 +211,10 @@ impl SqliteStore {
                 rows.collect::<rusqlite::Result<_>>()?
             };
             for id in ids {
+                tx.prepare_cached(TAKE)?.execute(params![id, now])?;
                 let read = tx
-                    .prepare_cached(&take)?
-                    .query_row(params![id, now], |r| task_row(&self.sealer, r));
+                    .prepare_cached(&read_back)?
+                    .query_row([&id], |r| task_row(&self.sealer, r));
                 match read.map_err(StoreError::from) {
                     Ok(task) => tasks.push(task),
                     // A record that fails its integrity check is never run: it ends failed, saying

@@ -1,7 +1,7 @@
 //! Records as rows: the columns of functions, versions and tasks, and how a task's start and
 //! end are written.
 
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, ToSql};
+use rusqlite::{params, params_from_iter, Connection, Row, ToSql};
 use serde_json::Value;
 
 use super::sealed::{opened, Seal};
@@ -165,23 +165,20 @@ pub(super) fn complete(
     let e = Ending::of(c, at, task_id, seal)?;
     let id: [&dyn ToSql; 1] = [&task_id];
     let values = || params_from_iter(id.into_iter().chain(e.values()));
-    let opened: Option<(String, String, String, Call)> = tx
-        .prepare_cached(&format!(
-            "{SET_ENDING} AND finished_at IS NULL RETURNING tenant, function_id, function, {CALL_COLS}"
-        ))?
-        .query_row(values(), |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, call_row(r, 3)?))
-        })
-        .optional()?;
-    match opened {
-        Some((tenant, function_id, function, call)) => {
-            rollups.add(&tenant, &function_id, &function, &call);
-        }
+    // No `RETURNING`: SQLite gathers a statement's returned rows in a temporary table of its
+    // own, made and dropped at each run, which cost more than reading the row again by key.
+    let opened = tx
+        .prepare_cached(&format!("{SET_ENDING} AND finished_at IS NULL"))?
+        .execute(values())?;
+    if opened == 1 {
+        let (tenant, function_id, function): (String, String, String) = tx
+            .prepare_cached("SELECT tenant, function_id, function FROM tasks WHERE id = ?1")?
+            .query_row([task_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rollups.add(&tenant, &function_id, &function, &ended_call(c, at));
+    } else {
         // Already finished (its end stored again): the row takes the new ending, and the
         // rollups keep counting the task once.
-        None => {
-            tx.prepare_cached(SET_ENDING)?.execute(values())?;
-        }
+        tx.prepare_cached(SET_ENDING)?.execute(values())?;
     }
     Ok(())
 }
