@@ -39,10 +39,14 @@ use rows::{
 };
 pub(crate) use sealed::damaged;
 
-/// The `?2` oldest queued tasks that are due at `?1`: first come, first served, except that a
-/// task held back by its retry backoff lets younger ones pass. (Selected, then updated by id:
-/// one `UPDATE ... WHERE id IN (SELECT ...)` measured 3x slower.)
-const CLAIM: &str = "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id LIMIT ?2";
+/// The queued tasks that are due at `?1`, oldest first: first come, first served, except that
+/// a task held back by its retry backoff lets younger ones pass. (Selected, then updated by id:
+/// one `UPDATE ... WHERE id IN (SELECT ...)` measured 3x slower.) Its reader takes as many rows
+/// as it wants and stops: they come in the index's order, so the rest are never read. A `LIMIT
+/// ?2` instead had SQLite plan the statement again at every claim, as it plans with a bound
+/// limit's value.
+const CLAIM: &str =
+    "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id";
 
 /// A function's newest tasks, from the index of its tasks by age (no sort of them all).
 const RECENT: &str = "WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2";
@@ -206,9 +210,9 @@ impl SqliteStore {
             skipped = false;
             let ids: Vec<String> = {
                 let mut stmt = tx.prepare_cached(CLAIM)?;
-                let rows =
-                    stmt.query_map(params![now, (limit - tasks.len()) as i64], |r| r.get(0))?;
-                rows.collect::<rusqlite::Result<_>>()?
+                let rows = stmt.query_map(params![now], |r| r.get(0))?;
+                rows.take(limit - tasks.len())
+                    .collect::<rusqlite::Result<_>>()?
             };
             for id in ids {
                 tx.prepare_cached(TAKE)?.execute(params![id, now])?;
