@@ -223,18 +223,21 @@ impl PgStore {
         debug_assert!(unsent.rows.is_empty());
         let finished: Vec<_> = finishes.iter().map(|(t, c, at, _)| (*t, *c, *at)).collect();
         let mut steps = flight.into_steps();
+        // The endings' statement and the claim are planned once per connection: planning
+        // either anew took PostgreSQL longer than running it for a few tasks (the endings 0.25
+        // ms; the claim 0.2-0.45 ms against 0.01 for its generic plan), and their generic
+        // plans read each task by its key and the queue by its index (`by_key` holds for the
+        // whole transaction, so no plan made while the table was small scans it).
+        steps.push(plan_cache("force_generic_plan"));
         if !ends.is_empty() || !finished.is_empty() {
-            // Planned once: planning it anew took PostgreSQL longer (0.25 ms) than running it
-            // for a few tasks, and its generic plan reads each task by its key.
-            steps.push(plan_cache("force_generic_plan"));
             steps.push(statement(&ends, &finished)?);
-            steps.push(plan_cache("auto"));
         }
         let now = now_ms();
         let claim = (limit > 0).then(|| {
             steps.push(self.claim_step(now, limit));
             steps.len() - 1
         });
+        steps.push(plan_cache("auto"));
         steps.extend(notify_queued(writes));
         let mut answers = tx.commit_after(&steps)?;
         let Some(claim) = claim else {
