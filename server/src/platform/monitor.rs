@@ -36,6 +36,13 @@ pub(super) struct StoreFigures {
     size: crate::store::StoreSize,
 }
 
+impl StoreFigures {
+    /// How long these figures are reused.
+    pub(super) fn reused_for(&self) -> Duration {
+        health_figures_reused_for(self.took)
+    }
+}
+
 impl Platform {
     /// The store's figures for health and the Prometheus exposition: the last ones read if
     /// younger than [`health_figures_reused_for`] their read, else read now (callers meanwhile
@@ -43,19 +50,21 @@ impl Platform {
     async fn health_figures(&self) -> Result<StoreFigures> {
         let mut last = self.inner.health_figures.lock().await;
         if let Some(f) = *last {
-            if f.at.elapsed() < health_figures_reused_for(f.took) {
+            if f.at.elapsed() < f.reused_for() {
                 return Ok(f);
             }
         }
         let store = self.inner.store.clone();
-        let start = Instant::now();
-        let (queued, running, size) = blocking(move || -> Result<_> {
-            Ok((store.queue_depth()?, store.running()?, store.size()?))
+        // Timed on the blocking thread: what the store took, not the wait for a thread.
+        let (queued, running, size, took) = blocking(move || -> Result<_> {
+            let start = Instant::now();
+            let figures = (store.queue_depth()?, store.running()?, store.size()?);
+            Ok((figures.0, figures.1, figures.2, start.elapsed()))
         })
         .await??;
         let read = StoreFigures {
             at: Instant::now(),
-            took: start.elapsed(),
+            took,
             queued,
             running,
             size,
@@ -185,9 +194,10 @@ impl Platform {
         let day = crate::rollup::RESOLUTIONS[2];
         let rows = blocking(move || store.rollups(scope.as_deref(), None, day, i64::MIN, i64::MAX))
             .await??;
-        let counts = match caller.admin {
-            true => Some(self.health_figures().await?),
-            false => None,
+        let counts = if caller.admin {
+            Some(self.health_figures().await?)
+        } else {
+            None
         };
         let system = counts.map(
             |StoreFigures {
