@@ -56,19 +56,18 @@ impl Platform {
         }
         let store = self.inner.store.clone();
         // Timed on the blocking thread: what the store took, not the wait for a thread.
-        let (queued, running, size, took) = blocking(move || -> Result<_> {
+        let read = blocking(move || -> Result<_> {
             let start = Instant::now();
-            let figures = (store.queue_depth()?, store.running()?, store.size()?);
-            Ok((figures.0, figures.1, figures.2, start.elapsed()))
+            let (queued, running, size) = (store.queue_depth()?, store.running()?, store.size()?);
+            Ok(StoreFigures {
+                at: Instant::now(),
+                took: start.elapsed(),
+                queued,
+                running,
+                size,
+            })
         })
         .await??;
-        let read = StoreFigures {
-            at: Instant::now(),
-            took,
-            queued,
-            running,
-            size,
-        };
         *last = Some(read);
         Ok(read)
     }
@@ -194,31 +193,22 @@ impl Platform {
         let day = crate::rollup::RESOLUTIONS[2];
         let rows = blocking(move || store.rollups(scope.as_deref(), None, day, i64::MIN, i64::MAX))
             .await??;
-        let counts = if caller.admin {
-            Some(self.health_figures().await?)
+        let system = if caller.admin {
+            let figures = self.health_figures().await?;
+            let process = crate::metrics::process();
+            Some(crate::prometheus::System {
+                pool: self.inner.pool.stats(),
+                queue_depth: figures.queued,
+                tasks_running: figures.running + self.sync_running(),
+                uptime_s: self.inner.started.elapsed().as_secs_f64(),
+                resident_memory_bytes: process["resident_memory_bytes"].as_u64().unwrap_or(0),
+                host_memory_total_bytes: crate::metrics::meminfo_bytes("MemTotal:"),
+                host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
+                node: self.node_id(),
+            })
         } else {
             None
         };
-        let system = counts.map(
-            |StoreFigures {
-                 queued: queue_depth,
-                 running: tasks_running,
-                 ..
-             }| {
-                let tasks_running = tasks_running + self.sync_running();
-                let process = crate::metrics::process();
-                crate::prometheus::System {
-                    pool: self.inner.pool.stats(),
-                    queue_depth,
-                    tasks_running,
-                    uptime_s: self.inner.started.elapsed().as_secs_f64(),
-                    resident_memory_bytes: process["resident_memory_bytes"].as_u64().unwrap_or(0),
-                    host_memory_total_bytes: crate::metrics::meminfo_bytes("MemTotal:"),
-                    host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
-                    node: self.node_id(),
-                }
-            },
-        );
         let mut text = crate::prometheus::render(&rows, system.as_ref());
         text.push_str(&crate::prometheus::render_anomalies(
             &self.anomaly_scores(caller),
