@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use libtest_mimic::Arguments;
-use serde_json::json;
+use serde_json::{json, Value};
 
 static SERVER: OnceLock<Server> = OnceLock::new();
 
@@ -44,6 +44,7 @@ fn main() {
         ("outcomes_are_recorded", outcomes),
         ("kill_9_loses_no_task", kill9),
         ("every_documented_route_is_mounted", openapi),
+        ("head_options_and_encoded_bodies", http_methods_and_codings),
         ("weak_secret_refuses_to_start", weak_secret),
         ("isolation_is_per_function", isolation),
         ("missing_gvisor_is_refused_at_deploy", missing_gvisor),
@@ -1106,9 +1107,93 @@ fn openapi() {
     );
     assert_eq!(r.status, 405, "{r:?}");
     assert!(
-        r.headers.iter().any(|(k, v)| k == "allow" && v == "GET"),
+        r.headers
+            .iter()
+            .any(|(k, v)| k == "allow" && v == "GET, HEAD, OPTIONS"),
         "{r:?}"
     );
+}
+
+/// HEAD is answered as GET without a body, OPTIONS with what a path takes, and a body sent
+/// compressed is refused with a 415 that says so, before it is read.
+fn http_methods_and_codings() {
+    let s = shared();
+    let t = s.token("methods", false);
+    assert_eq!(
+        deploy(
+            s,
+            &t,
+            "echo",
+            &[("function.py", "def handler(e):\n    return e\n")]
+        )
+        .status,
+        201
+    );
+    let health = request("HEAD", &format!("{}/api/system/health", s.url), None, None);
+    assert_eq!(health.status, 200, "{health:?}");
+    assert_eq!(health.body, Value::String(String::new()), "{health:?}");
+    assert!(
+        health
+            .headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v == "application/json"),
+        "{health:?}"
+    );
+    let listed = request("HEAD", &format!("{}/api/functions", s.url), Some(&t), None);
+    assert_eq!(listed.status, 200, "{listed:?}");
+    let anonymous = request("HEAD", &format!("{}/api/functions", s.url), None, None);
+    assert_eq!(anonymous.status, 401, "{anonymous:?}");
+    let head_of_post = request(
+        "HEAD",
+        &format!("{}/api/functions/deploy", s.url),
+        Some(&t),
+        None,
+    );
+    assert_ne!(head_of_post.status, 405, "{head_of_post:?}");
+
+    let options = request(
+        "OPTIONS",
+        &format!("{}/api/functions/echo/run", s.url),
+        None,
+        None,
+    );
+    assert_eq!(options.status, 204, "{options:?}");
+    assert!(
+        options
+            .headers
+            .iter()
+            .any(|(k, v)| k == "allow" && v == "POST, OPTIONS"),
+        "{options:?}"
+    );
+    let nowhere = request("OPTIONS", &format!("{}/api/nothing", s.url), None, None);
+    assert_eq!(nowhere.status, 404, "{nowhere:?}");
+
+    let before = get(s, "/api/functions/echo/tasks", &t);
+    let gzipped = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+        .run(
+            ureq::http::Request::builder()
+                .method("POST")
+                .uri(format!("{}/api/functions/echo/run", s.url))
+                .header("authorization", format!("Bearer {t}"))
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3])
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(gzipped.status().as_u16(), 415);
+    let text = gzipped.into_body().read_to_string().unwrap();
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["code"], "unsupported_media_type", "{text}");
+    assert!(
+        error["error"]["message"].as_str().unwrap().contains("gzip"),
+        "{text}"
+    );
+    let after = get(s, "/api/functions/echo/tasks", &t);
+    assert_eq!(before.body, after.body, "a refused body ran nothing");
 }
 
 fn weak_secret() {

@@ -112,6 +112,17 @@ fn https_from_files() {
             ])
             .unwrap();
             assert!(ok && text.trim() == "2", "HTTP/2 over TLS: {text}");
+            // HEAD over HTTP/2 ends the stream with the head: a body after it is a protocol
+            // error to the client (curl fails the transfer).
+            let (ok, text) = curl(&["-sS", "--http2", "--head", "--cacert", ca, &url]).unwrap();
+            assert!(
+                ok && text.starts_with("HTTP/2 200"),
+                "HEAD over HTTP/2: {text}"
+            );
+            assert!(
+                text.contains("content-length: "),
+                "HEAD over HTTP/2: {text}"
+            );
             let (ok, text) = curl(&[
                 "-sS",
                 "--http1.1",

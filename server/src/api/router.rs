@@ -148,6 +148,12 @@ impl Table {
 
     fn find(&self, method: &Method, path: &str) -> Found<'_> {
         let parts: Vec<&str> = segments(path).collect();
+        // HEAD is answered as GET (RFC 9110 9.3.2); hyper sends the head without the body.
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
         let mut allowed = Vec::new();
         // A literal beats a parameter: among the routes that match, the one whose first
         // differing segment is literal wins (`/api/functions/deploy` over `{id}`).
@@ -305,8 +311,42 @@ fn too_large() -> ApiError {
     )
 }
 
-/// Answers one request from the table.
+/// Answers one request from the table. A HEAD request gets the head of its GET's answer: its
+/// body's length, without the body. hyper leaves the body out of an HTTP/1 answer to HEAD, not
+/// out of an HTTP/2 one, where a body after HEAD is a protocol error to the client.
 pub async fn dispatch<S, B>(
+    table: Arc<Table>,
+    state: AppState,
+    method: Method,
+    path: String,
+    query: String,
+    headers: HeaderMap,
+    body: S,
+) -> Response
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let head = method == Method::HEAD;
+    let response = answer(table, state, method, path, query, headers, body).await;
+    if head {
+        head_of(response)
+    } else {
+        response
+    }
+}
+
+/// `response` without its body, saying how long the body was where that is known.
+fn head_of(response: Response) -> Response {
+    use warp::hyper::body::Body as _;
+    let (mut parts, body) = response.into_parts();
+    if let Some(n) = body.size_hint().exact() {
+        parts.headers.insert("content-length", HeaderValue::from(n));
+    }
+    Response::from_parts(parts, Default::default())
+}
+
+async fn answer<S, B>(
     table: Arc<Table>,
     state: AppState,
     method: Method,
@@ -322,14 +362,21 @@ where
     let (route, params) = match table.find(&method, &path) {
         Found::Route(route, params) => (route, params),
         Found::Method(allowed) => {
-            let mut response = ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-            .reply();
-            let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
-            if let Ok(v) = HeaderValue::from_str(&allow.join(", ")) {
+            // OPTIONS asks what a path takes (RFC 9110 9.3.7): no route has it, so it lands
+            // here, and is answered rather than refused.
+            let mut response = if method == Method::OPTIONS {
+                let mut ok = Response::new(Default::default());
+                *ok.status_mut() = StatusCode::NO_CONTENT;
+                ok
+            } else {
+                ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    "this route does not take that method",
+                )
+                .reply()
+            };
+            if let Ok(v) = HeaderValue::from_str(&allow(&allowed)) {
                 response.headers_mut().insert("allow", v);
             }
             return response;
@@ -357,6 +404,14 @@ where
         },
     };
     let body = if route.body {
+        if let Some(coding) = encoded(&headers) {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("the body is sent with Content-Encoding {coding:?}; send it unencoded"),
+            )
+            .reply();
+        }
         let limit = state.max_body_bytes;
         let announced = headers
             .get("content-length")
@@ -384,6 +439,29 @@ where
         Ok(response) => response,
         Err(e) => e.reply(),
     }
+}
+
+/// The `Allow` header of a path whose routes take `methods`: each once, HEAD wherever GET
+/// is, and OPTIONS, which every known path answers.
+fn allow(methods: &[Method]) -> String {
+    let mut all: Vec<&str> = methods.iter().map(Method::as_str).collect();
+    if methods.contains(&Method::GET) {
+        all.push(Method::HEAD.as_str());
+    }
+    all.push(Method::OPTIONS.as_str());
+    let mut seen = BTreeSet::new();
+    all.retain(|m| seen.insert(*m));
+    all.join(", ")
+}
+
+/// The content coding of a request's body, unless it is none (`identity`): the bodies read
+/// here are JSON, ZIP or forms as sent, and a compressed one would only fail to parse.
+fn encoded(headers: &HeaderMap) -> Option<String> {
+    let coding = headers.get("content-encoding")?;
+    let coding = String::from_utf8_lossy(coding.as_bytes())
+        .trim()
+        .to_string();
+    (!coding.is_empty() && !coding.eq_ignore_ascii_case("identity")).then_some(coding)
 }
 
 /// The caller, from a valid bearer token.
@@ -454,9 +532,41 @@ mod tests {
         assert_eq!(found(Method::GET, "/api/functions"), "/api/functions/ []");
         assert_eq!(found(Method::GET, "/api/functions/"), "/api/functions/ []");
         assert_eq!(found(Method::DELETE, "/api/functions/x"), "405 [GET, PUT]");
+        assert_eq!(
+            found(Method::HEAD, "/api/functions/x"),
+            "/api/functions/{id} [\"x\"]"
+        );
+        assert_eq!(
+            found(Method::HEAD, "/api/functions/deploy"),
+            "/api/functions/{id} [\"deploy\"]"
+        );
+        assert_eq!(found(Method::OPTIONS, "/api/functions/x"), "405 [GET, PUT]");
         assert_eq!(found(Method::GET, "/api/nothing"), "404");
         assert_eq!(found(Method::GET, "/api/functions/%ff"), "400 %ff");
         assert_eq!(found(Method::GET, "/api/functions//"), "404");
+    }
+
+    #[test]
+    fn allow_lists_each_method_once_with_head_and_options() {
+        assert_eq!(
+            allow(&[Method::GET, Method::PUT, Method::GET]),
+            "GET, PUT, HEAD, OPTIONS"
+        );
+        assert_eq!(allow(&[Method::POST]), "POST, OPTIONS");
+    }
+
+    #[test]
+    fn only_an_identity_body_is_read() {
+        let with = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("content-encoding", HeaderValue::from_static(v));
+            encoded(&h)
+        };
+        assert_eq!(encoded(&HeaderMap::new()), None);
+        assert_eq!(with("identity"), None);
+        assert_eq!(with("Identity "), None);
+        assert_eq!(with("gzip"), Some("gzip".to_string()));
+        assert_eq!(with("br"), Some("br".to_string()));
     }
 
     #[test]
