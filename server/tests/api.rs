@@ -1114,8 +1114,9 @@ fn openapi() {
     );
 }
 
-/// HEAD is answered as GET without a body, OPTIONS with what a path takes, and a body sent
-/// compressed is refused with a 415 that says so, before it is read.
+/// HEAD is answered as GET without a body, OPTIONS with what a path takes, a body sent
+/// compressed is refused with a 415 that says so, before it is read, and a byte order mark
+/// before JSON is ignored.
 fn http_methods_and_codings() {
     let s = shared();
     let t = s.token("methods", false);
@@ -1194,6 +1195,15 @@ fn http_methods_and_codings() {
     );
     let after = get(s, "/api/functions/echo/tasks", &t);
     assert_eq!(before.body, after.body, "a refused body ran nothing");
+
+    // A byte order mark before the JSON (some clients write one) is not part of the payload.
+    let marked = request(
+        "POST",
+        &format!("{}/api/functions/echo/run", s.url),
+        Some(&t),
+        Some(("application/json", b"\xef\xbb\xbf{\"a\": 1}".to_vec())),
+    );
+    assert_eq!(marked.status, 202, "{marked:?}");
 }
 
 fn weak_secret() {

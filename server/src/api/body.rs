@@ -140,12 +140,20 @@ pub fn name_of_file(filename: &str) -> Option<String> {
     crate::model::name_from(&stem.to_string_lossy())
 }
 
+/// The JSON text of a body: a leading UTF-8 byte order mark, which JSON forbids senders to
+/// add and lets parsers ignore (RFC 8259 8.1), is left out. Some clients add one (Windows
+/// PowerShell writing UTF-8, for one).
+pub fn json_text(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body)
+}
+
 /// A run's payload: any JSON value; an empty body means `{}`.
 pub fn payload(body: &Bytes) -> Result<Value, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let text = json_text(body);
+    if text.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body)
+    serde_json::from_slice(text)
         .map_err(|e| ApiError::bad_request(format!("the payload must be JSON: {e}")))
 }
 
@@ -154,10 +162,11 @@ pub fn json_or_empty<T: serde::de::DeserializeOwned>(
     body: &Bytes,
     what: &str,
 ) -> Result<T, ApiError> {
-    let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+    let text = json_text(body);
+    let text: &[u8] = if text.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
-        body
+        text
     };
     serde_json::from_slice(text).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
 }
@@ -229,6 +238,17 @@ impl RangeQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_byte_order_mark_before_json_is_ignored() {
+        let bom = |text: &str| Bytes::from([b"\xef\xbb\xbf".as_slice(), text.as_bytes()].concat());
+        assert_eq!(payload(&bom(r#"{"a": 1}"#)).unwrap(), json!({"a": 1}));
+        assert_eq!(payload(&bom("")).unwrap(), json!({}));
+        let empty: Value = json_or_empty(&bom(" "), "settings").unwrap();
+        assert_eq!(empty, json!({}));
+        // Only at the start: inside the text it is not JSON.
+        assert!(payload(&Bytes::from_static(b"[1, \xef\xbb\xbf2]")).is_err());
+    }
 
     #[test]
     fn spans_parse_and_odd_text_is_refused_not_panicked_on() {

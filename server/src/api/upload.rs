@@ -66,7 +66,7 @@ struct PayloadBody {
 
 /// `POST /functions/{id}/execute` with `{"payload": "<string>"}`.
 async fn execute(c: Ctx) -> Reply {
-    let b: PayloadBody = serde_json::from_slice(&c.body).map_err(|e| {
+    let b: PayloadBody = serde_json::from_slice(super::body::json_text(&c.body)).map_err(|e| {
         ApiError::bad_request(format!("send JSON {{\"payload\": \"<string>\"}}: {e}"))
     })?;
     let task = c
