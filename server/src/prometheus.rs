@@ -30,9 +30,33 @@ pub struct System {
     pub resident_memory_bytes: u64,
     pub host_memory_total_bytes: u64,
     pub host_memory_available_bytes: u64,
+    /// The store and the disk under it, as this node sees them.
+    pub storage: Storage,
     /// This node's id where several share the store: the series of this process (its pool,
     /// memory, uptime) carry it as a `node` label; the queue's are the cluster's.
     pub node: Option<String>,
+}
+
+/// The store's figures in the exposition: what health's `storage` says, and how the
+/// recorder's group commits go.
+#[derive(Debug, Clone, Default)]
+pub struct Storage {
+    /// Free bytes on the data directory's filesystem.
+    pub free_bytes: u64,
+    /// Below `--min-free-mb`: new work is refused.
+    pub low: bool,
+    pub database_bytes: u64,
+    pub wal_bytes: u64,
+    /// Task records queued to the recorder and not yet committed.
+    pub records_pending: u64,
+    /// Task records the store refused for now, kept in memory to try again.
+    pub records_kept: u64,
+    /// Task records given up on.
+    pub records_lost: u64,
+    /// The recorder's transactions.
+    pub commits: u64,
+    /// The writes they held.
+    pub writes: u64,
 }
 
 /// A label value with `\`, `"` and newlines escaped.
@@ -292,6 +316,7 @@ fn render_system(out: &mut String, s: &System) {
             of_node(&[("backend", backend)])
         );
     }
+    render_storage(out, &s.storage, &of_node(&[]));
     gauge(
         out,
         "cloudfunc_uptime_seconds",
@@ -316,6 +341,70 @@ fn render_system(out: &mut String, s: &System) {
         "The host's available memory.",
         s.host_memory_available_bytes.to_string(),
     );
+}
+
+/// The store's series, each with the node's `labels` (or none).
+fn render_storage(out: &mut String, s: &Storage, labels: &str) {
+    let gauge = |out: &mut String, name: &str, help: &str, value: String| {
+        family(out, name, "gauge", help);
+        let _ = writeln!(out, "{name}{labels} {value}");
+    };
+    gauge(
+        out,
+        "cloudfunc_storage_free_bytes",
+        "Free bytes on the data directory's filesystem.",
+        s.free_bytes.to_string(),
+    );
+    gauge(
+        out,
+        "cloudfunc_storage_low",
+        "1 while free space is below --min-free-mb and new work is refused.",
+        u8::from(s.low).to_string(),
+    );
+    gauge(
+        out,
+        "cloudfunc_store_database_bytes",
+        "The database's size.",
+        s.database_bytes.to_string(),
+    );
+    gauge(
+        out,
+        "cloudfunc_store_wal_bytes",
+        "The database's write-ahead log (0 where there is none).",
+        s.wal_bytes.to_string(),
+    );
+    gauge(
+        out,
+        "cloudfunc_store_records_pending",
+        "Task records queued to be stored and not yet committed.",
+        s.records_pending.to_string(),
+    );
+    gauge(
+        out,
+        "cloudfunc_store_records_kept",
+        "Task records the store refused for now, kept in memory to try again (health is degraded meanwhile).",
+        s.records_kept.to_string(),
+    );
+    for (name, help, n) in [
+        (
+            "cloudfunc_store_records_lost_total",
+            "Task records given up on (each is in the log).",
+            s.records_lost,
+        ),
+        (
+            "cloudfunc_store_commits_total",
+            "Transactions of the task recorder (group commits).",
+            s.commits,
+        ),
+        (
+            "cloudfunc_store_writes_total",
+            "Task writes those transactions held.",
+            s.writes,
+        ),
+    ] {
+        family(out, name, "counter", help);
+        let _ = writeln!(out, "{name}{labels} {n}");
+    }
 }
 
 #[cfg(test)]
@@ -394,6 +483,12 @@ mod tests {
             resident_memory_bytes: 3,
             host_memory_total_bytes: 4,
             host_memory_available_bytes: 5,
+            storage: Storage {
+                records_kept: 2,
+                commits: 9,
+                low: true,
+                ..Storage::default()
+            },
             node: node.map(String::from),
         };
         let text = render(&[], Some(&system(Some("n1"))));
@@ -406,6 +501,14 @@ mod tests {
             text.contains("cloudfunc_pool_calls_total{start=\"warm\",node=\"n1\"} 0"),
             "{text}"
         );
+        for line in [
+            "cloudfunc_store_records_kept{node=\"n1\"} 2\n",
+            "cloudfunc_store_commits_total{node=\"n1\"} 9\n",
+            "cloudfunc_storage_low{node=\"n1\"} 1\n",
+            "# TYPE cloudfunc_store_writes_total counter\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         let alone = render(&[], Some(&system(None)));
         assert!(alone.contains("cloudfunc_uptime_seconds 2\n"), "{alone}");
         assert!(!alone.contains("node="), "{alone}");

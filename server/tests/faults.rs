@@ -141,6 +141,10 @@ fn disk_full() {
         h["storage"]["records_kept"].as_u64().unwrap_or(0) > 0
     });
     assert_eq!(h["status"], "degraded", "{h}");
+    // Prometheus says so too, to an admin.
+    let admin = s.token("ops", true);
+    let kept = metric(&s, &admin, "cloudfunc_store_records_kept");
+    assert!(kept > 0.0, "records kept: {kept}");
     // Every answered call reads back, from memory for now.
     for id in &answered {
         let r = get(&s, &format!("/api/tasks/{id}"), &t);
@@ -159,6 +163,19 @@ fn disk_full() {
         h["storage"]["records_kept"] == 0 && h["status"] == "ok"
     });
     assert_eq!(h["storage"]["records_lost"], 0, "{h}");
+    assert_eq!(metric(&s, &admin, "cloudfunc_store_records_kept"), 0.0);
+    assert_eq!(
+        metric(&s, &admin, "cloudfunc_store_records_lost_total"),
+        0.0
+    );
+    let (commits, writes) = (
+        metric(&s, &admin, "cloudfunc_store_commits_total"),
+        metric(&s, &admin, "cloudfunc_store_writes_total"),
+    );
+    assert!(
+        commits >= 1.0 && writes >= answered.len() as f64,
+        "{commits} commits of {writes} writes"
+    );
     s.stop();
 
     // On disk for real: a fresh start reads them all back, the async task not `running`.
@@ -366,4 +383,15 @@ fn main() {
         .map(|(name, f)| trial(name, f, why.is_some()))
         .collect();
     libtest_mimic::run(&args, trials).exit();
+}
+
+/// The value of the series `name` (without labels, or with this node's) in `/metrics`.
+fn metric(s: &Server, token: &str, name: &str) -> f64 {
+    let r = request("GET", &format!("{}/metrics", s.url), Some(token), None);
+    let text = r.body.as_str().unwrap_or_default().to_string();
+    text.lines()
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not in /metrics: {text}"))
 }

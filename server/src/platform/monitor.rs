@@ -165,6 +165,7 @@ impl Platform {
                 "low": space.low,
                 "database_bytes": size.database_bytes,
                 "wal_bytes": size.wal_bytes,
+                "records_pending": self.inner.recorder.pending(),
                 "records_kept": records_kept,
                 "records_lost": records_lost,
             },
@@ -187,6 +188,22 @@ impl Platform {
         }))
     }
 
+    /// The store's figures for the exposition, `figures` read from it.
+    fn storage_figures(&self, figures: &StoreFigures) -> crate::prometheus::Storage {
+        let (space, recorder) = (self.inner.space.report(), &self.inner.recorder);
+        crate::prometheus::Storage {
+            free_bytes: space.free_bytes,
+            low: space.low,
+            database_bytes: figures.size.database_bytes,
+            wal_bytes: figures.size.wal_bytes,
+            records_pending: recorder.pending() as u64,
+            records_kept: recorder.kept().len() as u64,
+            records_lost: recorder.kept().lost(),
+            commits: recorder.commits(),
+            writes: recorder.written(),
+        }
+    }
+
     /// The Prometheus exposition: the caller's functions, and the whole system for an admin.
     pub async fn prometheus(&self, caller: &Caller) -> Result<String> {
         let (store, scope) = (self.settled_store().await, caller.scope().map(String::from));
@@ -204,6 +221,7 @@ impl Platform {
                 resident_memory_bytes: process["resident_memory_bytes"].as_u64().unwrap_or(0),
                 host_memory_total_bytes: crate::metrics::meminfo_bytes("MemTotal:"),
                 host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
+                storage: self.storage_figures(&figures),
                 node: self.node_id(),
             })
         } else {

@@ -132,6 +132,8 @@ pub struct Recorder {
     pending: Arc<AtomicUsize>,
     /// Batches committed so far.
     commits: Arc<AtomicU64>,
+    /// Writes those batches held.
+    written: Arc<AtomicU64>,
     /// Times the thread woke from waiting for messages.
     wakes: Arc<AtomicU64>,
     /// The recorder's thread, unparked for a message someone waits for.
@@ -149,6 +151,8 @@ impl Recorder {
         let counted = pending.clone();
         let commits = Arc::new(AtomicU64::new(0));
         let committed = commits.clone();
+        let written = Arc::new(AtomicU64::new(0));
+        let counts = (commits.clone(), written.clone());
         let wakes = Arc::new(AtomicU64::new(0));
         let woken = wakes.clone();
         let retry = Arc::new(Retry::default());
@@ -170,7 +174,7 @@ impl Recorder {
                             wakes.fetch_add(1, Ordering::Relaxed);
                             let mut batch = gather(first, &incoming, &wakes);
                             let claims = take_claims(&mut batch, &incoming);
-                            commit(store.as_ref(), batch, claims, (&counted, &commits), &retry);
+                            commit(store.as_ref(), batch, claims, (&counted, &counts), &retry);
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -187,6 +191,7 @@ impl Recorder {
             queue,
             pending,
             commits: committed,
+            written,
             wakes: woken,
             thread,
             retry: kept,
@@ -215,6 +220,17 @@ impl Recorder {
     /// How many batches have been committed (or tried) so far.
     pub fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
+    }
+
+    /// How many writes the committed batches held: with [`Recorder::commits`], how many
+    /// writes share a commit.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Writes queued and not yet committed.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
     }
 
     /// How many times the thread woke from waiting for messages.
@@ -304,7 +320,7 @@ fn commit(
     store: &dyn Store,
     batch: Vec<Message>,
     claims: Vec<(usize, oneshot::Sender<Result<Vec<Task>>>)>,
-    (pending, commits): (&AtomicUsize, &AtomicU64),
+    (pending, (commits, written)): (&AtomicUsize, &(Arc<AtomicU64>, Arc<AtomicU64>)),
     retry: &Retry,
 ) {
     let mut writes = Vec::with_capacity(batch.len());
@@ -343,6 +359,7 @@ fn commit(
             .collect()
     };
     commits.fetch_add(1, Ordering::Relaxed);
+    written.fetch_add(writes.len() as u64, Ordering::Relaxed);
     pending.fetch_sub(writes.len(), Ordering::SeqCst);
     for ((write, reply), result) in writes.into_iter().zip(replies).zip(results) {
         match (reply, result) {
