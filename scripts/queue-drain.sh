@@ -36,8 +36,11 @@ stop() {
 }
 depth() { curl -sf "127.0.0.1:$PORT/api/system/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["queue_depth"])'; }
 
-echo "| queue workers | backlog | run | seconds | tasks run/s |"
-echo "|---|---|---|---|---|"
+# Besides the rate: how many task writes shared each of the recorder's commits (its group
+# commits, from /metrics), and the share of the machine's CPU left idle during the drain (from
+# /proc/stat): a drain with idle CPU is bound by how fast batches turn around, not by the CPU.
+echo "| queue workers | backlog | run | seconds | tasks run/s | writes per commit | CPU idle % |"
+echo "|---|---|---|---|---|---|---|"
 for w in $WORKERS; do
   start 1 "$BUILD_BIN"
   T=$("$BUILD_BIN/cloudfunc" --data-dir "$WORK/data" --tenant bench token)
@@ -45,16 +48,28 @@ for w in $WORKERS; do
     --first-calls 0 --only async >/dev/null
   stop
   start "$w"
+  ADMIN=$("$BIN/cloudfunc" --data-dir "$WORK/data" token --admin)
   # One poller for the whole drain: a shell loop forking curl and python3 (through pyenv's
   # shims) five times a second took 15-20 % of this 2-vCPU VM's CPU from the drain it timed.
   # Counting the queue costs the store time in proportion to its depth (12-15 ms for 60,000
   # queued on PostgreSQL), so the poller looks seldom while the queue is deep and often as
   # it nears empty: about a quarter of the time left at the rate so far, 0.05-1 s.
-  read -r before ran secs rate < <(python3 - "$PORT" <<'POLL'
+  read -r before ran secs rate per idle < <(python3 - "$PORT" "$ADMIN" <<'POLL'
 import json, sys, time, urllib.request
 url = f"http://127.0.0.1:{sys.argv[1]}/api/system/health"
 depth = lambda: json.load(urllib.request.urlopen(url))["queue_depth"]
+def commits():
+    req = urllib.request.Request(url.replace("/api/system/health", "/metrics"),
+                                 headers={"Authorization": f"Bearer {sys.argv[2]}"})
+    text = urllib.request.urlopen(req).read().decode()
+    value = lambda name: float(next(l for l in text.splitlines() if l.split("{")[0].split(" ")[0] == name).rsplit(" ", 1)[1])
+    return value("cloudfunc_store_commits_total"), value("cloudfunc_store_writes_total")
+def cpu():
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)
 before = after = depth()
+c0, w0 = commits()
+i0, t0_cpu = cpu()
 t0 = time.monotonic()
 while after and time.monotonic() - t0 < 30:
     spent = time.monotonic() - t0
@@ -62,11 +77,14 @@ while after and time.monotonic() - t0 < 30:
     time.sleep(min(1.0, max(0.05, after / rate / 4)) if rate else 0.25)
     after = depth()
 d = time.monotonic() - t0
-print(before, before - after, round(d, 1), round((before - after) / d))
+i1, t1_cpu = cpu()
+c1, w1 = commits()
+print(before, before - after, round(d, 1), round((before - after) / d),
+      round((w1 - w0) / max(c1 - c0, 1), 1), round(100 * (i1 - i0) / max(t1_cpu - t0_cpu, 1)))
 POLL
   )
   stop
-  echo "| $w | $before | $ran | $secs | $rate |"
+  echo "| $w | $before | $ran | $secs | $rate | $per | $idle |"
   # Whatever is left is run out before the next round's backlog.
   start 16
   while [ "$(depth)" != 0 ]; do sleep 1; done
