@@ -345,65 +345,65 @@ fn render_system(out: &mut String, s: &System) {
 
 /// The store's series, each with the node's `labels` (or none).
 fn render_storage(out: &mut String, s: &Storage, labels: &str) {
-    let gauge = |out: &mut String, name: &str, help: &str, value: String| {
-        family(out, name, "gauge", help);
-        let _ = writeln!(out, "{name}{labels} {value}");
-    };
-    gauge(
-        out,
-        "cloudfunc_storage_free_bytes",
-        "Free bytes on the data directory's filesystem.",
-        s.free_bytes.to_string(),
-    );
-    gauge(
-        out,
-        "cloudfunc_storage_low",
-        "1 while free space is below --min-free-mb and new work is refused.",
-        u8::from(s.low).to_string(),
-    );
-    gauge(
-        out,
-        "cloudfunc_store_database_bytes",
-        "The database's size.",
-        s.database_bytes.to_string(),
-    );
-    gauge(
-        out,
-        "cloudfunc_store_wal_bytes",
-        "The database's write-ahead log (0 where there is none).",
-        s.wal_bytes.to_string(),
-    );
-    gauge(
-        out,
-        "cloudfunc_store_records_pending",
-        "Task records queued to be stored and not yet committed.",
-        s.records_pending.to_string(),
-    );
-    gauge(
-        out,
-        "cloudfunc_store_records_kept",
-        "Task records the store refused for now, kept in memory to try again (health is degraded meanwhile).",
-        s.records_kept.to_string(),
-    );
-    for (name, help, n) in [
+    let series = [
+        (
+            "cloudfunc_storage_free_bytes",
+            "gauge",
+            "Free bytes on the data directory's filesystem.",
+            s.free_bytes,
+        ),
+        (
+            "cloudfunc_storage_low",
+            "gauge",
+            "1 while free space is below --min-free-mb and new work is refused.",
+            u64::from(s.low),
+        ),
+        (
+            "cloudfunc_store_database_bytes",
+            "gauge",
+            "The database's size.",
+            s.database_bytes,
+        ),
+        (
+            "cloudfunc_store_wal_bytes",
+            "gauge",
+            "The database's write-ahead log (0 where there is none).",
+            s.wal_bytes,
+        ),
+        (
+            "cloudfunc_store_records_pending",
+            "gauge",
+            "Task records queued to be stored and not yet committed.",
+            s.records_pending,
+        ),
+        (
+            "cloudfunc_store_records_kept",
+            "gauge",
+            "Task records the store refused for now, kept in memory to try again (health is degraded meanwhile).",
+            s.records_kept,
+        ),
         (
             "cloudfunc_store_records_lost_total",
+            "counter",
             "Task records given up on (each is in the log).",
             s.records_lost,
         ),
         (
             "cloudfunc_store_commits_total",
+            "counter",
             "Transactions of the task recorder (group commits).",
             s.commits,
         ),
         (
             "cloudfunc_store_writes_total",
+            "counter",
             "Task writes those transactions held.",
             s.writes,
         ),
-    ] {
-        family(out, name, "counter", help);
-        let _ = writeln!(out, "{name}{labels} {n}");
+    ];
+    for (name, kind, help, value) in series {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name}{labels} {value}");
     }
 }
 
