@@ -80,7 +80,8 @@ pub fn routes(state: AppState) -> BoxedFilter<(warp::reply::Response,)> {
             move |method, path: warp::path::FullPath, query, headers, body| {
                 let (table, state) = (table.clone(), state.clone());
                 async move {
-                    router::dispatch(
+                    let head = method == warp::http::Method::HEAD;
+                    let response = router::dispatch(
                         table,
                         state,
                         method,
@@ -89,7 +90,12 @@ pub fn routes(state: AppState) -> BoxedFilter<(warp::reply::Response,)> {
                         headers,
                         Box::pin(body),
                     )
-                    .await
+                    .await;
+                    if head {
+                        router::head_of(response)
+                    } else {
+                        response
+                    }
                 }
             },
         )

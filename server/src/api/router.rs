@@ -311,33 +311,11 @@ fn too_large() -> ApiError {
     )
 }
 
-/// Answers one request from the table. A HEAD request gets the head of its GET's answer: its
-/// body's length, without the body. hyper leaves the body out of an HTTP/1 answer to HEAD, not
-/// out of an HTTP/2 one, where a body after HEAD is a protocol error to the client.
-pub async fn dispatch<S, B>(
-    table: Arc<Table>,
-    state: AppState,
-    method: Method,
-    path: String,
-    query: String,
-    headers: HeaderMap,
-    body: S,
-) -> Response
-where
-    S: futures_util::Stream<Item = Result<B, warp::Error>> + Unpin,
-    B: Buf,
-{
-    let head = method == Method::HEAD;
-    let response = answer(table, state, method, path, query, headers, body).await;
-    if head {
-        head_of(response)
-    } else {
-        response
-    }
-}
-
-/// `response` without its body, saying how long the body was where that is known.
-fn head_of(response: Response) -> Response {
+/// `response` without its body, saying how long the body was where that is known: the answer
+/// to a HEAD request, which the table answers as GET. hyper leaves the body out of an HTTP/1
+/// answer to HEAD, not out of an HTTP/2 one, where a body after HEAD is a protocol error to
+/// the client.
+pub fn head_of(response: Response) -> Response {
     use warp::hyper::body::Body as _;
     let (mut parts, body) = response.into_parts();
     if let Some(n) = body.size_hint().exact() {
@@ -346,7 +324,8 @@ fn head_of(response: Response) -> Response {
     Response::from_parts(parts, Default::default())
 }
 
-async fn answer<S, B>(
+/// Answers one request from the table (a HEAD request as GET: see [`head_of`]).
+pub async fn dispatch<S, B>(
     table: Arc<Table>,
     state: AppState,
     method: Method,
