@@ -133,22 +133,16 @@ impl Platform {
     /// Status, uptime, queue depth, the pool, host load, CPU and memory, and the server's own
     /// memory.
     pub async fn health(&self) -> Result<Value> {
-        let StoreFigures {
-            queued,
-            running,
-            size,
-            ..
-        } = self.health_figures().await?;
+        let figures = self.health_figures().await?;
         let space = self.inner.space.report();
-        let kept = self.inner.recorder.kept();
-        let (records_kept, records_lost) = (kept.len(), kept.lost());
+        let storage = self.storage_figures(&figures, &space);
         // Degraded: new work is refused for want of disk, or records wait to be stored.
-        let status = if space.low || records_kept > 0 {
+        let status = if storage.low || storage.records_kept > 0 {
             "degraded"
         } else {
             "ok"
         };
-        let running = running + self.sync_running();
+        let running = figures.running + self.sync_running();
         let pool = self.inner.pool.stats();
         let calls = pool.calls_cold + pool.calls_prewarmed + pool.calls_warm;
         let mut host = crate::metrics::host();
@@ -162,16 +156,16 @@ impl Platform {
                 "free_bytes": space.free_bytes,
                 "total_bytes": space.total_bytes,
                 "min_free_bytes": space.min_free_bytes,
-                "low": space.low,
-                "database_bytes": size.database_bytes,
-                "wal_bytes": size.wal_bytes,
-                "records_pending": self.inner.recorder.pending(),
-                "records_kept": records_kept,
-                "records_lost": records_lost,
+                "low": storage.low,
+                "database_bytes": storage.database_bytes,
+                "wal_bytes": storage.wal_bytes,
+                "records_pending": storage.records_pending,
+                "records_kept": storage.records_kept,
+                "records_lost": storage.records_lost,
             },
             "time": now_ms(),
             "uptime_s": self.inner.started.elapsed().as_secs_f64(),
-            "queue_depth": queued,
+            "queue_depth": figures.queued,
             "tasks_running": running,
             "sandboxes_running": pool.busy,
             "pool": pool,
@@ -188,9 +182,14 @@ impl Platform {
         }))
     }
 
-    /// The store's figures for the exposition, `figures` read from it.
-    fn storage_figures(&self, figures: &StoreFigures) -> crate::prometheus::Storage {
-        let (space, recorder) = (self.inner.space.report(), &self.inner.recorder);
+    /// The store's figures for health and the exposition: `figures` read from it, `space` of
+    /// its disk, and the recorder's.
+    fn storage_figures(
+        &self,
+        figures: &StoreFigures,
+        space: &super::space::SpaceReport,
+    ) -> crate::prometheus::Storage {
+        let recorder = &self.inner.recorder;
         crate::prometheus::Storage {
             free_bytes: space.free_bytes,
             low: space.low,
@@ -221,7 +220,7 @@ impl Platform {
                 resident_memory_bytes: process["resident_memory_bytes"].as_u64().unwrap_or(0),
                 host_memory_total_bytes: crate::metrics::meminfo_bytes("MemTotal:"),
                 host_memory_available_bytes: crate::metrics::meminfo_bytes("MemAvailable:"),
-                storage: self.storage_figures(&figures),
+                storage: self.storage_figures(&figures, &self.inner.space.report()),
                 node: self.node_id(),
             })
         } else {

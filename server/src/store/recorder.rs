@@ -152,7 +152,7 @@ impl Recorder {
         let commits = Arc::new(AtomicU64::new(0));
         let committed = commits.clone();
         let written = Arc::new(AtomicU64::new(0));
-        let counts = (commits.clone(), written.clone());
+        let wrote = written.clone();
         let wakes = Arc::new(AtomicU64::new(0));
         let woken = wakes.clone();
         let retry = Arc::new(Retry::default());
@@ -174,7 +174,13 @@ impl Recorder {
                             wakes.fetch_add(1, Ordering::Relaxed);
                             let mut batch = gather(first, &incoming, &wakes);
                             let claims = take_claims(&mut batch, &incoming);
-                            commit(store.as_ref(), batch, claims, (&counted, &counts), &retry);
+                            commit(
+                                store.as_ref(),
+                                batch,
+                                claims,
+                                (&counted, &commits, &wrote),
+                                &retry,
+                            );
                         }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -320,7 +326,7 @@ fn commit(
     store: &dyn Store,
     batch: Vec<Message>,
     claims: Vec<(usize, oneshot::Sender<Result<Vec<Task>>>)>,
-    (pending, (commits, written)): (&AtomicUsize, &(Arc<AtomicU64>, Arc<AtomicU64>)),
+    (pending, commits, written): (&AtomicUsize, &AtomicU64, &AtomicU64),
     retry: &Retry,
 ) {
     let mut writes = Vec::with_capacity(batch.len());
