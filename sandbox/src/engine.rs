@@ -21,6 +21,7 @@ use oci_spec::runtime::LinuxSeccomp;
 use crate::backend::{Backend, Container, Launch};
 use crate::cgroup::{CgroupFs, CgroupVersion, DEFAULT_CGROUP_ROOT};
 use crate::error::{Error, Result};
+use crate::memdirs::MemoryDirs;
 use crate::shim::CliRuntime;
 use crate::shim_backend::ShimBackend;
 
@@ -246,6 +247,8 @@ pub(crate) struct Inner {
     pub(crate) seccomp: Option<LinuxSeccomp>,
     counter: AtomicU64,
     sweep: SweepReport,
+    /// The tmpfs mounts of the state directories; dropped (unmounted) before the lock.
+    memory: MemoryDirs,
     _lock: File,
 }
 
@@ -286,11 +289,12 @@ impl Engine {
                 config.cgroup_parent
             )));
         }
-        for dir in [
+        let ephemeral = [
             config.state_dir.join("containers"),
             config.state_dir.join("bundles"),
-        ] {
-            fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+        ];
+        for dir in &ephemeral {
+            fs::create_dir_all(dir).map_err(Error::io(dir))?;
         }
         let lock = lock_state(&config.state_dir)?;
         let cgroups = CgroupFs::detect(&config.cgroup_root).map_err(Error::Cgroup)?;
@@ -310,6 +314,12 @@ impl Engine {
             SeccompPolicy::DisabledUnsafe => None,
         };
         let sweep = sweep(&config, backend.as_ref(), &cgroups);
+        // After the sweep, which sees what the disk held: from here on, in memory.
+        let memory = if backend.requires_root() {
+            MemoryDirs::ensure(&ephemeral)
+        } else {
+            MemoryDirs::default()
+        };
         if cgroups.version() == CgroupVersion::V2 {
             // On v2, libcontainer creates each missing component of a sandbox's cgroup path
             // with a plain mkdir: two sandboxes created at once both find the parent missing,
@@ -327,6 +337,7 @@ impl Engine {
                 seccomp,
                 counter: AtomicU64::new(0),
                 sweep,
+                memory,
                 _lock: lock,
             }),
         })
@@ -512,12 +523,14 @@ impl Engine {
 }
 
 impl Engine {
-    /// Removes the engine's parent cgroups, and any sandbox cgroup a teardown left under them
-    /// (killing what runs there): only for when no sandbox of this engine is alive any more.
-    /// Called when the last clone of the engine is dropped; an engine in a `static` calls it
-    /// itself before exit.
-    pub fn release_cgroup_parent(&self) {
+    /// Gives back what the engine holds on the host: removes its parent cgroups, and any
+    /// sandbox cgroup a teardown left under them (killing what runs there), and unmounts the
+    /// tmpfs it put its state on. Only for when no sandbox of this engine is alive any more.
+    /// Called when the last clone of the engine is dropped; a process that may end before
+    /// that (an engine in a `static`, a server at the end of its stop) calls it itself.
+    pub fn release(&self) {
         self.inner.release_cgroup_parent();
+        self.inner.memory.release();
     }
 }
 

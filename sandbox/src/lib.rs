@@ -36,6 +36,7 @@ mod engine;
 mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
+mod memdirs;
 pub mod outcome;
 pub mod placement;
 mod precompile;

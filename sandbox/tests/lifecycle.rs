@@ -56,6 +56,11 @@ pub fn cases() -> Vec<Case> {
             host_gone_shim_removes_the_container,
         ),
         Case::new(
+            "lifecycle::state_is_kept_in_memory",
+            vec![Need::Containers, Need::Runtime(Runtime::Python)],
+            state_is_kept_in_memory,
+        ),
+        Case::new(
             "lifecycle::shim_needs_no_relocating",
             vec![],
             shim_needs_no_relocating,
@@ -77,11 +82,62 @@ fn private_engine(tag: &str) -> (tempfile::TempDir, Engine) {
     (dir, engine)
 }
 
+/// The host's mounts but the engines' own tmpfs (which come and go with the engines that
+/// tests running alongside create).
 fn mount_count() -> usize {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
+        .filter(|l| !l.contains(" - tmpfs cloudfunc-state "))
         .count()
+}
+
+fn on_tmpfs(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// The engine keeps container state and bundles on a tmpfs of its own where its state
+/// directory is on disk, and takes it away when it goes.
+fn state_is_kept_in_memory() {
+    let (dir, engine) = private_engine("memory");
+    if on_tmpfs(dir.path()) {
+        eprintln!("SKIP: the temporary directory is on a tmpfs already");
+        return;
+    }
+    let state = engine.config().state_dir.clone();
+    let (containers, bundles) = (state.join("containers"), state.join("bundles"));
+    assert!(on_tmpfs(&containers) && on_tmpfs(&bundles));
+    let code = code("function.py", "def handler(event):\n    return 1\n");
+    let mut sandbox =
+        Sandbox::create(&engine, SandboxSpec::new(Runtime::Python, code.path())).unwrap();
+    let id = sandbox.id().to_string();
+    assert!(on_tmpfs(&engine.container_state_dir(&id)));
+    assert!(engine.bundle_dir(&id).starts_with(&bundles));
+    let call = sandbox
+        .invoke(&json!({}), &InvokeOptions::default())
+        .unwrap();
+    assert_eq!(call.outcome, Outcome::Succeeded { result: json!(1) });
+    sandbox.shutdown().unwrap();
+    drop(engine);
+    assert!(
+        !on_tmpfs(&containers) && !on_tmpfs(&bundles),
+        "unmounted with the engine"
+    );
+    assert!(
+        !mount_points_under(dir.path()),
+        "no mount left under the state directory"
+    );
+}
+
+/// Whether anything is mounted under `dir`.
+fn mount_points_under(dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|point| Path::new(point).starts_with(&dir))
 }
 
 fn dir_entries(dir: &Path) -> Vec<String> {
@@ -486,6 +542,20 @@ fn host_gone_shim_removes_the_container() {
     for dir in cgroups.dirs("/cloudfunc-crash") {
         let _ = std::fs::remove_dir(dir);
     }
+    // The next engine on this state takes the dead one's tmpfs over, and unmounts it when it
+    // goes (under a cgroup parent of its own: another test's container runs under this one).
+    let mut config = EngineConfig::under(
+        dir.path(),
+        &format!("cloudfunc-crash-next-{}", std::process::id()),
+    );
+    config.shim_binary = Some(env!("CARGO_BIN_EXE_cloudfunc-shim").into());
+    let next = Engine::new(config).unwrap();
+    assert_eq!(next.sweep_report().containers, Vec::<String>::new());
+    drop(next);
+    assert!(
+        !mount_points_under(dir.path()),
+        "the dead engine's tmpfs is left"
+    );
 }
 
 /// The shim is linked at a fixed address (see `sandbox/build.rs`): its ELF type is `ET_EXEC`,

@@ -138,13 +138,14 @@ impl Engines {
         }
     }
 
-    /// Removes both engines' cgroup parents (and any sandbox cgroup a teardown gave up on,
-    /// its processes killed): at the end of a stop, when no sandbox is alive any more. An
-    /// engine does it too when its last clone goes, but a process can end before that.
-    pub fn release_cgroup_parents(&self) {
-        self.container.release_cgroup_parent();
+    /// Gives back what both engines hold on the host ([`Engine::release`]: cgroup parents,
+    /// any sandbox cgroup a teardown gave up on, the tmpfs of their state): at the end of a
+    /// stop, when no sandbox is alive any more. An engine does it too when its last clone
+    /// goes, but a process can end before that.
+    pub fn release(&self) {
+        self.container.release();
         if let Ok(gvisor) = &self.gvisor {
-            gvisor.release_cgroup_parent();
+            gvisor.release();
         }
     }
 

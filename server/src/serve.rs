@@ -290,7 +290,7 @@ pub async fn run(
     crate::http::serve(listener, routes(state.clone()), state.http, tls, stop).await;
     platform.shutdown().await;
     let engines = platform.engines().clone();
-    let _ = tokio::task::spawn_blocking(move || engines.release_cgroup_parents()).await;
+    let _ = tokio::task::spawn_blocking(move || engines.release()).await;
     Ok(())
 }
 

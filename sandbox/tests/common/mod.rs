@@ -90,7 +90,7 @@ fn slot(kind: BackendKind) -> &'static Shared {
 pub fn release() {
     for kind in BackendKind::ALL {
         if let Some((dir, engine)) = slot(kind).get() {
-            engine.release_cgroup_parent();
+            engine.release();
             // A static is never dropped, so its temporary directory is removed here.
             let _ = std::fs::remove_dir_all(dir.path());
         }

@@ -157,8 +157,28 @@ impl Server {
 impl Server {
     /// Removes the server's directory and cgroup parents (after `stop`).
     pub fn remove_files(&self) {
+        self.unmount_state();
         let _ = std::fs::remove_dir_all(&self.dir);
         self.remove_cgroup_parents();
+    }
+
+    /// Unmounts the tmpfs its engines put their state on, where a kill left them (after
+    /// `stop`; a graceful stop unmounts them itself, and a restart takes them over).
+    fn unmount_state(&self) {
+        let Ok(dir) = self.dir.canonicalize() else {
+            return;
+        };
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for line in mounts
+            .lines()
+            .filter(|l| l.contains(" - tmpfs cloudfunc-state "))
+        {
+            if let Some(point) = line.split(' ').nth(4).map(Path::new) {
+                if point.starts_with(&dir) {
+                    let _ = nix::mount::umount2(point, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        }
     }
 
     /// The server's cgroup parents (both isolation levels, every hierarchy) that exist now.
@@ -192,6 +212,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
         // The engine sweeps at start; a fresh one on the same state cleans what a kill left.
+        self.unmount_state();
         self.remove_cgroup_parents();
     }
 }
