@@ -371,6 +371,20 @@ pub struct OciCli {
     root: tempfile::TempDir,
 }
 
+/// Where the runtimes' state goes: on a tmpfs, as their default (`/run/runc`, `/run/crun`) is
+/// on a standard host and as cloudfunc's engine keeps its own, so that none of them pays for
+/// a disk the others do not. `/dev/shm` where it is a tmpfs, else the temporary directory.
+pub fn runtime_state_parent() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let tmpfs = nix::sys::statfs::statfs(shm)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    if tmpfs {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 impl OciCli {
     /// The command line of `kind`'s runtime, if it is installed.
     pub fn find(kind: BackendKind) -> Option<OciCli> {
@@ -381,7 +395,7 @@ impl OciCli {
         let name = kind.name();
         let root = tempfile::Builder::new()
             .prefix(&format!("cloudfunc-bench-{name}-"))
-            .tempdir()
+            .tempdir_in(runtime_state_parent())
             .ok()?;
         Some(OciCli {
             name,

@@ -150,6 +150,10 @@ fn main() -> Result<()> {
     if hidden {
         println!("(hybrid cgroup host: cgroup2 hidden in this process's mount namespace for every runtime alike)");
     }
+    println!(
+        "(runc's and crun's state under {}; cloudfunc's on its engine's tmpfs)",
+        cloudfunc_benches::runtime_state_parent().display()
+    );
     let mut header = vec!["workload", "bare host", "cloudfunc"];
     header.extend(clis.iter().map(|c| c.name));
     let ratios: Vec<String> = clis
