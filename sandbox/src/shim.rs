@@ -136,6 +136,8 @@ trait Driver {
     /// Creates and starts the container with these stdio descriptors; returns init's pid,
     /// which must be a child of this process.
     fn start(&mut self, stdio: [OwnedFd; 3]) -> Result<Pid, String>;
+    /// Once the host has been told the container started: what could wait until then.
+    fn started(&mut self) {}
     /// Kills the container (init, and with it its pid namespace).
     fn kill(&mut self, pid: Pid) {
         let _ = kill(pid, Signal::SIGKILL);
@@ -184,6 +186,7 @@ pub fn run(args: ShimArgs) -> i32 {
             args: args.clone(),
             container: None,
             placement,
+            lingering: None,
         }),
         Some(rt) => Box::new(Cli {
             args: args.clone(),
@@ -202,6 +205,7 @@ pub fn run(args: ShimArgs) -> i32 {
         let _ = teardown(driver.as_mut(), pid, true);
         return 1;
     }
+    driver.started();
     serve(&control, driver.as_mut(), pid)
 }
 
@@ -211,6 +215,9 @@ struct Libcontainer {
     container: Option<Container>,
     /// The sandbox's cgroup, if the host made it (cgroup v1); libcontainer makes it otherwise.
     placement: Option<Placement>,
+    /// The private mount namespace the container was created from, kept open until the host
+    /// knows the container started ([`HiddenCgroups::leave`]).
+    lingering: Option<std::fs::File>,
 }
 
 impl Driver for Libcontainer {
@@ -233,11 +240,15 @@ impl Driver for Libcontainer {
                 .map_err(|e| format!("creating the container: {}", error_chain(&e)))
         };
         let container = match self.placement.take() {
-            Some(placement) => OwnCgroups {
-                bundle: args.bundle.join(LIBCONTAINER_SPEC_DIR),
-                placement,
+            Some(placement) => {
+                let (container, namespace) = OwnCgroups {
+                    bundle: args.bundle.join(LIBCONTAINER_SPEC_DIR),
+                    placement,
+                }
+                .build(build)?;
+                self.lingering = Some(namespace);
+                container
             }
-            .build(build)?,
             None => build(&args.bundle)?,
         };
         let container = self.container.insert(container);
@@ -247,6 +258,10 @@ impl Driver for Libcontainer {
         container
             .pid()
             .ok_or_else(|| "the container has no init pid".to_string())
+    }
+
+    fn started(&mut self) {
+        self.lingering = None;
     }
 
     fn delete(&mut self, stopped: bool) -> bool {
@@ -272,10 +287,12 @@ struct OwnCgroups {
 impl OwnCgroups {
     /// Runs `build` (libcontainer's create) with this thread in the sandbox's cgroup and the
     /// hierarchies out of libcontainer's sight, then returns and applies the pids limit.
+    /// Returns the container and the private mount namespace it was built in, open
+    /// ([`HiddenCgroups::leave`]).
     fn build(
         self,
         build: impl FnOnce(&Path) -> Result<Container, String>,
-    ) -> Result<Container, String> {
+    ) -> Result<(Container, std::fs::File), String> {
         let hidden = HiddenCgroups::enter(Path::new(DEFAULT_CGROUP_ROOT))?;
         let built = self
             .placement
@@ -289,11 +306,11 @@ impl OwnCgroups {
         let back = hidden.leave();
         let container = built?;
         left?;
-        back?;
+        let namespace = back?;
         self.placement
             .limit_pids()
             .map_err(|e| format!("limiting pids: {e}"))?;
-        Ok(container)
+        Ok((container, namespace))
     }
 }
 
@@ -301,6 +318,8 @@ impl OwnCgroups {
 /// [`HiddenCgroups::leave`] returns to the namespace it came from.
 struct HiddenCgroups {
     home: std::fs::File,
+    /// The private namespace itself.
+    private: std::fs::File,
 }
 
 impl HiddenCgroups {
@@ -309,6 +328,8 @@ impl HiddenCgroups {
         let home = std::fs::File::open("/proc/self/ns/mnt")
             .map_err(|e| format!("opening the mount namespace: {e}"))?;
         private_mounts()?;
+        let private = std::fs::File::open("/proc/self/ns/mnt")
+            .map_err(|e| format!("opening the private mount namespace: {e}"))?;
         umount2(root, MntFlags::MNT_DETACH)
             .map_err(|e| format!("hiding {}: {e}", root.display()))?;
         mount(
@@ -319,12 +340,17 @@ impl HiddenCgroups {
             Some("mode=755"),
         )
         .map_err(|e| format!("covering {}: {e}", root.display()))?;
-        Ok(HiddenCgroups { home })
+        Ok(HiddenCgroups { home, private })
     }
 
-    fn leave(self) -> Result<(), String> {
+    /// Returns to the namespace this process came from, and hands back the private one, still
+    /// open. When the last reference to a mount namespace goes, the kernel unmounts its tree
+    /// and waits for an RCU grace period, which took up to 3 ms on the test VM: dropped once
+    /// the host knows the container started, that wait is off the cold start's path.
+    fn leave(self) -> Result<std::fs::File, String> {
         nix::sched::setns(&self.home, nix::sched::CloneFlags::CLONE_NEWNS)
-            .map_err(|e| format!("returning to the mount namespace: {e}"))
+            .map_err(|e| format!("returning to the mount namespace: {e}"))?;
+        Ok(self.private)
     }
 }
 
