@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     cloudfunc_server::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.runtime_threads())
         .enable_all()
         .build()
     {

@@ -130,6 +130,9 @@ pub fn process() -> Value {
         "resident_memory_bytes": field("VmRSS:").unwrap_or(0) * 1024,
         "peak_resident_memory_bytes": field("VmHWM:").unwrap_or(0) * 1024,
         "threads": field("Threads:").unwrap_or(0),
+        "runtime_threads": tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_workers())
+            .ok(),
     })
 }
 

@@ -55,6 +55,11 @@ fn main() {
         ("task_logs_and_the_invocation_log_line", logs, why.clone()),
         ("health_reports_host_and_process", health, why.clone()),
         (
+            "runtime_threads_as_configured",
+            runtime_threads,
+            why.clone(),
+        ),
+        (
             "prometheus_exposition_parses_and_matches_the_store",
             prometheus,
             why.clone().or_else(no_prometheus_parser),
@@ -241,6 +246,22 @@ fn health() {
     let rss = r.body["process"]["resident_memory_bytes"].as_u64().unwrap();
     assert!(rss > 1 << 20, "{rss}");
     assert!(r.body["process"]["threads"].as_u64().unwrap() >= 2);
+    // By default the async runtime takes half the CPUs, at least one.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(
+        r.body["process"]["runtime_threads"].as_u64(),
+        Some(u64::try_from((cpus / 2).max(1)).unwrap())
+    );
+}
+
+/// `--threads` sets the async runtime's threads.
+fn runtime_threads() {
+    let s = Server::start_with("threads", &["--threads", "3"]);
+    let r = request("GET", &format!("{}/api/system/health", s.url), None, None);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["process"]["runtime_threads"], 3);
+    s.stop();
+    s.remove_files();
 }
 
 /// The exposition as `[(name, labels, value)]`, parsed by prometheus_client.

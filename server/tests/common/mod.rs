@@ -27,13 +27,18 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_cloudfunc");
 impl Server {
     /// Starts a server in a fresh directory.
     pub fn start(tag: &str) -> Server {
+        Server::start_with(tag, &[])
+    }
+
+    /// [`Server::start`] with more arguments to `serve`.
+    pub fn start_with(tag: &str, extra: &[&str]) -> Server {
         let dir = std::env::temp_dir().join(format!(
             "cloudfunc-api-{tag}-{}-{:x}",
             std::process::id(),
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        Server::start_in(&dir, tag, 0, &[])
+        Server::start_in(&dir, tag, 0, extra)
     }
 
     /// Starts (or restarts) a server on `dir`; port 0 picks a free one.
