@@ -112,18 +112,19 @@ fn raise_open_files_limit(max_sandboxes: usize) {
 }
 
 /// Starts everything and serves until the process is stopped (SIGINT or SIGTERM).
+///
+/// The handlers are installed before anything starts: a signal that comes while the server
+/// starts (an orchestrator giving up on it) stops it gracefully as soon as it serves. Installed
+/// lazily, when the stop was first awaited, such a signal's default action killed the server
+/// mid-start, with records unwritten and its sandboxes and mounts left for the next start.
 pub async fn serve(config: ServeConfig) -> Result<()> {
-    let stop = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
     };
     let scheme = if config.tls_wanted() { "https" } else { "http" };

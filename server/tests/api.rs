@@ -63,6 +63,10 @@ fn main() {
             "a_graceful_stop_finishes_running_tasks_and_leaves_nothing",
             graceful_stop,
         ),
+        (
+            "a_sigterm_while_starting_stops_gracefully",
+            sigterm_while_starting,
+        ),
     ];
     let mut why = missing();
     if common::postgres::wanted() && why.is_none() {
@@ -1882,4 +1886,60 @@ fn graceful_stop() {
     s.stop();
     assert!(s.cgroup_parents_left().is_empty());
     s.remove_files();
+}
+
+/// A SIGTERM that comes while the server is still starting stops it gracefully once it
+/// serves (exit status 0, its engines' tmpfs unmounted), instead of killing it mid-start.
+fn sigterm_while_starting() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-api-early-")
+        .tempdir()
+        .unwrap();
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cgroup-parent"])
+        .arg(format!("cf-api-early-{}", std::process::id()))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--images-dir")
+        .arg(dir.path().join("images"))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // The engine's lock file appears once `serve` has begun, well before it listens.
+    let lock = dir.path().join("state").join("engine.lock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !lock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never started"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server did not stop within a minute of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+    assert!(status.success(), "{status:?}; its log:\n{log}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|point| std::path::Path::new(point).starts_with(&root))
+        .collect();
+    assert!(left.is_empty(), "mounts left: {left:?}");
 }
