@@ -44,7 +44,7 @@ impl MemoryDirs {
                 mounted.push(dir.clone());
                 continue;
             }
-            if in_memory(dir) {
+            if on_tmpfs(dir) {
                 continue;
             }
             match mount_tmpfs(dir) {
@@ -90,7 +90,7 @@ impl Drop for MemoryDirs {
 }
 
 /// Whether `dir` is on a tmpfs.
-pub(crate) fn in_memory(dir: &Path) -> bool {
+pub(crate) fn on_tmpfs(dir: &Path) -> bool {
     statfs(dir).is_ok_and(|s| s.filesystem_type() == TMPFS_MAGIC)
 }
 
@@ -175,14 +175,14 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        if in_memory(dir.path()) {
+        if on_tmpfs(dir.path()) {
             eprintln!("SKIP: the temporary directory is on a tmpfs already");
             return;
         }
         let state = dir.path().join("containers");
         std::fs::create_dir(&state).unwrap();
         let memory = MemoryDirs::ensure(std::slice::from_ref(&state));
-        assert!(in_memory(&state));
+        assert!(on_tmpfs(&state));
         assert_eq!(memory.mounted(), vec![state.clone()]);
         std::fs::write(state.join("state.json"), "{}").unwrap();
         // The engine dies without unmounting: the next one takes the tmpfs over, files and all.
@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(next.mounted(), vec![state.clone()]);
         assert!(state.join("state.json").exists());
         drop(next);
-        assert!(!in_memory(&state));
+        assert!(!on_tmpfs(&state));
         assert!(
             !state.join("state.json").exists(),
             "the tmpfs went with its files"
@@ -207,7 +207,7 @@ mod tests {
         )
         .unwrap();
         drop(MemoryDirs::ensure(std::slice::from_ref(&state)));
-        assert!(in_memory(&state));
+        assert!(on_tmpfs(&state));
         umount2(&state, MntFlags::MNT_DETACH).unwrap();
     }
 }

@@ -236,8 +236,8 @@ impl Backend for ShimBackend {
 /// or where [`Placement::prepare`] declines.
 fn place(spec: &Spec, bundle: &Path) -> Result<Option<Placement>, String> {
     let root = Path::new(DEFAULT_CGROUP_ROOT);
-    let v1 = nix::sys::statfs::statfs(root)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    // Where v1 hierarchies are mounted, the cgroup root is a tmpfs holding them.
+    let v1 = crate::memdirs::on_tmpfs(root);
     let Some(linux) = spec.linux().as_ref().filter(|_| v1) else {
         return Ok(None);
     };
