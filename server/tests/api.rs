@@ -1857,12 +1857,26 @@ fn queued_after_a_change() {
     s.remove_files();
 }
 
-/// SIGTERM while a queue worker runs a task: the task finishes and is stored, the task queued
-/// behind it stays queued (and runs after a restart), and no cgroup of the server is left.
+/// SIGTERM while queue workers hold tasks: the task running finishes and is stored; the
+/// tasks claimed behind it, waiting for the function's one instance, go back to the queue
+/// unstarted (their claim uncounted) and run after a restart; the task no worker claimed
+/// stays queued; and no cgroup of the server is left.
 fn graceful_stop() {
-    let (dir, s) = one_queue_worker("grace");
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-api-grace-")
+        .tempdir()
+        .unwrap();
+    let s = Server::start_in(dir.path(), "grace", 0, &["--workers", "3"]);
     let t = s.token("stopper", false);
-    let r = deploy(&s, &t, "sleeper", &[("function.py", SLEEPER)]);
+    let r = request(
+        "POST",
+        &format!(
+            "{}/api/functions/deploy?name=sleeper&max_instances=1",
+            s.url
+        ),
+        Some(&t),
+        Some(("application/zip", zip(&[("function.py", SLEEPER)]))),
+    );
     assert_eq!(r.status, 201, "{r:?}");
     let run = |s: &Server, seconds: f64| -> String {
         let r = post_json(s, "/api/functions/sleeper/run", &t, &json!({"s": seconds}));
@@ -1871,18 +1885,27 @@ fn graceful_stop() {
     };
     let running = run(&s, 1.5);
     wait_running(&s, &t, &running, Duration::from_secs(20));
+    let claimed: Vec<String> = (0..2).map(|_| run(&s, 0.0)).collect();
+    for id in &claimed {
+        wait_running(&s, &t, id, Duration::from_secs(20));
+    }
     let queued = run(&s, 0.0);
     s.stop();
     let left = s.cgroup_parents_left();
     assert!(left.is_empty(), "left behind: {left:?}");
 
+    let restarted = cloudfunc_server::model::now_ms();
     let s = Server::start_in(dir.path(), "grace", 0, &["--workers", "1"]);
     let done = get(&s, &format!("/api/tasks/{running}"), &t).body;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["result"], 1.5);
-    let later = wait_task(&s, &t, &queued, Duration::from_secs(30));
-    assert_eq!(later["status"], "succeeded", "{later}");
-    assert_eq!(later["attempts"], 1, "{later}");
+    for id in claimed.iter().chain([&queued]) {
+        let later = wait_task(&s, &t, id, Duration::from_secs(30));
+        assert_eq!(later["status"], "succeeded", "{later}");
+        assert_eq!(later["attempts"], 1, "run once, after the restart: {later}");
+        let started = later["started_at"].as_i64().unwrap();
+        assert!(started >= restarted, "it ran after the restart: {later}");
+    }
     s.stop();
     assert!(s.cgroup_parents_left().is_empty());
     s.remove_files();

@@ -414,6 +414,70 @@ fn async_tasks_queue_beside_threads() {
     f.pool.shutdown();
 }
 
+/// From the start of a stop, a queued task is lent only an idle sandbox: one waiting for its
+/// turn, or one that would need a sandbox started, is refused at once (so the queue can give
+/// it back unstarted), and its place in line passes on; sync calls are served as before.
+fn a_stop_lends_queued_tasks_only_idle_sandboxes() {
+    let f = fixture(
+        "stopping",
+        PoolConfig {
+            stem_cells: 0,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, mut req) = function(&f, "fs", 1, MARKER_PY);
+    req.max_instances = 1;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = f.pool.acquire(&key, &req, true).unwrap();
+    let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
+    let task = rt.spawn(async move { pool.acquire_async(&k, &r, false).await.map(|_| ()) });
+    wait_until(|| f.pool.stats().waiting == 1);
+    let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
+    let sync = rt.spawn(async move {
+        let lease = pool.acquire_async(&k, &r, true).await?;
+        let start = lease.start;
+        pool.release(lease);
+        Ok::<_, PoolError>(start)
+    });
+    wait_until(|| f.pool.stats().waiting == 2);
+
+    f.pool.stop_lending_to_tasks();
+    let task = rt.block_on(task).unwrap();
+    assert!(matches!(task, Err(PoolError::Stopping)), "{task:?}");
+    assert_eq!(f.pool.stats().waiting, 1, "the task left the line");
+    f.pool.release(held);
+    let sync = rt.block_on(sync).unwrap();
+    assert!(
+        matches!(sync, Ok(Start::Warm)),
+        "the sync call behind it: {sync:?}"
+    );
+
+    // An idle sandbox is still lent to a task; with none idle, a task is refused at once
+    // rather than wait or start one.
+    let lease = rt
+        .block_on(f.pool.acquire_async(&key, &req, false))
+        .expect("the idle sandbox");
+    assert_eq!(lease.start, Start::Warm);
+    let refused = rt.block_on(f.pool.acquire_async(&key, &req, false));
+    assert!(matches!(refused, Err(PoolError::Stopping)), "{refused:?}");
+    let (other, other_req) = function(&f, "fs2", 1, MARKER_PY);
+    let refused = rt.block_on(f.pool.acquire_async(&other, &other_req, false));
+    assert!(matches!(refused, Err(PoolError::Stopping)), "{refused:?}");
+    assert_eq!(f.pool.stats().sandboxes, 1, "nothing started for a task");
+    f.pool.release(lease);
+    let (_, start) = call(&f.pool, &other, &other_req, me("sync"));
+    assert_eq!(
+        start,
+        Start::Cold,
+        "a sync call still gets a sandbox started"
+    );
+    f.pool.shutdown();
+}
+
 /// Polls `cond` for up to ten seconds.
 fn wait_until(cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -618,6 +682,10 @@ fn main() {
         (
             "shutdown_stops_stem_cells_still_starting",
             shutdown_stops_stem_cells_still_starting,
+        ),
+        (
+            "a_stop_lends_queued_tasks_only_idle_sandboxes",
+            a_stop_lends_queued_tasks_only_idle_sandboxes,
         ),
     ];
     let real_missing = if !nix::unistd::geteuid().is_root() {

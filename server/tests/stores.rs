@@ -335,6 +335,51 @@ fn a_task_requeued_behind_the_claims_is_claimed_within_a_second(place: &Place) {
     assert_eq!(claimed(5), ids(&[3]));
 }
 
+/// Tasks claimed and never started, given back at a graceful stop, are queued again in their
+/// old place, their attempt uncounted, and claimed next at once; a task that ended meanwhile
+/// (or never was) is left as it is.
+fn tasks_given_back_unstarted_keep_their_place(place: &Place) {
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let tasks = in_order(&f, 4);
+    for t in &tasks {
+        insert(store.as_ref(), t);
+    }
+    let ids =
+        |i: &[usize]| -> Vec<String> { i.iter().map(|&i| tasks[i].task_id.clone()).collect() };
+    assert_eq!(claimed_ids(store.as_ref(), 3), ids(&[0, 1, 2]));
+    store
+        .write(&[Write::Complete {
+            task_id: tasks[1].task_id.clone(),
+            tenant: "alice".into(),
+            completion: failed(ErrorKind::Raised),
+            at: now_ms(),
+        }])
+        .unwrap();
+    let mut back = ids(&[2, 1, 0]);
+    back.push("no-such-task".into());
+    assert_eq!(store.give_back(&back).unwrap(), 2);
+    assert_eq!(store.queue_depth().unwrap(), 3);
+    assert_eq!(store.running().unwrap(), 0);
+    for i in [0, 2] {
+        let t = store.task(None, &tasks[i].task_id).unwrap().unwrap();
+        assert_eq!(t.status, TaskStatus::Queued, "{t:?}");
+        assert_eq!(t.attempts, 0, "its claim is not counted: {t:?}");
+        assert_eq!(t.started_at, None, "{t:?}");
+    }
+    let ended = store.task(None, &tasks[1].task_id).unwrap().unwrap();
+    assert_eq!(ended.status, TaskStatus::Failed, "left as it ended");
+    assert!(
+        store.give_back(&ids(&[0])).unwrap() == 0,
+        "a queued task is not given back twice"
+    );
+    // The oldest first again, at once (no rescan wait on PostgreSQL), with one attempt.
+    let again = store.claim(1).unwrap();
+    assert_eq!(again[0].task_id, tasks[0].task_id);
+    assert_eq!(again[0].attempts, 1);
+    assert_eq!(claimed_ids(store.as_ref(), 5), ids(&[2, 3]));
+}
+
 fn failed(kind: ErrorKind) -> Completion {
     Completion {
         status: TaskStatus::Failed,
@@ -1229,6 +1274,10 @@ fn tls_to_postgres_is_verified() {
 type Test = fn(&Place);
 
 const TESTS: &[(&str, Test)] = &[
+    (
+        "tasks_given_back_unstarted_keep_their_place",
+        tasks_given_back_unstarted_keep_their_place,
+    ),
     (
         "versions_tenants_and_the_queue",
         versions_tenants_and_the_queue,

@@ -257,7 +257,7 @@ impl Platform {
             Ok(lease) => Ok(Some(lease)),
             Err(PoolError::Sandbox(e)) => Err(load_error(e)),
             Err(PoolError::Unavailable(why)) => Err(PlatformError::BadRequest(why)),
-            Err(PoolError::Full { .. } | PoolError::Busy { .. }) => {
+            Err(PoolError::Full { .. } | PoolError::Busy { .. } | PoolError::Stopping) => {
                 match Sandbox::create(self.engine(version.isolation)?, request.spec) {
                     Ok(sandbox) => sandbox
                         .shutdown()

@@ -277,6 +277,14 @@ fn settle(
             (Completion::failed(ErrorKind::SandboxFailure, &why), None)
         }
         Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
+        // Only queued tasks are refused so, and the queue gives those back ([`run_queued`]).
+        Err(e @ PoolError::Stopping) => (
+            Completion::failed(ErrorKind::Throttled, &e.to_string()),
+            Some(PlatformError::TooBusy {
+                message: e.to_string(),
+                retry_after: Duration::from_secs(1),
+            }),
+        ),
     }
 }
 
@@ -295,12 +303,40 @@ pub(super) async fn run(
     let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
     async {
         let ran = execute(pool, function, version, task, sync).await;
-        let ended = settle(task, ran);
-        log_invocation(task, version, &ended.0);
-        ended
+        ended(task, version, ran)
     }
     .instrument(span)
     .await
+}
+
+/// [`run`] for a task the queue claimed: `None` where it never started, because the server
+/// is stopping ([`PoolError::Stopping`]), and so may go back to the queue.
+pub(super) async fn run_queued(
+    pool: &Arc<Pool>,
+    function: &Function,
+    version: &Version,
+    task: &Task,
+) -> Option<(Completion, Option<PlatformError>)> {
+    let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
+    async {
+        match execute(pool, function, version, task, false).await {
+            Err(PoolError::Stopping) => None,
+            ran => Some(ended(task, version, ran)),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// How a call that ran (or could not) ended ([`settle`]), logged.
+fn ended(
+    task: &Task,
+    version: &Version,
+    ran: std::result::Result<Completion, PoolError>,
+) -> (Completion, Option<PlatformError>) {
+    let ended = settle(task, ran);
+    log_invocation(task, version, &ended.0);
+    ended
 }
 
 /// Runs one task in a sandbox from the pool and says how it ended. It waits for a sandbox

@@ -181,6 +181,9 @@ struct Inner {
     queue_running: Arc<AtomicU64>,
     /// Set at shutdown: the queue workers claim nothing more.
     stopping: std::sync::atomic::AtomicBool,
+    /// Tasks claimed and refused a sandbox because the server is stopping, to give back to
+    /// the queue.
+    unstarted: parking_lot::Mutex<Vec<String>>,
     pool: Arc<Pool>,
     config: PlatformConfig,
     /// Wakes every background loop at shutdown.
@@ -237,6 +240,7 @@ impl Platform {
                 sync_running: Arc::default(),
                 queue_running: Arc::default(),
                 stopping: std::sync::atomic::AtomicBool::new(false),
+                unstarted: parking_lot::Mutex::default(),
                 catalog: Catalog::default(),
                 store,
                 pool,
@@ -299,18 +303,22 @@ impl Platform {
         self.inner.sync_running.load(Ordering::Relaxed)
     }
 
-    /// At shutdown: lets the queue workers finish the tasks they hold (for up to
-    /// [`QUEUE_GRACE`]) and claim no more, then stops every kept sandbox and stores what is
-    /// queued to be stored. A task still running past the grace stays `running` on disk, and
-    /// the next start's recovery ends or requeues it.
+    /// At shutdown: lets the queue workers finish the tasks they run (for up to
+    /// [`QUEUE_GRACE`]) and claim no more, gives the tasks they claimed and had not started
+    /// back to the queue, then stops every kept sandbox and stores what is queued to be
+    /// stored. A task still running past the grace stays `running` on disk, and the next
+    /// start's recovery ends or requeues it.
     pub async fn shutdown(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.pool.stop_lending_to_tasks();
         self.inner.wake.notify_waiters();
         self.inner.queued.notify_one();
         let deadline = Instant::now() + QUEUE_GRACE;
         while self.inner.queue_running.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            self.give_back_unstarted().await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        self.give_back_unstarted().await;
         self.leave_cluster().await;
         let pool = self.inner.pool.clone();
         let _ = blocking(move || pool.shutdown()).await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
-use super::invoke::run;
+use super::invoke::run_queued;
 use super::{blocking, Platform, Result, Running};
 use crate::auth::Caller;
 use crate::model::{Completion, ErrorKind, Mode, Task};
@@ -169,6 +169,27 @@ impl Platform {
         }
     }
 
+    /// At a stop: gives the tasks the pool refused a sandbox back to the queue, unstarted
+    /// ([`Store::give_back`]); one the store refuses stays `running`, for the next start's
+    /// recovery.
+    pub(super) async fn give_back_unstarted(&self) {
+        let ids = std::mem::take(&mut *self.inner.unstarted.lock());
+        if ids.is_empty() {
+            return;
+        }
+        let store = self.inner.store.clone();
+        match blocking(move || store.give_back(&ids)).await {
+            Ok(Ok(given)) => tracing::info!(
+                tasks = given,
+                "tasks claimed and not started went back to the queue"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "tasks claimed and not started could not go back to the queue; the next start recovers them")
+            }
+            Err(e) => tracing::error!(error = ?e, "giving back unstarted tasks failed"),
+        }
+    }
+
     /// Runs a claimed task; should the platform fail to, the task ends failed, saying so.
     async fn run_task(&self, task: &Task) {
         if let Err(e) = self.run_claimed(task).await {
@@ -210,7 +231,14 @@ impl Platform {
         };
         let (completion, refused) = match (function, &version) {
             (Some(function), Some(version)) if function.active => {
-                run(&self.inner.pool, &function, version, task, false).await
+                match run_queued(&self.inner.pool, &function, version, task).await {
+                    Some(ran) => ran,
+                    None => {
+                        // It never started: back to the queue, before the stop ends.
+                        self.inner.unstarted.lock().push(task.task_id.clone());
+                        return Ok(());
+                    }
+                }
             }
             (_, version) => {
                 let why = if version.is_some() {

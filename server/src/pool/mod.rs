@@ -134,6 +134,10 @@ pub enum PoolError {
     /// The sandbox did not start or the function did not load.
     #[error("the sandbox could not start")]
     Sandbox(#[source] SandboxError),
+    /// The server is stopping and lends no more to queued tasks that have not started
+    /// ([`Pool::stop_lending_to_tasks`]).
+    #[error("the server is stopping; the task waits in the queue for the next start")]
+    Stopping,
 }
 
 /// A sandbox lent to one call; give it back with [`Pool::release`].
@@ -211,6 +215,9 @@ struct State {
     stats: PoolStats,
     /// Shut down: nothing is kept any more.
     closed: bool,
+    /// Stopping: a queued task (not a sync call) is lent only an idle sandbox, or one handed
+    /// to it, and otherwise refused, so that it can go back to the queue unstarted.
+    tasks_refused: bool,
     /// What queued callers were handed, by ticket, until they wake and take it.
     turns: HashMap<u64, Turn>,
     next_ticket: u64,
@@ -293,6 +300,21 @@ impl Pool {
     /// How many idle sandboxes `key` has.
     pub fn idle_count(&self, key: &Key) -> usize {
         self.lock().functions.get(key).map_or(0, |f| f.idle.len())
+    }
+
+    /// At the start of a graceful stop: from now on a queued task waiting for a sandbox, or
+    /// coming for one, is refused ([`PoolError::Stopping`]) unless an idle sandbox is there or
+    /// one is handed to it, so that tasks claimed but not started go back to the queue rather
+    /// than wait for sandboxes (and hold the stop) or start new ones. Sync calls are served
+    /// as before.
+    pub fn stop_lending_to_tasks(&self) {
+        let mut state = self.lock();
+        state.tasks_refused = true;
+        for f in state.functions.values() {
+            for waiter in &f.waiters {
+                waiter.wake_task();
+            }
+        }
     }
 
     /// Stops every idle sandbox and stem cell (at shutdown; busy ones stop when given back).

@@ -24,6 +24,15 @@ pub(super) enum Wake {
     Task(Arc<tokio::sync::Notify>),
 }
 
+impl Waiter {
+    /// Wakes the waiter if it is a task, to look at the pool again.
+    pub(super) fn wake_task(&self) {
+        if let Wake::Task(notify) = &self.wake {
+            notify.notify_one();
+        }
+    }
+}
+
 impl Wake {
     fn wake(&self) {
         match self {
@@ -81,6 +90,12 @@ pub(super) fn enqueue(state: &mut State, key: &Key, wake: Wake) -> u64 {
     let f = state.functions.entry(key.clone()).or_default();
     f.waiters.push_back(Waiter { ticket, wake });
     ticket
+}
+
+/// Whether the caller at `place`, a queued task, is refused because the server is stopping
+/// ([`Pool::stop_lending_to_tasks`]).
+fn refused(state: &State, place: &Place) -> bool {
+    !place.sync && state.tasks_refused
 }
 
 /// A caller's place in a function's queue, and what bounds its wait.
@@ -169,8 +184,19 @@ impl Pool {
                     place.counted,
                 )));
             }
+            Some(Turn::Place) if refused(state, place) => {
+                // The place goes on to the next caller, as the caller's own leaving would.
+                hand_over(state, place.key, None);
+                return Woken::Refused(PoolError::Stopping);
+            }
             Some(Turn::Place) => return Woken::Retry,
             None => {}
+        }
+        if refused(state, place) {
+            if let Some(f) = state.functions.get_mut(place.key) {
+                f.waiters.retain(|w| w.ticket != place.ticket);
+            }
+            return Woken::Refused(PoolError::Stopping);
         }
         let gave_up = self.out_of_time(place.sync, place.since);
         let f = state.functions.entry(place.key.clone()).or_default();
@@ -204,6 +230,9 @@ impl Pool {
             let mut state = self.lock();
             if let Some(lease) = take_idle(&mut state, key, request, true) {
                 return Ok(lease);
+            }
+            if !sync && state.tasks_refused {
+                return Err(PoolError::Stopping);
             }
             let f = state.functions.entry(key.clone()).or_default();
             if f.busy >= max {

@@ -74,6 +74,9 @@ impl Store for Flaky {
     fn running(&self) -> Result<u64> {
         self.inner.running()
     }
+    fn give_back(&self, task_ids: &[String]) -> Result<u64> {
+        self.inner.give_back(task_ids)
+    }
     fn recover(
         &self,
         retries_left: &dyn Fn(&Task) -> bool,

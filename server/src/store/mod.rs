@@ -209,6 +209,11 @@ pub trait Store:
     fn queue_depth(&self) -> Result<u64>;
     /// Tasks running now.
     fn running(&self) -> Result<u64>;
+    /// At a graceful stop: puts the tasks of `task_ids` that this node claimed and never
+    /// started back in the queue, in their old place and with their attempt uncounted, for
+    /// the next claim on any node. A task no longer `running` is left as it is. Returns how
+    /// many went back.
+    fn give_back(&self, task_ids: &[String]) -> Result<u64>;
     /// After a crash: running tasks are requeued where `retries_left` says so, else failed.
     fn recover(
         &self,

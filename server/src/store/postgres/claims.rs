@@ -7,6 +7,7 @@ use super::pool::{Queued, Tx};
 use super::rows::{complete, task_row, TASK_COLS};
 use super::{sealed, PgStore};
 use crate::model::{now_ms, Task};
+use crate::store::cluster::{ClusterStore, Signal};
 use crate::store::records::{damaged_ending, Pending};
 use crate::store::{Result, StoreError};
 
@@ -50,6 +51,26 @@ impl PgStore {
                 Box::new(past_id),
             ],
         }
+    }
+
+    /// Puts the tasks of `task_ids` this node claimed and never started back in the queue
+    /// (see [`crate::store::Store::give_back`]), and tells the nodes: they keep their place,
+    /// behind where the claims start.
+    pub(super) fn give_back_unstarted(&self, task_ids: &[String]) -> Result<u64> {
+        if task_ids.is_empty() {
+            return Ok(0);
+        }
+        let given = self.pool.get()?.execute(
+            "UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL,
+                              node = NULL
+             WHERE id = ANY($1) AND status = 'running' AND node = $2",
+            &[&task_ids, &self.node_id],
+        )?;
+        if given > 0 {
+            self.floor.lock().reset();
+            self.signal(&Signal::Queued)?;
+        }
+        Ok(given)
     }
 
     /// The tasks of a claim of `wanted`'s `rows`, oldest first, and whether a damaged record

@@ -435,6 +435,10 @@ impl Store for PgStore {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    fn give_back(&self, task_ids: &[String]) -> Result<u64> {
+        self.give_back_unstarted(task_ids)
+    }
+
     fn recover(
         &self,
         retries_left: &dyn Fn(&Task) -> bool,

@@ -436,6 +436,23 @@ impl Store for SqliteStore {
         Ok(self.reader().query_row(RUNNING, [], |r| r.get(0))?)
     }
 
+    fn give_back(&self, task_ids: &[String]) -> Result<u64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let mut given = 0;
+        {
+            let mut back = tx.prepare_cached(
+                "UPDATE tasks SET status = 'queued', attempts = attempts - 1, started_at = NULL \
+                 WHERE id = ?1 AND status = 'running'",
+            )?;
+            for id in task_ids {
+                given += back.execute([id])? as u64;
+            }
+        }
+        tx.commit()?;
+        Ok(given)
+    }
+
     fn recover(
         &self,
         retries_left: &dyn Fn(&Task) -> bool,
