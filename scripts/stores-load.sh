@@ -10,7 +10,7 @@ set -euo pipefail
 BIN=${BIN:-$(cd "$(dirname "$0")/.." && pwd)/target/release}
 ROUNDS=${ROUNDS:-3}
 SECONDS_EACH=${SECONDS_EACH:-15}
-WORKERS=${WORKERS:-16}
+WORKERS=${WORKERS:-64}
 PG=${PG:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
 WORK=$(mktemp -d /var/tmp/cf-stores-load.XXXXXX)
 chmod 755 "$WORK"
