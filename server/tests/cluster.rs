@@ -56,20 +56,26 @@ impl Nodes {
             url,
             nodes: Vec::new(),
         };
-        for i in 0..n {
-            let dir = nodes.dir(i);
-            std::fs::create_dir_all(dir.join("data")).unwrap();
-            if i > 0 {
-                std::fs::copy(
-                    nodes.dir(0).join("data/jwt.secret"),
-                    dir.join("data/jwt.secret"),
-                )
-                .unwrap();
-            }
-            let server = nodes.launch(i, extra);
-            nodes.nodes.push(server);
+        for _ in 0..n {
+            nodes.add(extra);
         }
         nodes
+    }
+
+    /// Starts one more node.
+    fn add(&mut self, extra: &[&str]) {
+        let i = self.nodes.len();
+        let dir = self.dir(i);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        if i > 0 {
+            std::fs::copy(
+                self.dir(0).join("data/jwt.secret"),
+                dir.join("data/jwt.secret"),
+            )
+            .unwrap();
+        }
+        let server = self.launch(i, extra);
+        self.nodes.push(server);
     }
 
     fn dir(&self, i: usize) -> PathBuf {
@@ -362,6 +368,62 @@ fn a_node_that_cannot_start_says_why(pg: &Postgres) {
     );
 }
 
+/// A node stopped gracefully while it holds claimed tasks waiting for the function's one
+/// instance gives them back to the queue at once, and another node runs them: each task runs
+/// once, the one that had started on the stopping node, the others on the node still up.
+fn a_stopping_node_hands_its_unstarted_tasks_to_the_others(pg: &Postgres) {
+    let mut cluster = Nodes::start(pg, "handover", 1, &["--workers", "4"]);
+    let t = cluster.nodes[0].token("team", false);
+    let r = request(
+        "POST",
+        &format!(
+            "{}/api/functions/deploy?name=sleeper&max_instances=1",
+            cluster.nodes[0].url
+        ),
+        Some(&t),
+        Some(("application/zip", zip(&[("function.py", SLEEPER)]))),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let submit = |n: usize, secs: f64| -> String {
+        let r = post_json(
+            &cluster.nodes[0],
+            "/api/functions/sleeper/run",
+            &t,
+            &json!({"n": n, "s": secs}),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+        r.body["task_id"].as_str().unwrap().to_string()
+    };
+    let tasks: Vec<String> = (0..4)
+        .map(|n| submit(n, if n == 0 { 1.5 } else { 0.0 }))
+        .collect();
+    for id in &tasks {
+        wait_running(&cluster.nodes[0], &t, id, Duration::from_secs(20));
+    }
+    // All four claimed by the one node: the first running, three waiting for its instance.
+    cluster.add(&["--workers", "4"]);
+    cluster.nodes[0].stop();
+    let mut ran_on = HashMap::new();
+    for id in &tasks {
+        let done = wait_task(&cluster.nodes[1], &t, id, Duration::from_secs(30));
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["attempts"], 1, "run once: {done}");
+    }
+    for node in 0..2 {
+        for id in ran(&cluster.dir(node)) {
+            assert!(ran_on.insert(id.clone(), node).is_none(), "{id} ran twice");
+        }
+    }
+    assert_eq!(ran_on.get(&tasks[0]), Some(&0), "{ran_on:?}");
+    for id in &tasks[1..] {
+        assert_eq!(
+            ran_on.get(id),
+            Some(&1),
+            "given back, run by the other node: {ran_on:?}"
+        );
+    }
+}
+
 /// A test of a running cluster.
 type Test = fn(&Postgres);
 
@@ -379,6 +441,10 @@ fn main() {
         (
             "a_node_that_cannot_start_says_why",
             a_node_that_cannot_start_says_why,
+        ),
+        (
+            "a_stopping_node_hands_its_unstarted_tasks_to_the_others",
+            a_stopping_node_hands_its_unstarted_tasks_to_the_others,
         ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {
