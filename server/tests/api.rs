@@ -1884,11 +1884,19 @@ fn graceful_stop() {
         r.body["task_id"].as_str().unwrap().to_string()
     };
     let running = run(&s, 1.5);
-    wait_running(&s, &t, &running, Duration::from_secs(20));
+    wait_health(
+        &s,
+        "the first task in its sandbox",
+        Duration::from_secs(20),
+        |h| h["sandboxes_running"] == 1,
+    );
     let claimed: Vec<String> = (0..2).map(|_| run(&s, 0.0)).collect();
-    for id in &claimed {
-        wait_running(&s, &t, id, Duration::from_secs(20));
-    }
+    wait_health(
+        &s,
+        "two tasks waiting for the instance",
+        Duration::from_secs(20),
+        |h| h["pool"]["waiting"] == 2,
+    );
     let queued = run(&s, 0.0);
     s.stop();
     let left = s.cgroup_parents_left();

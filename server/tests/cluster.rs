@@ -394,12 +394,21 @@ fn a_stopping_node_hands_its_unstarted_tasks_to_the_others(pg: &Postgres) {
         assert_eq!(r.status, 202, "{}", r.body);
         r.body["task_id"].as_str().unwrap().to_string()
     };
-    let tasks: Vec<String> = (0..4)
-        .map(|n| submit(n, if n == 0 { 1.5 } else { 0.0 }))
-        .collect();
-    for id in &tasks {
-        wait_running(&cluster.nodes[0], &t, id, Duration::from_secs(20));
-    }
+    let mut tasks = vec![submit(0, 1.5)];
+    let first = &cluster.nodes[0];
+    wait_health(
+        first,
+        "the first task in its sandbox",
+        Duration::from_secs(20),
+        |h| h["sandboxes_running"] == 1,
+    );
+    tasks.extend((1..4).map(|n| submit(n, 0.0)));
+    wait_health(
+        first,
+        "three tasks waiting for the instance",
+        Duration::from_secs(20),
+        |h| h["pool"]["waiting"] == 3,
+    );
     // All four claimed by the one node: the first running, three waiting for its instance.
     cluster.add(&["--workers", "4"]);
     cluster.nodes[0].stop();

@@ -344,11 +344,31 @@ pub fn wait_task(s: &Server, token: &str, task: &str, within: Duration) -> Value
     }
 }
 
+/// Polls the server's health until `ready` holds of it (`what` says what it waits for).
+pub fn wait_health(s: &Server, what: &str, within: Duration, ready: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        let health = request("GET", &format!("{}/api/system/health", s.url), None, None).body;
+        if ready(&health) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {health}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until a queue worker has claimed `task`.
 pub fn wait_running(s: &Server, token: &str, task: &str, within: Duration) {
     let deadline = Instant::now() + within;
-    while get(s, &format!("/api/tasks/{task}"), token).body["status"] != "running" {
-        assert!(Instant::now() < deadline, "task {task} never ran");
+    loop {
+        let seen = get(s, &format!("/api/tasks/{task}"), token).body;
+        if seen["status"] == "running" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {task} was never seen running: {seen}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
