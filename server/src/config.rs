@@ -33,8 +33,8 @@ pub mod defaults {
     /// Queue worker slots: the tasks a node holds claimed at once. A slot's cycle includes
     /// the commit that ends its task and claims the next, so the run rate grows with the
     /// slots while the store's round trips, not the CPU, bound it (on a 2-vCPU VM,
-    /// PostgreSQL drained 4,700-4,900 tasks/s with 16 and 8,700-10,000 with 64; SQLite
-    /// 9,900-16,400 against 19,000-19,200). What runs at once stays capped by each
+    /// PostgreSQL drained 4,600-4,900 tasks/s with 16 and 5,700-10,100 with 64; SQLite
+    /// 9,900-16,400 against 17,200-26,900). What runs at once stays capped by each
     /// function's `max_instances` and the pool's caps; a slot beyond them holds a task
     /// waiting for an instance, which a graceful stop gives back to the queue unstarted.
     /// The price is that a crash interrupts up to this many tasks.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cloudfunc_sandbox::{Engine, EngineConfig, InvokeOptions, Limits, Runtime, SandboxSpec};
 use cloudfunc_server::isolation::{Engines, Isolation};
-use cloudfunc_server::pool::{Key, ManualClock, Pool, PoolConfig, PoolError, Request, Start};
+use cloudfunc_server::pool::{Key, Lend, ManualClock, Pool, PoolConfig, PoolError, Request, Start};
 use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
@@ -326,13 +326,8 @@ fn async_tasks_queue_beside_threads() {
             ..PoolConfig::default()
         },
     );
-    let (key, mut req) = function(&f, "fa", 1, MARKER_PY);
-    req.max_instances = 1;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (key, req) = one_instance(&f, "fa");
+    let rt = runtime();
     let held = f.pool.acquire(&key, &req, true).unwrap();
     let served = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
@@ -348,7 +343,7 @@ fn async_tasks_queue_beside_threads() {
         } else {
             tasks.push(rt.spawn(async move {
                 let lease = pool
-                    .acquire_async(&key, &req, true)
+                    .acquire_async(&key, &req, Lend::Sync)
                     .await
                     .expect("its turn");
                 served.lock().unwrap().push((i, lease.start));
@@ -358,7 +353,7 @@ fn async_tasks_queue_beside_threads() {
         wait_until(|| f.pool.stats().waiting == i + 1);
     }
     // The queue is full: a fourth sync caller is refused at once.
-    let refused = rt.block_on(f.pool.acquire_async(&key, &req, true));
+    let refused = rt.block_on(f.pool.acquire_async(&key, &req, Lend::Sync));
     assert!(
         matches!(refused, Err(PoolError::Busy { .. })),
         "{refused:?}"
@@ -379,7 +374,7 @@ fn async_tasks_queue_beside_threads() {
     // A sync task waits at most `max_wait` on the pool's clock.
     let held = f.pool.acquire(&key, &req, true).unwrap();
     let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
-    let late = rt.spawn(async move { pool.acquire_async(&k, &r, true).await.map(|_| ()) });
+    let late = rt.spawn(async move { pool.acquire_async(&k, &r, Lend::Sync).await.map(|_| ()) });
     wait_until(|| f.pool.stats().waiting == 1);
     f.clock.advance(PoolConfig::default().max_wait);
     let late = rt.block_on(late).unwrap();
@@ -393,7 +388,8 @@ fn async_tasks_queue_beside_threads() {
         .build()
         .unwrap();
     let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
-    let dropped = idle_rt.spawn(async move { pool.acquire_async(&k, &r, true).await.map(|_| ()) });
+    let dropped =
+        idle_rt.spawn(async move { pool.acquire_async(&k, &r, Lend::Sync).await.map(|_| ()) });
     idle_rt.block_on(async {
         while f.pool.stats().waiting == 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -425,47 +421,47 @@ fn a_stop_lends_queued_tasks_only_idle_sandboxes() {
             ..PoolConfig::default()
         },
     );
-    let (key, mut req) = function(&f, "fs", 1, MARKER_PY);
-    req.max_instances = 1;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (key, req) = one_instance(&f, "fs");
+    let rt = runtime();
     let held = f.pool.acquire(&key, &req, true).unwrap();
-    let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
-    let task = rt.spawn(async move { pool.acquire_async(&k, &r, false).await.map(|_| ()) });
-    wait_until(|| f.pool.stats().waiting == 1);
-    let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
-    let sync = rt.spawn(async move {
-        let lease = pool.acquire_async(&k, &r, true).await?;
-        let start = lease.start;
-        pool.release(lease);
-        Ok::<_, PoolError>(start)
-    });
-    wait_until(|| f.pool.stats().waiting == 2);
+    // In line: a task the queue claimed, an async call (a chain's step), a sync call.
+    let mut line = Vec::new();
+    for (i, lend) in [Lend::Queued, Lend::Task, Lend::Sync]
+        .into_iter()
+        .enumerate()
+    {
+        let (pool, k, r) = (f.pool.clone(), key.clone(), req.clone());
+        line.push(rt.spawn(async move {
+            let lease = pool.acquire_async(&k, &r, lend).await?;
+            let start = lease.start;
+            pool.release(lease);
+            Ok::<_, PoolError>(start)
+        }));
+        wait_until(|| f.pool.stats().waiting == i + 1);
+    }
 
     f.pool.stop_lending_to_tasks();
-    let task = rt.block_on(task).unwrap();
-    assert!(matches!(task, Err(PoolError::Stopping)), "{task:?}");
-    assert_eq!(f.pool.stats().waiting, 1, "the task left the line");
+    let mut line = line
+        .into_iter()
+        .map(|waiting| rt.block_on(waiting).unwrap());
+    let queued = line.next().unwrap();
+    assert!(matches!(queued, Err(PoolError::Stopping)), "{queued:?}");
+    assert_eq!(f.pool.stats().waiting, 2, "the queue's task left the line");
     f.pool.release(held);
-    let sync = rt.block_on(sync).unwrap();
-    assert!(
-        matches!(sync, Ok(Start::Warm)),
-        "the sync call behind it: {sync:?}"
-    );
+    for (who, served) in ["the async call", "the sync call"].iter().zip(line) {
+        assert!(matches!(served, Ok(Start::Warm)), "{who}: {served:?}");
+    }
 
     // An idle sandbox is still lent to a task; with none idle, a task is refused at once
     // rather than wait or start one.
     let lease = rt
-        .block_on(f.pool.acquire_async(&key, &req, false))
+        .block_on(f.pool.acquire_async(&key, &req, Lend::Queued))
         .expect("the idle sandbox");
     assert_eq!(lease.start, Start::Warm);
-    let refused = rt.block_on(f.pool.acquire_async(&key, &req, false));
+    let refused = rt.block_on(f.pool.acquire_async(&key, &req, Lend::Queued));
     assert!(matches!(refused, Err(PoolError::Stopping)), "{refused:?}");
     let (other, other_req) = function(&f, "fs2", 1, MARKER_PY);
-    let refused = rt.block_on(f.pool.acquire_async(&other, &other_req, false));
+    let refused = rt.block_on(f.pool.acquire_async(&other, &other_req, Lend::Queued));
     assert!(matches!(refused, Err(PoolError::Stopping)), "{refused:?}");
     assert_eq!(f.pool.stats().sandboxes, 1, "nothing started for a task");
     f.pool.release(lease);
@@ -476,6 +472,22 @@ fn a_stop_lends_queued_tasks_only_idle_sandboxes() {
         "a sync call still gets a sandbox started"
     );
     f.pool.shutdown();
+}
+
+/// A function whose calls run one at a time (`max_instances` 1).
+fn one_instance(f: &Fixture, name: &str) -> (Key, Request) {
+    let (key, mut req) = function(f, name, 1, MARKER_PY);
+    req.max_instances = 1;
+    (key, req)
+}
+
+/// The tokio runtime a test's async callers run on.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Polls `cond` for up to ten seconds.

@@ -16,7 +16,7 @@ use crate::auth::Caller;
 use crate::model::{
     Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, TaskUsage, Version,
 };
-use crate::pool::{Key, Pool, PoolError, Request, Start};
+use crate::pool::{Key, Lend, Pool, PoolError, Request, Start};
 use crate::store::Write;
 
 impl Platform {
@@ -277,7 +277,7 @@ fn settle(
             (Completion::failed(ErrorKind::SandboxFailure, &why), None)
         }
         Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
-        // Only queued tasks are refused so, and the queue gives those back ([`run_queued`]).
+        // Only the queue's tasks are refused so, and it gives them back ([`run_queued`]).
         Err(e @ PoolError::Stopping) => (
             Completion::failed(ErrorKind::Throttled, &e.to_string()),
             Some(PlatformError::TooBusy {
@@ -302,7 +302,8 @@ pub(super) async fn run(
     // what that line says itself; the events inside a call name their task or sandbox.
     let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
     async {
-        let ran = execute(pool, function, version, task, sync).await;
+        let lend = if sync { Lend::Sync } else { Lend::Task };
+        let ran = execute(pool, function, version, task, lend).await;
         ended(task, version, ran)
     }
     .instrument(span)
@@ -319,7 +320,7 @@ pub(super) async fn run_queued(
 ) -> Option<(Completion, Option<PlatformError>)> {
     let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
     async {
-        match execute(pool, function, version, task, false).await {
+        match execute(pool, function, version, task, Lend::Queued).await {
             Err(PoolError::Stopping) => None,
             ran => Some(ended(task, version, ran)),
         }
@@ -347,10 +348,10 @@ pub async fn execute(
     function: &Function,
     version: &Version,
     task: &Task,
-    sync: bool,
+    lend: Lend,
 ) -> std::result::Result<Completion, PoolError> {
     let (key, request) = request_for(&function.id, &function.name, version);
-    let mut lease = pool.acquire_async(&key, &request, sync).await?;
+    let mut lease = pool.acquire_async(&key, &request, lend).await?;
     let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
     let options = InvokeOptions {
         timeout: Duration::from_millis(version.timeout_ms),

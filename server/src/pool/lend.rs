@@ -180,9 +180,10 @@ impl Pool {
             let place = Place {
                 key,
                 request,
-                ticket: enqueue(&mut state, key, Wake::Thread(wake.clone())),
+                ticket: enqueue(&mut state, key, Wake::Thread(wake.clone()), false),
                 max,
                 sync,
+                refusable: false,
                 since: waited_since,
                 counted,
             };

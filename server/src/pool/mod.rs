@@ -116,6 +116,19 @@ impl Start {
     }
 }
 
+/// How a caller of [`Pool::acquire_async`] waits while its function is at `max_instances`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lend {
+    /// A sync call: in a bounded line, for at most `max_wait`; refused past either.
+    Sync,
+    /// An async call (a step of an async chain run): as long as it takes.
+    Task,
+    /// A task the queue claimed: as long as it takes, unless the server starts to stop first
+    /// ([`Pool::stop_lending_to_tasks`]); then it is refused, so that it can go back to the
+    /// queue unstarted.
+    Queued,
+}
+
 /// Why no sandbox was handed out.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -215,8 +228,9 @@ struct State {
     stats: PoolStats,
     /// Shut down: nothing is kept any more.
     closed: bool,
-    /// Stopping: a queued task (not a sync call) is lent only an idle sandbox, or one handed
-    /// to it, and otherwise refused, so that it can go back to the queue unstarted.
+    /// Stopping: a task the queue claimed ([`Lend::Queued`]) is lent only an idle sandbox,
+    /// or one handed to it, and otherwise refused, so that it can go back to the queue
+    /// unstarted.
     tasks_refused: bool,
     /// What queued callers were handed, by ticket, until they wake and take it.
     turns: HashMap<u64, Turn>,
@@ -302,16 +316,16 @@ impl Pool {
         self.lock().functions.get(key).map_or(0, |f| f.idle.len())
     }
 
-    /// At the start of a graceful stop: from now on a queued task waiting for a sandbox, or
-    /// coming for one, is refused ([`PoolError::Stopping`]) unless an idle sandbox is there or
-    /// one is handed to it, so that tasks claimed but not started go back to the queue rather
-    /// than wait for sandboxes (and hold the stop) or start new ones. Sync calls are served
-    /// as before.
+    /// At the start of a graceful stop: from now on a task the queue claimed ([`Lend::Queued`])
+    /// that waits for a sandbox, or comes for one, is refused ([`PoolError::Stopping`]) unless
+    /// an idle sandbox is there or one is handed to it, so that tasks claimed but not started
+    /// go back to the queue rather than wait for sandboxes (and hold the stop) or start new
+    /// ones. Other callers are served as before.
     pub fn stop_lending_to_tasks(&self) {
         let mut state = self.lock();
         state.tasks_refused = true;
         for f in state.functions.values() {
-            for waiter in &f.waiters {
+            for waiter in f.waiters.iter().filter(|w| w.refusable) {
                 waiter.wake_task();
             }
         }

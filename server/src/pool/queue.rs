@@ -6,12 +6,14 @@ use std::sync::{Arc, Condvar};
 use std::time::{Duration, Instant};
 
 use super::lend::{take_idle, warm_lease};
-use super::{Idle, Key, Lease, Pool, PoolError, Request, State};
+use super::{Idle, Key, Lease, Lend, Pool, PoolError, Request, State};
 
 /// A caller queued for a sandbox of one function version.
 #[derive(Debug)]
 pub(super) struct Waiter {
     ticket: u64,
+    /// A task the queue claimed, refused at a stop ([`super::Lend::Queued`]).
+    pub(super) refusable: bool,
     /// Woken alone when its turn comes.
     wake: Wake,
 }
@@ -84,18 +86,22 @@ pub(super) fn busy(max_instances: usize) -> PoolError {
 }
 
 /// Puts a caller at the back of `key`'s queue, to be woken by `wake`; returns its ticket.
-pub(super) fn enqueue(state: &mut State, key: &Key, wake: Wake) -> u64 {
+pub(super) fn enqueue(state: &mut State, key: &Key, wake: Wake, refusable: bool) -> u64 {
     let ticket = state.next_ticket;
     state.next_ticket += 1;
     let f = state.functions.entry(key.clone()).or_default();
-    f.waiters.push_back(Waiter { ticket, wake });
+    f.waiters.push_back(Waiter {
+        ticket,
+        refusable,
+        wake,
+    });
     ticket
 }
 
-/// Whether the caller at `place`, a queued task, is refused because the server is stopping
-/// ([`Pool::stop_lending_to_tasks`]).
+/// Whether the caller at `place`, a task the queue claimed, is refused because the server is
+/// stopping ([`Pool::stop_lending_to_tasks`]).
 fn refused(state: &State, place: &Place) -> bool {
-    !place.sync && state.tasks_refused
+    place.refusable && state.tasks_refused
 }
 
 /// A caller's place in a function's queue, and what bounds its wait.
@@ -105,6 +111,8 @@ pub(super) struct Place<'a> {
     pub(super) ticket: u64,
     pub(super) max: usize,
     pub(super) sync: bool,
+    /// A task the queue claimed ([`super::Lend::Queued`]).
+    pub(super) refusable: bool,
     pub(super) since: Instant,
     pub(super) counted: bool,
 }
@@ -222,8 +230,9 @@ impl Pool {
         self: &Arc<Self>,
         key: &Key,
         request: &Request,
-        sync: bool,
+        lend: Lend,
     ) -> Result<Lease, PoolError> {
+        let (sync, refusable) = (lend == Lend::Sync, lend == Lend::Queued);
         let max = request.max_instances.max(1);
         let waited_since = self.clock.now();
         let queued = {
@@ -231,7 +240,7 @@ impl Pool {
             if let Some(lease) = take_idle(&mut state, key, request, true) {
                 return Ok(lease);
             }
-            if !sync && state.tasks_refused {
+            if refusable && state.tasks_refused {
                 return Err(PoolError::Stopping);
             }
             let f = state.functions.entry(key.clone()).or_default();
@@ -240,7 +249,7 @@ impl Pool {
                     return Err(busy(max));
                 }
                 let notify = Arc::new(tokio::sync::Notify::new());
-                let ticket = enqueue(&mut state, key, Wake::Task(notify.clone()));
+                let ticket = enqueue(&mut state, key, Wake::Task(notify.clone()), refusable);
                 Some((ticket, notify))
             } else {
                 None
@@ -255,6 +264,7 @@ impl Pool {
                     ticket,
                     max,
                     sync,
+                    refusable,
                     since: waited_since,
                     counted: true,
                 },
