@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::browser::{self, artifacts, Browser};
-use common::{get, post_json, request, trial, Server};
+use common::{get, post_json, request, trial, wait_health, Server};
 use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
@@ -666,6 +666,45 @@ fn async_runs_survive_kill_9() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A graceful stop while an async run's parallel step waits for its function's one instance:
+/// the step waits on within the stop's grace (the queue's own tasks are given back to the
+/// queue at a stop; a run's steps are not), and the run ends as it would have, each step
+/// run once.
+fn a_stop_lets_an_async_step_wait_for_its_instance() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-chains-stop-")
+        .tempdir()
+        .unwrap();
+    let s = Server::start_in(dir.path(), "chstop", 0, &[]);
+    let t = s.token("stopper", false);
+    deploy_ok(&s, &t, "one_slow", SLOW_INC, "&max_instances=1");
+    chain_ok(
+        &s,
+        &t,
+        json!({"name": "both", "steps": [{"parallel": [["one_slow"], ["one_slow"]]}]}),
+    );
+    let r = post_json(&s, "/api/chains/both/run", &t, &json!(1));
+    assert_eq!(r.status, 202, "{r:?}");
+    let run_id = r.body["run_id"].as_str().unwrap().to_string();
+    wait_health(
+        &s,
+        "one branch running, one waiting",
+        Duration::from_secs(30),
+        |h| h["sandboxes_running"] == 1 && h["pool"]["waiting"] == 1,
+    );
+    s.stop();
+    drop(s);
+    let s = Server::start_in(dir.path(), "chstop", 0, &[]);
+    let run = wait_run(&s, &t, &run_id, Duration::from_secs(60));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], json!([2, 2]), "{run}");
+    for step in run["steps"].as_array().unwrap() {
+        assert_eq!(step["attempts"], 1, "{run}");
+    }
+    s.stop();
+    s.remove_files();
+}
+
 fn main() {
     let args = Arguments::from_args();
     let tests: Vec<(&str, fn())> = vec![
@@ -688,6 +727,10 @@ fn main() {
             the_cli_deploys_a_chain_file_and_runs_it,
         ),
         ("async_runs_survive_kill_9", async_runs_survive_kill_9),
+        (
+            "a_stop_lets_an_async_step_wait_for_its_instance",
+            a_stop_lets_an_async_step_wait_for_its_instance,
+        ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {
         Some("not running as root (sandboxes need it)".to_string())
