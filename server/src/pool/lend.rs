@@ -8,7 +8,7 @@ use std::time::Duration;
 use cloudfunc_sandbox::Sandbox;
 
 use super::queue::{busy, enqueue, hand_over, Place, Wake, Woken};
-use super::{Idle, Key, Lease, Pool, PoolError, Request, Start, State};
+use super::{Idle, Key, Lease, Lend, Pool, PoolError, Request, Start, State};
 
 /// An idle sandbox of `key`, lent as warm, if there is one. Notes `request` as what the
 /// function asks (for `min_instances`).
@@ -180,10 +180,9 @@ impl Pool {
             let place = Place {
                 key,
                 request,
-                ticket: enqueue(&mut state, key, Wake::Thread(wake.clone()), false),
+                ticket: enqueue(&mut state, key, Wake::Thread(wake.clone())),
                 max,
-                sync,
-                refusable: false,
+                lend: if sync { Lend::Sync } else { Lend::Task },
                 since: waited_since,
                 counted,
             };

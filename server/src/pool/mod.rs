@@ -324,10 +324,9 @@ impl Pool {
     pub fn stop_lending_to_tasks(&self) {
         let mut state = self.lock();
         state.tasks_refused = true;
-        for f in state.functions.values() {
-            for waiter in f.waiters.iter().filter(|w| w.refusable) {
-                waiter.wake_task();
-            }
+        // Every waiting task looks again; those not refused wait on.
+        for waiter in state.functions.values().flat_map(|f| &f.waiters) {
+            waiter.wake_task();
         }
     }
 

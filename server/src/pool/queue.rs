@@ -12,8 +12,6 @@ use super::{Idle, Key, Lease, Lend, Pool, PoolError, Request, State};
 #[derive(Debug)]
 pub(super) struct Waiter {
     ticket: u64,
-    /// A task the queue claimed, refused at a stop ([`super::Lend::Queued`]).
-    pub(super) refusable: bool,
     /// Woken alone when its turn comes.
     wake: Wake,
 }
@@ -86,22 +84,18 @@ pub(super) fn busy(max_instances: usize) -> PoolError {
 }
 
 /// Puts a caller at the back of `key`'s queue, to be woken by `wake`; returns its ticket.
-pub(super) fn enqueue(state: &mut State, key: &Key, wake: Wake, refusable: bool) -> u64 {
+pub(super) fn enqueue(state: &mut State, key: &Key, wake: Wake) -> u64 {
     let ticket = state.next_ticket;
     state.next_ticket += 1;
     let f = state.functions.entry(key.clone()).or_default();
-    f.waiters.push_back(Waiter {
-        ticket,
-        refusable,
-        wake,
-    });
+    f.waiters.push_back(Waiter { ticket, wake });
     ticket
 }
 
-/// Whether the caller at `place`, a task the queue claimed, is refused because the server is
-/// stopping ([`Pool::stop_lending_to_tasks`]).
-fn refused(state: &State, place: &Place) -> bool {
-    place.refusable && state.tasks_refused
+/// Whether a caller who waits as `lend` says is refused a sandbox it would wait for or start:
+/// a task the queue claimed, once the server stops ([`Pool::stop_lending_to_tasks`]).
+fn refused(state: &State, lend: Lend) -> bool {
+    lend == Lend::Queued && state.tasks_refused
 }
 
 /// A caller's place in a function's queue, and what bounds its wait.
@@ -110,9 +104,7 @@ pub(super) struct Place<'a> {
     pub(super) request: &'a Request,
     pub(super) ticket: u64,
     pub(super) max: usize,
-    pub(super) sync: bool,
-    /// A task the queue claimed ([`super::Lend::Queued`]).
-    pub(super) refusable: bool,
+    pub(super) lend: Lend,
     pub(super) since: Instant,
     pub(super) counted: bool,
 }
@@ -192,7 +184,7 @@ impl Pool {
                     place.counted,
                 )));
             }
-            Some(Turn::Place) if refused(state, place) => {
+            Some(Turn::Place) if refused(state, place.lend) => {
                 // The place goes on to the next caller, as the caller's own leaving would.
                 hand_over(state, place.key, None);
                 return Woken::Refused(PoolError::Stopping);
@@ -200,13 +192,13 @@ impl Pool {
             Some(Turn::Place) => return Woken::Retry,
             None => {}
         }
-        if refused(state, place) {
+        if refused(state, place.lend) {
             if let Some(f) = state.functions.get_mut(place.key) {
                 f.waiters.retain(|w| w.ticket != place.ticket);
             }
             return Woken::Refused(PoolError::Stopping);
         }
-        let gave_up = self.out_of_time(place.sync, place.since);
+        let gave_up = self.out_of_time(place.lend == Lend::Sync, place.since);
         let f = state.functions.entry(place.key.clone()).or_default();
         if !gave_up && f.busy >= place.max {
             return Woken::Wait;
@@ -232,7 +224,7 @@ impl Pool {
         request: &Request,
         lend: Lend,
     ) -> Result<Lease, PoolError> {
-        let (sync, refusable) = (lend == Lend::Sync, lend == Lend::Queued);
+        let sync = lend == Lend::Sync;
         let max = request.max_instances.max(1);
         let waited_since = self.clock.now();
         let queued = {
@@ -240,7 +232,7 @@ impl Pool {
             if let Some(lease) = take_idle(&mut state, key, request, true) {
                 return Ok(lease);
             }
-            if refusable && state.tasks_refused {
+            if refused(&state, lend) {
                 return Err(PoolError::Stopping);
             }
             let f = state.functions.entry(key.clone()).or_default();
@@ -249,7 +241,7 @@ impl Pool {
                     return Err(busy(max));
                 }
                 let notify = Arc::new(tokio::sync::Notify::new());
-                let ticket = enqueue(&mut state, key, Wake::Task(notify.clone()), refusable);
+                let ticket = enqueue(&mut state, key, Wake::Task(notify.clone()));
                 Some((ticket, notify))
             } else {
                 None
@@ -263,8 +255,7 @@ impl Pool {
                     request,
                     ticket,
                     max,
-                    sync,
-                    refusable,
+                    lend,
                     since: waited_since,
                     counted: true,
                 },
