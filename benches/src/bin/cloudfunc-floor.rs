@@ -29,12 +29,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let Args { listen, threads } = <Args as clap::Parser>::parse();
-    let threads = threads.map_or_else(
-        cloudfunc_server::cli::default_runtime_threads,
-        std::num::NonZeroUsize::get,
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
+        .worker_threads(cloudfunc_server::cli::runtime_threads(threads))
         .enable_all()
         .build()?;
     runtime.block_on(async {

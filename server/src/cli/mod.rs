@@ -78,13 +78,18 @@ impl Cli {
     /// sandboxes were preempted more (2 vCPUs, 16 clients: 68-72 µs of server CPU per warm
     /// call with two workers, 59-63 with one, at the same or a higher rate).
     pub fn runtime_threads(&self) -> usize {
-        self.threads
-            .map_or_else(default_runtime_threads, std::num::NonZeroUsize::get)
+        runtime_threads(self.threads)
     }
 }
 
-/// Half the CPUs this process may use, at least one ([`Cli::runtime_threads`]).
-pub fn default_runtime_threads() -> usize {
+/// The async runtime's threads: `asked`, or by default half the CPUs this process may use
+/// (see [`Cli::runtime_threads`]); `cloudfunc-floor` takes the same.
+pub fn runtime_threads(asked: Option<std::num::NonZeroUsize>) -> usize {
+    asked.map_or_else(default_runtime_threads, std::num::NonZeroUsize::get)
+}
+
+/// Half the CPUs this process may use, at least one.
+fn default_runtime_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get() / 2)
         .max(1)
