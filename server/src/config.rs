@@ -39,6 +39,9 @@ pub mod defaults {
     /// waiting for an instance, which a graceful stop gives back to the queue unstarted.
     /// The price is that a crash interrupts up to this many tasks.
     pub const WORKERS: usize = 64;
+    /// MiB of payloads the queue's claimed tasks may hold: a function's default 8 instances'
+    /// worth of the largest bodies (32 MiB), where 64 slots could otherwise hold 2 GiB of them.
+    pub const QUEUE_MEMORY_MB: u64 = 256;
     /// A function's calls at once when it sets no `max_instances`.
     pub const MAX_INSTANCES: u32 = 8;
     /// Largest request body, MiB.
@@ -184,6 +187,10 @@ pub struct ServeConfig {
     /// Queue workers.
     #[arg(long, env = "CLOUDFUNC_WORKERS", default_value_t = defaults::WORKERS)]
     pub workers: usize,
+    /// MiB of payloads the queue's claimed tasks may hold in memory at once (one task's
+    /// payload past it at most): a claim takes only what fits.
+    #[arg(long, env = "CLOUDFUNC_QUEUE_MEMORY_MB", default_value_t = defaults::QUEUE_MEMORY_MB)]
+    pub queue_memory_mb: u64,
     /// A function's calls at once (its max_instances) when it sets none.
     #[arg(long, env = "CLOUDFUNC_CONCURRENCY", default_value_t = defaults::MAX_INSTANCES)]
     pub concurrency: u32,
@@ -351,10 +358,13 @@ impl ServeConfig {
         config
     }
 
-    /// Checks what no flag's type can: workers, retention periods.
+    /// Checks what no flag's type can: workers, the queue's memory, retention periods.
     pub fn validate(&self) -> Result<()> {
         if self.workers == 0 {
             bail!("--workers must be at least 1");
+        }
+        if self.queue_memory_mb == 0 {
+            bail!("--queue-memory-mb must be at least 1: with none the queue could claim nothing");
         }
         if self.postgres().is_none() && self.database != "sqlite" {
             bail!(
@@ -579,6 +589,7 @@ mod tests {
     fn the_defaults_are_the_flags_defaults() {
         let c = ServeConfig::with_defaults("/d".into());
         assert_eq!(c.workers, defaults::WORKERS);
+        assert_eq!(c.queue_memory_mb, defaults::QUEUE_MEMORY_MB);
         assert_eq!(c.listen.to_string(), defaults::LISTEN);
         assert_eq!(c.pool().max_sandboxes, PoolConfig::default().max_sandboxes);
         assert_eq!(c.platform().bounds, Bounds::default());
@@ -587,6 +598,14 @@ mod tests {
             PathBuf::from(defaults::STATE_DIR).join("code")
         );
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_queue_with_no_memory_is_refused() {
+        let mut c = ServeConfig::with_defaults("/d".into());
+        c.queue_memory_mb = 0;
+        let refused = c.validate().unwrap_err().to_string();
+        assert!(refused.contains("--queue-memory-mb"), "{refused}");
     }
 
     #[test]

@@ -216,7 +216,10 @@ pub async fn run(
         .await
         .context("joining the other nodes")?;
     let recovery = platform
-        .start_queue(config.workers)
+        .start_queue(
+            config.workers,
+            config.queue_memory_mb.saturating_mul(1 << 20),
+        )
         .await
         .context("recovering the queue")?;
     if !recovery.interrupted.is_empty() || !recovery.requeued.is_empty() {

@@ -67,6 +67,10 @@ fn main() {
             "a_sigterm_while_starting_stops_gracefully",
             sigterm_while_starting,
         ),
+        (
+            "the_queue_claims_no_more_payload_than_its_memory_allows",
+            queue_memory,
+        ),
     ];
     let mut why = missing();
     if common::postgres::wanted() && why.is_none() {
@@ -1916,6 +1920,71 @@ fn graceful_stop() {
     }
     s.stop();
     assert!(s.cgroup_parents_left().is_empty());
+    s.remove_files();
+}
+
+/// The queue holds no more claimed payloads than `--queue-memory-mb` allows (past one
+/// task's): with 8 slots free and the function's one instance busy, tasks of 400 KB each are
+/// claimed only while they fit in 1 MiB, the rest stay queued, and all of them run in the
+/// end.
+fn queue_memory() {
+    let dir = tempfile::Builder::new()
+        .prefix("cloudfunc-api-qmem-")
+        .tempdir()
+        .unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        "qmem",
+        0,
+        &["--workers", "8", "--queue-memory-mb", "1"],
+    );
+    let t = s.token("hoarder", false);
+    let r = request(
+        "POST",
+        &format!(
+            "{}/api/functions/deploy?name=sleeper&max_instances=1",
+            s.url
+        ),
+        Some(&t),
+        Some(("application/zip", zip(&[("function.py", SLEEPER)]))),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let run = |payload: &Value| -> String {
+        let r = post_json(&s, "/api/functions/sleeper/run", &t, payload);
+        assert_eq!(r.status, 202, "{r:?}");
+        r.body["task_id"].as_str().unwrap().to_string()
+    };
+    let long = run(&json!({"s": 4.0}));
+    wait_health(
+        &s,
+        "the first task in its sandbox",
+        Duration::from_secs(20),
+        |h| h["sandboxes_running"] == 1,
+    );
+    let pad = "x".repeat(400_000);
+    let big: Vec<String> = (0..6)
+        .map(|_| run(&json!({"s": 0.0, "pad": pad})))
+        .collect();
+    // Two fit in 1 MiB; a third is taken as the first of the next claim (what was left was
+    // not nothing); then nothing is left and the rest stay queued.
+    wait_health(
+        &s,
+        "three large tasks claimed, waiting for the instance",
+        Duration::from_secs(20),
+        |h| h["pool"]["waiting"] == 3 && h["queue_depth"] == 3,
+    );
+    std::thread::sleep(Duration::from_millis(1_000));
+    let health = request("GET", &format!("{}/api/system/health", s.url), None, None).body;
+    assert_eq!(
+        (&health["pool"]["waiting"], &health["queue_depth"]),
+        (&json!(3), &json!(3)),
+        "no more claimed while the budget is spent: {health}"
+    );
+    for id in big.iter().chain([&long]) {
+        let done = wait_task(&s, &t, id, Duration::from_secs(60));
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    s.stop();
     s.remove_files();
 }
 

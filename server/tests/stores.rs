@@ -380,6 +380,32 @@ fn tasks_given_back_unstarted_keep_their_place(place: &Place) {
     assert_eq!(claimed_ids(store.as_ref(), 5), ids(&[2, 3]));
 }
 
+/// A claim with a byte budget stops before the task whose payload would take the claimed
+/// payloads past it (as stored), in queue order: a small task behind one that does not fit
+/// waits its turn; the first task is taken whatever its size.
+fn a_claim_stops_at_its_payload_budget(place: &Place) {
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let mut t = in_order(&f, 5);
+    for (task, size) in t.iter_mut().zip([3_000, 5_000, 10, 3_000, 10]) {
+        task.payload = serde_json::json!("x".repeat(size));
+        insert(store.as_ref(), task);
+    }
+    let ids = |i: &[usize]| -> Vec<String> { i.iter().map(|&i| t[i].task_id.clone()).collect() };
+    let claim = |bytes: u64| -> Vec<String> {
+        let tasks = store.write_and_claim_within(&[], 10, bytes).unwrap();
+        tasks.into_iter().map(|t| t.task_id).collect()
+    };
+    assert_eq!(claim(7_000), ids(&[0]), "the second would pass 7,000 bytes");
+    assert_eq!(claim(0), ids(&[1]), "the first is taken whatever its size");
+    assert_eq!(claim(u64::MAX), ids(&[2, 3, 4]));
+    let read = store.task(None, &t[1].task_id).unwrap().unwrap();
+    assert_eq!(
+        read.payload, t[1].payload,
+        "a large payload reads back whole"
+    );
+}
+
 fn failed(kind: ErrorKind) -> Completion {
     Completion {
         status: TaskStatus::Failed,
@@ -1274,6 +1300,10 @@ fn tls_to_postgres_is_verified() {
 type Test = fn(&Place);
 
 const TESTS: &[(&str, Test)] = &[
+    (
+        "a_claim_stops_at_its_payload_budget",
+        a_claim_stops_at_its_payload_budget,
+    ),
     (
         "tasks_given_back_unstarted_keep_their_place",
         tasks_given_back_unstarted_keep_their_place,

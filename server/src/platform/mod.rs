@@ -17,6 +17,7 @@ mod cluster;
 mod code;
 mod deploy;
 mod destinations;
+mod held;
 mod invoke;
 mod monitor;
 mod outbox;

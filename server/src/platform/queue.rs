@@ -9,11 +9,12 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
+use super::held::Held;
 use super::invoke::run_queued;
 use super::{blocking, Platform, Result, Running};
 use crate::auth::Caller;
 use crate::model::{Completion, ErrorKind, Mode, Task};
-use crate::store::{Store, Write};
+use crate::store::{Store, Want, Write};
 
 /// Whether a task that was running when its node stopped may be run again, from its
 /// version's retries.
@@ -80,8 +81,13 @@ impl Platform {
     }
 
     /// Crash recovery, then the queue's claimer, which runs at most `workers` tasks at once,
-    /// until the process ends.
-    pub async fn start_queue(&self, workers: usize) -> Result<crate::store::Recovery> {
+    /// holding at most `payload_bytes` of their payloads (past one task's), until the process
+    /// ends.
+    pub async fn start_queue(
+        &self,
+        workers: usize,
+        payload_bytes: u64,
+    ) -> Result<crate::store::Recovery> {
         let store = self.inner.store.clone();
         let report = blocking(move || {
             store.recover(
@@ -96,15 +102,21 @@ impl Platform {
         }
         let platform = self.clone();
         let slots = Arc::new(Semaphore::new(workers.max(1)));
-        tokio::spawn(async move { platform.claimer(slots).await });
+        let held = Arc::new(Held::new(payload_bytes));
+        tokio::spawn(async move { platform.claimer(slots, held).await });
         Ok(report)
     }
 
     /// Claims tasks for the free worker slots, all that are free in one transaction (one
     /// commit, and on PostgreSQL one round trip, for as many tasks as workers came free while
     /// the last claim was under way), and runs each claimed task in a slot of its own.
-    async fn claimer(self, slots: Arc<Semaphore>) {
+    ///
+    /// The payloads of the tasks it holds (claimed, running or waiting for an instance) stay
+    /// within the budget of [`Held`]: a claim takes only what fits in what is left of it
+    /// (and at least one task), and none is made while nothing is left.
+    async fn claimer(self, slots: Arc<Semaphore>, held: Arc<Held>) {
         loop {
+            held.room().await;
             let Ok(first) = slots.clone().acquire_owned().await else {
                 return;
             };
@@ -124,16 +136,19 @@ impl Platform {
             // committed with the claim that reuses them. The slots are counted when the
             // recorder comes to the claim, so those freed while it waited its turn join it.
             let taken = Arc::new(parking_lot::Mutex::new(vec![first]));
-            let (counting, free_slots) = (taken.clone(), slots.clone());
+            let (counting, free_slots, budget) = (taken.clone(), slots.clone(), held.clone());
             let claimed = self
                 .inner
                 .recorder
                 .claim_with(Box::new(move || {
-                    let mut held = counting.lock();
-                    held.extend(std::iter::from_fn(|| {
+                    let mut slots = counting.lock();
+                    slots.extend(std::iter::from_fn(|| {
                         free_slots.clone().try_acquire_owned().ok()
                     }));
-                    held.len()
+                    Want {
+                        tasks: slots.len(),
+                        bytes: budget.left(),
+                    }
                 }))
                 .await;
             let free = std::mem::take(&mut *taken.lock());
@@ -144,9 +159,10 @@ impl Platform {
                     for (task, slot) in tasks.into_iter().zip(free) {
                         let (this, running) =
                             (self.clone(), Running::enter(&self.inner.queue_running));
+                        let payload = held.take(&task);
                         tokio::spawn(async move {
                             this.run_task(&task).await;
-                            drop((running, slot));
+                            drop((running, slot, payload));
                         });
                     }
                     drop(claiming);

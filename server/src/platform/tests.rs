@@ -255,7 +255,7 @@ async fn queued_tasks_run_once_and_a_deactivated_function_fails_its_queue() {
         1,
         "on disk before it returns"
     );
-    let recovered = f.platform.start_queue(2).await.unwrap();
+    let recovered = f.platform.start_queue(2, u64::MAX).await.unwrap();
     assert!(recovered.interrupted.is_empty());
     let done = wait(&f.platform, &first.task_id).await;
     assert_eq!((done.status, done.attempts), (TaskStatus::Succeeded, 1));

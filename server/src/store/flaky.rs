@@ -54,11 +54,16 @@ impl Store for Flaky {
     fn delete_function(&self, function_id: &str) -> Result<Vec<Version>> {
         self.inner.delete_function(function_id)
     }
-    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>> {
+    fn write_and_claim_within(
+        &self,
+        writes: &[Write],
+        limit: usize,
+        bytes: u64,
+    ) -> Result<Vec<Task>> {
         if !writes.is_empty() {
             self.refuse()?;
         }
-        self.inner.write_and_claim(writes, limit)
+        self.inner.write_and_claim_within(writes, limit, bytes)
     }
 
     fn task(&self, tenant: Option<&str>, task_id: &str) -> Result<Option<Task>> {

@@ -24,7 +24,7 @@ pub use anomalies::AnomalyStore;
 pub use chains::ChainStore;
 pub use cluster::{ClusterStore, NodeInfo, Signal};
 pub use postgres::PgStore;
-pub use recorder::Recorder;
+pub use recorder::{Recorder, Want};
 pub use retry::Retry;
 pub use sealed::{KeyInfo, Reencrypted, SealedStore, SecretInfo};
 pub use sqlite::SqliteStore;
@@ -186,7 +186,18 @@ pub trait Store:
     ///
     /// The queue claims with the ends of the tasks that ran before: an end is durable no
     /// later than the claim that reuses its task's worker slot.
-    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>>;
+    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>> {
+        self.write_and_claim_within(writes, limit, u64::MAX)
+    }
+    /// [`Store::write_and_claim`] whose claim also stops before the task whose payload would
+    /// take the payloads claimed past `bytes` (as stored); the first task is taken whatever
+    /// its size. The queue bounds the memory its claimed tasks hold with it.
+    fn write_and_claim_within(
+        &self,
+        writes: &[Write],
+        limit: usize,
+        bytes: u64,
+    ) -> Result<Vec<Task>>;
     /// Applies `writes` in order, in one transaction: all of them or none.
     fn write(&self, writes: &[Write]) -> Result<()> {
         self.write_and_claim(writes, 0).map(drop)

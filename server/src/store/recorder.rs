@@ -57,7 +57,26 @@ enum Message {
 /// How many tasks a claim takes, decided as late as can be: worker slots given back while the
 /// claim waited for its turn are filled by it too (each slot's end was queued before the
 /// slot was given back, so it is in the claim's transaction: [`take_claims`]).
-pub type ClaimLimit = Box<dyn FnOnce() -> usize + Send>;
+pub type ClaimLimit = Box<dyn FnOnce() -> Want + Send>;
+
+/// What a claim takes: up to `tasks` of the oldest queued tasks (at least one), stopping
+/// before the one whose payload would take theirs past `bytes` (the first is taken whatever
+/// its size: see [`Store::write_and_claim_within`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Want {
+    pub tasks: usize,
+    pub bytes: u64,
+}
+
+impl Want {
+    /// Up to `tasks` tasks, whatever their payloads.
+    pub fn tasks(tasks: usize) -> Want {
+        Want {
+            tasks,
+            bytes: u64::MAX,
+        }
+    }
+}
 
 /// Takes the claims out of `batch`, deciding each one's limit, and then the messages queued
 /// meanwhile into `batch`: whatever a limit counted was given back after its end was queued,
@@ -65,7 +84,7 @@ pub type ClaimLimit = Box<dyn FnOnce() -> usize + Send>;
 fn take_claims(
     batch: &mut Vec<Message>,
     incoming: &mpsc::Receiver<Message>,
-) -> Vec<(usize, oneshot::Sender<Result<Vec<Task>>>)> {
+) -> Vec<(Want, oneshot::Sender<Result<Vec<Task>>>)> {
     let mut claims = Vec::new();
     let mut undecided: Vec<Message> = Vec::new();
     let mut rest = Vec::with_capacity(batch.len());
@@ -78,7 +97,9 @@ fn take_claims(
     while !undecided.is_empty() {
         for m in undecided.drain(..) {
             if let Message::Claim(limit, reply) = m {
-                claims.push((limit().max(1), reply));
+                let want = limit();
+                let tasks = want.tasks.max(1);
+                claims.push((Want { tasks, ..want }, reply));
             }
         }
         for m in incoming.try_iter() {
@@ -286,7 +307,7 @@ impl Recorder {
     /// transaction that commits every write queued before this call (where that transaction
     /// fails, the writes are tried as usual and the claim alone after them).
     pub async fn claim(&self, limit: usize) -> Result<Vec<Task>> {
-        self.claim_with(Box::new(move || limit)).await
+        self.claim_with(Box::new(move || Want::tasks(limit))).await
     }
 
     /// [`Recorder::claim`] of as many tasks as `limit` says when the recorder's thread comes
@@ -325,7 +346,7 @@ fn gone() -> StoreError {
 fn commit(
     store: &dyn Store,
     batch: Vec<Message>,
-    claims: Vec<(usize, oneshot::Sender<Result<Vec<Task>>>)>,
+    claims: Vec<(Want, oneshot::Sender<Result<Vec<Task>>>)>,
     (pending, commits, written): (&AtomicUsize, &AtomicU64, &AtomicU64),
     retry: &Retry,
 ) {
@@ -346,8 +367,8 @@ fn commit(
     // The first claim shares the writes' transaction; one without writes has no other try.
     let mut claimed = None;
     let together = match claims.first() {
-        Some(&(limit, _)) => {
-            let tried = store.write_and_claim(&writes, limit);
+        Some(&(want, _)) => {
+            let tried = store.write_and_claim_within(&writes, want.tasks, want.bytes);
             let ok = tried.is_ok();
             if ok || writes.is_empty() {
                 claimed = Some(tried);
@@ -380,8 +401,10 @@ fn commit(
             (None, Err(e)) => retry.give_up_on(&write, &e.to_string()),
         }
     }
-    for (limit, reply) in claims {
-        let tasks = claimed.take().unwrap_or_else(|| store.claim(limit));
+    for (want, reply) in claims {
+        let tasks = claimed
+            .take()
+            .unwrap_or_else(|| store.write_and_claim_within(&[], want.tasks, want.bytes));
         let _ = reply.send(tasks);
     }
     for reply in settles {
@@ -531,12 +554,12 @@ mod tests {
         let (_, end) = finished(&f);
         let limit: ClaimLimit = Box::new(move || {
             late.send(Message::Write(Box::new(end), None)).unwrap();
-            2
+            Want::tasks(2)
         });
         let mut batch = vec![Message::Claim(limit, reply)];
         let claims = take_claims(&mut batch, &incoming);
         assert_eq!(
-            claims.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            claims.iter().map(|(n, _)| n.tasks).collect::<Vec<_>>(),
             [2],
             "decided on the recorder's thread"
         );

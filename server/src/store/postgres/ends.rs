@@ -188,7 +188,7 @@ impl PgStore {
     pub(super) fn write_and_claim_at_once<'s>(
         &self,
         writes: &[&Write],
-        limit: usize,
+        (limit, bytes): (usize, u64),
         seal: impl Fn(&str) -> Seal<'s>,
     ) -> Result<Vec<Task>> {
         let mut conn = self.pool.get()?;
@@ -234,7 +234,7 @@ impl PgStore {
         }
         let now = now_ms();
         let claim = (limit > 0).then(|| {
-            steps.push(self.claim_step(now, limit));
+            steps.push(self.claim_step(now, limit, bytes));
             steps.len() - 1
         });
         steps.push(plan_cache("auto"));
@@ -252,7 +252,7 @@ impl PgStore {
             let more = conn.transaction().and_then(|mut tx| {
                 let mut ended = Pending::default();
                 self.fail_damaged(&mut tx, &damaged, now, &mut ended)?;
-                let more = self.claim_in(&mut tx, limit - tasks.len(), &mut ended)?;
+                let more = self.claim_in(&mut tx, (limit - tasks.len(), bytes), &mut ended)?;
                 rollups::commit(tx, Vec::new(), ended, Vec::new())?;
                 Ok(more)
             });

@@ -317,7 +317,12 @@ impl Store for PgStore {
         Ok(versions)
     }
 
-    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>> {
+    fn write_and_claim_within(
+        &self,
+        writes: &[Write],
+        limit: usize,
+        bytes: u64,
+    ) -> Result<Vec<Task>> {
         let keys = TenantKeys::of(writes, |tenant| self.tenant_key(tenant))?;
         let seal = |tenant: &str| sealed::Seal {
             sealer: &self.sealer,
@@ -332,7 +337,7 @@ impl Store for PgStore {
             .filter(|w| matches!(w, Write::Insert(_) | Write::Finished { .. }))
             .count();
         if ends::fits(&writes, limit) {
-            let claimed = self.write_and_claim_at_once(&writes, limit, seal)?;
+            let claimed = self.write_and_claim_at_once(&writes, (limit, bytes), seal)?;
             self.growth.added(rows_added, &self.pool);
             return Ok(claimed);
         }
@@ -376,7 +381,7 @@ impl Store for PgStore {
         flight.completes(&mut tx, completes, &mut ended)?;
         let now = now_ms();
         if limit > 0 {
-            flight.claim(self.claim_step(now, limit));
+            flight.claim(self.claim_step(now, limit, bytes));
         }
         let mut tasks = Vec::new();
         if flight.needs_answers() {
@@ -384,7 +389,7 @@ impl Store for PgStore {
             let skipped;
             (tasks, skipped) = self.claimed(&mut tx, &rows, limit, now, &mut ended)?;
             if skipped && tasks.len() < limit {
-                let more = self.claim_in(&mut tx, limit - tasks.len(), &mut ended)?;
+                let more = self.claim_in(&mut tx, (limit - tasks.len(), bytes), &mut ended)?;
                 tasks.extend(more);
             }
         }

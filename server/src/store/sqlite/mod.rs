@@ -46,7 +46,8 @@ pub(crate) use sealed::damaged;
 /// ?2` instead had SQLite plan the statement again at every claim, as it plans with a bound
 /// limit's value.
 const CLAIM: &str =
-    "SELECT id FROM tasks WHERE status = 'queued' AND not_before <= ?1 ORDER BY created_at, id";
+    "SELECT id, length(payload) FROM tasks WHERE status = 'queued' AND not_before <= ?1
+     ORDER BY created_at, id";
 
 /// A function's newest tasks, from the index of its tasks by age (no sort of them all).
 const RECENT: &str = "WHERE function_id = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2";
@@ -185,12 +186,14 @@ impl SqliteStore {
             .map_err(StoreError::from))
     }
 
-    /// Takes up to `limit` of the oldest runnable queued tasks in `tx` and marks them running;
-    /// a damaged record found on the way is failed (its ending added to `ended`), not taken.
+    /// Takes up to `limit` of the oldest runnable queued tasks in `tx` and marks them running,
+    /// stopping before the one whose payload would take theirs past `bytes` (the first is
+    /// taken whatever its size); a damaged record found on the way is failed (its ending added
+    /// to `ended`), not taken.
     fn claim_in(
         &self,
         tx: &rusqlite::Transaction<'_>,
-        limit: usize,
+        (limit, bytes): (usize, u64),
         ended: &mut Pending,
     ) -> Result<Vec<Task>> {
         // A plain write (every commit of the recorder) claims nothing: no work for it here.
@@ -205,15 +208,26 @@ impl SqliteStore {
                             started_at = ?2 WHERE id = ?1";
         let read_back = format!("SELECT {TASK_COLS} FROM tasks WHERE id = ?1");
         // Again while a damaged record took a place (it is failed, so not selected twice).
-        let mut skipped = true;
-        while skipped && tasks.len() < limit {
+        let (mut skipped, mut full) = (true, false);
+        let mut held: Option<u64> = None;
+        while skipped && !full && tasks.len() < limit {
             skipped = false;
-            let ids: Vec<String> = {
+            let mut ids: Vec<String> = Vec::new();
+            {
                 let mut stmt = tx.prepare_cached(CLAIM)?;
-                let rows = stmt.query_map(params![now], |r| r.get(0))?;
-                rows.take(limit - tasks.len())
-                    .collect::<rusqlite::Result<_>>()?
-            };
+                let mut rows = stmt.query(params![now])?;
+                while ids.len() < limit - tasks.len() {
+                    let Some(row) = rows.next()? else { break };
+                    let size = u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
+                    let after = held.unwrap_or(0).saturating_add(size);
+                    if held.is_some() && after > bytes {
+                        full = true;
+                        break;
+                    }
+                    held = Some(after);
+                    ids.push(row.get(0)?);
+                }
+            }
             for id in ids {
                 tx.prepare_cached(TAKE)?.execute(params![id, now])?;
                 let read = tx
@@ -375,7 +389,12 @@ impl Store for SqliteStore {
         Ok(versions)
     }
 
-    fn write_and_claim(&self, writes: &[Write], limit: usize) -> Result<Vec<Task>> {
+    fn write_and_claim_within(
+        &self,
+        writes: &[Write],
+        limit: usize,
+        bytes: u64,
+    ) -> Result<Vec<Task>> {
         let keys = TenantKeys::of(writes, |tenant| self.tenant_key(tenant))?;
         let seal = |tenant: &str| sealed::Seal {
             sealer: &self.sealer,
@@ -401,7 +420,7 @@ impl Store for SqliteStore {
                 } => finished(&tx, task, completion, *at, &mut ended, seal(&task.tenant))?,
             }
         }
-        let tasks = self.claim_in(&tx, limit, &mut ended)?;
+        let tasks = self.claim_in(&tx, (limit, bytes), &mut ended)?;
         ended.flush(&tx)?;
         tx.commit()?;
         Ok(tasks)
