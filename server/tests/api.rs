@@ -1861,6 +1861,21 @@ fn queued_after_a_change() {
     s.remove_files();
 }
 
+/// Deploys `SLEEPER` as `sleeper`, one instance at a time, so that a sleeping task keeps
+/// the ones behind it waiting.
+fn deploy_sleeper(s: &Server, token: &str) {
+    let r = request(
+        "POST",
+        &format!(
+            "{}/api/functions/deploy?name=sleeper&max_instances=1",
+            s.url
+        ),
+        Some(token),
+        Some(("application/zip", zip(&[("function.py", SLEEPER)]))),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+}
+
 /// SIGTERM while queue workers hold tasks: the task running finishes and is stored; the
 /// tasks claimed behind it, waiting for the function's one instance, go back to the queue
 /// unstarted (their claim uncounted) and run after a restart; the task no worker claimed
@@ -1872,16 +1887,7 @@ fn graceful_stop() {
         .unwrap();
     let s = Server::start_in(dir.path(), "grace", 0, &["--workers", "3"]);
     let t = s.token("stopper", false);
-    let r = request(
-        "POST",
-        &format!(
-            "{}/api/functions/deploy?name=sleeper&max_instances=1",
-            s.url
-        ),
-        Some(&t),
-        Some(("application/zip", zip(&[("function.py", SLEEPER)]))),
-    );
-    assert_eq!(r.status, 201, "{r:?}");
+    deploy_sleeper(&s, &t);
     let run = |s: &Server, seconds: f64| -> String {
         let r = post_json(s, "/api/functions/sleeper/run", &t, &json!({"s": seconds}));
         assert_eq!(r.status, 202, "{r:?}");
@@ -1939,16 +1945,7 @@ fn queue_memory() {
         &["--workers", "8", "--queue-memory-mb", "1"],
     );
     let t = s.token("hoarder", false);
-    let r = request(
-        "POST",
-        &format!(
-            "{}/api/functions/deploy?name=sleeper&max_instances=1",
-            s.url
-        ),
-        Some(&t),
-        Some(("application/zip", zip(&[("function.py", SLEEPER)]))),
-    );
-    assert_eq!(r.status, 201, "{r:?}");
+    deploy_sleeper(&s, &t);
     let run = |payload: &Value| -> String {
         let r = post_json(&s, "/api/functions/sleeper/run", &t, payload);
         assert_eq!(r.status, 202, "{r:?}");

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
-
+use crate::chains::engine::json_size;
 use crate::model::Task;
 
 /// The payload bytes the queue's claimed tasks hold in memory (from when they are claimed
@@ -57,7 +56,7 @@ impl Held {
     /// Counts `task`'s payload (its size as JSON, as the store keeps it) until the returned
     /// guard is dropped.
     pub fn take(self: &Arc<Self>, task: &Task) -> Payload {
-        let bytes = json_size(&task.payload);
+        let bytes = u64::try_from(json_size(&task.payload)).unwrap_or(u64::MAX);
         self.bytes.fetch_add(bytes, Ordering::SeqCst);
         Payload {
             held: self.clone(),
@@ -71,21 +70,4 @@ impl Drop for Payload {
         self.held.bytes.fetch_sub(self.bytes, Ordering::SeqCst);
         self.held.freed.notify_waiters();
     }
-}
-
-/// The length of `value` written as JSON, counted without writing it anywhere.
-fn json_size(value: &Value) -> u64 {
-    struct Count(u64);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
 }
