@@ -192,21 +192,17 @@ impl Pool {
             Some(Turn::Place) => return Woken::Retry,
             None => {}
         }
-        if refused(state, place.lend) {
-            if let Some(f) = state.functions.get_mut(place.key) {
-                f.waiters.retain(|w| w.ticket != place.ticket);
-            }
-            return Woken::Refused(PoolError::Stopping);
-        }
-        let gave_up = self.out_of_time(place.lend == Lend::Sync, place.since);
+        let refused = refused(state, place.lend);
+        let gave_up = refused || self.out_of_time(place.lend == Lend::Sync, place.since);
         let f = state.functions.entry(place.key.clone()).or_default();
         if !gave_up && f.busy >= place.max {
             return Woken::Wait;
         }
         f.waiters.retain(|w| w.ticket != place.ticket);
-        match gave_up {
-            true => Woken::Refused(busy(place.max)),
-            false => Woken::Retry,
+        match (refused, gave_up) {
+            (true, _) => Woken::Refused(PoolError::Stopping),
+            (false, true) => Woken::Refused(busy(place.max)),
+            (false, false) => Woken::Retry,
         }
     }
 
