@@ -7,7 +7,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::chains::engine::json_size;
 use crate::model::Task;
@@ -46,10 +45,15 @@ impl Held {
 
     /// Waits until some of the budget is left.
     pub async fn room(&self) {
-        while self.left() == 0 {
-            // Told when a payload is let go; the timeout covers a release between the look
-            // and the wait.
-            let _ = tokio::time::timeout(Duration::from_millis(100), self.freed.notified()).await;
+        loop {
+            // Listening before the look, so that a payload let go between the two is heard.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.left() > 0 {
+                return;
+            }
+            freed.await;
         }
     }
 
