@@ -2,6 +2,7 @@
 //! directory: its query plans and its WAL. What both stores must do is the suite in
 //! `tests/stores.rs`, run against each.
 
+use super::claims::CLAIM;
 use super::*;
 use crate::model::{Completion, Isolation, TaskStatus};
 use cloudfunc_sandbox::Runtime;
