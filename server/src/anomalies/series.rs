@@ -62,13 +62,17 @@ impl Series {
     }
 
     /// Whether a move from the usual level `usual` to `value` is big enough to matter to
-    /// anyone, however rare: a share (error rate, cold starts) must move by 5 points, any
-    /// other series by a tenth of its usual level (at least 0.1). A series that never moved
-    /// makes any move rare; a 6 % change in peak memory is still not an anomaly.
+    /// anyone, however rare: a share (error rate, cold starts) must move by 5 points, a
+    /// duration by half its usual level, any other series by a tenth of it (at least 0.1).
+    /// A series that never moved makes any move rare; a 6 % change in peak memory is still
+    /// not an anomaly. A p95 taken from a few calls a minute is close to their slowest, so a
+    /// busy host moves it by a quarter for minutes at a time (10.5 to 13.6 ms for two
+    /// minutes, measured in CI): latency must move by more than the host's noise.
     pub fn is_material(self, usual: f64, value: f64) -> bool {
         let moved = (value - usual).abs();
         match self {
             Series::ErrorRate | Series::ColdRatio => moved >= 0.05,
+            Series::DurationP95 => moved >= 0.5 * usual.abs().max(1.0),
             _ => moved >= 0.1 * usual.abs().max(1.0),
         }
     }
@@ -180,6 +184,9 @@ mod tests {
         assert!(Series::PeakMemory.is_material(3_706_880.0, 5e6));
         assert!(Series::DurationP95.is_material(3.5, 61.0));
         assert!(!Series::DurationP95.is_material(3.5, 3.7));
+        assert!(!Series::DurationP95.is_material(10.5, 13.6));
+        assert!(Series::DurationP95.is_material(10.5, 16.0));
+        assert!(Series::DurationP95.is_material(10.5, 5.0));
         assert!(Series::ErrorRate.is_material(0.0, 0.5));
         assert!(!Series::ErrorRate.is_material(0.0, 0.01));
         assert!(Series::Invocations.is_material(2.0, 0.0));
