@@ -243,13 +243,16 @@ pub struct SandboxCgroup {
     counters: Arc<Mutex<Option<Counters>>>,
 }
 
-/// A sandbox's counter files, open. v1: `cpuacct.usage`, `cpuacct.usage_user`,
-/// `cpuacct.usage_sys`, `memory.max_usage_in_bytes` (also written, to reset the peak) and
-/// `memory.oom_control`. v2: `cpu.stat`, `memory.peak` (or `memory.current`) and
-/// `memory.events`.
+/// A sandbox's counter files, open. v1: `cpuacct.usage_all` (or, before Linux 4.11,
+/// `cpuacct.usage`, `cpuacct.usage_user` and `cpuacct.usage_sys`), `memory.max_usage_in_bytes`
+/// (also written, to reset the peak) and `memory.oom_control`. v2: `cpu.stat`, `memory.peak`
+/// (or `memory.current`) and `memory.events`.
 #[derive(Debug)]
 struct Counters {
-    files: Vec<fs::File>,
+    /// The CPU time: one file that has it all, or v1's three.
+    cpu: Vec<fs::File>,
+    peak: fs::File,
+    oom: fs::File,
     /// Whether the peak file can be reset (v1 always; v2 where `memory.peak` takes writes,
     /// each resetting what later reads through the same open file report): cleared by the
     /// first write the kernel refuses.
@@ -270,17 +273,26 @@ impl Counters {
                 .open(&path)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
         };
-        let (files, peak_resets) = match cg.version {
-            CgroupVersion::V1 => (
-                vec![
-                    open(&cg.cpu, "cpuacct.usage", false)?,
-                    open(&cg.cpu, "cpuacct.usage_user", false)?,
-                    open(&cg.cpu, "cpuacct.usage_sys", false)?,
+        let (cpu, peak, oom, peak_resets) = match cg.version {
+            CgroupVersion::V1 => {
+                // One read for the user and system time of every CPU (their sum is
+                // `cpuacct.usage`) instead of three: each read of a counter is a system call
+                // on every warm call.
+                let cpu = match open(&cg.cpu, "cpuacct.usage_all", false) {
+                    Ok(all) => vec![all],
+                    Err(_) => vec![
+                        open(&cg.cpu, "cpuacct.usage", false)?,
+                        open(&cg.cpu, "cpuacct.usage_user", false)?,
+                        open(&cg.cpu, "cpuacct.usage_sys", false)?,
+                    ],
+                };
+                (
+                    cpu,
                     open(&cg.memory, "memory.max_usage_in_bytes", true)?,
                     open(&cg.memory, "memory.oom_control", false)?,
-                ],
-                true,
-            ),
+                    true,
+                )
+            }
             CgroupVersion::V2 => {
                 // Before 6.12 the kernel's memory.peak takes no writes: the file may not open
                 // for writing, or (as root) open and refuse the write.
@@ -293,53 +305,79 @@ impl Counters {
                     ),
                 };
                 (
-                    vec![
-                        open(&cg.cpu, "cpu.stat", false)?,
-                        peak,
-                        open(&cg.memory, "memory.events", false)?,
-                    ],
+                    vec![open(&cg.cpu, "cpu.stat", false)?],
+                    peak,
+                    open(&cg.memory, "memory.events", false)?,
                     resets,
                 )
             }
         };
         // Only v1's reset writes over the figure (v2's resets through its open file).
         let peak_truncates =
-            cg.version == CgroupVersion::V1 && files[3].metadata().is_ok_and(|m| m.len() > 0);
+            cg.version == CgroupVersion::V1 && peak.metadata().is_ok_and(|m| m.len() > 0);
         Ok(Counters {
-            files,
+            cpu,
+            peak,
+            oom,
             peak_resets: std::sync::atomic::AtomicBool::new(peak_resets),
             peak_truncates,
         })
     }
 
-    /// The whole text of counter file `i`, read from the start (the kernel writes it anew).
-    fn text(&self, i: usize) -> io::Result<String> {
-        let mut buf = [0u8; 4096];
-        let n = self.files[i].read_at(&mut buf, 0)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    }
-
     fn snapshot(&self, version: CgroupVersion) -> io::Result<CgroupSnapshot> {
-        Ok(match version {
-            CgroupVersion::V1 => CgroupSnapshot {
-                cpu_total_ns: parse_u64(&self.text(0)?),
-                cpu_user_ns: parse_u64(&self.text(1)?),
-                cpu_system_ns: parse_u64(&self.text(2)?),
-                memory_peak_bytes: parse_u64(&self.text(3)?),
-                oom_kills: keyed(&self.text(4)?, "oom_kill"),
-            },
-            CgroupVersion::V2 => {
-                let cpu = self.text(0)?;
-                CgroupSnapshot {
-                    cpu_total_ns: keyed(&cpu, "usage_usec") * 1000,
-                    cpu_user_ns: keyed(&cpu, "user_usec") * 1000,
-                    cpu_system_ns: keyed(&cpu, "system_usec") * 1000,
-                    memory_peak_bytes: parse_u64(&self.text(1)?),
-                    oom_kills: keyed(&self.text(2)?, "oom_kill"),
-                }
-            }
+        let (total, user, system) = match (version, self.cpu.as_slice()) {
+            (CgroupVersion::V1, [all]) => with_text(all, per_cpu_times)?,
+            (CgroupVersion::V1, [total, user, system]) => (
+                with_text(total, parse_u64)?,
+                with_text(user, parse_u64)?,
+                with_text(system, parse_u64)?,
+            ),
+            (_, files) => with_text(&files[0], |stat| {
+                let usec = |key| keyed(stat, key).saturating_mul(1000);
+                (usec("usage_usec"), usec("user_usec"), usec("system_usec"))
+            })?,
+        };
+        Ok(CgroupSnapshot {
+            cpu_total_ns: total,
+            cpu_user_ns: user,
+            cpu_system_ns: system,
+            memory_peak_bytes: with_text(&self.peak, parse_u64)?,
+            // v1's `memory.oom_control` and v2's `memory.events` both count `oom_kill`.
+            oom_kills: with_text(&self.oom, |text| keyed(text, "oom_kill"))?,
         })
     }
+}
+
+/// Runs `f` on the whole text of a counter file, read from the start (the kernel writes it
+/// anew at each read), without copying it where it fits in a page.
+fn with_text<T>(file: &fs::File, f: impl FnOnce(&str) -> T) -> io::Result<T> {
+    let mut buf = [0u8; 4096];
+    let n = file.read_at(&mut buf, 0)?;
+    if n < buf.len() {
+        return Ok(f(&String::from_utf8_lossy(&buf[..n])));
+    }
+    // A long file (`cpuacct.usage_all` on a host with many CPUs): read on to its end.
+    let mut text = buf.to_vec();
+    loop {
+        let n = file.read_at(&mut buf, text.len() as u64)?;
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    Ok(f(&String::from_utf8_lossy(&text)))
+}
+
+/// The total, user and system nanoseconds in `cpuacct.usage_all`: a heading, then one line
+/// per CPU, `cpu user system`.
+fn per_cpu_times(text: &str) -> (u64, u64, u64) {
+    let (mut user, mut system) = (0u64, 0u64);
+    for line in text.lines().skip(1) {
+        let mut fields = line.split_ascii_whitespace().skip(1).map(parse_u64);
+        user = user.saturating_add(fields.next().unwrap_or(0));
+        system = system.saturating_add(fields.next().unwrap_or(0));
+    }
+    (user.saturating_add(system), user, system)
 }
 
 impl SandboxCgroup {
@@ -448,7 +486,7 @@ impl UsageReader for SandboxCgroup {
             CgroupVersion::V1 => {
                 // Writing 0 restarts the high-water mark.
                 let _ = self.with_counters(|c| {
-                    let peak = &c.files[3];
+                    let peak = &c.peak;
                     if c.peak_truncates {
                         peak.set_len(0)?;
                     }
@@ -461,7 +499,7 @@ impl UsageReader for SandboxCgroup {
                 let _ = self.with_counters(|c| {
                     use std::sync::atomic::Ordering;
                     if c.peak_resets.load(Ordering::Relaxed)
-                        && c.files[1].write_at(b"reset\n", 0).is_err()
+                        && c.peak.write_at(b"reset\n", 0).is_err()
                     {
                         c.peak_resets.store(false, Ordering::Relaxed);
                     }
@@ -582,6 +620,45 @@ mod tests {
         assert_eq!(
             fs::read_to_string(mem.join("memory.max_usage_in_bytes")).unwrap(),
             "0"
+        );
+    }
+
+    #[test]
+    fn v1_reads_every_cpus_time_from_one_file_however_long() {
+        let root = tempfile::tempdir().unwrap();
+        let mem = root.path().join("memory/cloudfunc/sb1");
+        let cpu = root.path().join("cpuacct/cloudfunc/sb1");
+        fs::create_dir_all(root.path().join("pids")).unwrap();
+        write(&mem, "memory.max_usage_in_bytes", "8192\n");
+        write(
+            &mem,
+            "memory.oom_control",
+            "oom_kill_disable 0\noom_kill 2\n",
+        );
+        // 300 CPUs: longer than one page of text. The three older files disagree, to show
+        // they are not read when `usage_all` is there.
+        let mut all = String::from("cpu user system\n");
+        for i in 0..300u64 {
+            all.push_str(&format!("{i} {} {}\n", 1_000_000_000 + i, 7 * i));
+        }
+        assert!(all.len() > 4096);
+        write(&cpu, "cpuacct.usage_all", &all);
+        write(&cpu, "cpuacct.usage", "1\n");
+        write(&cpu, "cpuacct.usage_user", "1\n");
+        write(&cpu, "cpuacct.usage_sys", "1\n");
+        let fs_ = CgroupFs::detect(root.path()).unwrap();
+        let snap = fs_.sandbox("/cloudfunc/sb1").snapshot().unwrap();
+        let user = 300 * 1_000_000_000 + (0..300).sum::<u64>();
+        let system = 7 * (0..300).sum::<u64>();
+        assert_eq!(
+            snap,
+            CgroupSnapshot {
+                cpu_total_ns: user + system,
+                cpu_user_ns: user,
+                cpu_system_ns: system,
+                memory_peak_bytes: 8192,
+                oom_kills: 2
+            }
         );
     }
 
