@@ -454,6 +454,9 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, AuthErr
         })
         .ok_or(AuthError::Missing)?;
     let (token, now) = (token.trim(), crate::model::now_ms() / 1000);
+    if let Some(caller) = state.keys.remembered(token, now) {
+        return Ok(caller);
+    }
     // Each algorithm is checked only against keys of its own kind.
     match (crate::jwks::algorithm(token).as_deref(), &state.jwks) {
         (Some("RS256" | "ES256"), Some(jwks)) => jwks.verify(token, now),
