@@ -628,6 +628,36 @@ fn damaged_records_are_reported_and_the_queue_goes_on(place: &Place) {
     assert_eq!(calls[0].outcome, "sandbox_failure");
 }
 
+/// A damaged record among a claim's tasks takes no one else's share of the payloads' budget:
+/// the claim goes on past it only within what the tasks it took left.
+fn a_damaged_record_in_a_claim_leaves_the_budget_as_it_was(place: &Place) {
+    let store = place.open();
+    let f = deploy(store.as_ref(), "alice", "hello");
+    let mut t = in_order(&f, 4);
+    for (task, size) in t.iter_mut().zip([3_000, 10, 3_000, 3_000]) {
+        task.payload = serde_json::json!("x".repeat(size));
+        insert(store.as_ref(), task);
+    }
+    let mut blob = place.payload(&t[1].task_id);
+    let last = blob.len() - 1;
+    blob[last] ^= 0x80;
+    place.set_payload(&t[1].task_id, blob);
+    let claimed: Vec<String> = store
+        .write_and_claim_within(&[], 10, 7_000)
+        .unwrap()
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(
+        claimed,
+        vec![t[0].task_id.clone(), t[2].task_id.clone()],
+        "the fourth would take the payloads past 7,000 bytes"
+    );
+    let failed = store.task(None, &t[1].task_id);
+    assert!(matches!(failed, Err(StoreError::Damaged(_))), "{failed:?}");
+    assert_eq!(claimed_ids(store.as_ref(), 10), vec![t[3].task_id.clone()]);
+}
+
 fn code_secrets_and_keys_survive_rotation_and_reencryption(place: &Place) {
     let store = place.open();
     let f = deploy(store.as_ref(), "alice", "hello");
@@ -1331,6 +1361,10 @@ const TESTS: &[(&str, Test)] = &[
     (
         "damaged_records_are_reported_and_the_queue_goes_on",
         damaged_records_are_reported_and_the_queue_goes_on,
+    ),
+    (
+        "a_damaged_record_in_a_claim_leaves_the_budget_as_it_was",
+        a_damaged_record_in_a_claim_leaves_the_budget_as_it_was,
     ),
     (
         "code_secrets_and_keys_survive_rotation_and_reencryption",

@@ -11,37 +11,54 @@ use crate::store::cluster::{ClusterStore, Signal};
 use crate::store::records::{damaged_ending, Pending};
 use crate::store::{Result, StoreError};
 
+/// What a claim took: its tasks, oldest first, the ids of the damaged records among the rows
+/// it locked, and the stored size of the tasks' payloads.
+pub(super) struct Claimed {
+    pub tasks: Vec<Task>,
+    pub damaged: Vec<String>,
+    pub bytes: u64,
+}
+
 impl PgStore {
     /// Takes up to `limit` of the oldest runnable queued tasks in `tx` for this node and marks
-    /// them running; a damaged record found on the way is failed (its ending added to
-    /// `ended`), not taken.
+    /// them running, within `bytes` of payloads (the first whatever its size, when `first`);
+    /// a damaged record found on the way is failed (its ending added to `ended`), not taken.
     pub(super) fn claim_in(
         &self,
         tx: &mut Tx<'_>,
-        (limit, bytes): (usize, u64),
+        (limit, bytes, first): (usize, u64, bool),
         ended: &mut Pending,
     ) -> Result<Vec<Task>> {
         let now = now_ms();
-        let mut tasks = Vec::with_capacity(limit);
-        // Again while a damaged record took a place (it is failed, so not claimed twice).
-        let mut skipped = true;
-        while skipped && tasks.len() < limit {
-            let step = self.claim_step(now, limit - tasks.len(), bytes);
+        let (mut tasks, mut left) = (Vec::with_capacity(limit), bytes);
+        // Again while a damaged record took a place (it is failed, so not claimed twice),
+        // within what is left of the payloads' budget.
+        loop {
+            let first = first && tasks.is_empty();
+            let step = self.claim_step(now, limit - tasks.len(), left, first);
             let params: Vec<&(dyn ToSql + Sync)> = step.params.iter().map(|p| &**p as _).collect();
             let rows = tx.query(&step.sql, &params)?;
-            let claimed;
-            (claimed, skipped) = self.claimed(tx, &rows, limit - tasks.len(), now, ended)?;
-            tasks.extend(claimed);
+            let claimed = self.claimed(tx, &rows, limit - tasks.len(), now, ended)?;
+            left = left.saturating_sub(claimed.bytes);
+            tasks.extend(claimed.tasks);
+            if claimed.damaged.is_empty() || tasks.len() >= limit {
+                return Ok(tasks);
+            }
         }
-        Ok(tasks)
     }
 
-    /// The claim of up to `want` tasks due at `now` and, past the first, `bytes` of payloads,
-    /// as a statement made ahead; it starts past this node's floor.
-    pub(super) fn claim_step(&self, now: i64, want: usize, bytes: u64) -> Queued<'static> {
+    /// The claim of up to `want` tasks due at `now` and `bytes` of payloads (past the first,
+    /// when `first`), as a statement made ahead; it starts past this node's floor.
+    pub(super) fn claim_step(
+        &self,
+        now: i64,
+        want: usize,
+        bytes: u64,
+        first: bool,
+    ) -> Queued<'static> {
         let (past_at, past_id) = self.floor.lock().start();
         Queued {
-            sql: format!("{CLAIM} RETURNING {TASK_COLS}"),
+            sql: format!("{CLAIM} RETURNING {TASK_COLS}, octet_length(payload)::int8"),
             params: vec![
                 Box::new(now) as Box<dyn ToSql + Sync>,
                 Box::new(now),
@@ -50,6 +67,7 @@ impl PgStore {
                 Box::new(past_at),
                 Box::new(past_id),
                 Box::new(i64::try_from(bytes).unwrap_or(i64::MAX)),
+                Box::new(first),
             ],
         }
     }
@@ -74,9 +92,9 @@ impl PgStore {
         Ok(given)
     }
 
-    /// The tasks of a claim of `wanted`'s `rows`, oldest first, and whether a damaged record
-    /// was among them: such a record is never run; it ends failed, saying why (its ending
-    /// added to `ended`), and the queue goes on. The floor moves past them.
+    /// The tasks of a claim of `wanted`'s `rows` (see [`PgStore::claimed_rows`]), the damaged
+    /// records among them failed in `tx`: such a record is never run; it ends failed, saying
+    /// why (its ending added to `ended`), and the queue goes on.
     pub(super) fn claimed(
         &self,
         tx: &mut Tx<'_>,
@@ -84,39 +102,46 @@ impl PgStore {
         wanted: usize,
         now: i64,
         ended: &mut Pending,
-    ) -> Result<(Vec<Task>, bool)> {
-        let (claimed, damaged) = self.claimed_rows(rows, wanted)?;
-        self.fail_damaged(tx, &damaged, now, ended)?;
-        Ok((claimed, !damaged.is_empty()))
+    ) -> Result<Claimed> {
+        let claimed = self.claimed_rows(rows, wanted)?;
+        self.fail_damaged(tx, &claimed.damaged, now, ended)?;
+        Ok(claimed)
     }
 
-    /// The tasks of a claim of `wanted`'s `rows`, oldest first, and the ids of the damaged
-    /// records among them (see [`PgStore::fail_damaged`]). The floor moves past them all.
-    pub(super) fn claimed_rows(
-        &self,
-        rows: &[postgres::Row],
-        wanted: usize,
-    ) -> Result<(Vec<Task>, Vec<String>)> {
+    /// The tasks of a claim of `wanted`'s `rows`, oldest first, the ids of the damaged
+    /// records among them (see [`PgStore::fail_damaged`]) and the stored size of the tasks'
+    /// payloads. The floor moves past them all.
+    pub(super) fn claimed_rows(&self, rows: &[postgres::Row], wanted: usize) -> Result<Claimed> {
         let keys = rows
             .iter()
             .map(|r| Ok((r.try_get(14)?, r.try_get(0)?)))
             .collect::<Result<Vec<(i64, String)>>>()?;
         self.floor.lock().claimed(keys.into_iter(), wanted);
-        let mut damaged = Vec::new();
-        let mut claimed = Vec::with_capacity(rows.len());
+        let mut claimed = Claimed {
+            tasks: Vec::with_capacity(rows.len()),
+            damaged: Vec::new(),
+            bytes: 0,
+        };
         for r in rows {
             match task_row(self, r) {
-                Ok(task) => claimed.push(task),
+                Ok(task) => {
+                    // The last column, after the task's: its payload's stored size.
+                    let size: i64 = r.try_get(r.len() - 1)?;
+                    claimed.bytes += u64::try_from(size).unwrap_or(0);
+                    claimed.tasks.push(task);
+                }
                 Err(StoreError::Damaged(why)) => {
                     let id: String = r.try_get(0)?;
                     tracing::error!(task_id = %id, why, "a queued task's record is damaged; failed, not run");
-                    damaged.push(id);
+                    claimed.damaged.push(id);
                 }
                 Err(e) => return Err(e),
             }
         }
-        claimed.sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
-        Ok((claimed, damaged))
+        claimed
+            .tasks
+            .sort_by(|a, b| (a.created_at, &a.task_id).cmp(&(b.created_at, &b.task_id)));
+        Ok(claimed)
     }
 
     /// Ends claimed tasks whose records are damaged as failed, saying why, in `tx` (their
@@ -147,8 +172,8 @@ impl PgStore {
 /// it on its generic plan, made once per connection (see `ends`).
 ///
 /// Of the tasks locked, those taken stop before the one whose payload would take theirs past
-/// `$7` bytes (as stored; the first is taken whatever its size): a running sum over the
-/// locked rows, whose payloads' sizes PostgreSQL knows without reading them.
+/// `$7` bytes (as stored; the first is taken whatever its size where `$8`): a running sum
+/// over the locked rows, whose payloads' sizes PostgreSQL knows without reading them.
 const CLAIM: &str =
     "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = $2, node = $4
      WHERE id = ANY(ARRAY(
@@ -158,4 +183,4 @@ const CLAIM: &str =
                    WHERE status = 'queued' AND not_before <= $1 AND (created_at, id) > ($5, $6)
                    ORDER BY created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) AS locked
              WINDOW w AS (ORDER BY created_at, id)) AS sized
-         WHERE n = 1 OR upto <= $7::int8))";
+         WHERE (n = 1 AND $8) OR upto <= $7::int8))";

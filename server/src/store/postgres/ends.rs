@@ -234,7 +234,7 @@ impl PgStore {
         }
         let now = now_ms();
         let claim = (limit > 0).then(|| {
-            steps.push(self.claim_step(now, limit, bytes));
+            steps.push(self.claim_step(now, limit, bytes, true));
             steps.len() - 1
         });
         steps.push(plan_cache("auto"));
@@ -244,7 +244,8 @@ impl PgStore {
             return Ok(Vec::new());
         };
         let rows = std::mem::take(&mut answers[claim]);
-        let (mut tasks, damaged) = self.claimed_rows(&rows, limit)?;
+        let claimed = self.claimed_rows(&rows, limit)?;
+        let (mut tasks, damaged) = (claimed.tasks, claimed.damaged);
         if !damaged.is_empty() {
             // Claimed (running) and committed, they fail in a transaction of their own, which
             // claims in their place. Should it fail, the claim made stands: they stay running
@@ -252,7 +253,12 @@ impl PgStore {
             let more = conn.transaction().and_then(|mut tx| {
                 let mut ended = Pending::default();
                 self.fail_damaged(&mut tx, &damaged, now, &mut ended)?;
-                let more = self.claim_in(&mut tx, (limit - tasks.len(), bytes), &mut ended)?;
+                let left = (
+                    limit - tasks.len(),
+                    bytes.saturating_sub(claimed.bytes),
+                    tasks.is_empty(),
+                );
+                let more = self.claim_in(&mut tx, left, &mut ended)?;
                 rollups::commit(tx, Vec::new(), ended, Vec::new())?;
                 Ok(more)
             });

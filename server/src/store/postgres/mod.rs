@@ -381,15 +381,20 @@ impl Store for PgStore {
         flight.completes(&mut tx, completes, &mut ended)?;
         let now = now_ms();
         if limit > 0 {
-            flight.claim(self.claim_step(now, limit, bytes));
+            flight.claim(self.claim_step(now, limit, bytes, true));
         }
         let mut tasks = Vec::new();
         if flight.needs_answers() {
             let rows = flight.send(&mut tx, &mut ended)?.unwrap_or_default();
-            let skipped;
-            (tasks, skipped) = self.claimed(&mut tx, &rows, limit, now, &mut ended)?;
-            if skipped && tasks.len() < limit {
-                let more = self.claim_in(&mut tx, (limit - tasks.len(), bytes), &mut ended)?;
+            let claimed = self.claimed(&mut tx, &rows, limit, now, &mut ended)?;
+            tasks = claimed.tasks;
+            if !claimed.damaged.is_empty() && tasks.len() < limit {
+                let left = (
+                    limit - tasks.len(),
+                    bytes.saturating_sub(claimed.bytes),
+                    tasks.is_empty(),
+                );
+                let more = self.claim_in(&mut tx, left, &mut ended)?;
                 tasks.extend(more);
             }
         }
