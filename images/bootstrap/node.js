@@ -157,10 +157,15 @@ async function invoke(func, request, maxOutput) {
 }
 
 // Node writes to a full pipe by queueing the rest in memory: wait until what the function
-// printed has really left, so its logs are complete and belong to this call.
+// printed has really left, so its logs are complete and belong to this call. Looked at every
+// millisecond, not awaited as 'drain': Node sends that only after a write left more queued
+// than its mark, so a small remainder behind a full pipe never sent it, and with nothing else
+// to wait for Node exited (code 0) without answering the call.
 function drained(stream) {
-  if (!stream.writableLength) return Promise.resolve();
-  return new Promise((resolve) => stream.once('drain', resolve));
+  return new Promise((resolve) => {
+    const check = () => (stream.writableLength ? setTimeout(check, 1) : resolve());
+    check();
+  });
 }
 
 // Whether the call left processes behind. If it did, they are killed, and the sandbox asks to

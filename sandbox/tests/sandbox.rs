@@ -2,6 +2,7 @@
 //! libcontainer backend and asserts what the kernel did. Tests whose requirements are missing
 //! (root, cgroups, an interpreter) are reported as ignored, with one line saying why.
 
+mod bootstrap;
 mod common;
 mod gvisor;
 mod hostile;
@@ -56,6 +57,7 @@ fn main() {
             cases.push(case);
         }
     }
+    cases.extend(bootstrap::cases());
     cases.extend(gvisor::cases());
     cases.extend(lifecycle::cases());
 
