@@ -592,18 +592,26 @@ mod tests {
         );
     }
 
-    #[test]
-    fn v1_layout_reads_per_controller_files() {
-        let root = tempfile::tempdir().unwrap();
-        let mem = root.path().join("memory/cloudfunc/sb1");
-        let cpu = root.path().join("cpuacct/cloudfunc/sb1");
-        fs::create_dir_all(root.path().join("pids")).unwrap();
+    /// A v1 layout under `root` with sandbox `sb1`'s memory files (a peak of 8192, `oom_kills`
+    /// OOM kills); its memory and cpuacct directories.
+    fn v1_sandbox(root: &Path, oom_kills: u64) -> (PathBuf, PathBuf) {
+        let mem = root.join("memory/cloudfunc/sb1");
+        let cpu = root.join("cpuacct/cloudfunc/sb1");
+        fs::create_dir_all(root.join("pids")).unwrap();
+        fs::create_dir_all(&cpu).unwrap();
         write(&mem, "memory.max_usage_in_bytes", "8192\n");
         write(
             &mem,
             "memory.oom_control",
-            "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n",
+            &format!("oom_kill_disable 0\nunder_oom 0\noom_kill {oom_kills}\n"),
         );
+        (mem, cpu)
+    }
+
+    #[test]
+    fn v1_layout_reads_per_controller_files() {
+        let root = tempfile::tempdir().unwrap();
+        let (mem, cpu) = v1_sandbox(root.path(), 0);
         write(&cpu, "cpuacct.usage", "1000\n");
         write(&cpu, "cpuacct.usage_user", "700\n");
         write(&cpu, "cpuacct.usage_sys", "300\n");
@@ -626,15 +634,7 @@ mod tests {
     #[test]
     fn v1_reads_every_cpus_time_from_one_file_however_long() {
         let root = tempfile::tempdir().unwrap();
-        let mem = root.path().join("memory/cloudfunc/sb1");
-        let cpu = root.path().join("cpuacct/cloudfunc/sb1");
-        fs::create_dir_all(root.path().join("pids")).unwrap();
-        write(&mem, "memory.max_usage_in_bytes", "8192\n");
-        write(
-            &mem,
-            "memory.oom_control",
-            "oom_kill_disable 0\noom_kill 2\n",
-        );
+        let (_, cpu) = v1_sandbox(root.path(), 2);
         // 300 CPUs: longer than one page of text. The three older files disagree, to show
         // they are not read when `usage_all` is there.
         let mut all = String::from("cpu user system\n");
