@@ -19,43 +19,53 @@ pub(super) struct Claimed {
     pub bytes: u64,
 }
 
+/// What a claim may take: up to so many tasks, within so many bytes of payloads, and whether
+/// its first task is taken whatever its size.
+pub(super) type Room = (usize, u64, bool);
+
+impl Claimed {
+    /// What a claim again after this one, which had `room`, may take: the tasks and bytes it
+    /// left, and a task past them only where this one took none.
+    pub fn rest(&self, (limit, bytes, first): Room) -> Room {
+        (
+            limit.saturating_sub(self.tasks.len()),
+            bytes.saturating_sub(self.bytes),
+            first && self.tasks.is_empty(),
+        )
+    }
+}
+
 impl PgStore {
-    /// Takes up to `limit` of the oldest runnable queued tasks in `tx` for this node and marks
-    /// them running, within `bytes` of payloads (the first whatever its size, when `first`);
-    /// a damaged record found on the way is failed (its ending added to `ended`), not taken.
+    /// Takes the oldest runnable queued tasks that fit in `room` in `tx` for this node and
+    /// marks them running; a damaged record found on the way is failed (its ending added to
+    /// `ended`), not taken.
     pub(super) fn claim_in(
         &self,
         tx: &mut Tx<'_>,
-        (limit, bytes, first): (usize, u64, bool),
+        mut room: Room,
         ended: &mut Pending,
     ) -> Result<Vec<Task>> {
         let now = now_ms();
-        let (mut tasks, mut left) = (Vec::with_capacity(limit), bytes);
+        let mut tasks = Vec::with_capacity(room.0);
         // Again while a damaged record took a place (it is failed, so not claimed twice),
-        // within what is left of the payloads' budget.
-        loop {
-            let first = first && tasks.is_empty();
-            let step = self.claim_step(now, limit - tasks.len(), left, first);
+        // within what the claims before left.
+        while room.0 > 0 {
+            let step = self.claim_step(now, room);
             let params: Vec<&(dyn ToSql + Sync)> = step.params.iter().map(|p| &**p as _).collect();
             let rows = tx.query(&step.sql, &params)?;
-            let claimed = self.claimed(tx, &rows, limit - tasks.len(), now, ended)?;
-            left = left.saturating_sub(claimed.bytes);
+            let claimed = self.claimed(tx, &rows, room.0, now, ended)?;
+            room = claimed.rest(room);
             tasks.extend(claimed.tasks);
-            if claimed.damaged.is_empty() || tasks.len() >= limit {
-                return Ok(tasks);
+            if claimed.damaged.is_empty() {
+                break;
             }
         }
+        Ok(tasks)
     }
 
-    /// The claim of up to `want` tasks due at `now` and `bytes` of payloads (past the first,
-    /// when `first`), as a statement made ahead; it starts past this node's floor.
-    pub(super) fn claim_step(
-        &self,
-        now: i64,
-        want: usize,
-        bytes: u64,
-        first: bool,
-    ) -> Queued<'static> {
+    /// The claim of the tasks due at `now` that fit in `room`, as a statement made ahead; it
+    /// starts past this node's floor.
+    pub(super) fn claim_step(&self, now: i64, (want, bytes, first): Room) -> Queued<'static> {
         let (past_at, past_id) = self.floor.lock().start();
         Queued {
             sql: format!("{CLAIM} RETURNING {TASK_COLS}, octet_length(payload)::int8"),

@@ -234,7 +234,7 @@ impl PgStore {
         }
         let now = now_ms();
         let claim = (limit > 0).then(|| {
-            steps.push(self.claim_step(now, limit, bytes, true));
+            steps.push(self.claim_step(now, (limit, bytes, true)));
             steps.len() - 1
         });
         steps.push(plan_cache("auto"));
@@ -245,6 +245,7 @@ impl PgStore {
         };
         let rows = std::mem::take(&mut answers[claim]);
         let claimed = self.claimed_rows(&rows, limit)?;
+        let rest = claimed.rest((limit, bytes, true));
         let (mut tasks, damaged) = (claimed.tasks, claimed.damaged);
         if !damaged.is_empty() {
             // Claimed (running) and committed, they fail in a transaction of their own, which
@@ -253,12 +254,7 @@ impl PgStore {
             let more = conn.transaction().and_then(|mut tx| {
                 let mut ended = Pending::default();
                 self.fail_damaged(&mut tx, &damaged, now, &mut ended)?;
-                let left = (
-                    limit - tasks.len(),
-                    bytes.saturating_sub(claimed.bytes),
-                    tasks.is_empty(),
-                );
-                let more = self.claim_in(&mut tx, left, &mut ended)?;
+                let more = self.claim_in(&mut tx, rest, &mut ended)?;
                 rollups::commit(tx, Vec::new(), ended, Vec::new())?;
                 Ok(more)
             });

@@ -381,21 +381,16 @@ impl Store for PgStore {
         flight.completes(&mut tx, completes, &mut ended)?;
         let now = now_ms();
         if limit > 0 {
-            flight.claim(self.claim_step(now, limit, bytes, true));
+            flight.claim(self.claim_step(now, (limit, bytes, true)));
         }
         let mut tasks = Vec::new();
         if flight.needs_answers() {
             let rows = flight.send(&mut tx, &mut ended)?.unwrap_or_default();
             let claimed = self.claimed(&mut tx, &rows, limit, now, &mut ended)?;
+            let rest = claimed.rest((limit, bytes, true));
             tasks = claimed.tasks;
-            if !claimed.damaged.is_empty() && tasks.len() < limit {
-                let left = (
-                    limit - tasks.len(),
-                    bytes.saturating_sub(claimed.bytes),
-                    tasks.is_empty(),
-                );
-                let more = self.claim_in(&mut tx, left, &mut ended)?;
-                tasks.extend(more);
+            if !claimed.damaged.is_empty() {
+                tasks.extend(self.claim_in(&mut tx, rest, &mut ended)?);
             }
         }
         let also = notify_queued(&writes).into_iter().collect();
