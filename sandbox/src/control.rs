@@ -18,7 +18,7 @@ use nix::sys::socket::{
 /// The longest control message.
 const MAX_MESSAGE: usize = 4096;
 /// The most descriptors one message carries: three stdio pipes, and a placed sandbox's two
-/// `tasks` files per cgroup hierarchy and its `pids.max`.
+/// `tasks` files per cgroup hierarchy (or its v2 cgroup) and its `pids.max`.
 pub const MAX_FDS: usize = 64;
 /// The most descriptors the kernel passes in one message (`SCM_MAX_FD`): room for them all,
 /// so that none is ever cut off unread (and left open).
@@ -42,15 +42,33 @@ impl std::fmt::Display for ExitKind {
     }
 }
 
-/// A sandbox the host has put into its v1 cgroups (see [`crate::placement`]): the launch
-/// carries, after the three stdio pipes, the sandbox's and the host's `tasks` file for each of
-/// `hierarchies`, then `pids.max` if there is a pids limit to write.
+/// A sandbox whose cgroup the host has made and limited. After the three stdio pipes the
+/// launch carries the descriptors of its kind, then `pids.max` if there is a pids limit to
+/// write.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placed {
-    /// How many hierarchies (pairs of `tasks` descriptors).
-    pub hierarchies: usize,
+pub enum Placed {
+    /// Its v1 cgroups (see [`crate::placement`]): the sandbox's and the host's `tasks` file
+    /// for each of `hierarchies`.
+    Hierarchies {
+        /// How many hierarchies (pairs of `tasks` descriptors).
+        hierarchies: usize,
+        /// The value for `pids.max`, if it is limited.
+        pids: Option<String>,
+    },
+    /// Its v2 cgroup, for processes born there (see [`crate::born`]): the cgroup's directory.
+    Born {
+        /// The value for `pids.max`, if it is limited.
+        pids: Option<String>,
+    },
+}
+
+impl Placed {
     /// The value for `pids.max`, if it is limited.
-    pub pids: Option<String>,
+    pub fn pids(&self) -> Option<&str> {
+        match self {
+            Placed::Hierarchies { pids, .. } | Placed::Born { pids } => pids.as_deref(),
+        }
+    }
 }
 
 /// One control message.
@@ -72,11 +90,15 @@ impl Message {
     pub fn encode(&self) -> String {
         match self {
             Message::Launch(None) => "launch".into(),
-            Message::Launch(Some(placed)) => format!(
-                "launch placed {} {}",
-                placed.hierarchies,
-                placed.pids.as_deref().unwrap_or("-")
-            ),
+            Message::Launch(Some(placed)) => {
+                let pids = placed.pids().unwrap_or("-");
+                match placed {
+                    Placed::Hierarchies { hierarchies, .. } => {
+                        format!("launch placed {hierarchies} {pids}")
+                    }
+                    Placed::Born { .. } => format!("launch born {pids}"),
+                }
+            }
             Message::Kill => "kill".into(),
             Message::Destroy => "destroy".into(),
             Message::Started(pid) => format!("started {pid}"),
@@ -94,14 +116,15 @@ impl Message {
         Some(match verb {
             "launch" if rest.is_empty() => Message::Launch(None),
             "launch" => {
-                let mut fields = rest.split(' ');
-                let (placed, hierarchies, pids) = (fields.next()?, fields.next()?, fields.next()?);
-                if placed != "placed" || fields.next().is_some() || pids.is_empty() {
-                    return None;
-                }
-                Message::Launch(Some(Placed {
-                    hierarchies: hierarchies.parse().ok()?,
-                    pids: (pids != "-").then(|| pids.to_string()),
+                let fields: Vec<&str> = rest.split(' ').collect();
+                let pids = |field: &str| (field != "-").then(|| field.to_string());
+                Message::Launch(Some(match fields[..] {
+                    ["placed", hierarchies, p] if !p.is_empty() => Placed::Hierarchies {
+                        hierarchies: hierarchies.parse().ok()?,
+                        pids: pids(p),
+                    },
+                    ["born", p] if !p.is_empty() => Placed::Born { pids: pids(p) },
+                    _ => return None,
                 }))
             }
             "kill" => Message::Kill,
@@ -271,14 +294,18 @@ mod tests {
     fn messages_round_trip() {
         for m in [
             Message::Launch(None),
-            Message::Launch(Some(Placed {
+            Message::Launch(Some(Placed::Hierarchies {
                 hierarchies: 9,
                 pids: Some("64".into()),
             })),
-            Message::Launch(Some(Placed {
+            Message::Launch(Some(Placed::Hierarchies {
                 hierarchies: 1,
                 pids: None,
             })),
+            Message::Launch(Some(Placed::Born {
+                pids: Some("32".into()),
+            })),
+            Message::Launch(Some(Placed::Born { pids: None })),
             Message::Kill,
             Message::Destroy,
             Message::Destroyed(false),
@@ -295,6 +322,8 @@ mod tests {
         assert_eq!(Message::decode("launch placed"), None);
         assert_eq!(Message::decode("launch placed 2 64 extra"), None);
         assert_eq!(Message::decode("launch landed 2 64"), None);
+        assert_eq!(Message::decode("launch born"), None);
+        assert_eq!(Message::decode("launch born 64 extra"), None);
     }
 
     #[test]

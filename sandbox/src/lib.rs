@@ -28,6 +28,7 @@
 //! ```
 
 pub mod backend;
+mod born;
 pub mod cgroup;
 mod channel;
 mod command;

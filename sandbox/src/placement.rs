@@ -207,7 +207,7 @@ impl Placement {
             .flat_map(|(sandbox, home)| [sandbox.as_raw_fd(), home.as_raw_fd()])
             .collect();
         fds.extend(self.pids.as_ref().map(|(file, _)| file.as_raw_fd()));
-        let placed = Placed {
+        let placed = Placed::Hierarchies {
             hierarchies: self.tasks.len(),
             pids: self.pids.as_ref().map(|(_, value)| value.clone()),
         };
@@ -216,26 +216,27 @@ impl Placement {
 
     /// The placement the host prepared, from what the shim received.
     pub fn received(placed: &Placed, fds: Vec<OwnedFd>) -> Result<Placement, String> {
-        let expected = 2 * placed.hierarchies + usize::from(placed.pids.is_some());
-        if fds.len() != expected || placed.hierarchies == 0 {
+        let &Placed::Hierarchies { hierarchies, .. } = placed else {
+            return Err(format!("{placed:?} is not a v1 placement"));
+        };
+        let expected = 2 * hierarchies + usize::from(placed.pids().is_some());
+        if fds.len() != expected || hierarchies == 0 {
             return Err(format!(
-                "a placement of {} hierarchies came with {} descriptors",
-                placed.hierarchies,
+                "a placement of {hierarchies} hierarchies came with {} descriptors",
                 fds.len()
             ));
         }
         let mut files = fds.into_iter().map(File::from);
-        let mut tasks = Vec::with_capacity(placed.hierarchies);
-        for _ in 0..placed.hierarchies {
+        let mut tasks = Vec::with_capacity(hierarchies);
+        for _ in 0..hierarchies {
             let (Some(sandbox), Some(home)) = (files.next(), files.next()) else {
                 unreachable!("the count was checked");
             };
             tasks.push((sandbox, home));
         }
         let pids = placed
-            .pids
-            .as_ref()
-            .and_then(|value| Some((files.next()?, value.clone())));
+            .pids()
+            .and_then(|value| Some((files.next()?, value.to_string())));
         Ok(Placement { tasks, pids })
     }
 
@@ -319,7 +320,7 @@ fn limit_devices(dir: &Path, resources: &LinuxResources) -> io::Result<()> {
 }
 
 /// `pids.max` for an OCI pids limit: zero or less means none.
-fn pids_value(limit: i64) -> String {
+pub(crate) fn pids_value(limit: i64) -> String {
     if limit > 0 {
         limit.to_string()
     } else {
@@ -475,8 +476,8 @@ mod tests {
         let (host, shim) = Channel::pair().unwrap();
         let shim = Channel::from_fd(shim);
         let (placed, fds) = placement.to_send();
-        assert_eq!(placed.hierarchies, 2);
-        assert_eq!(placed.pids.as_deref(), Some("64"));
+        assert!(matches!(placed, Placed::Hierarchies { hierarchies: 2, .. }));
+        assert_eq!(placed.pids(), Some("64"));
         host.send_with_fds(&Message::Launch(Some(placed)), &fds)
             .unwrap();
         drop(placement);
@@ -484,13 +485,18 @@ mod tests {
         let Message::Launch(Some(placed)) = message else {
             panic!("{message:?}");
         };
-        // A count that does not match is refused.
-        let wrong = Placed {
-            hierarchies: 3,
-            ..placed.clone()
-        };
-        let dup: Vec<OwnedFd> = fds.iter().map(|f| f.try_clone().unwrap()).collect();
-        assert!(Placement::received(&wrong, dup).is_err());
+        // A count that does not match is refused, and so is a v2 placement.
+        let pids = placed.pids().map(str::to_string);
+        for wrong in [
+            Placed::Hierarchies {
+                hierarchies: 3,
+                pids: pids.clone(),
+            },
+            Placed::Born { pids },
+        ] {
+            let dup: Vec<OwnedFd> = fds.iter().map(|f| f.try_clone().unwrap()).collect();
+            assert!(Placement::received(&wrong, dup).is_err());
+        }
         let received = Placement::received(&placed, fds).unwrap();
         let read = |p: &str| fs::read_to_string(root.path().join(p)).unwrap();
         received.enter().unwrap();

@@ -25,8 +25,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::born::{reap_launcher, BornCgroup};
 use crate::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
-use crate::control::{Channel, ExitKind, Message};
+use crate::control::{Channel, ExitKind, Message, Placed};
 use crate::error::error_chain;
 use crate::placement::Placement;
 
@@ -168,7 +169,12 @@ pub fn run(args: ShimArgs) -> i32 {
     ];
     let placement = match (placed, &args.runtime) {
         (None, _) if fds.len() == 0 => Ok(None),
-        (Some(placed), None) => Placement::received(&placed, fds.collect()).map(Some),
+        (Some(placed @ Placed::Hierarchies { .. }), None) => {
+            Placement::received(&placed, fds.collect()).map(|p| Some(Prepared::Hierarchies(p)))
+        }
+        (Some(placed @ Placed::Born { .. }), None) => {
+            BornCgroup::received(&placed, fds.collect()).map(|c| Some(Prepared::Born(c)))
+        }
         (placed, _) => Err(format!(
             "a launch for this runtime cannot be placed as {placed:?} with {} more descriptors",
             fds.len()
@@ -187,6 +193,7 @@ pub fn run(args: ShimArgs) -> i32 {
             container: None,
             placement,
             lingering: None,
+            launcher: None,
         }),
         Some(rt) => Box::new(Cli {
             args: args.clone(),
@@ -209,15 +216,25 @@ pub fn run(args: ShimArgs) -> i32 {
     serve(&control, driver.as_mut(), pid)
 }
 
+/// The sandbox's cgroup as the host made it.
+enum Prepared {
+    /// On cgroup v1, for this process's thread to enter ([`crate::placement`]).
+    Hierarchies(Placement),
+    /// On cgroup v2, for a launcher to be born in ([`crate::born`]).
+    Born(BornCgroup),
+}
+
 /// youki's libcontainer, in this process.
 struct Libcontainer {
     args: ShimArgs,
     container: Option<Container>,
-    /// The sandbox's cgroup, if the host made it (cgroup v1); libcontainer makes it otherwise.
-    placement: Option<Placement>,
+    /// The sandbox's cgroup, if the host made it; libcontainer makes it otherwise.
+    placement: Option<Prepared>,
     /// The private mount namespace the container was created from, kept open until the host
     /// knows the container started ([`HiddenCgroups::leave`]).
     lingering: Option<std::fs::File>,
+    /// The launcher that created the container in its v2 cgroup, until it is reaped.
+    launcher: Option<Pid>,
 }
 
 impl Driver for Libcontainer {
@@ -240,7 +257,7 @@ impl Driver for Libcontainer {
                 .map_err(|e| format!("creating the container: {}", error_chain(&e)))
         };
         let container = match self.placement.take() {
-            Some(placement) => {
+            Some(Prepared::Hierarchies(placement)) => {
                 let (container, namespace) = OwnCgroups {
                     bundle: args.bundle.join(LIBCONTAINER_SPEC_DIR),
                     placement,
@@ -248,6 +265,31 @@ impl Driver for Libcontainer {
                 .build(build)?;
                 self.lingering = Some(namespace);
                 container
+            }
+            Some(Prepared::Born(cgroup)) => {
+                let bundle = args.bundle.join(LIBCONTAINER_SPEC_DIR);
+                let launched = cgroup.launch(|| {
+                    // The launcher's own mount namespace goes when it exits.
+                    let _hidden = HiddenCgroups::enter(Path::new(DEFAULT_CGROUP_ROOT))?;
+                    let mut container = build(&bundle)?;
+                    cgroup
+                        .limit_pids()
+                        .map_err(|e| format!("limiting pids: {e}"))?;
+                    container
+                        .start()
+                        .map_err(|e| format!("starting the container: {}", error_chain(&e)))?;
+                    container
+                        .pid()
+                        .ok_or_else(|| "the container has no init pid".to_string())
+                });
+                // What the launcher made, for `delete`, whether or not it started.
+                self.container = Container::load(args.state_root.join(&args.id)).ok();
+                let (pid, launcher) = launched?;
+                self.launcher = Some(launcher);
+                return match self.container {
+                    Some(_) => Ok(pid),
+                    None => Err("the launcher's container left no state".to_string()),
+                };
             }
             None => build(&args.bundle)?,
         };
@@ -262,6 +304,9 @@ impl Driver for Libcontainer {
 
     fn started(&mut self) {
         self.lingering = None;
+        if let Some(launcher) = self.launcher.take() {
+            reap_launcher(launcher);
+        }
     }
 
     fn delete(&mut self, stopped: bool) -> bool {

@@ -6,8 +6,8 @@
 //! life. If the host dies, the channel closes and the shim destroys its container.
 //!
 //! While a shim starts (about 1 ms: exec, dynamic linking), the host writes the bundle and,
-//! for libcontainer on cgroup v1, makes and limits the sandbox's cgroup
-//! ([`crate::placement`]); the two run on separate CPUs, and the launch message hands the shim
+//! for libcontainer, makes and limits the sandbox's cgroup ([`crate::placement`] on cgroup v1,
+//! [`crate::born`] on v2); the two run on separate CPUs, and the launch message hands the shim
 //! what it needs of both.
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -20,8 +20,9 @@ use cloudfunc_seccomp::Dialect;
 use oci_spec::runtime::Spec;
 
 use crate::backend::{Backend, BackendError, Container, ExitKind, Launch};
+use crate::born::BornCgroup;
 use crate::cgroup::DEFAULT_CGROUP_ROOT;
-use crate::control::{Channel, Message};
+use crate::control::{Channel, Message, Placed};
 use crate::placement::{self, Placement};
 use crate::seal::SealedBinary;
 use crate::shim::{CliRuntime, ShimArgs, LIBCONTAINER_SPEC_DIR};
@@ -229,30 +230,35 @@ impl Backend for ShimBackend {
     }
 }
 
-/// On cgroup v1, for a bundle at `bundle` with `spec`: the sandbox's cgroup made and limited,
-/// and the spec libcontainer is to see (without `resources`) written to
-/// `<bundle>/libcontainer/config.json`. `None` where libcontainer places the container
-/// itself: on cgroup v2, for a relative cgroup path, for limits cloudfunc does not apply,
-/// or where [`Placement::prepare`] declines.
-fn place(spec: &Spec, bundle: &Path) -> Result<Option<Placement>, String> {
+/// For a bundle at `bundle` with `spec`: the sandbox's cgroup made and limited (on cgroup v1
+/// for the shim's thread to enter, on v2 for a launcher to be born in), and the spec
+/// libcontainer is to see (without `resources`) written to `<bundle>/libcontainer/config.json`.
+/// `None` where libcontainer places the container itself: for a relative cgroup path, for
+/// limits cloudfunc does not apply, or where the preparation declines.
+fn place(spec: &Spec, bundle: &Path) -> Result<Option<Prepared>, String> {
     let root = Path::new(DEFAULT_CGROUP_ROOT);
-    // Where v1 hierarchies are mounted, the cgroup root is a tmpfs holding them.
-    let v1 = crate::memdirs::on_tmpfs(root);
-    let Some(linux) = spec.linux().as_ref().filter(|_| v1) else {
+    let Some(linux) = spec.linux().as_ref() else {
         return Ok(None);
     };
-    let path = linux
+    let Some(path) = linux
         .cgroups_path()
         .as_ref()
         .and_then(|p| p.to_str())
-        .filter(|p| p.starts_with('/'));
-    let resources = linux.resources().clone().unwrap_or_default();
-    let Some(path) = path.filter(|_| placement::handles(&resources)) else {
+        .filter(|p| p.starts_with('/'))
+    else {
         return Ok(None);
     };
-    let Some(placement) = Placement::prepare(root, path, &resources)
-        .map_err(|e| format!("creating the cgroup: {e}"))?
-    else {
+    let resources = linux.resources().clone().unwrap_or_default();
+    if !placement::handles(&resources) {
+        return Ok(None);
+    }
+    // Where v1 hierarchies are mounted, the cgroup root is a tmpfs holding them.
+    let prepared = if crate::memdirs::on_tmpfs(root) {
+        Placement::prepare(root, path, &resources).map(|p| p.map(Prepared::Hierarchies))
+    } else {
+        BornCgroup::prepare(root, path, &resources).map(|c| c.map(Prepared::Born))
+    };
+    let Some(prepared) = prepared.map_err(|e| format!("creating the cgroup: {e}"))? else {
         return Ok(None);
     };
     let mut stripped = spec.clone();
@@ -268,7 +274,22 @@ fn place(spec: &Spec, bundle: &Path) -> Result<Option<Placement>, String> {
     stripped
         .save(dir.join("config.json"))
         .map_err(|e| format!("writing libcontainer's spec: {e}"))?;
-    Ok(Some(placement))
+    Ok(Some(prepared))
+}
+
+/// A sandbox's cgroup as the host made it, to send to its shim.
+enum Prepared {
+    Hierarchies(Placement),
+    Born(BornCgroup),
+}
+
+impl Prepared {
+    fn to_send(&self) -> (Placed, Vec<RawFd>) {
+        match self {
+            Prepared::Hierarchies(placement) => placement.to_send(),
+            Prepared::Born(cgroup) => cgroup.to_send(),
+        }
+    }
 }
 
 /// A just-started shim kept off the CPU the host thread runs on, so that it loads (about

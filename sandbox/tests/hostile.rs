@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use cloudfunc_sandbox::cgroup::CgroupVersion;
-use cloudfunc_sandbox::{Limits, Outcome, Runtime};
+use cloudfunc_sandbox::{BackendKind, Limits, Outcome, Runtime};
 use serde_json::{json, Value};
 
-use crate::common::{engine, needs, on_gvisor, pid_alive, result, start, start_with};
+use crate::common::{backend, engine, needs, on_gvisor, pid_alive, result, start, start_with};
 use crate::Case;
 
 const MIB: u64 = 1024 * 1024;
@@ -573,6 +573,23 @@ fn cgroup_membership() {
         own("self"),
         "the shim is back where it started"
     );
+    // The host's own limits are as its parent gave them: runtimes it starts later inherit
+    // them (libcgroups' device code would set the locked-memory one to 128 MiB).
+    let locked = |pid: &str| {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits.lines().find(|l| l.starts_with("Max locked memory"));
+        line.unwrap().to_string()
+    };
+    let parent = std::os::unix::process::parent_id().to_string();
+    assert_eq!(locked("self"), locked(&parent), "the host's rlimit changed");
+    // libcontainer's sandboxes get the cgroup the host made (entered by the shim's thread on
+    // v1, born into on v2), and libcontainer is shown the spec without the limits.
+    if backend() == BackendKind::Libcontainer {
+        let spec = engine()
+            .bundle_dir(f.sandbox.id())
+            .join("libcontainer/config.json");
+        assert!(spec.exists(), "libcontainer placed the sandbox itself");
+    }
     // The cgroup namespace is rooted at the sandbox's cgroup: the function sees only `/`.
     for line in inside.lines().filter(|l| !l.contains("name=")) {
         assert!(line.ends_with(":/"), "{line} in {inside}");
