@@ -72,7 +72,9 @@ impl BornCgroup {
             return Ok(None);
         }
         let rel = path.trim_start_matches('/');
-        let dir = create(root, rel, &needed)?;
+        let Some(dir) = create(root, rel, &needed)? else {
+            return Ok(None);
+        };
         limit_memory(&dir, resources)?;
         limit_cpu(&dir, resources)?;
         let handle = OpenOptions::new()
@@ -359,11 +361,15 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 }
 
 /// Creates `rel` under `root` level by level, enabling `controllers` in the
-/// `cgroup.subtree_control` of every level above the last where one is missing.
-fn create(root: &Path, rel: &str, controllers: &[&str]) -> io::Result<PathBuf> {
+/// `cgroup.subtree_control` of every level above the last where one is missing. `None` where a
+/// level refuses (one with processes of its own, under a service manager's tree, say): what
+/// libcontainer then makes of it, it reports.
+fn create(root: &Path, rel: &str, controllers: &[&str]) -> io::Result<Option<PathBuf>> {
     let mut dir = root.to_path_buf();
     for part in rel.split('/').filter(|p| !p.is_empty()) {
-        enable(&dir, controllers)?;
+        if enable(&dir, controllers).is_err() {
+            return Ok(None);
+        }
         dir.push(part);
         match fs::create_dir(&dir) {
             Ok(()) => {}
@@ -371,7 +377,7 @@ fn create(root: &Path, rel: &str, controllers: &[&str]) -> io::Result<PathBuf> {
             Err(e) => return Err(annotate(&dir, e)),
         }
     }
-    Ok(dir)
+    Ok(Some(dir))
 }
 
 /// Enables in `dir`'s children those of `controllers` that are not yet.
@@ -470,7 +476,9 @@ mod tests {
         .unwrap();
         fs::create_dir(root.path().join("parent")).unwrap();
         fs::write(root.path().join("parent/cgroup.subtree_control"), "memory").unwrap();
-        let dir = create(root.path(), "parent/sb", &["memory", "cpu"]).unwrap();
+        let dir = create(root.path(), "parent/sb", &["memory", "cpu"])
+            .unwrap()
+            .unwrap();
         assert_eq!(dir, root.path().join("parent/sb"));
         assert!(dir.is_dir());
         let read = |f: &str| fs::read_to_string(root.path().join(f)).unwrap();
@@ -480,6 +488,17 @@ mod tests {
             "left alone"
         );
         assert_eq!(read("parent/cgroup.subtree_control"), "+cpu");
+    }
+
+    #[test]
+    fn a_level_that_refuses_its_controllers_leaves_the_cgroup_to_libcontainer() {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        // Where the kernel would refuse the write (EBUSY), this refuses it too: a directory.
+        fs::create_dir(root.path().join("cgroup.subtree_control")).unwrap();
+        let found = BornCgroup::prepare(root.path(), "/parent/sb", &bundle_limits()).unwrap();
+        assert!(found.is_none());
+        assert!(!root.path().join("parent").exists());
     }
 
     #[test]
