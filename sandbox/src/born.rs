@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxResources;
 
-use crate::cgroup::annotate;
+use crate::cgroup::{annotate, open_write, write};
 use crate::control::Placed;
 
 /// A sandbox's v2 cgroup, created and limited, open for a launcher to be born in.
@@ -356,10 +356,6 @@ fn limit_devices(dir: &File, resources: &LinuxResources) -> io::Result<bool> {
         .map_err(|e| io::Error::other(format!("attaching the device program: {e}")))
 }
 
-fn write(path: &Path, value: &str) -> io::Result<()> {
-    fs::write(path, value).map_err(|e| annotate(path, e))
-}
-
 /// Creates `rel` under `root` level by level, enabling `controllers` in the
 /// `cgroup.subtree_control` of every level above the last where one is missing. `None` where a
 /// level refuses (one with processes of its own, under a service manager's tree, say): what
@@ -396,13 +392,6 @@ fn enable(dir: &Path, controllers: &[&str]) -> io::Result<()> {
     write(&file, &missing.join(" "))
 }
 
-fn open_write(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| annotate(path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,23 +399,7 @@ mod tests {
 
     /// Limits as a cloudfunc bundle sets them: 128 MiB and no swap, half a core.
     fn bundle_limits() -> LinuxResources {
-        LinuxResourcesBuilder::default()
-            .memory(
-                LinuxMemoryBuilder::default()
-                    .limit(1 << 27)
-                    .swap(1 << 27)
-                    .build()
-                    .unwrap(),
-            )
-            .cpu(
-                LinuxCpuBuilder::default()
-                    .quota(50_000)
-                    .period(100_000u64)
-                    .build()
-                    .unwrap(),
-            )
-            .build()
-            .unwrap()
+        crate::placement::tests::bundle_limits(Some(1 << 27))
     }
 
     #[test]

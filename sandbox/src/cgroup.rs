@@ -457,6 +457,15 @@ pub(crate) fn write(path: &Path, value: &str) -> io::Result<()> {
     fs::write(path, value).map_err(|e| annotate(path, e))
 }
 
+/// Opens the file at `path` for writing (a cgroup file: nothing is created or truncated); an
+/// error names the file.
+pub(crate) fn open_write(path: &Path) -> io::Result<fs::File> {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| annotate(path, e))
+}
+
 /// `e`, saying which file it happened to.
 pub(crate) fn annotate(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))

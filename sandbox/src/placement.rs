@@ -18,7 +18,7 @@
 //! apply are left to libcontainer, as before. The price: what the shim allocates during the
 //! create (about 60 KB) is charged to the sandbox's memory cgroup.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources};
 
-use crate::cgroup::{annotate, read, set_v1_cpu, set_v1_memory, write};
+use crate::cgroup::{annotate, open_write, read, set_v1_cpu, set_v1_memory, write};
 use crate::control::{Placed, MAX_FDS};
 
 /// One v1 hierarchy as `/proc/self/cgroup` names it.
@@ -333,15 +333,8 @@ fn move_self(tasks: &File) -> io::Result<()> {
     tasks.write_at(b"0", 0).map(|_| ())
 }
 
-fn open_write(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| annotate(path, e))
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use oci_spec::runtime::{
         LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder,
@@ -392,7 +385,7 @@ mod tests {
     }
 
     /// Limits as a cloudfunc bundle sets them: 128 MiB, swap as given, half a core.
-    fn bundle_limits(swap: Option<i64>) -> LinuxResources {
+    pub(crate) fn bundle_limits(swap: Option<i64>) -> LinuxResources {
         let mut memory = LinuxMemoryBuilder::default().limit(1 << 27);
         if let Some(swap) = swap {
             memory = memory.swap(swap);

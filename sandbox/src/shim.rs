@@ -275,12 +275,7 @@ impl Driver for Libcontainer {
                     cgroup
                         .limit_pids()
                         .map_err(|e| format!("limiting pids: {e}"))?;
-                    container
-                        .start()
-                        .map_err(|e| format!("starting the container: {}", error_chain(&e)))?;
-                    container
-                        .pid()
-                        .ok_or_else(|| "the container has no init pid".to_string())
+                    start(&mut container)
                 });
                 // What the launcher made, for `delete`, whether or not it started.
                 self.container = Container::load(args.state_root.join(&args.id)).ok();
@@ -293,13 +288,7 @@ impl Driver for Libcontainer {
             }
             None => build(&args.bundle)?,
         };
-        let container = self.container.insert(container);
-        container
-            .start()
-            .map_err(|e| format!("starting the container: {}", error_chain(&e)))?;
-        container
-            .pid()
-            .ok_or_else(|| "the container has no init pid".to_string())
+        start(self.container.insert(container))
     }
 
     fn started(&mut self) {
@@ -319,6 +308,16 @@ impl Driver for Libcontainer {
         let _ = container.delete(true);
         false
     }
+}
+
+/// Starts a created container; returns its init's pid.
+fn start(container: &mut Container) -> Result<Pid, String> {
+    container
+        .start()
+        .map_err(|e| format!("starting the container: {}", error_chain(&e)))?;
+    container
+        .pid()
+        .ok_or_else(|| "the container has no init pid".to_string())
 }
 
 /// The host's cgroup placement on v1 (see [`crate::placement`]): the bundle's spec without
