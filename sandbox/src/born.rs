@@ -203,6 +203,47 @@ impl BornCgroup {
     }
 }
 
+/// Makes the v2 hierarchy under `root` able to hand controllers down, where this process sees
+/// a container's cgroup as the root (a cgroup namespace: that root is not the host's, so it has
+/// a `cgroup.type`). The kernel refuses to enable controllers for the children of a cgroup
+/// other than the host's root while it holds processes, and a container's processes, this
+/// server among them, are in its root. They move into a leaf of their own, `leaf`, as a
+/// container engine run inside a container does. Returns how many moved; the host's own root
+/// is left as it is.
+pub fn clear_namespace_root(root: &Path, leaf: &str) -> io::Result<usize> {
+    if !root.join("cgroup.type").exists() {
+        return Ok(0);
+    }
+    let home = root.join(leaf);
+    let mut moved = 0;
+    // Processes forked meanwhile land in the root too: until none is left, a few rounds.
+    for _ in 0..16 {
+        let procs = crate::cgroup::read(root, "cgroup.procs")?;
+        let pids: Vec<&str> = procs.split_whitespace().collect();
+        if pids.is_empty() {
+            return Ok(moved);
+        }
+        match fs::create_dir(&home) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(annotate(&home, e)),
+        }
+        let target = open_write(&home.join("cgroup.procs"))?;
+        for pid in pids {
+            match target.write_at(pid.as_bytes(), 0) {
+                Ok(_) => moved += 1,
+                // Gone meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) => return Err(annotate(&home, e)),
+            }
+        }
+    }
+    Err(io::Error::other(format!(
+        "{} keeps gaining processes",
+        root.display()
+    )))
+}
+
 /// Waits for the launcher to be gone (it exits right after its report).
 pub fn reap_launcher(launcher: Pid) {
     while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(launcher, None) {}
