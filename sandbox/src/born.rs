@@ -127,10 +127,7 @@ impl BornCgroup {
 
     /// Applies the pids limit.
     pub fn limit_pids(&self) -> io::Result<()> {
-        match &self.pids {
-            Some((file, value)) => file.write_at(value.as_bytes(), 0).map(|_| ()),
-            None => Ok(()),
-        }
+        crate::placement::write_pids(self.pids.as_ref())
     }
 
     /// Runs `launch` in a launcher process born in the cgroup, and returns the pid it

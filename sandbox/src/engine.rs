@@ -320,19 +320,20 @@ impl Engine {
         } else {
             MemoryDirs::default()
         };
-        if cgroups.version() == CgroupVersion::V2 && backend.requires_root() {
+        if cgroups.version() == CgroupVersion::V2 {
             // In a container with a cgroup namespace (Kubernetes, Docker on v2), the root
             // holds the container's processes, and no controller reaches a child of it.
-            let moved = crate::born::clear_namespace_root(&config.cgroup_root, "cloudfunc-host")
-                .map_err(Error::Cgroup)?;
-            if moved > 0 {
-                eprintln!(
-                    "cloudfunc: moved {moved} of this container's processes out of its root \
-                     cgroup into cloudfunc-host, so that sandboxes can be limited"
-                );
+            if backend.requires_root() {
+                let root = &config.cgroup_root;
+                let moved = crate::born::clear_namespace_root(root, "cloudfunc-host")
+                    .map_err(Error::Cgroup)?;
+                if moved > 0 {
+                    eprintln!(
+                        "cloudfunc: moved {moved} of this container's processes out of its \
+                         root cgroup into cloudfunc-host, so that sandboxes can be limited"
+                    );
+                }
             }
-        }
-        if cgroups.version() == CgroupVersion::V2 {
             // On v2, libcontainer creates each missing component of a sandbox's cgroup path
             // with a plain mkdir: two sandboxes created at once both find the parent missing,
             // and the second fails. Made here once, it is never missing when they start.

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxResources};
 
+use crate::born::BornCgroup;
 use crate::cgroup::{annotate, open_write, read, set_v1_cpu, set_v1_memory, write};
 use crate::control::{Placed, MAX_FDS};
 
@@ -254,10 +255,43 @@ impl Placement {
 
     /// Applies the pids limit (after [`Placement::leave`]).
     pub fn limit_pids(&self) -> io::Result<()> {
-        match &self.pids {
-            Some((file, value)) => file.write_at(value.as_bytes(), 0).map(|_| ()),
-            None => Ok(()),
+        write_pids(self.pids.as_ref())
+    }
+}
+
+/// A sandbox's cgroup as the host made it: on cgroup v1 for the shim's thread to enter, on v2
+/// for a launcher to be born in ([`crate::born`]).
+#[derive(Debug)]
+pub enum Prepared {
+    Hierarchies(Placement),
+    Born(BornCgroup),
+}
+
+impl Prepared {
+    /// What the shim is sent: the message's part and the descriptors.
+    pub fn to_send(&self) -> (Placed, Vec<RawFd>) {
+        match self {
+            Prepared::Hierarchies(placement) => placement.to_send(),
+            Prepared::Born(cgroup) => cgroup.to_send(),
         }
+    }
+
+    /// The cgroup the host prepared, from what the shim received.
+    pub fn received(placed: &Placed, fds: Vec<OwnedFd>) -> Result<Prepared, String> {
+        match placed {
+            Placed::Hierarchies { .. } => {
+                Placement::received(placed, fds).map(Prepared::Hierarchies)
+            }
+            Placed::Born { .. } => BornCgroup::received(placed, fds).map(Prepared::Born),
+        }
+    }
+}
+
+/// Writes a pids limit's value to its open `pids.max`, if there is one.
+pub(crate) fn write_pids(pids: Option<&(File, String)>) -> io::Result<()> {
+    match pids {
+        Some((file, value)) => file.write_at(value.as_bytes(), 0).map(|_| ()),
+        None => Ok(()),
     }
 }
 

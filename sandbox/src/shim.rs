@@ -25,11 +25,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::born::{reap_launcher, BornCgroup};
+use crate::born::reap_launcher;
 use crate::cgroup::{CgroupFs, DEFAULT_CGROUP_ROOT};
-use crate::control::{Channel, ExitKind, Message, Placed};
+use crate::control::{Channel, ExitKind, Message};
 use crate::error::error_chain;
-use crate::placement::Placement;
+use crate::placement::{Placement, Prepared};
 
 /// Where in a bundle the host writes the spec libcontainer sees when the host has placed the
 /// sandbox in its cgroups: the bundle's, without `resources`.
@@ -169,12 +169,7 @@ pub fn run(args: ShimArgs) -> i32 {
     ];
     let placement = match (placed, &args.runtime) {
         (None, _) if fds.len() == 0 => Ok(None),
-        (Some(placed @ Placed::Hierarchies { .. }), None) => {
-            Placement::received(&placed, fds.collect()).map(|p| Some(Prepared::Hierarchies(p)))
-        }
-        (Some(placed @ Placed::Born { .. }), None) => {
-            BornCgroup::received(&placed, fds.collect()).map(|c| Some(Prepared::Born(c)))
-        }
+        (Some(placed), None) => Prepared::received(&placed, fds.collect()).map(Some),
         (placed, _) => Err(format!(
             "a launch for this runtime cannot be placed as {placed:?} with {} more descriptors",
             fds.len()
@@ -214,14 +209,6 @@ pub fn run(args: ShimArgs) -> i32 {
     }
     driver.started();
     serve(&control, driver.as_mut(), pid)
-}
-
-/// The sandbox's cgroup as the host made it.
-enum Prepared {
-    /// On cgroup v1, for this process's thread to enter ([`crate::placement`]).
-    Hierarchies(Placement),
-    /// On cgroup v2, for a launcher to be born in ([`crate::born`]).
-    Born(BornCgroup),
 }
 
 /// youki's libcontainer, in this process.

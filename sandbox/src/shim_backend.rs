@@ -22,8 +22,8 @@ use oci_spec::runtime::Spec;
 use crate::backend::{Backend, BackendError, Container, ExitKind, Launch};
 use crate::born::BornCgroup;
 use crate::cgroup::DEFAULT_CGROUP_ROOT;
-use crate::control::{Channel, Message, Placed};
-use crate::placement::{self, Placement};
+use crate::control::{Channel, Message};
+use crate::placement::{self, Placement, Prepared};
 use crate::seal::SealedBinary;
 use crate::shim::{CliRuntime, ShimArgs, LIBCONTAINER_SPEC_DIR};
 
@@ -275,21 +275,6 @@ fn place(spec: &Spec, bundle: &Path) -> Result<Option<Prepared>, String> {
         .save(dir.join("config.json"))
         .map_err(|e| format!("writing libcontainer's spec: {e}"))?;
     Ok(Some(prepared))
-}
-
-/// A sandbox's cgroup as the host made it, to send to its shim.
-enum Prepared {
-    Hierarchies(Placement),
-    Born(BornCgroup),
-}
-
-impl Prepared {
-    fn to_send(&self) -> (Placed, Vec<RawFd>) {
-        match self {
-            Prepared::Hierarchies(placement) => placement.to_send(),
-            Prepared::Born(cgroup) => cgroup.to_send(),
-        }
-    }
 }
 
 /// A just-started shim kept off the CPU the host thread runs on, so that it loads (about
