@@ -243,13 +243,13 @@ pub struct SandboxCgroup {
     counters: Arc<Mutex<Option<Counters>>>,
 }
 
-/// A sandbox's counter files, open. v1: `cpuacct.usage_all` (or, before Linux 4.11,
-/// `cpuacct.usage`, `cpuacct.usage_user` and `cpuacct.usage_sys`), `memory.max_usage_in_bytes`
+/// A sandbox's counter files, open. v1: `cpuacct.usage` and `cpuacct.usage_all` (or, before
+/// Linux 4.11, `cpuacct.usage_user` and `cpuacct.usage_sys`), `memory.max_usage_in_bytes`
 /// (also written, to reset the peak) and `memory.oom_control`. v2: `cpu.stat`, `memory.peak`
 /// (or `memory.current`) and `memory.events`.
 #[derive(Debug)]
 struct Counters {
-    /// The CPU time: one file that has it all, or v1's three.
+    /// The CPU time: v2's one file, or v1's total then its split (one file or two).
     cpu: Vec<fs::File>,
     peak: fs::File,
     oom: fs::File,
@@ -275,13 +275,17 @@ impl Counters {
         };
         let (cpu, peak, oom, peak_resets) = match cg.version {
             CgroupVersion::V1 => {
-                // One read for the user and system time of every CPU (their sum is
-                // `cpuacct.usage`) instead of three: each read of a counter is a system call
-                // on every warm call.
+                // The total from `cpuacct.usage`, the kernel's exact count. The user and
+                // system split is sampled at the kernel's ticks (since Linux 5.x, in every
+                // file that shows it), so their sum is not the total: a warm call shorter
+                // than a tick would read 0 or a whole tick (4 ms at 250 Hz). The split comes
+                // from one read of `usage_all` where it exists, instead of two: each read of
+                // a counter is a system call on every warm call.
+                let total = open(&cg.cpu, "cpuacct.usage", false)?;
                 let cpu = match open(&cg.cpu, "cpuacct.usage_all", false) {
-                    Ok(all) => vec![all],
+                    Ok(all) => vec![total, all],
                     Err(_) => vec![
-                        open(&cg.cpu, "cpuacct.usage", false)?,
+                        total,
                         open(&cg.cpu, "cpuacct.usage_user", false)?,
                         open(&cg.cpu, "cpuacct.usage_sys", false)?,
                     ],
@@ -326,7 +330,10 @@ impl Counters {
 
     fn snapshot(&self, version: CgroupVersion) -> io::Result<CgroupSnapshot> {
         let (total, user, system) = match (version, self.cpu.as_slice()) {
-            (CgroupVersion::V1, [all]) => with_text(all, per_cpu_times)?,
+            (CgroupVersion::V1, [total, all]) => {
+                let (user, system) = with_text(all, per_cpu_times)?;
+                (with_text(total, parse_u64)?, user, system)
+            }
             (CgroupVersion::V1, [total, user, system]) => (
                 with_text(total, parse_u64)?,
                 with_text(user, parse_u64)?,
@@ -368,16 +375,16 @@ fn with_text<T>(file: &fs::File, f: impl FnOnce(&str) -> T) -> io::Result<T> {
     Ok(f(&String::from_utf8_lossy(&text)))
 }
 
-/// The total, user and system nanoseconds in `cpuacct.usage_all`: a heading, then one line
-/// per CPU, `cpu user system`.
-fn per_cpu_times(text: &str) -> (u64, u64, u64) {
+/// The user and system nanoseconds in `cpuacct.usage_all`: a heading, then one line per CPU,
+/// `cpu user system`.
+fn per_cpu_times(text: &str) -> (u64, u64) {
     let (mut user, mut system) = (0u64, 0u64);
     for line in text.lines().skip(1) {
         let mut fields = line.split_ascii_whitespace().skip(1).map(parse_u64);
         user = user.saturating_add(fields.next().unwrap_or(0));
         system = system.saturating_add(fields.next().unwrap_or(0));
     }
-    (user.saturating_add(system), user, system)
+    (user, system)
 }
 
 impl SandboxCgroup {
@@ -644,15 +651,16 @@ mod tests {
     fn v1_reads_every_cpus_time_from_one_file_however_long() {
         let root = tempfile::tempdir().unwrap();
         let (_, cpu) = v1_sandbox(root.path(), 2);
-        // 300 CPUs: longer than one page of text. The three older files disagree, to show
-        // they are not read when `usage_all` is there.
+        // 300 CPUs: longer than one page of text. The total is `cpuacct.usage`'s (exact, where
+        // the split is sampled), and the older split files disagree, to show they are not
+        // read when `usage_all` is there.
         let mut all = String::from("cpu user system\n");
         for i in 0..300u64 {
             all.push_str(&format!("{i} {} {}\n", 1_000_000_000 + i, 7 * i));
         }
         assert!(all.len() > 4096);
         write(&cpu, "cpuacct.usage_all", &all);
-        write(&cpu, "cpuacct.usage", "1\n");
+        write(&cpu, "cpuacct.usage", "299000000777\n");
         write(&cpu, "cpuacct.usage_user", "1\n");
         write(&cpu, "cpuacct.usage_sys", "1\n");
         let fs_ = CgroupFs::detect(root.path()).unwrap();
@@ -662,7 +670,7 @@ mod tests {
         assert_eq!(
             snap,
             CgroupSnapshot {
-                cpu_total_ns: user + system,
+                cpu_total_ns: 299_000_000_777,
                 cpu_user_ns: user,
                 cpu_system_ns: system,
                 memory_peak_bytes: 8192,
