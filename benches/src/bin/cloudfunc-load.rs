@@ -366,19 +366,29 @@ fn run_soak(
     Ok(())
 }
 
-/// `cloudfunc-floor`, started from next to this program, stopped when dropped.
+/// `cloudfunc-floor`, started from next to this program, stopped when dropped (SIGTERM: the
+/// exchange floor then stops its sandboxes).
 struct Floor(std::process::Child);
 
 impl Drop for Floor {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }
 
-/// The sync load against the HTTP floor: the cells of its row (requests to CPU per request)
-/// and its CPU per request in µs.
-fn floor_row(clients: usize, seconds: u64, bound: u64) -> Result<(String, Option<f64>)> {
+/// The sync load against a floor (`cloudfunc-floor`; the HTTP floor where `sandboxes` is 0,
+/// the exchange floor through that many warm sandboxes otherwise): the cells of its row
+/// (requests to CPU per request) and its CPU per request in µs.
+fn floor_row(
+    clients: usize,
+    seconds: u64,
+    bound: u64,
+    sandboxes: usize,
+) -> Result<(String, Option<f64>)> {
     use std::io::BufRead;
     let bin = std::env::current_exe()?
         .parent()
@@ -386,7 +396,12 @@ fn floor_row(clients: usize, seconds: u64, bound: u64) -> Result<(String, Option
         .join("cloudfunc-floor");
     let mut floor = Floor(
         Command::new(&bin)
-            .args(["--listen", "127.0.0.1:0"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--sandboxes",
+                &sandboxes.to_string(),
+            ])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?,
@@ -630,13 +645,26 @@ fn main() -> Result<()> {
         let server_cpu = cpu_per_request(cpu_before, server_pid.and_then(cpu_seconds), &r);
         println!("| {name} | {} |", outcome_cells(&r, server_cpu));
         if with_floor && kind == "sync" {
-            let (row, floor_cpu) = floor_row(clients, seconds, bound)?;
+            // As many warm sandboxes as the server ended the load with.
+            let sandboxes = get_json(&agent, &format!("{url}/api/system/health"), &token)
+                .ok()
+                .and_then(|h| h["pool"]["sandboxes"].as_u64())
+                .and_then(|n| usize::try_from(n).ok())
+                .unwrap_or(clients)
+                .max(1);
+            let (row, floor_cpu) = floor_row(clients, seconds, bound, 0)?;
             println!("| HTTP floor: warp, a fixed reply (same requests) | {row} |");
-            if let (Some(server), Some(floor)) = (server_cpu, floor_cpu) {
-                println!(
-                    "| server CPU per warm call / the floor's | {:.1}x ({server:.0} / {floor:.0} µs) | | | | | | | |",
-                    server / floor
-                );
+            let (row, exchange_cpu) = floor_row(clients, seconds, bound, sandboxes)?;
+            println!(
+                "| exchange floor: warp and {sandboxes} warm sandboxes, no platform (same requests) | {row} |"
+            );
+            for (name, floor) in [("HTTP floor", floor_cpu), ("exchange floor", exchange_cpu)] {
+                if let (Some(server), Some(floor)) = (server_cpu, floor) {
+                    println!(
+                        "| server CPU per warm call / the {name}'s | {:.1}x ({server:.0} / {floor:.0} µs) | | | | | | | |",
+                        server / floor
+                    );
+                }
             }
         }
         if kind == "async" {
