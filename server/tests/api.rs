@@ -350,6 +350,9 @@ fn canonical_lifecycle() {
     // The deploy loaded it in a sandbox, kept for this first call.
     assert_eq!(r.body["usage"]["start"], "warm", "{r:?}");
     assert!(r.body["usage"]["peak_memory_bytes"].as_u64().unwrap() > 0);
+    // What it cost in CPU, counted exactly: a sample at the kernel's ticks reads 0 for most
+    // calls this short.
+    assert!(r.body["usage"]["cpu_ms"].as_f64().unwrap() > 0.0, "{r:?}");
     // Deactivate: runs are refused up front, not accepted and lost.
     assert_eq!(
         request(
