@@ -8,8 +8,10 @@
 //! the server's default `--workers`) run the backlog they left.
 //! `--wrk` also runs the sync load through `wrk` (when it is installed), against the same
 //! server in the same run: a client that costs the shared cores less than these threads.
-//! `--floor` sends the same sync requests to `cloudfunc-floor` (warp answering with a fixed
-//! body) and prints the server's CPU per warm call as a multiple of that floor's.
+//! `--floor` sends the same sync requests to `cloudfunc-floor`'s two floors (warp answering
+//! with a fixed body; warp passing each body to a warm sandbox, as many as the server ended
+//! with, and nothing of the platform) and prints the server's CPU per warm call as a multiple
+//! of each.
 //! Without `--url` it starts `cloudfunc serve` from next to itself on a free loopback port, in
 //! a temporary directory, and stops it afterwards.
 
@@ -491,8 +493,9 @@ struct Args {
     #[arg(long)]
     wrk: bool,
     /// Also send the same sync requests, from the same clients, to the HTTP floor
-    /// (`cloudfunc-floor`: warp answering with a fixed body), and print the server's CPU per
-    /// warm call as a multiple of the floor's.
+    /// (`cloudfunc-floor`: warp answering with a fixed body) and to the exchange floor (warp
+    /// passing each body to a warm sandbox, nothing of the platform), and print the server's
+    /// CPU per warm call as a multiple of each.
     #[arg(long)]
     floor: bool,
     /// The spawned server's queue workers.
