@@ -93,16 +93,16 @@ fn exchange_floor(
         .tempdir()?;
     let engine = cloudfunc_benches::bench_engine(dir.path())?;
     let code = cloudfunc_benches::Code::new(&engine)?;
+    // The limits a function deployed with the server's defaults runs under.
+    let mut spec = SandboxSpec::new(Runtime::Python, code.path());
+    spec.limits = Limits {
+        memory_bytes: cloudfunc_server::config::defaults::MEMORY_MB << 20,
+        cpu_millicores: cloudfunc_server::config::defaults::CPU_MILLICORES,
+        ..Limits::default()
+    };
     let mut warm = Vec::with_capacity(count);
     for _ in 0..count {
-        // The limits a function deployed with the server's defaults runs under.
-        let mut spec = SandboxSpec::new(Runtime::Python, code.path());
-        spec.limits = Limits {
-            memory_bytes: cloudfunc_server::config::defaults::MEMORY_MB << 20,
-            cpu_millicores: cloudfunc_server::config::defaults::CPU_MILLICORES,
-            ..Limits::default()
-        };
-        warm.push(Sandbox::create(&engine, spec).context("starting a sandbox")?);
+        warm.push(Sandbox::create(&engine, spec.clone()).context("starting a sandbox")?);
     }
     let lender = Arc::new(Lender {
         free: Mutex::new(warm),
@@ -143,7 +143,10 @@ async fn exchange(lender: Arc<Lender>, body: bytes::Bytes) -> Response<String> {
     };
     let event: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(event) => event,
-        Err(e) => return reply(StatusCode::BAD_REQUEST, format!("{{\"error\":\"{e}\"}}")),
+        Err(e) => {
+            let body = serde_json::json!({"error": e.to_string()}).to_string();
+            return reply(StatusCode::BAD_REQUEST, body);
+        }
     };
     let _permit = lender.permits.acquire().await.expect("never closed");
     let mut sandbox = lender
