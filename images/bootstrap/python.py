@@ -260,7 +260,7 @@ def invoke(func, nargs, request, max_output):
         return describe(exc)
     try:
         encoded = dumps(result)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         return describe(exc, "output_not_serializable")
     if len(encoded) > max_output:
         return {

@@ -153,9 +153,85 @@ pub fn parse_reply(body: &[u8]) -> Result<Reply, ProtocolError> {
 /// Parses one reply body, and says whether the bootstrap asked to be retired: the call left
 /// something running that it could not end (a thread, an unreapable process).
 pub fn parse_reply_flagged(body: &[u8]) -> Result<(Reply, bool), ProtocolError> {
-    let raw: RawReply = serde_json::from_slice(body).map_err(|e| ProtocolError(e.to_string()))?;
+    let raw: RawReply = match serde_json::from_slice(body) {
+        Ok(raw) => raw,
+        Err(e) => return unreadable_result(body).ok_or_else(|| ProtocolError(e.to_string())),
+    };
     let recycle = raw.recycle;
     reply_of(raw).map(|reply| (reply, recycle))
+}
+
+/// How deep a result may nest arrays and objects. Every document that carries a result (a
+/// task, a list of tasks, a chain's run) adds levels of its own, and JSON readers bound their
+/// recursion (serde_json, the CLI's and many Rust clients', reads 128 levels): a result of at
+/// most 100 stays readable inside any of them.
+pub const MAX_RESULT_DEPTH: usize = 100;
+
+/// A well-formed reply whose result is JSON the host will not take: the bootstraps encode
+/// with their language's own JSON, which lets through any depth of nesting, and a string
+/// holding an unpaired UTF-16 surrogate (not Unicode). That is the function's failure to
+/// return JSON, and the sandbox is as sound as after any failed call: neither a sandbox
+/// failure nor a reason to retire it. `None` when the reply is malformed apart from its
+/// result (or its result is fine, and something else is not).
+fn unreadable_result(body: &[u8]) -> Option<(Reply, bool)> {
+    #[derive(Deserialize)]
+    struct Shell<'a> {
+        ok: bool,
+        #[serde(default)]
+        ready: bool,
+        #[serde(borrow)]
+        result: &'a serde_json::value::RawValue,
+        #[serde(default)]
+        recycle: bool,
+    }
+    // Reading a value raw checks its syntax without recursing, and leaves escapes undecoded.
+    let shell: Shell = serde_json::from_slice(body).ok()?;
+    if !shell.ok || shell.ready {
+        return None;
+    }
+    let e = match serde_json::from_str::<Value>(shell.result.get()) {
+        // Readable alone (127 levels), one level too many inside the reply's object.
+        Ok(result) if deeper_than(&result, MAX_RESULT_DEPTH) => {
+            return Some((not_json(too_deep()), shell.recycle))
+        }
+        Ok(_) => return None,
+        Err(e) => e,
+    };
+    let message = match e.to_string() {
+        m if m.starts_with("recursion limit exceeded") => too_deep(),
+        m if m.contains("surrogate") || m.starts_with("unexpected end of hex escape") => {
+            "the result holds a string with an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode text".to_string()
+        }
+        m => format!("the result is not JSON: {m}"),
+    };
+    Some((not_json(message), shell.recycle))
+}
+
+fn too_deep() -> String {
+    format!("the result nests arrays and objects more than {MAX_RESULT_DEPTH} levels deep")
+}
+
+fn not_json(message: String) -> Reply {
+    let error = FunctionError {
+        kind: "InvalidJson".into(),
+        message,
+        traceback: String::new(),
+    };
+    Reply::Failed {
+        kind: ReplyFailure::NotSerializable,
+        error,
+    }
+}
+
+/// Whether `value` nests arrays and objects more than `limit` levels deep (a scalar is none).
+/// A value read by serde_json is at most 127 deep, which bounds the recursion.
+fn deeper_than(value: &Value, limit: usize) -> bool {
+    let deeper = |child: &Value| deeper_than(child, limit - 1);
+    match value {
+        Value::Array(items) => limit == 0 || items.iter().any(deeper),
+        Value::Object(fields) => limit == 0 || fields.values().any(deeper),
+        _ => false,
+    }
 }
 
 fn reply_of(raw: RawReply) -> Result<Reply, ProtocolError> {
@@ -166,7 +242,11 @@ fn reply_of(raw: RawReply) -> Result<Reply, ProtocolError> {
         });
     }
     if raw.ok {
-        return Ok(Reply::Result(raw.result.unwrap_or(Value::Null)));
+        let result = raw.result.unwrap_or(Value::Null);
+        if deeper_than(&result, MAX_RESULT_DEPTH) {
+            return Ok(not_json(too_deep()));
+        }
+        return Ok(Reply::Result(result));
     }
     let error = raw
         .error
@@ -208,6 +288,87 @@ mod tests {
         }
         let reply = parse_reply(&body.unwrap()).unwrap();
         assert_eq!(reply, Reply::Result(json!({"a": [1, 2, 3]})));
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    fn not_serializable(body: &str) -> (String, bool) {
+        match parse_reply_flagged(body.as_bytes()) {
+            Ok((
+                Reply::Failed {
+                    kind: ReplyFailure::NotSerializable,
+                    error,
+                },
+                recycle,
+            )) => (error.message, recycle),
+            other => panic!("{body:.80}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_result_the_host_cannot_read_is_the_functions_failure() {
+        let (reply, _) =
+            parse_reply_flagged(format!(r#"{{"ok":true,"result":{}}}"#, nested(100)).as_bytes())
+                .unwrap();
+        assert!(matches!(reply, Reply::Result(Value::Array(_))));
+        let (reply, _) = parse_reply_flagged(
+            format!(
+                r#"{{"ok":true,"result":{{"a":[1,{{"b":{}}}]}}}}"#,
+                nested(97)
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert!(matches!(reply, Reply::Result(Value::Object(_))));
+        for depth in [101, 126, 127, 128] {
+            let (message, recycle) =
+                not_serializable(&format!(r#"{{"ok":true,"result":{}}}"#, nested(depth)));
+            assert!(
+                message.contains("more than 100 levels"),
+                "{depth}: {message}"
+            );
+            assert!(!recycle);
+        }
+        let (message, _) = not_serializable(&format!(
+            r#"{{"ok":true,"result":{{"a":[1,{{"b":{}}}]}}}}"#,
+            nested(98)
+        ));
+        assert!(message.contains("100 levels"), "{message}");
+        // Far deeper than any stack would take recursively: read raw, without recursing.
+        let deep = format!(
+            r#"{{"ok":true,"result":{},"recycle":true}}"#,
+            nested(1 << 20)
+        );
+        let (message, recycle) = not_serializable(&deep);
+        assert!(message.contains("100 levels"), "{message}");
+        assert!(recycle, "the bootstrap's request to be retired still holds");
+        for text in [r#""\ud800""#, r#"["a\udc00b"]"#, r#"{"k":"\ud83d x"}"#] {
+            let (message, _) = not_serializable(&format!(r#"{{"ok":true,"result":{text}}}"#));
+            assert!(
+                message.contains("unpaired UTF-16 surrogate"),
+                "{text}: {message}"
+            );
+        }
+        // A pair is one character, and fine.
+        let (reply, _) = parse_reply_flagged(br#"{"ok":true,"result":"\ud83d\ude00"}"#).unwrap();
+        assert_eq!(reply, Reply::Result(json!("\u{1f600}")));
+    }
+
+    #[test]
+    fn a_reply_malformed_beyond_its_result_is_still_refused() {
+        for body in [
+            r#"{"ok":true,"result":"\ud800""#.to_string(),
+            r#"{"ok":true,"ready":true,"result":"\ud800"}"#.to_string(),
+            r#"{"ok":false,"kind":"raised","result":"\ud800"}"#.to_string(),
+            format!(
+                r#"{{"ok":false,"kind":"raised","error":{{"type":"x","message":"y","traceback":{}}}}}"#,
+                nested(200)
+            ),
+        ] {
+            assert!(parse_reply_flagged(body.as_bytes()).is_err(), "{body:.80}");
+        }
     }
 
     #[test]

@@ -188,19 +188,37 @@ fn raised(runtime: Runtime) {
 }
 
 fn unserialisable(runtime: Runtime) {
+    // Not JSON in the language's own terms; then JSON its encoder writes but the host cannot
+    // take (an unpaired surrogate, more than 100 levels of nesting, more than the encoder's
+    // own stack takes); then a result as deep as the host takes.
     let src = source(
         runtime,
-        "def handler(event):\n    return object()\n",
-        "exports.handler = () => 10n;\n",
+        "def handler(event):\n    if event == 'object':\n        return object()\n    if event == 'surrogate':\n        return 'a\\ud800'\n    x = []\n    for _ in range(event - 1):\n        x = [x]\n    return x\n",
+        "exports.handler = (e) => { if (e === 'object') return 10n; if (e === 'surrogate') return 'a\\ud800'; let x = []; for (let i = 1; i < e; i++) x = [x]; return x; };\n",
     );
     let mut f = start(runtime, &src);
-    let call = f.call(json!({}));
+    let pid = f.sandbox.pid();
+    for (event, says) in [
+        (json!("object"), ""),
+        (json!("surrogate"), "unpaired UTF-16 surrogate"),
+        (json!(101), "more than 100 levels"),
+        (json!(128), "more than 100 levels"),
+        (json!(200_000), ""),
+    ] {
+        let call = f.call(event.clone());
+        let Outcome::OutputNotSerializable { error } = &call.outcome else {
+            panic!("{event}: {:?}", call.outcome);
+        };
+        assert!(error.message.contains(says), "{event}: {error:?}");
+        assert!(f.sandbox.is_alive(), "{event}: the sandbox serves on");
+    }
+    let call = f.call(json!(100));
     assert!(
-        matches!(call.outcome, Outcome::OutputNotSerializable { .. }),
+        matches!(call.outcome, Outcome::Succeeded { .. }),
         "{:?}",
         call.outcome
     );
-    assert!(f.sandbox.is_alive());
+    assert_eq!(f.sandbox.pid(), pid, "one sandbox served every call");
 }
 
 fn oversized(runtime: Runtime) {
