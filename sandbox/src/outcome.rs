@@ -24,9 +24,10 @@ pub enum Outcome {
     Timeout { timeout_ms: u64 },
     /// The cgroup's OOM killer ended the function.
     OutOfMemory { limit_bytes: u64 },
-    /// The runtime process died for another reason.
+    /// The runtime process died for another reason, or was stopped for answering against the
+    /// protocol (its reply channel is the function's to write to).
     Crashed { exit: String },
-    /// The sandbox itself failed (not the function's fault).
+    /// The sandbox itself failed (not the function's fault): its I/O with the host.
     SandboxFailure { message: String },
 }
 

@@ -375,7 +375,7 @@ impl Sandbox {
                 outcome
             }
             Ended::Replied(Ok((reply, false))) => self.outcome_of(reply),
-            Ended::Replied(Err(e)) => self.fail(&e.to_string()),
+            Ended::Replied(Err(e)) => self.broke_protocol(&format!("a malformed reply ({})", e.0)),
             Ended::TooLarge(e) => {
                 // The stream is out of step now; the sandbox cannot be trusted with another call.
                 self.kill();
@@ -436,18 +436,21 @@ impl Sandbox {
                     limit_bytes: self.engine.config().max_output_bytes,
                     message: error.message,
                 },
-                ReplyFailure::InitFailed => {
-                    self.fail("the runtime reported a load failure mid-call")
-                }
+                ReplyFailure::InitFailed => self.broke_protocol("a load failure mid-call"),
             },
-            Reply::Ready { .. } => self.fail("the runtime answered a call with a ready message"),
+            Reply::Ready { .. } => self.broke_protocol("a ready message for a call"),
         }
     }
 
-    fn fail(&mut self, message: &str) -> Outcome {
-        self.kill();
-        Outcome::SandboxFailure {
-            message: message.to_string(),
+    /// A call answered against the protocol. The reply channel is open in the function's
+    /// process (the bootstrap runs there), so what comes down it is the function's to forge:
+    /// as far as the host can tell this is the function's doing, like a crash, and no failure
+    /// of the sandbox's (which a hostile function could otherwise report at will, raising the
+    /// platform's alerts). The stream is out of step: the sandbox is stopped.
+    fn broke_protocol(&mut self, why: &str) -> Outcome {
+        self.kill_keeping_logs();
+        Outcome::Crashed {
+            exit: format!("stopped for breaking the reply protocol: {why}"),
         }
     }
 

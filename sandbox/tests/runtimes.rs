@@ -75,6 +75,11 @@ pub fn cases() -> Vec<Case> {
             needs(runtime),
             move || print_forgery(runtime),
         ));
+        cases.push(Case::new(
+            format!("{n}::forged_reply_is_the_functions_crash"),
+            needs(runtime),
+            move || reply_forgery(runtime),
+        ));
     }
     cases.push(Case::new(
         "python::handler_conventions",
@@ -514,6 +519,36 @@ fn print_forgery(runtime: Runtime) {
             result: json!("real")
         }
     );
+}
+
+fn reply_forgery(runtime: Runtime) {
+    // The reply channel is open in the function's process (fd 4 in both bootstraps): a
+    // function can write to it. What it writes there is its own doing, never the sandbox's
+    // failure (which would raise the platform's alerts), and the sandbox is stopped.
+    let src = source(
+        runtime,
+        "import os\ndef handler(event):\n    os.write(4, len(event).to_bytes(4, 'big') + event.encode())\n    return 'real'\n",
+        "const fs = require('fs');\nexports.handler = (e) => { const b = Buffer.from(e); const h = Buffer.alloc(4); h.writeUInt32BE(b.length); fs.writeSync(4, Buffer.concat([h, b])); return 'real'; };\n",
+    );
+    for (forged, says) in [
+        ("hello", "malformed reply"),
+        (r#"{"ok":true,"ready":true}"#, "a ready message"),
+        (
+            r#"{"ok":false,"kind":"init_failed","error":{"type":"x","message":"y"}}"#,
+            "a load failure",
+        ),
+    ] {
+        let mut f = start(runtime, &src);
+        let call = f.call(json!(forged));
+        let Outcome::Crashed { exit } = &call.outcome else {
+            panic!("{forged}: {:?}", call.outcome);
+        };
+        assert!(
+            exit.contains("reply protocol") && exit.contains(says),
+            "{exit}"
+        );
+        assert!(!f.sandbox.is_alive(), "{forged}: the sandbox is stopped");
+    }
 }
 
 fn python_conventions() {
