@@ -3,7 +3,7 @@
 //! JWT secret and master key. What one node changes the others see at once; async tasks
 //! submitted to all three run exactly once between them; a node killed in the middle of a
 //! backlog loses nothing: what it was running ends `interrupted` once its lease lapses, and
-//! the others drain the rest.
+//! the others drain the rest. A database outage is a 503 the node recovers from.
 
 mod common;
 
@@ -433,6 +433,68 @@ fn a_stopping_node_hands_its_unstarted_tasks_to_the_others(pg: &Postgres) {
     }
 }
 
+/// PostgreSQL going away under a node: a request that needs it is told to come back (503,
+/// `Retry-After`, a JSON body saying so), not that the server broke; a loaded function's sync
+/// calls go on; once the database is back the node serves again without a restart, and what
+/// it acknowledged is all there.
+fn a_database_outage_is_503_and_loses_nothing(_: &Postgres) {
+    // A database of its own to stop: the shared one serves the other tests meanwhile.
+    let pg = Postgres::start();
+    let cluster = Nodes::start(&pg, "outage", 1, &[]);
+    let node = &cluster.nodes[0];
+    let t = node.token("team", false);
+    assert_eq!(
+        deploy(node, &t, "hello", &[("function.py", V1)]).status,
+        201
+    );
+    let submit = || post_json(node, "/api/functions/hello/run", &t, &json!({}));
+    let before = submit();
+    assert_eq!(before.status, 202, "{}", before.body);
+    let before = before.body["task_id"].as_str().unwrap().to_string();
+    let done = wait_task(node, &t, &before, Duration::from_secs(30));
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    pg.stop_for_now();
+    for r in [
+        submit(),
+        get(node, &format!("/api/tasks/{before}"), &t),
+        get(node, "/api/functions/", &t),
+    ] {
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(r.body["error"]["code"], "unavailable", "{}", r.body);
+        assert!(
+            r.headers
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("retry-after") && v == "1"),
+            "{:?}",
+            r.headers
+        );
+    }
+    let r = invoke(node, &t, "hello");
+    assert_eq!(
+        (r.status, &r.body["result"]),
+        (200, &json!("v1")),
+        "{}",
+        r.body
+    );
+
+    pg.start_again();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let r = submit();
+        if r.status == 202 {
+            break r.body["task_id"].as_str().unwrap().to_string();
+        }
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(Instant::now() < deadline, "still refused: {}", r.body);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for id in [&before, &after] {
+        let done = wait_task(node, &t, id, Duration::from_secs(30));
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+}
+
 /// A test of a running cluster.
 type Test = fn(&Postgres);
 
@@ -454,6 +516,10 @@ fn main() {
         (
             "a_stopping_node_hands_its_unstarted_tasks_to_the_others",
             a_stopping_node_hands_its_unstarted_tasks_to_the_others,
+        ),
+        (
+            "a_database_outage_is_503_and_loses_nothing",
+            a_database_outage_is_503_and_loses_nothing,
         ),
     ];
     let why = if !nix::unistd::geteuid().is_root() {

@@ -91,6 +91,13 @@ impl From<PlatformError> for ApiError {
                 retry_after: Some(retry_after.as_secs().max(1)),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_busy", message)
             },
+            PlatformError::Unavailable {
+                message,
+                retry_after,
+            } => ApiError {
+                retry_after: Some(retry_after.as_secs().max(1)),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            },
             PlatformError::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", m),
             PlatformError::Damaged(m) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

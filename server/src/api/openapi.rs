@@ -228,7 +228,8 @@ pub fn document(table: &Table) -> Value {
             .expect("every operation has responses");
         let mut common = Vec::new();
         if route.access == Access::Token {
-            common.push("401");
+            // 503: the database is unavailable for now (with Retry-After).
+            common.extend(["401", "503"]);
         }
         if route.body {
             // 408: the body did not arrive in time.

@@ -86,6 +86,13 @@ pub enum PlatformError {
         message: String,
         retry_after: Duration,
     },
+    /// The database cannot be reached for now (restarting, failing over, its connections
+    /// refused): try again after the delay.
+    #[error("{message}")]
+    Unavailable {
+        message: String,
+        retry_after: Duration,
+    },
     /// Only an admin may do this.
     #[error("{0}")]
     Forbidden(String),
@@ -121,6 +128,15 @@ impl From<StoreError> for PlatformError {
             StoreError::Damaged(m) => {
                 tracing::error!(record = %m, "a sealed record failed its integrity check");
                 PlatformError::Damaged(m)
+            }
+            // Not our fault, and likely over in seconds: a client that retries gets through
+            // (a 500 would tell it the server is broken).
+            e @ (StoreError::Transient(_) | StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %cloudfunc_sandbox::error_chain(&e), "a request was refused: the database is unavailable for now");
+                PlatformError::Unavailable {
+                    message: "the database is unavailable for now; retry shortly".into(),
+                    retry_after: Duration::from_secs(1),
+                }
             }
             e => PlatformError::Internal(e.into()),
         }

@@ -263,6 +263,22 @@ impl Postgres {
         );
     }
 
+    /// Stops the server (a fast shutdown) until [`Postgres::start_again`].
+    pub fn stop_for_now(&self) {
+        let stopped = self.ctl("stop", "fast");
+        assert!(
+            stopped.status.success(),
+            "stopping the test PostgreSQL: {}",
+            String::from_utf8_lossy(&stopped.stderr)
+        );
+    }
+
+    /// Starts a server [`Postgres::stop_for_now`] stopped, with the options it first started
+    /// with (a restart of a stopped server starts it so).
+    pub fn start_again(&self) {
+        self.restart();
+    }
+
     /// Stops the server at once (the data goes with the directory).
     fn stop(&self) {
         let stopped = self.ctl("stop", "immediate");
