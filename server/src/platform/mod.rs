@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use crate::archive::{ArchiveError, ArchiveLimits};
 use crate::auth::Caller;
 use crate::isolation::Engines;
+use crate::logging::Sparse;
 use crate::model::Function;
 use crate::pool::Pool;
 use crate::store::{Recorder, Store, StoreError};
@@ -132,7 +133,10 @@ impl From<StoreError> for PlatformError {
             // Not our fault, and likely over in seconds: a client that retries gets through
             // (a 500 would tell it the server is broken).
             e @ (StoreError::Transient(_) | StoreError::Unavailable(_)) => {
-                tracing::warn!(error = %cloudfunc_sandbox::error_chain(&e), "a request was refused: the database is unavailable for now");
+                static REFUSED: Sparse = Sparse::new(10_000);
+                if let Some(refused) = REFUSED.due() {
+                    tracing::warn!(refused, error = %cloudfunc_sandbox::error_chain(&e), "requests refused with 503: the database is unavailable for now (said at most every 10 s)");
+                }
                 PlatformError::Unavailable {
                     message: "the database is unavailable for now; retry shortly".into(),
                     retry_after: Duration::from_secs(1),

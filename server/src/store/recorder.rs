@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 
 use super::retry::{Retry, RETRY_EVERY};
 use super::{Result, Store, StoreError, Write};
+use crate::logging::Sparse;
 use crate::model::Task;
 
 /// The most writes in one transaction.
@@ -395,7 +396,10 @@ fn commit(
             }
             (None, Ok(())) => {}
             (None, Err(e)) if e.is_retryable() => {
-                tracing::warn!(task_id = write.task_id(), error = %e, "the store refused a task's record for now; kept to try again");
+                static REFUSED: Sparse = Sparse::new(10_000);
+                if let Some(records) = REFUSED.due() {
+                    tracing::warn!(records, task_id = write.task_id(), error = %e, "the store refused tasks' records for now; kept to try again (said at most every 10 s)");
+                }
                 retry.keep(write);
             }
             (None, Err(e)) => retry.give_up_on(&write, &e.to_string()),
