@@ -31,6 +31,8 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
+        // As a tool killed by SIGPIPE ends (128 + 13), without a word: its reader has gone.
+        Err(e) if cli::reader_gone(&e) => ExitCode::from(141),
         Err(e) => {
             eprintln!("cloudfunc: {e:#}");
             ExitCode::from(2)

@@ -12,7 +12,7 @@ use crate::model::{Task, TaskStatus};
 pub fn run(cli: &Cli) -> Result<bool> {
     if let Command::Keys(super::secrets::KeysCommand::Generate) = &cli.command {
         // A new key for the operator to hand out: no server involved.
-        println!("{}", crate::atrest::MasterKey::generate().encode());
+        super::say(crate::atrest::MasterKey::generate().encode())?;
         return Ok(true);
     }
     // The keys are the operator's: a token minted here for them is an admin's.
@@ -63,9 +63,9 @@ impl Out {
         text: impl FnOnce(&T) -> String,
     ) -> Result<()> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&body)?);
+            super::say(serde_json::to_string_pretty(&body)?)?;
         } else {
-            println!("{}", text(&read::<T>(body)?));
+            super::say(text(&read::<T>(body)?))?;
         }
         Ok(())
     }

@@ -112,10 +112,9 @@ pub fn run(cli: &Cli) -> Result<bool> {
     for _ in 0..args.times {
         let call = sandbox.invoke(&event, &options)?;
         all_ok &= call.outcome.is_success();
-        println!(
-            "{}",
-            json!({"backend": engine.backend_name(), "handler": sandbox.handler(), "invocation": call})
-        );
+        super::say(
+            json!({"backend": engine.backend_name(), "handler": sandbox.handler(), "invocation": call}),
+        )?;
         if !sandbox.is_alive() {
             break;
         }

@@ -179,10 +179,28 @@ pub async fn run(cli: Cli) -> Result<bool> {
                 &cli.data_dir,
                 std::env::var("CLOUDFUNC_JWT_SECRET").ok().as_deref(),
             )?;
-            println!("{}", keys.mint(&cli.tenant, *admin, *ttl));
+            say(keys.mint(&cli.tenant, *admin, *ttl))?;
             Ok(true)
         }
         Command::Run(_) => tokio::task::spawn_blocking(move || local::run(&cli)).await?,
         _ => tokio::task::spawn_blocking(move || commands::run(&cli)).await?,
     }
+}
+
+/// Prints a line of a command's output. A reader gone away (`cloudfunc list | head`) is an
+/// error to stop at, which `main` ends quietly as Unix tools end, not a panic.
+pub(crate) fn say(text: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()
+}
+
+/// Whether `e` is a write to a pipe whose reader has gone.
+pub fn reader_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -114,7 +114,7 @@ fn key_text(v: &Value) -> String {
 pub fn keys(c: &Client, out: &Out, command: &KeysCommand) -> Result<bool> {
     let reply = match command {
         KeysCommand::Generate => {
-            println!("{}", crate::atrest::MasterKey::generate().encode());
+            super::say(crate::atrest::MasterKey::generate().encode())?;
             return Ok(true);
         }
         KeysCommand::Status => c.get("/api/system/keys")?.ok()?,
