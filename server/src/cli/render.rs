@@ -156,10 +156,10 @@ pub fn logs(tasks: &Tasks) -> String {
     let mut out = String::new();
     for t in tasks.tasks.iter().rev() {
         out += &format!(
-            "--- {} {} {}\n{}\n",
+            "--- {} {} {} UTC\n{}\n",
             t.task_id,
             t.status.as_str(),
-            t.created_at,
+            cloudfunc_anomaly::nab::format_timestamp(t.created_at.div_euclid(1000)),
             t.logs.trim_end()
         );
     }
@@ -230,6 +230,11 @@ mod tests {
         assert!(
             text.contains("error: raised ValueError: no\ntb\nlogs:\nprinted"),
             "{text}"
+        );
+        let listed = Tasks { tasks: vec![t] };
+        assert_eq!(
+            logs(&listed),
+            "--- task_1 failed 1970-01-01 00:00:00 UTC\nprinted"
         );
         let wrong = read::<Task>(json!({"task_id": 3}));
         assert!(wrong
