@@ -58,15 +58,29 @@ function writeRaw(json) {
   }
 }
 
+// Text about what the function threw, whatever it is: a getter or toString may throw, and a
+// string may hold unpaired surrogates, which are not Unicode (the host refuses them): those
+// become U+FFFD.
+function text(make) {
+  let made;
+  try {
+    made = String(make());
+  } catch (err) {
+    made = '<unprintable>';
+  }
+  if (typeof made.toWellFormed === 'function') return made.toWellFormed();
+  return made.replace(/[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g, '\uFFFD');
+}
+
 function describe(err, kind) {
   const isError = err instanceof Error;
   return {
     ok: false,
     kind: kind || 'raised',
     error: {
-      type: isError ? err.name : typeof err,
-      message: isError ? err.message : String(err),
-      traceback: isError && err.stack ? String(err.stack) : '',
+      type: text(() => (isError ? err.name : typeof err)),
+      message: text(() => (isError ? err.message : err)),
+      traceback: isError ? text(() => err.stack || '') : '',
     },
   };
 }

@@ -162,6 +162,17 @@ def setenv(key, value):
     posix.environ[key.encode("utf-8", "surrogateescape")] = value.encode("utf-8", "surrogateescape")
 
 
+def _text(make):
+    """Text about the function's exception, whatever the exception does: its `__str__` may
+    raise, or give a string with unpaired surrogates, which are not Unicode (the host refuses
+    them): those become U+FFFD."""
+    try:
+        text = str(make())
+    except Exception as exc:  # the function's object, not ours
+        text = f"<unprintable {type(exc).__name__}>"
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def describe(exc, kind="raised"):
     import traceback
 
@@ -169,9 +180,9 @@ def describe(exc, kind="raised"):
         "ok": False,
         "kind": kind,
         "error": {
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": "".join(traceback.format_exception(exc)),
+            "type": _text(lambda: type(exc).__name__),
+            "message": _text(lambda: exc),
+            "traceback": _text(lambda: "".join(traceback.format_exception(exc))),
         },
     }
 

@@ -36,6 +36,11 @@ pub fn cases() -> Vec<Case> {
             move || raised(runtime),
         ));
         cases.push(Case::new(
+            format!("{n}::an_unprintable_error_is_still_raised"),
+            needs(runtime),
+            move || unprintable(runtime),
+        ));
+        cases.push(Case::new(
             format!("{n}::unserialisable_result"),
             needs(runtime),
             move || unserialisable(runtime),
@@ -190,6 +195,27 @@ fn raised(runtime: Runtime) {
         f.call(json!({"n": 8})).outcome,
         Outcome::Raised { .. }
     ));
+}
+
+fn unprintable(runtime: Runtime) {
+    // What a function raises is its own object: its text may hold unpaired surrogates (not
+    // Unicode: JSON the host refuses), and making its text may itself fail. Either way the
+    // call is the function's failure, reported, and the sandbox serves on.
+    let src = source(
+        runtime,
+        "class Odd(Exception):\n    def __str__(self):\n        raise RuntimeError('no text')\ndef handler(event):\n    if event == 'surrogate':\n        raise ValueError('bad \\ud800 text')\n    raise Odd()\n",
+        "exports.handler = (e) => { if (e === 'surrogate') throw new Error('bad \\ud800 text'); throw Object.create(null); };\n",
+    );
+    let mut f = start(runtime, &src);
+    let pid = f.sandbox.pid();
+    for (event, says) in [("surrogate", "bad \u{fffd} text"), ("odd", "<unprintable")] {
+        let call = f.call(json!(event));
+        let Outcome::Raised { error } = &call.outcome else {
+            panic!("{event}: {:?}", call.outcome)
+        };
+        assert!(error.message.contains(says), "{event}: {error:?}");
+    }
+    assert_eq!(f.sandbox.pid(), pid, "one sandbox served every call");
 }
 
 fn unserialisable(runtime: Runtime) {
