@@ -271,7 +271,7 @@ def invoke(func, nargs, request, max_output):
         return describe(exc)
     try:
         encoded = dumps(result)
-    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+    except Exception as exc:  # not JSON, nested too deep, or the result's own code raised
         return describe(exc, "output_not_serializable")
     if len(encoded) > max_output:
         return {

@@ -219,18 +219,20 @@ fn unprintable(runtime: Runtime) {
 }
 
 fn unserialisable(runtime: Runtime) {
-    // Not JSON in the language's own terms; then JSON its encoder writes but the host cannot
+    // Not JSON in the language's own terms, or a result whose own code raises as it is
+    // encoded; then JSON its encoder writes but the host cannot
     // take (an unpaired surrogate, more than 100 levels of nesting, more than the encoder's
     // own stack takes); then a result as deep as the host takes.
     let src = source(
         runtime,
-        "def handler(event):\n    if event == 'object':\n        return object()\n    if event == 'surrogate':\n        return 'a\\ud800'\n    x = []\n    for _ in range(event - 1):\n        x = [x]\n    return x\n",
-        "exports.handler = (e) => { if (e === 'object') return 10n; if (e === 'surrogate') return 'a\\ud800'; let x = []; for (let i = 1; i < e; i++) x = [x]; return x; };\n",
+        "class Odd(dict):\n    def items(self):\n        raise RuntimeError('no items')\ndef handler(event):\n    if event == 'object':\n        return object()\n    if event == 'raising':\n        return Odd(a=1)\n    if event == 'surrogate':\n        return 'a\\ud800'\n    x = []\n    for _ in range(event - 1):\n        x = [x]\n    return x\n",
+        "exports.handler = (e) => { if (e === 'object') return 10n; if (e === 'raising') return { toJSON() { throw new RangeError('no items'); } }; if (e === 'surrogate') return 'a\\ud800'; let x = []; for (let i = 1; i < e; i++) x = [x]; return x; };\n",
     );
     let mut f = start(runtime, &src);
     let pid = f.sandbox.pid();
     for (event, says) in [
         (json!("object"), ""),
+        (json!("raising"), "no items"),
         (json!("surrogate"), "unpaired UTF-16 surrogate"),
         (json!(101), "more than 100 levels"),
         (json!(128), "more than 100 levels"),
