@@ -340,6 +340,16 @@ def settle():
     return threading is None or threading.active_count() <= 1
 
 
+def _flush():
+    """Flushes what the call printed. The streams are the function's to replace or close
+    (`sys.stdout = None`, `sys.stdout.close()`): that is no reason to lose its reply."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
 def _sent_already():
     """Whether the host has written to us already, as it has when a cold start's init frame
     waits; what it wrote becomes the start of the next frame."""
@@ -380,8 +390,7 @@ def main():
         if request is None:
             return
         reply = invoke(func, nargs, request, max_output)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush()
         recycle = "" if settle() else ',"recycle":true'
         if reply.get("ok"):
             # The result is already JSON: splice it in rather than encode it twice.

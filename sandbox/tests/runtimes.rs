@@ -87,6 +87,11 @@ pub fn cases() -> Vec<Case> {
         ));
     }
     cases.push(Case::new(
+        "python::closed_output_streams_lose_no_reply",
+        needs(Runtime::Python),
+        closed_streams,
+    ));
+    cases.push(Case::new(
         "python::handler_conventions",
         needs(Runtime::Python),
         python_conventions,
@@ -216,6 +221,29 @@ fn unprintable(runtime: Runtime) {
         assert!(error.message.contains(says), "{event}: {error:?}");
     }
     assert_eq!(f.sandbox.pid(), pid, "one sandbox served every call");
+}
+
+fn closed_streams() {
+    // A function may replace or close its own output streams; its result still comes back,
+    // and the sandbox serves on.
+    let src = "import sys\ndef handler(event):\n    print('before', flush=True)\n    if event == 'none':\n        sys.stdout = None\n    else:\n        sys.stdout.close()\n        sys.stderr.close()\n    return event\n";
+    for event in ["none", "close"] {
+        let mut f = start(Runtime::Python, src);
+        let call = f.call(json!(event));
+        assert_eq!(
+            call.outcome,
+            Outcome::Succeeded {
+                result: json!(event)
+            },
+            "{event}"
+        );
+        assert!(
+            call.logs.text.contains("before"),
+            "{event}: {:?}",
+            call.logs
+        );
+        assert!(f.sandbox.is_alive(), "{event}");
+    }
 }
 
 fn unserialisable(runtime: Runtime) {
