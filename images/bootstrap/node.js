@@ -139,12 +139,35 @@ function makeContext(meta) {
   };
 }
 
+// An error the function threw or rejected outside the promise its handler returned (in a
+// timer's callback, or a promise nobody awaited). Node's default is to end the process: the
+// call in flight died with it, or, for a rejection noticed only after the reply, the next call
+// did, with the first call's error in its logs. The call in flight fails with it instead.
+let strayError = null;
+let failCall = null;
+function strayed(err) {
+  if (strayError === null) strayError = { err };
+  if (failCall) failCall(err);
+}
+process.on('uncaughtException', strayed);
+process.on('unhandledRejection', strayed);
+
 async function invoke(func, request, maxOutput) {
   let result;
+  strayError = null;
   try {
-    result = await func(request.event, makeContext(request.context || {}));
+    const stray = new Promise((resolve, reject) => {
+      failCall = reject;
+    });
+    result = await Promise.race([func(request.event, makeContext(request.context || {})), stray]);
+    // One turn of the event loop, in which Node reports the rejections nobody handled: those
+    // of this call are this call's.
+    await new Promise((resolve) => setImmediate(resolve));
+    if (strayError !== null) throw strayError.err;
   } catch (err) {
     return describe(err);
+  } finally {
+    failCall = null;
   }
   let encoded;
   try {

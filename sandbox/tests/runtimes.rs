@@ -87,6 +87,11 @@ pub fn cases() -> Vec<Case> {
         ));
     }
     cases.push(Case::new(
+        "node::stray_errors_fail_their_own_call",
+        needs(Runtime::Node),
+        stray_errors,
+    ));
+    cases.push(Case::new(
         "python::closed_output_streams_lose_no_reply",
         needs(Runtime::Python),
         closed_streams,
@@ -219,6 +224,39 @@ fn unprintable(runtime: Runtime) {
             panic!("{event}: {:?}", call.outcome)
         };
         assert!(error.message.contains(says), "{event}: {error:?}");
+    }
+    assert_eq!(f.sandbox.pid(), pid, "one sandbox served every call");
+}
+
+fn stray_errors() {
+    // Errors outside the handler's own promise: a rejection nobody awaited, a throw in a
+    // timer's callback. Node would end the process (for the rejection, during the next call,
+    // with this call's error); each fails the call it came from, and the sandbox serves on.
+    let src = "exports.handler = async (e) => {\n  if (e === 'rejection') Promise.reject(new Error('nobody awaited me'));\n  if (e === 'timer') { setTimeout(() => { throw new RangeError('thrown in a timer'); }, 1); await new Promise((r) => setTimeout(r, 60000)); }\n  return e;\n};\n";
+    let mut f = start(Runtime::Node, src);
+    let pid = f.sandbox.pid();
+    for (event, says) in [
+        ("rejection", "nobody awaited me"),
+        ("timer", "thrown in a timer"),
+    ] {
+        let call = f.call(json!(event));
+        let Outcome::Raised { error } = &call.outcome else {
+            panic!("{event}: {:?}", call.outcome)
+        };
+        assert!(error.message.contains(says), "{event}: {error:?}");
+        assert!(
+            call.usage.duration < std::time::Duration::from_secs(10),
+            "{event}: {:?}",
+            call.usage
+        );
+        let next = f.call(json!("fine"));
+        assert_eq!(
+            next.outcome,
+            Outcome::Succeeded {
+                result: json!("fine")
+            },
+            "after {event}"
+        );
     }
     assert_eq!(f.sandbox.pid(), pid, "one sandbox served every call");
 }
