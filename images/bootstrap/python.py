@@ -15,6 +15,7 @@ import _io
 import posix
 import sys
 
+_PID = posix.getpid()
 _REQ = posix.dup(0)
 _RES = posix.dup(1)
 _null = posix.open("/dev/null", posix.O_RDONLY)
@@ -390,6 +391,12 @@ def main():
         if request is None:
             return
         reply = invoke(func, nargs, request, max_output)
+        if posix.getpid() != _PID:
+            # A process the handler forked has returned from it (its code did not end the
+            # child with os._exit). Its reply would be read as the next call's, and it would
+            # compete for the next requests: it ends here, saying why in the logs.
+            posix.write(2, b"cloudfunc: a process forked by the handler returned from it and was ended (end a forked child with os._exit)\n")
+            posix._exit(0)
         _flush()
         recycle = "" if settle() else ',"recycle":true'
         if reply.get("ok"):

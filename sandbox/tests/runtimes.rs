@@ -92,6 +92,11 @@ pub fn cases() -> Vec<Case> {
         stray_errors,
     ));
     cases.push(Case::new(
+        "python::a_forked_child_that_returns_has_no_say",
+        needs(Runtime::Python),
+        forked_returns,
+    ));
+    cases.push(Case::new(
         "python::closed_output_streams_lose_no_reply",
         needs(Runtime::Python),
         closed_streams,
@@ -259,6 +264,25 @@ fn stray_errors() {
         );
     }
     assert_eq!(f.sandbox.pid(), pid, "one sandbox served every call");
+}
+
+fn forked_returns() {
+    // A handler that forks and lets the child return too: each call still gets its own
+    // result, never another call's (the child's reply was read as the next call's). Whether
+    // the child says so in the logs depends on whether it gets there before the parent's
+    // clean-up kills it.
+    let src = "import os\ndef handler(event):\n    pid = os.fork()\n    return ('child' if pid == 0 else 'parent') + ':' + str(event)\n";
+    let mut f = start(Runtime::Python, src);
+    for n in 0..6 {
+        let call = f.call(json!(n));
+        assert_eq!(
+            call.outcome,
+            Outcome::Succeeded {
+                result: json!(format!("parent:{n}"))
+            },
+            "call {n}"
+        );
+    }
 }
 
 fn closed_streams() {
