@@ -168,8 +168,8 @@ pub fn parse_reply_flagged(body: &[u8]) -> Result<(Reply, bool), ProtocolError> 
 pub const MAX_RESULT_DEPTH: usize = 100;
 
 /// A well-formed reply whose result is JSON the host will not take: the bootstraps encode
-/// with their language's own JSON, which lets through any depth of nesting, and a string
-/// holding an unpaired UTF-16 surrogate (not Unicode). That is the function's failure to
+/// with their language's own JSON, which lets through any depth of nesting, a string holding
+/// an unpaired UTF-16 surrogate (not Unicode), and integers of any size (Python's). That is the function's failure to
 /// return JSON, and the sandbox is as sound as after any failed call: neither a sandbox
 /// failure nor a reason to retire it. `None` when the reply is malformed apart from its
 /// result (or its result is fine, and something else is not).
@@ -201,6 +201,9 @@ fn unreadable_result(body: &[u8]) -> Option<(Reply, bool)> {
         m if m.starts_with("recursion limit exceeded") => too_deep(),
         m if m.contains("surrogate") || m.starts_with("unexpected end of hex escape") => {
             "the result holds a string with an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode text".to_string()
+        }
+        m if m.starts_with("number out of range") => {
+            "the result holds a number beyond a 64-bit float's range (about 1.8e308)".to_string()
         }
         m => format!("the result is not JSON: {m}"),
     };
@@ -351,6 +354,9 @@ mod tests {
                 "{text}: {message}"
             );
         }
+        let huge = format!(r#"{{"ok":true,"result":1{}}}"#, "0".repeat(400));
+        let (message, _) = not_serializable(&huge);
+        assert!(message.contains("64-bit float"), "{message}");
         // A pair is one character, and fine.
         let (reply, _) = parse_reply_flagged(br#"{"ok":true,"result":"\ud83d\ude00"}"#).unwrap();
         assert_eq!(reply, Reply::Result(json!("\u{1f600}")));
