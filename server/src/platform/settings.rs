@@ -292,6 +292,7 @@ impl Settings {
                 "environment variable name {key:?} is not [A-Za-z_][A-Za-z0-9_]*"
             )));
         }
+        check_env_values(&env)?;
         let secrets = self.secrets.unwrap_or_default();
         if let Some(name) = secrets.iter().find(|n| !valid_env_name(n)) {
             return Err(bad(format!(
@@ -370,6 +371,39 @@ fn destination(given: Option<String>, key: &str) -> Result<Option<String>> {
     }
 }
 
+/// Largest value of one environment variable, bytes: a secret's limit, and half of what the
+/// kernel takes for one string of a process's environment (beyond it `execve` fails, and the
+/// runtime died at load with no word of why).
+pub const MAX_ENV_VALUE_BYTES: usize = crate::platform::secrets::MAX_SECRET_BYTES;
+
+/// Largest environment a function may set, names and values together (a process's whole
+/// environment and arguments share a few MiB at most).
+pub const MAX_ENV_BYTES: usize = 256 * 1024;
+
+/// Refuses environment values no process can be given: a NUL byte ends a C string, and one
+/// too long (or too many together) makes `execve` fail.
+fn check_env_values(env: &BTreeMap<String, String>) -> Result<()> {
+    let bad = |m: String| PlatformError::BadRequest(m);
+    if let Some(key) = env.iter().find(|(_, v)| v.contains('\0')).map(|(k, _)| k) {
+        return Err(bad(format!(
+            "environment variable {key}'s value holds a NUL byte, which an environment cannot carry"
+        )));
+    }
+    if let Some((key, value)) = env.iter().find(|(_, v)| v.len() > MAX_ENV_VALUE_BYTES) {
+        return Err(bad(format!(
+            "environment variable {key}'s value is {} bytes; the limit is {MAX_ENV_VALUE_BYTES} (put more in a file beside the code)",
+            value.len()
+        )));
+    }
+    let total: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    if total > MAX_ENV_BYTES {
+        return Err(bad(format!(
+            "the environment is {total} bytes; the limit is {MAX_ENV_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether `key` is a usable environment variable name.
 pub(super) fn valid_env_name(key: &str) -> bool {
     !key.is_empty()
@@ -432,6 +466,26 @@ mod tests {
         assert_eq!(from_toml, from_json);
         assert_eq!(from_form.runtime, Some(Runtime::Python));
         assert_eq!(from_form.memory, Some(64));
+    }
+
+    #[test]
+    fn environment_values_no_process_could_be_given_are_refused() {
+        let check = |pairs: Vec<(&str, String)>| {
+            let env = pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            check_env_values(&env).map_err(|e| e.to_string())
+        };
+        assert!(check(vec![("A", "fine".into()), ("B", String::new())]).is_ok());
+        assert!(check(vec![("A", "x".repeat(MAX_ENV_VALUE_BYTES))]).is_ok());
+        let err = check(vec![("A", "a\0b".into())]).unwrap_err();
+        assert!(err.contains("A's value holds a NUL byte"), "{err}");
+        let err = check(vec![("BIG", "x".repeat(MAX_ENV_VALUE_BYTES + 1))]).unwrap_err();
+        assert!(
+            err.contains("BIG's value is 65537 bytes; the limit is 65536"),
+            "{err}"
+        );
+        let many = ["A", "B", "C", "D", "E"].map(|k| (k, "x".repeat(60_000)));
+        let err = check(many.to_vec()).unwrap_err();
+        assert!(err.contains("the environment is 300015 bytes"), "{err}");
     }
 
     #[test]
