@@ -104,6 +104,13 @@ macro_rules! settings {
 
             /// Fields of `other` win over ours.
             pub fn overlay(mut self, other: Settings) -> Settings {
+                // `timeout` and `timeout_ms` are one setting in two units: given in either
+                // by `other`, it replaces ours in both (a version's own timeout, read back in
+                // milliseconds, would otherwise win over a new deploy's `timeout` seconds).
+                if other.timeout.is_some() || other.timeout_ms.is_some() {
+                    self.timeout = None;
+                    self.timeout_ms = None;
+                }
                 $(if other.$field.is_some() { self.$field = other.$field; })*
                 self
             }
@@ -466,6 +473,35 @@ mod tests {
         assert_eq!(from_toml, from_json);
         assert_eq!(from_form.runtime, Some(Runtime::Python));
         assert_eq!(from_form.memory, Some(64));
+    }
+
+    #[test]
+    fn a_new_timeout_in_either_unit_replaces_the_previous_versions() {
+        let previous = Settings {
+            timeout_ms: Some(5000),
+            memory: Some(64),
+            ..Settings::default()
+        };
+        let seconds = previous.clone().overlay(Settings {
+            timeout: Some(7.0),
+            ..Settings::default()
+        });
+        assert_eq!((seconds.timeout, seconds.timeout_ms), (Some(7.0), None));
+        assert_eq!(seconds.memory, Some(64), "the rest is kept");
+        let ms = Settings {
+            timeout: Some(7.0),
+            ..Settings::default()
+        }
+        .overlay(Settings {
+            timeout_ms: Some(900),
+            ..Settings::default()
+        });
+        assert_eq!((ms.timeout, ms.timeout_ms), (None, Some(900)));
+        let kept = previous.overlay(Settings {
+            memory: Some(128),
+            ..Settings::default()
+        });
+        assert_eq!((kept.timeout, kept.timeout_ms), (None, Some(5000)));
     }
 
     #[test]
