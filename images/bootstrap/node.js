@@ -220,6 +220,36 @@ function settle() {
   return false;
 }
 
+// Threads. A Worker a call leaves running runs on between calls (billed to the next, and
+// burning the CPU quota while idle), so its sandbox retires, as a Python one with a thread
+// left does. The threads are counted at rest once the handler is loaded, and after a call
+// only once `worker_threads` is loaded (reading /proc costs about 4 us); the one growth
+// allowed is libuv's thread pool, which starts all at once the first time it is needed.
+let restingThreads = 0;
+let poolMayStart = true;
+
+function threadCount() {
+  return fs.readdirSync('/proc/self/task').length;
+}
+
+function threadLeft() {
+  const loaded = process.moduleLoadList;
+  if (Array.isArray(loaded) && !loaded.includes('NativeModule worker_threads')) return false;
+  const now = threadCount();
+  if (now <= restingThreads) {
+    restingThreads = now;
+    return false;
+  }
+  const pool = Number(process.env.UV_THREADPOOL_SIZE);
+  const poolSize = Number.isInteger(pool) && pool > 0 ? Math.min(pool, 1024) : 4;
+  if (poolMayStart && now === restingThreads + poolSize) {
+    poolMayStart = false;
+    restingThreads = now;
+    return false;
+  }
+  return true;
+}
+
 async function main() {
   const init = readFrame();
   if (init === null) return;
@@ -236,13 +266,14 @@ async function main() {
     writeRaw(JSON.stringify(describe(err, 'init_failed')));
     return;
   }
+  restingThreads = threadCount();
   writeRaw(JSON.stringify({ ok: true, ready: true, handler: resolved, runtime: process.version }));
   for (;;) {
     const request = readFrame();
     if (request === null) return;
     const reply = await invoke(func, request, maxOutput);
     await Promise.all([drained(process.stdout), drained(process.stderr)]);
-    const recycle = settle() ? '' : ',"recycle":true';
+    const recycle = settle() && !threadLeft() ? '' : ',"recycle":true';
     if (reply.ok) {
       writeRaw(`{"ok":true,"result":${reply.resultJson}${recycle}}`);
     } else {

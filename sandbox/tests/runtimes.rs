@@ -97,6 +97,11 @@ pub fn cases() -> Vec<Case> {
         forked_returns,
     ));
     cases.push(Case::new(
+        "node::a_worker_left_running_retires_the_sandbox",
+        needs(Runtime::Node),
+        worker_threads,
+    ));
+    cases.push(Case::new(
         "python::closed_output_streams_lose_no_reply",
         needs(Runtime::Python),
         closed_streams,
@@ -283,6 +288,34 @@ fn forked_returns() {
             "call {n}"
         );
     }
+}
+
+fn worker_threads() {
+    // A Worker left running would run on between calls: its sandbox retires after the call.
+    // One that ended within its call, and libuv's thread pool started by a call, do not.
+    let src = "const fs = require('fs');\nconst { Worker } = require('worker_threads');\nexports.handler = async (e) => {\n  if (e === 'pool') await fs.promises.readFile('/code/index.js');\n  if (e === 'done') await new Promise((r) => new Worker('1', { eval: true }).on('exit', r));\n  if (e === 'spin') new Worker('for (;;) {}', { eval: true });\n  return e;\n};\n";
+    let mut f = start(Runtime::Node, src);
+    for event in ["pool", "done", "pool", "done"] {
+        let call = f.call(json!(event));
+        assert_eq!(
+            call.outcome,
+            Outcome::Succeeded {
+                result: json!(event)
+            }
+        );
+        assert!(f.sandbox.is_alive(), "{event}: the sandbox serves on");
+    }
+    let call = f.call(json!("spin"));
+    assert_eq!(
+        call.outcome,
+        Outcome::Succeeded {
+            result: json!("spin")
+        }
+    );
+    assert!(
+        !f.sandbox.is_alive(),
+        "a Worker left running retires the sandbox"
+    );
 }
 
 fn closed_streams() {
