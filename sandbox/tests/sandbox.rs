@@ -7,6 +7,7 @@ mod common;
 mod gvisor;
 mod hostile;
 mod lifecycle;
+mod misbehaving;
 mod runtimes;
 mod warm;
 
@@ -48,6 +49,7 @@ fn main() {
     for backend in cloudfunc_sandbox::BackendKind::ALL {
         for mut case in runtimes::cases()
             .into_iter()
+            .chain(misbehaving::cases())
             .chain(hostile::cases())
             .chain(warm::cases())
         {
