@@ -152,6 +152,15 @@ function strayed(err) {
 process.on('uncaughtException', strayed);
 process.on('unhandledRejection', strayed);
 
+// A handler whose promise nothing is left to settle (no timer, no I/O pending): Node would
+// exit with status 0, and the call read as a crash with no word of why. It fails instead.
+process.on('beforeExit', () => {
+  if (!failCall) return;
+  const err = new Error('the promise the handler returned can never settle: nothing it could wait for is left (no timer, no I/O)');
+  err.name = 'UnsettledPromise';
+  failCall(err);
+});
+
 async function invoke(func, request, maxOutput) {
   let result;
   strayError = null;

@@ -32,6 +32,11 @@ pub fn cases() -> Vec<Case> {
         stray_errors,
     ));
     cases.push(Case::new(
+        "node::a_promise_nothing_can_settle_fails_its_call",
+        needs(Runtime::Node),
+        unsettled,
+    ));
+    cases.push(Case::new(
         "python::a_forked_child_that_returns_has_no_say",
         needs(Runtime::Python),
         forked_returns,
@@ -101,6 +106,25 @@ fn stray_errors() {
         );
     }
     assert_eq!(f.sandbox.pid(), pid, "one sandbox served every call");
+}
+
+fn unsettled() {
+    // A promise nothing can settle: Node would exit (status 0) with the call in flight.
+    let src = "exports.handler = (e) => (e === 'never' ? new Promise(() => {}) : e);\n";
+    let mut f = start(Runtime::Node, src);
+    let call = f.call(json!("never"));
+    let Outcome::Raised { error } = &call.outcome else {
+        panic!("{:?}", call.outcome)
+    };
+    assert_eq!(error.kind, "UnsettledPromise", "{error:?}");
+    assert!(call.usage.duration < std::time::Duration::from_secs(10));
+    let next = f.call(json!("fine"));
+    assert_eq!(
+        next.outcome,
+        Outcome::Succeeded {
+            result: json!("fine")
+        }
+    );
 }
 
 fn forked_returns() {
