@@ -341,6 +341,15 @@ def settle():
     return threading is None or threading.active_count() <= 1
 
 
+def _only_the_bootstrap():
+    """Ends a process the function forked that has come back into the bootstrap (from the
+    handler, or from the module's import: the child was not ended with os._exit). Its reply
+    would be read as another call's, and it would compete for the next requests."""
+    if posix.getpid() != _PID:
+        posix.write(2, b"cloudfunc: a process the function forked came back into the bootstrap and was ended (end a forked child with os._exit)\n")
+        posix._exit(0)
+
+
 def _flush():
     """Flushes what the call printed. The streams are the function's to replace or close
     (`sys.stdout = None`, `sys.stdout.close()`): that is no reason to lose its reply."""
@@ -383,20 +392,17 @@ def main():
         func, resolved = load_handler(init.get("handler"))
         nargs = arity(func)
     except BaseException as exc:
+        _only_the_bootstrap()
         write_frame(describe(exc, "init_failed"))
         return
+    _only_the_bootstrap()
     write_frame({"ok": True, "ready": True, "handler": resolved, "runtime": sys.version.split()[0]})
     while True:
         request = read_frame()
         if request is None:
             return
         reply = invoke(func, nargs, request, max_output)
-        if posix.getpid() != _PID:
-            # A process the handler forked has returned from it (its code did not end the
-            # child with os._exit). Its reply would be read as the next call's, and it would
-            # compete for the next requests: it ends here, saying why in the logs.
-            posix.write(2, b"cloudfunc: a process forked by the handler returned from it and was ended (end a forked child with os._exit)\n")
-            posix._exit(0)
+        _only_the_bootstrap()
         _flush()
         recycle = "" if settle() else ',"recycle":true'
         if reply.get("ok"):
