@@ -315,7 +315,8 @@ def _no_children():
 
 def settle():
     """Ends whatever the call left running. Returns False when the sandbox is no longer clean
-    (a thread still runs, or a process would not die) and must not serve another call."""
+    (a thread the call started still runs, or a process would not die) and must not serve
+    another call."""
     if posix.getpid() != 1:
         # Not a sandbox's init (the bare-host benchmark): never signal anyone.
         return True
@@ -338,7 +339,24 @@ def settle():
         if _strays():
             return False
     threading = sys.modules.get("threading")
-    return threading is None or threading.active_count() <= 1
+    if threading is None or threading.active_count() <= 1:
+        return True
+    return all(t.ident in _resting_threads for t in threading.enumerate())
+
+
+# The threads running once the handler is loaded: the main one, and those the module started
+# (an SDK's flush thread, say), which run between calls as they did before the first. Only a
+# thread a call started and left running retires the sandbox.
+_resting_threads = frozenset()
+
+
+def _rest():
+    global _resting_threads
+    import _thread
+
+    threading = sys.modules.get("threading")
+    started = [] if threading is None else [t.ident for t in threading.enumerate()]
+    _resting_threads = frozenset([_thread.get_ident(), *started])
 
 
 def _only_the_bootstrap():
@@ -396,6 +414,7 @@ def main():
         write_frame(describe(exc, "init_failed"))
         return
     _only_the_bootstrap()
+    _rest()
     write_frame({"ok": True, "ready": True, "handler": resolved, "runtime": sys.version.split()[0]})
     while True:
         request = read_frame()

@@ -190,9 +190,21 @@ def handler(event):
 }
 
 fn lingering_thread() {
-    let source = "import threading, time\ndef handler(event):\n    threading.Thread(target=lambda: time.sleep(1000), daemon=True).start()\n    return 'started'\n";
+    // A thread the module started at import (an SDK's flush thread) is the function's own
+    // between calls, as before its first: the sandbox stays warm. One a call started and
+    // left running retires it.
+    let source = "import threading, time\nthreading.Thread(target=lambda: time.sleep(1000), daemon=True).start()\ndef handler(event):\n    if event.get('start'):\n        threading.Thread(target=lambda: time.sleep(1000), daemon=True).start()\n    return 'started' if event.get('start') else 'warm'\n";
     let mut f = start(Runtime::Python, source);
-    assert_eq!(result(&f.call(json!({})).outcome), "started");
+    let pid = f.sandbox.pid();
+    for _ in 0..3 {
+        assert_eq!(result(&f.call(json!({})).outcome), "warm");
+        assert!(
+            f.sandbox.is_alive(),
+            "the module's own thread keeps it warm"
+        );
+    }
+    assert_eq!(f.sandbox.pid(), pid);
+    assert_eq!(result(&f.call(json!({"start": true})).outcome), "started");
     assert!(!f.sandbox.is_alive(), "a thread outlived the call: retire");
 }
 
