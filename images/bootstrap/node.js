@@ -125,7 +125,12 @@ async function loadHandler(spec) {
   if (!funcName && typeof mod === 'function') {
     return [mod, path.basename(file).replace(/\.[cm]?js$/, '')];
   }
-  throw new Error(`module ${path.basename(file)} exports no function ${funcs.join(' or ')}`);
+  // An ES module's `export default`, as `module.exports = fn` is a CommonJS module's.
+  if (!funcName && mod && typeof mod.default === 'function') {
+    return [mod.default, `${path.basename(file).replace(/\.[cm]?js$/, '')}.default`];
+  }
+  const orDefault = funcName ? '' : ', and no default function';
+  throw new Error(`module ${path.basename(file)} exports no function ${funcs.join(' or ')}${orDefault}`);
 }
 
 function makeContext(meta) {

@@ -583,6 +583,11 @@ fn node_conventions() {
             "export async function handler(event) { return `Hello ${event.name}!`; }\n",
             json!("Hello Ann!"),
         ),
+        (
+            "index.mjs",
+            "export default async (event) => `Default ${event.name}!`;\n",
+            json!("Default Ann!"),
+        ),
     ];
     for (file, src, expected) in cases {
         let mut f = start_with(Runtime::Node, file, src, Limits::default());
