@@ -169,9 +169,9 @@ pub const MAX_RESULT_DEPTH: usize = 100;
 
 /// A well-formed reply whose result is JSON the host will not take: the bootstraps encode
 /// with their language's own JSON, which lets through any depth of nesting, a string holding
-/// an unpaired UTF-16 surrogate (not Unicode), and integers of any size (Python's). That is the function's failure to
-/// return JSON, and the sandbox is as sound as after any failed call: neither a sandbox
-/// failure nor a reason to retire it. `None` when the reply is malformed apart from its
+/// an unpaired UTF-16 surrogate (not Unicode), and integers of any size (Python's). That is
+/// the function's failure to return JSON, and the sandbox is as sound as after any failed
+/// call: neither a sandbox failure nor a reason to retire it. `None` when the reply is malformed apart from its
 /// result (or its result is fine, and something else is not).
 fn unreadable_result(body: &[u8]) -> Option<(Reply, bool)> {
     #[derive(Deserialize)]

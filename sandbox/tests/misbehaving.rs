@@ -133,30 +133,30 @@ fn forked_returns() {
     // (the child's reply was read as the next call's; at import, its second `ready` as the
     // first call's reply). Whether the child says so in the logs depends on whether it gets
     // there before the parent's clean-up kills it.
-    let at_import =
-        "import os\nos.fork()\ndef handler(event):\n    return 'parent:' + str(event)\n";
-    let mut f = start(Runtime::Python, at_import);
-    for n in 0..4 {
-        let call = f.call(json!(n));
-        assert_eq!(
-            call.outcome,
-            Outcome::Succeeded {
-                result: json!(format!("parent:{n}"))
-            },
-            "call {n} of a module that forks at import"
-        );
-    }
-    let src = "import os\ndef handler(event):\n    pid = os.fork()\n    return ('child' if pid == 0 else 'parent') + ':' + str(event)\n";
-    let mut f = start(Runtime::Python, src);
-    for n in 0..6 {
-        let call = f.call(json!(n));
-        assert_eq!(
-            call.outcome,
-            Outcome::Succeeded {
-                result: json!(format!("parent:{n}"))
-            },
-            "call {n}"
-        );
+    let forking = [
+        (
+            "a module that forks at import",
+            "import os\nos.fork()\ndef handler(event):\n    return 'parent:' + str(event)\n",
+            4,
+        ),
+        (
+            "a handler that forks",
+            "import os\ndef handler(event):\n    pid = os.fork()\n    return ('child' if pid == 0 else 'parent') + ':' + str(event)\n",
+            6,
+        ),
+    ];
+    for (what, src, calls) in forking {
+        let mut f = start(Runtime::Python, src);
+        for n in 0..calls {
+            let call = f.call(json!(n));
+            assert_eq!(
+                call.outcome,
+                Outcome::Succeeded {
+                    result: json!(format!("parent:{n}"))
+                },
+                "call {n} of {what}"
+            );
+        }
     }
 }
 

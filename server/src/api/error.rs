@@ -32,6 +32,14 @@ impl ApiError {
         }
     }
 
+    /// The same error, telling the client to come back after `after` (at least a second).
+    pub fn retry_after(self, after: std::time::Duration) -> Self {
+        ApiError {
+            retry_after: Some(after.as_secs().max(1)),
+            ..self
+        }
+    }
+
     /// A 400.
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -87,17 +95,13 @@ impl From<PlatformError> for ApiError {
             PlatformError::TooBusy {
                 message,
                 retry_after,
-            } => ApiError {
-                retry_after: Some(retry_after.as_secs().max(1)),
-                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_busy", message)
-            },
+            } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_busy", message)
+                .retry_after(retry_after),
             PlatformError::Unavailable {
                 message,
                 retry_after,
-            } => ApiError {
-                retry_after: Some(retry_after.as_secs().max(1)),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
-            },
+            } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+                .retry_after(retry_after),
             PlatformError::Forbidden(m) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", m),
             PlatformError::Damaged(m) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

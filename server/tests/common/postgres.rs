@@ -255,21 +255,21 @@ impl Postgres {
     /// Restarts the server (a fast shutdown: every connection is closed), with the options
     /// it started with.
     pub fn restart(&self) {
-        let restarted = self.ctl("restart", "fast");
-        assert!(
-            restarted.status.success(),
-            "restarting the test PostgreSQL: {}",
-            String::from_utf8_lossy(&restarted.stderr)
-        );
+        self.ctl_fast("restart");
     }
 
     /// Stops the server (a fast shutdown) until [`Postgres::start_again`].
     pub fn stop_for_now(&self) {
-        let stopped = self.ctl("stop", "fast");
+        self.ctl_fast("stop");
+    }
+
+    /// `pg_ctl <verb>` with a fast shutdown; panics saying why if it fails.
+    fn ctl_fast(&self, verb: &str) {
+        let done = self.ctl(verb, "fast");
         assert!(
-            stopped.status.success(),
-            "stopping the test PostgreSQL: {}",
-            String::from_utf8_lossy(&stopped.stderr)
+            done.status.success(),
+            "pg_ctl {verb} on the test PostgreSQL: {}",
+            String::from_utf8_lossy(&done.stderr)
         );
     }
 
