@@ -227,7 +227,8 @@ fn retry_catch_and_timeouts() {
         assert_eq!(run["steps"][1]["status"], "timeout");
         assert_eq!(run["steps"].as_array().unwrap().len(), 2);
 
-        // The whole run's timeout.
+        // The whole run's timeout cuts the call under way short (it would have succeeded)
+        // and the run tells which step it was.
         chain_ok(
             s,
             t,
@@ -237,6 +238,13 @@ fn retry_catch_and_timeouts() {
         let run = invoke(s, t, "bounded", json!({"sleep": 0.5}));
         assert_eq!(run["status"], "timeout", "{run}");
         assert_eq!(run["error"]["kind"], "run_timeout");
+        assert_eq!(run["error"]["step"], "/steps/1", "{run}");
+        assert_eq!(step_paths(&run), ["/steps/0", "/steps/1"]);
+        assert_eq!(run["steps"][1]["status"], "timeout", "{run}");
+        assert_eq!(run["steps"][1]["error"]["kind"], "run_timeout");
+        let cut = run["steps"][1]["task_id"].as_str().unwrap();
+        let cut = get(s, &format!("/api/tasks/{cut}"), t);
+        assert_eq!(cut.body["status"], "timeout", "{cut:?}");
         assert!(started.elapsed() < Duration::from_secs(5));
     });
 }

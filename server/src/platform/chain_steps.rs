@@ -5,7 +5,9 @@
 //! and one found started but never ended (the process died under it) is `interrupted`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -16,6 +18,9 @@ use crate::chains::engine::{json_size, BoxFuture};
 use crate::chains::{ChainRun, Failure, StepRecord, Steps, Target};
 use crate::model::{Completion, ErrorKind, Mode, Task, TaskStatus};
 use crate::store::Write;
+
+/// The kind of a run's (and a step's) end at the run's `timeout_ms`.
+pub(super) const RUN_TIMEOUT: &str = "run_timeout";
 
 /// What an earlier process left of a step.
 enum Memory {
@@ -46,6 +51,29 @@ struct ExecInner {
     stopped: std::sync::atomic::AtomicBool,
     /// The next step's place in the order of starts.
     next_seq: std::sync::atomic::AtomicU64,
+    /// When the run's timeout ends it: no call runs past it.
+    deadline_at: Option<i64>,
+    /// The calls under way, and a wake-up as each ends: a run that timed out waits for them
+    /// ([`Exec::settled`]) so that it tells how each of its steps ended.
+    in_flight: AtomicUsize,
+    call_ended: tokio::sync::Notify,
+}
+
+/// One call under way, counted in [`ExecInner::in_flight`] while it lives.
+struct InFlight(Arc<ExecInner>);
+
+impl InFlight {
+    fn enter(exec: &Arc<ExecInner>) -> InFlight {
+        exec.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(exec.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.call_ended.notify_waiters();
+    }
 }
 
 impl Exec {
@@ -69,6 +97,9 @@ impl Exec {
                 steps: Mutex::new(steps),
                 stopped: std::sync::atomic::AtomicBool::new(false),
                 next_seq: std::sync::atomic::AtomicU64::new(next_seq),
+                deadline_at: run.deadline_at,
+                in_flight: AtomicUsize::new(0),
+                call_ended: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -78,6 +109,30 @@ impl Exec {
         let mut steps: Vec<StepRecord> = self.lock().values().cloned().collect();
         crate::chains::model::in_order(&mut steps);
         steps
+    }
+
+    /// Waits, at most `within`, for the calls under way to end (a run's timeout cuts them
+    /// short, so they end within moments of it).
+    pub(super) async fn settled(&self, within: Duration) {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let ended = self.inner.call_ended.notified();
+            if self.inner.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(until, ended).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The paths of the steps under way, in the order they started.
+    pub(super) fn under_way(&self) -> Vec<String> {
+        self.records()
+            .into_iter()
+            .filter(|s| !s.status.is_terminal())
+            .map(|s| s.path)
+            .collect()
     }
 
     /// Whether the run was left for the next start because the server is stopping.
@@ -209,6 +264,14 @@ impl Exec {
             self.note(record.clone()).await?;
             return outcome(&record);
         }
+        let left_ms = self.inner.deadline_at.map(|d| d - now);
+        if left_ms.is_some_and(|left| left <= 0) {
+            return Err(Failure::new(
+                RUN_TIMEOUT,
+                &path,
+                "the run passed its timeout before this step started",
+            ));
+        }
         let name = target.to_string();
         let found = platform.lookup(&self.inner.caller, &name, None).await;
         let (function, version) = match found {
@@ -236,14 +299,40 @@ impl Exec {
         record.task_id = Some(task.task_id.clone());
         record.status = TaskStatus::Running;
         record.finished_at = None;
-        if self.inner.durable {
-            self.note(record.clone()).await?;
-        }
+        self.note(record.clone()).await?;
         let sync = self.inner.mode == Mode::Sync;
-        let (completion, _throttled) =
-            run_call(&platform.inner.pool, &function, &version, &task, sync).await;
+        // The run's deadline bounds the call as its own timeout does.
+        let until = left_ms
+            .map(|left| Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0)));
+        let (mut completion, _throttled) = run_call(
+            &platform.inner.pool,
+            &function,
+            &version,
+            &task,
+            sync,
+            until,
+        )
+        .await;
         let at = platform.inner.config.clock.now_ms();
-        let ended = ended_record(record, &completion, at);
+        let cut = completion.status == TaskStatus::Timeout
+            && (left_ms
+                .is_some_and(|left| i64::try_from(version.timeout_ms).is_ok_and(|own| left < own))
+                || self.inner.deadline_at.is_some_and(|d| at >= d));
+        if cut {
+            if let Some(e) = completion.error.as_mut() {
+                e.message = format!(
+                    "the call was cut short at its chain run's deadline, after {} ms \
+                     (the function's own timeout is {} ms)",
+                    at - now,
+                    version.timeout_ms
+                );
+            }
+        }
+        let mut ended = ended_record(record, &completion, at);
+        if let (true, Some(f)) = (cut, ended.error.as_mut()) {
+            // The run's end, not the function's: a `retry` on `timeout` does not take it.
+            f.kind = RUN_TIMEOUT.to_string();
+        }
         let _ = platform
             .inner
             .recorder
@@ -276,6 +365,7 @@ impl Steps for Exec {
                     .inner
                     .durable
                     .then(|| Running::enter(&this.inner.platform.inner.queue_running));
+                let _in_flight = InFlight::enter(&this.inner);
                 this.step(path, target, input).await
             });
             spawned.await.unwrap_or_else(|e| {

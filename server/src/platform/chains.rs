@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::chain_steps::Exec;
+use super::chain_steps::{Exec, RUN_TIMEOUT};
 use super::{blocking, Platform, PlatformError, Result};
 use crate::auth::Caller;
 use crate::chains::definition::{expand_chains, CHAIN_ERROR_KINDS};
@@ -19,6 +19,10 @@ use crate::store::Store;
 
 /// Async runs driven at once; more wait their turn, queued.
 pub(super) const RUNS_AT_ONCE: usize = 256;
+
+/// How long a run that passed its timeout waits for its calls to end (they are cut at the
+/// deadline; one still getting a sandbox may take a cold start longer).
+const TIMED_OUT_GRACE: Duration = Duration::from_secs(10);
 
 /// A chain to deploy: its name and definition.
 #[derive(Debug, Clone, Deserialize)]
@@ -291,14 +295,28 @@ impl Platform {
                 let left = u64::try_from(deadline - now).unwrap_or(0);
                 match tokio::time::timeout(Duration::from_millis(left), walk).await {
                     Ok(ended) => ended,
-                    Err(_) => Err(Failure::new(
-                        "run_timeout",
-                        "/",
-                        format!(
-                            "the run passed its {} ms timeout",
-                            definition.timeout_ms.unwrap_or(0)
-                        ),
-                    )),
+                    Err(_) => {
+                        // The calls under way end at the deadline too: wait for them, so
+                        // the run tells how each step ended and which were cut short.
+                        let during = exec.under_way();
+                        exec.settled(TIMED_OUT_GRACE).await;
+                        let timeout_ms = definition.timeout_ms.unwrap_or(0);
+                        Err(match during.first() {
+                            Some(step) => Failure::new(
+                                RUN_TIMEOUT,
+                                step,
+                                format!(
+                                    "the run passed its {timeout_ms} ms timeout during step {}",
+                                    during.join(", ")
+                                ),
+                            ),
+                            None => Failure::new(
+                                RUN_TIMEOUT,
+                                "/",
+                                format!("the run passed its {timeout_ms} ms timeout"),
+                            ),
+                        })
+                    }
                 }
             }
             None => walk.await,
@@ -314,7 +332,7 @@ impl Platform {
                 run.output = Some(output);
             }
             Err(f) => {
-                run.status = if f.kind == "run_timeout" {
+                run.status = if f.kind == RUN_TIMEOUT {
                     RunStatus::Timeout
                 } else {
                     RunStatus::Failed

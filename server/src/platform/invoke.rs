@@ -3,7 +3,7 @@
 //! sandbox reported.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cloudfunc_sandbox::{
     Error as SandboxError, Invocation, InvokeOptions, Limits, Outcome, SandboxSpec,
@@ -149,7 +149,8 @@ impl Platform {
         task.status = TaskStatus::Running;
         task.attempts = 1;
         task.started_at = Some(task.created_at);
-        let (completion, refused) = run(&self.inner.pool, &function, &version, &task, true).await;
+        let (completion, refused) =
+            run(&self.inner.pool, &function, &version, &task, true, None).await;
         Ok((task, completion, refused))
     }
 
@@ -289,13 +290,14 @@ fn settle(
 }
 
 /// Runs `task` ([`execute`]) in a span of its own, then says how it ended, whether its caller
-/// is refused, and logs it.
+/// is refused, and logs it. `until` cuts the call short (as its timeout does) at that instant.
 pub(super) async fn run(
     pool: &Arc<Pool>,
     function: &Function,
     version: &Version,
     task: &Task,
     sync: bool,
+    until: Option<Instant>,
 ) -> (Completion, Option<PlatformError>) {
     // At debug: at the default level a span per call cost its fields' formatting and an enter
     // and exit per poll (about 2 % of a warm call's CPU), to repeat on the invocation line
@@ -303,7 +305,7 @@ pub(super) async fn run(
     let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
     async {
         let lend = if sync { Lend::Sync } else { Lend::Task };
-        let ran = execute(pool, function, version, task, lend).await;
+        let ran = execute(pool, function, version, task, lend, until).await;
         ended(task, version, ran)
     }
     .instrument(span)
@@ -320,7 +322,7 @@ pub(super) async fn run_queued(
 ) -> Option<(Completion, Option<PlatformError>)> {
     let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
     async {
-        match execute(pool, function, version, task, Lend::Queued).await {
+        match execute(pool, function, version, task, Lend::Queued, None).await {
             Err(PoolError::Stopping) => None,
             ran => Some(ended(task, version, ran)),
         }
@@ -349,12 +351,20 @@ pub async fn execute(
     version: &Version,
     task: &Task,
     lend: Lend,
+    until: Option<Instant>,
 ) -> std::result::Result<Completion, PoolError> {
     let (key, request) = request_for(&function.id, &function.name, version);
     let mut lease = pool.acquire_async(&key, &request, lend).await?;
     let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
+    let timeout = Duration::from_millis(version.timeout_ms);
     let options = InvokeOptions {
-        timeout: Duration::from_millis(version.timeout_ms),
+        // At least a millisecond: a sandbox got just as `until` passed is still told the call.
+        timeout: until.map_or(timeout, |u| {
+            timeout.min(
+                u.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            )
+        }),
         request_id: task.task_id.clone(),
     };
     let result = match lease.sandbox.invoke_async(&task.payload, &options).await {
