@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod chains;
 pub mod postgres;
 pub mod receiver;
 
