@@ -243,6 +243,26 @@ fn deploy_checks_and_unavailable_functions() {
         let run = invoke(s, t, "b", json!({"k": 1}));
         assert_eq!(run["output"], json!({"k": 1}));
         assert_eq!(step_paths(&run), ["/steps/0/sequence/0"]);
+        // A chain named by another is deleted: the other cannot run as it stands (a conflict
+        // with what is stored, not a bad request), and says what to do.
+        let r = request("DELETE", &format!("{}/api/chains/a", s.url), Some(t), None);
+        assert_eq!(r.status, 200, "{r:?}");
+        for route in ["invoke", "run"] {
+            let r = post_json(s, &format!("/api/chains/b/{route}"), t, &json!({}));
+            assert_eq!(r.status, 409, "{route}: {r:?}");
+            let why = r.body["error"]["message"].as_str().unwrap();
+            assert!(
+                why.contains("no chain \"a\"") && why.contains("redeploy"),
+                "{why}"
+            );
+        }
+        assert_eq!(
+            get(s, "/api/chains/b/runs", t).body["runs"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
 
         chain_ok(
             s,

@@ -168,7 +168,7 @@ pub fn routes() -> Vec<Route> {
             |c| Box::pin(invoke(c)),
             || {
                 let extra = json!({"parameters": [chain_param()], "requestBody": {"required": false, "content": {"application/json": {"schema": {}}}}});
-                op("Run a chain now on the body (any JSON) and answer with the ended run and every step", ("200", schema("ChainRun")), &["404", "429"], extra)
+                op("Run a chain now on the body (any JSON) and answer with the ended run and every step", ("200", schema("ChainRun")), &["404", "409", "429"], extra)
             },
         ),
         token(
@@ -178,7 +178,7 @@ pub fn routes() -> Vec<Route> {
             |c| Box::pin(run(c)),
             || {
                 let extra = json!({"parameters": [chain_param()], "requestBody": {"required": false, "content": {"application/json": {"schema": {}}}}});
-                op("Queue a durable run of a chain on the body; its id answers at /api/chains/runs/{run_id} and the task status routes", ("202", schema("ChainQueued")), &["404"], extra)
+                op("Queue a durable run of a chain on the body; its id answers at /api/chains/runs/{run_id} and the task status routes", ("202", schema("ChainQueued")), &["404", "409", "429"], extra)
             },
         ),
         token(

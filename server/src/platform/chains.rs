@@ -49,14 +49,23 @@ pub(super) fn parse(source: &Value) -> Result<Definition> {
 
 /// The chains a chain names, expanded from what `tenant` has stored now.
 fn expanded(store: &dyn Store, tenant: &str, name: &str, source: &Value) -> Result<Value> {
+    let mut failed = None;
     let mut load = |n: &str| -> std::result::Result<Option<Value>, String> {
         store
             .chain(Some(tenant), n)
             .map(|c| c.map(|c| c.definition))
-            .map_err(|e| e.to_string())
+            .map_err(|e| {
+                let message = e.to_string();
+                failed = Some(e);
+                message
+            })
     };
-    expand_chains(source, name, &mut load)
-        .map_err(|e| PlatformError::BadRequest(format!("step {}: {}", e.path, e.message)))
+    let full = expand_chains(source, name, &mut load);
+    // The store's failure is its own (a database outage is a 503), not the definition's.
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    full.map_err(|e| PlatformError::BadRequest(format!("step {}: {}", e.path, e.message)))
 }
 
 impl Platform {
@@ -178,9 +187,18 @@ impl Platform {
             chain.name.clone(),
             chain.definition.clone(),
         );
-        let definition =
-            blocking(move || expanded(store.as_ref(), &tenant, &name, &source)).await??;
-        let timeout_ms = parse(&definition)?.timeout_ms;
+        let fixed = blocking(move || expanded(store.as_ref(), &tenant, &name, &source))
+            .await?
+            .and_then(|definition| Ok((parse(&definition)?.timeout_ms, definition)));
+        // It was whole when deployed: a chain it names has been deleted or redeployed since.
+        let (timeout_ms, definition) = fixed.map_err(|e| match e {
+            PlatformError::BadRequest(why) => PlatformError::Conflict(format!(
+                "chain {:?} cannot run as it stands: {why}; deploy the chain it names again, \
+                 or redeploy {:?} without it",
+                chain.name, chain.name
+            )),
+            other => other,
+        })?;
         let now = self.inner.config.clock.now_ms();
         Ok(ChainRun {
             run_id: new_id("run"),
