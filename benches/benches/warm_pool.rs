@@ -20,6 +20,7 @@ fn request(code: &Code) -> Request {
         keep_warm: Duration::from_secs(600),
         min_instances: 0,
         max_instances: 1,
+        resolved_at: None,
     }
 }
 

@@ -3,7 +3,8 @@
 //! data directory, WAL included, nor the secret in the server's log; a flipped byte in a
 //! stored record is reported for that record; the master key rotates and the records move
 //! to new data keys, and a restart serves the old data; a wrong or missing key stops the
-//! start; secrets reach functions, changes apply at once, and an unset one is named.
+//! start; secrets reach functions, changes apply at once (to calls waiting for a sandbox too),
+//! and an unset one is named.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{deploy, get, post_json, request, trial, wait_task, Server, BIN};
+use common::{deploy, get, post_json, request, trial, wait_health, wait_task, Server, BIN};
 use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
@@ -491,6 +492,58 @@ fn secrets_reach_functions_and_changes_apply() {
     s.remove_files();
 }
 
+/// Tasks claimed while the function's one instance is busy wait for it; a secret deleted
+/// meanwhile reaches none of them (they once started a sandbox with the value they had
+/// looked up), and they end saying which secret is missing.
+fn a_deleted_secret_reaches_no_call_that_waited() {
+    let s = Server::start("atrest-revoked");
+    let t = s.token("gina", false);
+    set_secret(&s, "gina", "TOKEN", "revoked");
+    let code = "import os, time\n\ndef handler(event):\n    time.sleep(1)\n    return os.environ.get('TOKEN', 'unset')\n";
+    let manifest = "secrets = [\"TOKEN\"]\nmax_instances = 1\n";
+    let r = deploy(
+        &s,
+        &t,
+        "held",
+        &[("main.py", code), ("cloudfunc.toml", manifest)],
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let tasks: Vec<String> = (0..3)
+        .map(|_| {
+            let r = post_json(&s, "/api/functions/held/run", &t, &json!({}));
+            assert_eq!(r.status, 202, "{r:?}");
+            r.body["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    wait_health(
+        &s,
+        "one call running, two waiting",
+        Duration::from_secs(30),
+        |h| h["sandboxes_running"] == 1 && h["pool"]["waiting"] == 2,
+    );
+    let r = request(
+        "DELETE",
+        &format!("{}/api/secrets/TOKEN", s.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let ended: Vec<Value> = tasks
+        .iter()
+        .map(|id| wait_task(&s, &t, id, Duration::from_secs(30)))
+        .collect();
+    // The call under way had the value when it started.
+    assert_eq!(ended[0]["result"], "revoked", "{}", ended[0]);
+    for task in &ended[1..] {
+        assert_eq!(task["status"], "failed", "{task}");
+        assert_eq!(task["error"]["kind"], "function_unavailable", "{task}");
+        let why = task["error"]["message"].as_str().unwrap();
+        assert!(why.contains("secret TOKEN"), "{why}");
+    }
+    s.stop();
+    s.remove_files();
+}
+
 /// A data directory from before archives: its code tree in the data directory, no archive.
 fn code_from_before_archives_is_archived_and_moved() {
     let s = Server::start("atrest-legacy");
@@ -564,6 +617,10 @@ fn main() {
         (
             "secrets_reach_functions_and_changes_apply",
             secrets_reach_functions_and_changes_apply,
+        ),
+        (
+            "a_deleted_secret_reaches_no_call_that_waited",
+            a_deleted_secret_reaches_no_call_that_waited,
         ),
         (
             "code_from_before_archives_is_archived_and_moved",

@@ -97,6 +97,7 @@ fn function(f: &Fixture, name: &str, version: u32, source: &str) -> (Key, Reques
             keep_warm: Duration::from_secs(60),
             min_instances: 0,
             max_instances: 2,
+            resolved_at: None,
         },
     )
 }
@@ -548,6 +549,21 @@ fn drain_removes_warm_sandboxes() {
     assert_eq!(f.pool.stats().sandboxes, 0);
     let engine_dir = f.dir.path().join("state/bundles").join(&busy_id);
     assert!(!engine_dir.exists(), "stopped, bundle removed");
+    // A request made before a drain (from a version looked up before it) is refused, so
+    // that its caller looks the version up again; one made after it is served.
+    let mut before = req.clone();
+    before.resolved_at = Some(f.pool.generation("fd"));
+    f.pool.drain("fd");
+    assert!(matches!(
+        f.pool.acquire(&key, &before, true),
+        Err(PoolError::Stale)
+    ));
+    let runtime = runtime();
+    let stale = runtime.block_on(f.pool.acquire_async(&key, &before, Lend::Task));
+    assert!(matches!(stale, Err(PoolError::Stale)), "{stale:?}");
+    let mut after = req.clone();
+    after.resolved_at = Some(f.pool.generation("fd"));
+    assert_eq!(call(&f.pool, &key, &after, me("3")).1, Start::Cold);
 }
 
 fn min_instances_are_kept() {

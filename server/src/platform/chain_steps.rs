@@ -304,15 +304,8 @@ impl Exec {
         // The run's deadline bounds the call as its own timeout does.
         let until = left_ms
             .map(|left| Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0)));
-        let (mut completion, _throttled) = run_call(
-            &platform.inner.pool,
-            &function,
-            &version,
-            &task,
-            sync,
-            until,
-        )
-        .await;
+        let (mut completion, _throttled) =
+            run_call(platform, &function, &version, &task, sync, until).await;
         let at = platform.inner.config.clock.now_ms();
         let cut = completion.status == TaskStatus::Timeout
             && (left_ms

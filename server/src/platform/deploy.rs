@@ -257,15 +257,18 @@ impl Platform {
             Ok(lease) => Ok(Some(lease)),
             Err(PoolError::Sandbox(e)) => Err(load_error(e)),
             Err(PoolError::Unavailable(why)) => Err(PlatformError::BadRequest(why)),
-            Err(PoolError::Full { .. } | PoolError::Busy { .. } | PoolError::Stopping) => {
-                match Sandbox::create(self.engine(version.isolation)?, request.spec) {
-                    Ok(sandbox) => sandbox
-                        .shutdown()
-                        .map(|()| None)
-                        .map_err(|e| PlatformError::Internal(e.into())),
-                    Err(e) => Err(load_error(e)),
-                }
-            }
+            Err(
+                PoolError::Full { .. }
+                | PoolError::Busy { .. }
+                | PoolError::Stopping
+                | PoolError::Stale,
+            ) => match Sandbox::create(self.engine(version.isolation)?, request.spec) {
+                Ok(sandbox) => sandbox
+                    .shutdown()
+                    .map(|()| None)
+                    .map_err(|e| PlatformError::Internal(e.into())),
+                Err(e) => Err(load_error(e)),
+            },
         }
     }
 

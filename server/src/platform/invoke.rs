@@ -2,7 +2,6 @@
 //! pool, the exchange with it on the async runtime, and the call's completion from what the
 //! sandbox reported.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cloudfunc_sandbox::{
@@ -16,7 +15,7 @@ use crate::auth::Caller;
 use crate::model::{
     Completion, ErrorKind, Function, Mode, Task, TaskError, TaskStatus, TaskUsage, Version,
 };
-use crate::pool::{Key, Lend, Pool, PoolError, Request, Start};
+use crate::pool::{Key, Lend, PoolError, Request, Start};
 use crate::store::Write;
 
 impl Platform {
@@ -55,6 +54,60 @@ impl Platform {
             })?;
         super::secrets::missing(&version)?;
         Ok((function, version))
+    }
+
+    /// Function `function_id` and its version `number` as they stand: from the catalog, or
+    /// read from the store on a blocking thread. `None` for what no longer exists.
+    pub(super) async fn current(
+        &self,
+        function_id: &str,
+        number: u32,
+    ) -> Result<(Option<Function>, Option<Version>)> {
+        if let Some((function, version)) = self.inner.catalog.held(None, function_id, Some(number))
+        {
+            return Ok((Some(function), Some(version)));
+        }
+        let (this, id) = (self.clone(), function_id.to_string());
+        blocking(move || -> Result<_> {
+            let (store, catalog) = (this.inner.store.as_ref(), &this.inner.catalog);
+            let function = catalog.function(store, None, &id)?;
+            let version = match &function {
+                Some(_) => catalog.version(store, &id, number, |v| this.local_code(v))?,
+                None => None,
+            };
+            Ok((function, version))
+        })
+        .await?
+    }
+
+    /// Version `number` of function `function_id` again, for a call that waited while the
+    /// function changed; else how that call ends, saying why it cannot run now.
+    async fn again(
+        &self,
+        function_id: &str,
+        number: u32,
+    ) -> std::result::Result<Version, Completion> {
+        let unavailable = |why: &str| Completion::failed(ErrorKind::FunctionUnavailable, why);
+        match self.current(function_id, number).await {
+            Ok((Some(function), Some(version))) if function.active => {
+                super::secrets::missing(&version)
+                    .map(|()| version)
+                    .map_err(|e| unavailable(&e.to_string()))
+            }
+            Ok((Some(_), Some(_))) => Err(unavailable(
+                "the function was deactivated while this call waited for a sandbox",
+            )),
+            Ok(_) => Err(unavailable(
+                "the function was deleted while this call waited for a sandbox",
+            )),
+            Err(e) => {
+                tracing::error!(function_id, error = %e, "a function could not be looked up again");
+                Err(Completion::failed(
+                    ErrorKind::SandboxFailure,
+                    "the platform could not look the function up again",
+                ))
+            }
+        }
     }
 
     /// [`Platform::resolve`] from what the catalog holds, without a store read: `None` when
@@ -149,8 +202,7 @@ impl Platform {
         task.status = TaskStatus::Running;
         task.attempts = 1;
         task.started_at = Some(task.created_at);
-        let (completion, refused) =
-            run(&self.inner.pool, &function, &version, &task, true, None).await;
+        let (completion, refused) = run(self, &function, &version, &task, true, None).await;
         Ok((task, completion, refused))
     }
 
@@ -255,6 +307,7 @@ pub(super) fn request_for(function_id: &str, name: &str, version: &Version) -> (
             keep_warm: Duration::from_secs(version.keep_warm_s),
             min_instances: version.min_instances as usize,
             max_instances: version.max_instances as usize,
+            resolved_at: None,
         },
     )
 }
@@ -278,6 +331,11 @@ fn settle(
             (Completion::failed(ErrorKind::SandboxFailure, &why), None)
         }
         Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
+        // [`execute`] looks the version up again instead; never seen here.
+        Err(e @ PoolError::Stale) => (
+            Completion::failed(ErrorKind::SandboxFailure, &e.to_string()),
+            None,
+        ),
         // Only the queue's tasks are refused so, and it gives them back ([`run_queued`]).
         Err(e @ PoolError::Stopping) => (
             Completion::failed(ErrorKind::Throttled, &e.to_string()),
@@ -292,7 +350,7 @@ fn settle(
 /// Runs `task` ([`execute`]) in a span of its own, then says how it ended, whether its caller
 /// is refused, and logs it. `until` cuts the call short (as its timeout does) at that instant.
 pub(super) async fn run(
-    pool: &Arc<Pool>,
+    platform: &Platform,
     function: &Function,
     version: &Version,
     task: &Task,
@@ -305,7 +363,7 @@ pub(super) async fn run(
     let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
     async {
         let lend = if sync { Lend::Sync } else { Lend::Task };
-        let ran = execute(pool, function, version, task, lend, until).await;
+        let ran = execute(platform, function, version, task, lend, until).await;
         ended(task, version, ran)
     }
     .instrument(span)
@@ -315,14 +373,14 @@ pub(super) async fn run(
 /// [`run`] for a task the queue claimed: `None` where it never started, because the server
 /// is stopping ([`PoolError::Stopping`]), and so may go back to the queue.
 pub(super) async fn run_queued(
-    pool: &Arc<Pool>,
+    platform: &Platform,
     function: &Function,
     version: &Version,
     task: &Task,
 ) -> Option<(Completion, Option<PlatformError>)> {
     let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
     async {
-        match execute(pool, function, version, task, Lend::Queued, None).await {
+        match execute(platform, function, version, task, Lend::Queued, None).await {
             Err(PoolError::Stopping) => None,
             ran => Some(ended(task, version, ran)),
         }
@@ -345,16 +403,40 @@ fn ended(
 /// Runs one task in a sandbox from the pool and says how it ended. It waits for a sandbox
 /// and for the reply without holding a thread; a call that ends its sandbox (a timeout, a
 /// crash) is finished on a blocking thread, which kills the sandbox and waits for it.
+///
+/// Should the function change while the call waits for a sandbox (a secret set anew or
+/// deleted drains its sandboxes), its version is looked up again, so that no sandbox starts
+/// with what was true before: a deleted secret is not handed to a call that waited.
 pub async fn execute(
-    pool: &Arc<Pool>,
+    platform: &Platform,
     function: &Function,
     version: &Version,
     task: &Task,
     lend: Lend,
     until: Option<Instant>,
 ) -> std::result::Result<Completion, PoolError> {
-    let (key, request) = request_for(&function.id, &function.name, version);
-    let mut lease = pool.acquire_async(&key, &request, lend).await?;
+    let pool = &platform.inner.pool;
+    let mut resolved_at = pool.generation(&function.id);
+    let mut fresh = None;
+    let mut lease = loop {
+        let (key, mut request) = request_for(
+            &function.id,
+            &function.name,
+            fresh.as_ref().unwrap_or(version),
+        );
+        request.resolved_at = Some(resolved_at);
+        match pool.acquire_async(&key, &request, lend).await {
+            Err(PoolError::Stale) => {
+                resolved_at = pool.generation(&function.id);
+                match platform.again(&function.id, version.version).await {
+                    Ok(again) => fresh = Some(again),
+                    Err(why) => return Ok(why),
+                }
+            }
+            lent => break lent?,
+        }
+    };
+    let version = fresh.as_ref().unwrap_or(version);
     let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
     let timeout = Duration::from_millis(version.timeout_ms);
     let options = InvokeOptions {

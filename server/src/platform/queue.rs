@@ -224,30 +224,10 @@ impl Platform {
     /// in the catalog (on a blocking thread when the store must be read) and runs on the async
     /// runtime ([`execute`]).
     async fn run_claimed(&self, task: &Task) -> Result<()> {
-        let held = self
-            .inner
-            .catalog
-            .held(None, &task.function_id, Some(task.version));
-        let (function, version) = match held {
-            Some((function, version)) => (Some(function), Some(version)),
-            None => {
-                let (this, t) = (self.clone(), task.clone());
-                blocking(move || -> Result<_> {
-                    let (store, catalog) = (this.inner.store.as_ref(), &this.inner.catalog);
-                    let function = catalog.function(store, None, &t.function_id)?;
-                    let version = match &function {
-                        Some(_) => catalog
-                            .version(store, &t.function_id, t.version, |v| this.local_code(v))?,
-                        None => None,
-                    };
-                    Ok((function, version))
-                })
-                .await??
-            }
-        };
+        let (function, version) = self.current(&task.function_id, task.version).await?;
         let (completion, refused) = match (function, &version) {
             (Some(function), Some(version)) if function.active => {
-                match run_queued(&self.inner.pool, &function, version, task).await {
+                match run_queued(self, &function, version, task).await {
                     Some(ran) => ran,
                     None => {
                         // It never started: back to the queue, before the stop ends.

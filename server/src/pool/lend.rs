@@ -46,7 +46,20 @@ pub(super) fn warm_lease(
     }
 }
 
+/// Whether `key`'s function was drained since `request` was made (see [`Request::resolved_at`]).
+pub(super) fn stale(state: &State, key: &Key, request: &Request) -> bool {
+    request
+        .resolved_at
+        .is_some_and(|at| at != *state.generations.get(&key.function_id).unwrap_or(&0))
+}
+
 impl Pool {
+    /// The function's drain generation: read it before looking a version up, and put it in
+    /// the [`Request`] made from it.
+    pub fn generation(&self, function_id: &str) -> u64 {
+        *self.lock().generations.get(function_id).unwrap_or(&0)
+    }
+
     /// A sandbox for `key`: an idle one, else a bound stem cell, else a new one. `sync` callers
     /// are refused when the function's wait queue is full; others wait their turn.
     pub fn acquire(&self, key: &Key, request: &Request, sync: bool) -> Result<Lease, PoolError> {
@@ -96,6 +109,9 @@ impl Pool {
             // Read each time round: a drain while this caller waited concerns only the
             // sandboxes lent before it.
             let generation = *state.generations.get(&key.function_id).unwrap_or(&0);
+            if stale(&state, key, request) {
+                return Err(PoolError::Stale);
+            }
             if let Some(lease) = take_idle(&mut state, key, request, counted) {
                 return Ok(lease);
             }

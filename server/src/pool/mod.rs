@@ -91,6 +91,11 @@ pub struct Request {
     pub keep_warm: Duration,
     pub min_instances: usize,
     pub max_instances: usize,
+    /// The function's drain generation ([`Pool::generation`]) read before the version this
+    /// was made from was looked up, if the caller wants to hear of a drain since: one
+    /// (its settings or secrets changed) refuses the request with [`PoolError::Stale`],
+    /// rather than start a sandbox with what was true before it.
+    pub resolved_at: Option<u64>,
 }
 
 /// How the sandbox of a call came to be.
@@ -151,6 +156,10 @@ pub enum PoolError {
     /// ([`Pool::stop_lending_to_tasks`]).
     #[error("the server is stopping; the task waits in the queue for the next start")]
     Stopping,
+    /// The function was drained after the request was made ([`Request::resolved_at`]): look
+    /// its version up again and ask anew.
+    #[error("the function changed while the call waited for a sandbox")]
+    Stale,
 }
 
 /// A sandbox lent to one call; give it back with [`Pool::release`].
