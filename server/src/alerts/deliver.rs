@@ -3,7 +3,6 @@
 //! sit behind [`Channels`] so the platform's logic can be tested with a fake beside the real
 //! tests.
 
-use std::net::{IpAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use base64::Engine;
@@ -13,6 +12,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use super::model::{Channel, Notification, Status, Subscription, WebhookFormat};
+pub use super::target::check_target;
 
 /// A delivery of one notification to one subscription, as the outbox keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,14 +80,14 @@ pub struct SendError {
 }
 
 impl SendError {
-    fn retry(message: impl Into<String>) -> SendError {
+    pub(super) fn retry(message: impl Into<String>) -> SendError {
         SendError {
             retry: true,
             message: message.into(),
         }
     }
 
-    fn fatal(message: impl Into<String>) -> SendError {
+    pub(super) fn fatal(message: impl Into<String>) -> SendError {
         SendError {
             retry: false,
             message: message.into(),
@@ -140,13 +140,13 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 impl RealChannels {
     pub fn new(config: ChannelConfig) -> RealChannels {
         let timeout = config.timeout.unwrap_or(TIMEOUT);
-        let http = ureq::Agent::config_builder()
+        let settings = ureq::Agent::config_builder()
             .timeout_connect(Some(timeout.min(Duration::from_secs(5))))
             .timeout_global(Some(timeout))
             .max_redirects(0)
             .http_status_as_error(false)
-            .build()
-            .new_agent();
+            .build();
+        let http = super::target::agent(settings, config.allow_private_targets);
         RealChannels { config, http }
     }
 
@@ -265,63 +265,6 @@ fn status_outcome(status: u16, what: &str) -> Result<(), SendError> {
         200..=299 => Ok(()),
         408 | 429 | 500..=599 => Err(SendError::retry(format!("{what} answered {status}"))),
         _ => Err(SendError::fatal(format!("{what} answered {status}"))),
-    }
-}
-
-/// Refuses a webhook address that resolves to this host, a private network, a link-local
-/// (cloud metadata) or other special address, unless those are allowed.
-pub fn check_target(url: &str, allow_private: bool) -> Result<(), SendError> {
-    let parsed = url::Url::parse(url).map_err(|e| SendError::fatal(format!("{url}: {e}")))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(SendError::fatal(format!("{url}: not http or https")));
-    }
-    if allow_private {
-        return Ok(());
-    }
-    let host = parsed
-        .host_str()
-        .ok_or_else(|| SendError::fatal(format!("{url}: no host")))?;
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    let addrs: Vec<IpAddr> = (host.trim_matches(['[', ']']), port)
-        .to_socket_addrs()
-        .map_err(|e| SendError::retry(format!("{host}: {e}")))?
-        .map(|a| a.ip())
-        .collect();
-    if let Some(ip) = addrs.iter().find(|ip| !is_public(ip)) {
-        return Err(SendError::fatal(format!(
-            "{host} is {ip}, a private, loopback or link-local address: refused (--alert-allow-private-targets allows it)"
-        )));
-    }
-    Ok(())
-}
-
-fn is_public(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                // Carrier-grade NAT, 100.64.0.0/10.
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-                || o[0] == 0)
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(&IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                // Unique local fc00::/7 and link-local fe80::/10.
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80)
-        }
     }
 }
 
@@ -509,24 +452,6 @@ mod tests {
         assert_eq!(backoff_ms(3, 0.0), 8000);
         assert_eq!(backoff_ms(30, 0.0), 600_000);
         assert_eq!(backoff_ms(3, 1.0), 9600);
-    }
-
-    #[test]
-    fn private_and_metadata_targets_are_refused_unless_allowed() {
-        for url in [
-            "http://127.0.0.1:9/x",
-            "http://169.254.169.254/latest/meta-data",
-            "http://10.1.2.3/",
-            "http://[::1]:8080/",
-            "http://[fd00::1]/",
-            "http://100.64.0.1/",
-        ] {
-            let e = check_target(url, false).unwrap_err();
-            assert!(!e.retry, "{url}: {e:?}");
-            assert!(check_target(url, true).is_ok());
-        }
-        assert!(is_public(&"93.184.216.34".parse().unwrap()));
-        assert!(check_target("file:///etc/passwd", true).is_err());
     }
 
     /// A receiver on loopback that reads the request, then does `then` with the socket.

@@ -6,6 +6,7 @@
 pub mod deliver;
 pub mod eval;
 pub mod model;
+mod target;
 
 pub use model::{
     Channel, Invalid, Item, Metric, Notification, Op, Rule, RuleSpec, Severity, Status,
