@@ -513,6 +513,17 @@ fn versions() {
     );
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["version"], 3);
+    // Settings as an array are refused (serde would read them by position: the third, the
+    // handler), and no version is made.
+    let r = request(
+        "PUT",
+        &format!("{}/api/functions/ver", s.url),
+        Some(&t),
+        Some(("application/json", br#"[null, null, "x.y"]"#.to_vec())),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    let why = r.body["error"]["message"].as_str().unwrap();
+    assert!(why.contains("must be a JSON object"), "{why}");
     let r = get(s, "/api/functions/ver/versions", &t);
     let versions = r.body["versions"].as_array().unwrap();
     assert_eq!(versions.len(), 3);

@@ -157,16 +157,21 @@ pub fn payload(body: &Bytes) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("the payload must be JSON: {e}")))
 }
 
-/// A body of JSON, `{}` when empty.
+/// A body holding one JSON object, `{}` when empty. Anything else is refused: serde would
+/// read an array into a struct's fields by position (`[null, null, "x"]` as its third).
 pub fn json_or_empty<T: serde::de::DeserializeOwned>(
     body: &Bytes,
     what: &str,
 ) -> Result<T, ApiError> {
     let text = json_text(body);
-    let text: &[u8] = if text.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        text
+    let text: &[u8] = match text.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => b"{}",
+        Some(b'{') => text,
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "{what}: must be a JSON object, as {{\"field\": value, ...}}"
+            )))
+        }
     };
     serde_json::from_slice(text).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
 }
@@ -246,6 +251,14 @@ mod tests {
         assert_eq!(payload(&bom("")).unwrap(), json!({}));
         let empty: Value = json_or_empty(&bom(" "), "settings").unwrap();
         assert_eq!(empty, json!({}));
+        // An object only: an array would fill a struct's fields by position.
+        for other in ["[null, \"x\"]", "[]", "3", "\"a\"", "null"] {
+            let e = json_or_empty::<Value>(&Bytes::from(other), "the rule").unwrap_err();
+            assert!(
+                format!("{e:?}").contains("must be a JSON object"),
+                "{other}: {e:?}"
+            );
+        }
         // Only at the start: inside the text it is not JSON.
         assert!(payload(&Bytes::from_static(b"[1, \xef\xbb\xbf2]")).is_err());
     }

@@ -109,7 +109,7 @@ async fn update(c: Ctx) -> Reply {
     let ct = c.content_type().unwrap_or_default();
     let (settings, code) =
         if ct.starts_with("application/json") || (ct.is_empty() && !looks_like_zip(&c.body)) {
-            let settings: Settings = json_or_empty(&c.body, "settings must be JSON")?;
+            let settings: Settings = json_or_empty(&c.body, "the settings")?;
             (settings, Code::Unchanged)
         } else {
             let query: HashMap<String, String> = c.query()?;
