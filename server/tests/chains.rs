@@ -190,6 +190,22 @@ fn retry_catch_and_timeouts() {
         let cut = run["steps"][1]["task_id"].as_str().unwrap();
         let cut = get(s, &format!("/api/tasks/{cut}"), t);
         assert_eq!(cut.body["status"], "timeout", "{cut:?}");
+        // A step still waiting for a sandbox at the deadline does not run at all.
+        deploy_ok(s, t, "single", SLEEPY, "&max_instances=1");
+        chain_ok(
+            s,
+            t,
+            json!({"name": "crowded", "timeout_ms": 500, "steps": [{"parallel": [["single"], ["single"]]}]}),
+        );
+        let run = invoke(s, t, "crowded", json!({"sleep": 1}));
+        assert_eq!(run["status"], "timeout", "{run}");
+        let steps = run["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 2, "{run}");
+        assert!(steps.iter().all(|s| s["status"] == "timeout"), "{run}");
+        let waited: Vec<_> = steps.iter().filter(|s| s["usage"].is_null()).collect();
+        assert_eq!(waited.len(), 1, "{run}");
+        let why = waited[0]["error"]["message"].as_str().unwrap();
+        assert!(why.contains("did not run"), "{why}");
         assert!(started.elapsed() < Duration::from_secs(5));
     });
 }

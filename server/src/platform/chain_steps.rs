@@ -311,7 +311,7 @@ impl Exec {
             && (left_ms
                 .is_some_and(|left| i64::try_from(version.timeout_ms).is_ok_and(|own| left < own))
                 || self.inner.deadline_at.is_some_and(|d| at >= d));
-        if cut {
+        if cut && completion.usage.is_some() {
             if let Some(e) = completion.error.as_mut() {
                 e.message = format!(
                     "the call was cut short at its chain run's deadline, after {} ms \

@@ -324,7 +324,8 @@ impl Platform {
                                 RUN_TIMEOUT,
                                 step,
                                 format!(
-                                    "the run passed its {timeout_ms} ms timeout during step {}",
+                                    "the run passed its {timeout_ms} ms timeout during step{} {}",
+                                    if during.len() > 1 { "s" } else { "" },
                                     during.join(", ")
                                 ),
                             ),

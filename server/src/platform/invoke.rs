@@ -437,6 +437,16 @@ pub async fn execute(
         }
     };
     let version = fresh.as_ref().unwrap_or(version);
+    if until.is_some_and(|u| Instant::now() >= u) {
+        // Its deadline passed while it waited: the sandbox serves the next call instead.
+        pool.release(lease);
+        let mut ended = Completion::failed(
+            ErrorKind::Timeout,
+            "the call's deadline passed while it waited for a sandbox; it did not run",
+        );
+        ended.status = TaskStatus::Timeout;
+        return Ok(ended);
+    }
     let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
     let timeout = Duration::from_millis(version.timeout_ms);
     let options = InvokeOptions {
