@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::chains::{chain_ok, deploy_ok, step_paths, wait_run};
@@ -199,13 +198,7 @@ fn main() {
             a_stop_lets_an_async_step_wait_for_its_instance,
         ),
     ];
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("not running as root (sandboxes need it)".to_string())
-    } else if !Path::new("/usr/bin/python3").exists() {
-        Some("/usr/bin/python3 is not installed".to_string())
-    } else {
-        None
-    };
+    let why = common::chains::missing();
     if let Some(why) = &why {
         println!("SKIPPED {} chain durability tests: {why}", tests.len());
     }

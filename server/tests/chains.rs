@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::browser::{self, artifacts, Browser};
@@ -541,13 +540,7 @@ fn main() {
             the_cli_deploys_a_chain_file_and_runs_it,
         ),
     ];
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("not running as root (sandboxes need it)".to_string())
-    } else if !Path::new("/usr/bin/python3").exists() {
-        Some("/usr/bin/python3 is not installed".to_string())
-    } else {
-        None
-    };
+    let why = common::chains::missing();
     if let Some(why) = &why {
         println!("SKIPPED {} chain tests: {why}", tests.len());
     }

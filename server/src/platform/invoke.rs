@@ -404,9 +404,9 @@ fn ended(
 /// and for the reply without holding a thread; a call that ends its sandbox (a timeout, a
 /// crash) is finished on a blocking thread, which kills the sandbox and waits for it.
 ///
-/// Should the function change while the call waits for a sandbox (a secret set anew or
-/// deleted drains its sandboxes), its version is looked up again, so that no sandbox starts
-/// with what was true before: a deleted secret is not handed to a call that waited.
+/// Should a secret the version names be set anew or deleted while the call waits for a
+/// sandbox (which drains the function's sandboxes), the version is looked up again, so that
+/// no sandbox starts with what was true before: a deleted secret reaches no call that waited.
 pub async fn execute(
     platform: &Platform,
     function: &Function,
@@ -416,7 +416,10 @@ pub async fn execute(
     until: Option<Instant>,
 ) -> std::result::Result<Completion, PoolError> {
     let pool = &platform.inner.pool;
-    let mut resolved_at = pool.generation(&function.id);
+    // Only secrets change under a version (settings and code make a new one): a version
+    // without them needs no second look, nor the pool's lock to read the generation.
+    let watch = !version.secrets.is_empty();
+    let mut resolved_at = watch.then(|| pool.generation(&function.id));
     let mut fresh = None;
     let mut lease = loop {
         let (key, mut request) = request_for(
@@ -424,10 +427,10 @@ pub async fn execute(
             &function.name,
             fresh.as_ref().unwrap_or(version),
         );
-        request.resolved_at = Some(resolved_at);
+        request.resolved_at = resolved_at;
         match pool.acquire_async(&key, &request, lend).await {
             Err(PoolError::Stale) => {
-                resolved_at = pool.generation(&function.id);
+                resolved_at = Some(pool.generation(&function.id));
                 match platform.again(&function.id, version.version).await {
                     Ok(again) => fresh = Some(again),
                     Err(why) => return Ok(why),
