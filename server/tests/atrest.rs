@@ -494,7 +494,8 @@ fn secrets_reach_functions_and_changes_apply() {
 
 /// Tasks claimed while the function's one instance is busy wait for it; a secret deleted
 /// meanwhile reaches none of them (they once started a sandbox with the value they had
-/// looked up), and they end saying which secret is missing.
+/// looked up), and they end saying which secret is missing; a function deleted meanwhile
+/// runs none of them.
 fn a_deleted_secret_reaches_no_call_that_waited() {
     let s = Server::start("atrest-revoked");
     let t = s.token("gina", false);
@@ -539,6 +540,34 @@ fn a_deleted_secret_reaches_no_call_that_waited() {
         assert_eq!(task["error"]["kind"], "function_unavailable", "{task}");
         let why = task["error"]["message"].as_str().unwrap();
         assert!(why.contains("secret TOKEN"), "{why}");
+    }
+    // So for a function deleted while its tasks waited: they do not run.
+    set_secret(&s, "gina", "TOKEN", "again");
+    let tasks: Vec<String> = (0..3)
+        .map(|_| {
+            let r = post_json(&s, "/api/functions/held/run", &t, &json!({}));
+            assert_eq!(r.status, 202, "{r:?}");
+            r.body["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    wait_health(
+        &s,
+        "one call running, two waiting",
+        Duration::from_secs(30),
+        |h| h["sandboxes_running"] == 1 && h["pool"]["waiting"] == 2,
+    );
+    let r = request(
+        "DELETE",
+        &format!("{}/api/functions/held", s.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    for id in &tasks[1..] {
+        let task = wait_task(&s, &t, id, Duration::from_secs(30));
+        assert_eq!(task["error"]["kind"], "function_unavailable", "{task}");
+        let why = task["error"]["message"].as_str().unwrap();
+        assert!(why.contains("deleted"), "{why}");
     }
     s.stop();
     s.remove_files();

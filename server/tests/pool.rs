@@ -552,7 +552,7 @@ fn drain_removes_warm_sandboxes() {
     // A request made before a drain (from a version looked up before it) is refused, so
     // that its caller looks the version up again; one made after it is served.
     let mut before = req.clone();
-    before.resolved_at = Some(f.pool.generation("fd"));
+    before.resolved_at = Some(f.pool.drains());
     f.pool.drain("fd");
     assert!(matches!(
         f.pool.acquire(&key, &before, true),
@@ -562,7 +562,7 @@ fn drain_removes_warm_sandboxes() {
     let stale = runtime.block_on(f.pool.acquire_async(&key, &before, Lend::Task));
     assert!(matches!(stale, Err(PoolError::Stale)), "{stale:?}");
     let mut after = req.clone();
-    after.resolved_at = Some(f.pool.generation("fd"));
+    after.resolved_at = Some(f.pool.drains());
     assert_eq!(call(&f.pool, &key, &after, me("3")).1, Start::Cold);
 }
 

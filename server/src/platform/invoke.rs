@@ -80,18 +80,19 @@ impl Platform {
         .await?
     }
 
-    /// Version `number` of function `function_id` again, for a call that waited while the
-    /// function changed; else how that call ends, saying why it cannot run now.
+    /// Version `number` of function `function_id` again, for a call that waited while a
+    /// function was drained (`None` if the store cannot say now); else how that call ends,
+    /// saying why it cannot run now.
     async fn again(
         &self,
         function_id: &str,
         number: u32,
-    ) -> std::result::Result<Version, Completion> {
+    ) -> std::result::Result<Option<Version>, Completion> {
         let unavailable = |why: &str| Completion::failed(ErrorKind::FunctionUnavailable, why);
         match self.current(function_id, number).await {
             Ok((Some(function), Some(version))) if function.active => {
                 super::secrets::missing(&version)
-                    .map(|()| version)
+                    .map(|()| Some(version))
                     .map_err(|e| unavailable(&e.to_string()))
             }
             Ok((Some(_), Some(_))) => Err(unavailable(
@@ -100,12 +101,11 @@ impl Platform {
             Ok(_) => Err(unavailable(
                 "the function was deleted while this call waited for a sandbox",
             )),
+            // The drain may well have been another function's: the call goes on with what it
+            // had rather than fail while the store cannot answer.
             Err(e) => {
-                tracing::error!(function_id, error = %e, "a function could not be looked up again");
-                Err(Completion::failed(
-                    ErrorKind::SandboxFailure,
-                    "the platform could not look the function up again",
-                ))
+                tracing::warn!(function_id, error = %e, "a function could not be looked up again; the call goes on as it was");
+                Ok(None)
             }
         }
     }
@@ -404,9 +404,10 @@ fn ended(
 /// and for the reply without holding a thread; a call that ends its sandbox (a timeout, a
 /// crash) is finished on a blocking thread, which kills the sandbox and waits for it.
 ///
-/// Should a secret the version names be set anew or deleted while the call waits for a
-/// sandbox (which drains the function's sandboxes), the version is looked up again, so that
-/// no sandbox starts with what was true before: a deleted secret reaches no call that waited.
+/// Should the function be drained while the call waits for a sandbox (a secret it names set
+/// anew or deleted, the function deactivated or deleted), it is looked up again, so that no
+/// sandbox starts with what was true before: a deleted secret reaches no call that waited,
+/// and a deleted function runs no more.
 pub async fn execute(
     platform: &Platform,
     function: &Function,
@@ -416,10 +417,7 @@ pub async fn execute(
     until: Option<Instant>,
 ) -> std::result::Result<Completion, PoolError> {
     let pool = &platform.inner.pool;
-    // Only secrets change under a version (settings and code make a new one): a version
-    // without them needs no second look, nor the pool's lock to read the generation.
-    let watch = !version.secrets.is_empty();
-    let mut resolved_at = watch.then(|| pool.generation(&function.id));
+    let mut resolved_at = pool.drains();
     let mut fresh = None;
     let mut lease = loop {
         let (key, mut request) = request_for(
@@ -427,12 +425,13 @@ pub async fn execute(
             &function.name,
             fresh.as_ref().unwrap_or(version),
         );
-        request.resolved_at = resolved_at;
+        request.resolved_at = Some(resolved_at);
         match pool.acquire_async(&key, &request, lend).await {
             Err(PoolError::Stale) => {
-                resolved_at = Some(pool.generation(&function.id));
+                resolved_at = pool.drains();
                 match platform.again(&function.id, version.version).await {
-                    Ok(again) => fresh = Some(again),
+                    Ok(Some(again)) => fresh = Some(again),
+                    Ok(None) => {}
                     Err(why) => return Ok(why),
                 }
             }

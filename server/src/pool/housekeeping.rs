@@ -32,6 +32,9 @@ impl Pool {
             .or_default();
         *generation += 1;
         let generation = *generation;
+        // Under the lock, before any caller could see the drained state without it.
+        self.drains
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let keys: Vec<Key> = state
             .functions
             .keys()

@@ -46,18 +46,16 @@ pub(super) fn warm_lease(
     }
 }
 
-/// Whether `key`'s function was drained since `request` was made (see [`Request::resolved_at`]).
-pub(super) fn stale(state: &State, key: &Key, request: &Request) -> bool {
-    request
-        .resolved_at
-        .is_some_and(|at| at != *state.generations.get(&key.function_id).unwrap_or(&0))
-}
-
 impl Pool {
-    /// The function's drain generation: read it before looking a version up, and put it in
+    /// How many drains there have been: read it before looking a version up, and put it in
     /// the [`Request`] made from it.
-    pub fn generation(&self, function_id: &str) -> u64 {
-        *self.lock().generations.get(function_id).unwrap_or(&0)
+    pub fn drains(&self) -> u64 {
+        self.drains.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether a function was drained since `request` was made ([`Request::resolved_at`]).
+    pub(super) fn stale(&self, request: &Request) -> bool {
+        request.resolved_at.is_some_and(|at| at != self.drains())
     }
 
     /// A sandbox for `key`: an idle one, else a bound stem cell, else a new one. `sync` callers
@@ -109,7 +107,7 @@ impl Pool {
             // Read each time round: a drain while this caller waited concerns only the
             // sandboxes lent before it.
             let generation = *state.generations.get(&key.function_id).unwrap_or(&0);
-            if stale(&state, key, request) {
+            if self.stale(request) {
                 return Err(PoolError::Stale);
             }
             if let Some(lease) = take_idle(&mut state, key, request, counted) {

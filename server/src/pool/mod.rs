@@ -91,10 +91,10 @@ pub struct Request {
     pub keep_warm: Duration,
     pub min_instances: usize,
     pub max_instances: usize,
-    /// The function's drain generation ([`Pool::generation`]) read before the version this
-    /// was made from was looked up, if the caller wants to hear of a drain since: one
-    /// (its settings or secrets changed) refuses the request with [`PoolError::Stale`],
-    /// rather than start a sandbox with what was true before it.
+    /// The pool's count of drains ([`Pool::drains`]) read before the version this was made
+    /// from was looked up, if the caller wants to hear of a drain since: one (of any
+    /// function: drains are rare, and a second look is cheap) refuses the request with
+    /// [`PoolError::Stale`], rather than start a sandbox with what was true before it.
     pub resolved_at: Option<u64>,
 }
 
@@ -275,6 +275,8 @@ pub struct Pool {
     freed: Condvar,
     /// Sandboxes to stop, stopped off the callers' path.
     graveyard: Mutex<Vec<Sandbox>>,
+    /// Drains of any function so far ([`Pool::drains`]): read without the lock.
+    drains: std::sync::atomic::AtomicU64,
 }
 
 /// How long a shutdown waits for sandboxes being started to be stopped again.
@@ -290,6 +292,7 @@ impl Pool {
             state: Mutex::new(State::default()),
             freed: Condvar::new(),
             graveyard: Mutex::new(Vec::new()),
+            drains: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

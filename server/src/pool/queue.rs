@@ -5,7 +5,7 @@
 use std::sync::{Arc, Condvar};
 use std::time::{Duration, Instant};
 
-use super::lend::{stale, take_idle, warm_lease};
+use super::lend::{take_idle, warm_lease};
 use super::{Idle, Key, Lease, Lend, Pool, PoolError, Request, State};
 
 /// A caller queued for a sandbox of one function version.
@@ -225,7 +225,7 @@ impl Pool {
         let waited_since = self.clock.now();
         let queued = {
             let mut state = self.lock();
-            if stale(&state, key, request) {
+            if self.stale(request) {
                 return Err(PoolError::Stale);
             }
             if let Some(lease) = take_idle(&mut state, key, request, true) {
