@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::invoke::run as run_call;
+use super::invoke::{run as run_call, Looked};
 use super::{blocking, Platform, PlatformError, Running};
 use crate::auth::Caller;
 use crate::chains::engine::{json_size, BoxFuture};
@@ -273,6 +273,7 @@ impl Exec {
             ));
         }
         let name = target.to_string();
+        let looked_at = platform.inner.pool.drains();
         let found = platform.lookup(&self.inner.caller, &name, None).await;
         let (function, version) = match found {
             Ok(found) => found,
@@ -304,8 +305,12 @@ impl Exec {
         // The run's deadline bounds the call as its own timeout does.
         let until = left_ms
             .map(|left| Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0)));
-        let (mut completion, _throttled) =
-            run_call(platform, &function, &version, &task, sync, until).await;
+        let looked = Looked {
+            function: &function,
+            version: &version,
+            at: looked_at,
+        };
+        let (mut completion, _throttled) = run_call(platform, looked, &task, sync, until).await;
         let at = platform.inner.config.clock.now_ms();
         let cut = completion.status == TaskStatus::Timeout
             && (left_ms

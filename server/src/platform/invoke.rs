@@ -197,12 +197,18 @@ impl Platform {
         payload: Value,
     ) -> Result<(Task, Completion, Option<PlatformError>)> {
         self.require_space()?;
+        let looked_at = self.inner.pool.drains();
         let (function, version) = self.lookup(caller, key, version).await?;
         let mut task = Task::queued(&function, version.version, Mode::Sync, payload);
         task.status = TaskStatus::Running;
         task.attempts = 1;
         task.started_at = Some(task.created_at);
-        let (completion, refused) = run(self, &function, &version, &task, true, None).await;
+        let looked = Looked {
+            function: &function,
+            version: &version,
+            at: looked_at,
+        };
+        let (completion, refused) = run(self, looked, &task, true, None).await;
         Ok((task, completion, refused))
     }
 
@@ -351,8 +357,7 @@ fn settle(
 /// is refused, and logs it. `until` cuts the call short (as its timeout does) at that instant.
 pub(super) async fn run(
     platform: &Platform,
-    function: &Function,
-    version: &Version,
+    looked: Looked<'_>,
     task: &Task,
     sync: bool,
     until: Option<Instant>,
@@ -360,11 +365,12 @@ pub(super) async fn run(
     // At debug: at the default level a span per call cost its fields' formatting and an enter
     // and exit per poll (about 2 % of a warm call's CPU), to repeat on the invocation line
     // what that line says itself; the events inside a call name their task or sandbox.
-    let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
+    let span =
+        tracing::debug_span!("call", task_id = %task.task_id, function = %looked.function.name);
     async {
         let lend = if sync { Lend::Sync } else { Lend::Task };
-        let ran = execute(platform, function, version, task, lend, until).await;
-        ended(task, version, ran)
+        let ran = execute(platform, looked, task, lend, until).await;
+        ended(task, looked.version, ran)
     }
     .instrument(span)
     .await
@@ -374,19 +380,29 @@ pub(super) async fn run(
 /// is stopping ([`PoolError::Stopping`]), and so may go back to the queue.
 pub(super) async fn run_queued(
     platform: &Platform,
-    function: &Function,
-    version: &Version,
+    looked: Looked<'_>,
     task: &Task,
 ) -> Option<(Completion, Option<PlatformError>)> {
-    let span = tracing::debug_span!("call", task_id = %task.task_id, function = %function.name);
+    let span =
+        tracing::debug_span!("call", task_id = %task.task_id, function = %looked.function.name);
     async {
-        match execute(platform, function, version, task, Lend::Queued, None).await {
+        match execute(platform, looked, task, Lend::Queued, None).await {
             Err(PoolError::Stopping) => None,
-            ran => Some(ended(task, version, ran)),
+            ran => Some(ended(task, looked.version, ran)),
         }
     }
     .instrument(span)
     .await
+}
+
+/// A function and its version as a call looked them up, and the pool's count of drains
+/// ([`Pool::drains`](crate::pool::Pool::drains)) read before it did: a drain since sends the
+/// call to look again before a sandbox starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Looked<'a> {
+    pub function: &'a Function,
+    pub version: &'a Version,
+    pub at: u64,
 }
 
 /// How a call that ran (or could not) ended ([`settle`]), logged.
@@ -410,14 +426,17 @@ fn ended(
 /// and a deleted function runs no more.
 pub async fn execute(
     platform: &Platform,
-    function: &Function,
-    version: &Version,
+    looked: Looked<'_>,
     task: &Task,
     lend: Lend,
     until: Option<Instant>,
 ) -> std::result::Result<Completion, PoolError> {
+    let Looked {
+        function,
+        version,
+        at: mut resolved_at,
+    } = looked;
     let pool = &platform.inner.pool;
-    let mut resolved_at = pool.drains();
     let mut fresh = None;
     let mut lease = loop {
         let (key, mut request) = request_for(

@@ -51,7 +51,7 @@ pub use catalog::Catalog;
 pub use chains::ChainSpec;
 pub use code::Restored;
 pub use deploy::Code;
-pub use invoke::execute;
+pub use invoke::{execute, Looked};
 pub use quotas::Quotas;
 pub use retention::Retention;
 pub use settings::{guess_runtime, Bounds, Settings};

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::held::Held;
-use super::invoke::run_queued;
+use super::invoke::{run_queued, Looked};
 use super::{blocking, Platform, Result, Running};
 use crate::auth::Caller;
 use crate::model::{Completion, ErrorKind, Mode, Task};
@@ -224,10 +224,16 @@ impl Platform {
     /// in the catalog (on a blocking thread when the store must be read) and runs on the async
     /// runtime ([`execute`]).
     async fn run_claimed(&self, task: &Task) -> Result<()> {
+        let looked_at = self.inner.pool.drains();
         let (function, version) = self.current(&task.function_id, task.version).await?;
         let (completion, refused) = match (function, &version) {
             (Some(function), Some(version)) if function.active => {
-                match run_queued(self, &function, version, task).await {
+                let looked = Looked {
+                    function: &function,
+                    version,
+                    at: looked_at,
+                };
+                match run_queued(self, looked, task).await {
                     Some(ran) => ran,
                     None => {
                         // It never started: back to the queue, before the stop ends.
