@@ -331,15 +331,22 @@ impl Exec {
             // The run's end, not the function's: a `retry` on `timeout` does not take it.
             f.kind = RUN_TIMEOUT.to_string();
         }
-        let _ = platform
-            .inner
-            .recorder
-            .write_behind(Write::Finished {
-                task: Box::new(task),
-                completion,
-                at,
-            })
-            .await;
+        let finished = Write::Finished {
+            task: Box::new(task),
+            completion,
+            at,
+        };
+        // A durable run's step is stored as ended only once its task is: a crash between
+        // the two left a step that had run with no such call in its function's history.
+        let recorder = &platform.inner.recorder;
+        let written = if self.inner.durable {
+            recorder.write(finished).await
+        } else {
+            recorder.write_behind(finished).await
+        };
+        if let Err(e) = written {
+            tracing::warn!(run_id = %self.inner.run_id, step = %ended.path, error = %e, "a chain step's task was not stored; the step's own record holds its end");
+        }
         self.note(ended.clone()).await?;
         outcome(&ended)
     }
