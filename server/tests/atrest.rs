@@ -509,26 +509,29 @@ fn a_deleted_secret_reaches_no_call_that_waited() {
         &[("main.py", code), ("cloudfunc.toml", manifest)],
     );
     assert_eq!(r.status, 201, "{r:?}");
-    let tasks: Vec<String> = (0..3)
-        .map(|_| {
-            let r = post_json(&s, "/api/functions/held/run", &t, &json!({}));
-            assert_eq!(r.status, 202, "{r:?}");
-            r.body["task_id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    wait_health(
-        &s,
-        "one call running, two waiting",
-        Duration::from_secs(30),
-        |h| h["sandboxes_running"] == 1 && h["pool"]["waiting"] == 2,
-    );
-    let r = request(
-        "DELETE",
-        &format!("{}/api/secrets/TOKEN", s.url),
-        Some(&t),
-        None,
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    // Three tasks: one runs, two wait for the one instance.
+    let three_queued = || -> Vec<String> {
+        let tasks = (0..3)
+            .map(|_| {
+                let r = post_json(&s, "/api/functions/held/run", &t, &json!({}));
+                assert_eq!(r.status, 202, "{r:?}");
+                r.body["task_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        wait_health(
+            &s,
+            "one call running, two waiting",
+            Duration::from_secs(30),
+            |h| h["sandboxes_running"] == 1 && h["pool"]["waiting"] == 2,
+        );
+        tasks
+    };
+    let delete = |path: &str| {
+        let r = request("DELETE", &format!("{}{path}", s.url), Some(&t), None);
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    };
+    let tasks = three_queued();
+    delete("/api/secrets/TOKEN");
     let ended: Vec<Value> = tasks
         .iter()
         .map(|id| wait_task(&s, &t, id, Duration::from_secs(30)))
@@ -543,26 +546,8 @@ fn a_deleted_secret_reaches_no_call_that_waited() {
     }
     // So for a function deleted while its tasks waited: they do not run.
     set_secret(&s, "gina", "TOKEN", "again");
-    let tasks: Vec<String> = (0..3)
-        .map(|_| {
-            let r = post_json(&s, "/api/functions/held/run", &t, &json!({}));
-            assert_eq!(r.status, 202, "{r:?}");
-            r.body["task_id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    wait_health(
-        &s,
-        "one call running, two waiting",
-        Duration::from_secs(30),
-        |h| h["sandboxes_running"] == 1 && h["pool"]["waiting"] == 2,
-    );
-    let r = request(
-        "DELETE",
-        &format!("{}/api/functions/held", s.url),
-        Some(&t),
-        None,
-    );
-    assert_eq!(r.status, 200, "{r:?}");
+    let tasks = three_queued();
+    delete("/api/functions/held");
     for id in &tasks[1..] {
         let task = wait_task(&s, &t, id, Duration::from_secs(30));
         assert_eq!(task["error"]["kind"], "function_unavailable", "{task}");
