@@ -13,7 +13,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{deploy, get, post_json, request, trial, wait_health, wait_task, Server, BIN};
+use common::{
+    deploy, get, post_json, request, trial, wait_health, wait_running, wait_task, Server, BIN,
+};
 use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
@@ -558,6 +560,52 @@ fn a_deleted_secret_reaches_no_call_that_waited() {
     s.remove_files();
 }
 
+/// A task still queued when its function's secret is deleted is claimed later: it ends
+/// saying which secret is missing, as a sync call does, rather than run without it.
+fn a_task_claimed_after_its_secret_went_does_not_run() {
+    // One queue worker: while the first task runs, the second stays in the queue.
+    let s = Server::start_with("atrest-queued", &["--workers", "1"]);
+    let t = s.token("hana", false);
+    set_secret(&s, "hana", "TOKEN", "revoked");
+    let code = "import os, time\n\ndef handler(event):\n    time.sleep(1)\n    return os.environ.get('TOKEN', 'unset')\n";
+    let r = deploy(
+        &s,
+        &t,
+        "queued",
+        &[
+            ("main.py", code),
+            ("cloudfunc.toml", "secrets = [\"TOKEN\"]\n"),
+        ],
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let tasks: Vec<String> = (0..2)
+        .map(|_| {
+            let r = post_json(&s, "/api/functions/queued/run", &t, &json!({}));
+            assert_eq!(r.status, 202, "{r:?}");
+            r.body["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    wait_running(&s, &t, &tasks[0], Duration::from_secs(30));
+    let queued = get(&s, &format!("/api/tasks/{}", tasks[1]), &t).body;
+    assert_eq!(queued["status"], "queued", "{queued}");
+    let r = request(
+        "DELETE",
+        &format!("{}/api/secrets/TOKEN", s.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let first = wait_task(&s, &t, &tasks[0], Duration::from_secs(30));
+    assert_eq!(first["result"], "revoked", "{first}");
+    let second = wait_task(&s, &t, &tasks[1], Duration::from_secs(30));
+    assert_eq!(second["status"], "failed", "{second}");
+    assert_eq!(second["error"]["kind"], "function_unavailable", "{second}");
+    let why = second["error"]["message"].as_str().unwrap();
+    assert!(why.contains("secret TOKEN"), "{why}");
+    s.stop();
+    s.remove_files();
+}
+
 /// A data directory from before archives: its code tree in the data directory, no archive.
 fn code_from_before_archives_is_archived_and_moved() {
     let s = Server::start("atrest-legacy");
@@ -635,6 +683,10 @@ fn main() {
         (
             "a_deleted_secret_reaches_no_call_that_waited",
             a_deleted_secret_reaches_no_call_that_waited,
+        ),
+        (
+            "a_task_claimed_after_its_secret_went_does_not_run",
+            a_task_claimed_after_its_secret_went_does_not_run,
         ),
         (
             "code_from_before_archives_is_archived_and_moved",

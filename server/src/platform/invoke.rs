@@ -88,19 +88,14 @@ impl Platform {
         function_id: &str,
         number: u32,
     ) -> std::result::Result<Option<Version>, Completion> {
-        let unavailable = |why: &str| Completion::failed(ErrorKind::FunctionUnavailable, why);
         match self.current(function_id, number).await {
-            Ok((Some(function), Some(version))) if function.active => {
-                super::secrets::missing(&version)
-                    .map(|()| Some(version))
-                    .map_err(|e| unavailable(&e.to_string()))
+            Ok((function, version)) => {
+                let when = "while this call waited for a sandbox";
+                match may_run(function.as_ref(), version.as_ref(), when) {
+                    Ok(_) => Ok(version),
+                    Err(why) => Err(unavailable(&why)),
+                }
             }
-            Ok((Some(_), Some(_))) => Err(unavailable(
-                "the function was deactivated while this call waited for a sandbox",
-            )),
-            Ok(_) => Err(unavailable(
-                "the function was deleted while this call waited for a sandbox",
-            )),
             // The drain may well have been another function's: the call goes on with what it
             // had rather than fail while the store cannot answer.
             Err(e) => {
@@ -247,6 +242,31 @@ impl Platform {
         let store = self.settled_store().await;
         Ok(blocking(move || store.recent_tasks(&function.id, limit)).await??)
     }
+}
+
+/// What [`Platform::current`] found, if it may run now; else why not, saying `when`
+/// ("before this task ran") the function changed. A call refused so ends
+/// `function_unavailable` ([`unavailable`]).
+pub(super) fn may_run<'a>(
+    function: Option<&'a Function>,
+    version: Option<&'a Version>,
+    when: &str,
+) -> std::result::Result<(&'a Function, &'a Version), String> {
+    match (function, version) {
+        (Some(function), Some(version)) if function.active => {
+            match super::secrets::missing(version) {
+                Ok(()) => Ok((function, version)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        (Some(_), Some(_)) => Err(format!("the function was deactivated {when}")),
+        _ => Err(format!("the function was deleted {when}")),
+    }
+}
+
+/// How a call ends that [`may_run`] refused, for `why`.
+pub(super) fn unavailable(why: &str) -> Completion {
+    Completion::failed(ErrorKind::FunctionUnavailable, why)
 }
 
 fn spec_for(name: &str, version: &Version) -> SandboxSpec {

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use super::held::Held;
-use super::invoke::{run_queued, Looked};
+use super::invoke::{may_run, run_queued, unavailable, Looked};
 use super::{blocking, Platform, Result, Running};
 use crate::auth::Caller;
 use crate::model::{Completion, ErrorKind, Mode, Task};
@@ -226,10 +226,11 @@ impl Platform {
     async fn run_claimed(&self, task: &Task) -> Result<()> {
         let looked_at = self.inner.pool.drains();
         let (function, version) = self.current(&task.function_id, task.version).await?;
-        let (completion, refused) = match (function, &version) {
-            (Some(function), Some(version)) if function.active => {
+        let when = "before this task ran";
+        let (completion, refused) = match may_run(function.as_ref(), version.as_ref(), when) {
+            Ok((function, version)) => {
                 let looked = Looked {
-                    function: &function,
+                    function,
                     version,
                     at: looked_at,
                 };
@@ -242,17 +243,7 @@ impl Platform {
                     }
                 }
             }
-            (_, version) => {
-                let why = if version.is_some() {
-                    "the function was deactivated before this task ran"
-                } else {
-                    "the function was deleted before this task ran"
-                };
-                (
-                    Completion::failed(ErrorKind::FunctionUnavailable, why),
-                    None,
-                )
-            }
+            Err(why) => (unavailable(&why), None),
         };
         // The end is queued to the recorder before the destination's task, whose commit (which
         // the submit waits for) therefore carries the end too.
