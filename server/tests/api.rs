@@ -854,6 +854,25 @@ fn bad_input() {
         "kept"
     );
     assert!(!s.dir.join("evil.py").exists() && !std::path::Path::new("/etc/evil.py").exists());
+    // A value of the wrong type is refused naming the field or query parameter it is in.
+    let r = request(
+        "PUT",
+        &format!("{}/api/functions/keeper", s.url),
+        Some(&t),
+        Some(("application/json", br#"{"memory": "lots"}"#.to_vec())),
+    );
+    assert_eq!(r.status, 400, "{r:?}");
+    let why = r.body["error"]["message"].as_str().unwrap();
+    assert!(why.contains("memory: invalid type"), "{why}");
+    let r = get(s, "/api/functions/keeper/metrics?since=yesterday", &t);
+    assert_eq!(r.status, 400, "{r:?}");
+    let why = r.body["error"]["message"].as_str().unwrap();
+    assert!(why.contains("query parameter since"), "{why}");
+    // Seed 000's execute takes an object with the payload, not the payload alone.
+    let r = post_json(s, "/functions/keeper/execute", &t, &json!(["text"]));
+    assert_eq!(r.status, 400, "{r:?}");
+    let why = r.body["error"]["message"].as_str().unwrap();
+    assert!(why.contains("{\"payload\": \"<string>\"}"), "{why}");
     // Unknown routes and methods answer in the same JSON shape.
     let r = get(s, "/api/nope", &t);
     assert_eq!(r.status, 404);

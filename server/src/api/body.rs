@@ -173,7 +173,16 @@ pub fn json_or_empty<T: serde::de::DeserializeOwned>(
             )))
         }
     };
-    serde_json::from_slice(text).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+    from_json(text).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+}
+
+/// `T` from JSON `text`; an error names the field where it failed (`limits.memory_mb:
+/// invalid type...`), as serde alone does not.
+fn from_json<T: serde::de::DeserializeOwned>(text: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(value)
 }
 
 /// A time range: `since`/`until` in Unix milliseconds, or `range` like `15m`, `1h`, `7d`;

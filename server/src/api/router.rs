@@ -246,10 +246,18 @@ impl Ctx {
         &self.params[i]
     }
 
-    /// The query string as `T`; 400 with serde's reason if it does not fit.
+    /// The query string as `T`; 400 naming the parameter, with serde's reason, if it does
+    /// not fit.
     pub fn query<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        serde_urlencoded::from_str(&self.query)
-            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+        let de =
+            serde_urlencoded::Deserializer::new(url::form_urlencoded::parse(self.query.as_bytes()));
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ApiError::bad_request(match path.as_str() {
+                "." | "?" => format!("invalid query string: {}", e.inner()),
+                _ => format!("query parameter {path}: {}", e.inner()),
+            })
+        })
     }
 
     /// The content type, if one was sent.

@@ -66,9 +66,8 @@ struct PayloadBody {
 
 /// `POST /functions/{id}/execute` with `{"payload": "<string>"}`.
 async fn execute(c: Ctx) -> Reply {
-    let b: PayloadBody = serde_json::from_slice(super::body::json_text(&c.body)).map_err(|e| {
-        ApiError::bad_request(format!("send JSON {{\"payload\": \"<string>\"}}: {e}"))
-    })?;
+    let b: PayloadBody =
+        super::body::json_or_empty(&c.body, "send JSON {\"payload\": \"<string>\"}")?;
     let task = c
         .state
         .platform
