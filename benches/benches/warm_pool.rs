@@ -21,6 +21,7 @@ fn request(code: &Code) -> Request {
         min_instances: 0,
         max_instances: 1,
         resolved_at: None,
+        until: None,
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::browser::{self, artifacts, Browser};
 use common::chains::{chain, chain_ok, deploy_ok, invoke, step_paths, wait_run, with_server};
-use common::{get, post_json, request, trial};
+use common::{get, post_json, request, trial, wait_health};
 use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
@@ -206,6 +206,37 @@ fn retry_catch_and_timeouts() {
         let why = waited[0]["error"]["message"].as_str().unwrap();
         assert!(why.contains("did not run"), "{why}");
         assert!(started.elapsed() < Duration::from_secs(5));
+        // Nor does the run wait past its deadline for a sandbox that a call outside it holds:
+        // it ends while that call still runs.
+        let holder = {
+            let (url, t) = (s.url.clone(), t.to_string());
+            std::thread::spawn(move || {
+                request(
+                    "POST",
+                    &format!("{url}/api/functions/single/invoke"),
+                    Some(&t),
+                    Some(("application/json", br#"{"sleep": 5}"#.to_vec())),
+                )
+            })
+        };
+        wait_health(s, "the holder running", Duration::from_secs(30), |h| {
+            h["sandboxes_running"] == 1
+        });
+        chain_ok(
+            s,
+            t,
+            json!({"name": "outwaited", "timeout_ms": 500, "steps": ["single"]}),
+        );
+        let run = invoke(s, t, "outwaited", json!({"sleep": 0}));
+        assert!(
+            !holder.is_finished(),
+            "the run waited for the holder: {run}"
+        );
+        assert_eq!(run["status"], "timeout", "{run}");
+        assert_eq!(run["steps"][0]["status"], "timeout", "{run}");
+        let why = run["steps"][0]["error"]["message"].as_str().unwrap();
+        assert!(why.contains("did not run"), "{why}");
+        assert_eq!(holder.join().unwrap().body["result"], json!({"sleep": 5}));
     });
 }
 

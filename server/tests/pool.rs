@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use cloudfunc_sandbox::{Engine, EngineConfig, InvokeOptions, Limits, Runtime, SandboxSpec};
 use cloudfunc_server::isolation::{Engines, Isolation};
-use cloudfunc_server::pool::{Key, Lend, ManualClock, Pool, PoolConfig, PoolError, Request, Start};
+use cloudfunc_server::pool::{
+    Clock, Key, Lend, ManualClock, Pool, PoolConfig, PoolError, Request, Start,
+};
 use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
@@ -98,6 +100,7 @@ fn function(f: &Fixture, name: &str, version: u32, source: &str) -> (Key, Reques
             min_instances: 0,
             max_instances: 2,
             resolved_at: None,
+            until: None,
         },
     )
 }
@@ -233,6 +236,43 @@ fn concurrency_cap_refuses_sync_calls() {
     assert!(!waiter.is_finished(), "an async caller waits");
     f.pool.release(held);
     assert_eq!(waiter.join().unwrap().unwrap(), Start::Warm);
+    f.pool.shutdown();
+}
+
+/// A caller with a deadline (a chain run's timeout) waits for a sandbox no longer than it,
+/// on the thread path and the async path, and leaves the queue: the sandbox given back
+/// then stays idle for the next call.
+fn a_deadline_ends_the_wait_for_a_sandbox() {
+    let f = fixture(
+        "deadline",
+        PoolConfig {
+            stem_cells: 0,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, mut req) = function(&f, "fl", 1, MARKER_PY);
+    req.max_instances = 1;
+    req.until = Some(f.clock.now() + Duration::from_secs(5));
+    let held = f.pool.acquire(&key, &req, false).unwrap();
+    let pool = f.pool.clone();
+    let (k2, r2) = (key.clone(), req.clone());
+    let thread = std::thread::spawn(move || pool.acquire(&k2, &r2, false).map(|_| ()));
+    let pool = f.pool.clone();
+    let (k3, r3) = (key.clone(), req.clone());
+    let task = std::thread::spawn(move || {
+        runtime()
+            .block_on(pool.acquire_async(&k3, &r3, Lend::Task))
+            .map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!thread.is_finished() && !task.is_finished(), "both wait");
+    f.clock.advance(Duration::from_secs(6));
+    for (path, waiter) in [("thread", thread), ("async", task)] {
+        let got = waiter.join().unwrap();
+        assert!(matches!(got, Err(PoolError::Deadline)), "{path}: {got:?}");
+    }
+    f.pool.release(held);
+    assert_eq!(f.pool.idle_count(&key), 1, "no one left waiting took it");
     f.pool.shutdown();
 }
 
@@ -691,6 +731,10 @@ fn main() {
         (
             "concurrency_cap_refuses_sync_calls",
             concurrency_cap_refuses_sync_calls,
+        ),
+        (
+            "a_deadline_ends_the_wait_for_a_sandbox",
+            a_deadline_ends_the_wait_for_a_sandbox,
         ),
         (
             "queued_callers_take_turns_in_order",

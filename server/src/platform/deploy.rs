@@ -261,7 +261,8 @@ impl Platform {
                 PoolError::Full { .. }
                 | PoolError::Busy { .. }
                 | PoolError::Stopping
-                | PoolError::Stale,
+                | PoolError::Stale
+                | PoolError::Deadline,
             ) => match Sandbox::create(self.engine(version.isolation)?, request.spec) {
                 Ok(sandbox) => sandbox
                     .shutdown()

@@ -244,6 +244,13 @@ impl Platform {
     }
 }
 
+/// How a call ends that its deadline (a chain run's timeout) passed before it got a sandbox.
+fn not_run_by_deadline() -> Completion {
+    let mut ended = Completion::failed(ErrorKind::Timeout, &PoolError::Deadline.to_string());
+    ended.status = TaskStatus::Timeout;
+    ended
+}
+
 /// What [`Platform::current`] found, if it may run now; else why not, saying `when`
 /// ("before this task ran") the function changed. A call refused so ends
 /// `function_unavailable` ([`unavailable`]).
@@ -334,6 +341,7 @@ pub(super) fn request_for(function_id: &str, name: &str, version: &Version) -> (
             min_instances: version.min_instances as usize,
             max_instances: version.max_instances as usize,
             resolved_at: None,
+            until: None,
         },
     )
 }
@@ -357,8 +365,8 @@ fn settle(
             (Completion::failed(ErrorKind::SandboxFailure, &why), None)
         }
         Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
-        // [`execute`] looks the version up again instead; never seen here.
-        Err(e @ PoolError::Stale) => (
+        // [`execute`] looks the version up again, or ends the call, instead; never seen here.
+        Err(e @ (PoolError::Stale | PoolError::Deadline)) => (
             Completion::failed(ErrorKind::SandboxFailure, &e.to_string()),
             None,
         ),
@@ -465,6 +473,7 @@ pub async fn execute(
             fresh.as_ref().unwrap_or(version),
         );
         request.resolved_at = Some(resolved_at);
+        request.until = until;
         match pool.acquire_async(&key, &request, lend).await {
             Err(PoolError::Stale) => {
                 resolved_at = pool.drains();
@@ -474,19 +483,15 @@ pub async fn execute(
                     Err(why) => return Ok(why),
                 }
             }
+            Err(PoolError::Deadline) => return Ok(not_run_by_deadline()),
             lent => break lent?,
         }
     };
     let version = fresh.as_ref().unwrap_or(version);
     if until.is_some_and(|u| Instant::now() >= u) {
-        // Its deadline passed while it waited: the sandbox serves the next call instead.
+        // Its deadline passed as it got the sandbox, which serves the next call instead.
         pool.release(lease);
-        let mut ended = Completion::failed(
-            ErrorKind::Timeout,
-            "the call's deadline passed while it waited for a sandbox; it did not run",
-        );
-        ended.status = TaskStatus::Timeout;
-        return Ok(ended);
+        return Ok(not_run_by_deadline());
     }
     let (engine_name, start) = (lease.sandbox.backend_name(), lease.start);
     let timeout = Duration::from_millis(version.timeout_ms);

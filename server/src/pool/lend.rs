@@ -173,21 +173,25 @@ impl Pool {
                         retry_after: Duration::from_secs(1),
                     });
                 }
+                if let Some(e) = self.out_of_time(request, sync, waited_since, max) {
+                    return Err(e);
+                }
                 // Wait for room (an async task: it has nowhere else to go).
                 state.functions.entry(key.clone()).or_default().waiting_room += 1;
                 let (s, _) = self
                     .freed
-                    .wait_timeout(state, Duration::from_millis(100))
+                    .wait_timeout(state, self.wait_step(request))
                     .unwrap_or_else(|e| e.into_inner());
                 state = s;
                 state.functions.entry(key.clone()).or_default().waiting_room -= 1;
                 continue;
             }
             // A sync caller waits a bounded time in a bounded queue; a queued task waits on.
-            if (sync && f.waiters.len() >= self.config.max_waiting)
-                || self.out_of_time(sync, waited_since)
-            {
+            if sync && f.waiters.len() >= self.config.max_waiting {
                 return Err(busy(max));
+            }
+            if let Some(e) = self.out_of_time(request, sync, waited_since, max) {
+                return Err(e);
             }
             // Queue for this function's next sandbox given back.
             let wake = Arc::new(Condvar::new());
@@ -202,7 +206,7 @@ impl Pool {
             };
             loop {
                 let (s, _) = wake
-                    .wait_timeout(state, Duration::from_millis(100))
+                    .wait_timeout(state, self.wait_step(request))
                     .unwrap_or_else(|e| e.into_inner());
                 state = s;
                 match self.on_wake(&mut state, &place) {

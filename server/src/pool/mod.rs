@@ -96,6 +96,9 @@ pub struct Request {
     /// function: drains are rare, and a second look is cheap) refuses the request with
     /// [`PoolError::Stale`], rather than start a sandbox with what was true before it.
     pub resolved_at: Option<u64>,
+    /// When the caller stops waiting (by the pool's clock): a request still waiting for a
+    /// sandbox then is refused with [`PoolError::Deadline`]. A chain run's timeout sets it.
+    pub until: Option<Instant>,
 }
 
 /// How the sandbox of a call came to be.
@@ -160,6 +163,9 @@ pub enum PoolError {
     /// its version up again and ask anew.
     #[error("the function changed while the call waited for a sandbox")]
     Stale,
+    /// The caller's deadline ([`Request::until`]) passed while it waited for a sandbox.
+    #[error("the call's deadline passed while it waited for a sandbox; it did not run")]
+    Deadline,
 }
 
 /// A sandbox lent to one call; give it back with [`Pool::release`].

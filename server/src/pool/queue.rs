@@ -164,9 +164,31 @@ impl Drop for QueuedTask<'_> {
 }
 
 impl Pool {
-    /// Whether a sync caller waiting since `since` has waited its longest.
-    pub(super) fn out_of_time(&self, sync: bool, since: Instant) -> bool {
-        sync && self.clock.now().duration_since(since) >= self.config.max_wait
+    /// How long a queued caller waits before it looks again: 100 ms, or less to its deadline.
+    pub(super) fn wait_step(&self, request: &Request) -> Duration {
+        let step = Duration::from_millis(100);
+        request.until.map_or(step, |until| {
+            step.min(until.saturating_duration_since(self.clock.now()))
+        })
+    }
+
+    /// Why a caller waiting since `since` waits no longer, if it has waited its longest: to
+    /// its own deadline ([`Request::until`]), or (a sync caller) the pool's `max_wait`.
+    pub(super) fn out_of_time(
+        &self,
+        request: &Request,
+        sync: bool,
+        since: Instant,
+        max: usize,
+    ) -> Option<PoolError> {
+        let now = self.clock.now();
+        if request.until.is_some_and(|until| now >= until) {
+            Some(PoolError::Deadline)
+        } else if sync && now.duration_since(since) >= self.config.max_wait {
+            Some(busy(max))
+        } else {
+            None
+        }
     }
 
     /// What a queued caller does once woken, by its turn or after 100 ms: it takes the
@@ -193,16 +215,17 @@ impl Pool {
             None => {}
         }
         let refused = refused(state, place.lend);
-        let gave_up = refused || self.out_of_time(place.lend == Lend::Sync, place.since);
+        let sync = place.lend == Lend::Sync;
+        let out = self.out_of_time(place.request, sync, place.since, place.max);
         let f = state.functions.entry(place.key.clone()).or_default();
-        if !gave_up && f.busy >= place.max {
+        if !refused && out.is_none() && f.busy >= place.max {
             return Woken::Wait;
         }
         f.waiters.retain(|w| w.ticket != place.ticket);
-        match (refused, gave_up) {
+        match (refused, out) {
             (true, _) => Woken::Refused(PoolError::Stopping),
-            (false, true) => Woken::Refused(busy(place.max)),
-            (false, false) => Woken::Retry,
+            (false, Some(e)) => Woken::Refused(e),
+            (false, None) => Woken::Retry,
         }
     }
 
@@ -261,8 +284,9 @@ impl Pool {
                 left: false,
             };
             loop {
-                // Woken when handed its turn; it looks again every 100 ms, as a thread does.
-                let _ = tokio::time::timeout(Duration::from_millis(100), notify.notified()).await;
+                // Woken when handed its turn; it looks again every 100 ms, as a thread does
+                // (and at its deadline, if that is sooner).
+                let _ = tokio::time::timeout(self.wait_step(request), notify.notified()).await;
                 let woken = self.on_wake(&mut self.lock(), &queued.place);
                 queued.left = !matches!(woken, Woken::Wait);
                 match woken {
