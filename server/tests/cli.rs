@@ -36,3 +36,16 @@ fn a_reader_that_has_gone_ends_it_quietly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_duration_too_long_is_refused_before_anything_is_sent() {
+    // A token is given and nothing listens at the URL: the refusal comes first.
+    let out = Command::new(BIN)
+        .args(["--url", "http://127.0.0.1:9", "--token", "t"])
+        .args(["alerts", "silence", "rule_x", "--for", "99999999999999999d"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("is too long"), "{said}");
+}

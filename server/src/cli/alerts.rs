@@ -16,10 +16,15 @@ pub enum AlertsCommand {
     /// Add a rule.
     Create(CreateArgs),
     /// Delete a rule.
-    Delete { id: String },
+    Delete {
+        /// The rule's id (rule_...), as list shows it.
+        id: String,
+    },
     /// Hold back a rule's notifications for a while (e.g. 1h; 0 lifts it).
     Silence {
+        /// The rule's id (rule_...).
         id: String,
+        /// How long: 30s, 5m, 1h, 1d (0s lifts a silence).
         #[arg(long = "for", default_value = "1h")]
         duration: String,
     },
@@ -28,7 +33,10 @@ pub enum AlertsCommand {
     /// The subscriptions.
     Subscriptions,
     /// Unsubscribe by subscription id.
-    Unsubscribe { id: String },
+    Unsubscribe {
+        /// The subscription's id (sub_...), as subscriptions shows it.
+        id: String,
+    },
     /// Notifications sent, being retried or given up.
     History,
 }
@@ -36,6 +44,7 @@ pub enum AlertsCommand {
 /// `alerts create`.
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// What to call the rule (1 to 100 characters).
     #[arg(long)]
     name: String,
     /// A function's name (every function when absent).
@@ -68,10 +77,13 @@ pub struct CreateArgs {
 /// `alerts subscribe`.
 #[derive(Args, Debug)]
 pub struct SubscribeArgs {
+    /// A URL to POST each notification to (signed; its secret is printed once).
     #[arg(long, group = "to")]
     webhook: Option<String>,
+    /// An email address.
     #[arg(long, group = "to")]
     email: Option<String>,
+    /// A phone number in E.164 form (+14155550123).
     #[arg(long, group = "to")]
     sms: Option<String>,
     /// Only this rule's alerts.
@@ -83,6 +95,7 @@ pub struct SubscribeArgs {
     /// System events too.
     #[arg(long)]
     system_events: bool,
+    /// The least severity heard: info, warning or critical.
     #[arg(long, default_value = "info")]
     min_severity: String,
 }
@@ -93,13 +106,15 @@ fn seconds(text: &str) -> Result<u64> {
     let n: u64 = n
         .parse()
         .map_err(|_| anyhow::anyhow!("{text:?}: use a number and s, m, h or d (5m)"))?;
-    Ok(n * match unit {
+    let unit = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
         _ => bail!("{text:?}: use a number and s, m, h or d (5m)"),
-    })
+    };
+    n.checked_mul(unit)
+        .ok_or_else(|| anyhow::anyhow!("{text:?} is too long"))
 }
 
 #[derive(Debug, Deserialize)]

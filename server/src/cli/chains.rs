@@ -24,7 +24,9 @@ pub enum ChainCommand {
     },
     /// Run a chain now and print its output (and each step with --steps).
     Invoke {
+        /// The chain's name.
         name: String,
+        /// The run's input, as JSON.
         #[arg(long, default_value = "{}")]
         data: String,
         /// Also list every step.
@@ -33,18 +35,29 @@ pub enum ChainCommand {
     },
     /// Queue a durable run and print its id.
     Run {
+        /// The chain's name.
         name: String,
+        /// The run's input, as JSON.
         #[arg(long, default_value = "{}")]
         data: String,
     },
     /// A run: its status, output or error, and every step.
-    Status { run: String },
+    Status {
+        /// The run's id (run_...).
+        run: String,
+    },
     /// The chains.
     List,
     /// A chain's newest runs.
-    Runs { name: String },
+    Runs {
+        /// The chain's name.
+        name: String,
+    },
     /// Delete a chain.
-    Delete { name: String },
+    Delete {
+        /// The chain's name.
+        name: String,
+    },
 }
 
 /// A chain's definition from `path`: a `.toml` or `.json` file, or a directory with

@@ -122,7 +122,9 @@ pub enum Command {
     Deploy(deploy::DeployArgs),
     /// Run a function (NAME or NAME@VERSION) and print its result.
     Invoke {
+        /// The function: NAME, or NAME@VERSION for a version other than the active one.
         name: String,
+        /// The event, as JSON.
         #[arg(long, default_value = "{}")]
         data: String,
         /// Queue it and print the task id instead of waiting.
@@ -132,23 +134,43 @@ pub enum Command {
     /// List functions.
     List,
     /// A task's status and result.
-    Status { task: String },
+    Status {
+        /// The task's id (task_...), as invoke --async printed it.
+        task: String,
+    },
     /// Logs of a task, or of a function's recent tasks.
-    Logs { target: String },
+    Logs {
+        /// A task's id (task_...), or a function's name.
+        target: String,
+    },
     /// Metrics of a function over a range (15m, 1h, 7d).
     Metrics {
+        /// The function's name.
         name: String,
+        /// How far back: 15m, 1h, 7d.
         #[arg(long, default_value = "24h")]
         range: String,
     },
     /// Versions of a function.
-    Versions { name: String },
+    Versions {
+        /// The function's name.
+        name: String,
+    },
     /// Allow a function to run.
-    Activate { name: String },
+    Activate {
+        /// The function's name.
+        name: String,
+    },
     /// Stop a function from running.
-    Deactivate { name: String },
+    Deactivate {
+        /// The function's name.
+        name: String,
+    },
     /// Delete a function.
-    Delete { name: String },
+    Delete {
+        /// The function's name.
+        name: String,
+    },
     /// Run the function in DIR locally, without a server, and print each record.
     Run(local::RunArgs),
     /// Alert rules and notification subscriptions.

@@ -15,11 +15,19 @@ use super::commands::Out;
 pub enum SecretsCommand {
     /// Set a secret. Without VALUE (or with `-`) the value is read from standard input, so
     /// it stays out of the shell's history and the process list.
-    Set { name: String, value: Option<String> },
+    Set {
+        /// The secret's name, as the functions' environment will have it ([A-Za-z_][A-Za-z0-9_]*).
+        name: String,
+        /// The value; `-` or none reads it from standard input.
+        value: Option<String>,
+    },
     /// The secrets' names (values are never shown).
     List,
     /// Delete a secret.
-    Delete { name: String },
+    Delete {
+        /// The secret's name.
+        name: String,
+    },
 }
 
 /// What `keys` does.
