@@ -173,6 +173,57 @@ fn changes_on_one_node_are_seen_by_the_others(pg: &Postgres) {
     let r = post_json(c, "/api/functions/hello/activate", &t, &json!({}));
     assert!(r.status < 300, "{}", r.body);
     assert_eq!(invoke(a, &t, "hello").body["result"], "v2");
+    // A secret set on A reaches B's calls; changed on C, B's next call (its sandbox warm
+    // with the old value) has the new one; deleted on A, B refuses to run without it.
+    let set = |s: &Server, value: &str| {
+        let r = request(
+            "PUT",
+            &format!("{}/api/secrets/TOKEN", s.url),
+            Some(&t),
+            Some((
+                "application/json",
+                json!({ "value": value }).to_string().into_bytes(),
+            )),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    };
+    set(a, "one");
+    let uses = "import os\ndef handler(e):\n    return os.environ['TOKEN']\n";
+    let r = deploy(
+        a,
+        &t,
+        "uses",
+        &[
+            ("function.py", uses),
+            ("cloudfunc.toml", "secrets = [\"TOKEN\"]\n"),
+        ],
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(invoke(b, &t, "uses").body["result"], "one");
+    set(c, "two");
+    assert_eq!(invoke(b, &t, "uses").body["result"], "two");
+    let r = request(
+        "DELETE",
+        &format!("{}/api/secrets/TOKEN", a.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = invoke(b, &t, "uses");
+    assert_eq!(r.status, 400, "{}", r.body);
+    let why = r.body["error"]["message"].as_str().unwrap();
+    assert!(why.contains("secret TOKEN"), "{why}");
+    // A chain deployed on A runs on C.
+    let r = post_json(
+        a,
+        "/api/chains",
+        &t,
+        &json!({"name": "twice", "steps": ["hello", "hello"]}),
+    );
+    assert!(r.status < 300, "{r:?}");
+    let r = post_json(c, "/api/chains/twice/invoke", &t, &json!({}));
+    assert_eq!(r.body["status"], "succeeded", "{}", r.body);
+    assert_eq!(r.body["output"], "v2", "{}", r.body);
     // Every node sees the three.
     let admin = a.token("ops", true);
     let health = get(b, "/api/system/health", &admin).body;
