@@ -49,3 +49,16 @@ fn a_duration_too_long_is_refused_before_anything_is_sent() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("is too long"), "{said}");
 }
+
+#[test]
+fn a_tenant_no_token_could_carry_is_refused() {
+    for tenant in ["a/b", "", "ü"] {
+        let out = Command::new(BIN)
+            .args(["--tenant", tenant, "token"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{tenant}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("letters, digits"), "{said}");
+    }
+}

@@ -44,12 +44,13 @@ pub struct Cli {
     /// A bearer token; by default one is minted from the local server's secret.
     #[arg(long, env = "CLOUDFUNC_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-    /// The tenant a minted token is for.
+    /// The tenant a minted token is for: 1 to 128 letters, digits, `_`, `-`, `.` or `@`.
     #[arg(
         long,
         env = "CLOUDFUNC_TENANT",
         default_value = "default",
-        global = true
+        global = true,
+        value_parser = tenant_name
     )]
     pub tenant: String,
     /// Print the server's JSON instead of text.
@@ -185,6 +186,16 @@ pub enum Command {
     /// Encryption at rest (admin): the keys' status, master-key rotation, re-encryption.
     #[command(subcommand)]
     Keys(secrets::KeysCommand),
+}
+
+/// A tenant's name as the server accepts it in a token: refused here rather than in a token
+/// every request would be refused with.
+fn tenant_name(text: &str) -> std::result::Result<String, String> {
+    if crate::auth::valid_tenant(text) {
+        Ok(text.to_string())
+    } else {
+        Err("use 1 to 128 letters, digits, `_`, `-`, `.` or `@`".to_string())
+    }
 }
 
 /// Runs the command; `Ok(false)` when it ran but what it ran failed (exit code 1).
