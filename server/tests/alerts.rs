@@ -453,10 +453,35 @@ fn bad_input() {
         json!({"channel": "email", "address": "not-an-address"}),
         json!({"channel": "sms", "number": "555-0123"}),
         json!({"channel": "pager", "to": "x"}),
-        json!({"channel": "email", "address": "a@b.example", "alerts": {"rule": "rule_nope"}}),
+        json!({"channel": "webhook", "url": "https://x.example", "alerts": {"rule": "rule_nope"}}),
     ] {
         let r = sub(body.clone());
         assert!((400..500).contains(&r.status), "{body}: {r:?}");
+    }
+    // What this server could never deliver is refused when subscribed, saying why: it was
+    // started without SMTP or an SMS provider, and without private webhook targets.
+    for (body, says) in [
+        (
+            json!({"channel": "email", "address": "a@b.example"}),
+            "--smtp-url",
+        ),
+        (
+            json!({"channel": "sms", "number": "+14155550123"}),
+            "--sms-account",
+        ),
+        (
+            json!({"channel": "webhook", "url": "http://127.0.0.1:9/x"}),
+            "--alert-allow-private-targets",
+        ),
+        (
+            json!({"channel": "webhook", "url": "http://169.254.169.254/latest"}),
+            "link-local",
+        ),
+    ] {
+        let r = sub(body.clone());
+        assert_eq!(r.status, 400, "{body}: {r:?}");
+        let why = r.body["error"]["message"].as_str().unwrap();
+        assert!(why.contains(says), "{body}: {why}");
     }
     assert_eq!(
         get(&s, "/api/notifications/subscriptions", &t).body["subscriptions"],
@@ -469,7 +494,8 @@ fn bad_input() {
         json!({"name": "mine", "function": "mine", "metric": "error_rate", "op": "above", "threshold": 0.1}),
     );
     let id = r.body["id"].as_str().unwrap().to_string();
-    let sid = sub(json!({"channel": "email", "address": "a@b.example"})).body["subscription_id"]
+    let sid = sub(json!({"channel": "webhook", "url": "https://hooks.example.com/a"})).body
+        ["subscription_id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -503,7 +529,7 @@ fn bad_input() {
         &s,
         "/api/notifications/unsubscribe",
         &t,
-        &json!({"channel": "email", "address": "a@b.example"}),
+        &json!({"channel": "webhook", "url": "https://hooks.example.com/a"}),
     );
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["removed"], 1);

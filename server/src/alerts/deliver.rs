@@ -127,6 +127,33 @@ pub struct ChannelConfig {
     pub timeout: Option<Duration>,
 }
 
+impl ChannelConfig {
+    /// Why these senders could never deliver to `channel`, if so: a channel the server was
+    /// started without, or a webhook at an address written out that it refuses.
+    pub fn undeliverable(&self, channel: &Channel) -> Option<String> {
+        match channel {
+            Channel::Webhook { url, .. } if !self.allow_private_targets => {
+                super::target::refused_as_written(url)
+            }
+            Channel::Webhook { .. } => None,
+            Channel::Email { .. } if self.smtp_url.is_none() => {
+                Some("this server sends no email: it was started without --smtp-url".into())
+            }
+            Channel::Sms { .. }
+                if self.sms_account.is_none()
+                    || self.sms_token.is_none()
+                    || self.sms_from.is_none() =>
+            {
+                Some(
+                    "this server sends no SMS: it was started without --sms-account, --sms-token and --sms-from"
+                        .into(),
+                )
+            }
+            Channel::Email { .. } | Channel::Sms { .. } => None,
+        }
+    }
+}
+
 /// The real senders.
 #[derive(Debug)]
 pub struct RealChannels {

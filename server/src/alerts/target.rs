@@ -33,6 +33,28 @@ pub fn check_target(url: &str, allow_private: bool) -> Result<(), SendError> {
     Ok(())
 }
 
+/// Why a webhook at `url` is refused whatever its name resolves to, if it is: its host is a
+/// private, loopback or link-local address written out, or `localhost`. A name is checked
+/// when it is sent to ([`check_target`]), since its answer may change.
+pub fn refused_as_written(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let ip = match parsed.host()? {
+        url::Host::Ipv4(v4) => IpAddr::V4(v4),
+        url::Host::Ipv6(v6) => IpAddr::V6(v6),
+        url::Host::Domain(name) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            return (name == "localhost" || name.ends_with(".localhost")).then(|| {
+                format!("{name} is this host: refused (--alert-allow-private-targets allows it)")
+            });
+        }
+    };
+    (!is_public(&ip)).then(|| {
+        format!(
+            "{ip} is a private, loopback or link-local address: refused (--alert-allow-private-targets allows it)"
+        )
+    })
+}
+
 /// An agent over `settings` whose connections reach only what [`check_target`] allows:
 /// that looks the name up once, the connection looks it up again, and a name whose answer
 /// changed in between (DNS rebinding) would otherwise reach what it refused.
@@ -124,6 +146,26 @@ mod tests {
         }
         assert!(is_public(&"93.184.216.34".parse().unwrap()));
         assert!(check_target("file:///etc/passwd", true).is_err());
+    }
+
+    /// What is refused from its address as written, before any lookup: a subscription to it
+    /// is refused at once, rather than failing every delivery.
+    #[test]
+    fn addresses_written_out_are_judged_without_a_lookup() {
+        for url in [
+            "http://127.0.0.1:9/x",
+            "http://2130706433/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::ffff:10.0.0.1]/",
+            "http://localhost:8080/",
+            "http://api.LOCALHOST./",
+        ] {
+            let why = refused_as_written(url).unwrap_or_else(|| panic!("{url} passed"));
+            assert!(why.contains("--alert-allow-private-targets"), "{why}");
+        }
+        for url in ["https://hooks.example.com/x", "http://93.184.216.34/"] {
+            assert_eq!(refused_as_written(url), None, "{url}");
+        }
     }
 
     /// The connection's lookup refuses what the first check would have: a name that turned

@@ -252,6 +252,15 @@ impl Platform {
     /// a webhook's signing secret is returned here only.
     pub async fn subscribe(&self, caller: &Caller, spec: SubscriptionSpec) -> Result<Value> {
         spec.channel.validate().map_err(bad)?;
+        if let Some(why) = self
+            .inner
+            .config
+            .alerts
+            .channels
+            .undeliverable(&spec.channel)
+        {
+            return Err(PlatformError::BadRequest(why));
+        }
         if let Some(rule) = &spec.alerts.rule {
             self.find_rule(caller, rule).await?;
         }
