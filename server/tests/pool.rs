@@ -276,6 +276,38 @@ fn a_deadline_ends_the_wait_for_a_sandbox() {
     f.pool.shutdown();
 }
 
+/// A version's code tree is retired only while no sandbox of the version is lent or idle;
+/// a start after it finds the code gone, and its caller is told so.
+fn retired_code_is_kept_while_in_use() {
+    let f = fixture(
+        "retire",
+        PoolConfig {
+            stem_cells: 0,
+            ..PoolConfig::default()
+        },
+    );
+    let (key, req) = function(&f, "fr", 1, MARKER_PY);
+    let tree = req.spec.code_dir.clone();
+    let trees = [(tree.clone(), Some(vec![1]))];
+    let to = f.dir.path().join("retired");
+    let moved = std::cell::Cell::new(0);
+    let retire = || {
+        f.pool
+            .retire_code("fr", &trees, &to, || moved.set(moved.get() + 1))
+            .unwrap()
+    };
+    let lent = f.pool.acquire(&key, &req, true).unwrap();
+    assert!(retire().is_empty() && tree.is_dir(), "lent");
+    f.pool.release(lent);
+    assert!(retire().is_empty() && tree.is_dir(), "idle");
+    f.pool.drain("fr");
+    assert_eq!(retire().len(), 1);
+    assert!(!tree.exists() && moved.get() == 1);
+    let gone = f.pool.acquire(&key, &req, true);
+    assert!(matches!(gone, Err(PoolError::CodeGone)), "{gone:?}");
+    f.pool.shutdown();
+}
+
 /// Callers past `max_instances` are served in the order they came, each with the sandbox the
 /// call before gave back (no new one starts); a sync caller past its wait is refused and
 /// leaves the queue.
@@ -735,6 +767,10 @@ fn main() {
         (
             "a_deadline_ends_the_wait_for_a_sandbox",
             a_deadline_ends_the_wait_for_a_sandbox,
+        ),
+        (
+            "retired_code_is_kept_while_in_use",
+            retired_code_is_kept_while_in_use,
         ),
         (
             "queued_callers_take_turns_in_order",

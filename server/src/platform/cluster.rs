@@ -214,6 +214,7 @@ impl Platform {
                     self.inner.catalog.invalidate();
                     if let Some(id) = function {
                         self.drain(&id).await;
+                        self.prune_code_later(&id);
                     }
                     token
                 }

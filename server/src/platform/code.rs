@@ -18,6 +18,8 @@ pub struct Restored {
     pub archived: usize,
     /// Versions whose code could not be found at all.
     pub missing: Vec<String>,
+    /// Trees of versions no longer current, removed.
+    pub retired: usize,
 }
 
 /// The store's name for the code of version `number` of `function_id` (and its place under
@@ -50,9 +52,10 @@ impl Platform {
         Ok(())
     }
 
-    /// Makes every stored version's code tree present under the code directory: extracted
-    /// from its archive where missing; a tree from before archives is archived (and moved
-    /// here, its old copy removed). Versions are pointed at where their code now is.
+    /// Makes each function's current code tree present under the code directory: extracted
+    /// from its archive where missing (other versions' when they are called); a tree from
+    /// before archives is archived (and moved here, its old copy removed). Versions are
+    /// pointed at where their code now is, and trees no current version uses are removed.
     pub async fn restore_code(&self) -> Result<Restored> {
         let this = self.clone();
         blocking(move || this.restore_code_now()).await?
@@ -62,8 +65,14 @@ impl Platform {
         let store = self.inner.store.as_ref();
         let code_dir = &self.inner.config.code_dir;
         let mut report = Restored::default();
-        for function in store.functions(None)? {
-            for version in store.versions(&function.id)? {
+        let functions = store.functions(None)?;
+        for function in &functions {
+            let versions = store.versions(&function.id)?;
+            let current = versions
+                .iter()
+                .find(|v| v.version == function.version)
+                .and_then(|v| key_of(Path::new(&v.code_dir)));
+            for version in versions {
                 let Some(key) = key_of(Path::new(&version.code_dir)) else {
                     continue;
                 };
@@ -72,7 +81,9 @@ impl Platform {
                 let mut stored = false;
                 if !target.is_dir() {
                     let zip = match store.code(&key)? {
-                        Some(zip) => zip,
+                        // Another version's code waits in its archive until it is called.
+                        Some(_) if current.as_ref() != Some(&key) => None,
+                        Some(zip) => Some(zip),
                         None => {
                             let old = Path::new(&version.code_dir);
                             if !old.is_dir() {
@@ -85,12 +96,14 @@ impl Platform {
                             let zip = archive::zip_dir(old).map_err(io_error)?;
                             store.put_code(&function.tenant, &key, &zip)?;
                             report.archived += 1;
-                            zip
+                            Some(zip)
                         }
                     };
-                    self.extract_to(&zip, &target)?;
-                    self.precompile(&version, &target);
-                    report.extracted += 1;
+                    if let Some(zip) = zip {
+                        self.extract_to(&zip, &target)?;
+                        self.precompile(&version, &target);
+                        report.extracted += 1;
+                    }
                     stored = true;
                 }
                 let at = target.to_string_lossy();
@@ -103,6 +116,14 @@ impl Platform {
                 }
             }
         }
+        for function in &functions {
+            match self.prune_code(&function.id) {
+                Ok(n) => report.retired += n,
+                Err(e) => {
+                    tracing::warn!(function = %function.name, error = %e, "old code trees could not be removed")
+                }
+            }
+        }
         if report.extracted > 0 || report.archived > 0 {
             self.inner.catalog.invalidate();
             tracing::info!(
@@ -112,6 +133,85 @@ impl Platform {
             );
         }
         Ok(report)
+    }
+
+    /// Removes the code trees of `function_id` that its current version does not use (all of
+    /// them once it is deleted), if no sandbox of its other versions is idle, lent or awaited
+    /// (else it leaves them for the next time): a version called again is rebuilt from its
+    /// archive. Without this a tree piled up per deploy in the state directory, a tmpfs on
+    /// most hosts. Runs after each deploy, here or on another node, and at the start;
+    /// blocking. Returns how many trees went.
+    pub(super) fn prune_code(&self, function_id: &str) -> Result<usize> {
+        let store = self.inner.store.as_ref();
+        let function = store.function(None, function_id)?;
+        // Each version's tree, and which is the current version's.
+        let (versions, keep) = match &function {
+            Some(function) => {
+                let versions: Vec<(Option<String>, u32)> = store
+                    .versions(function_id)?
+                    .into_iter()
+                    .map(|v| (key_of(Path::new(&v.code_dir)), v.version))
+                    .collect();
+                let keep = versions
+                    .iter()
+                    .find(|(_, n)| *n == function.version)
+                    .and_then(|(key, _)| key.clone());
+                if keep.is_none() {
+                    return Ok(0);
+                }
+                (versions, keep)
+            }
+            None => (Vec::new(), None),
+        };
+        let root = self.inner.config.code_dir.join(function_id);
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return Ok(0);
+        };
+        let stale: Vec<(PathBuf, Option<Vec<u32>>)> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir() && key_of(p) != keep)
+            .map(|p| {
+                // Of a deleted function, any version may still be running.
+                let using = function.as_ref().map(|_| {
+                    let key = key_of(&p);
+                    versions
+                        .iter()
+                        .filter(|(k, _)| *k == key)
+                        .map(|(_, n)| *n)
+                        .collect()
+                });
+                (p, using)
+            })
+            .collect();
+        let trash = self
+            .inner
+            .config
+            .code_dir
+            .join(INCOMING)
+            .join(format!("retired-{:016x}", rand::random::<u64>()));
+        let catalog = &self.inner.catalog;
+        let gone = self
+            .inner
+            .pool
+            .retire_code(function_id, &stale, &trash, || catalog.invalidate())
+            .map_err(io_error)?;
+        let _ = std::fs::remove_dir_all(&trash);
+        if function.is_none() {
+            // Gone only if empty: a call may have rebuilt a tree meanwhile.
+            let _ = std::fs::remove_dir(&root);
+        }
+        Ok(gone.len())
+    }
+
+    /// [`Platform::prune_code`] on a blocking thread, off the caller's path; a failure is
+    /// only logged (the trees stay until the next time).
+    pub(super) fn prune_code_later(&self, function_id: &str) {
+        let (this, id) = (self.clone(), function_id.to_string());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = this.prune_code(&id) {
+                tracing::warn!(function_id = %id, error = %e, "old code trees could not be removed");
+            }
+        });
     }
 
     /// Points `version` at its code in this node's code directory, extracting it from its

@@ -154,7 +154,7 @@ impl Platform {
         settings: Settings,
         manifest: Settings,
         staged: Option<Staged>,
-        previous: Option<Version>,
+        mut previous: Option<Version>,
     ) -> Result<(Function, Version)> {
         let config = &self.inner.config;
         let code_dir = config
@@ -168,9 +168,11 @@ impl Platform {
                 (code_dir.clone(), manifest)
             }
             None => {
-                let previous = previous.as_ref().ok_or_else(|| {
+                let previous = previous.as_mut().ok_or_else(|| {
                     PlatformError::BadRequest("no code given and no earlier version to keep".into())
                 })?;
+                // Its tree may be only in its archive here (another node deployed it).
+                self.local_code(previous)?;
                 let path = PathBuf::from(&previous.code_dir);
                 let manifest = Settings::from_code_dir(&path)?;
                 (path, manifest)
@@ -227,6 +229,9 @@ impl Platform {
             pool.keep(lease, drained);
         }
         self.tell_blocking(Change::Function(new.function_id.to_string()));
+        if let Err(e) = self.prune_code(new.function_id) {
+            tracing::warn!(function = %new.name, error = %e, "old code trees could not be removed");
+        }
         Ok((function, version))
     }
 
@@ -262,6 +267,7 @@ impl Platform {
                 | PoolError::Busy { .. }
                 | PoolError::Stopping
                 | PoolError::Stale
+                | PoolError::CodeGone
                 | PoolError::Deadline,
             ) => match Sandbox::create(self.engine(version.isolation)?, request.spec) {
                 Ok(sandbox) => sandbox

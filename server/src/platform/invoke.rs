@@ -364,6 +364,11 @@ fn settle(
         Err(PoolError::Unavailable(why)) => {
             (Completion::failed(ErrorKind::SandboxFailure, &why), None)
         }
+        // [`execute`] looked the version up again, and its code was still not there.
+        Err(e @ PoolError::CodeGone) => (
+            Completion::failed(ErrorKind::SandboxFailure, &e.to_string()),
+            None,
+        ),
         Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
         // [`execute`] looks the version up again, or ends the call, instead; never seen here.
         Err(e @ (PoolError::Stale | PoolError::Deadline)) => (
@@ -466,6 +471,9 @@ pub async fn execute(
     } = looked;
     let pool = &platform.inner.pool;
     let mut fresh = None;
+    // After a drain it looks its version up again; after its code was retired too (which
+    // rebuilds it), a few times at most.
+    let mut code_looks = 0;
     let mut lease = loop {
         let (key, mut request) = request_for(
             &function.id,
@@ -475,7 +483,15 @@ pub async fn execute(
         request.resolved_at = Some(resolved_at);
         request.until = until;
         match pool.acquire_async(&key, &request, lend).await {
-            Err(PoolError::Stale) => {
+            Err(e @ (PoolError::Stale | PoolError::CodeGone)) => {
+                if matches!(e, PoolError::CodeGone) {
+                    code_looks += 1;
+                    if code_looks > 3 {
+                        return Err(e);
+                    }
+                    // Whatever removed the tree, the next look rebuilds it from its archive.
+                    platform.inner.catalog.invalidate();
+                }
                 resolved_at = pool.drains();
                 match platform.again(&function.id, version.version).await {
                     Ok(Some(again)) => fresh = Some(again),

@@ -60,6 +60,55 @@ impl Pool {
         generation
     }
 
+    /// Moves each of `trees` (a code tree of `function_id` with the versions that run it,
+    /// `None` for any) to a place of its own under `to`, unless a sandbox of one of those
+    /// versions is idle, lent or starting, or a caller waits for one; then runs `moved`,
+    /// still under the lock. A sandbox that starts later for one of those versions finds its
+    /// code gone ([`super::PoolError::CodeGone`]). Returns where the trees went.
+    pub fn retire_code(
+        &self,
+        function_id: &str,
+        trees: &[(std::path::PathBuf, Option<Vec<u32>>)],
+        to: &std::path::Path,
+        moved: impl FnOnce(),
+    ) -> std::io::Result<Vec<std::path::PathBuf>> {
+        let state = self.lock();
+        let in_use = |versions: &Option<Vec<u32>>| {
+            state.functions.iter().any(|(key, f)| {
+                key.function_id == function_id
+                    && versions.as_ref().is_none_or(|v| v.contains(&key.version))
+                    && (f.busy > 0
+                        || !f.idle.is_empty()
+                        || !f.waiters.is_empty()
+                        || f.waiting_room > 0)
+            })
+        };
+        let free: Vec<&std::path::PathBuf> = trees
+            .iter()
+            .filter(|(_, versions)| !in_use(versions))
+            .map(|(dir, _)| dir)
+            .collect();
+        if free.is_empty() {
+            return Ok(Vec::new());
+        }
+        std::fs::create_dir_all(to)?;
+        let mut gone = Vec::new();
+        for (i, dir) in free.into_iter().enumerate() {
+            let place = to.join(i.to_string());
+            match std::fs::rename(dir, &place) {
+                Ok(()) => gone.push(place),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "a code tree could not be retired")
+                }
+            }
+        }
+        if !gone.is_empty() {
+            moved();
+        }
+        drop(state);
+        Ok(gone)
+    }
+
     /// Housekeeping, every second or so: expires idle sandboxes past their keep-warm period
     /// (keeping each function's `min_instances`), starts `min_instances`, refills the stem
     /// cells, and stops what was set aside.

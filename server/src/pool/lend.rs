@@ -115,6 +115,11 @@ impl Pool {
             }
             let f = state.functions.entry(key.clone()).or_default();
             if f.busy < max {
+                // Checked under the lock that retiring code takes: a tree retired before this
+                // start is missed here, one retired after it waits for this sandbox to end.
+                if counted && !request.spec.code_dir.is_dir() {
+                    return Err(PoolError::CodeGone);
+                }
                 // A deploy's load is speculative: it takes only free room, evicting nothing.
                 let room = if counted {
                     self.make_room(&mut state, memory, Some(key))

@@ -163,6 +163,10 @@ pub enum PoolError {
     /// its version up again and ask anew.
     #[error("the function changed while the call waited for a sandbox")]
     Stale,
+    /// The version's code tree was removed ([`Pool::retire_code`]) after the request was
+    /// made: look the version up again, which extracts it anew.
+    #[error("the function's code is not on this server and could not be restored")]
+    CodeGone,
     /// The caller's deadline ([`Request::until`]) passed while it waited for a sandbox.
     #[error("the call's deadline passed while it waited for a sandbox; it did not run")]
     Deadline,
