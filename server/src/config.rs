@@ -197,7 +197,8 @@ pub struct ServeConfig {
     /// Largest request body, MiB.
     #[arg(long, default_value_t = defaults::MAX_BODY_MB)]
     pub max_body_mb: u64,
-    /// Days finished tasks (results, logs, usage) are kept.
+    /// Days finished tasks (results, logs, usage), ended chain runs and sent or failed
+    /// notifications are kept.
     #[arg(long, env = "CLOUDFUNC_RETENTION_DAYS", default_value_t = defaults::RETENTION_DAYS)]
     pub retention_days: f64,
     /// Days per-minute metrics rollups are kept (0: forever).

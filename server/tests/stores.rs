@@ -583,7 +583,20 @@ fn chains_runs_and_steps_round_trip(place: &Place) {
         .unwrap();
     assert_eq!(read, run);
     assert!(store.chain_run(Some("bob"), &run.run_id).unwrap().is_none());
-    assert_eq!(store.chain_runs(&first.id, 5).unwrap(), vec![run]);
+    assert_eq!(store.chain_runs(&first.id, 5).unwrap(), vec![run.clone()]);
+    // Retention: an ended run goes with its steps once past its time; an open one stays.
+    let open = ChainRun {
+        run_id: cloudfunc_server::model::new_id("run"),
+        status: RunStatus::Running,
+        finished_at: None,
+        steps: Vec::new(),
+        ..run.clone()
+    };
+    store.save_run(&open).unwrap();
+    assert_eq!(store.prune_runs(20).unwrap(), 0);
+    assert_eq!(store.prune_runs(21).unwrap(), 1);
+    assert!(store.chain_run(None, &run.run_id).unwrap().is_none());
+    assert_eq!(store.unfinished_runs().unwrap(), vec![open]);
     assert!(store.delete_chain(&first.id).unwrap());
     assert!(store.chain(None, "pipe").unwrap().is_none());
 }
@@ -776,6 +789,23 @@ fn the_outbox_delivers_each_notification_once_per_subscription(place: &Place) {
         .map(|d| d.status)
         .collect();
     assert_eq!(statuses, HashSet::from(["sent".into(), "failed".into()]));
+    // Retention: deliveries no longer pending go once past their time, with their
+    // notification; one still pending keeps its own.
+    let c = sub("sub_c", "alice");
+    store.put_subscription(&c).unwrap();
+    let later = Notification {
+        id: "n2".into(),
+        ..n.clone()
+    };
+    store.enqueue(&later, std::slice::from_ref(&c)).unwrap();
+    assert_eq!(store.prune_notifications(100).unwrap(), 0);
+    assert_eq!(store.prune_notifications(101).unwrap(), 2);
+    let left = store.deliveries(None, 10).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].status, "pending");
+    let due = store.due_deliveries(100, 10).unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].1, later);
 }
 
 fn anomaly_findings_and_state_round_trip(place: &Place) {

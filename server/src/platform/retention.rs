@@ -1,4 +1,5 @@
-//! Retention: finished tasks and each resolution of rollups are pruned past their time.
+//! Retention: finished tasks, chain runs, notifications' deliveries and each resolution of rollups
+//! are pruned past their time.
 
 use std::time::Duration;
 
@@ -28,32 +29,47 @@ impl Default for Retention {
     }
 }
 
+/// What one pass of retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub tasks: u64,
+    /// Rows of rollups, and of the anomaly scores and events that go with the minute ones.
+    pub rollups: u64,
+    pub chain_runs: u64,
+    pub deliveries: u64,
+}
+
 impl Retention {
-    /// Prunes what is past its time as of `now`; returns (tasks, rollup rows) removed.
-    pub fn apply(&self, store: &dyn Store, now: i64) -> Result<(u64, u64)> {
+    /// Prunes what is past its time as of `now`. Chain runs and notifications' deliveries
+    /// are history as tasks are, and are kept as long.
+    pub fn apply(&self, store: &dyn Store, now: i64) -> Result<Pruned> {
         let cutoff =
             |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let tasks = store.prune(cutoff(self.tasks))?;
-        let mut rollups = 0;
+        let mut pruned = Pruned {
+            tasks: store.prune(cutoff(self.tasks))?,
+            chain_runs: store.prune_runs(cutoff(self.tasks))?,
+            deliveries: store.prune_notifications(cutoff(self.tasks))?,
+            rollups: 0,
+        };
         for (resolution, keep) in crate::rollup::RESOLUTIONS.into_iter().zip([
             self.minute_rollups,
             self.hour_rollups,
             self.day_rollups,
         ]) {
             if let Some(keep) = keep {
-                rollups += store.prune_rollups(resolution, cutoff(keep))?;
+                pruned.rollups += store.prune_rollups(resolution, cutoff(keep))?;
             }
         }
         // Scored minutes (and closed anomaly events) go with the minute rollups they came from.
         if let Some(keep) = self.minute_rollups {
-            rollups += store.prune_anomalies(cutoff(keep))?;
+            pruned.rollups += store.prune_anomalies(cutoff(keep))?;
         }
-        Ok((tasks, rollups))
+        Ok(pruned)
     }
 }
 
 impl Platform {
-    /// Deletes finished tasks and rollups past their retention, now and then every hour.
+    /// Deletes what is past its retention, now and then every hour.
     pub fn start_retention(&self, retention: Retention) {
         let store = self.inner.store.clone();
         tokio::spawn(async move {
@@ -64,14 +80,14 @@ impl Platform {
                 let retention = retention.clone();
                 let pruned = blocking(move || retention.apply(store.as_ref(), now_ms())).await;
                 match pruned {
-                    Ok(Ok((0, 0))) => {}
-                    Ok(Ok((tasks, rollups))) => {
-                        tracing::info!(
-                            tasks,
-                            rollups,
-                            "retention removed finished tasks and rollup rows"
-                        )
-                    }
+                    Ok(Ok(p)) if p == Pruned::default() => {}
+                    Ok(Ok(p)) => tracing::info!(
+                        tasks = p.tasks,
+                        rollups = p.rollups,
+                        chain_runs = p.chain_runs,
+                        deliveries = p.deliveries,
+                        "retention removed what was past its time"
+                    ),
                     other => tracing::error!(error = ?other, "retention failed"),
                 }
             }

@@ -49,6 +49,9 @@ pub trait AlertStore {
     ) -> Result<()>;
     /// When the oldest task still waiting in the queue was queued (Unix ms).
     fn oldest_queued_at(&self) -> Result<Option<i64>>;
+    /// Removes the deliveries made before `before` that are no longer pending, and the
+    /// notifications of that age with none pending; returns how many deliveries.
+    fn prune_notifications(&self, before: i64) -> Result<u64>;
     /// The newest deliveries `tenant` sees, newest first.
     fn deliveries(&self, tenant: Option<&str>, limit: u32) -> Result<Vec<Delivery>>;
 }

@@ -15,6 +15,8 @@ pub trait ChainStore {
     fn chains(&self, tenant: Option<&str>) -> Result<Vec<Chain>>;
     /// Deletes a chain (its runs stay readable); whether it was there.
     fn delete_chain(&self, id: &str) -> Result<bool>;
+    /// Removes the runs that ended before `before`, with their steps; returns how many runs.
+    fn prune_runs(&self, before: i64) -> Result<u64>;
     /// Writes a run and every step it carries, in one transaction.
     fn save_run(&self, run: &ChainRun) -> Result<()>;
     /// Writes one step of `tenant`'s run (as it starts, and again as it ends).

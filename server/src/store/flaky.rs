@@ -229,6 +229,10 @@ impl AlertStore for Flaky {
     ) -> Result<Vec<crate::alerts::deliver::Delivery>> {
         self.inner.deliveries(tenant, limit)
     }
+    fn prune_notifications(&self, before: i64) -> Result<u64> {
+        self.refuse()?;
+        self.inner.prune_notifications(before)
+    }
     fn oldest_queued_at(&self) -> Result<Option<i64>> {
         self.inner.oldest_queued_at()
     }
@@ -248,6 +252,10 @@ impl crate::store::ChainStore for Flaky {
     fn delete_chain(&self, id: &str) -> Result<bool> {
         self.refuse()?;
         self.inner.delete_chain(id)
+    }
+    fn prune_runs(&self, before: i64) -> Result<u64> {
+        self.refuse()?;
+        self.inner.prune_runs(before)
     }
     fn save_run(&self, run: &crate::chains::ChainRun) -> Result<()> {
         self.refuse()?;

@@ -114,6 +114,21 @@ pub(super) fn subscriptions(conn: &mut Conn, tenant: Option<&str>) -> Result<Vec
     .collect()
 }
 
+pub(super) fn prune_notifications(conn: &mut Conn, before: i64) -> Result<u64> {
+    let mut tx = conn.transaction()?;
+    let deliveries = tx.execute(
+        "DELETE FROM deliveries WHERE status <> 'pending' AND created_at < $1",
+        &[&before],
+    )?;
+    tx.execute(
+        "DELETE FROM notifications WHERE at < $1
+           AND id NOT IN (SELECT notification_id FROM deliveries WHERE status = 'pending')",
+        &[&before],
+    )?;
+    tx.commit()?;
+    Ok(deliveries)
+}
+
 pub(super) fn delete_subscriptions(
     conn: &mut Conn,
     tenant: Option<&str>,

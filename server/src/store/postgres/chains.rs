@@ -72,6 +72,22 @@ pub(super) fn delete_chain(conn: &mut Conn, id: &str) -> Result<bool> {
     Ok(conn.execute("DELETE FROM chains WHERE id = $1", &[&id])? > 0)
 }
 
+pub(super) fn prune_runs(conn: &mut Conn, before: i64) -> Result<u64> {
+    let mut tx = conn.transaction()?;
+    let ended = "SELECT id FROM chain_runs
+                 WHERE status NOT IN ('queued', 'running') AND finished_at < $1";
+    tx.execute(
+        &format!("DELETE FROM chain_steps WHERE run_id IN ({ended})"),
+        &[&before],
+    )?;
+    let runs = tx.execute(
+        &format!("DELETE FROM chain_runs WHERE id IN ({ended})"),
+        &[&before],
+    )?;
+    tx.commit()?;
+    Ok(runs)
+}
+
 pub(super) fn save_run(conn: &mut Conn, run: &ChainRun, seal: Seal<'_>) -> Result<()> {
     let mut tx = conn.transaction()?;
     let id = &run.run_id;

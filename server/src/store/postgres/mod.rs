@@ -616,6 +616,10 @@ impl AlertStore for PgStore {
         alerts::delete_subscriptions(&mut *self.pool.get()?, tenant, id, channel_target)
     }
 
+    fn prune_notifications(&self, before: i64) -> Result<u64> {
+        alerts::prune_notifications(&mut *self.pool.get()?, before)
+    }
+
     fn enqueue(
         &self,
         n: &crate::alerts::Notification,
@@ -683,6 +687,10 @@ impl ChainStore for PgStore {
 
     fn delete_chain(&self, id: &str) -> Result<bool> {
         chains::delete_chain(&mut *self.pool.get()?, id)
+    }
+
+    fn prune_runs(&self, before: i64) -> Result<u64> {
+        chains::prune_runs(&mut *self.pool.get()?, before)
     }
 
     fn save_run(&self, run: &crate::chains::ChainRun) -> Result<()> {

@@ -182,6 +182,21 @@ pub(super) fn subscriptions(conn: &Connection, tenant: Option<&str>) -> Result<V
     rows.into_iter().map(with_spec).collect()
 }
 
+pub(super) fn prune_notifications(conn: &mut Connection, before: i64) -> Result<u64> {
+    let tx = conn.transaction()?;
+    let deliveries = tx.execute(
+        "DELETE FROM deliveries WHERE status <> 'pending' AND created_at < ?1",
+        params![before],
+    )?;
+    tx.execute(
+        "DELETE FROM notifications WHERE at < ?1
+           AND id NOT IN (SELECT notification_id FROM deliveries WHERE status = 'pending')",
+        params![before],
+    )?;
+    tx.commit()?;
+    Ok(deliveries as u64)
+}
+
 pub(super) fn delete_subscriptions(
     conn: &mut Connection,
     tenant: Option<&str>,

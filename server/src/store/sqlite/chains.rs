@@ -130,6 +130,22 @@ pub(super) fn delete_chain(conn: &Connection, id: &str) -> Result<bool> {
     Ok(conn.execute("DELETE FROM chains WHERE id = ?1", params![id])? > 0)
 }
 
+pub(super) fn prune_runs(conn: &mut Connection, before: i64) -> Result<u64> {
+    let tx = conn.transaction()?;
+    let ended = "SELECT id FROM chain_runs
+                 WHERE status NOT IN ('queued', 'running') AND finished_at < ?1";
+    tx.execute(
+        &format!("DELETE FROM chain_steps WHERE run_id IN ({ended})"),
+        params![before],
+    )?;
+    let runs = tx.execute(
+        &format!("DELETE FROM chain_runs WHERE id IN ({ended})"),
+        params![before],
+    )?;
+    tx.commit()?;
+    Ok(runs as u64)
+}
+
 pub(super) fn save_run(conn: &mut Connection, run: &ChainRun, seal: Seal<'_>) -> Result<()> {
     let tx = conn.transaction()?;
     let json = |v: &Option<serde_json::Value>| v.as_ref().map(serde_json::to_string).transpose();

@@ -579,6 +579,10 @@ impl AlertStore for SqliteStore {
         alerts::delete_subscriptions(&mut self.conn(), tenant, id, channel_target)
     }
 
+    fn prune_notifications(&self, before: i64) -> Result<u64> {
+        alerts::prune_notifications(&mut self.conn(), before)
+    }
+
     fn enqueue(
         &self,
         n: &crate::alerts::Notification,
@@ -647,6 +651,10 @@ impl ChainStore for SqliteStore {
 
     fn delete_chain(&self, id: &str) -> Result<bool> {
         chains::delete_chain(&self.conn(), id)
+    }
+
+    fn prune_runs(&self, before: i64) -> Result<u64> {
+        chains::prune_runs(&mut self.conn(), before)
     }
 
     fn save_run(&self, run: &crate::chains::ChainRun) -> Result<()> {
