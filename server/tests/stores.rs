@@ -1519,6 +1519,42 @@ fn an_ending_behind_another_is_stored_and_counted_once(pg: &Postgres) {
     );
 }
 
+/// A node that stopped heartbeating is listed (dead) for a day, then forgotten by the
+/// others' checks, unless a task of its is still running.
+fn a_node_silent_for_a_day_is_forgotten(pg: &Postgres) {
+    use cloudfunc_server::store::NodeInfo;
+    let place = Place::postgres(pg);
+    let store = place.open();
+    let cluster = store.cluster().expect("PostgreSQL is a cluster's store");
+    let node = |id: &str| NodeInfo {
+        id: id.into(),
+        address: "http://10.0.0.9:8080".into(),
+        started_at: T0,
+        heartbeat_at: T0,
+        version: "test".into(),
+    };
+    for id in ["gone", "yesterday"] {
+        cluster.heartbeat(&node(id)).unwrap();
+    }
+    let mut sql =
+        postgres::Client::connect(place.url.as_deref().unwrap(), postgres::NoTls).unwrap();
+    let hours_ago = |h: i64| cloudfunc_server::model::now_ms() - h * 3_600_000;
+    sql.execute(
+        "UPDATE nodes SET heartbeat_at = $2 WHERE id = $1",
+        &[&"gone", &hours_ago(25)],
+    )
+    .unwrap();
+    sql.execute(
+        "UPDATE nodes SET heartbeat_at = $2 WHERE id = $1",
+        &[&"yesterday", &hours_ago(23)],
+    )
+    .unwrap();
+    cluster.reap(15_000, &|_| false, &|_| 0).unwrap();
+    let listed: Vec<String> = cluster.nodes().unwrap().into_iter().map(|n| n.id).collect();
+    assert!(!listed.contains(&"gone".to_string()), "{listed:?}");
+    assert!(listed.contains(&"yesterday".to_string()), "{listed:?}");
+}
+
 /// A queue batch reads the tasks it writes and claims by key: a connection keeps its
 /// statements prepared, and plans made while the table was nearly empty (a new database,
 /// before PostgreSQL analysed it) must not go on reading the whole table, by a scan of it or
@@ -1680,6 +1716,10 @@ const ON_THE_CLUSTER: &[(&str, ClusterTest)] = &[
     (
         "queue_batches_never_scan_the_tasks_table",
         queue_batches_never_scan_the_tasks_table,
+    ),
+    (
+        "a_node_silent_for_a_day_is_forgotten",
+        a_node_silent_for_a_day_is_forgotten,
     ),
     (
         "open_tasks_stay_out_of_the_finished_tasks_indexes",

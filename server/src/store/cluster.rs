@@ -104,7 +104,7 @@ pub trait ClusterStore: Send + Sync {
     fn leave(&self) -> Result<()>;
     /// Ends the running tasks of other nodes whose last heartbeat is older than `lease_ms`,
     /// as a restart ends a node's own: requeued where `retries_left` says so, else failed
-    /// `interrupted`.
+    /// `interrupted`. A node silent for a day is no longer listed.
     fn reap(
         &self,
         lease_ms: i64,

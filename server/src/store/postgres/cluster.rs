@@ -17,6 +17,9 @@ use crate::store::{Recovery, Result};
 /// The channel the nodes signal on.
 pub(super) const CHANNEL: &str = "cloudfunc";
 
+/// How long a node that stopped heartbeating stays listed (dead) before it is forgotten.
+const FORGOTTEN_AFTER_MS: i64 = 86_400_000;
+
 /// Running tasks whose node is not alive: none (from before nodes), or one whose last
 /// heartbeat is older than `$2`. `$1` is this node.
 const NOT_ALIVE: &str =
@@ -152,12 +155,20 @@ impl ClusterStore for PgStore {
         retries_left: &dyn Fn(&Task) -> bool,
         backoff_ms: &dyn Fn(u32) -> i64,
     ) -> Result<Recovery> {
-        self.end_running(
+        let report = self.end_running(
             &format!("t.node IS NOT NULL AND t.node <> $1 AND {NOT_ALIVE}"),
             now_ms() - lease_ms,
             retries_left,
             backoff_ms,
-        )
+        )?;
+        // A node silent for a day is forgotten (one with a new name at each start, as a
+        // container's, would otherwise stay listed dead for good), once nothing of its runs.
+        self.pool.get()?.execute(
+            "DELETE FROM nodes n WHERE n.id <> $1 AND n.heartbeat_at < $2
+               AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.status = 'running' AND t.node = n.id)",
+            &[&self.node_id, &(now_ms() - FORGOTTEN_AFTER_MS)],
+        )?;
+        Ok(report)
     }
 
     fn catalog_stamp(&self) -> Result<i64> {
