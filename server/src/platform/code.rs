@@ -170,17 +170,19 @@ impl Platform {
         let stale: Vec<(PathBuf, Option<Vec<u32>>)> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_dir() && key_of(p) != keep)
-            .map(|p| {
+            .filter_map(|p| {
                 // Of a deleted function, any version may still be running.
-                let using = function.as_ref().map(|_| {
-                    let key = key_of(&p);
-                    versions
-                        .iter()
-                        .filter(|(k, _)| *k == key)
-                        .map(|(_, n)| *n)
-                        .collect()
-                });
-                (p, using)
+                let Some(_) = &function else {
+                    return Some((p, None));
+                };
+                let key = key_of(&p);
+                let using: Vec<u32> = versions
+                    .iter()
+                    .filter(|(k, _)| *k == key)
+                    .map(|(_, n)| *n)
+                    .collect();
+                // A tree of no stored version is a deploy's still under way: not ours.
+                (!using.is_empty()).then_some((p, Some(using)))
             })
             .collect();
         let trash = self
