@@ -594,5 +594,19 @@ fn bad_input() {
         ok && text.contains("webhook signing secret (shown once): whsec_"),
         "{text}"
     );
+    // A deleted function's rules go with it: a new function of its name is another, which
+    // they would not watch.
+    let r = request(
+        "DELETE",
+        &format!("{}/api/functions/mine", s.url),
+        Some(&t),
+        None,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let left: Vec<Value> = get(&s, "/api/alerts/rules", &t).body["rules"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(left.iter().all(|r| r["function"].is_null()), "{left:?}");
     s.stop();
 }

@@ -193,6 +193,34 @@ impl Platform {
         Ok(())
     }
 
+    /// Deletes `tenant`'s rules that watch function `function_id`, which was deleted: they
+    /// would watch nothing while saying they watch a function of its name (a new function
+    /// of that name is another). Returns how many.
+    pub(super) async fn delete_rules_of(&self, tenant: &str, function_id: &str) -> Result<usize> {
+        let (store, tenant, fid) = (
+            self.inner.store.clone(),
+            tenant.to_string(),
+            function_id.to_string(),
+        );
+        let ids = blocking(move || -> Result<Vec<String>> {
+            let ids: Vec<String> = store
+                .rules(Some(&tenant))?
+                .into_iter()
+                .filter(|r| r.function_id.as_deref() == Some(fid.as_str()))
+                .map(|r| r.id)
+                .collect();
+            for id in &ids {
+                store.delete_rule(Some(&tenant), id)?;
+            }
+            Ok(ids)
+        })
+        .await??;
+        for id in &ids {
+            self.inner.alerting.evaluator().forget(id);
+        }
+        Ok(ids.len())
+    }
+
     /// Holds back a rule's notifications for `for_s` seconds (0 lifts the silence). It keeps
     /// being evaluated, so it resolves and fires as usual once heard again.
     pub async fn silence_rule(&self, caller: &Caller, id: &str, for_s: u64) -> Result<Value> {

@@ -333,6 +333,15 @@ impl Platform {
         self.drain(&function.id).await;
         self.tell(Change::Function(function.id.clone())).await;
         self.forget_anomalies(&function.id);
+        match self.delete_rules_of(&function.tenant, &function.id).await {
+            Ok(0) => {}
+            Ok(rules) => {
+                tracing::info!(function = %function.name, rules, "its alert rules went with it")
+            }
+            Err(e) => {
+                tracing::warn!(function = %function.name, error = %e, "its alert rules could not be deleted")
+            }
+        }
         Ok(function)
     }
 }
