@@ -34,6 +34,10 @@ fn main() {
     let tests: Vec<(&str, fn())> = vec![
         ("seed003_quick_start_with_the_cli", seed003_quick_start),
         ("cli_deploys_a_file_and_a_zip", cli_files_and_zips),
+        (
+            "cli_runs_a_function_locally_beside_others",
+            cli_runs_a_function_locally_beside_others,
+        ),
         ("canonical_lifecycle", canonical_lifecycle),
         ("async_run_and_status_routes", async_run),
         ("versions_and_updates", versions),
@@ -204,6 +208,49 @@ fn seed003_quick_start() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("no function"));
+}
+
+/// `cloudfunc run DIR` beside a server and beside another run: each takes a state directory
+/// of its own (the server's engine holds the default one), and leaves nothing behind.
+fn cli_runs_a_function_locally_beside_others() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("function.py"),
+        "import time\ndef handler(event):\n    time.sleep(1)\n    return event['n'] * 2\n",
+    )
+    .unwrap();
+    let runs: Vec<_> = (0..2)
+        .map(|n| {
+            std::process::Command::new(BIN)
+                .arg("run")
+                .arg(dir.path())
+                .args(["--data", &format!("{{\"n\": {n}}}")])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut pids = Vec::new();
+    for (n, run) in runs.into_iter().enumerate() {
+        pids.push(run.id());
+        let out = run.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            record["invocation"]["outcome"]["result"],
+            json!(n * 2),
+            "{record}"
+        );
+    }
+    for pid in pids {
+        let state = format!("/run/cloudfunc-run-{pid}");
+        assert!(!std::path::Path::new(&state).exists(), "{state} was left");
+    }
 }
 
 fn cli_files_and_zips() {

@@ -48,9 +48,10 @@ pub struct RunArgs {
     /// The runtime: libcontainer, runc, crun, or runsc (gVisor).
     #[arg(long, default_value = "libcontainer")]
     pub backend: BackendKind,
-    /// Container state.
-    #[arg(long, env = "CLOUDFUNC_STATE_DIR", default_value = defaults::STATE_DIR)]
-    pub state_dir: PathBuf,
+    /// Container state (default: a directory of its own beside the server's, removed after,
+    /// so that it runs beside a server and beside other runs).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Image skeletons.
     #[arg(long, env = "CLOUDFUNC_IMAGES_DIR", default_value = defaults::IMAGES_DIR)]
     pub images_dir: PathBuf,
@@ -61,6 +62,22 @@ pub fn run(cli: &Cli) -> Result<bool> {
     let Command::Run(args) = &cli.command else {
         bail!("not run");
     };
+    let Some(state_dir) = &args.state_dir else {
+        // A server's engine holds its state directory, and so would another run's.
+        let own = PathBuf::from(format!(
+            "{}-run-{}",
+            defaults::STATE_DIR,
+            std::process::id()
+        ));
+        let ran = run_in(args, &own);
+        let _ = std::fs::remove_dir_all(&own);
+        return ran;
+    };
+    run_in(args, state_dir)
+}
+
+/// [`run`] with its engine's state in `state_dir`; the engine is gone when it returns.
+fn run_in(args: &RunArgs, state_dir: &std::path::Path) -> Result<bool> {
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("no function directory {}", args.dir.display()))?;
     let event: Value = serde_json::from_str(&args.data).context("--data must be JSON")?;
@@ -84,9 +101,9 @@ pub fn run(cli: &Cli) -> Result<bool> {
         vars.insert(k.to_string(), v.to_string());
     }
     let config = EngineConfig {
-        state_dir: args.state_dir.clone(),
+        state_dir: state_dir.to_path_buf(),
         images_dir: args.images_dir.clone(),
-        cgroup_parent: "cloudfunc-run".into(),
+        cgroup_parent: format!("cloudfunc-run-{}", std::process::id()),
         backend: args.backend,
         ..EngineConfig::default()
     };
