@@ -18,7 +18,6 @@ use base64::Engine;
 use common::receiver::{Got, Receiver};
 use common::*;
 use hmac::{Hmac, Mac};
-use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
@@ -40,8 +39,6 @@ fn missing() -> Option<String> {
 }
 
 fn main() {
-    let args = Arguments::from_args();
-    let why = missing();
     let tests: Vec<(&'static str, fn())> = vec![
         (
             "failing_function_fires_then_resolves_on_every_channel",
@@ -50,18 +47,7 @@ fn main() {
         ("a_receiver_down_gets_it_later_even_across_kill_9", durable),
         ("bad_input_is_refused_and_tenants_are_apart", bad_input),
     ];
-    if let Some(why) = &why {
-        for (name, _) in &tests {
-            println!("SKIPPED {name}: {why}");
-        }
-    }
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| trial(name, f, why.is_some()))
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    common::postgres::stop_shared();
-    conclusion.exit();
+    common::run_tests("alerting tests", tests, missing());
 }
 
 /// Debian's aiosmtpd writing what it receives to a maildir.

@@ -17,7 +17,6 @@ use cloudfunc_server::wall::{ManualWall, WallClock};
 use common::browser::{self, Browser};
 use common::receiver::Receiver;
 use common::{request, zip, Reply};
-use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
 const MINUTE: i64 = 60_000;
@@ -35,22 +34,11 @@ const WITHIN: i64 = 5;
 const CODE: &str = "import time\n\ndef handler(event):\n    time.sleep(event.get('ms', 0) / 1000)\n    if event.get('fail'):\n        raise ValueError('asked to fail')\n    return 'ok'\n";
 
 fn main() {
-    let args = Arguments::from_args();
-    let skip = if !nix::unistd::geteuid().is_root() {
-        Some("not running as root".to_string())
-    } else if !Path::new("/usr/bin/python3").exists() {
-        Some("/usr/bin/python3 is not installed".to_string())
-    } else {
-        None
-    };
-    let name = "a_simulated_day_finds_the_jump_and_the_climb_and_nothing_in_the_steady";
-    if let Some(why) = &skip {
-        println!("SKIPPED {name}: {why}");
-    }
-    let trial = common::trial(name, simulated_day, skip.is_some());
-    let conclusion = libtest_mimic::run(&args, vec![trial]);
-    common::postgres::stop_shared();
-    conclusion.exit();
+    let tests: Vec<(&'static str, fn())> = vec![(
+        "a_simulated_day_finds_the_jump_and_the_climb_and_nothing_in_the_steady",
+        simulated_day,
+    )];
+    common::run_tests("anomaly tests", tests, common::sandboxes_missing());
 }
 
 /// A server running in this process on its own thread and runtime.

@@ -19,16 +19,6 @@ fn shared() -> &'static Server {
     SERVER.get_or_init(|| Server::start("shared"))
 }
 
-fn missing() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not running as root".into());
-    }
-    if !std::path::Path::new("/usr/bin/python3").exists() {
-        return Some("/usr/bin/python3 is not installed".into());
-    }
-    None
-}
-
 fn main() {
     let args = Arguments::from_args();
     let tests: Vec<(&str, fn())> = vec![
@@ -76,7 +66,7 @@ fn main() {
             queue_memory,
         ),
     ];
-    let mut why = missing();
+    let mut why = common::sandboxes_missing();
     if common::postgres::wanted() && why.is_none() {
         why = common::postgres::Postgres::unavailable();
     }

@@ -13,10 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{
-    deploy, get, post_json, request, trial, wait_health, wait_running, wait_task, Server, BIN,
-};
-use libtest_mimic::Arguments;
+use common::{deploy, get, post_json, request, wait_health, wait_running, wait_task, Server, BIN};
 use serde_json::{json, Value};
 
 /// A string found nowhere else.
@@ -658,8 +655,7 @@ fn code_from_before_archives_is_archived_and_moved() {
 }
 
 fn main() {
-    let args = Arguments::from_args();
-    let tests: Vec<(&str, fn())> = vec![
+    let tests: Vec<(&'static str, fn())> = vec![
         (
             "canaries_are_nowhere_in_plaintext",
             canaries_are_nowhere_in_plaintext,
@@ -693,17 +689,9 @@ fn main() {
             code_from_before_archives_is_archived_and_moved,
         ),
     ];
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("not running as root (the server starts sandboxes)".to_string())
-    } else {
-        None
-    };
-    if let Some(why) = &why {
-        println!("SKIPPED {} encryption-at-rest tests: {why}", tests.len());
-    }
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| trial(name, f, why.is_some()))
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    common::run_tests(
+        "encryption-at-rest tests",
+        tests,
+        common::sandboxes_missing(),
+    );
 }

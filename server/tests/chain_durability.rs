@@ -7,8 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::chains::{chain_ok, deploy_ok, step_paths, wait_run};
-use common::{get, post_json, trial, wait_health, Server};
-use libtest_mimic::Arguments;
+use common::{get, post_json, wait_health, Server};
 use serde_json::{json, Value};
 
 const SLOW_INC: &str =
@@ -190,23 +189,12 @@ fn a_stop_lets_an_async_step_wait_for_its_instance() {
 }
 
 fn main() {
-    let args = Arguments::from_args();
-    let tests: Vec<(&str, fn())> = vec![
+    let tests: Vec<(&'static str, fn())> = vec![
         ("async_runs_survive_kill_9", async_runs_survive_kill_9),
         (
             "a_stop_lets_an_async_step_wait_for_its_instance",
             a_stop_lets_an_async_step_wait_for_its_instance,
         ),
     ];
-    let why = common::chains::missing();
-    if let Some(why) = &why {
-        println!("SKIPPED {} chain durability tests: {why}", tests.len());
-    }
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| trial(name, f, why.is_some()))
-        .collect();
-    let conclusion = libtest_mimic::run(&args, trials);
-    common::postgres::stop_shared();
-    conclusion.exit();
+    common::run_tests("chain durability tests", tests, common::sandboxes_missing());
 }

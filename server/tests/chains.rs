@@ -571,7 +571,7 @@ fn main() {
             the_cli_deploys_a_chain_file_and_runs_it,
         ),
     ];
-    let why = common::chains::missing();
+    let why = common::sandboxes_missing();
     if let Some(why) = &why {
         println!("SKIPPED {} chain tests: {why}", tests.len());
     }

@@ -8,8 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{deploy, post_json, request, trial, wait_health, Server};
-use libtest_mimic::Arguments;
+use common::{deploy, post_json, request, wait_health, Server};
 use serde_json::{json, Value};
 
 /// Version `n`'s code: it says which version it is, and sleeps when asked.
@@ -130,24 +129,9 @@ fn old_versions_leave_only_their_archives() {
 }
 
 fn main() {
-    let args = Arguments::from_args();
-    let name = "old_versions_leave_only_their_archives";
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("not running as root (the server starts sandboxes)")
-    } else if !Path::new("/usr/bin/python3").exists() {
-        Some("/usr/bin/python3 is not installed")
-    } else {
-        None
-    };
-    if let Some(why) = why {
-        println!("SKIPPED {name}: {why}");
-    }
-    let trials = vec![trial(
-        name,
+    let tests: Vec<(&'static str, fn())> = vec![(
+        "old_versions_leave_only_their_archives",
         old_versions_leave_only_their_archives,
-        why.is_some(),
     )];
-    let conclusion = libtest_mimic::run(&args, trials);
-    common::postgres::stop_shared();
-    conclusion.exit();
+    common::run_tests("code tree tests", tests, common::sandboxes_missing());
 }

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use libtest_mimic::Arguments;
 use serde_json::{json, Value};
 
 const SLEEPER: &str =
@@ -362,27 +361,12 @@ fn stops_leave_nothing() {
 }
 
 fn main() {
-    let args = Arguments::from_args();
-    let tests: Vec<(&str, fn())> = vec![
+    let tests: Vec<(&'static str, fn())> = vec![
         ("a_full_disk_loses_nothing_acknowledged", disk_full),
         ("slow_clients_are_cut_off", slow_clients),
         ("stops_leave_nothing_behind", stops_leave_nothing),
     ];
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("not running as root (tmpfs mounts, sandboxes)".to_string())
-    } else if !Path::new("/usr/bin/python3").exists() {
-        Some("/usr/bin/python3 is not installed".to_string())
-    } else {
-        None
-    };
-    if let Some(why) = &why {
-        println!("SKIPPED {} fault tests: {why}", tests.len());
-    }
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| trial(name, f, why.is_some()))
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    common::run_tests("fault tests", tests, common::sandboxes_missing());
 }
 
 /// The value of the series `name` (without labels, or with this node's) in `/metrics`.

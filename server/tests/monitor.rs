@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -25,16 +24,6 @@ const PYTHON: &str = "/usr/bin/python3";
 /// Prints a line, fails when asked to, returns a greeting.
 const LOGGY_PY: &str = "def handler(event):\n    print('handling', event.get('n'))\n    if event.get('fail'):\n        raise ValueError('asked to fail')\n    return {'n': event.get('n')}\n";
 
-fn missing() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("not running as root".into());
-    }
-    if !Path::new(PYTHON).exists() {
-        return Some(format!("{PYTHON} is not installed"));
-    }
-    None
-}
-
 fn no_prometheus_parser() -> Option<String> {
     let ok = Command::new(PYTHON)
         .args(["-c", "import prometheus_client.parser"])
@@ -49,7 +38,7 @@ type Check = (&'static str, fn(), Option<String>);
 
 fn main() {
     let args = Arguments::from_args();
-    let why = missing();
+    let why = common::sandboxes_missing();
     let tests: Vec<Check> = vec![
         ("metrics_series_come_from_the_rollups", series, why.clone()),
         ("task_logs_and_the_invocation_log_line", logs, why.clone()),

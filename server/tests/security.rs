@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{trial, Server, BIN};
-use libtest_mimic::Arguments;
+use common::{Server, BIN};
 
 /// A certificate for localhost and 127.0.0.1: (certificate PEM, key PEM).
 fn certificate() -> (String, String) {
@@ -541,8 +540,7 @@ fn tokens_from_an_identity_provider() {
 }
 
 fn main() {
-    let args = Arguments::from_args();
-    let tests: Vec<(&str, fn())> = vec![
+    let tests: Vec<(&'static str, fn())> = vec![
         ("https_from_files_reloaded_on_sighup", https_from_files),
         (
             "a_self_signed_certificate_for_local_use",
@@ -562,17 +560,5 @@ fn main() {
             tokens_from_an_identity_provider,
         ),
     ];
-    let why = if !nix::unistd::geteuid().is_root() {
-        Some("not running as root (the server starts sandboxes)".to_string())
-    } else {
-        None
-    };
-    if let Some(why) = &why {
-        println!("SKIPPED {} security tests: {why}", tests.len());
-    }
-    let trials = tests
-        .into_iter()
-        .map(|(name, f)| trial(name, f, why.is_some()))
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    common::run_tests("security tests", tests, common::sandboxes_missing());
 }

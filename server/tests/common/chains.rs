@@ -59,14 +59,3 @@ pub fn with_server(tag: &str, test: impl FnOnce(&Server, &str)) {
     s.stop();
     s.remove_files();
 }
-
-/// What this machine lacks to run chains (sandboxes need root; the steps are Python).
-pub fn missing() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        Some("not running as root (sandboxes need it)".to_string())
-    } else if !std::path::Path::new("/usr/bin/python3").exists() {
-        Some("/usr/bin/python3 is not installed".to_string())
-    } else {
-        None
-    }
-}

@@ -377,6 +377,34 @@ pub fn wait_running(s: &Server, token: &str, task: &str, within: Duration) {
 pub const HELLO_PY: &str =
     "def handler(event):\n    return f\"Hello {event.get('name', 'World')}!\"\n";
 
+/// Why tests that start sandboxes cannot run here, if they cannot: not root, or no Python.
+pub fn sandboxes_missing() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        Some("not running as root (sandboxes need it)".to_string())
+    } else if !Path::new("/usr/bin/python3").exists() {
+        Some("/usr/bin/python3 is not installed".to_string())
+    } else {
+        None
+    }
+}
+
+/// Runs `tests` (`what` they are, for the line saying why they are skipped where `skip`
+/// says they cannot run here), then stops the shared PostgreSQL cluster if one was started,
+/// and exits with the run's status.
+pub fn run_tests(what: &str, tests: Vec<(&'static str, fn())>, skip: Option<String>) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    if let Some(why) = &skip {
+        println!("SKIPPED {} {what}: {why}", tests.len());
+    }
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| trial(name, f, skip.is_some()))
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    postgres::stop_shared();
+    conclusion.exit()
+}
+
 /// A trial running `test`, a panic being its failure; ignored (reported as skipped) if `skip`.
 pub fn trial(
     name: impl Into<String>,
