@@ -209,18 +209,27 @@ fn cli_runs_a_function_locally_beside_others() {
         "import time\ndef handler(event):\n    time.sleep(1)\n    return event['n'] * 2\n",
     )
     .unwrap();
-    let runs: Vec<_> = (0..2)
-        .map(|n| {
-            std::process::Command::new(BIN)
-                .arg("run")
-                .arg(dir.path())
-                .args(["--data", &format!("{{\"n\": {n}}}")])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    // The events from a file (@FILE) and from standard input (-).
+    let event = dir.path().join("event.json");
+    std::fs::write(&event, r#"{"n": 0}"#).unwrap();
+    let run = |data: &str| {
+        std::process::Command::new(BIN)
+            .arg("run")
+            .arg(dir.path())
+            .args(["--data", data])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut from_stdin = run("-");
+    {
+        use std::io::Write;
+        let mut stdin = from_stdin.stdin.take().unwrap();
+        stdin.write_all(br#"{"n": 1}"#).unwrap();
+    }
+    let runs = vec![run(&format!("@{}", event.display())), from_stdin];
     let mut pids = Vec::new();
     for (n, run) in runs.into_iter().enumerate() {
         pids.push(run.id());
@@ -241,6 +250,10 @@ fn cli_runs_a_function_locally_beside_others() {
         let state = format!("/run/cloudfunc-run-{pid}");
         assert!(!std::path::Path::new(&state).exists(), "{state} was left");
     }
+    let out = run("@/nonexistent/event.json").wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("--data @/nonexistent/event.json"), "{said}");
 }
 
 fn cli_files_and_zips() {

@@ -26,7 +26,7 @@ pub enum ChainCommand {
     Invoke {
         /// The chain's name.
         name: String,
-        /// The run's input, as JSON.
+        /// The run's input, as JSON; @FILE reads it from a file, - from standard input.
         #[arg(long, default_value = "{}")]
         data: String,
         /// Also list every step.
@@ -37,7 +37,7 @@ pub enum ChainCommand {
     Run {
         /// The chain's name.
         name: String,
-        /// The run's input, as JSON.
+        /// The run's input, as JSON; @FILE reads it from a file, - from standard input.
         #[arg(long, default_value = "{}")]
         data: String,
     },
@@ -124,7 +124,7 @@ fn run_text(run: &Value, steps: bool) -> String {
 }
 
 fn data(text: &str) -> Result<Value> {
-    serde_json::from_str(text).context("--data must be JSON")
+    super::data_arg(text)
 }
 
 /// Runs a `chain` command.

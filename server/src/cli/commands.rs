@@ -1,6 +1,6 @@
 //! The client commands, one function each: what each sends, and how its answer is printed.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::Value;
 
 use super::client::{encode, Client};
@@ -72,7 +72,7 @@ impl Out {
 }
 
 fn invoke(c: &Client, out: &Out, name: &str, data: &str, queued: bool) -> Result<bool> {
-    let payload: Value = serde_json::from_str(data).context("--data must be JSON")?;
+    let payload: Value = super::data_arg(data)?;
     if queued {
         let body = c
             .post_json(&format!("/api/functions/{}/run", encode(name)), &payload)?

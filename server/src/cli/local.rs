@@ -21,7 +21,7 @@ use crate::platform::guess_runtime;
 pub struct RunArgs {
     /// The function's directory.
     pub dir: PathBuf,
-    /// The event, as JSON.
+    /// The event, as JSON; @FILE reads it from a file, - from standard input.
     #[arg(long, default_value = "{}")]
     pub data: String,
     /// python or node (default: guessed from the file names).
@@ -80,7 +80,7 @@ pub fn run(cli: &Cli) -> Result<bool> {
 fn run_in(args: &RunArgs, state_dir: &std::path::Path) -> Result<bool> {
     let dir = std::fs::canonicalize(&args.dir)
         .with_context(|| format!("no function directory {}", args.dir.display()))?;
-    let event: Value = serde_json::from_str(&args.data).context("--data must be JSON")?;
+    let event: Value = super::data_arg(&args.data)?;
     let runtime = match args.runtime {
         Some(runtime) => runtime,
         None => guess_runtime(&dir).with_context(|| {

@@ -125,7 +125,7 @@ pub enum Command {
     Invoke {
         /// The function: NAME, or NAME@VERSION for a version other than the active one.
         name: String,
-        /// The event, as JSON.
+        /// The event, as JSON; @FILE reads it from a file, - from standard input.
         #[arg(long, default_value = "{}")]
         data: String,
         /// Queue it and print the task id instead of waiting.
@@ -218,6 +218,31 @@ pub async fn run(cli: Cli) -> Result<bool> {
         Command::Run(_) => tokio::task::spawn_blocking(move || local::run(&cli)).await?,
         _ => tokio::task::spawn_blocking(move || commands::run(&cli)).await?,
     }
+}
+
+/// The JSON of a `--data` argument: the text itself, `@FILE` for a file's, or `-` for
+/// standard input's (an event too big or too awkward for the command line).
+pub(crate) fn data_arg(text: &str) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    let (json, from) = match text {
+        "-" => {
+            let mut all = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut all)
+                .context("--data -: reading standard input")?;
+            (all, "standard input")
+        }
+        _ => match text.strip_prefix('@') {
+            Some(path) => (
+                std::fs::read_to_string(path).with_context(|| format!("--data @{path}"))?,
+                path,
+            ),
+            None => {
+                return serde_json::from_str(text)
+                    .context("--data must be JSON (or @FILE, or - for standard input)")
+            }
+        },
+    };
+    serde_json::from_str(&json).with_context(|| format!("--data: {from} must hold JSON"))
 }
 
 /// Prints a line of a command's output. A reader gone away (`cloudfunc list | head`) is an
