@@ -597,6 +597,37 @@ fn versions() {
         post_json(s, "/api/functions/ver/invoke", &t, &json!({})).body["result"],
         "four"
     );
+    // Rolled back to version 1: its code again (its tree rebuilt from the archive), as
+    // version 5, with its settings (not version 3's memory).
+    let r = post_json(s, "/api/functions/ver/rollback", &t, &json!({"version": 1}));
+    assert_eq!((r.status, &r.body["version"]), (200, &json!(5)), "{r:?}");
+    assert_eq!(
+        post_json(s, "/api/functions/ver/invoke", &t, &json!({})).body["result"],
+        "one"
+    );
+    let r = get(s, "/api/functions/ver/versions", &t);
+    assert_eq!(r.body["versions"][4]["memory_mb"], 256, "{r:?}");
+    for (body, status) in [
+        (json!({"version": 9}), 404),
+        (json!({"version": "one"}), 400),
+        (json!({}), 400),
+    ] {
+        let r = post_json(s, "/api/functions/ver/rollback", &t, &body);
+        assert_eq!(r.status, status, "{body}: {r:?}");
+    }
+    let out = s
+        .cli("versioner")
+        .args(["rollback", "ver", "4"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ver version 6 runs version 4's code"),
+        "{out:?}"
+    );
+    assert_eq!(
+        post_json(s, "/api/functions/ver/invoke", &t, &json!({})).body["result"],
+        "four"
+    );
     // Calls resolve functions from memory: a deletion must reach them at once.
     let r = request(
         "DELETE",
@@ -605,7 +636,7 @@ fn versions() {
         None,
     );
     assert_eq!(r.status, 200, "{r:?}");
-    for key in ["ver", "ver@4"] {
+    for key in ["ver", "ver@6"] {
         let r = post_json(s, &format!("/api/functions/{key}/invoke"), &t, &json!({}));
         assert_eq!(r.status, 404, "{key}: {r:?}");
     }

@@ -125,6 +125,26 @@ async fn update(c: Ctx) -> Reply {
     redeploy(&c, &function, settings, code).await
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: u32,
+}
+
+/// `POST /api/functions/{id}/rollback` with `{"version": N}`: version N's code and settings
+/// again, as the next version (the versions in between stay, callable by number).
+async fn rollback(c: Ctx) -> Reply {
+    let (function, _) = c.state.platform.get(c.caller(), c.param(0)).await?;
+    let body: RollbackBody = json_or_empty(&c.body, "send {\"version\": N}")?;
+    redeploy(
+        &c,
+        &function,
+        Settings::default(),
+        Code::Version(body.version),
+    )
+    .await
+}
+
 /// Stores `settings` and `code` as the next version of `function`, in its owner's name (an
 /// admin may update another tenant's function), refusing a rename.
 pub(super) async fn redeploy(
@@ -419,6 +439,23 @@ pub fn routes() -> Vec<Route> {
                     &["404"],
                     params,
                 )
+            },
+        ),
+        token(
+            Method::POST,
+            "/api/functions/{id}/rollback",
+            true,
+            |c| Box::pin(rollback(c)),
+            || {
+                let body = json_body(json!({
+                    "type": "object",
+                    "required": ["version"],
+                    "additionalProperties": false,
+                    "properties": {"version": {"type": "integer", "minimum": 1}},
+                }));
+                let extra = json!({"parameters": [id_param()], "requestBody": body});
+                let what = "An earlier version's code and settings again, as the next version";
+                op(what, ("200", schema("Deployed")), &["404", "409"], extra)
             },
         ),
         activate.clone().with_method(Method::POST),

@@ -40,6 +40,7 @@ pub fn run(cli: &Cli) -> Result<bool> {
         Command::Activate { name } => set_active(&c, &out, name, true),
         Command::Deactivate { name } => set_active(&c, &out, name, false),
         Command::Delete { name } => delete(&c, &out, name),
+        Command::Rollback { name, version } => rollback(&c, &out, name, *version),
         Command::Alerts(a) => super::alerts::run(&c, &out, a),
         Command::Chain(a) => super::chains::run(&c, &out, a),
         Command::Secrets(a) => super::secrets::secrets(&c, &out, a),
@@ -146,6 +147,22 @@ fn set_active(c: &Client, out: &Out, name: &str, active: bool) -> Result<bool> {
         .ok()?;
     out.print(body, |b: &render::Changed| {
         format!("{} is {}", b.name, b.status)
+    })?;
+    Ok(true)
+}
+
+fn rollback(c: &Client, out: &Out, name: &str, to: u32) -> Result<bool> {
+    let body = c
+        .post_json(
+            &format!("/api/functions/{}/rollback", encode(name)),
+            &serde_json::json!({ "version": to }),
+        )?
+        .ok()?;
+    out.print(body, |b: &render::Deployed| {
+        format!(
+            "{} version {} runs version {to}'s code and settings",
+            b.name, b.version
+        )
     })?;
     Ok(true)
 }

@@ -167,6 +167,13 @@ pub enum Command {
         /// The function's name.
         name: String,
     },
+    /// Make an earlier version's code and settings current again, as the next version.
+    Rollback {
+        /// The function's name.
+        name: String,
+        /// The version to go back to (see `versions`).
+        version: u32,
+    },
     /// Delete a function.
     Delete {
         /// The function's name.

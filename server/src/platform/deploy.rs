@@ -23,6 +23,8 @@ pub enum Code {
     Files(Vec<(String, Vec<u8>)>),
     /// Keep the previous version's code (a settings-only update).
     Unchanged,
+    /// The code and settings of this earlier version, as the next version: a rollback.
+    Version(u32),
 }
 
 /// Where code waits under the code directory until its function and version are known.
@@ -44,7 +46,8 @@ struct Staged {
 }
 
 impl Staged {
-    /// Writes `code` under `incoming`; `None` for [`Code::Unchanged`].
+    /// Writes `code` under `incoming`; `None` for code already stored ([`Code::Unchanged`],
+    /// [`Code::Version`]).
     fn write(incoming: &Path, code: Code, limits: ArchiveLimits) -> Result<Option<Staged>> {
         let dir = incoming.join(format!("{:016x}", rand::random::<u64>()));
         let staged = Staged { dir, placed: false };
@@ -53,7 +56,7 @@ impl Staged {
                 archive::extract(&bytes, &staged.dir, limits)?;
             }
             Code::Files(files) => write_files(&staged.dir, &files)?,
-            Code::Unchanged => return Ok(None),
+            Code::Unchanged | Code::Version(_) => return Ok(None),
         }
         Ok(Some(staged))
     }
@@ -88,6 +91,11 @@ impl Platform {
     ) -> Result<(Function, Version)> {
         self.require_space()?;
         self.admit_deploy(caller)?;
+        // A rollback starts from that version, as an update starts from the current one.
+        let from = match code {
+            Code::Version(n) => Some(n),
+            _ => None,
+        };
         // The code first, into a staging directory: its manifest may name the function.
         let staged = {
             let incoming = self.inner.config.code_dir.join(INCOMING);
@@ -125,9 +133,14 @@ impl Platform {
             let (tenant, name) = (tenant.clone(), name.clone());
             blocking(move || -> Result<_> {
                 let previous = match store.function(Some(&tenant), &name)? {
-                    Some(f) => store.version(&f.id, f.version)?,
+                    Some(f) => store.version(&f.id, from.unwrap_or(f.version))?,
                     None => None,
                 };
+                if let (Some(n), None) = (from, &previous) {
+                    return Err(PlatformError::NotFound(format!(
+                        "function {name:?} has no version {n}"
+                    )));
+                }
                 let (function_id, number) = store.next_version(&tenant, &name)?;
                 Ok((previous, function_id, number))
             })
