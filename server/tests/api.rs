@@ -501,6 +501,77 @@ fn async_run() {
         .contains("JSON"));
     let r = post_json(s, "/api/functions/missing/run", &t, &json!({}));
     assert_eq!(r.status, 404);
+
+    // Sent again with the same Idempotency-Key (its first reply lost), a submission gets
+    // the task the first made, and the function runs once.
+    let submit = |token: &str, key: &str, body: &Value| {
+        request_with(
+            "POST",
+            &format!("{}/api/functions/adder/run", s.url),
+            Some(token),
+            &[("idempotency-key", key)],
+            Some(("application/json", serde_json::to_vec(body).unwrap())),
+        )
+    };
+    let replayed = |r: &Reply| {
+        r.headers
+            .iter()
+            .any(|(k, v)| k == "idempotent-replayed" && v == "true")
+    };
+    let first = submit(&t, "order-17", &json!({"a": 10, "b": 1}));
+    assert_eq!(first.status, 202, "{first:?}");
+    assert!(!replayed(&first));
+    let id = first.body["task_id"].as_str().unwrap().to_string();
+    wait_task(s, &t, &id, Duration::from_secs(30));
+    let again = submit(&t, "order-17", &json!({"a": 10, "b": 1}));
+    assert_eq!(
+        (again.status, &again.body["task_id"]),
+        (202, &json!(id)),
+        "{again:?}"
+    );
+    assert!(replayed(&again), "{again:?}");
+    assert_eq!(again.body["status"], "succeeded");
+    let ran = get(s, "/api/functions/adder/tasks?limit=100", &t).body["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|task| task["payload"] == json!({"a": 10, "b": 1}))
+        .count();
+    assert_eq!(ran, 1, "the function ran once");
+    // The same key for another payload is refused; another tenant's keys are its own.
+    let other = submit(&t, "order-17", &json!({"a": 11, "b": 1}));
+    assert_eq!(other.status, 422, "{other:?}");
+    let theirs = s.token("idem-other", false);
+    assert_eq!(
+        deploy(
+            s,
+            &theirs,
+            "adder",
+            &[("function.py", "def handler(e):\n    return e['a'] + 1\n")]
+        )
+        .status,
+        201
+    );
+    let r = submit(&theirs, "order-17", &json!({"a": 10, "b": 1}));
+    assert_eq!(r.status, 202, "{r:?}");
+    assert_ne!(r.body["task_id"], json!(id));
+    // Sent at once, four times: one task, and each reply names it.
+    let ids: std::collections::HashSet<String> = std::thread::scope(|scope| {
+        let sends: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| submit(&t, "burst-1", &json!({"a": 1, "b": 2}))))
+            .collect();
+        sends
+            .into_iter()
+            .map(|h| {
+                let r = h.join().unwrap();
+                assert_eq!(r.status, 202, "{r:?}");
+                r.body["task_id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    });
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let long = "k".repeat(256);
+    assert_eq!(submit(&t, &long, &json!({"a": 1})).status, 400);
 }
 
 fn versions() {

@@ -601,6 +601,41 @@ fn chains_runs_and_steps_round_trip(place: &Place) {
     assert!(store.chain(None, "pipe").unwrap().is_none());
 }
 
+/// An idempotency key goes to the first task that claims it; a later claim is told that
+/// task; a key whose task was never stored passes to another only from that task; keys go
+/// with their age.
+fn idempotency_keys_go_to_the_first_claim(place: &Place) {
+    let store = place.open();
+    assert_eq!(
+        store.claim_key("alice", "k1", "task_a", 10).unwrap(),
+        ("task_a".to_string(), 10)
+    );
+    assert_eq!(
+        store.claim_key("alice", "k1", "task_b", 20).unwrap(),
+        ("task_a".to_string(), 10)
+    );
+    // Another tenant's key of the same name is another key.
+    assert_eq!(
+        store.claim_key("bob", "k1", "task_c", 20).unwrap(),
+        ("task_c".to_string(), 20)
+    );
+    assert!(!store
+        .take_over_key("alice", "k1", "task_x", "task_b", 30)
+        .unwrap());
+    assert!(store
+        .take_over_key("alice", "k1", "task_a", "task_b", 30)
+        .unwrap());
+    assert_eq!(
+        store.claim_key("alice", "k1", "task_d", 40).unwrap(),
+        ("task_b".to_string(), 30)
+    );
+    assert_eq!(store.prune_keys(25).unwrap(), 1, "bob's, taken at 20");
+    assert_eq!(
+        store.claim_key("bob", "k1", "task_e", 50).unwrap(),
+        ("task_e".to_string(), 50)
+    );
+}
+
 /// Tenant data is sealed in the database, a flipped byte is reported for its record only,
 /// and a queued task whose record is damaged is failed instead of stalling the queue.
 fn damaged_records_are_reported_and_the_queue_goes_on(place: &Place) {
@@ -1387,6 +1422,10 @@ const TESTS: &[(&str, Test)] = &[
     (
         "chains_runs_and_steps_round_trip",
         chains_runs_and_steps_round_trip,
+    ),
+    (
+        "idempotency_keys_go_to_the_first_claim",
+        idempotency_keys_go_to_the_first_claim,
     ),
     (
         "damaged_records_are_reported_and_the_queue_goes_on",

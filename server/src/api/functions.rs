@@ -193,17 +193,36 @@ pub(super) async fn delete(c: Ctx) -> Reply {
 async fn run(c: Ctx) -> Reply {
     let query: RunQuery = c.query()?;
     let payload = payload(&c.body)?;
-    let task = c
-        .state
-        .platform
-        .submit(c.caller(), c.param(0), query.version, payload)
-        .await?;
+    let platform = &c.state.platform;
+    let (function, version) = (c.param(0), query.version);
+    // Sent again with the same key, a submission gets the task the first one made.
+    let (task, replayed) = match c.headers.get("idempotency-key") {
+        Some(key) => {
+            let key = key.to_str().map_err(|_| {
+                ApiError::bad_request("Idempotency-Key must be visible ASCII characters")
+            })?;
+            platform
+                .submit_once(c.caller(), function, version, payload, key)
+                .await?
+        }
+        None => (
+            platform
+                .submit(c.caller(), function, version, payload)
+                .await?,
+            false,
+        ),
+    };
     let mut response = reply(
         StatusCode::ACCEPTED,
         &json!({"task_id": task.task_id, "status": task.status, "function": task.function, "version": task.version}),
     );
     if let Ok(v) = HeaderValue::from_str(&format!("/api/tasks/{}", task.task_id)) {
         response.headers_mut().insert("location", v);
+    }
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
 }
@@ -469,10 +488,21 @@ pub fn routes() -> Vec<Route> {
             |c| Box::pin(run(c)),
             || {
                 let body = json_body(json!({}));
+                let key = json!({
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "description": "A submission sent again with the same key gets the task the first made (header Idempotent-Replayed: true); the same key with another payload is refused (422)",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                });
                 let extra =
-                    json!({"parameters": [id_param(), version_param()], "requestBody": body});
+                    json!({"parameters": [id_param(), version_param(), key], "requestBody": body});
                 let what = "Queue an asynchronous run; 202 once the task is on disk";
-                op(what, ("202", schema("Queued")), &["404", "409"], extra)
+                op(
+                    what,
+                    ("202", schema("Queued")),
+                    &["404", "409", "422"],
+                    extra,
+                )
             },
         ),
         token(

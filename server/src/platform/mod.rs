@@ -18,6 +18,7 @@ mod code;
 mod deploy;
 mod destinations;
 mod held;
+mod idempotency;
 mod invoke;
 mod monitor;
 mod outbox;

@@ -37,11 +37,13 @@ pub struct Pruned {
     pub rollups: u64,
     pub chain_runs: u64,
     pub deliveries: u64,
+    /// Idempotency keys of submissions.
+    pub keys: u64,
 }
 
 impl Retention {
-    /// Prunes what is past its time as of `now`. Chain runs and notifications' deliveries
-    /// are history as tasks are, and are kept as long.
+    /// Prunes what is past its time as of `now`. Chain runs, notifications' deliveries and
+    /// submissions' idempotency keys are history as tasks are, and are kept as long.
     pub fn apply(&self, store: &dyn Store, now: i64) -> Result<Pruned> {
         let cutoff =
             |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -49,6 +51,7 @@ impl Retention {
             tasks: store.prune(cutoff(self.tasks))?,
             chain_runs: store.prune_runs(cutoff(self.tasks))?,
             deliveries: store.prune_notifications(cutoff(self.tasks))?,
+            keys: store.prune_keys(cutoff(self.tasks))?,
             rollups: 0,
         };
         for (resolution, keep) in crate::rollup::RESOLUTIONS.into_iter().zip([
@@ -86,6 +89,7 @@ impl Platform {
                         rollups = p.rollups,
                         chain_runs = p.chain_runs,
                         deliveries = p.deliveries,
+                        keys = p.keys,
                         "retention removed what was past its time"
                     ),
                     other => tracing::error!(error = ?other, "retention failed"),

@@ -404,3 +404,40 @@ async fn health_reads_the_store_once_for_callers_at_once() {
         "older figures are read again"
     );
 }
+
+/// A key taken by a submission whose task was never stored (its server stopped between the
+/// two) passes, once that submission is surely lost, to the next submission with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_task_was_never_stored_passes_on() {
+    let f = fixture(quiet());
+    f.platform
+        .deploy(&alice(), named("echo"), python(&[]))
+        .await
+        .unwrap();
+    let long_ago = crate::model::now_ms() - 60_000;
+    f.store
+        .claim_key("alice", "lost-1", "task_never_stored", long_ago)
+        .unwrap();
+    let (task, replayed) = f
+        .platform
+        .submit_once(&alice(), "echo", None, json!({"n": 1}), "lost-1")
+        .await
+        .unwrap();
+    assert!(!replayed);
+    assert_ne!(task.task_id, "task_never_stored");
+    let (again, replayed) = f
+        .platform
+        .submit_once(&alice(), "echo", None, json!({"n": 1}), "lost-1")
+        .await
+        .unwrap();
+    assert!(replayed);
+    assert_eq!(again.task_id, task.task_id);
+    let refused = f
+        .platform
+        .submit_once(&alice(), "echo", None, json!({"n": 1}), "bad key")
+        .await;
+    assert!(
+        matches!(refused, Err(PlatformError::BadRequest(_))),
+        "{refused:?}"
+    );
+}

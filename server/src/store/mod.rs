@@ -218,6 +218,21 @@ pub trait Store:
     fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>>;
     /// Tasks waiting in the queue.
     fn queue_depth(&self) -> Result<u64>;
+    /// Gives `tenant`'s idempotency key `key` to task `task_id` (made at `at`) unless a task
+    /// holds it already; returns the task that holds it, and when it took it.
+    fn claim_key(&self, tenant: &str, key: &str, task_id: &str, at: i64) -> Result<(String, i64)>;
+    /// Gives `key` to `task_id` if `from` still holds it (a submission that took the key and
+    /// never stored its task); whether it did.
+    fn take_over_key(
+        &self,
+        tenant: &str,
+        key: &str,
+        from: &str,
+        task_id: &str,
+        at: i64,
+    ) -> Result<bool>;
+    /// Forgets the keys taken before `before`; returns how many.
+    fn prune_keys(&self, before: i64) -> Result<u64>;
     /// Tasks running now.
     fn running(&self) -> Result<u64>;
     /// At a graceful stop: puts the tasks of `task_ids` that this node claimed and never

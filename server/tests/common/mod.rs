@@ -246,10 +246,24 @@ pub fn request(
     token: Option<&str>,
     body: Option<(&str, Vec<u8>)>,
 ) -> Reply {
+    request_with(method, url, token, &[], body)
+}
+
+/// [`request`] with more headers.
+pub fn request_with(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<(&str, Vec<u8>)>,
+) -> Reply {
     let agent = agent();
     let mut req = ureq::http::Request::builder().method(method).uri(url);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let response = match body {
         Some((ct, bytes)) => agent.run(req.header("content-type", ct).body(bytes).unwrap()),

@@ -16,6 +16,7 @@ mod cluster;
 mod ends;
 mod floor;
 mod growth;
+mod keys;
 mod pool;
 mod rollups;
 mod rows;
@@ -420,6 +421,25 @@ impl Store for PgStore {
             .iter()
             .map(|r| task_row(self, r))
             .collect()
+    }
+
+    fn claim_key(&self, tenant: &str, key: &str, task_id: &str, at: i64) -> Result<(String, i64)> {
+        keys::claim(&mut *self.pool.get()?, tenant, key, task_id, at)
+    }
+
+    fn take_over_key(
+        &self,
+        tenant: &str,
+        key: &str,
+        from: &str,
+        task_id: &str,
+        at: i64,
+    ) -> Result<bool> {
+        keys::take_over(&mut *self.pool.get()?, tenant, key, from, task_id, at)
+    }
+
+    fn prune_keys(&self, before: i64) -> Result<u64> {
+        keys::prune(&mut *self.pool.get()?, before)
     }
 
     fn queue_depth(&self) -> Result<u64> {

@@ -36,6 +36,10 @@ const MIGRATIONS: &[Migration] = &[
         what: "the index of a function's calls by end time holds finished tasks only",
         sql: FUNCTION_FINISHED_ONLY,
     },
+    Migration {
+        what: "idempotency keys of submissions",
+        sql: super::keys::SCHEMA,
+    },
 ];
 
 /// The index of a function's calls by end time serves the calls of a time range (the only

@@ -11,6 +11,7 @@ mod anomalies;
 mod chains;
 mod checkpoint;
 mod claims;
+mod keys;
 mod rollups;
 mod rows;
 mod schema;
@@ -372,6 +373,25 @@ impl Store for SqliteStore {
             [],
             |r| r.get(0),
         )?)
+    }
+
+    fn claim_key(&self, tenant: &str, key: &str, task_id: &str, at: i64) -> Result<(String, i64)> {
+        keys::claim(&self.conn(), tenant, key, task_id, at)
+    }
+
+    fn take_over_key(
+        &self,
+        tenant: &str,
+        key: &str,
+        from: &str,
+        task_id: &str,
+        at: i64,
+    ) -> Result<bool> {
+        keys::take_over(&self.conn(), tenant, key, from, task_id, at)
+    }
+
+    fn prune_keys(&self, before: i64) -> Result<u64> {
+        keys::prune(&self.conn(), before)
     }
 
     fn running(&self) -> Result<u64> {

@@ -55,6 +55,11 @@ const MIGRATIONS: &[Migration] = &[
         sql: sealed::SCHEMA,
         then: None,
     },
+    Migration {
+        what: "idempotency keys of submissions",
+        sql: super::keys::SCHEMA,
+        then: None,
+    },
 ];
 
 /// The schema version this binary writes.
