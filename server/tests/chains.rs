@@ -350,6 +350,36 @@ fn destinations_receive_async_results() {
         deploy_ok(s, t, "sink", ECHO, "");
         deploy_ok(s, t, "echo", ECHO, "");
         chain_ok(s, t, json!({"name": "report", "steps": ["echo"]}));
+        // A durable run requested again under the same Idempotency-Key is the same run;
+        // the key sent with another input, or for a function's run, is refused.
+        let queue = |path: &str, key: &str, body: Value| {
+            common::request_with(
+                "POST",
+                &format!("{}{path}", s.url),
+                Some(t),
+                &[("idempotency-key", key)],
+                Some(("application/json", serde_json::to_vec(&body).unwrap())),
+            )
+        };
+        let first = queue("/api/chains/report/run", "nightly-1", json!({"d": 1}));
+        assert_eq!(first.status, 202, "{first:?}");
+        let run = first.body["run_id"].as_str().unwrap().to_string();
+        let again = queue("/api/chains/report/run", "nightly-1", json!({"d": 1}));
+        assert_eq!(again.body["run_id"], json!(run), "{again:?}");
+        assert!(again
+            .headers
+            .iter()
+            .any(|(k, v)| k == "idempotent-replayed" && v == "true"));
+        assert_eq!(
+            wait_run(s, t, &run, Duration::from_secs(30))["output"],
+            json!({"d": 1})
+        );
+        let runs = get(s, "/api/chains/report/runs", t).body["runs"].clone();
+        assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+        let other = queue("/api/chains/report/run", "nightly-1", json!({"d": 2}));
+        assert_eq!(other.status, 422, "{other:?}");
+        let crossed = queue("/api/functions/echo/run", "nightly-1", json!({"d": 1}));
+        assert_eq!(crossed.status, 422, "{crossed:?}");
         // Destinations must exist, and not be the function itself.
         for (query, what) in [
             ("&on_success=nowhere", "nowhere"),

@@ -7,7 +7,7 @@ use warp::http::{HeaderValue, Method, StatusCode};
 
 use super::body::{json_or_empty, payload};
 use super::functions::token;
-use super::openapi::{op, schema};
+use super::openapi::{idempotency_param, op, schema};
 use super::router::{json as reply, Ctx, Reply, Route};
 use crate::chains::ChainRun;
 use crate::platform::ChainSpec;
@@ -62,11 +62,19 @@ async fn invoke(c: Ctx) -> Reply {
 
 async fn run(c: Ctx) -> Reply {
     let input = payload(&c.body)?;
-    let run = c
-        .state
-        .platform
-        .run_chain(c.caller(), c.param(0), input)
-        .await?;
+    let platform = &c.state.platform;
+    // Sent again with the same key, a run request gets the run the first one started.
+    let (run, replayed) = match super::idempotency_key(&c)? {
+        Some(key) => {
+            platform
+                .run_chain_once(c.caller(), c.param(0), input, key)
+                .await?
+        }
+        None => (
+            platform.run_chain(c.caller(), c.param(0), input).await?,
+            false,
+        ),
+    };
     let mut response = reply(
         StatusCode::ACCEPTED,
         &json!({"run_id": run.run_id, "task_id": run.run_id, "status": run.status, "chain": run.chain}),
@@ -74,6 +82,7 @@ async fn run(c: Ctx) -> Reply {
     if let Ok(v) = HeaderValue::from_str(&format!("/api/chains/runs/{}", run.run_id)) {
         response.headers_mut().insert("location", v);
     }
+    super::replayed(&mut response, replayed);
     Ok(response)
 }
 
@@ -177,8 +186,8 @@ pub fn routes() -> Vec<Route> {
             true,
             |c| Box::pin(run(c)),
             || {
-                let extra = json!({"parameters": [chain_param()], "requestBody": {"required": false, "content": {"application/json": {"schema": {}}}}});
-                op("Queue a durable run of a chain on the body; its id answers at /api/chains/runs/{run_id} and the task status routes", ("202", schema("ChainQueued")), &["404", "409", "429"], extra)
+                let extra = json!({"parameters": [chain_param(), idempotency_param()], "requestBody": {"required": false, "content": {"application/json": {"schema": {}}}}});
+                op("Queue a durable run of a chain on the body; its id answers at /api/chains/runs/{run_id} and the task status routes", ("202", schema("ChainQueued")), &["404", "409", "422", "429"], extra)
             },
         ),
         token(

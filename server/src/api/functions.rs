@@ -9,7 +9,8 @@ use warp::http::{HeaderValue, Method, StatusCode};
 
 use super::body::{deploy_body, json_or_empty, looks_like_zip, payload, DeployBody, RangeQuery};
 use super::openapi::{
-    id_and_range, id_param, json_body, op, schema, settings_properties, version_param,
+    id_and_range, id_param, idempotency_param, json_body, op, schema, settings_properties,
+    version_param,
 };
 use super::router::{json as reply, Access, Ctx, Reply, Route};
 use super::ApiError;
@@ -196,11 +197,8 @@ async fn run(c: Ctx) -> Reply {
     let platform = &c.state.platform;
     let (function, version) = (c.param(0), query.version);
     // Sent again with the same key, a submission gets the task the first one made.
-    let (task, replayed) = match c.headers.get("idempotency-key") {
+    let (task, replayed) = match super::idempotency_key(&c)? {
         Some(key) => {
-            let key = key.to_str().map_err(|_| {
-                ApiError::bad_request("Idempotency-Key must be visible ASCII characters")
-            })?;
             platform
                 .submit_once(c.caller(), function, version, payload, key)
                 .await?
@@ -219,11 +217,7 @@ async fn run(c: Ctx) -> Reply {
     if let Ok(v) = HeaderValue::from_str(&format!("/api/tasks/{}", task.task_id)) {
         response.headers_mut().insert("location", v);
     }
-    if replayed {
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
+    super::replayed(&mut response, replayed);
     Ok(response)
 }
 
@@ -488,14 +482,8 @@ pub fn routes() -> Vec<Route> {
             |c| Box::pin(run(c)),
             || {
                 let body = json_body(json!({}));
-                let key = json!({
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "description": "A submission sent again with the same key gets the task the first made (header Idempotent-Replayed: true); the same key with another payload is refused (422)",
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-                });
-                let extra =
-                    json!({"parameters": [id_param(), version_param(), key], "requestBody": body});
+                let params = [id_param(), version_param(), idempotency_param()];
+                let extra = json!({"parameters": params, "requestBody": body});
                 let what = "Queue an asynchronous run; 202 once the task is on disk";
                 op(
                     what,

@@ -51,6 +51,28 @@ pub struct AppState {
     pub http: crate::http::Limits,
 }
 
+/// A submission's `Idempotency-Key` header, if it sent one.
+fn idempotency_key(c: &Ctx) -> Result<Option<&str>, ApiError> {
+    c.headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str().map_err(|_| {
+                ApiError::bad_request("Idempotency-Key must be visible ASCII characters")
+            })
+        })
+        .transpose()
+}
+
+/// Marks the reply to a submission sent again under its idempotency key.
+fn replayed(response: &mut warp::reply::Response, replayed: bool) {
+    if replayed {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            warp::http::HeaderValue::from_static("true"),
+        );
+    }
+}
+
 /// Every route of the API.
 pub fn table() -> Table {
     let mut routes = Vec::new();

@@ -50,6 +50,16 @@ pub fn schema(name: &str) -> Value {
 }
 
 /// The `{id}` parameter: a function's id or name.
+/// The `Idempotency-Key` header of a submission.
+pub fn idempotency_param() -> Value {
+    json!({
+        "name": "Idempotency-Key",
+        "in": "header",
+        "description": "Sent again with the same key, a submission gets what the first made (header Idempotent-Replayed: true); the same key with another payload is refused (422)",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    })
+}
+
 pub fn id_param() -> Value {
     json!({"name": "id", "in": "path", "required": true, "description": "function id or name (name@version where a version may be named)", "example": "hello_fn", "schema": {"type": "string", "minLength": 1, "maxLength": 80}})
 }

@@ -172,7 +172,7 @@ impl Platform {
     }
 
     /// A new run of `key` on `input`, its definition fixed now.
-    async fn new_run(
+    pub(super) async fn new_run(
         &self,
         caller: &Caller,
         key: &str,
@@ -250,10 +250,16 @@ impl Platform {
         input: Value,
     ) -> Result<ChainRun> {
         let run = self.new_run(caller, key, input, Mode::Async).await?;
+        self.store_run(&run).await?;
+        Ok(run)
+    }
+
+    /// Stores a new async run and drives it in the background.
+    pub(super) async fn store_run(&self, run: &ChainRun) -> Result<()> {
         let (store, saved) = (self.store(), run.clone());
         blocking(move || store.save_run(&saved)).await??;
         self.spawn_run(run.clone());
-        Ok(run)
+        Ok(())
     }
 
     /// Drives a stored async run to its end in the background, storing each step.
