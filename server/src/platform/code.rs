@@ -132,6 +132,12 @@ impl Platform {
                 "function code restored from the stored archives"
             );
         }
+        if report.retired > 0 {
+            tracing::info!(
+                retired = report.retired,
+                "code trees of versions no longer current removed (rebuilt when called)"
+            );
+        }
         Ok(report)
     }
 
