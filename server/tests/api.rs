@@ -570,6 +570,20 @@ fn async_run() {
             .collect()
     });
     assert_eq!(ids.len(), 1, "{ids:?}");
+    // The same from the command line: a retried --async prints the same task.
+    let queued_by_cli = || {
+        let out = s
+            .cli("asyncer")
+            .args(["invoke", "adder", "--async", "--idempotency-key", "cli-1"])
+            .args(["--data", r#"{"a": 2, "b": 2}"#])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let printed = queued_by_cli();
+    assert!(printed.starts_with("queued task task_"), "{printed}");
+    assert_eq!(queued_by_cli(), printed);
     let long = "k".repeat(256);
     assert_eq!(submit(&t, &long, &json!({"a": 1})).status, 400);
 }

@@ -155,6 +155,19 @@ impl Client {
         )
     }
 
+    /// POST `path` with a JSON body under an idempotency key: sent again with the same key,
+    /// the server answers with what the first made.
+    pub fn post_json_once(&self, path: &str, body: &Value, key: &str) -> Result<Reply> {
+        let url = format!("{}{path}", self.base);
+        let text = serde_json::to_string(body)?;
+        self.send(
+            self.agent.post(&url).header("idempotency-key", key),
+            &url,
+            "application/json",
+            text.as_bytes(),
+        )
+    }
+
     /// POST `path` with a ZIP body.
     pub fn post_zip(&self, path: &str, zip: &[u8]) -> Result<Reply> {
         let url = format!("{}{path}", self.base);

@@ -31,7 +31,8 @@ pub fn run(cli: &Cli) -> Result<bool> {
             name,
             data,
             r#async,
-        } => invoke(&c, &out, name, data, *r#async),
+            idempotency_key,
+        } => invoke(&c, &out, name, data, *r#async, idempotency_key.as_deref()),
         Command::List => list(&c, &out),
         Command::Status { task } => status(&c, &out, task),
         Command::Logs { target } => logs(&c, &out, target),
@@ -72,12 +73,25 @@ impl Out {
     }
 }
 
-fn invoke(c: &Client, out: &Out, name: &str, data: &str, queued: bool) -> Result<bool> {
+fn invoke(
+    c: &Client,
+    out: &Out,
+    name: &str,
+    data: &str,
+    queued: bool,
+    key: Option<&str>,
+) -> Result<bool> {
     let payload: Value = super::data_arg(data)?;
+    if key.is_some() && !queued {
+        bail!("--idempotency-key goes with --async (a sync call is not queued)");
+    }
     if queued {
-        let body = c
-            .post_json(&format!("/api/functions/{}/run", encode(name)), &payload)?
-            .ok()?;
+        let path = format!("/api/functions/{}/run", encode(name));
+        let sent = match key {
+            Some(key) => c.post_json_once(&path, &payload, key)?,
+            None => c.post_json(&path, &payload)?,
+        };
+        let body = sent.ok()?;
         out.print(body, |q: &render::Queued| {
             format!("queued task {}", q.task_id)
         })?;

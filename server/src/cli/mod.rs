@@ -131,6 +131,10 @@ pub enum Command {
         /// Queue it and print the task id instead of waiting.
         #[arg(long)]
         r#async: bool,
+        /// With --async: sent again with the same key, the command prints the task the first
+        /// queued instead of queueing another (safe to retry).
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// List functions.
     List,
