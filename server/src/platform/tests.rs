@@ -11,7 +11,7 @@ use super::*;
 use crate::isolation::Isolation;
 use crate::model::{ErrorKind, Mode, TaskStatus};
 use crate::pool::{ManualClock, PoolConfig};
-use crate::store::SqliteStore;
+use crate::store::{KeyStore, SqliteStore};
 
 struct Fixture {
     platform: Platform,

@@ -79,25 +79,6 @@ impl Store for Flaky {
     fn running(&self) -> Result<u64> {
         self.inner.running()
     }
-    fn claim_key(&self, tenant: &str, key: &str, task_id: &str, at: i64) -> Result<(String, i64)> {
-        self.refuse()?;
-        self.inner.claim_key(tenant, key, task_id, at)
-    }
-    fn take_over_key(
-        &self,
-        tenant: &str,
-        key: &str,
-        from: &str,
-        task_id: &str,
-        at: i64,
-    ) -> Result<bool> {
-        self.refuse()?;
-        self.inner.take_over_key(tenant, key, from, task_id, at)
-    }
-    fn prune_keys(&self, before: i64) -> Result<u64> {
-        self.refuse()?;
-        self.inner.prune_keys(before)
-    }
     fn give_back(&self, task_ids: &[String]) -> Result<u64> {
         self.inner.give_back(task_ids)
     }
@@ -344,5 +325,27 @@ impl super::SealedStore for Flaky {
     fn reencrypt(&self, tenant: Option<&str>) -> Result<super::Reencrypted> {
         self.refuse()?;
         self.inner.reencrypt(tenant)
+    }
+}
+
+impl crate::store::KeyStore for Flaky {
+    fn claim_key(&self, tenant: &str, key: &str, task_id: &str, at: i64) -> Result<(String, i64)> {
+        self.refuse()?;
+        self.inner.claim_key(tenant, key, task_id, at)
+    }
+    fn take_over_key(
+        &self,
+        tenant: &str,
+        key: &str,
+        from: &str,
+        task_id: &str,
+        at: i64,
+    ) -> Result<bool> {
+        self.refuse()?;
+        self.inner.take_over_key(tenant, key, from, task_id, at)
+    }
+    fn prune_keys(&self, before: i64) -> Result<u64> {
+        self.refuse()?;
+        self.inner.prune_keys(before)
     }
 }

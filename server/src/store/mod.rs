@@ -12,6 +12,7 @@ mod chains;
 pub mod cluster;
 #[cfg(test)]
 pub(crate) mod flaky;
+mod keys;
 pub mod postgres;
 mod recorder;
 pub(crate) mod records;
@@ -23,6 +24,7 @@ pub use alerts::{AlertStore, Attempt};
 pub use anomalies::AnomalyStore;
 pub use chains::ChainStore;
 pub use cluster::{ClusterStore, NodeInfo, Signal};
+pub use keys::KeyStore;
 pub use postgres::PgStore;
 pub use recorder::{Recorder, Want};
 pub use retry::Retry;
@@ -154,7 +156,7 @@ impl Write {
 /// alerting's rules and outbox, chains and their runs, and code archives, secrets and keys,
 /// through [`AnomalyStore`], [`AlertStore`], [`ChainStore`] and [`SealedStore`]). `tenant: None` means an admin, who sees all.
 pub trait Store:
-    AnomalyStore + AlertStore + ChainStore + SealedStore + Send + Sync + std::fmt::Debug
+    AnomalyStore + AlertStore + ChainStore + KeyStore + SealedStore + Send + Sync + std::fmt::Debug
 {
     /// The function `key` (an id or a name) as `tenant` sees it.
     fn function(&self, tenant: Option<&str>, key: &str) -> Result<Option<Function>>;
@@ -218,21 +220,6 @@ pub trait Store:
     fn recent_tasks(&self, function_id: &str, limit: u32) -> Result<Vec<Task>>;
     /// Tasks waiting in the queue.
     fn queue_depth(&self) -> Result<u64>;
-    /// Gives `tenant`'s idempotency key `key` to task `task_id` (made at `at`) unless a task
-    /// holds it already; returns the task that holds it, and when it took it.
-    fn claim_key(&self, tenant: &str, key: &str, task_id: &str, at: i64) -> Result<(String, i64)>;
-    /// Gives `key` to `task_id` if `from` still holds it (a submission that took the key and
-    /// never stored its task); whether it did.
-    fn take_over_key(
-        &self,
-        tenant: &str,
-        key: &str,
-        from: &str,
-        task_id: &str,
-        at: i64,
-    ) -> Result<bool>;
-    /// Forgets the keys taken before `before`; returns how many.
-    fn prune_keys(&self, before: i64) -> Result<u64>;
     /// Tasks running now.
     fn running(&self) -> Result<u64>;
     /// At a graceful stop: puts the tasks of `task_ids` that this node claimed and never

@@ -9,10 +9,65 @@ use super::PgStore;
 use crate::chains::{Chain, ChainRun, RunStatus, StepRecord};
 use crate::model::Mode;
 use crate::store::records::{place, step_row};
-use crate::store::Result;
+use crate::store::{ChainStore, Result};
 
 const CHAIN_COLS: &str = "id, tenant, name, definition, created_at, updated_at";
 const RUN_COLS: &str = "id, tenant, chain_id, chain, mode, status, input, output, error, definition, deadline_at, created_at, started_at, finished_at";
+
+impl ChainStore for PgStore {
+    fn put_chain(&self, chain: &Chain) -> Result<Chain> {
+        put_chain(&mut *self.pool.get()?, chain).map_err(super::conflict)
+    }
+
+    fn chain(&self, tenant: Option<&str>, key: &str) -> Result<Option<Chain>> {
+        chain(&mut *self.pool.get()?, tenant, key)
+    }
+
+    fn chains(&self, tenant: Option<&str>) -> Result<Vec<Chain>> {
+        chains(&mut *self.pool.get()?, tenant)
+    }
+
+    fn delete_chain(&self, id: &str) -> Result<bool> {
+        delete_chain(&mut *self.pool.get()?, id)
+    }
+
+    fn prune_runs(&self, before: i64) -> Result<u64> {
+        prune_runs(&mut *self.pool.get()?, before)
+    }
+
+    fn save_run(&self, run: &ChainRun) -> Result<()> {
+        let key = self.tenant_key(&run.tenant)?;
+        save_run(&mut *self.pool.get()?, run, self.seal_for(&key))
+    }
+
+    fn save_step(&self, tenant: &str, run_id: &str, step: &StepRecord) -> Result<()> {
+        let key = self.tenant_key(tenant)?;
+        save_step(&mut *self.pool.get()?, run_id, step, self.seal_for(&key))
+    }
+
+    fn chain_run(&self, tenant: Option<&str>, run_id: &str) -> Result<Option<ChainRun>> {
+        Ok(self
+            .runs_where(
+                "WHERE ($1::TEXT IS NULL OR tenant = $1) AND id = $2",
+                &[&tenant, &run_id],
+            )?
+            .pop())
+    }
+
+    fn chain_runs(&self, chain_id: &str, limit: u32) -> Result<Vec<ChainRun>> {
+        self.runs_where(
+            "WHERE chain_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+            &[&chain_id, &i64::from(limit)],
+        )
+    }
+
+    fn unfinished_runs(&self) -> Result<Vec<ChainRun>> {
+        self.runs_where(
+            "WHERE status IN ('queued', 'running') ORDER BY created_at, id",
+            &[],
+        )
+    }
+}
 
 fn chain_row(r: &Row) -> Result<Chain> {
     Ok(Chain {

@@ -32,8 +32,8 @@ use parking_lot::Mutex;
 
 use super::records::{place, version_row, Pending, TenantKeys};
 use super::{
-    AlertStore, AnomalyStore, Attempt, ChainStore, Recovery, Result, Rollup, Signal, Store,
-    StoreError, StoreSize, Write,
+    AlertStore, AnomalyStore, Attempt, Recovery, Result, Rollup, Signal, Store, StoreError,
+    StoreSize, Write,
 };
 use crate::atrest::{KeySource, Sealer};
 use crate::model::{now_ms, Function, Task, Version};
@@ -423,25 +423,6 @@ impl Store for PgStore {
             .collect()
     }
 
-    fn claim_key(&self, tenant: &str, key: &str, task_id: &str, at: i64) -> Result<(String, i64)> {
-        keys::claim(&mut *self.pool.get()?, tenant, key, task_id, at)
-    }
-
-    fn take_over_key(
-        &self,
-        tenant: &str,
-        key: &str,
-        from: &str,
-        task_id: &str,
-        at: i64,
-    ) -> Result<bool> {
-        keys::take_over(&mut *self.pool.get()?, tenant, key, from, task_id, at)
-    }
-
-    fn prune_keys(&self, before: i64) -> Result<u64> {
-        keys::prune(&mut *self.pool.get()?, before)
-    }
-
     fn queue_depth(&self) -> Result<u64> {
         let n: i64 = self
             .pool
@@ -689,70 +670,6 @@ impl AlertStore for PgStore {
                 &[],
             )?
             .try_get(0)?)
-    }
-}
-
-impl ChainStore for PgStore {
-    fn put_chain(&self, chain: &crate::chains::Chain) -> Result<crate::chains::Chain> {
-        chains::put_chain(&mut *self.pool.get()?, chain).map_err(conflict)
-    }
-
-    fn chain(&self, tenant: Option<&str>, key: &str) -> Result<Option<crate::chains::Chain>> {
-        chains::chain(&mut *self.pool.get()?, tenant, key)
-    }
-
-    fn chains(&self, tenant: Option<&str>) -> Result<Vec<crate::chains::Chain>> {
-        chains::chains(&mut *self.pool.get()?, tenant)
-    }
-
-    fn delete_chain(&self, id: &str) -> Result<bool> {
-        chains::delete_chain(&mut *self.pool.get()?, id)
-    }
-
-    fn prune_runs(&self, before: i64) -> Result<u64> {
-        chains::prune_runs(&mut *self.pool.get()?, before)
-    }
-
-    fn save_run(&self, run: &crate::chains::ChainRun) -> Result<()> {
-        let key = self.tenant_key(&run.tenant)?;
-        chains::save_run(&mut *self.pool.get()?, run, self.seal_for(&key))
-    }
-
-    fn save_step(
-        &self,
-        tenant: &str,
-        run_id: &str,
-        step: &crate::chains::StepRecord,
-    ) -> Result<()> {
-        let key = self.tenant_key(tenant)?;
-        chains::save_step(&mut *self.pool.get()?, run_id, step, self.seal_for(&key))
-    }
-
-    fn chain_run(
-        &self,
-        tenant: Option<&str>,
-        run_id: &str,
-    ) -> Result<Option<crate::chains::ChainRun>> {
-        Ok(self
-            .runs_where(
-                "WHERE ($1::TEXT IS NULL OR tenant = $1) AND id = $2",
-                &[&tenant, &run_id],
-            )?
-            .pop())
-    }
-
-    fn chain_runs(&self, chain_id: &str, limit: u32) -> Result<Vec<crate::chains::ChainRun>> {
-        self.runs_where(
-            "WHERE chain_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
-            &[&chain_id, &i64::from(limit)],
-        )
-    }
-
-    fn unfinished_runs(&self) -> Result<Vec<crate::chains::ChainRun>> {
-        self.runs_where(
-            "WHERE status IN ('queued', 'running') ORDER BY created_at, id",
-            &[],
-        )
     }
 }
 

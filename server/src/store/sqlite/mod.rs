@@ -375,25 +375,6 @@ impl Store for SqliteStore {
         )?)
     }
 
-    fn claim_key(&self, tenant: &str, key: &str, task_id: &str, at: i64) -> Result<(String, i64)> {
-        keys::claim(&self.conn(), tenant, key, task_id, at)
-    }
-
-    fn take_over_key(
-        &self,
-        tenant: &str,
-        key: &str,
-        from: &str,
-        task_id: &str,
-        at: i64,
-    ) -> Result<bool> {
-        keys::take_over(&self.conn(), tenant, key, from, task_id, at)
-    }
-
-    fn prune_keys(&self, before: i64) -> Result<u64> {
-        keys::prune(&self.conn(), before)
-    }
-
     fn running(&self) -> Result<u64> {
         Ok(self.reader().query_row(RUNNING, [], |r| r.get(0))?)
     }
