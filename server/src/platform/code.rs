@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::{blocking, deploy::INCOMING, io_error, Platform, Result};
 use crate::archive::{self, ArchiveLimits};
+use crate::model::Version;
 
 /// What [`Platform::restore_code`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -65,14 +66,13 @@ impl Platform {
         let store = self.inner.store.as_ref();
         let code_dir = &self.inner.config.code_dir;
         let mut report = Restored::default();
-        let functions = store.functions(None)?;
-        for function in &functions {
+        for function in &store.functions(None)? {
             let versions = store.versions(&function.id)?;
             let current = versions
                 .iter()
                 .find(|v| v.version == function.version)
                 .and_then(|v| key_of(Path::new(&v.code_dir)));
-            for version in versions {
+            for version in &versions {
                 let Some(key) = key_of(Path::new(&version.code_dir)) else {
                     continue;
                 };
@@ -101,7 +101,7 @@ impl Platform {
                     };
                     if let Some(zip) = zip {
                         self.extract_to(&zip, &target)?;
-                        self.precompile(&version, &target);
+                        self.precompile(version, &target);
                         report.extracted += 1;
                     }
                     stored = true;
@@ -115,9 +115,7 @@ impl Platform {
                     }
                 }
             }
-        }
-        for function in &functions {
-            match self.prune_code(&function.id) {
+            match self.retire_trees(&function.id, Some((function.version, &versions))) {
                 Ok(n) => report.retired += n,
                 Err(e) => {
                     tracing::warn!(function = %function.name, error = %e, "old code trees could not be removed")
@@ -149,25 +147,39 @@ impl Platform {
     /// blocking. Returns how many trees went.
     pub(super) fn prune_code(&self, function_id: &str) -> Result<usize> {
         let store = self.inner.store.as_ref();
-        let function = store.function(None, function_id)?;
-        // Each version's tree, and which is the current version's.
-        let (versions, keep) = match &function {
+        match store.function(None, function_id)? {
             Some(function) => {
-                let versions: Vec<(Option<String>, u32)> = store
-                    .versions(function_id)?
-                    .into_iter()
+                let versions = store.versions(function_id)?;
+                self.retire_trees(function_id, Some((function.version, &versions)))
+            }
+            None => self.retire_trees(function_id, None),
+        }
+    }
+
+    /// [`Platform::prune_code`] with the function's current version number and its
+    /// versions already read (`None`: it was deleted).
+    fn retire_trees(&self, function_id: &str, known: Option<(u32, &[Version])>) -> Result<usize> {
+        // Each version's tree, and which is the current version's.
+        let versions: Vec<(Option<String>, u32)> = known
+            .map(|(_, versions)| {
+                versions
+                    .iter()
                     .map(|v| (key_of(Path::new(&v.code_dir)), v.version))
-                    .collect();
+                    .collect()
+            })
+            .unwrap_or_default();
+        let keep = match known {
+            Some((current, _)) => {
                 let keep = versions
                     .iter()
-                    .find(|(_, n)| *n == function.version)
+                    .find(|(_, n)| *n == current)
                     .and_then(|(key, _)| key.clone());
                 if keep.is_none() {
                     return Ok(0);
                 }
-                (versions, keep)
+                keep
             }
-            None => (Vec::new(), None),
+            None => None,
         };
         let root = self.inner.config.code_dir.join(function_id);
         let Ok(entries) = std::fs::read_dir(&root) else {
@@ -178,9 +190,9 @@ impl Platform {
             .filter(|p| p.is_dir() && key_of(p) != keep)
             .filter_map(|p| {
                 // Of a deleted function, any version may still be running.
-                let Some(_) = &function else {
+                if known.is_none() {
                     return Some((p, None));
-                };
+                }
                 let key = key_of(&p);
                 let using: Vec<u32> = versions
                     .iter()
@@ -204,7 +216,7 @@ impl Platform {
             .retire_code(function_id, &stale, &trash, || catalog.invalidate())
             .map_err(io_error)?;
         let _ = std::fs::remove_dir_all(&trash);
-        if function.is_none() {
+        if known.is_none() {
             // Gone only if empty: a call may have rebuilt a tree meanwhile.
             let _ = std::fs::remove_dir(&root);
         }
@@ -225,10 +237,7 @@ impl Platform {
     /// Points `version` at its code in this node's code directory, extracting it from its
     /// stored archive first where this node has not yet (a version another node deployed).
     /// The archive is sealed, so what is extracted is what was deployed.
-    pub(super) fn local_code(
-        &self,
-        version: &mut crate::model::Version,
-    ) -> crate::store::Result<()> {
+    pub(super) fn local_code(&self, version: &mut Version) -> crate::store::Result<()> {
         use crate::store::StoreError;
         let Some(key) = key_of(Path::new(&version.code_dir)) else {
             return Ok(());

@@ -364,14 +364,10 @@ fn settle(
         Err(PoolError::Unavailable(why)) => {
             (Completion::failed(ErrorKind::SandboxFailure, &why), None)
         }
-        // [`execute`] looked the version up again, and its code was still not there.
-        Err(e @ PoolError::CodeGone) => (
-            Completion::failed(ErrorKind::SandboxFailure, &e.to_string()),
-            None,
-        ),
         Err(PoolError::Sandbox(e)) => (start_failure(task, e), None),
-        // [`execute`] looks the version up again, or ends the call, instead; never seen here.
-        Err(e @ (PoolError::Stale | PoolError::Deadline)) => (
+        // [`execute`] looks the version up again, or ends the call, instead: seen here only
+        // for code still not there after a few looks.
+        Err(e @ (PoolError::Stale | PoolError::Deadline | PoolError::CodeGone)) => (
             Completion::failed(ErrorKind::SandboxFailure, &e.to_string()),
             None,
         ),

@@ -77,10 +77,7 @@ impl Pool {
             state.functions.iter().any(|(key, f)| {
                 key.function_id == function_id
                     && versions.as_ref().is_none_or(|v| v.contains(&key.version))
-                    && (f.busy > 0
-                        || !f.idle.is_empty()
-                        || !f.waiters.is_empty()
-                        || f.waiting_room > 0)
+                    && f.in_use()
             })
         };
         let free: Vec<&std::path::PathBuf> = trees
@@ -145,11 +142,7 @@ impl Pool {
                 self.bury(i.sandbox);
             }
             state.functions.retain(|_, f| {
-                !f.idle.is_empty()
-                    || f.busy > 0
-                    || !f.waiters.is_empty()
-                    || f.waiting_room > 0
-                    || f.request.as_ref().is_some_and(|r| r.min_instances > 0)
+                f.in_use() || f.request.as_ref().is_some_and(|r| r.min_instances > 0)
             });
         }
         self.bury_now();

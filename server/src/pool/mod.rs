@@ -233,6 +233,13 @@ struct FunctionState {
     request: Option<Request>,
 }
 
+impl FunctionState {
+    /// Whether a sandbox of it is idle, lent or starting, or a caller waits for one.
+    fn in_use(&self) -> bool {
+        !self.idle.is_empty() || self.busy > 0 || !self.waiters.is_empty() || self.waiting_room > 0
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     functions: HashMap<Key, FunctionState>,
