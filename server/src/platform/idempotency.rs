@@ -11,7 +11,6 @@ use super::{blocking, Platform, PlatformError, Result};
 use crate::auth::Caller;
 use crate::chains::ChainRun;
 use crate::model::{Mode, Task};
-use crate::store::Write;
 
 /// How long (ms) a key waits for the record of the submission that took it to be stored,
 /// before that submission is taken for lost (it failed, or its server stopped) and the key
@@ -51,9 +50,7 @@ impl Platform {
     ) -> Result<(Task, bool)> {
         check_key(idem)?;
         self.admit_invocation(caller)?;
-        self.require_space()?;
-        let (function, version) = self.runnable(caller, key, version).await?;
-        let task = Task::queued(&function, version.version, Mode::Async, payload);
+        let task = self.new_task(caller, key, version, payload).await?;
         let owner = owner(caller);
         let find = |id: String| {
             let owner = owner.clone();
@@ -61,11 +58,7 @@ impl Platform {
         };
         match self.key_holder(caller, idem, &task.task_id, find).await? {
             None => {
-                self.inner
-                    .recorder
-                    .write(Write::Insert(task.clone()))
-                    .await?;
-                self.inner.queued.notify_one();
+                self.store_task(&task).await?;
                 Ok((task, false))
             }
             Some(first)

@@ -53,15 +53,38 @@ impl Platform {
         version: Option<u32>,
         payload: Value,
     ) -> Result<Task> {
+        let task = self.new_task(caller, key, version, payload).await?;
+        self.store_task(&task).await?;
+        Ok(task)
+    }
+
+    /// A task of `key` (optionally at `version`) for the queue, not yet stored: refused where
+    /// the disk is nearly full or the function cannot run.
+    pub(super) async fn new_task(
+        &self,
+        caller: &Caller,
+        key: &str,
+        version: Option<u32>,
+        payload: Value,
+    ) -> Result<Task> {
         self.require_space()?;
         let (function, version) = self.runnable(caller, key, version).await?;
-        let task = Task::queued(&function, version.version, Mode::Async, payload);
+        Ok(Task::queued(
+            &function,
+            version.version,
+            Mode::Async,
+            payload,
+        ))
+    }
+
+    /// Stores `task` in the queue (on disk when this returns) and wakes a worker.
+    pub(super) async fn store_task(&self, task: &Task) -> Result<()> {
         self.inner
             .recorder
             .write(Write::Insert(task.clone()))
             .await?;
         self.inner.queued.notify_one();
-        Ok(task)
+        Ok(())
     }
 
     /// Stores how a claimed task ended, behind: a write the store refuses for now is kept
