@@ -6,6 +6,10 @@ use std::net::{IpAddr, ToSocketAddrs};
 
 use super::deliver::SendError;
 
+/// Why such an address is refused, and what allows it.
+const NOT_PUBLIC: &str =
+    "a private, loopback or link-local address: refused (--alert-allow-private-targets allows it)";
+
 /// Refuses a webhook address that resolves to this host, a private network, a link-local
 /// (cloud metadata) or other special address, unless those are allowed.
 pub fn check_target(url: &str, allow_private: bool) -> Result<(), SendError> {
@@ -26,9 +30,7 @@ pub fn check_target(url: &str, allow_private: bool) -> Result<(), SendError> {
         .map(|a| a.ip())
         .collect();
     if let Some(ip) = addrs.iter().find(|ip| !is_public(ip)) {
-        return Err(SendError::fatal(format!(
-            "{host} is {ip}, a private, loopback or link-local address: refused (--alert-allow-private-targets allows it)"
-        )));
+        return Err(SendError::fatal(format!("{host} is {ip}, {NOT_PUBLIC}")));
     }
     Ok(())
 }
@@ -48,11 +50,7 @@ pub fn refused_as_written(url: &str) -> Option<String> {
             });
         }
     };
-    (!is_public(&ip)).then(|| {
-        format!(
-            "{ip} is a private, loopback or link-local address: refused (--alert-allow-private-targets allows it)"
-        )
-    })
+    (!is_public(&ip)).then(|| format!("{ip} is {NOT_PUBLIC}"))
 }
 
 /// An agent over `settings` whose connections reach only what [`check_target`] allows:
