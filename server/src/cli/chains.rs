@@ -123,10 +123,6 @@ fn run_text(run: &Value, steps: bool) -> String {
     lines.join("\n")
 }
 
-fn data(text: &str) -> Result<Value> {
-    super::data_arg(text)
-}
-
 /// Runs a `chain` command.
 pub fn run(c: &Client, out: &Out, command: &ChainCommand) -> Result<bool> {
     match command {
@@ -154,7 +150,10 @@ pub fn run(c: &Client, out: &Out, command: &ChainCommand) -> Result<bool> {
             steps,
         } => {
             let reply = c
-                .post_json(&format!("/api/chains/{}/invoke", encode(name)), &data(d)?)?
+                .post_json(
+                    &format!("/api/chains/{}/invoke", encode(name)),
+                    &super::data_arg(d)?,
+                )?
                 .ok()?;
             let ok = reply["status"] == "succeeded";
             out.print(reply, |v: &Value| run_text(v, *steps))?;
@@ -162,7 +161,10 @@ pub fn run(c: &Client, out: &Out, command: &ChainCommand) -> Result<bool> {
         }
         ChainCommand::Run { name, data: d } => {
             let reply = c
-                .post_json(&format!("/api/chains/{}/run", encode(name)), &data(d)?)?
+                .post_json(
+                    &format!("/api/chains/{}/run", encode(name)),
+                    &super::data_arg(d)?,
+                )?
                 .ok()?;
             out.print(reply, |v: &Value| {
                 v["run_id"].as_str().unwrap_or("").to_string()
